@@ -1,0 +1,3 @@
+from agent.cli.agentd import main
+
+raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""Operator actions on the database, shared by agentctl, the demo and the tests."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from agent.contract import DEVICE_PATTERN
+from agent.db.queries import Queries
+from agent.drivers.base import Device, DriverContext
+from agent.drivers.registry import load_driver
+from agent.errors import ConfigError, PermanentError
+
+_DEVICE_RE = re.compile(DEVICE_PATTERN)
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """KEY=VALUE; a VALUE that parses as JSON is taken as JSON, anything else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"option {text!r} is not KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def validate_device(dev: Device) -> None:
+    if not _DEVICE_RE.match(dev.id):
+        raise ConfigError(f"device id {dev.id!r} must match {DEVICE_PATTERN}")
+    driver = load_driver(dev.driver, DriverContext())
+    driver.validate_options(dev)
+
+
+def device_from_doc(doc: dict[str, Any], default_site: str) -> Device:
+    allowed = {"id", "driver", "address", "site", "options", "credential"}
+    if not isinstance(doc, dict) or "id" not in doc or "driver" not in doc:
+        raise ConfigError(f"a device needs at least id and driver: {doc!r}")
+    if extra := set(doc) - allowed:
+        raise ConfigError(f"device {doc['id']!r}: unknown field(s) {', '.join(sorted(extra))}")
+    options = doc.get("options") or {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"device {doc['id']!r}: options must be a table/object")
+    return Device(id=str(doc["id"]), driver=str(doc["driver"]), address=doc.get("address"),
+                  site=str(doc.get("site") or default_site), options=options, credential=doc.get("credential"))
+
+
+def read_device_file(path: Path, default_site: str) -> list[Device]:
+    """TOML (`[[device]]` tables) or JSON (a list, or {"devices": [...]})."""
+    text = path.read_text()
+    try:
+        doc: Any = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if isinstance(doc, dict):
+        doc = doc.get("device", doc.get("devices"))
+    if not isinstance(doc, list):
+        raise ConfigError(f"{path}: expected a list of devices ([[device]] in TOML)")
+    return [device_from_doc(d, default_site) for d in doc]
+
+
+async def upsert_devices(conn: asyncpg.Connection, devices: list[Device]) -> None:
+    for dev in devices:
+        validate_device(dev)
+    async with conn.transaction():
+        for dev in devices:
+            await conn.execute(
+                """INSERT INTO agent.devices (id, driver, address, site, options, credential)
+                   VALUES ($1, $2, $3, $4, $5::jsonb, $6)
+                   ON CONFLICT (id) DO UPDATE SET driver = EXCLUDED.driver, address = EXCLUDED.address,
+                     site = EXCLUDED.site, options = EXCLUDED.options, credential = EXCLUDED.credential,
+                     updated_at = now()""",
+                dev.id, dev.driver, dev.address, dev.site, json.dumps(dev.options), dev.credential)
+
+
+async def list_devices(conn: asyncpg.Connection, site: str | None = None) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT id, driver, address, site, options::text AS options, credential FROM agent.devices"
+        " WHERE $1::text IS NULL OR site = $1 ORDER BY id", site)
+    return [{**dict(r), "options": json.loads(r["options"])} for r in rows]
+
+
+async def remove_device(conn: asyncpg.Connection, device_id: str) -> bool:
+    return await conn.fetchval("DELETE FROM agent.devices WHERE id = $1 RETURNING true", device_id) or False
+
+
+async def enqueue(conn: asyncpg.Connection, queue: str, device: str, service: str, state: str | None,
+                  **kw: Any) -> int:
+    """Through agent.enqueue, so operators get the same validation as producers."""
+    action = "refresh" if state == "refresh" else "set"
+    return await conn.fetchval(
+        "SELECT agent.enqueue($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9)",
+        device, service, None if action == "refresh" else state, kw.get("request_id"), kw.get("not_after"),
+        json.dumps(kw["meta"]) if kw.get("meta") is not None else None, action, kw.get("delay", 0), queue)
+
+
+async def dlq_list(conn: asyncpg.Connection, q: Queries, limit: int = 100) -> list[dict[str, Any]]:
+    rows = await conn.fetch(q.dlq_list, limit)
+    out = []
+    for r in rows:
+        headers = json.loads(r["headers"]) if r["headers"] else {}
+        out.append({"dlq_id": r["msg_id"], "enqueued_at": r["enqueued_at"].isoformat(),
+                    "reason": headers.get("reason"), "origin_msg_id": headers.get("origin_msg_id"),
+                    "message": json.loads(r["message"]) if r["message"] else None, "headers": headers})
+    return out
+
+
+async def dlq_replay(conn: asyncpg.Connection, q: Queries, ids: list[int] | None) -> list[tuple[int, int]]:
+    """Move DLQ entries back to the queue, keeping each command's original version.
+
+    Returns (dlq_id, new msg_id) pairs. The DLQ entry is archived in the same transaction.
+    """
+    async with conn.transaction():
+        if ids is None:
+            ids = [r[0] for r in await conn.fetch(q.dlq_ids)]
+        rows = await conn.fetch(q.dlq_take, ids)
+        moved = []
+        for r in rows:
+            headers = json.loads(r["headers"]) if r["headers"] else {}
+            keep = {"origin_msg_id": headers.get("origin_msg_id"), "replayed_from_dlq": r["msg_id"],
+                    "previous_reason": headers.get("reason")}
+            new_id = await conn.fetchval(q.send, q.queue, r["message"], json.dumps(keep))
+            moved.append((r["msg_id"], new_id))
+        missing = set(ids) - {m[0] for m in moved}
+        if missing:
+            raise PermanentError(f"no DLQ entries with id {', '.join(map(str, sorted(missing)))}")
+    return moved
+
+
+async def states(conn: asyncpg.Connection, device: str | None = None) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT device, service, desired, observed, desired_version AS version, verified_at, last_error"
+        " FROM agent.service_state WHERE $1::text IS NULL OR device = $1 ORDER BY device, service", device)
+    return [dict(r) for r in rows]
+

@@ -1,0 +1,210 @@
+"""`agentctl`: database set-up, inventory, commands and the dead-letter queue."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from agent import admin
+from agent.contract import json_schema
+from agent.db.queries import Queries
+from agent.db.schema import init_database
+from agent.drivers.base import Device
+from agent.errors import AgentError
+from agent.settings import Settings, load_settings
+
+Handler = Callable[[asyncpg.Connection, Settings, argparse.Namespace], Awaitable[int]]
+
+
+def _print(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        print("(none)")
+        return
+    table = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in table)) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)))
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, datetime):
+        return v.isoformat(timespec="seconds")
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, separators=(",", ":"))
+    return str(v)
+
+
+async def db_init(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    result = await init_database(conn, s.queue, s.notify_throttle_ms)
+    applied = ", ".join(result["migrations_applied"]) or "none (already current)"  # type: ignore[arg-type]
+    print(f"PGMQ: {result['pgmq']}; migrations applied: {applied}; schema version {result['schema_version']}")
+    print(f"queue {result['queue']} and dead-letter queue {result['dlq']} ready, insert notifications on")
+    return 0
+
+
+async def device_add(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    options = dict(admin.parse_option(o) for o in a.option)
+    dev = Device(a.id, a.driver, a.address, a.site or s.site, options, a.credential)
+    await admin.upsert_devices(conn, [dev])
+    print(f"device {dev.id} saved (driver {dev.driver}, site {dev.site})")
+    return 0
+
+
+async def device_list(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    rows = await admin.list_devices(conn, None if a.all_sites else s.site)
+    _print(rows, a.json, ["id", "driver", "address", "site", "credential", "options"])
+    return 0
+
+
+async def device_remove(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    if await admin.remove_device(conn, a.id):
+        print(f"device {a.id} removed")
+        return 0
+    print(f"agentctl: no device {a.id!r}", file=sys.stderr)
+    return 1
+
+
+async def device_import(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    devices = admin.read_device_file(Path(a.file), s.site)
+    await admin.upsert_devices(conn, devices)
+    print(f"{len(devices)} device(s) imported from {a.file}")
+    return 0
+
+
+async def enqueue(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    meta = json.loads(a.meta) if a.meta else None
+    msg_id = await admin.enqueue(conn, s.queue, a.device, a.service, a.state, request_id=a.request_id,
+                                 not_after=datetime.fromisoformat(a.not_after) if a.not_after else None,
+                                 meta=meta, delay=a.delay)
+    print(msg_id)
+    return 0
+
+
+async def dlq_list(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    rows = await admin.dlq_list(conn, Queries(s.queue), a.limit)
+    _print(rows, a.json, ["dlq_id", "enqueued_at", "origin_msg_id", "reason", "message"])
+    return 0
+
+
+async def dlq_replay(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    if not a.ids and not a.all:
+        print("agentctl: name DLQ ids to replay, or --all", file=sys.stderr)
+        return 2
+    moved = await admin.dlq_replay(conn, Queries(s.queue), None if a.all else a.ids)
+    for dlq_id, new_id in moved:
+        print(f"replayed DLQ entry {dlq_id} as message {new_id}")
+    if not moved:
+        print("(nothing to replay)")
+    return 0
+
+
+async def state(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    rows = await admin.states(conn, a.device)
+    _print(rows, a.json, ["device", "service", "desired", "observed", "version", "verified_at", "last_error"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agentctl", description=__doc__)
+    p.add_argument("--config", help="TOML settings file (AGENT_* environment variables win)")
+    sub = p.add_subparsers(dest="group", required=True)
+
+    db = sub.add_parser("db", help="database set-up").add_subparsers(dest="cmd", required=True)
+    db.add_parser("init", help="install PGMQ, migrate schema `agent`, create queue and DLQ (idempotent)"
+                  ).set_defaults(func=db_init)
+
+    dev = sub.add_parser("device", help="device inventory").add_subparsers(dest="cmd", required=True)
+    add = dev.add_parser("add", help="add or replace a device")
+    add.add_argument("id")
+    add.add_argument("--driver", required=True)
+    add.add_argument("--address")
+    add.add_argument("--site", help="default: AGENT_SITE")
+    add.add_argument("--credential", help="name of a credential file on the agent host (not the secret)")
+    add.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                     help="driver option; a VALUE that parses as JSON is taken as JSON")
+    add.set_defaults(func=device_add)
+    ls = dev.add_parser("list", help="list devices of AGENT_SITE")
+    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--all-sites", action="store_true")
+    ls.set_defaults(func=device_list)
+    rm = dev.add_parser("remove", help="remove a device")
+    rm.add_argument("id")
+    rm.set_defaults(func=device_remove)
+    imp = dev.add_parser("import", help="add or replace devices from a TOML or JSON file")
+    imp.add_argument("file")
+    imp.set_defaults(func=device_import)
+
+    enq = sub.add_parser("enqueue", help="send one command (through agent.enqueue)")
+    enq.add_argument("device")
+    enq.add_argument("service")
+    enq.add_argument("state", choices=["on", "off", "refresh"])
+    enq.add_argument("--request-id")
+    enq.add_argument("--not-after", help="RFC 3339 time with offset")
+    enq.add_argument("--meta", help="JSON object kept with the report")
+    enq.add_argument("--delay", type=int, default=0, help="seconds before it becomes visible")
+    enq.set_defaults(func=enqueue)
+
+    dlq = sub.add_parser("dlq", help="dead-letter queue").add_subparsers(dest="cmd", required=True)
+    dl = dlq.add_parser("list", help="dead-lettered messages with their reasons")
+    dl.add_argument("--json", action="store_true")
+    dl.add_argument("--limit", type=int, default=100)
+    dl.set_defaults(func=dlq_list)
+    rp = dlq.add_parser("replay", help="send DLQ entries back to the queue (original order kept)")
+    rp.add_argument("ids", nargs="*", type=int)
+    rp.add_argument("--all", action="store_true")
+    rp.set_defaults(func=dlq_replay)
+
+    st = sub.add_parser("state", help="desired and observed state per device and service")
+    st.add_argument("--device")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=state)
+
+    con = sub.add_parser("contract", help="the message contract").add_subparsers(dest="cmd", required=True)
+    con.add_parser("schema", help="print the JSON Schema of contract v1").set_defaults(func=None, offline=True)
+    return p
+
+
+async def _run(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    conn = await asyncpg.connect(settings.database_url, timeout=10,
+                                 server_settings={"application_name": "agentctl"})
+    try:
+        return await args.func(conn, settings, args)
+    finally:
+        await conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "offline", False):
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    try:
+        return asyncio.run(_run(args))
+    except AgentError as exc:
+        print(f"agentctl: {exc}", file=sys.stderr)
+        return 2
+    except asyncpg.PostgresError as exc:
+        print(f"agentctl: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, asyncpg.InterfaceError) as exc:
+        print(f"agentctl: cannot reach the database: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,41 @@
+"""`agentd`: the daemon. `agentd --once` drains the queue and exits (cron, Kubernetes Job)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from agent import __version__
+from agent import log as agent_log
+from agent.daemon import run
+from agent.errors import ConfigError
+from agent.settings import load_settings
+
+EXIT_CONFIG = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="agentd", description=__doc__)
+    parser.add_argument("--config", help="TOML settings file (AGENT_* environment variables win)")
+    parser.add_argument("--once", action="store_true", help="drain the queue, then exit (0 = all succeeded)")
+    parser.add_argument("--version", action="version", version=f"agentd {__version__}")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"agentd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    agent_log.setup(settings.log_format, settings.log_level)
+    try:
+        return asyncio.run(run(settings, once=args.once))
+    except ConfigError as exc:
+        logging.getLogger("agent").error("cannot start: %s", exc, extra={"action": "config_error"})
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""Message contract v1: the only thing a producer depends on.
+
+A message body is a JSON object; `Command.model_json_schema()` is the published schema
+(docs/contract.schema.json is generated from it by `agentctl contract schema`).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agent.errors import PermanentError
+
+DEVICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+SERVICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,199}$"
+MAX_MESSAGE_BYTES = 64 * 1024
+
+State = Literal["on", "off"]
+Observed = Literal["on", "off", "unknown"]
+
+
+class Command(BaseModel):
+    """One device command. Unknown fields are refused so that a typo is an error, not a no-op."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="DeviceCommand")
+
+    v: Literal[1] = Field(1, description="Contract version; only 1 exists.")
+    device: str = Field(pattern=DEVICE_PATTERN, description="Inventory id of the device.")
+    service: str = Field(pattern=SERVICE_PATTERN, description="Service key on that device.")
+    state: State | None = Field(None, description='Desired state; required when action is "set".')
+    action: Literal["set", "refresh"] = Field(
+        "set", description='"set" converges the device; "refresh" only reads and reports it.'
+    )
+    request_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Idempotency key: a second command with the same key changes nothing. "
+        "Echoed into every report.",
+    )
+    not_after: AwareDatetime | None = Field(
+        None, description="RFC 3339 time with offset; a command still queued after it expires."
+    )
+    meta: dict[str, Any] | None = Field(None, description="Opaque object kept with the report.")
+
+    @model_validator(mode="after")
+    def _state_matches_action(self) -> "Command":
+        if self.action == "set" and self.state is None:
+            raise ValueError('"state" is required when action is "set"')
+        if self.action == "refresh" and self.state is not None:
+            raise ValueError('"state" must be absent when action is "refresh"')
+        return self
+
+    def expired(self, now: datetime) -> bool:
+        return self.not_after is not None and now > self.not_after
+
+
+def parse_command(raw: str | bytes | None, max_bytes: int = MAX_MESSAGE_BYTES) -> Command:
+    """Parse one message body, or raise PermanentError with a reason a person can read."""
+    if raw is None:
+        raise PermanentError("message body is null")
+    size = len(raw.encode() if isinstance(raw, str) else raw)
+    if size > max_bytes:
+        raise PermanentError(f"message is {size} bytes, over the {max_bytes}-byte limit")
+    try:
+        return Command.model_validate_json(raw)
+    except ValidationError as exc:
+        raise PermanentError(describe_validation_error(exc, raw)) from None
+
+
+def describe_validation_error(exc: ValidationError, raw: str | bytes) -> str:
+    errors = exc.errors(include_url=False, include_input=False)
+    if errors and errors[0]["type"] == "model_type":
+        return f"message body must be a JSON object, got {_json_kind(raw)}"
+    if errors and errors[0]["type"] == "json_invalid":
+        return f"message body is not valid JSON: {errors[0]['msg']}"
+    parts = []
+    for err in errors[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "message"
+        parts.append(f"{where}: {err['msg']}")
+    more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "invalid command: " + "; ".join(parts) + more
+
+
+def _json_kind(raw: str | bytes) -> str:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return "invalid JSON"
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Command.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://pgmq-edge-agent/contract/v1/device-command.json"
+    return schema

@@ -1,0 +1,53 @@
+"""Load the named SQL blocks of queries.sql, with the queue's table identifiers filled in."""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from importlib.resources import files
+
+_NAME = re.compile(r"^-- name: (\w+)\s*$", re.M)
+
+
+@cache
+def _blocks() -> dict[str, str]:
+    text = files("agent.db").joinpath("queries.sql").read_text()
+    parts = _NAME.split(text)
+    return {parts[i]: _strip(parts[i + 1]) for i in range(1, len(parts), 2)}
+
+
+def _strip(body: str) -> str:
+    lines = [ln for ln in body.strip().splitlines() if not ln.startswith("--")]
+    return "\n".join(lines).strip().rstrip(";")
+
+
+def _fill(body: str, idents: dict[str, str]) -> str:
+    for key, ident in idents.items():
+        body = body.replace("{" + key + "}", ident)
+    return body
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class Queries:
+    """The statements for one queue. `queue` is validated by Settings (lowercase, digits, _)."""
+
+    def __init__(self, queue: str) -> None:
+        dlq = f"{queue}_dlq"
+        idents = {
+            "q": quote_ident(f"q_{queue}"),
+            "a": quote_ident(f"a_{queue}"),
+            "dq": quote_ident(f"q_{dlq}"),
+            "da": quote_ident(f"a_{dlq}"),
+        }
+        self.queue = queue
+        self.dlq = dlq
+        self._sql = {name: _fill(body, idents) for name, body in _blocks().items()}
+
+    def __getattr__(self, name: str) -> str:
+        try:
+            return self.__dict__["_sql"][name]
+        except KeyError:
+            raise AttributeError(f"no query named {name!r} in queries.sql") from None

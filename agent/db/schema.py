@@ -1,0 +1,132 @@
+"""`agentctl db init`: install PGMQ, apply numbered migrations, create the queues. Idempotent."""
+
+from __future__ import annotations
+
+import logging
+import re
+from importlib.metadata import PackageNotFoundError, distribution
+from importlib.resources import files
+
+import asyncpg
+
+from agent.db.queries import Queries, quote_ident
+from agent.errors import ConfigError
+
+log = logging.getLogger("agent.db")
+_LOCK = "agent.db_init"
+_MIGRATION = re.compile(r"^(\d{4})_[\w-]+\.sql$")
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, file name, SQL) of every migration shipped in agent/db/migrations, in order."""
+    found = []
+    for entry in files("agent.db").joinpath("migrations").iterdir():
+        m = _MIGRATION.match(entry.name)
+        if m:
+            found.append((int(m.group(1)), entry.name, entry.read_text()))
+    return sorted(found)
+
+
+SCHEMA_VERSION = migrations()[-1][0]
+
+
+def bundled_pgmq_sql() -> str:
+    """The SQL-only PGMQ install script shipped inside the `pgmq` distribution (not imported)."""
+    try:
+        dist = distribution("pgmq")
+    except PackageNotFoundError:
+        raise ConfigError("PGMQ is not installed in the database and the `pgmq` package is missing") from None
+    path = dist.locate_file("pgmq/sql/pgmq.sql")
+    return path.read_text(encoding="utf-8")  # type: ignore[union-attr]
+
+
+async def install_pgmq(conn: asyncpg.Connection) -> str:
+    """Make PGMQ available; say how: 'extension', 'sql' (bundled script) or 'present'."""
+    if await conn.fetchval("SELECT to_regclass('pgmq.meta') IS NOT NULL"):
+        return "present"
+    if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'pgmq')"):
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pgmq")
+        return "extension"
+    async with conn.transaction():
+        await conn.execute(bundled_pgmq_sql())
+    return "sql"
+
+
+async def init_database(conn: asyncpg.Connection, queue: str, throttle_ms: int = 250) -> dict[str, object]:
+    """Bring the database to the current schema and create the queue, its DLQ and notifications."""
+    q = Queries(queue)
+    await conn.execute("SELECT pg_advisory_lock(hashtext($1))", _LOCK)
+    try:
+        pgmq = await install_pgmq(conn)
+        applied = await _migrate(conn)
+        async with conn.transaction():
+            for name in (q.queue, q.dlq):
+                await conn.execute("SELECT pgmq.create($1)", name)
+                for table in (f"q_{name}",):
+                    await conn.execute(
+                        f"ALTER TABLE pgmq.{quote_ident(table)} SET (fillfactor = 70, "
+                        "autovacuum_vacuum_scale_factor = 0.01, autovacuum_analyze_scale_factor = 0.02)"
+                    )
+            await conn.execute(q.queue_lock, q.queue)
+            await conn.execute(q.enable_notify, q.queue, throttle_ms)
+            await conn.execute(
+                "INSERT INTO agent.config (key, value) VALUES ('default_queue', $1) ON CONFLICT DO NOTHING",
+                q.queue,
+            )
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", _LOCK)
+    return {"pgmq": pgmq, "migrations_applied": applied, "schema_version": SCHEMA_VERSION,
+            "queue": q.queue, "dlq": q.dlq}
+
+
+async def _migrate(conn: asyncpg.Connection) -> list[str]:
+    await conn.execute("CREATE SCHEMA IF NOT EXISTS agent")
+    await conn.execute(
+        "CREATE TABLE IF NOT EXISTS agent.schema_version ("
+        " version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+    )
+    current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM agent.schema_version")
+    applied = []
+    for version, name, sql in migrations():
+        if version <= current:
+            continue
+        async with conn.transaction():
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO agent.schema_version (version, name) VALUES ($1, $2)", version, name)
+        log.info("migration applied", extra={"action": "migrate", "migration": name})
+        applied.append(name)
+    return applied
+
+
+async def check_ready(conn: asyncpg.Connection, queue: str) -> None:
+    """Refuse to run against a database `db init` has not prepared (ConfigError says what to do)."""
+    q = Queries(queue)
+    if not await conn.fetchval("SELECT to_regclass('pgmq.meta') IS NOT NULL"):
+        raise ConfigError("PGMQ is not installed in this database: run `agentctl db init`")
+    if not await conn.fetchval("SELECT to_regclass('agent.schema_version') IS NOT NULL"):
+        raise ConfigError("schema `agent` is missing: run `agentctl db init`")
+    version = await conn.fetchval(q.schema_version)
+    if version != SCHEMA_VERSION:
+        raise ConfigError(
+            f"database schema is version {version}, this agent needs {SCHEMA_VERSION}: run `agentctl db init`"
+        )
+    if not await conn.fetchval(q.queue_exists, q.queue, q.dlq):
+        raise ConfigError(f"queue {q.queue!r} or {q.dlq!r} is missing: run `agentctl db init` with AGENT_QUEUE={q.queue}")
+
+
+async def ensure_notify(conn: asyncpg.Connection, queue: str, throttle_ms: int) -> bool:
+    """Re-enable insert notifications if a crash emptied PGMQ's UNLOGGED throttle table.
+
+    Returns True when they had to be re-enabled. Runs under PGMQ's queue lock, since two
+    concurrent enables collide.
+    """
+    q = Queries(queue)
+    if await conn.fetchval(q.notify_enabled, queue):
+        return False
+    async with conn.transaction():
+        await conn.execute(q.queue_lock, queue)
+        if not await conn.fetchval(q.notify_enabled, queue):
+            await conn.execute(q.enable_notify, queue, throttle_ms)
+            return True
+    return False
+

@@ -1,0 +1,87 @@
+"""The driver interface: turn (service, state) into device requests and replies into a state.
+
+A driver is a class registered in the entry-point group `agent.drivers`. The daemon makes one
+instance per driver name and passes the device on every call. Drivers raise only the errors in
+agent.errors: TransientError (retry), PermanentError (dead-letter), UnreachableError (park).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from agent.errors import ConfigError
+
+State = Literal["on", "off"]
+
+
+@dataclass(frozen=True)
+class Device:
+    id: str
+    driver: str
+    address: str | None = None
+    site: str = "default"
+    options: dict[str, Any] = field(default_factory=dict)
+    credential: str | None = None  # the *name* of a credential on the agent host, never a secret
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+
+@dataclass(frozen=True)
+class DriverContext:
+    """What a driver may use from the agent: timeouts and the credential store."""
+
+    device_timeout: float = 10.0
+    credentials: "CredentialStore | None" = None
+
+
+@runtime_checkable
+class Driver(Protocol):
+    name: str
+
+    def validate_options(self, device: Device) -> None:
+        """Raise ConfigError when the device's options cannot work with this driver."""
+
+    async def read(self, device: Device, service: str) -> State:
+        """The state of `service` on the device now."""
+
+    async def apply(self, device: Device, service: str, state: State) -> None:
+        """Ask the device to put `service` into `state`; the caller verifies by reading."""
+
+    async def probe(self, device: Device) -> None:
+        """Return when the device answers; raise UnreachableError/TransientError when not."""
+
+    async def close(self) -> None: ...
+
+
+class CredentialStore:
+    """Named secrets kept on the agent host: files in a directory, one per name.
+
+    Looks in $CREDENTIALS_DIRECTORY (systemd LoadCredential=) first, then the configured
+    directory. The value is returned to the driver and never logged or stored.
+    """
+
+    def __init__(self, directory: Path | None = None) -> None:
+        dirs = [os.environ.get("CREDENTIALS_DIRECTORY"), directory]
+        self._dirs = [Path(d) for d in dirs if d]
+
+    def get(self, name: str) -> str:
+        if not name or "/" in name or name.startswith("."):
+            raise ConfigError(f"credential name {name!r} is not a plain file name")
+        for d in self._dirs:
+            path = d / name
+            if path.is_file():
+                return path.read_text().rstrip("\n")
+        where = ", ".join(str(d) for d in self._dirs) or "no credentials directory configured"
+        raise ConfigError(f"credential {name!r} not found ({where})")
+
+    def get_json(self, name: str) -> Any:
+        text = self.get(name)
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text

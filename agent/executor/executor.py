@@ -1,0 +1,209 @@
+"""The executor: one lane per device, one operation at a time on it, outcomes to the Reporter.
+
+Ordering: every (device, service) remembers the version (first msg_id) of the newest command it
+accepted. A delivery older than that is superseded without touching the device, also when it
+is a retry that comes back late. Decisions come from policy.py; this module does the I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import asyncpg
+
+from agent.contract import Command
+from agent.db.queries import Queries
+from agent.drivers.base import Device
+from agent.drivers.registry import Drivers
+from agent.errors import AgentError, PermanentError, TransientError
+from agent.executor.converge import Observation, VerifyError, converge, observe
+from agent.executor.policy import KeyState, RetryPolicy, Verdict, decide
+from agent.executor.reports import Delivery, EventRow, Outcome, Reporter, StateUpdate
+
+log = logging.getLogger("agent.executor")
+
+
+@dataclass
+class Work:
+    delivery: Delivery
+    command: Command
+    device: Device
+
+
+class Executor:
+    def __init__(self, pool: asyncpg.Pool, queries: Queries, drivers: Drivers, reporter: Reporter,
+                 policy: RetryPolicy, concurrency: int, device_timeout: float) -> None:
+        self._pool = pool
+        self._q = queries
+        self._drivers = drivers
+        self._reporter = reporter
+        self._policy = policy
+        self._timeout = device_timeout
+        self._slots = asyncio.Semaphore(concurrency)
+        self._lanes: dict[str, deque[Work]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.keys: dict[tuple[str, str], KeyState] = {}
+        self.requests: dict[str, int] = {}
+        self.busy_devices: set[str] = set()
+
+    # -- intake ---------------------------------------------------------------------------
+
+    async def preload(self, commands: list[Command]) -> None:
+        """Fetch, in two statements, what the decisions for these commands need from Postgres."""
+        keys = {(c.device, c.service) for c in commands} - self.keys.keys()
+        rids = list({c.request_id for c in commands if c.request_id} - self.requests.keys())
+        if not keys and not rids:
+            return
+        async with self._pool.acquire() as conn:
+            if keys:
+                devs, svcs = zip(*keys)
+                for r in await conn.fetch(self._q.load_states, list(devs), list(svcs)):
+                    self.keys[(r["device"], r["service"])] = KeyState(r["desired_version"], r["desired"])
+            if rids:
+                for r in await conn.fetch(self._q.load_requests, rids):
+                    self.requests[r["request_id"]] = r["version"]
+        for key in keys:
+            self.keys.setdefault(key, KeyState())
+
+    def submit(self, delivery: Delivery, command: Command, device: Device) -> None:
+        lane = self._lanes.get(device.id)
+        if lane is None:
+            lane = self._lanes[device.id] = deque()
+            self._idle.clear()
+            task = asyncio.create_task(self._drain(device.id, lane), name=f"lane:{device.id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        lane.append(Work(delivery, command, device))
+
+    def reject(self, delivery: Delivery, reason: str, command: Command | None = None) -> None:
+        """Dead-letter a message that cannot be a command (bad body, unknown device)."""
+        ev = EventRow("dead_lettered", error=reason, msg_id=delivery.msg_id, version=delivery.version,
+                      attempt=delivery.read_ct)
+        if command is not None:
+            ev.device, ev.service, ev.request_id = command.device, command.service, command.request_id
+        log.warning("dead-lettered: %s", reason, extra={"action": "dead_lettered", "msg_id": delivery.msg_id,
+                                                        "device": ev.device, "service": ev.service})
+        self._reporter.submit(Outcome(delivery, "dead_letter", [ev], reason=reason, error_kind="permanent"))
+
+    async def idle(self) -> None:
+        await self._idle.wait()
+
+    # -- per device -----------------------------------------------------------------------
+
+    async def _drain(self, device_id: str, lane: deque[Work]) -> None:
+        try:
+            while lane:
+                work = lane[0]
+                async with self._slots:
+                    self.busy_devices.add(device_id)
+                    try:
+                        outcome = await self._process(work)
+                    finally:
+                        self.busy_devices.discard(device_id)
+                self._reporter.submit(outcome)
+                lane.popleft()
+        finally:
+            del self._lanes[device_id]
+            if not self._lanes:
+                self._idle.set()
+
+    async def _process(self, w: Work) -> Outcome:
+        d, cmd = w.delivery, w.command
+        key = self.keys.setdefault((cmd.device, cmd.service), KeyState())
+        rid_version = self.requests.get(cmd.request_id) if cmd.request_id else None
+        verdict = decide(cmd, d.version, key, rid_version, datetime.now(timezone.utc))
+        if verdict is Verdict.CONVERGE:
+            key.version, key.desired = d.version, cmd.state
+            if cmd.request_id:
+                self.requests[cmd.request_id] = d.version
+            return await self._run(w, self._converge)
+        if verdict is Verdict.REFRESH:
+            return await self._run(w, self._refresh)
+        return self._skip(w, verdict, key)
+
+    def _skip(self, w: Work, verdict: Verdict, key: KeyState) -> Outcome:
+        d, cmd = w.delivery, w.command
+        note = {Verdict.SUPERSEDED: f"version {key.version} is newer",
+                Verdict.DUPLICATE: f"request_id already carried by version {self.requests.get(cmd.request_id or '')}",
+                Verdict.EXPIRED: f"not_after {cmd.not_after} passed"}[verdict]
+        log.info("%s: %s", verdict.value, note, extra=_fields(w, verdict.value))
+        return Outcome(d, "archive", [self._event(w, verdict.value, error=note)])
+
+    async def _run(self, w: Work, op) -> Outcome:  # type: ignore[no-untyped-def]
+        started = time.monotonic()
+        try:
+            driver = self._drivers.get(w.device.driver)
+            return op(w, await self._device_op(w, driver), _ms(started))
+        except AgentError as exc:
+            return self._failed(w, exc, _ms(started))
+
+    async def _device_op(self, w: Work, driver) -> Observation:  # type: ignore[no-untyped-def]
+        cmd = w.command
+        if cmd.action == "refresh":
+            return await observe(driver, w.device, cmd.service, self._timeout)
+        assert cmd.state is not None
+        return await converge(driver, w.device, cmd.service, cmd.state, self._timeout)
+
+    def _converge(self, w: Work, obs: Observation, ms: float) -> Outcome:
+        d, cmd = w.delivery, w.command
+        events = []
+        if obs.applied_at is not None:
+            events.append(self._event(w, "applied", observed=None))
+        events.append(self._event(w, "verified", observed=obs.observed, duration_ms=ms))
+        log.info("verified", extra=_fields(w, "verified", changed=obs.applied_at is not None, duration_ms=ms))
+        state = StateUpdate(cmd.device, cmd.service, cmd.state, d.version, obs.observed, obs.observed_at,
+                            obs.applied_at, obs.verified_at, None, d.msg_id, cmd.request_id, cmd.meta)
+        req = (cmd.request_id, d.version, cmd.device, cmd.service) if cmd.request_id else None
+        return Outcome(d, "archive", events, state, request=req)
+
+    def _refresh(self, w: Work, obs: Observation, ms: float) -> Outcome:
+        d, cmd = w.delivery, w.command
+        log.info("refreshed", extra=_fields(w, "refreshed", observed=obs.observed))
+        state = StateUpdate(cmd.device, cmd.service, observed=obs.observed, observed_at=obs.observed_at,
+                            msg_id=d.msg_id, request_id=cmd.request_id)
+        return Outcome(d, "archive", [self._event(w, "refreshed", observed=obs.observed, duration_ms=ms)], state)
+
+    def _failed(self, w: Work, exc: AgentError, ms: float) -> Outcome:
+        d, cmd = w.delivery, w.command
+        attempt = d.read_ct
+        events = []
+        if isinstance(exc, VerifyError):
+            events.append(self._event(w, "applied"))
+        events.append(self._event(w, "failed", error=str(exc), duration_ms=ms, observed=getattr(exc, "observed", None)))
+        state = StateUpdate(cmd.device, cmd.service, cmd.state if cmd.action == "set" else None,
+                            d.version if cmd.action == "set" else None, error=f"{exc.kind}: {exc}",
+                            msg_id=d.msg_id, request_id=cmd.request_id, meta=cmd.meta)
+        if isinstance(exc, VerifyError):
+            state.observed, state.observed_at = exc.observed, datetime.now(timezone.utc)
+            state.applied_at = exc.applied_at
+        req = (cmd.request_id, d.version, cmd.device, cmd.service) if cmd.request_id and cmd.action == "set" else None
+        if isinstance(exc, TransientError) and not self._policy.exhausted(attempt):
+            delay = self._policy.delay(attempt)
+            events.append(self._event(w, "retried", error=f"retry in {delay:.1f}s"))
+            log.warning("retry in %.1fs: %s", delay, exc, extra=_fields(w, "retried", attempt=attempt))
+            return Outcome(d, "retry", events, state, retry_delay=delay, request=req)
+        reason = str(exc) if isinstance(exc, PermanentError) else f"gave up after {attempt} attempts: {exc}"
+        events.append(self._event(w, "dead_lettered", error=reason))
+        log.error("dead-lettered: %s", reason, extra=_fields(w, "dead_lettered", attempt=attempt))
+        return Outcome(d, "dead_letter", events, state, reason=reason, error_kind=exc.kind, request=req)
+
+    def _event(self, w: Work, kind: str, **kw) -> EventRow:  # type: ignore[no-untyped-def]
+        d, cmd = w.delivery, w.command
+        return EventRow(kind, cmd.device, cmd.service, d.msg_id, d.version, cmd.request_id,
+                        cmd.state, attempt=d.read_ct, meta=cmd.meta, **kw)
+
+
+def _ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 3)
+
+
+def _fields(w: Work, action: str, **extra) -> dict:  # type: ignore[no-untyped-def]
+    return {"action": action, "device": w.command.device, "service": w.command.service,
+            "msg_id": w.delivery.msg_id, "request_id": w.command.request_id, **extra}

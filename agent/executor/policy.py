@@ -1,0 +1,70 @@
+"""Pure decisions of the executor: what to do with a command, when to retry, what to record.
+
+No I/O here: the executor asks these functions and then does what they say.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import random
+from dataclasses import dataclass
+from datetime import datetime
+
+from agent.contract import Command
+
+
+class Verdict(enum.Enum):
+    CONVERGE = "converge"      # set: make the device match the command
+    REFRESH = "refresh"        # read the device and report, change nothing
+    SUPERSEDED = "superseded"  # a newer command for this (device, service) was already accepted
+    DUPLICATE = "duplicate"    # this request_id was already carried by another command
+    EXPIRED = "expired"        # not_after passed before the command could run
+
+
+@dataclass
+class KeyState:
+    """What the agent knows of one (device, service): the newest accepted command."""
+
+    version: int = 0
+    desired: str | None = None
+
+
+def command_version(msg_id: int, headers: str | None) -> int:
+    """The command's place in enqueue order: its first msg_id, kept across DLQ replays."""
+    if headers:
+        try:
+            origin = json.loads(headers).get("origin_msg_id")
+        except (ValueError, AttributeError):
+            origin = None
+        if isinstance(origin, int) and 0 < origin <= msg_id:
+            return origin
+    return msg_id
+
+
+def decide(cmd: Command, version: int, key: KeyState, request_version: int | None, now: datetime) -> Verdict:
+    """The verdict for one delivery, given the newest version accepted for its key."""
+    if cmd.request_id is not None and request_version is not None and request_version != version:
+        return Verdict.DUPLICATE
+    if cmd.expired(now):
+        return Verdict.EXPIRED
+    if cmd.action == "refresh":
+        return Verdict.REFRESH
+    if version < key.version:
+        return Verdict.SUPERSEDED
+    return Verdict.CONVERGE
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 10
+    base: float = 1.0
+    cap: float = 300.0
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Exponential backoff with equal jitter: half fixed, half random, never above the cap."""
+        full = min(self.cap, self.base * 2 ** max(0, attempt - 1))
+        return full / 2 + (rng or random).uniform(0, full / 2)
+
+    def exhausted(self, attempt: int) -> bool:
+        return attempt >= self.max_attempts

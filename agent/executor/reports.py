@@ -1,0 +1,212 @@
+"""Outcomes of deliveries, and the Reporter that commits them in batches.
+
+One transaction per batch holds, for every message in it, the state report, the event rows
+and the PGMQ archive (or DLQ move, or retry delay). Group commit is what lets the pipeline
+move thousands of commands a second without giving up that atomicity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import asyncpg
+
+from agent.db.queries import Queries
+
+log = logging.getLogger("agent.reporter")
+
+Finish = Literal["archive", "retry", "dead_letter"]
+
+
+@dataclass
+class Delivery:
+    """A message as pgmq.read returned it."""
+
+    msg_id: int
+    read_ct: int
+    enqueued_at: datetime
+    raw: str
+    headers: str | None
+    version: int
+
+
+@dataclass
+class StateUpdate:
+    device: str
+    service: str
+    desired: str | None = None
+    version: int | None = None
+    observed: str | None = None
+    observed_at: datetime | None = None
+    applied_at: datetime | None = None
+    verified_at: datetime | None = None
+    error: str | None = None
+    msg_id: int | None = None
+    request_id: str | None = None
+    meta: dict[str, Any] | None = None
+
+
+@dataclass
+class EventRow:
+    kind: str
+    device: str | None = None
+    service: str | None = None
+    msg_id: int | None = None
+    version: int | None = None
+    request_id: str | None = None
+    desired: str | None = None
+    observed: str | None = None
+    attempt: int | None = None
+    duration_ms: float | None = None
+    error: str | None = None
+    meta: dict[str, Any] | None = None
+
+
+@dataclass
+class Outcome:
+    delivery: Delivery
+    finish: Finish
+    events: list[EventRow] = field(default_factory=list)
+    state: StateUpdate | None = None
+    retry_delay: float = 0.0
+    reason: str | None = None          # dead-letter reason, for people
+    error_kind: str | None = None
+    request: tuple[str, int, str, str] | None = None  # (request_id, version, device, service)
+
+
+def merge_states(updates: Sequence[StateUpdate]) -> list[StateUpdate]:
+    """One row per (device, service), later updates winning field by field; desired by version."""
+    merged: dict[tuple[str, str], StateUpdate] = {}
+    for upd in updates:
+        key = (upd.device, upd.service)
+        prev = merged.get(key)
+        if prev is None:
+            merged[key] = replace(upd)
+            continue
+        for f in fields(StateUpdate):
+            value = getattr(upd, f.name)
+            if value is not None and f.name not in ("desired", "version"):
+                setattr(prev, f.name, value)
+        if upd.desired is not None and (upd.version or 0) >= (prev.version or 0):
+            prev.desired, prev.version = upd.desired, upd.version
+        if upd.verified_at is not None and upd.error is None:
+            prev.error = None
+    return list(merged.values())
+
+
+def dlq_headers(o: Outcome, queue: str, agent_id: str) -> str:
+    return json.dumps({
+        "reason": o.reason,
+        "error_kind": o.error_kind,
+        "origin_msg_id": o.delivery.version,
+        "origin_queue": queue,
+        "delivered": o.delivery.read_ct,
+        "dead_lettered_at": datetime.now(timezone.utc).isoformat(),
+        "agent_id": agent_id,
+    })
+
+
+async def write_batch(conn: asyncpg.Connection, q: Queries, agent_id: str, batch: Sequence[Outcome]) -> set[int]:
+    """Commit one batch; return the msg_ids whose lease was lost (someone else re-read them)."""
+    done = [o for o in batch if o.finish != "retry"]
+    dead = [o for o in batch if o.finish == "dead_letter"]
+    retry = [o for o in batch if o.finish == "retry"]
+    states = merge_states([o.state for o in batch if o.state is not None])
+    events = [e for o in batch for e in o.events]
+    requests = [o.request for o in batch if o.request is not None]
+    async with conn.transaction():
+        archived: set[int] = set()
+        if done:
+            rows = await conn.fetch(q.archive_fenced, [o.delivery.msg_id for o in done],
+                                    [o.delivery.read_ct for o in done])
+            archived = {r[0] for r in rows}
+        dead = [o for o in dead if o.delivery.msg_id in archived]
+        if dead:
+            await conn.execute(q.dead_letter, q.dlq, [o.delivery.msg_id for o in dead],
+                               [dlq_headers(o, q.queue, agent_id) for o in dead])
+        if retry:
+            await conn.execute(q.retry_later, [o.delivery.msg_id for o in retry],
+                               [o.delivery.read_ct for o in retry], [o.retry_delay for o in retry])
+        if states:
+            await conn.execute(q.upsert_states, *_columns(states, _STATE_COLS))
+        if events:
+            await conn.execute(q.insert_events, *_columns(events, _EVENT_COLS), agent_id)
+        if requests:
+            await conn.execute(q.insert_requests, *[list(c) for c in zip(*requests)])
+    return {o.delivery.msg_id for o in done} - archived
+
+
+_STATE_COLS = ("device", "service", "desired", "version", "observed", "observed_at", "applied_at",
+               "verified_at", "error", "msg_id", "request_id", "meta")
+_EVENT_COLS = ("device", "service", "kind", "msg_id", "version", "request_id", "desired", "observed",
+               "attempt", "duration_ms", "error", "meta")
+
+
+def _columns(rows: Sequence[Any], names: Sequence[str]) -> list[list[Any]]:
+    cols = [[getattr(r, n) for r in rows] for n in names]
+    meta_i = names.index("meta")
+    cols[meta_i] = [json.dumps(m) if m is not None else None for m in cols[meta_i]]
+    return cols
+
+
+class Reporter:
+    """Collects outcomes and commits them in batches on its own connection."""
+
+    def __init__(self, pool: asyncpg.Pool, queries: Queries, agent_id: str,
+                 on_committed: Callable[[list[Outcome], set[int]], None],
+                 max_batch: int = 1000) -> None:
+        self._pool = pool
+        self._q = queries
+        self._agent_id = agent_id
+        self._on_committed = on_committed
+        self._max_batch = max_batch
+        self._pending: list[Outcome] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def submit(self, outcome: Outcome) -> None:
+        self._pending.append(outcome)
+        self._idle.clear()
+        self._wake.set()
+
+    async def drained(self) -> None:
+        """Return once every submitted outcome was committed (or given up)."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
+                await self._commit(batch)
+            self._idle.set()
+
+    async def _commit(self, batch: list[Outcome]) -> None:
+        delay = 0.2
+        for attempt in range(1, 6):
+            try:
+                async with self._pool.acquire() as conn:
+                    lost = await write_batch(conn, self._q, self._agent_id, batch)
+                break
+            except (asyncpg.PostgresError, OSError, asyncio.TimeoutError) as exc:
+                log.warning("report failed, will retry", extra={
+                    "action": "report_failed", "error": str(exc), "attempt": attempt, "batch": len(batch)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        else:
+            log.error("reports given up: their messages will be redelivered after the visibility timeout",
+                      extra={"action": "report_given_up", "batch": len(batch)})
+            self._on_committed([], {o.delivery.msg_id for o in batch})
+            return
+        if lost:
+            log.warning("lease lost: another reader took these messages",
+                        extra={"action": "lease_lost", "msg_ids": sorted(lost)})
+        self._on_committed(batch, lost)

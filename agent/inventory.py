@@ -1,0 +1,86 @@
+"""The device inventory of this agent's site, cached in memory and reloaded on change.
+
+A trigger on agent.devices NOTIFYs `agent_inventory`; the listener calls `changed()`, and the
+listener's every (re)connect reloads too, so a running daemon sees edits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import asyncpg
+
+from agent.db.queries import Queries
+from agent.drivers.base import Device
+from agent.drivers.registry import Drivers
+from agent.errors import AgentError
+
+log = logging.getLogger("agent.inventory")
+
+
+def device_from_row(row: asyncpg.Record) -> Device:
+    return Device(id=row["id"], driver=row["driver"], address=row["address"], site=row["site"],
+                  options=json.loads(row["options"]), credential=row["credential"])
+
+
+class Inventory:
+    def __init__(self, pool: asyncpg.Pool, queries: Queries, site: str, drivers: Drivers) -> None:
+        self._pool = pool
+        self._q = queries
+        self._site = site
+        self._drivers = drivers
+        self.devices: dict[str, Device] = {}
+        self.broken: dict[str, str] = {}  # device id -> why its options cannot work
+        self._loaded_at = 0.0
+        self._reload: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    def get(self, device_id: str) -> Device | None:
+        return self.devices.get(device_id)
+
+    async def load(self) -> None:
+        async with self._lock:
+            async with self._pool.acquire() as conn:
+                rows = await conn.fetch(self._q.load_devices, self._site)
+            devices, broken = {}, {}
+            for row in rows:
+                dev = device_from_row(row)
+                try:
+                    self._drivers.get(dev.driver).validate_options(dev)
+                except AgentError as exc:
+                    broken[dev.id] = f"device {dev.id!r} is misconfigured: {exc}"
+                    continue
+                devices[dev.id] = dev
+            added = devices.keys() - self.devices.keys()
+            removed = self.devices.keys() - devices.keys()
+            self.devices, self.broken, self._loaded_at = devices, broken, time.monotonic()
+        if added or removed or broken:
+            log.info("inventory loaded: %d devices (%d added, %d removed, %d misconfigured)",
+                     len(devices), len(added), len(removed), len(broken),
+                     extra={"action": "inventory_loaded", "site": self._site})
+        for reason in broken.values():
+            log.error(reason, extra={"action": "device_misconfigured"})
+
+    def changed(self) -> None:
+        """A NOTIFY said the table changed: reload soon, coalescing bursts."""
+        if self._reload is None or self._reload.done():
+            self._reload = asyncio.create_task(self._load_quietly())
+
+    async def refresh_since(self, moment: float) -> None:
+        """Make sure the cache was loaded after `moment` (time.monotonic()): an unknown device
+        was asked for, and it may have been added just before the command was sent."""
+        if self._loaded_at <= moment:
+            await self.load()
+
+    async def _load_quietly(self) -> None:
+        try:
+            await self.load()
+        except (asyncpg.PostgresError, OSError) as exc:
+            log.warning("inventory reload failed: %s", exc, extra={"action": "inventory_failed"})
+
+    def why_unknown(self, device_id: str) -> str:
+        return self.broken.get(device_id) or (
+            f"unknown device {device_id!r}: not in the inventory of site {self._site!r}")

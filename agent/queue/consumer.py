@@ -1,0 +1,182 @@
+"""The consumer: wake-ups in, batched reads out, deliveries handed to the executor.
+
+Wake sources: `notify` (PGMQ insert trigger), `poll` (slow fallback), `catchup` (the notify
+throttle window closed: PGMQ sends no trailing notification), `retry` (a delay we set ran out),
+`connect` (after every (re)LISTEN). After any wake it reads until a batch comes back short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+
+import asyncpg
+
+from agent.contract import parse_command
+from agent.db.queries import Queries
+from agent.errors import PermanentError
+from agent.executor.executor import Executor
+from agent.executor.policy import command_version
+from agent.executor.reports import Delivery, Outcome
+from agent.inventory import Inventory
+from agent.settings import Settings
+
+log = logging.getLogger("agent.consumer")
+
+
+class Consumer:
+    def __init__(self, pool: asyncpg.Pool, queries: Queries, settings: Settings,
+                 executor: Executor, inventory: Inventory) -> None:
+        self._pool = pool
+        self._q = queries
+        self._s = settings
+        self._executor = executor
+        self._inventory = inventory
+        self.inflight: dict[int, Delivery] = {}
+        self.wakeups: Counter[str] = Counter()
+        self.outcomes: Counter[str] = Counter()
+        self._wake = asyncio.Event()
+        self._source = "start"
+        self._room = asyncio.Event()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self.stopping = False
+
+    # -- wake-ups -------------------------------------------------------------------------
+
+    def wake(self, source: str) -> None:
+        self._source = source
+        self._wake.set()
+        if source == "notify" and self._s.notify_throttle_ms:
+            self.wake_later((self._s.notify_throttle_ms + 20) / 1000, "catchup")
+
+    def wake_later(self, delay: float, source: str) -> None:
+        """Wake after `delay` seconds, unless a wake of this source is already due sooner."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay
+        timer = self._timers.get(source)
+        if timer is not None and not timer.cancelled() and loop.time() < timer.when() <= when:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._timers[source] = loop.call_at(when, self.wake, source)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while not self.stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._s.poll_interval)
+            except TimeoutError:
+                self._source = "poll"
+            self._wake.clear()
+            if self.stopping:
+                break
+            self.wakeups[self._source] += 1
+            await self.read_until_short()
+            await self._wake_when_next_visible()
+
+    async def read_until_short(self) -> int:
+        """Read batches until one comes back short; return how many messages were taken."""
+        taken = 0
+        while not self.stopping:
+            room = min(self._s.batch_size, self._s.prefetch - len(self.inflight))
+            if room <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            read_at = time.monotonic()
+            try:
+                async with self._pool.acquire() as conn:
+                    rows = await conn.fetch(self._q.read, self._q.queue, self._s.visibility_timeout, room)
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("read failed: %s", exc, extra={"action": "read_failed"})
+                self.wake_later(min(5.0, self._s.poll_interval), "retry")
+                return taken
+            taken += len(rows)
+            if rows:
+                await self._dispatch(rows, read_at)
+            if len(rows) < room:
+                return taken
+        return taken
+
+    async def _wake_when_next_visible(self) -> None:
+        """Delayed sends and expired leases get no notification: wake when the next one is due."""
+        try:
+            async with self._pool.acquire() as conn:
+                wait = await conn.fetchval(self._q.next_visible, list(self.inflight))
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError):
+            return
+        if wait is not None and wait.total_seconds() < self._s.poll_interval:
+            self.wake_later(max(0.0, wait.total_seconds()) + 0.01, "delayed")
+
+    async def _dispatch(self, rows: list[asyncpg.Record], read_at: float) -> None:
+        parsed = []
+        for r in rows:
+            d = Delivery(r["msg_id"], r["read_ct"], r["enqueued_at"], r["message"], r["headers"],
+                         command_version(r["msg_id"], r["headers"]))
+            self.inflight[d.msg_id] = d
+            try:
+                parsed.append((d, parse_command(d.raw, self._s.max_message_bytes)))
+            except PermanentError as exc:
+                self._executor.reject(d, str(exc))
+        if any(self._inventory.get(c.device) is None for _, c in parsed):
+            await self._inventory.refresh_since(read_at)
+        known = [(d, c) for d, c in parsed if self._inventory.get(c.device) is not None]
+        if known:
+            await self._executor.preload([c for _, c in known])
+        for d, c in parsed:
+            device = self._inventory.get(c.device)
+            if device is None:
+                self._executor.reject(d, self._inventory.why_unknown(c.device), c)
+            else:
+                self._executor.submit(d, c, device)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def committed(self, outcomes: list[Outcome], lost: set[int]) -> None:
+        """Reporter callback: these messages are settled (or given up); free their room."""
+        soonest = None
+        for o in outcomes:
+            self.inflight.pop(o.delivery.msg_id, None)
+            self.outcomes[o.finish] += 1
+            if o.finish == "retry":
+                soonest = o.retry_delay if soonest is None else min(soonest, o.retry_delay)
+        for msg_id in lost:
+            self.inflight.pop(msg_id, None)
+        if soonest is not None:
+            self.wake_later(soonest + 0.05, "retry")
+        self._room.set()
+
+    async def keep_leases(self) -> None:
+        """Extend the visibility of everything in flight every third of the timeout."""
+        period = self._s.visibility_timeout / 3
+        while True:
+            await asyncio.sleep(period)
+            ids = list(self.inflight)
+            if not ids:
+                continue
+            try:
+                async with self._pool.acquire() as conn:
+                    await conn.execute(self._q.extend_leases, ids, self._s.visibility_timeout)
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("lease extension failed: %s", exc, extra={"action": "lease_failed"})
+
+    async def release_unfinished(self) -> int:
+        """Make what is still in flight visible again at once, for the next reader."""
+        pending = list(self.inflight.values())
+        if not pending:
+            return 0
+        async with self._pool.acquire() as conn:
+            await conn.execute(self._q.release, [d.msg_id for d in pending], [d.read_ct for d in pending])
+        log.info("released %d unfinished messages", len(pending), extra={"action": "released"})
+        self.inflight.clear()
+        return len(pending)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self._wake.set()
+        self._room.set()
+        for timer in self._timers.values():
+            timer.cancel()

@@ -1,0 +1,129 @@
+"""Settings: AGENT_* environment variables over an optional TOML file (`--config`).
+
+Every field here is documented in docs/configuration.md; `load_settings` turns a
+validation failure into a ConfigError that names the environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from agent.errors import ConfigError
+
+_SECRET_FIELDS = {"database_url"}  # may carry a password: never echo it
+QUEUE_PATTERN = r"^[a-z_][a-z0-9_]{0,39}$"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AGENT_", extra="forbid", validate_default=True)
+    toml_path: ClassVar[Path | None] = None
+
+    database_url: str = Field(min_length=1, description="Postgres DSN (libpq URL).")
+    queue: str = Field("device_tasks", pattern=QUEUE_PATTERN, description="PGMQ queue to consume.")
+    site: str = Field("default", min_length=1, max_length=64, description="Site this agent serves.")
+    agent_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        description="Name of this agent in events and heartbeats.",
+    )
+    http_listen: str = Field("127.0.0.1:9477", description="host:port of the HTTP endpoint; empty disables.")
+    poll_interval: float = Field(30.0, gt=0, le=3600, description="Fallback poll, seconds.")
+    concurrency: int = Field(32, ge=1, le=4096, description="Devices operated at once.")
+    batch_size: int = Field(100, ge=1, le=1000, description="Messages per pgmq.read.")
+    prefetch: int = Field(1000, ge=1, le=100000, description="Messages held in flight at most.")
+    visibility_timeout: int = Field(30, ge=2, le=86400, description="Lease on a read message, seconds.")
+    max_attempts: int = Field(10, ge=1, le=1000, description="Deliveries before dead-lettering.")
+    retry_base: float = Field(1.0, gt=0, description="First retry delay, seconds.")
+    retry_max: float = Field(300.0, gt=0, description="Longest retry delay, seconds.")
+    notify_throttle_ms: int = Field(250, ge=0, le=60000, description="PGMQ insert-notify throttle.")
+    listener_check_interval: float = Field(30.0, gt=0, description="Liveness check of the LISTEN connection, s.")
+    device_timeout: float = Field(10.0, gt=0, description="Default timeout of one device call, seconds.")
+    max_message_bytes: int = Field(65536, ge=256, description="Larger messages are dead-lettered.")
+    credentials_dir: Path | None = Field(None, description="Where named device credentials live.")
+    log_format: Literal["plain", "json"] = Field("plain", description="Log line format on stdout.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
+    drain_timeout: float = Field(20.0, ge=0, description="Shutdown: how long in-flight work may finish.")
+
+    @field_validator("http_listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value == "":
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:9477 (empty disables)")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _dsn(cls, value: str) -> str:
+        if not value.startswith(("postgres://", "postgresql://")):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.queue}_dlq"
+
+    @property
+    def http_host_port(self) -> tuple[str, int] | None:
+        if not self.http_listen:
+            return None
+        host, _, port = self.http_listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls.toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.toml_path))
+        return tuple(sources)
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings or raise ConfigError naming the offending AGENT_* variable."""
+    path = Path(config) if config else None
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    Settings.toml_path = path
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc, path)) from None
+    except ValueError as exc:  # TOML syntax errors surface as ValueError subclasses
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    finally:
+        Settings.toml_path = None
+
+
+def describe(exc: ValidationError, path: Path | None) -> str:
+    lines = []
+    for err in exc.errors(include_url=False):
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        name = f"AGENT_{field.upper()}"
+        where = f" (or `{field}` in {path})" if path else ""
+        if err["type"] == "missing":
+            lines.append(f"{name}{where} is required")
+        elif err["type"] == "extra_forbidden":
+            lines.append(f"unknown setting `{field}` in {path}")
+        else:
+            shown = "" if field in _SECRET_FIELDS else f" (got {err.get('input')!r})"
+            lines.append(f"{name}{where}: {err['msg']}{shown}")
+    return "invalid configuration: " + "; ".join(lines)

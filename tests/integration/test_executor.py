@@ -1,0 +1,238 @@
+"""Executor semantics against real Postgres + PGMQ, with a scripted device at the far edge."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+
+import asyncpg
+import pytest
+
+from agent.errors import PermanentError, TransientError
+from tests.support.agents import running_agent
+from tests.support.db import add_device, archived, dlq, events, queue_len, send, state
+from tests.support.devices import ScriptedDriver
+from tests.support.wait import until
+
+
+@pytest.fixture
+def device() -> ScriptedDriver:
+    return ScriptedDriver()
+
+
+async def test_command_is_applied_verified_reported_and_archived(db, dsn, device):
+    await add_device(db, "r1")
+    listener = await asyncpg.connect(dsn)
+    notes: list[str] = []
+    await listener.add_listener("agent_state", lambda *a: notes.append(a[3]))
+    async with running_agent(dsn, device):
+        msg = await send(db, {"device": "r1", "service": "wifi", "state": "on", "request_id": "pay-1",
+                              "meta": {"order": 7}})
+        await until(lambda: archived(db, msg), what="archive")
+    row = await state(db, "r1", "wifi")
+    assert (row["desired"], row["observed"], row["desired_version"]) == ("on", "on", msg)
+    assert row["applied_at"] is not None and row["verified_at"] >= row["applied_at"]
+    assert row["last_request_id"] == "pay-1" and row["last_error"] is None
+    assert await events(db, msg) == ["applied", "verified"]
+    assert device.states[("r1", "wifi")] == "on"
+    await until(lambda: notes, what="agent_state notification")
+    assert '"observed" : "on"' in notes[-1] or '"observed": "on"' in notes[-1]
+    await listener.close()
+
+
+async def test_write_that_answers_ok_but_does_not_stick_is_not_success(db, dsn, device):
+    await add_device(db, "r1")
+    device.lie("r1", "wifi")
+    async with running_agent(dsn, device, max_attempts=1):
+        msg = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
+        await until(lambda: archived(db, msg))
+    row = await state(db, "r1", "wifi")
+    assert row["observed"] == "off" and row["verified_at"] is None and row["applied_at"] is not None
+    assert "verification failed" in row["last_error"]
+    assert await events(db, msg) == ["applied", "failed", "dead_lettered"]
+
+
+async def test_older_command_failing_transiently_never_overrides_newer(db, dsn, device):
+    await add_device(db, "r1")
+    device.fail("r1", "wifi", TransientError("device busy"))
+    async with running_agent(dsn, device):
+        older = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
+        newer = await send(db, {"device": "r1", "service": "wifi", "state": "off"})
+        await until(lambda: archived(db, older), what="older archived")
+        await until(lambda: archived(db, newer), what="newer archived")
+    assert await events(db, older) == ["failed", "retried", "superseded"]
+    assert device.writes("r1", "wifi") == ["on"]  # the failed try only; never re-sent after "off"
+    row = await state(db, "r1", "wifi")
+    assert (row["desired"], row["observed"], row["desired_version"]) == ("off", "off", newer)
+
+
+async def test_commands_for_one_service_take_effect_in_enqueue_order(db, dsn, device):
+    await add_device(db, "r1")
+    device.latency["r1"] = 0.01
+    async with running_agent(dsn, device):
+        ids = [await send(db, {"device": "r1", "service": "wifi", "state": s}) for s in ["on", "off", "on", "off"]]
+        await until(lambda: all_archived(db, ids))
+    assert device.writes("r1", "wifi") == ["on", "off", "on", "off"]
+    assert (await state(db, "r1", "wifi"))["desired_version"] == ids[-1]
+
+
+async def test_one_operation_at_a_time_per_device(db, dsn, device):
+    await add_device(db, "r1")
+    device.latency["r1"] = 0.02
+    async with running_agent(dsn, device, concurrency=8):
+        ids = [await send(db, {"device": "r1", "service": f"s{i}", "state": "on"}) for i in range(8)]
+        await until(lambda: all_archived(db, ids))
+    assert device.max_active["r1"] == 1
+
+
+async def test_same_message_delivered_twice_changes_nothing(db, dsn, device):
+    await add_device(db, "r1")
+    async with running_agent(dsn, device):
+        msg = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
+        await until(lambda: archived(db, msg))
+        # deliver the very same message again (as after a lost lease)
+        await db.execute('INSERT INTO pgmq."q_device_tasks" OVERRIDING SYSTEM VALUE '
+                         "SELECT msg_id, 0, enqueued_at, NULL, now(), message, headers "
+                         'FROM pgmq."a_device_tasks" WHERE msg_id = $1', msg)
+        await db.execute('DELETE FROM pgmq."a_device_tasks" WHERE msg_id = $1', msg)
+        await until(lambda: archived(db, msg))
+    assert device.writes("r1", "wifi") == ["on"]
+    assert (await state(db, "r1", "wifi"))["observed"] == "on"
+
+
+async def test_same_request_id_twice_changes_nothing(db, dsn, device):
+    await add_device(db, "r1")
+    async with running_agent(dsn, device):
+        first = await send(db, {"device": "r1", "service": "wifi", "state": "on", "request_id": "pay-9"})
+        await until(lambda: archived(db, first))
+        again = await send(db, {"device": "r1", "service": "wifi", "state": "off", "request_id": "pay-9"})
+        await until(lambda: archived(db, again))
+    assert await events(db, again) == ["duplicate"]
+    assert device.writes("r1", "wifi") == ["on"]
+    assert (await state(db, "r1", "wifi"))["desired"] == "on"
+
+
+async def test_expired_command_is_recorded_not_executed(db, dsn, device):
+    await add_device(db, "r1")
+    past = (datetime.now(timezone.utc) - timedelta(seconds=1)).isoformat()
+    async with running_agent(dsn, device):
+        msg = await send(db, {"device": "r1", "service": "wifi", "state": "on", "not_after": past})
+        await until(lambda: archived(db, msg))
+    assert await events(db, msg) == ["expired"]
+    assert device.calls == []
+
+
+async def test_refresh_reads_and_reports_without_changing(db, dsn, device):
+    await add_device(db, "r1")
+    device.states[("r1", "wifi")] = "on"
+    async with running_agent(dsn, device):
+        msg = await send(db, {"device": "r1", "service": "wifi", "action": "refresh"})
+        await until(lambda: archived(db, msg))
+    row = await state(db, "r1", "wifi")
+    assert (row["observed"], row["desired"]) == ("on", None)
+    assert device.writes("r1", "wifi") == []
+    assert await events(db, msg) == ["refreshed"]
+
+
+async def test_permanent_device_error_goes_to_dlq_and_work_goes_on(db, dsn, device):
+    await add_device(db, "r1")
+    device.fail("r1", "vpn", PermanentError("HTTP 404 from device: no such service"))
+    async with running_agent(dsn, device):
+        bad = await send(db, {"device": "r1", "service": "vpn", "state": "on"})
+        good = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
+        await until(lambda: all_archived(db, [bad, good]))
+    [entry] = await dlq(db)
+    assert entry["message"] == {"device": "r1", "service": "vpn", "state": "on"}
+    assert "404" in entry["headers"]["reason"] and entry["headers"]["origin_msg_id"] == bad
+    assert await events(db, bad) == ["failed", "dead_lettered"]
+    assert (await state(db, "r1", "wifi"))["observed"] == "on"
+
+
+async def test_transient_failures_past_max_attempts_are_dead_lettered(db, dsn, device):
+    await add_device(db, "r1")
+    device.fail("r1", "wifi", TransientError("timeout"), times=10)
+    async with running_agent(dsn, device, max_attempts=3):
+        msg = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
+        await until(lambda: archived(db, msg), timeout=15)
+    [entry] = await dlq(db)
+    assert entry["headers"]["reason"].startswith("gave up after 3 attempts")
+    assert (await events(db, msg)).count("retried") == 2
+
+
+POISON = [
+    ('{"device": "r1", "service": "wifi", "state": "maybe"}', "state"),
+    ('{"device": "r1", "state": "on"}', "service: Field required"),
+    ('{"device": 5, "service": "wifi", "state": "on"}', "device"),
+    ('{"device": "r1", "service": "wifi", "state": "on", "action": "reboot"}', "action"),
+    ('{"device": "ghost", "service": "wifi", "state": "on"}', "unknown device 'ghost'"),
+    ('[1, 2, 3]', "must be a JSON object, got an array"),
+    ('"on"', "must be a JSON object, got a string"),
+    ('42', "must be a JSON object, got a number"),
+    ('null', "null"),
+    ('{"device": "r1", "service": "wifi", "state": "on", "colour": "red"}', "colour"),
+    ('{"device": "r1", "service": "wifi", "state": "on", "not_after": "tomorrow"}', "not_after"),
+    ('{"device": "r1", "service": "wifi", "state": "on", "meta": {"pad": "' + "x" * 70000 + '"}}', "byte limit"),
+]
+
+
+async def test_poison_messages_end_in_dlq_with_a_reason_while_good_ones_flow(db, dsn, device):
+    await add_device(db, "r1")
+    async with running_agent(dsn, device):
+        ids = []
+        for i, (body, _) in enumerate(POISON):
+            ids.append(await send(db, body, raw=True))
+            await send(db, {"device": "r1", "service": f"s{i}", "state": "on"})
+        await until(lambda: _empty(db), what="queue drained")
+    entries = {e["headers"]["origin_msg_id"]: e for e in await dlq(db)}
+    assert sorted(entries) == ids
+    for msg_id, (_, expected) in zip(ids, POISON):
+        assert expected in entries[msg_id]["headers"]["reason"], entries[msg_id]["headers"]["reason"]
+    assert len([k for k in device.states if k[0] == "r1"]) == len(POISON)
+
+
+async def test_dlq_replay_keeps_the_commands_place_in_order(db, dsn, device):
+    from agent import admin
+    from agent.db.queries import Queries
+
+    await add_device(db, "r1")
+    device.fail("r1", "wifi", PermanentError("HTTP 400"))
+    async with running_agent(dsn, device):
+        older = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
+        await until(lambda: dlq(db))
+        newer = await send(db, {"device": "r1", "service": "wifi", "state": "off"})
+        await until(lambda: archived(db, newer))
+        [(_, replayed)] = await admin.dlq_replay(db, Queries("device_tasks"), None)
+        await until(lambda: archived(db, replayed))
+    assert await events(db, replayed) == ["superseded"]
+    assert (await state(db, "r1", "wifi"))["desired"] == "off"
+    assert await dlq(db) == []
+
+
+async def test_device_added_while_running_is_seen_within_seconds(db, dsn, device):
+    async with running_agent(dsn, device):
+        await add_device(db, "late")
+        msg = await send(db, {"device": "late", "service": "wifi", "state": "on"})
+        await until(lambda: archived(db, msg), timeout=5)
+    assert await events(db, msg) == ["applied", "verified"]
+
+
+async def test_long_operation_keeps_its_lease(db, dsn, device):
+    await add_device(db, "slow")
+    device.latency["slow"] = 1.2  # three calls: 3.6 s, longer than the 2 s lease
+    async with running_agent(dsn, device, visibility_timeout=2):
+        msg = await send(db, {"device": "slow", "service": "wifi", "state": "on"})
+        await until(lambda: device.calls, what="first call")
+        stolen = []
+        while not await archived(db, msg):
+            stolen += await db.fetch("SELECT msg_id FROM pgmq.read('device_tasks', 30, 10)")
+            await asyncio.sleep(0.2)
+    assert stolen == []
+    assert await events(db, msg) == ["applied", "verified"]
+
+
+async def all_archived(db, ids) -> bool:
+    return all([await archived(db, i) for i in ids])
+
+
+async def _empty(db) -> bool:
+    return await queue_len(db) == 0

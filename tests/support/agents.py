@@ -1,0 +1,62 @@
+"""Run an agent in-process (integration tests) or agentd/agentctl as subprocesses (acceptance)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from agent.daemon import Agent, connect_pool
+from agent.drivers.registry import Drivers
+from agent.drivers.base import DriverContext
+from agent.settings import load_settings
+
+
+@asynccontextmanager
+async def running_agent(dsn: str, driver: Any = None, **overrides: Any) -> AsyncIterator[Agent]:
+    """A wired Agent running its services; `driver` is preset under its own name."""
+    defaults = {"http_listen": "", "poll_interval": 60.0, "retry_base": 0.05, "retry_max": 0.2,
+                "visibility_timeout": 5}
+    settings = load_settings(None, database_url=dsn, **{**defaults, **overrides})
+    pool = await connect_pool(settings, attempts=1)
+    drivers = Drivers(DriverContext(settings.device_timeout), {driver.name: driver} if driver else None)
+    agent = Agent(settings, pool, drivers)
+    stop = asyncio.Event()
+    task = None
+    try:
+        await agent.start()
+        task = asyncio.create_task(agent.run_forever(stop))
+        await asyncio.wait_for(agent.listener.connected.wait(), 10)
+        yield agent
+    finally:
+        stop.set()
+        if task is not None:
+            await asyncio.wait_for(task, 30)
+        await drivers.close()
+        await pool.close()
+
+
+def agent_env(dsn: str, **settings: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
+    env["AGENT_DATABASE_URL"] = dsn
+    env.setdefault("AGENT_HTTP_LISTEN", "")
+    for key, value in settings.items():
+        env[f"AGENT_{key.upper()}"] = str(value)
+    return env
+
+
+def agentctl(dsn: str, *args: str, check: bool = True, **settings: Any) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "agent.cli.agentctl", *args], env=agent_env(dsn, **settings),
+                          capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"agentctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+def spawn_agentd(dsn: str, *args: str, **settings: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "agent", *args], env=agent_env(dsn, **settings),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
