@@ -1,0 +1,80 @@
+"""`agentctl db init` and the producer API (agent.enqueue) on a real Postgres."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import asyncpg
+import pytest
+
+from agent.db.schema import SCHEMA_VERSION, check_ready, init_database
+from agent.errors import ConfigError
+from tests.support.db import add_device
+
+
+async def test_init_installs_pgmq_from_the_bundled_sql_and_is_idempotent(empty_dsn):
+    conn = await asyncpg.connect(empty_dsn)
+    try:
+        first = await init_database(conn, "device_tasks")
+        second = await init_database(conn, "device_tasks")
+        assert first["pgmq"] in ("sql", "extension") and second["pgmq"] == "present"
+        assert first["migrations_applied"] == ["0001_init.sql"] and second["migrations_applied"] == []
+        assert await conn.fetchval("SELECT max(version) FROM agent.schema_version") == SCHEMA_VERSION
+        queues = {r[0] for r in await conn.fetch("SELECT queue_name FROM pgmq.meta")}
+        assert queues == {"device_tasks", "device_tasks_dlq"}
+        assert await conn.fetchval("SELECT count(*) FROM pgmq.notify_insert_throttle "
+                                   "WHERE queue_name = 'device_tasks'") == 1
+        await check_ready(conn, "device_tasks")
+    finally:
+        await conn.close()
+
+
+async def test_daemon_refuses_a_database_that_was_not_initialised(empty_dsn):
+    conn = await asyncpg.connect(empty_dsn)
+    try:
+        with pytest.raises(ConfigError, match="agentctl db init"):
+            await check_ready(conn, "device_tasks")
+        await init_database(conn, "device_tasks")
+        with pytest.raises(ConfigError, match="other_q"):
+            await check_ready(conn, "other_q")
+    finally:
+        await conn.close()
+
+
+async def test_enqueue_function_sends_a_contract_message(db):
+    await add_device(db, "r1")
+    not_after = datetime.now(timezone.utc) + timedelta(hours=1)
+    msg_id = await db.fetchval(
+        "SELECT agent.enqueue('r1', 'wifi', 'on', request_id => 'pay-1', not_after => $1, meta => '{\"a\":1}')",
+        not_after)
+    body = json.loads(await db.fetchval('SELECT message::text FROM pgmq."q_device_tasks" WHERE msg_id = $1', msg_id))
+    from agent.contract import parse_command
+
+    cmd = parse_command(json.dumps(body))
+    assert (cmd.device, cmd.service, cmd.state, cmd.request_id, cmd.meta) == ("r1", "wifi", "on", "pay-1", {"a": 1})
+    assert abs((cmd.not_after - not_after).total_seconds()) < 0.001
+
+
+@pytest.mark.parametrize("call, message", [
+    ("agent.enqueue('ghost', 'wifi', 'on')", "unknown device 'ghost'"),
+    ("agent.enqueue('r1', 'wifi', 'maybe')", "state must be 'on' or 'off'"),
+    ("agent.enqueue('r1', 'wifi', NULL)", "state must be 'on' or 'off'"),
+    ("agent.enqueue('r1', 'has space', 'on')", "not a valid service key"),
+    ("agent.enqueue('r1', 'wifi', 'on', action => 'reboot')", "action must be"),
+    ("agent.enqueue('r1', 'wifi', 'on', not_after => now() - interval '1 s')", "already past"),
+    ("agent.enqueue('r1', 'wifi', 'on', meta => '[1]')", "meta must be a JSON object"),
+    ("agent.enqueue('r1', 'wifi', 'on', queue => 'nope')", "queue 'nope' does not exist"),
+    ("agent.enqueue('r1', 'wifi', 'on', request_id => '')", "request_id"),
+])
+async def test_enqueue_function_rejects_bad_input_with_a_clear_error(db, call, message):
+    await add_device(db, "r1")
+    with pytest.raises(asyncpg.InvalidParameterValueError, match=message.replace("(", r"\(")):
+        await db.fetchval(f"SELECT {call}")
+    assert await db.fetchval('SELECT count(*) FROM pgmq."q_device_tasks"') == 0
+
+
+async def test_events_are_append_only(db):
+    await db.execute("INSERT INTO agent.events (kind) VALUES ('verified')")
+    with pytest.raises(asyncpg.RaiseError, match="append-only"):
+        await db.execute("UPDATE agent.events SET kind = 'failed'")

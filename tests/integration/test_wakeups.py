@@ -1,0 +1,80 @@
+"""A notification is a hint: every way the consumer learns of work, and what it does when hints fail."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from tests.support.agents import running_agent
+from tests.support.db import add_device, archived, send
+from tests.support.devices import ScriptedDriver
+from tests.support.wait import until
+
+# poll_interval is 60 s in running_agent: anything done within a few seconds was not the poll.
+
+
+async def test_notify_wakes_the_idle_consumer(db, dsn):
+    await add_device(db, "r1")
+    async with running_agent(dsn, ScriptedDriver()) as agent:
+        await until(lambda: agent.consumer.wakeups["connect"], what="first read after LISTEN")
+        msg = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
+        await until(lambda: archived(db, msg), timeout=3)
+        assert agent.consumer.wakeups["notify"] >= 1
+
+
+async def test_insert_inside_the_throttle_window_is_caught_up(db, dsn):
+    """PGMQ notifies once per throttle window and sends no trailing notification."""
+    await add_device(db, "r1")
+    async with running_agent(dsn, ScriptedDriver(), notify_throttle_ms=250) as agent:
+        first = await send(db, {"device": "r1", "service": "a", "state": "on"})
+        await until(lambda: archived(db, first), timeout=3)
+        second = await send(db, {"device": "r1", "service": "b", "state": "on"})  # no NOTIFY for this one
+        await until(lambda: archived(db, second), timeout=3)
+        assert agent.consumer.wakeups["catchup"] >= 1
+
+
+async def test_delayed_message_is_read_when_it_becomes_visible(db, dsn):
+    await add_device(db, "r1")
+    async with running_agent(dsn, ScriptedDriver()):
+        await asyncio.sleep(0.3)  # let the start-up reads finish so the next wake is ours
+        sent = time.monotonic()
+        msg = await send(db, {"device": "r1", "service": "wifi", "state": "on"}, delay=1)
+        await until(lambda: archived(db, msg), timeout=5)
+        assert time.monotonic() - sent >= 1.0
+
+
+async def test_listener_killed_by_the_server_reconnects_and_reads(db, dsn):
+    await add_device(db, "r1")
+    async with running_agent(dsn, ScriptedDriver(), listener_check_interval=0.5) as agent:
+        killed = await db.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'agentd-listener' AND datname = current_database()")
+        assert killed == 1
+        await until(lambda: agent.listener.reconnects >= 1, timeout=5, what="reconnect")
+        await until(lambda: agent.listener.connected.is_set(), timeout=5)
+        msg = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
+        await until(lambda: archived(db, msg), timeout=3)
+
+
+async def test_message_sent_while_listener_was_down_is_read_after_reconnect(db, dsn):
+    await add_device(db, "r1")
+    async with running_agent(dsn, ScriptedDriver(), listener_check_interval=0.5) as agent:
+        await until(lambda: agent.consumer.wakeups["connect"] == 1)
+        await db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE application_name = 'agentd-listener' AND datname = current_database()")
+        await until(lambda: not agent.listener.connected.is_set(), what="listener noticed")
+        msg = await send(db, {"device": "r1", "service": "wifi", "state": "on"})  # nobody hears this
+        await until(lambda: archived(db, msg), timeout=5)
+        assert agent.consumer.wakeups["connect"] == 2 and agent.consumer.wakeups["notify"] == 0
+
+
+async def test_start_reenables_notifications_lost_in_a_crash(db, dsn):
+    """The throttle table is UNLOGGED: after a Postgres crash it is empty and nothing notifies."""
+    await db.execute("TRUNCATE pgmq.notify_insert_throttle")
+    await add_device(db, "r1")
+    async with running_agent(dsn, ScriptedDriver()) as agent:
+        assert await db.fetchval("SELECT count(*) FROM pgmq.notify_insert_throttle") == 1
+        await until(lambda: agent.consumer.wakeups["connect"])
+        msg = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
+        await until(lambda: archived(db, msg), timeout=3)
+        assert agent.consumer.wakeups["notify"] >= 1
