@@ -143,8 +143,11 @@ class Agent:
             await self.reporter.drained()
             reporter.cancel()
         o = self.consumer.outcomes
-        log.info("queue drained: %d done, %d retry later, %d dead-lettered",
-                 o["archive"], o["retry"], o["dead_letter"], extra={"action": "drained"})
+        async with self.pool.acquire() as conn:
+            left = await conn.fetchval(self.queries.queue_depth)
+        log.info("queue drained: %d done, %d retry later, %d dead-lettered; %d message(s) still queued "
+                 "(delayed, retrying or leased elsewhere)", o["archive"], o["retry"], o["dead_letter"], left,
+                 extra={"action": "drained"})
         return 1 if o["retry"] or o["dead_letter"] else 0
 
 

@@ -1,0 +1,129 @@
+"""agentd and agentctl as an operator runs them: subprocesses against a real database."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+
+import pytest
+
+from tests.support.agents import agentctl, spawn_agentd
+from tests.support.db import archived, dlq, events, state
+from tests.support.wait import until
+
+pytestmark = pytest.mark.acceptance
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+async def test_daemon_applies_commands_and_stops_cleanly_on_sigterm(db, dsn):
+    agentctl(dsn, "device", "add", "r1", "--driver", "sim", "--option", "latency=0.01")
+    proc = spawn_agentd(dsn, poll_interval=60)
+    try:
+        msg = int(agentctl(dsn, "enqueue", "r1", "wifi", "on", "--request-id", "pay-1").stdout)
+        await until(lambda: archived(db, msg), timeout=15, what="command applied")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code, out = finish(proc)
+    assert code == 0, out
+    row = await state(db, "r1", "wifi")
+    assert (row["desired"], row["observed"], row["last_request_id"]) == ("on", "on", "pay-1")
+    assert "stopped" in out
+
+
+async def test_once_drains_the_queue_and_exits_zero(db, dsn):
+    agentctl(dsn, "device", "add", "r1", "--driver", "sim")
+    ids = [int(agentctl(dsn, "enqueue", "r1", f"s{i}", "on").stdout) for i in range(5)]
+    code, out = finish(spawn_agentd(dsn, "--once"))
+    assert code == 0, out
+    assert all([await archived(db, i) for i in ids])
+    assert "5 done, 0 retry later, 0 dead-lettered" in out
+
+
+async def test_once_exits_non_zero_when_something_failed(db, dsn):
+    agentctl(dsn, "device", "add", "r1", "--driver", "sim")
+    agentctl(dsn, "device", "add", "broken", "--driver", "sim", "--option", "failure_rate=1",
+             "--option", "failure_kind=permanent")
+    agentctl(dsn, "enqueue", "r1", "wifi", "on")
+    agentctl(dsn, "enqueue", "broken", "wifi", "on")
+    code, out = finish(spawn_agentd(dsn, "--once"))
+    assert code == 1, out
+    [entry] = await dlq(db)
+    assert "injected permanent failure" in entry["headers"]["reason"]
+
+
+async def test_bad_setting_fails_at_start_naming_it(dsn):
+    code, out = finish(spawn_agentd(dsn, concurrency=0))
+    assert code == 2 and "AGENT_CONCURRENCY" in out
+
+
+async def test_uninitialised_database_is_refused_with_the_fix(empty_dsn):
+    code, out = finish(spawn_agentd(empty_dsn, "--once"))
+    assert code == 2 and "agentctl db init" in out
+
+
+async def test_crash_between_device_write_and_report_loses_nothing(db, dsn, tmp_path):
+    """SIGKILL after the device was written but before the report: the message comes back."""
+    device_file = tmp_path / "r1.json"
+    agentctl(dsn, "device", "add", "r1", "--driver", "sim", "--option", "latency=0.6",
+             "--option", f"state_file={device_file}")
+    proc = spawn_agentd(dsn, visibility_timeout=2)
+    try:
+        msg = int(agentctl(dsn, "enqueue", "r1", "wifi", "on").stdout)
+        # read (0.6 s), apply (0.6 s): the write lands, then the read-back is under way
+        await until(lambda: device_file.exists() and json.loads(device_file.read_text()) == {"wifi": "on"},
+                    timeout=10, what="device written")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert not await archived(db, msg) and await state(db, "r1", "wifi") is None  # never reported
+    await until(lambda: db.fetchval('SELECT vt <= clock_timestamp() FROM pgmq."q_device_tasks" WHERE msg_id = $1',
+                                    msg), timeout=10, what="lease of the dead daemon ran out")
+    code, out = finish(spawn_agentd(dsn, "--once"), timeout=60)
+    assert code == 0, out
+    assert await archived(db, msg)
+    row = await state(db, "r1", "wifi")
+    assert (row["desired"], row["observed"]) == ("on", "on")
+    assert await events(db, msg) == ["verified"]  # second delivery found it done: no second write
+
+
+async def test_agentctl_inventory_round_trip(db, dsn, tmp_path):
+    agentctl(dsn, "device", "add", "r1", "--driver", "sim", "--address", "10.0.0.1",
+             "--option", "latency=0.5", "--option", "initial=on", "--credential", "r1-admin")
+    devices = json.loads(agentctl(dsn, "device", "list", "--json").stdout)
+    assert devices == [{"id": "r1", "driver": "sim", "address": "10.0.0.1", "site": "default",
+                        "options": {"latency": 0.5, "initial": "on"}, "credential": "r1-admin"}]
+    f = tmp_path / "devices.toml"
+    f.write_text('[[device]]\nid = "r2"\ndriver = "sim"\n\n[[device]]\nid = "r3"\ndriver = "sim"\n')
+    assert "2 device(s) imported" in agentctl(dsn, "device", "import", str(f)).stdout
+    agentctl(dsn, "device", "remove", "r1")
+    ids = [d["id"] for d in json.loads(agentctl(dsn, "device", "list", "--json").stdout)]
+    assert ids == ["r2", "r3"]
+    bad = agentctl(dsn, "device", "add", "r4", "--driver", "nosuch", check=False)
+    assert bad.returncode == 2 and "unknown driver 'nosuch'" in bad.stderr
+    bad = agentctl(dsn, "device", "add", "r4", "--driver", "sim", "--option", "failure_rate=7", check=False)
+    assert bad.returncode == 2 and "failure_rate" in bad.stderr
+    bad = agentctl(dsn, "enqueue", "ghost", "wifi", "on", check=False)
+    assert bad.returncode == 1 and "unknown device 'ghost'" in bad.stderr
+
+
+async def test_agentctl_dlq_list_and_replay(db, dsn):
+    agentctl(dsn, "enqueue", "r1", "wifi", "on", check=False)  # unknown device: refused at enqueue
+    await db.execute("SELECT pgmq.send('device_tasks', '{\"device\": \"r9\", \"service\": \"wifi\", \"state\": \"on\"}')")
+    code, _ = finish(spawn_agentd(dsn, "--once"))
+    assert code == 1
+    [entry] = json.loads(agentctl(dsn, "dlq", "list", "--json").stdout)
+    assert "unknown device 'r9'" in entry["reason"]
+    agentctl(dsn, "device", "add", "r9", "--driver", "sim")
+    out = agentctl(dsn, "dlq", "replay", str(entry["dlq_id"])).stdout
+    assert f"replayed DLQ entry {entry['dlq_id']}" in out
+    code, out = finish(spawn_agentd(dsn, "--once"))
+    assert code == 0, out
+    assert (await state(db, "r9", "wifi"))["observed"] == "on"
+    assert json.loads(agentctl(dsn, "dlq", "list", "--json").stdout) == []

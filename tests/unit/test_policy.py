@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import json
+import random
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from agent.contract import Command
+from agent.executor.policy import KeyState, RetryPolicy, Verdict, command_version, decide
+from agent.executor.reports import StateUpdate, merge_states
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
+
+
+def cmd(**kw) -> Command:
+    return Command(**{"device": "r1", "service": "wifi", "state": "on", **kw})
+
+
+def test_newer_command_converges():
+    assert decide(cmd(), 10, KeyState(5, "off"), None, NOW) is Verdict.CONVERGE
+
+
+def test_redelivery_of_the_accepted_command_converges_again():
+    assert decide(cmd(), 10, KeyState(10, "on"), None, NOW) is Verdict.CONVERGE
+
+
+def test_older_command_is_superseded():
+    assert decide(cmd(), 4, KeyState(10, "off"), None, NOW) is Verdict.SUPERSEDED
+
+
+def test_request_id_seen_on_another_command_is_a_duplicate():
+    assert decide(cmd(request_id="a"), 11, KeyState(10), 10, NOW) is Verdict.DUPLICATE
+    assert decide(cmd(request_id="a"), 10, KeyState(10), 10, NOW) is Verdict.CONVERGE
+
+
+def test_expired_command_is_not_run():
+    assert decide(cmd(not_after=NOW - timedelta(seconds=1)), 11, KeyState(), None, NOW) is Verdict.EXPIRED
+    assert decide(cmd(not_after=NOW + timedelta(seconds=1)), 11, KeyState(), None, NOW) is Verdict.CONVERGE
+
+
+def test_refresh_is_never_superseded():
+    assert decide(cmd(action="refresh", state=None), 1, KeyState(10), None, NOW) is Verdict.REFRESH
+
+
+def test_version_is_the_origin_msg_id_after_a_replay():
+    assert command_version(50, json.dumps({"origin_msg_id": 7})) == 7
+    assert command_version(50, None) == 50
+    assert command_version(50, json.dumps({"origin_msg_id": 99})) == 50  # cannot be newer than itself
+    assert command_version(50, "not json") == 50
+
+
+@pytest.mark.parametrize("attempt, low, high", [(1, 0.5, 1.0), (2, 1.0, 2.0), (4, 4.0, 8.0), (20, 30.0, 60.0)])
+def test_backoff_grows_exponentially_with_jitter_and_a_cap(attempt, low, high):
+    policy = RetryPolicy(max_attempts=5, base=1.0, cap=60.0)
+    delays = [policy.delay(attempt, random.Random(seed)) for seed in range(200)]
+    assert low <= min(delays) and max(delays) <= high
+    assert len(set(delays)) > 100  # jittered
+
+
+def test_attempts_are_exhausted_at_the_limit():
+    policy = RetryPolicy(max_attempts=3)
+    assert not policy.exhausted(2) and policy.exhausted(3)
+
+
+def test_merged_state_keeps_the_newest_desired_and_the_latest_observation():
+    t1, t2 = NOW, NOW + timedelta(seconds=1)
+    merged = merge_states([
+        StateUpdate("r1", "wifi", "on", 5, "on", t1, error=None),
+        StateUpdate("r1", "wifi", "off", 3, observed="off", observed_at=t2, error="x"),
+        StateUpdate("r1", "lan", "on", 6),
+    ])
+    by_key = {(m.device, m.service): m for m in merged}
+    wifi = by_key[("r1", "wifi")]
+    assert (wifi.desired, wifi.version, wifi.observed, wifi.observed_at, wifi.error) == ("on", 5, "off", t2, "x")
+    assert len(merged) == 2
