@@ -21,6 +21,7 @@ from agent.db.queries import Queries
 from agent.db.schema import check_ready, ensure_notify
 from agent.drivers.base import CredentialStore, DriverContext
 from agent.drivers.registry import Drivers
+from agent.executor.acceptor import Acceptor
 from agent.executor.executor import Executor
 from agent.executor.policy import RetryPolicy
 from agent.executor.reports import Reporter
@@ -60,7 +61,8 @@ class Agent:
         self.drivers = drivers or Drivers(DriverContext(s.device_timeout, CredentialStore(s.credentials_dir)))
         self.inventory = Inventory(pool, self.queries, s.site, self.drivers)
         self.reporter = Reporter(pool, self.queries, s.agent_id, self._committed)
-        self.executor = Executor(pool, self.queries, self.drivers, self.reporter,
+        self.acceptor = Acceptor(pool, self.queries)
+        self.executor = Executor(self.acceptor, self.drivers, self.reporter,
                                  RetryPolicy(s.max_attempts, s.retry_base, s.retry_max),
                                  s.concurrency, s.device_timeout)
         self.consumer = Consumer(pool, self.queries, s, self.executor, self.inventory)
@@ -92,7 +94,7 @@ class Agent:
 
     async def run_forever(self, stop: asyncio.Event) -> None:
         services: dict[str, Awaitable[None]] = {
-            "reporter": self.reporter.run(), "consumer": self.consumer.run(),
+            "reporter": self.reporter.run(), "acceptor": self.acceptor.run(), "consumer": self.consumer.run(),
             "leases": self.consumer.keep_leases(), "listener": self.listener.run()}
         tasks = {asyncio.create_task(coro, name=name): name for name, coro in services.items()}
         runner = None
@@ -131,6 +133,7 @@ class Agent:
     async def drain_once(self, stop: asyncio.Event) -> int:
         """`agentd --once`: work until the queue is empty; 0 if everything succeeded."""
         reporter = asyncio.create_task(self.reporter.run())
+        acceptor = asyncio.create_task(self.acceptor.run())
         try:
             while not stop.is_set():
                 taken = await self.consumer.read_until_short()
@@ -142,6 +145,7 @@ class Agent:
             await self.executor.idle()
             await self.reporter.drained()
             reporter.cancel()
+            acceptor.cancel()
         o = self.consumer.outcomes
         async with self.pool.acquire() as conn:
             left = await conn.fetchval(self.queries.queue_depth)

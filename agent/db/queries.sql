@@ -7,15 +7,6 @@
 SELECT msg_id, read_ct, enqueued_at, message::text AS message, headers::text AS headers
 FROM pgmq.read($1::text, $2::integer, $3::integer);
 
--- name: load_states
-SELECT s.device, s.service, s.desired, s.desired_version, s.observed
-FROM agent.service_state s
-JOIN unnest($1::text[], $2::text[]) AS k(device, service)
-  ON s.device = k.device AND s.service = k.service;
-
--- name: load_requests
-SELECT request_id, version FROM agent.requests WHERE request_id = ANY($1::text[]);
-
 -- name: load_devices
 SELECT id, driver, address, site, options::text AS options, credential
 FROM agent.devices WHERE site = $1 ORDER BY id;
@@ -91,11 +82,6 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::
      AS x(device, service, kind, msg_id, version, request_id, desired, observed, attempt,
           duration_ms, error, meta);
 
--- name: insert_requests
-INSERT INTO agent.requests (request_id, version, device, service)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[])
-ON CONFLICT (request_id) DO NOTHING;
-
 -- name: queue_lock
 SELECT pgmq.acquire_queue_lock($1::text);
 
@@ -140,3 +126,27 @@ SELECT msg_id FROM pgmq.{dq} ORDER BY msg_id;
 -- name: next_visible
 SELECT min(vt) - clock_timestamp() AS wait FROM pgmq.{q}
 WHERE vt > clock_timestamp() AND NOT (msg_id = ANY($1::bigint[]));
+
+-- name: accept_requests
+-- Record each request_id with the command that first carried it; return the owner of each.
+INSERT INTO agent.requests AS r (request_id, version, device, service)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[])
+ON CONFLICT (request_id) DO UPDATE SET request_id = r.request_id
+RETURNING request_id, version;
+
+-- name: accept_desired
+-- Write-ahead of intent, before any device is touched: the newest version wins. Returns the
+-- version in force afterwards: ours if accepted, a newer one if this command is superseded.
+INSERT INTO agent.service_state AS s (device, service, desired, desired_version, desired_at, last_msg_id,
+                                      last_request_id, updated_at)
+SELECT x.device, x.service, x.desired, x.version, now(), x.msg_id, x.request_id, now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[])
+     AS x(device, service, desired, version, msg_id, request_id)
+ON CONFLICT (device, service) DO UPDATE SET
+    desired         = CASE WHEN EXCLUDED.desired_version >= s.desired_version THEN EXCLUDED.desired ELSE s.desired END,
+    desired_at      = CASE WHEN EXCLUDED.desired_version > s.desired_version THEN now() ELSE s.desired_at END,
+    last_msg_id     = CASE WHEN EXCLUDED.desired_version >= s.desired_version THEN EXCLUDED.last_msg_id ELSE s.last_msg_id END,
+    last_request_id = CASE WHEN EXCLUDED.desired_version >= s.desired_version THEN EXCLUDED.last_request_id ELSE s.last_request_id END,
+    desired_version = greatest(s.desired_version, EXCLUDED.desired_version),
+    updated_at      = now()
+RETURNING device, service, desired_version;

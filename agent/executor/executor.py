@@ -14,13 +14,11 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-import asyncpg
-
 from agent.contract import Command
-from agent.db.queries import Queries
 from agent.drivers.base import Device
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, PermanentError, TransientError
+from agent.executor.acceptor import Acceptor
 from agent.executor.converge import Observation, VerifyError, converge, observe
 from agent.executor.policy import KeyState, RetryPolicy, Verdict, decide
 from agent.executor.reports import Delivery, EventRow, Outcome, Reporter, StateUpdate
@@ -36,10 +34,9 @@ class Work:
 
 
 class Executor:
-    def __init__(self, pool: asyncpg.Pool, queries: Queries, drivers: Drivers, reporter: Reporter,
+    def __init__(self, acceptor: Acceptor, drivers: Drivers, reporter: Reporter,
                  policy: RetryPolicy, concurrency: int, device_timeout: float) -> None:
-        self._pool = pool
-        self._q = queries
+        self._acceptor = acceptor
         self._drivers = drivers
         self._reporter = reporter
         self._policy = policy
@@ -49,28 +46,9 @@ class Executor:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self.keys: dict[tuple[str, str], KeyState] = {}
-        self.requests: dict[str, int] = {}
         self.busy_devices: set[str] = set()
 
     # -- intake ---------------------------------------------------------------------------
-
-    async def preload(self, commands: list[Command]) -> None:
-        """Fetch, in two statements, what the decisions for these commands need from Postgres."""
-        keys = {(c.device, c.service) for c in commands} - self.keys.keys()
-        rids = list({c.request_id for c in commands if c.request_id} - self.requests.keys())
-        if not keys and not rids:
-            return
-        async with self._pool.acquire() as conn:
-            if keys:
-                devs, svcs = zip(*keys)
-                for r in await conn.fetch(self._q.load_states, list(devs), list(svcs)):
-                    self.keys[(r["device"], r["service"])] = KeyState(r["desired_version"], r["desired"])
-            if rids:
-                for r in await conn.fetch(self._q.load_requests, rids):
-                    self.requests[r["request_id"]] = r["version"]
-        for key in keys:
-            self.keys.setdefault(key, KeyState())
 
     def submit(self, delivery: Delivery, command: Command, device: Device) -> None:
         lane = self._lanes.get(device.id)
@@ -116,22 +94,26 @@ class Executor:
 
     async def _process(self, w: Work) -> Outcome:
         d, cmd = w.delivery, w.command
-        key = self.keys.setdefault((cmd.device, cmd.service), KeyState())
-        rid_version = self.requests.get(cmd.request_id) if cmd.request_id else None
-        verdict = decide(cmd, d.version, key, rid_version, datetime.now(timezone.utc))
+        now = datetime.now(timezone.utc)
+        verdict = decide(cmd, d.version, KeyState(), None, now)
+        key, rid_version = KeyState(), None
         if verdict is Verdict.CONVERGE:
-            key.version, key.desired = d.version, cmd.state
-            if cmd.request_id:
-                self.requests[cmd.request_id] = d.version
+            try:
+                version, rid_version = await self._acceptor.accept(cmd, d.version, d.msg_id)
+            except TransientError as exc:
+                return self._failed(w, exc, 0.0)
+            key = KeyState(version, cmd.state)
+            verdict = decide(cmd, d.version, key, rid_version, now)
+        if verdict is Verdict.CONVERGE:
             return await self._run(w, self._converge)
         if verdict is Verdict.REFRESH:
             return await self._run(w, self._refresh)
-        return self._skip(w, verdict, key)
+        return self._skip(w, verdict, key.version, rid_version)
 
-    def _skip(self, w: Work, verdict: Verdict, key: KeyState) -> Outcome:
+    def _skip(self, w: Work, verdict: Verdict, version: int, rid_version: int | None) -> Outcome:
         d, cmd = w.delivery, w.command
-        note = {Verdict.SUPERSEDED: f"version {key.version} is newer",
-                Verdict.DUPLICATE: f"request_id already carried by version {self.requests.get(cmd.request_id or '')}",
+        note = {Verdict.SUPERSEDED: f"version {version} is newer",
+                Verdict.DUPLICATE: f"request_id already carried by version {rid_version}",
                 Verdict.EXPIRED: f"not_after {cmd.not_after} passed"}[verdict]
         log.info("%s: %s", verdict.value, note, extra=_fields(w, verdict.value))
         return Outcome(d, "archive", [self._event(w, verdict.value, error=note)])
@@ -160,8 +142,7 @@ class Executor:
         log.info("verified", extra=_fields(w, "verified", changed=obs.applied_at is not None, duration_ms=ms))
         state = StateUpdate(cmd.device, cmd.service, cmd.state, d.version, obs.observed, obs.observed_at,
                             obs.applied_at, obs.verified_at, None, d.msg_id, cmd.request_id, cmd.meta)
-        req = (cmd.request_id, d.version, cmd.device, cmd.service) if cmd.request_id else None
-        return Outcome(d, "archive", events, state, request=req)
+        return Outcome(d, "archive", events, state)
 
     def _refresh(self, w: Work, obs: Observation, ms: float) -> Outcome:
         d, cmd = w.delivery, w.command
@@ -183,16 +164,15 @@ class Executor:
         if isinstance(exc, VerifyError):
             state.observed, state.observed_at = exc.observed, datetime.now(timezone.utc)
             state.applied_at = exc.applied_at
-        req = (cmd.request_id, d.version, cmd.device, cmd.service) if cmd.request_id and cmd.action == "set" else None
         if isinstance(exc, TransientError) and not self._policy.exhausted(attempt):
             delay = self._policy.delay(attempt)
             events.append(self._event(w, "retried", error=f"retry in {delay:.1f}s"))
             log.warning("retry in %.1fs: %s", delay, exc, extra=_fields(w, "retried", attempt=attempt))
-            return Outcome(d, "retry", events, state, retry_delay=delay, request=req)
+            return Outcome(d, "retry", events, state, retry_delay=delay)
         reason = str(exc) if isinstance(exc, PermanentError) else f"gave up after {attempt} attempts: {exc}"
         events.append(self._event(w, "dead_lettered", error=reason))
         log.error("dead-lettered: %s", reason, extra=_fields(w, "dead_lettered", attempt=attempt))
-        return Outcome(d, "dead_letter", events, state, reason=reason, error_kind=exc.kind, request=req)
+        return Outcome(d, "dead_letter", events, state, reason=reason, error_kind=exc.kind)
 
     def _event(self, w: Work, kind: str, **kw) -> EventRow:  # type: ignore[no-untyped-def]
         d, cmd = w.delivery, w.command

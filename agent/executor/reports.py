@@ -77,7 +77,6 @@ class Outcome:
     retry_delay: float = 0.0
     reason: str | None = None          # dead-letter reason, for people
     error_kind: str | None = None
-    request: tuple[str, int, str, str] | None = None  # (request_id, version, device, service)
 
 
 def merge_states(updates: Sequence[StateUpdate]) -> list[StateUpdate]:
@@ -119,7 +118,6 @@ async def write_batch(conn: asyncpg.Connection, q: Queries, agent_id: str, batch
     retry = [o for o in batch if o.finish == "retry"]
     states = merge_states([o.state for o in batch if o.state is not None])
     events = [e for o in batch for e in o.events]
-    requests = [o.request for o in batch if o.request is not None]
     async with conn.transaction():
         archived: set[int] = set()
         if done:
@@ -137,8 +135,6 @@ async def write_batch(conn: asyncpg.Connection, q: Queries, agent_id: str, batch
             await conn.execute(q.upsert_states, *_columns(states, _STATE_COLS))
         if events:
             await conn.execute(q.insert_events, *_columns(events, _EVENT_COLS), agent_id)
-        if requests:
-            await conn.execute(q.insert_requests, *[list(c) for c in zip(*requests)])
     return {o.delivery.msg_id for o in done} - archived
 
 

@@ -123,9 +123,6 @@ class Consumer:
                 self._executor.reject(d, str(exc))
         if any(self._inventory.get(c.device) is None for _, c in parsed):
             await self._inventory.refresh_since(read_at)
-        known = [(d, c) for d, c in parsed if self._inventory.get(c.device) is not None]
-        if known:
-            await self._executor.preload([c for _, c in known])
         for d, c in parsed:
             device = self._inventory.get(c.device)
             if device is None:
