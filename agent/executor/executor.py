@@ -128,10 +128,11 @@ class Executor:
 
     async def _device_op(self, w: Work, driver) -> Observation:  # type: ignore[no-untyped-def]
         cmd = w.command
+        timeout = call_timeout(w.device, self._timeout)
         if cmd.action == "refresh":
-            return await observe(driver, w.device, cmd.service, self._timeout)
+            return await observe(driver, w.device, cmd.service, timeout)
         assert cmd.state is not None
-        return await converge(driver, w.device, cmd.service, cmd.state, self._timeout)
+        return await converge(driver, w.device, cmd.service, cmd.state, timeout)
 
     def _converge(self, w: Work, obs: Observation, ms: float) -> Outcome:
         d, cmd = w.delivery, w.command
@@ -178,6 +179,16 @@ class Executor:
         d, cmd = w.delivery, w.command
         return EventRow(kind, cmd.device, cmd.service, d.msg_id, d.version, cmd.request_id,
                         cmd.state, attempt=d.read_ct, meta=cmd.meta, **kw)
+
+
+def call_timeout(device: Device, default: float) -> float:
+    """The deadline of one device call: AGENT_DEVICE_TIMEOUT, or longer if the driver's own
+    `timeout` option is longer (the driver then times out first, with its own message)."""
+    try:
+        own = float(device.options.get("timeout", 0))
+    except (TypeError, ValueError):
+        own = 0.0
+    return max(default, own + 1.0) if own else default
 
 
 def _ms(started: float) -> float:

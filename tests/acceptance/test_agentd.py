@@ -162,3 +162,34 @@ async def test_older_command_replayed_after_a_crash_never_overrides_the_newer_on
 
 async def finish_once(dsn: str) -> tuple[int, str]:
     return finish(spawn_agentd(dsn, "--once"))
+
+
+async def test_health_endpoints_on_the_loopback_listener(dsn):
+    import socket
+
+    import aiohttp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = spawn_agentd(dsn, http_listen=f"127.0.0.1:{port}")
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def status(path: str) -> int | None:
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}{path}") as resp:
+                        return resp.status
+                except aiohttp.ClientConnectionError:
+                    return None
+
+            await until(lambda: status("/readyz"), timeout=15, what="HTTP up")
+            await until(lambda: _is(status("/readyz"), 200), timeout=10, what="ready")
+            assert await status("/healthz") == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code, out = finish(proc)
+    assert code == 0, out
+
+
+async def _is(coro, expected) -> bool:
+    return await coro == expected
