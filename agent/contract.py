@@ -47,7 +47,7 @@ class Command(BaseModel):
     meta: dict[str, Any] | None = Field(None, description="Opaque object kept with the report.")
 
     @model_validator(mode="after")
-    def _state_matches_action(self) -> "Command":
+    def _state_matches_action(self) -> Command:
         if self.action == "set" and self.state is None:
             raise ValueError('"state" is required when action is "set"')
         if self.action == "refresh" and self.state is not None:

@@ -111,7 +111,8 @@ async def check_ready(conn: asyncpg.Connection, queue: str) -> None:
             f"database schema is version {version}, this agent needs {SCHEMA_VERSION}: run `agentctl db init`"
         )
     if not await conn.fetchval(q.queue_exists, q.queue, q.dlq):
-        raise ConfigError(f"queue {q.queue!r} or {q.dlq!r} is missing: run `agentctl db init` with AGENT_QUEUE={q.queue}")
+        raise ConfigError(
+            f"queue {q.queue!r} or {q.dlq!r} is missing: run `agentctl db init` with AGENT_QUEUE={q.queue}")
 
 
 async def ensure_notify(conn: asyncpg.Connection, queue: str, throttle_ms: int) -> bool:

@@ -36,7 +36,7 @@ class DriverContext:
     """What a driver may use from the agent: timeouts and the credential store."""
 
     device_timeout: float = 10.0
-    credentials: "CredentialStore | None" = None
+    credentials: CredentialStore | None = None
 
 
 @runtime_checkable

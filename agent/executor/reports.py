@@ -192,7 +192,7 @@ class Reporter:
                 async with self._pool.acquire() as conn:
                     lost = await write_batch(conn, self._q, self._agent_id, batch)
                 break
-            except (asyncpg.PostgresError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
                 log.warning("report failed, will retry", extra={
                     "action": "report_failed", "error": str(exc), "attempt": attempt, "batch": len(batch)})
                 await asyncio.sleep(delay)

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from tests.support.agents import agentctl, spawn_agentd
-from tests.support.db import archived, dlq, events, state
+from tests.support.db import archived, dlq, events, send, state
 from tests.support.wait import until
 
 pytestmark = pytest.mark.acceptance
@@ -117,7 +117,7 @@ async def test_agentctl_inventory_round_trip(db, dsn, tmp_path):
 
 async def test_agentctl_dlq_list_and_replay(db, dsn):
     agentctl(dsn, "enqueue", "r1", "wifi", "on", check=False)  # unknown device: refused at enqueue
-    await db.execute("SELECT pgmq.send('device_tasks', '{\"device\": \"r9\", \"service\": \"wifi\", \"state\": \"on\"}')")
+    await send(db, {"device": "r9", "service": "wifi", "state": "on"})
     code, _ = finish(spawn_agentd(dsn, "--once"))
     assert code == 1
     [entry] = json.loads(agentctl(dsn, "dlq", "list", "--json").stdout)

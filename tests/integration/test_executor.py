@@ -198,7 +198,8 @@ async def test_dlq_replay_keeps_the_commands_place_in_order(db, dsn, device):
     device.fail("r1", "wifi", PermanentError("HTTP 400"))
     async with running_agent(dsn, device):
         older = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
-        await until(lambda: dlq(db))
+        [entry] = await until(lambda: dlq(db))
+        assert entry["headers"]["origin_msg_id"] == older
         newer = await send(db, {"device": "r1", "service": "wifi", "state": "off"})
         await until(lambda: archived(db, newer))
         [(_, replayed)] = await admin.dlq_replay(db, Queries("device_tasks"), None)

@@ -11,8 +11,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from agent.daemon import Agent, connect_pool
-from agent.drivers.registry import Drivers
 from agent.drivers.base import DriverContext
+from agent.drivers.registry import Drivers
 from agent.settings import load_settings
 
 

@@ -35,7 +35,7 @@ class ScriptedDriver:
     active: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     max_active: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
-    def __call__(self, context: DriverContext | None = None) -> "ScriptedDriver":
+    def __call__(self, context: DriverContext | None = None) -> ScriptedDriver:
         return self
 
     def fail(self, device: str, service: str, error: AgentError, times: int = 1) -> None:
