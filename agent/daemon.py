@@ -12,7 +12,8 @@ import contextlib
 import logging
 import random
 import signal
-from collections.abc import Awaitable
+from collections.abc import Coroutine
+from typing import Any
 
 import asyncpg
 
@@ -93,10 +94,11 @@ class Agent:
         await self.inventory.load()
 
     async def run_forever(self, stop: asyncio.Event) -> None:
-        services: dict[str, Awaitable[None]] = {
+        services: dict[str, Coroutine[Any, Any, None]] = {
             "reporter": self.reporter.run(), "acceptor": self.acceptor.run(), "consumer": self.consumer.run(),
             "leases": self.consumer.keep_leases(), "listener": self.listener.run()}
-        tasks = {asyncio.create_task(coro, name=name): name for name, coro in services.items()}
+        tasks: dict[asyncio.Task[None], str] = {
+            asyncio.create_task(coro, name=name): name for name, coro in services.items()}
         runner = None
         if (hp := self.settings.http_host_port) is not None:
             runner = await http.start(*hp, self.readiness)
@@ -105,7 +107,7 @@ class Agent:
                                          "queue": self.settings.queue})
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        died = [t for t in done if t is not stopper]
+        died = [t for t in tasks if t in done]
         try:
             await self.shutdown(tasks, died)
         finally:

@@ -14,6 +14,7 @@ from agent.errors import ConfigError
 from agent.settings import load_settings
 
 EXIT_CONFIG = 2
+EXIT_FAILED = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+    except RuntimeError as exc:  # a background service died: stop loudly, let the supervisor restart us
+        logging.getLogger("agent").error("agentd failed: %s", exc, extra={"action": "failed"})
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from importlib.metadata import PackageNotFoundError, distribution
 from importlib.resources import files
 
@@ -36,8 +37,10 @@ def bundled_pgmq_sql() -> str:
         dist = distribution("pgmq")
     except PackageNotFoundError:
         raise ConfigError("PGMQ is not installed in the database and the `pgmq` package is missing") from None
-    path = dist.locate_file("pgmq/sql/pgmq.sql")
-    return path.read_text(encoding="utf-8")  # type: ignore[union-attr]
+    path = Path(str(dist.locate_file("pgmq/sql/pgmq.sql")))
+    if not path.is_file():
+        raise ConfigError(f"the installed `pgmq` package has no bundled SQL at {path}")
+    return path.read_text(encoding="utf-8")
 
 
 async def install_pgmq(conn: asyncpg.Connection) -> str:
