@@ -1,8 +1,9 @@
 """The composition root: settings in, wired components out, one lifecycle.
 
-Start order: database pool -> readiness checks -> drivers -> inventory -> reporter -> executor ->
-consumer -> listener -> HTTP. Shutdown runs the other way: stop reading, let in-flight work
-finish within AGENT_DRAIN_TIMEOUT, commit its reports, release what did not finish.
+Start order: database pool -> readiness checks -> drivers -> inventory -> reporter/acceptor ->
+executor -> consumer -> listener -> HTTP -> READY=1. Shutdown runs the other way: STOPPING=1, stop
+reading, let in-flight work finish within AGENT_DRAIN_TIMEOUT, commit its reports, release what
+did not finish so the next reader gets it at once, record the stop.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import random
 import signal
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -27,27 +29,34 @@ from agent.executor.executor import Executor
 from agent.executor.policy import RetryPolicy
 from agent.executor.reports import Reporter
 from agent.inventory import Inventory
+from agent.lifecycle import Housekeeper
+from agent.metrics import Metrics
 from agent.queue.consumer import Consumer
 from agent.queue.listener import Listener, queue_channel
-from agent.settings import Settings
+from agent.settings import Settings, load_settings
+from agent.systemd import Notifier
 
 log = logging.getLogger("agent.daemon")
+DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
-async def connect_pool(settings: Settings, attempts: int | None = None) -> asyncpg.Pool:
+async def connect_pool(settings: Settings, attempts: int | None = None,
+                       notifier: Notifier | None = None) -> asyncpg.Pool:
     """Open the pool, retrying with jittered backoff while the database is unreachable."""
     delay, tried = 1.0, 0
     while True:
         tried += 1
         try:
             return await asyncpg.create_pool(
-                settings.database_url, min_size=1, max_size=6, timeout=10,
+                settings.database_url, min_size=1, max_size=6, timeout=5, command_timeout=30,
                 server_settings={"application_name": "agentd"})
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except DB_ERRORS as exc:
             if attempts is not None and tried >= attempts:
                 raise
             log.warning("database unreachable (%s); retrying in %.0fs", exc, delay,
                         extra={"action": "db_unreachable"})
+            if notifier:
+                notifier.status(f"starting: database unreachable ({exc})")
             await asyncio.sleep(delay * random.uniform(0.7, 1.0))
             delay = min(delay * 2, 30.0)
 
@@ -55,9 +64,11 @@ async def connect_pool(settings: Settings, attempts: int | None = None) -> async
 class Agent:
     """All components of one daemon, wired from settings."""
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, drivers: Drivers | None = None) -> None:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, drivers: Drivers | None = None,
+                 notifier: Notifier | None = None) -> None:
         s = self.settings = settings
         self.pool = pool
+        self.notifier = notifier or Notifier()
         self.queries = Queries(s.queue)
         self.drivers = drivers or Drivers(DriverContext(s.device_timeout, CredentialStore(s.credentials_dir)))
         self.inventory = Inventory(pool, self.queries, s.site, self.drivers)
@@ -72,18 +83,18 @@ class Agent:
             {queue_channel(s.queue): lambda: self.consumer.wake("notify"),
              "agent_inventory": self.inventory.changed},
             on_connect=self._listening, check_interval=s.listener_check_interval)
-        self.ready = False
+        self.house = Housekeeper(self)
+        self.metrics = Metrics(s.site, s.queue, self.house.live)
+        self.consumer.on_read = self.metrics.read
 
     def _committed(self, outcomes, lost) -> None:  # type: ignore[no-untyped-def]
         self.consumer.committed(outcomes, lost)
+        self.metrics.committed(outcomes, len(lost))
+        self.house.committed(outcomes)
 
     def _listening(self) -> None:
         self.inventory.changed()
         self.consumer.wake("connect")
-
-    def readiness(self) -> tuple[bool, dict[str, object]]:
-        return self.ready and self.listener.connected.is_set(), {
-            "listener": self.listener.connected.is_set(), "inflight": len(self.consumer.inflight)}
 
     async def start(self) -> None:
         async with self.pool.acquire() as conn:
@@ -92,33 +103,81 @@ class Agent:
                 log.warning("PGMQ insert notifications were off (a Postgres crash empties their UNLOGGED "
                             "throttle table): re-enabled", extra={"action": "notify_reenabled"})
         await self.inventory.load()
+        for name in {d.driver for d in self.inventory.devices.values()}:
+            self.drivers.get(name)  # every driver the inventory needs loads now, not on first command
 
-    async def run_forever(self, stop: asyncio.Event) -> None:
+    async def run_forever(self, stop: asyncio.Event, reload: asyncio.Event | None = None) -> None:
         services: dict[str, Coroutine[Any, Any, None]] = {
-            "reporter": self.reporter.run(), "acceptor": self.acceptor.run(), "consumer": self.consumer.run(),
-            "leases": self.consumer.keep_leases(), "listener": self.listener.run()}
+            "reporter": self.reporter.run(), "acceptor": self.acceptor.run(), "listener": self.listener.run(),
+            "housekeeper": self.house.run()}
+        if self.settings.consume:
+            services |= {"consumer": self.consumer.run(), "leases": self.consumer.keep_leases()}
         tasks: dict[asyncio.Task[None], str] = {
             asyncio.create_task(coro, name=name): name for name, coro in services.items()}
-        runner = None
-        if (hp := self.settings.http_host_port) is not None:
-            runner = await http.start(*hp, self.readiness)
-        self.ready = True
+        runner = await self._serve_http()
+        self.house.started()
         log.info("agent running", extra={"action": "started", "site": self.settings.site,
                                          "queue": self.settings.queue})
-        stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        died = [t for t in tasks if t in done]
         try:
+            died = await self._wait(stop, reload or asyncio.Event(), tasks)
             await self.shutdown(tasks, died)
         finally:
-            stopper.cancel()
             if runner is not None:
                 await runner.cleanup()
         for t in died:
             raise RuntimeError(f"service {tasks[t]} stopped: {t.exception() or 'returned'}")
 
+    async def _wait(self, stop: asyncio.Event, reload: asyncio.Event,
+                    tasks: dict[asyncio.Task[None], str]) -> list[asyncio.Task[None]]:
+        while True:
+            waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(reload.wait())]
+            done, _ = await asyncio.wait([*waiters, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+            died = [t for t in tasks if t in done]
+            if died or stop.is_set():
+                return died
+            reload.clear()
+            await self.reload()
+
+    async def _serve_http(self):  # type: ignore[no-untyped-def]
+        hp = self.settings.http_host_port
+        if hp is None:
+            return None
+        return await http.start(*hp, ready=self.house.ready, status=self.house.snapshot,
+                                registry=self.metrics.registry, before_scrape=self.house.sample_queue)
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read settings and inventory; settings that need a restart are named."""
+        self.notifier.reloading()
+        log.info("reloading configuration and inventory", extra={"action": "reloading"})
+        try:
+            new = load_settings(self.settings_path)
+        except Exception as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc, extra={"action": "reload_failed"})
+        else:
+            self._apply(new)
+        with contextlib.suppress(*DB_ERRORS):
+            await self.inventory.load()
+        self.notifier.ready(self.house.status_line())
+
+    settings_path: Path | None = None
+
+    def _apply(self, new: Settings) -> None:
+        live = {"log_level", "poll_interval", "max_attempts", "retry_base", "retry_max", "device_timeout",
+                "heartbeat_interval", "watchdog_stall", "listener_check_interval"}
+        old = self.settings
+        changed = {k for k in Settings.model_fields if getattr(old, k) != getattr(new, k)} - {"agent_id"}
+        if restart := sorted(changed - live):
+            log.warning("settings changed that need a restart: %s", ", ".join(f"AGENT_{k.upper()}" for k in restart),
+                        extra={"action": "reload_partial"})
+        for key in changed & live:
+            setattr(old, key, getattr(new, key))
+        logging.getLogger().setLevel(old.log_level)
+        self.executor.retune(RetryPolicy(old.max_attempts, old.retry_base, old.retry_max), old.device_timeout)
+
     async def shutdown(self, tasks: dict[asyncio.Task[None], str], died: list[asyncio.Task[None]]) -> None:
-        self.ready = False
+        self.house.stopping()
         self.consumer.stop()
         log.info("stopping: draining in-flight work", extra={"action": "stopping"})
         if not died:
@@ -126,16 +185,17 @@ class Agent:
                 async with asyncio.timeout(self.settings.drain_timeout):
                     await self.executor.idle()
                     await self.reporter.drained()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(*DB_ERRORS):
             await self.consumer.release_unfinished()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(*DB_ERRORS):
+            await self.house.beat("stopped")
 
     async def drain_once(self, stop: asyncio.Event) -> int:
         """`agentd --once`: work until the queue is empty; 0 if everything succeeded."""
-        reporter = asyncio.create_task(self.reporter.run())
-        acceptor = asyncio.create_task(self.acceptor.run())
+        helpers = [asyncio.create_task(self.reporter.run()), asyncio.create_task(self.acceptor.run())]
         try:
             while not stop.is_set():
                 taken = await self.consumer.read_until_short()
@@ -146,8 +206,8 @@ class Agent:
         finally:
             await self.executor.idle()
             await self.reporter.drained()
-            reporter.cancel()
-            acceptor.cancel()
+            for t in helpers:
+                t.cancel()
         o = self.consumer.outcomes
         async with self.pool.acquire() as conn:
             left = await conn.fetchval(self.queries.queue_depth)
@@ -157,18 +217,23 @@ class Agent:
         return 1 if o["retry"] or o["dead_letter"] else 0
 
 
-async def run(settings: Settings, *, once: bool = False, drivers: Drivers | None = None) -> int:
-    stop = asyncio.Event()
+async def run(settings: Settings, *, once: bool = False, drivers: Drivers | None = None,
+              config_path: str | Path | None = None) -> int:
+    stop, reload = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_signal, stop, loop)
-    pool = await connect_pool(settings, attempts=3 if once else None)
-    agent = Agent(settings, pool, drivers)
+        loop.add_signal_handler(sig, _on_signal, stop)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
+    notifier = Notifier()
+    notifier.status("starting: connecting to the database")
+    pool = await connect_pool(settings, attempts=3 if once else None, notifier=notifier)
+    agent = Agent(settings, pool, drivers, notifier)
+    agent.settings_path = Path(config_path) if config_path else None
     try:
         await agent.start()
         if once:
             return await agent.drain_once(stop)
-        await agent.run_forever(stop)
+        await agent.run_forever(stop, reload)
         log.info("stopped", extra={"action": "stopped"})
         return 0
     finally:
@@ -176,7 +241,7 @@ async def run(settings: Settings, *, once: bool = False, drivers: Drivers | None
         await pool.close()
 
 
-def _on_signal(stop: asyncio.Event, loop: asyncio.AbstractEventLoop) -> None:
+def _on_signal(stop: asyncio.Event) -> None:
     if stop.is_set():  # a second signal: stop at once; unfinished messages return after their lease
         log.warning("second signal: exiting now", extra={"action": "killed"})
         raise SystemExit(130)

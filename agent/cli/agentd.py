@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     agent_log.setup(settings.log_format, settings.log_level)
     try:
-        return asyncio.run(run(settings, once=args.once))
+        return asyncio.run(run(settings, once=args.once, config_path=args.config))
     except ConfigError as exc:
         logging.getLogger("agent").error("cannot start: %s", exc, extra={"action": "config_error"})
         return EXIT_CONFIG

@@ -150,3 +150,29 @@ ON CONFLICT (device, service) DO UPDATE SET
     desired_version = greatest(s.desired_version, EXCLUDED.desired_version),
     updated_at      = now()
 RETURNING device, service, desired_version;
+
+-- name: heartbeat
+INSERT INTO agent.agents AS a (agent_id, site, queue, host, pid, version, started_at, last_heartbeat, state,
+                               status, last_cycle_at, last_cycle_ms, stopped_at, figures)
+VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, $9, $10, $11, CASE WHEN $8 = 'stopped' THEN now() END, $12::jsonb)
+ON CONFLICT (agent_id) DO UPDATE SET
+    site = EXCLUDED.site, queue = EXCLUDED.queue, host = EXCLUDED.host, pid = EXCLUDED.pid,
+    version = EXCLUDED.version, started_at = EXCLUDED.started_at, last_heartbeat = now(),
+    state = EXCLUDED.state, status = EXCLUDED.status, last_cycle_at = EXCLUDED.last_cycle_at,
+    last_cycle_ms = EXCLUDED.last_cycle_ms, stopped_at = EXCLUDED.stopped_at, figures = EXCLUDED.figures;
+
+-- name: queue_stats
+-- Cheap sample for metrics and status: counts are capped, the oldest message is found by msg_id.
+SELECT (SELECT count(*) FROM (SELECT 1 FROM pgmq.{q} LIMIT $1) s) AS depth,
+       (SELECT extract(epoch FROM clock_timestamp() - enqueued_at) FROM pgmq.{q} ORDER BY msg_id LIMIT 1) AS oldest,
+       (SELECT count(*) FROM (SELECT 1 FROM pgmq.{dq} LIMIT $1) s) AS dlq_depth,
+       (SELECT extract(epoch FROM clock_timestamp() - enqueued_at) FROM pgmq.{dq} ORDER BY msg_id LIMIT 1) AS dlq_oldest;
+
+-- name: drifted
+SELECT device, service, desired, observed, last_error FROM agent.service_state
+WHERE desired IS NOT NULL AND desired IS DISTINCT FROM observed ORDER BY device, service LIMIT $1;
+
+-- name: fleet
+SELECT agent_id, site, queue, host, pid, version, started_at, last_heartbeat, state, status,
+       extract(epoch FROM now() - last_heartbeat) AS heartbeat_age, figures::text AS figures
+FROM agent.agents WHERE $1::text IS NULL OR site = $1 ORDER BY site, agent_id;

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 from importlib.metadata import PackageNotFoundError, distribution
 from importlib.resources import files
+from pathlib import Path
 
 import asyncpg
 

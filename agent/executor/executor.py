@@ -70,6 +70,9 @@ class Executor:
                                                         "device": ev.device, "service": ev.service})
         self._reporter.submit(Outcome(delivery, "dead_letter", [ev], reason=reason, error_kind="permanent"))
 
+    def retune(self, policy: RetryPolicy, device_timeout: float) -> None:
+        self._policy, self._timeout = policy, device_timeout
+
     async def idle(self) -> None:
         await self._idle.wait()
 
@@ -83,6 +86,7 @@ class Executor:
                     self.busy_devices.add(device_id)
                     try:
                         outcome = await self._process(work)
+                        outcome.driver = work.device.driver
                     finally:
                         self.busy_devices.discard(device_id)
                 self._reporter.submit(outcome)

@@ -77,6 +77,7 @@ class Outcome:
     retry_delay: float = 0.0
     reason: str | None = None          # dead-letter reason, for people
     error_kind: str | None = None
+    driver: str | None = None
 
 
 def merge_states(updates: Sequence[StateUpdate]) -> list[StateUpdate]:

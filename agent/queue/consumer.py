@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import asyncpg
 
@@ -24,6 +25,7 @@ from agent.inventory import Inventory
 from agent.settings import Settings
 
 log = logging.getLogger("agent.consumer")
+TICK = 2.0
 
 
 class Consumer:
@@ -42,6 +44,11 @@ class Consumer:
         self._room = asyncio.Event()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self.stopping = False
+        self.on_read: Callable[[list[Delivery]], None] | None = None
+        self.db_error: str | None = None
+        self.last_cycle = time.monotonic()   # the watchdog's measure of progress
+        self.last_cycle_wall: float | None = None
+        self.last_cycle_ms: float | None = None
 
     # -- wake-ups -------------------------------------------------------------------------
 
@@ -65,17 +72,25 @@ class Consumer:
     # -- the loop -------------------------------------------------------------------------
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_poll = loop.time() + self._s.poll_interval
         while not self.stopping:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._s.poll_interval)
+            self.last_cycle = time.monotonic()
+            try:  # wake at least every TICK s so that progress is visible to the watchdog
+                await asyncio.wait_for(self._wake.wait(), max(0.0, min(next_poll - loop.time(), TICK)))
             except TimeoutError:
+                if loop.time() < next_poll:
+                    continue
                 self._source = "poll"
             self._wake.clear()
             if self.stopping:
                 break
+            next_poll = loop.time() + self._s.poll_interval
             self.wakeups[self._source] += 1
+            started = time.monotonic()
             await self.read_until_short()
             await self._wake_when_next_visible()
+            self.last_cycle_wall, self.last_cycle_ms = time.time(), round((time.monotonic() - started) * 1000, 2)
 
     async def read_until_short(self) -> int:
         """Read batches until one comes back short; return how many messages were taken."""
@@ -91,9 +106,12 @@ class Consumer:
                 async with self._pool.acquire() as conn:
                     rows = await conn.fetch(self._q.read, self._q.queue, self._s.visibility_timeout, room)
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
-                log.warning("read failed: %s", exc, extra={"action": "read_failed"})
+                if self.db_error is None:
+                    log.warning("read failed: %s", exc, extra={"action": "read_failed"})
+                self.db_error = str(exc) or type(exc).__name__
                 self.wake_later(min(5.0, self._s.poll_interval), "retry")
                 return taken
+            self.db_error = None
             taken += len(rows)
             if rows:
                 await self._dispatch(rows, read_at)
@@ -113,9 +131,11 @@ class Consumer:
 
     async def _dispatch(self, rows: list[asyncpg.Record], read_at: float) -> None:
         parsed = []
-        for r in rows:
-            d = Delivery(r["msg_id"], r["read_ct"], r["enqueued_at"], r["message"], r["headers"],
-                         command_version(r["msg_id"], r["headers"]))
+        deliveries = [Delivery(r["msg_id"], r["read_ct"], r["enqueued_at"], r["message"], r["headers"],
+                               command_version(r["msg_id"], r["headers"])) for r in rows]
+        if self.on_read is not None:
+            self.on_read(deliveries)
+        for d in deliveries:
             self.inflight[d.msg_id] = d
             try:
                 parsed.append((d, parse_command(d.raw, self._s.max_message_bytes)))

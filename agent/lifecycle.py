@@ -1,0 +1,167 @@
+"""The housekeeper: readiness, systemd STATUS and watchdog, the heartbeat row, the status snapshot.
+
+The watchdog is fed only while the consumer loop makes progress (it cycles at least every few
+seconds, also while the database is down), so an outage changes STATUS and readiness but never
+gets the agent killed; a hung loop does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from agent import __version__
+from agent.executor.reports import Outcome
+from agent.metrics import Live
+from agent.status import Figures, healthy, snapshot, state, status_line
+
+if TYPE_CHECKING:
+    from agent.daemon import Agent
+
+log = logging.getLogger("agent.lifecycle")
+_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+_SAMPLE_TTL = 10.0
+_QUEUE_CAP = 100_000
+
+
+class Housekeeper:
+    def __init__(self, agent: Agent) -> None:
+        self._a = agent
+        self._started_mono = time.monotonic()
+        self._started_at = time.time()
+        self._started = False
+        self._stopping = False
+        self._counts = {"done": 0, "retried": 0, "dead_lettered": 0}
+        self._failures: deque[dict[str, Any]] = deque(maxlen=20)
+        self._queue: dict[str, Any] = {}
+        self._sampled = 0.0
+        self._db_error: str | None = None
+
+    # -- events from the daemon ----------------------------------------------------------
+
+    def started(self) -> None:
+        self._started = True
+        self._a.notifier.ready(self.status_line())
+
+    def stopping(self) -> None:
+        self._stopping = True
+        self._a.notifier.stopping(self.status_line())
+
+    def committed(self, outcomes: list[Outcome]) -> None:
+        for o in outcomes:
+            key = {"archive": "done", "retry": "retried", "dead_letter": "dead_lettered"}[o.finish]
+            self._counts[key] += 1
+            if o.finish != "archive":
+                ev = o.events[-1] if o.events else None
+                self._failures.append({"at": time.time(), "msg_id": o.delivery.msg_id, "finish": o.finish,
+                                       "device": ev.device if ev else None, "service": ev.service if ev else None,
+                                       "error": o.reason or (ev.error if ev else None)})
+
+    # -- what we tell -------------------------------------------------------------------
+
+    def figures(self) -> Figures:
+        a = self._a
+        consumer_error = getattr(a.consumer, "db_error", None)
+        return Figures(
+            agent_id=a.settings.agent_id, site=a.settings.site, queue=a.settings.queue, version=__version__,
+            started=self._started, stopping=self._stopping, uptime_s=round(time.monotonic() - self._started_mono, 1),
+            database_error=consumer_error or self._db_error, listener_up=a.listener.connected.is_set(),
+            inflight=len(a.consumer.inflight), done=self._counts["done"], retried=self._counts["retried"],
+            dead_lettered=self._counts["dead_lettered"], queue_depth=self._queue.get("depth"),
+            queue_oldest_s=self._queue.get("oldest"), dlq_depth=self._queue.get("dlq_depth"),
+            recent_failures=list(self._failures))
+
+    def status_line(self) -> str:
+        return status_line(self.figures())
+
+    def ready(self) -> bool:
+        return healthy(self.figures())
+
+    def live(self) -> Live:
+        a = self._a
+        q = self._queue
+        queues = {}
+        if "depth" in q:
+            queues = {a.settings.queue: (q["depth"], q["oldest"]), a.queries.dlq: (q["dlq_depth"], q["dlq_oldest"])}
+        return Live(wakeups=dict(a.consumer.wakeups), reconnects=a.listener.reconnects,
+                    inflight=len(a.consumer.inflight), queues=queues)
+
+    async def sample_queue(self, max_age: float = _SAMPLE_TTL) -> None:
+        """Refresh the queue figures unless a sample younger than `max_age` exists (one statement)."""
+        if time.monotonic() - self._sampled < max_age:
+            return
+        try:
+            async with self._a.pool.acquire() as conn:
+                row = await conn.fetchrow(self._a.queries.queue_stats, _QUEUE_CAP)
+        except _DB_ERRORS as exc:
+            self._db_error = str(exc) or type(exc).__name__
+            return
+        self._db_error = None
+        self._sampled = time.monotonic()
+        self._queue = {k: (float(v) if k.endswith("oldest") and v is not None else v) for k, v in dict(row).items()}
+        self._a.metrics.ready.set(1 if self.ready() else 0)
+
+    async def snapshot(self) -> dict[str, Any]:
+        await self.sample_queue()
+        f = self.figures()
+        with contextlib.suppress(*_DB_ERRORS):
+            async with self._a.pool.acquire() as conn:
+                f.drifted = [dict(r) for r in await conn.fetch(self._a.queries.drifted, 20)]
+        return snapshot(f)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        tick = 1.0
+        if self._a.notifier.watchdog_interval:
+            tick = min(tick, self._a.notifier.watchdog_interval)
+        next_beat = 0.0
+        while True:
+            now = time.monotonic()
+            if self._progressing(now):
+                self._a.notifier.watchdog()
+            elif self._a.notifier.watchdog_interval:
+                log.error("consumer loop made no progress: watchdog not fed", extra={"action": "stalled"})
+            if now >= next_beat:
+                next_beat = now + self._a.settings.heartbeat_interval
+                await self.sample_queue(max_age=self._a.settings.heartbeat_interval * 2)
+                await self.beat(None)
+            self._a.notifier.status(self.status_line())
+            await asyncio.sleep(tick)
+
+    def _progressing(self, now: float) -> bool:
+        if not self._a.settings.consume:
+            return True
+        return now - self._a.consumer.last_cycle < self._a.settings.watchdog_stall
+
+    async def beat(self, override: str | None) -> None:
+        a, f = self._a, self.figures()
+        st = override or state(f)
+        figures = {"inflight": f.inflight, "done": f.done, "retried": f.retried, "dead_lettered": f.dead_lettered,
+                   "queue_depth": f.queue_depth, "listener_up": f.listener_up}
+        try:
+            async with a.pool.acquire() as conn:
+                await conn.execute(a.queries.heartbeat, a.settings.agent_id, a.settings.site, a.settings.queue,
+                                   socket.gethostname(), os.getpid(), __version__,
+                                   _ts(self._started_at), st, status_line(f),
+                                   _ts(a.consumer.last_cycle_wall), a.consumer.last_cycle_ms, json.dumps(figures))
+        except _DB_ERRORS as exc:
+            self._db_error = str(exc) or type(exc).__name__
+            log.warning("heartbeat failed: %s", exc, extra={"action": "heartbeat_failed"})
+        else:
+            self._db_error = None
+
+
+def _ts(epoch: float | None):  # type: ignore[no-untyped-def]
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(epoch, timezone.utc) if epoch else None

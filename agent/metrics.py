@@ -1,0 +1,122 @@
+"""Prometheus metrics: base units, `_total` counters, bounded labels (device ids yes; customers,
+addresses and request ids never). One registry per Agent, served at /metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from agent import __version__
+from agent.executor.reports import Delivery, Outcome
+
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+
+# event kinds that end or move a delivery, as counted in agent_commands_total{outcome}
+_OUTCOME_EVENTS = {"verified", "refreshed", "superseded", "duplicate", "expired", "retried", "dead_lettered"}
+
+
+@dataclass
+class Live:
+    """Figures read from the components at scrape time (they keep plain counters, not metrics)."""
+
+    wakeups: dict[str, int] = field(default_factory=dict)
+    reconnects: int = 0
+    inflight: int = 0
+    parked: int = 0
+    queues: dict[str, tuple[int, float | None]] = field(default_factory=dict)  # queue -> (depth, oldest age)
+    reachable: dict[str, bool] = field(default_factory=dict)                  # device -> reachable
+    peers: dict[str, tuple[float | None, int, int, bool]] = field(default_factory=dict)  # age, rx, tx, up
+
+
+class _LiveCollector:
+    def __init__(self, read: Callable[[], Live]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        live = self._read()
+        wake = CounterMetricFamily("agent_wakeups", "Consumer wake-ups by source.", labels=["source"])
+        for source, n in sorted(live.wakeups.items()):
+            wake.add_metric([source], n)
+        yield wake
+        yield CounterMetricFamily("agent_listener_reconnects", "LISTEN connection re-established.",
+                                  value=live.reconnects)
+        yield GaugeMetricFamily("agent_inflight_messages", "Messages read and not yet settled.", value=live.inflight)
+        yield GaugeMetricFamily("agent_parked_messages", "Messages waiting for their device to be reachable.",
+                                value=live.parked)
+        depth = GaugeMetricFamily("agent_queue_messages", "Messages in the queue (sampled, capped).",
+                                  labels=["queue"])
+        oldest = GaugeMetricFamily("agent_queue_oldest_message_age_seconds", "Age of the oldest message.",
+                                   labels=["queue"])
+        for queue, (n, age) in sorted(live.queues.items()):
+            depth.add_metric([queue], n)
+            oldest.add_metric([queue], age or 0.0)
+        yield depth
+        yield oldest
+        reach = GaugeMetricFamily("agent_device_reachable", "1 if the device is reachable.", labels=["device"])
+        for device, ok in sorted(live.reachable.items()):
+            reach.add_metric([device], 1.0 if ok else 0.0)
+        yield reach
+        yield from _peer_families(live)
+
+
+def _peer_families(live: Live) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    age = GaugeMetricFamily("agent_wireguard_peer_handshake_age_seconds", "Seconds since the latest handshake.",
+                            labels=["peer"])
+    up = GaugeMetricFamily("agent_wireguard_peer_up", "1 if the peer's session is judged alive.", labels=["peer"])
+    rx = CounterMetricFamily("agent_wireguard_peer_receive_bytes", "Bytes received from the peer.", labels=["peer"])
+    tx = CounterMetricFamily("agent_wireguard_peer_transmit_bytes", "Bytes sent to the peer.", labels=["peer"])
+    for peer, (handshake_age, rx_bytes, tx_bytes, alive) in sorted(live.peers.items()):
+        if handshake_age is not None:
+            age.add_metric([peer], handshake_age)
+        up.add_metric([peer], 1.0 if alive else 0.0)
+        rx.add_metric([peer], rx_bytes)
+        tx.add_metric([peer], tx_bytes)
+    yield from (age, up, rx, tx)
+
+
+class Metrics:
+    def __init__(self, site: str, queue: str, live: Callable[[], Live]) -> None:
+        r = self.registry = CollectorRegistry()
+        r.register(_LiveCollector(live))  # type: ignore[arg-type]
+        Info("agent_build", "Version of the running agent.", registry=r).info(
+            {"version": __version__, "site": site, "queue": queue})
+        self.commands = Counter("agent_commands_total", "Deliveries by outcome and driver.",
+                                ["outcome", "driver"], registry=r)
+        self.duration = Histogram("agent_command_duration_seconds", "Device work per delivery (read, apply, verify).",
+                                  ["driver"], buckets=_DURATION_BUCKETS, registry=r)
+        self.queue_wait = Histogram("agent_command_queue_wait_seconds", "Enqueue to first read by this agent.",
+                                    buckets=_WAIT_BUCKETS, registry=r)
+        self.lease_lost = Counter("agent_lease_lost_total", "Messages another reader took before we settled them.",
+                                  registry=r)
+        self.report_failures = Counter("agent_report_failures_total", "Report transactions that failed.",
+                                       registry=r)
+        self.ready = Gauge("agent_ready", "1 when the agent is ready to work.", registry=r)
+        self.up_since = Gauge("agent_start_time_seconds", "When this agent started (unix time).", registry=r)
+        self.up_since.set(time.time())
+        self.last_success = Gauge("agent_last_success_timestamp_seconds", "Last verified command (unix time).",
+                                  registry=r)
+
+    def committed(self, outcomes: Iterable[Outcome], lost: int) -> None:
+        now = time.time()
+        for o in outcomes:
+            driver = o.driver or "none"
+            for ev in o.events:
+                if ev.kind in _OUTCOME_EVENTS:
+                    self.commands.labels(ev.kind, driver).inc()
+                if ev.kind == "verified":
+                    self.last_success.set(now)
+                if ev.duration_ms is not None and ev.kind in ("verified", "refreshed", "failed"):
+                    self.duration.labels(driver).observe(ev.duration_ms / 1000)
+        if lost:
+            self.lease_lost.inc(lost)
+
+    def read(self, deliveries: Iterable[Delivery]) -> None:
+        now = time.time()
+        for d in deliveries:
+            if d.read_ct == 1:
+                self.queue_wait.observe(max(0.0, now - d.enqueued_at.timestamp()))
