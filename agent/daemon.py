@@ -115,6 +115,9 @@ class Agent:
         tasks: dict[asyncio.Task[None], str] = {
             asyncio.create_task(coro, name=name): name for name, coro in services.items()}
         runner = await self._serve_http()
+        with contextlib.suppress(TimeoutError):  # READY once LISTEN is up too (bounded: it may be down)
+            await asyncio.wait_for(self.listener.connected.wait(), 10)
+        await self.house.sample_queue()
         self.house.started()
         log.info("agent running", extra={"action": "started", "site": self.settings.site,
                                          "queue": self.settings.queue})

@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from agent import admin
+from agent.cli import status as status_cli
 from agent.contract import json_schema
 from agent.db.queries import Queries
 from agent.db.schema import init_database
@@ -118,6 +119,13 @@ async def state(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) ->
     return 0
 
 
+async def status(conn: asyncpg.Connection | None, s: Settings, a: argparse.Namespace) -> int:
+    if a.fleet:
+        assert conn is not None
+        return await status_cli.fleet(conn, s, a.json, a.all_sites)
+    return await status_cli.local(s, a.json, a.url)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agentctl", description=__doc__)
     p.add_argument("--config", help="TOML settings file (AGENT_* environment variables win)")
@@ -173,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=state)
 
+    stat = sub.add_parser("status", help="what the local agentd is doing (exit 1 when not healthy)")
+    stat.add_argument("--json", action="store_true")
+    stat.add_argument("--fleet", action="store_true", help="every agent's heartbeat, from the database")
+    stat.add_argument("--all-sites", action="store_true", help="with --fleet: not only AGENT_SITE")
+    stat.add_argument("--url", help="status URL (default: from AGENT_HTTP_LISTEN)")
+    stat.set_defaults(func=status, needs_db=lambda a: a.fleet)
+
     con = sub.add_parser("contract", help="the message contract").add_subparsers(dest="cmd", required=True)
     con.add_parser("schema", help="print the JSON Schema of contract v1").set_defaults(func=None, offline=True)
     return p
@@ -180,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def _run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
+    needs_db = getattr(args, "needs_db", lambda _a: True)(args)
+    if not needs_db:
+        return await args.func(None, settings, args)
     conn = await asyncpg.connect(settings.database_url, timeout=10,
                                  server_settings={"application_name": "agentctl"})
     try:

@@ -40,12 +40,14 @@ async def running_agent(dsn: str, driver: Any = None, **overrides: Any) -> Async
         await pool.close()
 
 
-def agent_env(dsn: str, **settings: Any) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
+def agent_env(dsn: str, raw_env: bool = False, **settings: Any) -> dict[str, str]:
+    """Environment for a subprocess: AGENT_<KEY> for lower-case keys, UPPER-case keys as they are."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AGENT_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
     env["AGENT_DATABASE_URL"] = dsn
     env.setdefault("AGENT_HTTP_LISTEN", "")
     for key, value in settings.items():
-        env[f"AGENT_{key.upper()}"] = str(value)
+        env[key if key.isupper() else f"AGENT_{key.upper()}"] = str(value)
     return env
 
 

@@ -1,0 +1,98 @@
+"""`agentctl status`: what the local daemon is doing, or the fleet as the database sees it."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from agent.db.queries import Queries
+from agent.settings import Settings
+
+STALE_FACTOR = 3
+
+
+async def local(settings: Settings, as_json: bool, url: str | None) -> int:
+    if url is None:
+        hp = settings.http_host_port
+        if hp is None:
+            return _down(as_json, "AGENT_HTTP_LISTEN is empty: the daemon serves no status endpoint")
+        host = "127.0.0.1" if hp[0] in ("0.0.0.0", "::", "") else hp[0]
+        url = f"http://{host}:{hp[1]}/status"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            async with http.get(url) as resp:
+                snap = await resp.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return _down(as_json, f"agentd is not running or not answering at {url} ({exc or type(exc).__name__})")
+    if as_json:
+        print(json.dumps(snap, indent=2))
+    else:
+        print(render(snap))
+    return 0 if snap.get("healthy") else 1
+
+
+def _down(as_json: bool, reason: str) -> int:
+    if as_json:
+        print(json.dumps({"healthy": False, "state": "down", "status": reason}))
+    else:
+        print(f"down: {reason}")
+    return 1
+
+
+def render(s: dict[str, Any]) -> str:
+    lines = [s["status"],
+             f"agent     {s['agent_id']} (site {s['site']}, queue {s['queue']}), version {s['version']}, "
+             f"up {_dur(s['uptime_s'])}",
+             f"database  {'unreachable: ' + s['database_error'] if s['database_error'] else 'ok'}; "
+             f"LISTEN {'up' if s['listener_up'] else 'down'}",
+             f"queue     {_n(s['queue_depth'])} messages, oldest {_dur(s['queue_oldest_s'])}; "
+             f"DLQ {_n(s['dlq_depth'])}; {s['inflight']} in flight"]
+    if s.get("peers"):
+        lines.append("vpn       " + ", ".join(f"{p['peer']}: {p['state']}" for p in s["peers"]))
+    lines.append("recent failures:" + ("" if s["recent_failures"] else " none"))
+    for f in s["recent_failures"][-10:]:
+        when = time.strftime("%H:%M:%S", time.localtime(f["at"]))
+        lines.append(f"  {when} msg {f['msg_id']} {f['device']}/{f['service']} {f['finish']}: {f['error']}")
+    lines.append("unreachable devices:" + ("" if s["unreachable"] else " none"))
+    lines += [f"  {u['device']}: {u['reason']}" for u in s["unreachable"]]
+    lines.append("drifted (desired != observed):" + ("" if s["drifted"] else " none"))
+    lines += [f"  {d['device']}/{d['service']}: desired {d['desired']}, observed {d['observed']}"
+              + (f" ({d['last_error']})" if d.get("last_error") else "") for d in s["drifted"]]
+    return "\n".join(lines)
+
+
+async def fleet(conn: asyncpg.Connection, settings: Settings, as_json: bool, all_sites: bool) -> int:
+    rows = await conn.fetch(Queries(settings.queue).fleet, None if all_sites else settings.site)
+    agents = []
+    for r in rows:
+        a = {**dict(r), "figures": json.loads(r["figures"])}
+        a["stale"] = r["state"] != "stopped" and r["heartbeat_age"] > STALE_FACTOR * settings.heartbeat_interval
+        agents.append(a)
+    bad = [a for a in agents if a["state"] != "stopped" and (a["stale"] or a["state"] != "ready")]
+    if as_json:
+        print(json.dumps(agents, indent=2, default=str))
+    else:
+        print(f"{len(agents)} agent(s), {len(bad)} not healthy" if agents else "no agents have reported")
+        for a in agents:
+            state = "STALE" if a["stale"] else a["state"]
+            print(f"  {a['agent_id']:<28} {a['site']:<10} {state:<9} heartbeat {_dur(float(a['heartbeat_age']))} ago"
+                  f"  {a['status'] or ''}")
+    return 1 if bad or not agents else 0
+
+
+def _n(v: Any) -> str:
+    return "?" if v is None else str(v)
+
+
+def _dur(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
