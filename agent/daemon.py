@@ -119,6 +119,7 @@ class Agent:
             await asyncio.wait_for(self.listener.connected.wait(), 10)
         await self.house.sample_queue()
         self.house.started()
+        await self.house.beat(None)
         log.info("agent running", extra={"action": "started", "site": self.settings.site,
                                          "queue": self.settings.queue})
         try:
