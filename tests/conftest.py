@@ -11,10 +11,10 @@ from tests.support.pg import create_database, drop_database, start_cluster
 
 @pytest.fixture(scope="session")
 def pg_admin_dsn():
-    dsn, server = start_cluster()
+    dsn, cluster = start_cluster()
     yield dsn
-    if server is not None:
-        server.cleanup()  # type: ignore[attr-defined]
+    if cluster is not None:
+        cluster.close()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ created and dropped per test).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -15,17 +16,31 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 
-def start_cluster() -> tuple[str, object | None]:
-    """Return (admin DSN, server handle or None)."""
+class Cluster:
+    """A throwaway cluster in a temporary directory; `close()` stops it and removes the directory."""
+
+    def __init__(self) -> None:
+        import pgserver
+
+        self.root = Path(tempfile.mkdtemp(prefix="agent-test-pg-"))
+        os.chmod(self.root, 0o755)
+        self._server = pgserver.get_server(self.root / "data", cleanup_mode="delete")
+        self.dsn = self._server.get_uri()
+
+    def close(self) -> None:
+        try:
+            self._server.cleanup()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def start_cluster() -> tuple[str, Cluster | None]:
+    """Return (admin DSN, cluster to close or None for an external server)."""
     external = os.environ.get("AGENT_TEST_DSN")
     if external:
         return external, None
-    import pgserver
-
-    root = Path(tempfile.mkdtemp(prefix="agent-test-pg-"))
-    os.chmod(root, 0o755)
-    server = pgserver.get_server(root / "data", cleanup_mode="delete")
-    return server.get_uri(), server
+    cluster = Cluster()
+    return cluster.dsn, cluster
 
 
 def with_database(dsn: str, name: str) -> str:
