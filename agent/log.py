@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import datetime, timezone
 
@@ -39,9 +40,41 @@ class PlainFormatter(logging.Formatter):
         return line
 
 
+_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+
+class JournalHandler(logging.Handler):
+    """journald with structured fields: DEVICE=, SERVICE=, REQUEST_ID=, MSG_ID=, ACTION=, ..."""
+
+    def __init__(self, send) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self._send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = {k.upper(): str(v) for k, v in _extra(record).items()}
+            self._send(record.getMessage(), PRIORITY=str(_PRIORITY.get(record.levelname, 6)),
+                       LOGGER=record.name, SYSLOG_IDENTIFIER="agentd", **fields)
+        except Exception:
+            self.handleError(record)
+
+
+def _journal() -> logging.Handler | None:
+    """The journal when systemd started us (JOURNAL_STREAM is set) and systemd-python is installed."""
+    if not os.environ.get("JOURNAL_STREAM"):
+        return None
+    try:
+        from systemd import journal
+    except ImportError:
+        return None
+    return JournalHandler(journal.send)
+
+
 def setup(fmt: str = "plain", level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
+    handler = _journal()
+    if handler is None:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

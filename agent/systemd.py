@@ -68,13 +68,3 @@ class Notifier:
     def reloading(self) -> None:
         self.send("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
 
-
-def journal_handler() -> logging.Handler | None:
-    """A journald handler when we run under systemd with systemd-python installed."""
-    if not os.environ.get("JOURNAL_STREAM") and not os.environ.get("INVOCATION_ID"):
-        return None
-    try:
-        from systemd.journal import JournalHandler
-    except ImportError:
-        return None
-    return JournalHandler(SYSLOG_IDENTIFIER="agentd")
