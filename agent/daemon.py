@@ -84,6 +84,7 @@ class Agent:
              "agent_inventory": self.inventory.changed},
             on_connect=self._listening, check_interval=s.listener_check_interval)
         self.house = Housekeeper(self)
+        self.force_stop = asyncio.Event()  # a second SIGTERM/SIGINT: skip the drain
         self.metrics = Metrics(s.site, s.queue, self.house.live)
         self.consumer.on_read = self.metrics.read
 
@@ -184,11 +185,16 @@ class Agent:
         self.house.stopping()
         self.consumer.stop()
         log.info("stopping: draining in-flight work", extra={"action": "stopping"})
-        if not died:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.drain_timeout):
-                    await self.executor.idle()
-                    await self.reporter.drained()
+        if not died and not self.force_stop.is_set():
+            drained = asyncio.create_task(self._drained())
+            forced = asyncio.create_task(self.force_stop.wait())
+            await asyncio.wait([drained, forced], timeout=self.settings.drain_timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            drained.cancel()
+            forced.cancel()
+            if not drained.done() or drained.cancelled():
+                log.warning("drain incomplete: unfinished messages are released for the next reader",
+                            extra={"action": "drain_incomplete"})
         with contextlib.suppress(*DB_ERRORS):
             await self.consumer.release_unfinished()
         for t in tasks:
@@ -196,6 +202,10 @@ class Agent:
         await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(*DB_ERRORS):
             await self.house.beat("stopped")
+
+    async def _drained(self) -> None:
+        await self.executor.idle()
+        await self.reporter.drained()
 
     async def drain_once(self, stop: asyncio.Event) -> int:
         """`agentd --once`: work until the queue is empty; 0 if everything succeeded."""
@@ -223,15 +233,18 @@ class Agent:
 
 async def run(settings: Settings, *, once: bool = False, drivers: Drivers | None = None,
               config_path: str | Path | None = None) -> int:
-    stop, reload = asyncio.Event(), asyncio.Event()
+    stop, reload, force = asyncio.Event(), asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_signal, stop)
+        loop.add_signal_handler(sig, _on_signal, stop, force)
     loop.add_signal_handler(signal.SIGHUP, reload.set)
     notifier = Notifier()
     notifier.status("starting: connecting to the database")
-    pool = await connect_pool(settings, attempts=3 if once else None, notifier=notifier)
+    pool = await _until_stopped(connect_pool(settings, attempts=3 if once else None, notifier=notifier), stop)
+    if pool is None:
+        return 0
     agent = Agent(settings, pool, drivers, notifier)
+    agent.force_stop = force
     agent.settings_path = Path(config_path) if config_path else None
     try:
         await agent.start()
@@ -239,14 +252,26 @@ async def run(settings: Settings, *, once: bool = False, drivers: Drivers | None
             return await agent.drain_once(stop)
         await agent.run_forever(stop, reload)
         log.info("stopped", extra={"action": "stopped"})
-        return 0
+        return 130 if force.is_set() else 0
     finally:
         await agent.drivers.close()
         await pool.close()
 
 
-def _on_signal(stop: asyncio.Event) -> None:
-    if stop.is_set():  # a second signal: stop at once; unfinished messages return after their lease
-        log.warning("second signal: exiting now", extra={"action": "killed"})
-        raise SystemExit(130)
+def _on_signal(stop: asyncio.Event, force: asyncio.Event) -> None:
+    if stop.is_set():  # a second signal: stop at once, releasing what is unfinished
+        log.warning("second signal: stopping now without waiting for in-flight work", extra={"action": "forced"})
+        force.set()
     stop.set()
+
+
+async def _until_stopped(coro: Coroutine[Any, Any, asyncpg.Pool], stop: asyncio.Event) -> asyncpg.Pool | None:
+    """Connecting may wait for the database a long time: a signal meanwhile ends it cleanly."""
+    task = asyncio.create_task(coro)
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    return None

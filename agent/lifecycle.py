@@ -121,16 +121,17 @@ class Housekeeper:
     # -- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        tick = 1.0
-        if self._a.notifier.watchdog_interval:
-            tick = min(tick, self._a.notifier.watchdog_interval)
-        next_beat = 0.0
+        every = self._a.notifier.watchdog_interval  # half of WATCHDOG_USEC, or None
+        tick = min(1.0, every) if every else 1.0
+        next_beat = next_ping = 0.0
         while True:
             now = time.monotonic()
-            if self._progressing(now):
-                self._a.notifier.watchdog()
-            elif self._a.notifier.watchdog_interval:
-                log.error("consumer loop made no progress: watchdog not fed", extra={"action": "stalled"})
+            if every and now >= next_ping:
+                next_ping = now + every
+                if self._progressing(now):
+                    self._a.notifier.watchdog()
+                else:
+                    log.error("consumer loop made no progress: watchdog not fed", extra={"action": "stalled"})
             if now >= next_beat:
                 next_beat = now + self._a.settings.heartbeat_interval
                 await self.sample_queue(max_age=self._a.settings.heartbeat_interval * 2)

@@ -170,3 +170,35 @@ async def test_status_of_a_running_and_of_a_stopped_daemon(dsn):
                                http_listen=f"127.0.0.1:{port}").stdout)["healthy"] is False
     fleet = json.loads(agentctl(dsn, "status", "--fleet", "--json", check=False).stdout)
     assert [a["state"] for a in fleet] == ["stopped"]
+
+
+async def test_second_signal_stops_at_once_and_still_loses_nothing(dsn, db, notify):
+    agentctl(dsn, "device", "add", "slow", "--driver", "sim", "--option", "latency=3")
+    proc = spawn_agentd(dsn, drain_timeout=60, visibility_timeout=120, NOTIFY_SOCKET=notify.path)
+    msg = int(agentctl(dsn, "enqueue", "slow", "wifi", "on").stdout)
+    await until(lambda: db.fetchval('SELECT read_ct > 0 FROM pgmq."q_device_tasks" WHERE msg_id = $1', msg),
+                timeout=15, what="in flight")
+    proc.send_signal(signal.SIGTERM)
+    await until(lambda: notify.with_key("STOPPING", "1"), timeout=5, what="STOPPING=1: draining")
+    started = time.monotonic()
+    code, out = stop(proc, sig=signal.SIGTERM)
+    assert code == 130, out
+    assert time.monotonic() - started < 5  # not the 60 s drain
+    assert "second signal" in out
+    assert await db.fetchval('SELECT vt <= clock_timestamp() FROM pgmq."q_device_tasks" WHERE msg_id = $1', msg)
+
+
+async def test_consume_off_serves_status_but_leaves_the_queue_alone(dsn, db):
+    agentctl(dsn, "device", "add", "r1", "--driver", "sim")
+    port = free_port()
+    proc = spawn_agentd(dsn, consume="false", http_listen=f"127.0.0.1:{port}")
+    try:
+        await until(lambda: agentctl(dsn, "status", check=False, http_listen=f"127.0.0.1:{port}").returncode == 0,
+                    timeout=15, what="status healthy")
+        msg = int(agentctl(dsn, "enqueue", "r1", "wifi", "on").stdout)
+        await until(lambda: json.loads(agentctl(dsn, "status", "--json", http_listen=f"127.0.0.1:{port}").stdout)
+                    ["status"].startswith("ready"), timeout=5)
+        assert await db.fetchval('SELECT read_ct FROM pgmq."q_device_tasks" WHERE msg_id = $1', msg) == 0
+    finally:
+        code, out = stop(proc)
+    assert code == 0, out
