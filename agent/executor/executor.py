@@ -86,9 +86,12 @@ class Executor:
                     self.busy_devices.add(device_id)
                     try:
                         outcome = await self._process(work)
-                        outcome.driver = work.device.driver
+                    except Exception as exc:  # a bug must not strand the message: retry it, loudly
+                        log.exception("internal error", extra=_fields(work, "internal_error"))
+                        outcome = self._failed(work, TransientError(f"internal error: {exc!r}"), 0.0)
                     finally:
                         self.busy_devices.discard(device_id)
+                    outcome.driver = work.device.driver
                 self._reporter.submit(outcome)
                 lane.popleft()
         finally:

@@ -237,3 +237,19 @@ async def all_archived(db, ids) -> bool:
 
 async def _empty(db) -> bool:
     return await queue_len(db) == 0
+
+
+async def test_a_driver_bug_is_retried_not_stranded(db, dsn, device):
+    class Buggy(ScriptedDriver):
+        async def read(self, dev, service):  # type: ignore[override]
+            if not self.calls:
+                self.calls.append(None)  # type: ignore[arg-type]
+                raise KeyError("oops")
+            return await super().read(dev, service)
+
+    buggy = Buggy()
+    await add_device(db, "r1")
+    async with running_agent(dsn, buggy):
+        msg = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
+        await until(lambda: archived(db, msg))
+    assert await events(db, msg) == ["failed", "retried", "applied", "verified"]
