@@ -6,6 +6,7 @@ import asyncpg
 import pytest
 
 from agent.db.schema import init_database
+from tests.support.agents import kill_leftovers
 from tests.support.pg import create_database, drop_database, start_cluster
 
 
@@ -15,6 +16,12 @@ def pg_admin_dsn():
     yield dsn
     if cluster is not None:
         cluster.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_daemons():
+    yield
+    kill_leftovers()
 
 
 @pytest.fixture

@@ -59,6 +59,20 @@ def agentctl(dsn: str, *args: str, check: bool = True, **settings: Any) -> subpr
     return proc
 
 
+SPAWNED: list[subprocess.Popen[str]] = []
+
+
 def spawn_agentd(dsn: str, *args: str, **settings: Any) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "agent", *args], env=agent_env(dsn, **settings),
+    """agentd as a subprocess; any still running when its test ends is killed (see conftest)."""
+    proc = subprocess.Popen([sys.executable, "-m", "agent", *args], env=agent_env(dsn, **settings),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    SPAWNED.append(proc)
+    return proc
+
+
+def kill_leftovers() -> None:
+    while SPAWNED:
+        proc = SPAWNED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
