@@ -26,6 +26,7 @@ from agent.drivers.base import CredentialStore, DriverContext
 from agent.drivers.registry import Drivers
 from agent.executor.acceptor import Acceptor
 from agent.executor.executor import Executor
+from agent.executor.parking import Parking
 from agent.executor.policy import RetryPolicy
 from agent.executor.reports import Reporter
 from agent.inventory import Inventory
@@ -86,10 +87,20 @@ class Agent:
         self.house = Housekeeper(self)
         self.force_stop = asyncio.Event()  # a second SIGTERM/SIGINT: skip the drain
         self.metrics = Metrics(s.site, s.queue, self.house.live)
-        self.consumer.on_read = self.metrics.read
+        self.parking = Parking(pool, self.queries)
+        self.consumer.on_read = self._read
+
+    def _read(self, deliveries) -> None:  # type: ignore[no-untyped-def]
+        self.metrics.read(deliveries)
+        self.parking.read(deliveries)
+
+    async def wake_parked(self, devices) -> None:  # type: ignore[no-untyped-def]
+        if await self.parking.wake(devices):
+            self.consumer.wake("unpark")
 
     def _committed(self, outcomes, lost) -> None:  # type: ignore[no-untyped-def]
         self.consumer.committed(outcomes, lost)
+        self.parking.committed(outcomes)
         self.metrics.committed(outcomes, len(lost))
         self.house.committed(outcomes)
 

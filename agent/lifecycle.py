@@ -58,7 +58,9 @@ class Housekeeper:
 
     def committed(self, outcomes: list[Outcome]) -> None:
         for o in outcomes:
-            key = {"archive": "done", "retry": "retried", "dead_letter": "dead_lettered"}[o.finish]
+            key = {"archive": "done", "retry": "retried", "dead_letter": "dead_lettered"}.get(o.finish)
+            if key is None:
+                continue
             self._counts[key] += 1
             if o.finish != "archive":
                 ev = o.events[-1] if o.events else None
@@ -75,7 +77,8 @@ class Housekeeper:
             agent_id=a.settings.agent_id, site=a.settings.site, queue=a.settings.queue, version=__version__,
             started=self._started, stopping=self._stopping, uptime_s=round(time.monotonic() - self._started_mono, 1),
             database_error=consumer_error or self._db_error, listener_up=a.listener.connected.is_set(),
-            inflight=len(a.consumer.inflight), done=self._counts["done"], retried=self._counts["retried"],
+            inflight=len(a.consumer.inflight), parked=a.parking.count, done=self._counts["done"],
+            retried=self._counts["retried"],
             dead_lettered=self._counts["dead_lettered"], queue_depth=self._queue.get("depth"),
             queue_oldest_s=self._queue.get("oldest"), dlq_depth=self._queue.get("dlq_depth"),
             recent_failures=list(self._failures))
@@ -93,7 +96,7 @@ class Housekeeper:
         if "depth" in q:
             queues = {a.settings.queue: (q["depth"], q["oldest"]), a.queries.dlq: (q["dlq_depth"], q["dlq_oldest"])}
         return Live(wakeups=dict(a.consumer.wakeups), reconnects=a.listener.reconnects,
-                    inflight=len(a.consumer.inflight), queues=queues)
+                    inflight=len(a.consumer.inflight), parked=a.parking.count, queues=queues)
 
     async def sample_queue(self, max_age: float = _SAMPLE_TTL) -> None:
         """Refresh the queue figures unless a sample younger than `max_age` exists (one statement)."""

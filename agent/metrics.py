@@ -17,7 +17,8 @@ _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 _WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
 # event kinds that end or move a delivery, as counted in agent_commands_total{outcome}
-_OUTCOME_EVENTS = {"verified", "refreshed", "superseded", "duplicate", "expired", "retried", "dead_lettered"}
+_OUTCOME_EVENTS = {"verified", "refreshed", "superseded", "duplicate", "expired", "retried", "dead_lettered",
+                   "parked"}
 
 
 @dataclass

@@ -176,3 +176,12 @@ WHERE desired IS NOT NULL AND desired IS DISTINCT FROM observed ORDER BY device,
 SELECT agent_id, site, queue, host, pid, version, started_at, last_heartbeat, state, status,
        extract(epoch FROM now() - last_heartbeat) AS heartbeat_age, figures::text AS figures
 FROM agent.agents WHERE $1::text IS NULL OR site = $1 ORDER BY site, agent_id;
+
+-- name: park
+-- Put a message back without it counting as an attempt: `bounces` in its headers is subtracted
+-- from read_ct when the executor counts attempts.
+UPDATE pgmq.{q} m SET vt = clock_timestamp() + make_interval(secs => x.delay),
+       headers = coalesce(m.headers, '{}'::jsonb)
+                 || jsonb_build_object('bounces', coalesce((m.headers->>'bounces')::integer, 0) + 1)
+FROM unnest($1::bigint[], $2::integer[], $3::double precision[]) AS x(id, rc, delay)
+WHERE m.msg_id = x.id AND m.read_ct = x.rc;

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -20,7 +21,7 @@ from agent.drivers.registry import Drivers
 from agent.errors import AgentError, PermanentError, TransientError
 from agent.executor.acceptor import Acceptor
 from agent.executor.converge import Observation, VerifyError, converge, observe
-from agent.executor.policy import KeyState, RetryPolicy, Verdict, decide
+from agent.executor.policy import KeyState, ParkPolicy, RetryPolicy, Verdict, decide
 from agent.executor.reports import Delivery, EventRow, Outcome, Reporter, StateUpdate
 
 log = logging.getLogger("agent.executor")
@@ -35,8 +36,11 @@ class Work:
 
 class Executor:
     def __init__(self, acceptor: Acceptor, drivers: Drivers, reporter: Reporter,
-                 policy: RetryPolicy, concurrency: int, device_timeout: float) -> None:
+                 policy: RetryPolicy, concurrency: int, device_timeout: float,
+                 gate: Callable[[Device], str | None] | None = None, parking: ParkPolicy | None = None) -> None:
         self._acceptor = acceptor
+        self.gate: Callable[[Device], str | None] = gate or (lambda _d: None)
+        self._parking = parking or ParkPolicy()
         self._drivers = drivers
         self._reporter = reporter
         self._policy = policy
@@ -63,7 +67,7 @@ class Executor:
     def reject(self, delivery: Delivery, reason: str, command: Command | None = None) -> None:
         """Dead-letter a message that cannot be a command (bad body, unknown device)."""
         ev = EventRow("dead_lettered", error=reason, msg_id=delivery.msg_id, version=delivery.version,
-                      attempt=delivery.read_ct)
+                      attempt=delivery.attempt)
         if command is not None:
             ev.device, ev.service, ev.request_id = command.device, command.service, command.request_id
         log.warning("dead-lettered: %s", reason, extra={"action": "dead_lettered", "msg_id": delivery.msg_id,
@@ -91,7 +95,7 @@ class Executor:
                         outcome = self._failed(work, TransientError(f"internal error: {exc!r}"), 0.0)
                     finally:
                         self.busy_devices.discard(device_id)
-                    outcome.driver = work.device.driver
+                    outcome.driver, outcome.device = work.device.driver, work.device.id
                 self._reporter.submit(outcome)
                 lane.popleft()
         finally:
@@ -111,11 +115,20 @@ class Executor:
                 return self._failed(w, exc, 0.0)
             key = KeyState(version, cmd.state)
             verdict = decide(cmd, d.version, key, rid_version, now)
+        if verdict in (Verdict.CONVERGE, Verdict.REFRESH) and (why := self.gate(w.device)):
+            return self._park(w, why)
         if verdict is Verdict.CONVERGE:
             return await self._run(w, self._converge)
         if verdict is Verdict.REFRESH:
             return await self._run(w, self._refresh)
         return self._skip(w, verdict, key.version, rid_version)
+
+    def _park(self, w: Work, why: str) -> Outcome:
+        """The device is unreachable through the VPN: wait for it, without using up an attempt."""
+        delay = self._parking.delay(w.delivery.bounces)
+        log.info("parked for up to %.0fs: %s", delay, why, extra=_fields(w, "parked"))
+        state = StateUpdate(w.command.device, w.command.service, error=f"parked: {why}", msg_id=w.delivery.msg_id)
+        return Outcome(w.delivery, "park", [self._event(w, "parked", error=why)], state, retry_delay=delay)
 
     def _skip(self, w: Work, verdict: Verdict, version: int, rid_version: int | None) -> Outcome:
         d, cmd = w.delivery, w.command
@@ -161,7 +174,7 @@ class Executor:
 
     def _failed(self, w: Work, exc: AgentError, ms: float) -> Outcome:
         d, cmd = w.delivery, w.command
-        attempt = d.read_ct
+        attempt = d.attempt
         events = []
         if isinstance(exc, VerifyError):
             events.append(self._event(w, "applied"))
@@ -172,6 +185,10 @@ class Executor:
         if isinstance(exc, VerifyError):
             state.observed, state.observed_at = exc.observed, datetime.now(timezone.utc)
             state.applied_at = exc.applied_at
+        if isinstance(exc, TransientError) and (why := self.gate(w.device)):
+            parked = self._park(w, f"{why} ({exc})")
+            parked.events[:0] = events
+            return parked
         if isinstance(exc, TransientError) and not self._policy.exhausted(attempt):
             delay = self._policy.delay(attempt)
             events.append(self._event(w, "retried", error=f"retry in {delay:.1f}s"))
@@ -185,7 +202,7 @@ class Executor:
     def _event(self, w: Work, kind: str, **kw) -> EventRow:  # type: ignore[no-untyped-def]
         d, cmd = w.delivery, w.command
         return EventRow(kind, cmd.device, cmd.service, d.msg_id, d.version, cmd.request_id,
-                        cmd.state, attempt=d.read_ct, meta=cmd.meta, **kw)
+                        cmd.state, attempt=d.attempt, meta=cmd.meta, **kw)
 
 
 def call_timeout(device: Device, default: float) -> float:

@@ -30,16 +30,25 @@ class KeyState:
     desired: str | None = None
 
 
+def parse_headers(msg_id: int, headers: str | None) -> tuple[int, int]:
+    """(version, bounces) from a message's headers.
+
+    version: the command's place in enqueue order, its first msg_id, kept across DLQ replays.
+    bounces: deliveries that were parked (device unreachable) and do not count as attempts.
+    """
+    try:
+        doc = json.loads(headers) if headers else {}
+    except ValueError:
+        doc = {}
+    if not isinstance(doc, dict):
+        doc = {}
+    origin, bounces = doc.get("origin_msg_id"), doc.get("bounces")
+    version = origin if isinstance(origin, int) and 0 < origin <= msg_id else msg_id
+    return version, bounces if isinstance(bounces, int) and bounces > 0 else 0
+
+
 def command_version(msg_id: int, headers: str | None) -> int:
-    """The command's place in enqueue order: its first msg_id, kept across DLQ replays."""
-    if headers:
-        try:
-            origin = json.loads(headers).get("origin_msg_id")
-        except (ValueError, AttributeError):
-            origin = None
-        if isinstance(origin, int) and 0 < origin <= msg_id:
-            return origin
-    return msg_id
+    return parse_headers(msg_id, headers)[0]
 
 
 def decide(cmd: Command, version: int, key: KeyState, request_version: int | None, now: datetime) -> Verdict:
@@ -68,3 +77,15 @@ class RetryPolicy:
 
     def exhausted(self, attempt: int) -> bool:
         return attempt >= self.max_attempts
+
+
+@dataclass(frozen=True)
+class ParkPolicy:
+    """Backoff for work whose device is unreachable: capped, and it never runs out."""
+
+    base: float = 2.0
+    cap: float = 60.0
+
+    def delay(self, bounces: int, rng: random.Random | None = None) -> float:
+        full = min(self.cap, self.base * 2 ** max(0, bounces))
+        return full / 2 + (rng or random).uniform(0, full / 2)

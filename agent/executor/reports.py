@@ -21,7 +21,7 @@ from agent.db.queries import Queries
 
 log = logging.getLogger("agent.reporter")
 
-Finish = Literal["archive", "retry", "dead_letter"]
+Finish = Literal["archive", "retry", "park", "dead_letter"]
 
 
 @dataclass
@@ -34,6 +34,11 @@ class Delivery:
     raw: str
     headers: str | None
     version: int
+    bounces: int = 0  # times it was parked: those deliveries were not attempts
+
+    @property
+    def attempt(self) -> int:
+        return max(1, self.read_ct - self.bounces)
 
 
 @dataclass
@@ -78,6 +83,7 @@ class Outcome:
     reason: str | None = None          # dead-letter reason, for people
     error_kind: str | None = None
     driver: str | None = None
+    device: str | None = None
 
 
 def merge_states(updates: Sequence[StateUpdate]) -> list[StateUpdate]:
@@ -107,6 +113,7 @@ def dlq_headers(o: Outcome, queue: str, agent_id: str) -> str:
         "origin_msg_id": o.delivery.version,
         "origin_queue": queue,
         "delivered": o.delivery.read_ct,
+        "attempts": o.delivery.attempt,
         "dead_lettered_at": datetime.now(timezone.utc).isoformat(),
         "agent_id": agent_id,
     })
@@ -114,9 +121,10 @@ def dlq_headers(o: Outcome, queue: str, agent_id: str) -> str:
 
 async def write_batch(conn: asyncpg.Connection, q: Queries, agent_id: str, batch: Sequence[Outcome]) -> set[int]:
     """Commit one batch; return the msg_ids whose lease was lost (someone else re-read them)."""
-    done = [o for o in batch if o.finish != "retry"]
+    done = [o for o in batch if o.finish in ("archive", "dead_letter")]
     dead = [o for o in batch if o.finish == "dead_letter"]
     retry = [o for o in batch if o.finish == "retry"]
+    parked = [o for o in batch if o.finish == "park"]
     states = merge_states([o.state for o in batch if o.state is not None])
     events = [e for o in batch for e in o.events]
     async with conn.transaction():
@@ -132,6 +140,9 @@ async def write_batch(conn: asyncpg.Connection, q: Queries, agent_id: str, batch
         if retry:
             await conn.execute(q.retry_later, [o.delivery.msg_id for o in retry],
                                [o.delivery.read_ct for o in retry], [o.retry_delay for o in retry])
+        if parked:
+            await conn.execute(q.park, [o.delivery.msg_id for o in parked],
+                               [o.delivery.read_ct for o in parked], [o.retry_delay for o in parked])
         if states:
             await conn.execute(q.upsert_states, *_columns(states, _STATE_COLS))
         if events:

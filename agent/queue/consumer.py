@@ -19,7 +19,7 @@ from agent.contract import parse_command
 from agent.db.queries import Queries
 from agent.errors import PermanentError
 from agent.executor.executor import Executor
-from agent.executor.policy import command_version
+from agent.executor.policy import parse_headers
 from agent.executor.reports import Delivery, Outcome
 from agent.inventory import Inventory
 from agent.settings import Settings
@@ -132,7 +132,7 @@ class Consumer:
     async def _dispatch(self, rows: list[asyncpg.Record], read_at: float) -> None:
         parsed = []
         deliveries = [Delivery(r["msg_id"], r["read_ct"], r["enqueued_at"], r["message"], r["headers"],
-                               command_version(r["msg_id"], r["headers"])) for r in rows]
+                               *parse_headers(r["msg_id"], r["headers"])) for r in rows]
         if self.on_read is not None:
             self.on_read(deliveries)
         for d in deliveries:
@@ -158,7 +158,7 @@ class Consumer:
         for o in outcomes:
             self.inflight.pop(o.delivery.msg_id, None)
             self.outcomes[o.finish] += 1
-            if o.finish == "retry":
+            if o.finish in ("retry", "park"):
                 soonest = o.retry_delay if soonest is None else min(soonest, o.retry_delay)
         for msg_id in lost:
             self.inflight.pop(msg_id, None)

@@ -253,3 +253,22 @@ async def test_a_driver_bug_is_retried_not_stranded(db, dsn, device):
         msg = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
         await until(lambda: archived(db, msg))
     assert await events(db, msg) == ["failed", "retried", "applied", "verified"]
+
+
+async def test_unreachable_device_is_parked_without_using_attempts_and_woken_at_once(db, dsn, device):
+    await add_device(db, "r1")
+    tunnel = {"down": True}
+    async with running_agent(dsn, device, max_attempts=2) as agent:
+        agent.executor.gate = lambda dev: "peer site-a down" if tunnel["down"] else None
+        older = await send(db, {"device": "r1", "service": "wifi", "state": "off"})
+        newer = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
+        await until(lambda: agent.parking.count == 2, what="both parked")
+        await until(lambda: db.fetchval('SELECT min(read_ct) >= 3 FROM pgmq."q_device_tasks"'), timeout=20,
+                    what="parked and re-parked past max_attempts")  # backoff base 2 s, capped
+        assert await dlq(db) == [] and device.calls == []
+        tunnel["down"] = False
+        await agent.wake_parked(["r1"])
+        await until(lambda: all_archived(db, [older, newer]), timeout=3, what="applied within seconds")
+    assert (await state(db, "r1", "wifi"))["observed"] == "on"
+    assert (await events(db, older))[-1] == "superseded"
+    assert device.writes("r1", "wifi") == ["on"]
