@@ -1,0 +1,139 @@
+"""The http driver against a simulated RouterOS-like device on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from agent.drivers.base import CredentialStore, Device, DriverContext
+from agent.drivers.http import HttpDriver, classify_status, render_body, render_path, resolve_pointer, to_state
+from agent.errors import ConfigError, PermanentError, TransientError, UnreachableError
+from tests.support.httpdevice import HttpDevice
+
+ROUTEROS = {"read_path": "/rest/ppp/secret/{service}", "set_method": "PATCH", "state_pointer": "/disabled",
+            "on_value": "false", "off_value": "true", "set_body": {"disabled": "{value}"}}
+
+
+@pytest.fixture
+async def box():
+    dev = await HttpDevice().start()
+    dev.secrets = {"alice": "true", "a b": "false"}
+    yield dev
+    await dev.stop()
+
+
+@pytest.fixture
+async def driver():
+    d = HttpDriver(DriverContext(device_timeout=2))
+    yield d
+    await d.close()
+
+
+def router(box: HttpDevice, **options) -> Device:
+    return Device("r1", "http", f"127.0.0.1:{box.port}", options={**ROUTEROS, **options})
+
+
+async def test_set_then_read_back_with_string_values(box, driver):
+    dev = router(box)
+    assert await driver.read(dev, "alice") == "off"
+    await driver.apply(dev, "alice", "on")
+    assert box.secrets["alice"] == "false"
+    assert await driver.read(dev, "alice") == "on"
+    assert ("PATCH", "/rest/ppp/secret/alice") in box.requests
+
+
+async def test_service_names_are_quoted_into_the_path(box, driver):
+    assert await driver.read(router(box), "a b") == "on"
+    assert ("GET", "/rest/ppp/secret/a%20b") in box.requests
+
+
+@pytest.mark.parametrize("status, error", [(503, TransientError), (429, TransientError), (404, PermanentError),
+                                           (400, PermanentError)])
+async def test_http_errors_map_to_error_kinds(box, driver, status, error):
+    box.fail = [status]
+    with pytest.raises(error, match=f"HTTP {status}"):
+        await driver.apply(router(box), "alice", "on")
+
+
+async def test_timeout_is_transient(box, driver):
+    box.delay = 1.0
+    with pytest.raises(TransientError, match="timed out after 0.2s"):
+        await driver.read(router(box, timeout=0.2), "alice")
+
+
+async def test_connection_refused_is_unreachable(driver):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dev = Device("r1", "http", f"127.0.0.1:{port}", options=ROUTEROS)
+    with pytest.raises(UnreachableError):
+        await driver.read(dev, "alice")
+    with pytest.raises(UnreachableError):
+        await driver.probe(dev)
+
+
+async def test_probe_connects(box, driver):
+    await driver.probe(router(box))
+
+
+async def test_pointer_that_does_not_resolve_is_permanent(box, driver):
+    with pytest.raises(PermanentError, match="state_pointer '/enabled' not found"):
+        await driver.read(router(box, state_pointer="/enabled"), "alice")
+
+
+async def test_value_that_is_neither_on_nor_off_is_permanent(box, driver):
+    box.secrets["alice"] = "maybe"
+    with pytest.raises(PermanentError, match="neither on_value nor off_value"):
+        await driver.read(router(box), "alice")
+
+
+async def test_basic_auth_from_a_named_credential_never_leaks(box, tmp_path, monkeypatch):
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    (tmp_path / "r1-admin").write_text('{"username": "api", "password": "s3cr3t-pw"}')
+    driver = HttpDriver(DriverContext(2, CredentialStore(tmp_path)))
+    dev = Device("r1", "http", f"127.0.0.1:{box.port}", options=ROUTEROS, credential="r1-admin")
+    try:
+        await driver.read(dev, "alice")
+        assert box.auth[-1] is not None and box.auth[-1].startswith("Basic ")
+        box.fail = [401]
+        with pytest.raises(PermanentError) as err:
+            await driver.read(dev, "alice")
+        assert "s3cr3t-pw" not in str(err.value) and "api" not in str(err.value).split(":")[0]
+    finally:
+        await driver.close()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"read_path": None}, "read_path is required"),
+    ({"set_method": "BREW"}, "set_method"),
+    ({"headers": {"X": 1}}, "headers"),
+    ({"timeout": -1}, "timeout"),
+    ({"on_value": "x", "off_value": "x"}, "must differ"),
+])
+def test_bad_options_are_refused(options, message):
+    dev = Device("r1", "http", "10.0.0.1", options={**ROUTEROS, **options})
+    with pytest.raises(ConfigError, match=message):
+        HttpDriver().validate_options(dev)
+
+
+def test_body_template_keeps_json_types():
+    template = {"cfg": {"enabled": "{value}", "note": "set by agent for {device}/{service}"}, "list": ["{value}"]}
+    assert render_body(template, True, "r1", "wifi") == {
+        "cfg": {"enabled": True, "note": "set by agent for r1/wifi"}, "list": [True]}
+
+
+def test_pointer_and_value_mapping():
+    doc = {"a": [{"b~c/d": 1}]}
+    assert resolve_pointer(doc, "/a/0/b~0c~1d") == 1
+    assert to_state(1, True, False) is None  # 1 is not true in JSON
+    assert to_state(True, True, False) == "on" and to_state(0, 1, 0) == "off"
+    assert render_path("/x/{device}/{service}", "r 1", "p/q") == "/x/r%201/p%2Fq"
+
+
+def test_status_classification():
+    classify_status(204, "x", "")
+    with pytest.raises(TransientError):
+        classify_status(502, "x", "")
+    with pytest.raises(PermanentError, match="HTTP 403: forbidden"):
+        classify_status(403, "x", "forbidden")
