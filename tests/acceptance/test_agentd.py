@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -193,3 +194,27 @@ async def test_health_endpoints_on_the_loopback_listener(dsn):
 
 async def _is(coro, expected) -> bool:
     return await coro == expected
+
+
+async def test_http_device_end_to_end(db, dsn):
+    from tests.support.httpdevice import HttpDevice
+
+    box = await HttpDevice().start()
+    box.secrets = {"alice": "true", "bob": "false"}
+    try:
+        agentctl(dsn, "device", "add", "router-1", "--driver", "http", "--address", f"127.0.0.1:{box.port}",
+                 "--option", "read_path=/rest/ppp/secret/{service}", "--option", "set_method=PATCH",
+                 "--option", "state_pointer=/disabled", "--option", 'on_value="false"',
+                 "--option", 'off_value="true"', "--option", 'set_body={"disabled": "{value}"}')
+        agentctl(dsn, "enqueue", "router-1", "alice", "on")
+        agentctl(dsn, "enqueue", "router-1", "bob", "off")
+        agentctl(dsn, "enqueue", "router-1", "carol", "on")  # the router has no such secret: HTTP 404
+        code, out = await asyncio.to_thread(finish, spawn_agentd(dsn, "--once"))  # the device answers meanwhile
+    finally:
+        await box.stop()
+    assert code == 1, out  # carol was dead-lettered
+    assert box.secrets == {"alice": "false", "bob": "true"}
+    assert (await state(db, "router-1", "alice"))["observed"] == "on"
+    assert (await state(db, "router-1", "bob"))["observed"] == "off"
+    [entry] = await dlq(db)
+    assert entry["message"]["service"] == "carol" and "HTTP 404" in entry["headers"]["reason"]

@@ -58,7 +58,7 @@ async def test_http_errors_map_to_error_kinds(box, driver, status, error):
 
 async def test_timeout_is_transient(box, driver):
     box.delay = 1.0
-    with pytest.raises(TransientError, match="timed out after 0.2s"):
+    with pytest.raises(TransientError, match=r"timed out after 0\.2s"):
         await driver.read(router(box, timeout=0.2), "alice")
 
 
