@@ -50,7 +50,7 @@ async def connect_pool(settings: Settings, attempts: int | None = None,
         try:
             return await asyncpg.create_pool(
                 settings.database_url, min_size=1, max_size=6, timeout=5, command_timeout=30,
-                server_settings={"application_name": "agentd"})
+                server_settings={"application_name": "agentd"}, reset=_keep_session)
         except DB_ERRORS as exc:
             if attempts is not None and tried >= attempts:
                 raise
@@ -60,6 +60,11 @@ async def connect_pool(settings: Settings, attempts: int | None = None,
                 notifier.status(f"starting: database unreachable ({exc})")
             await asyncio.sleep(delay * random.uniform(0.7, 1.0))
             delay = min(delay * 2, 30.0)
+
+
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """Pool connections carry no session state (no SET, LISTEN or advisory locks: those live on
+    dedicated connections), so asyncpg's reset query on every release is a wasted round trip."""
 
 
 class Agent:

@@ -1,0 +1,234 @@
+"""Pipeline benchmark: prints throughput, wake latency and idle statement rate in one run.
+
+    .venv/bin/python bench/pipeline.py [--tasks 20000] [--devices 200] [--wake-samples 100] [--idle-seconds 60]
+
+Uses its own throwaway Postgres (pgserver, Unix socket) and the real agentd as a subprocess for
+throughput and idle load; wake latency is measured in-process with a recording driver, so the
+clock of `pgmq.send` and of the driver call is the same. Prints PASS/MISS against the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agent.daemon import Agent, connect_pool  # noqa: E402
+from agent.db.schema import init_database  # noqa: E402
+from agent.drivers.base import Device, DriverContext  # noqa: E402
+from agent.drivers.registry import Drivers  # noqa: E402
+from agent.settings import load_settings  # noqa: E402
+
+TARGETS = {"tasks_per_s": 10_000, "wake_p50_ms": 5.0, "wake_p99_ms": 20.0, "idle_per_min": 12}
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+async def fresh_db(admin_dsn: str, name: str) -> str:
+    conn = await asyncpg.connect(admin_dsn)
+    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    dsn = admin_dsn.replace("/postgres?", f"/{name}?")
+    conn = await asyncpg.connect(dsn)
+    await init_database(conn, "device_tasks")
+    await conn.close()
+    return dsn
+
+
+def agentd(dsn: str, **env: str) -> subprocess.Popen[bytes]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_")}
+    full.update({"AGENT_DATABASE_URL": dsn, "AGENT_HTTP_LISTEN": "", "AGENT_LOG_LEVEL": "WARNING", **env})
+    return subprocess.Popen([sys.executable, "-m", "agent"], env=full)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+async def throughput(admin_dsn: str, tasks: int, devices: int, env: dict[str, str]) -> dict[str, float]:
+    dsn = await fresh_db(admin_dsn, "bench_tp")
+    conn = await asyncpg.connect(dsn)
+    await conn.executemany("INSERT INTO agent.devices (id, driver) VALUES ($1, 'sim')",
+                           [(f"d{i:03}",) for i in range(devices)])
+    bodies = [json.dumps({"device": f"d{i % devices:03}", "service": "wifi",
+                          "state": "on" if (i // devices) % 2 == 0 else "off"}) for i in range(tasks)]
+    for start in range(0, tasks, 2000):
+        await conn.execute("SELECT pgmq.send_batch('device_tasks', $1::jsonb[])", bodies[start:start + 2000])
+    proc = agentd(dsn, **env)
+    try:
+        deadline = time.monotonic() + 300
+        while await conn.fetchval('SELECT count(*) FROM pgmq."a_device_tasks"') < tasks:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("throughput run did not finish")
+            await asyncio.sleep(0.2)
+    finally:
+        stop(proc)
+    first, last = await conn.fetchrow('SELECT min(archived_at), max(archived_at) FROM pgmq."a_device_tasks"')
+    wrong = await conn.fetchval("SELECT count(*) FROM agent.service_state WHERE observed <> $1 OR desired <> $1",
+                                "on" if ((tasks - 1) // devices) % 2 == 0 else "off")
+    left = await conn.fetchval('SELECT count(*) FROM pgmq."q_device_tasks"')
+    dlq = await conn.fetchval('SELECT count(*) FROM pgmq."q_device_tasks_dlq"')
+    verified = await conn.fetchval("SELECT count(*) FROM agent.events WHERE kind = 'verified'")
+    await conn.close()
+    seconds = (last - first).total_seconds()
+    return {"seconds": seconds, "tasks_per_s": tasks / seconds, "wrong_states": wrong, "left": left,
+            "dlq": dlq, "verified_events": verified}
+
+
+class Recorder:
+    """A zero-latency device that notes when each command first reaches it."""
+
+    name = "bench"
+
+    def __init__(self) -> None:
+        self.seen: dict[str, float] = {}
+        self.states: dict[str, str] = {}
+
+    def __call__(self, _ctx: object = None) -> Recorder:
+        return self
+
+    def validate_options(self, device: Device) -> None:
+        pass
+
+    async def read(self, device: Device, service: str) -> str:
+        self.seen.setdefault(service, time.perf_counter())
+        return self.states.get(service, "off")
+
+    async def apply(self, device: Device, service: str, state: str) -> None:
+        self.states[service] = state
+
+    async def probe(self, device: Device) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+async def wake_latency(admin_dsn: str, samples: int) -> dict[str, float]:
+    dsn = await fresh_db(admin_dsn, "bench_wake")
+    conn = await asyncpg.connect(dsn)
+    await conn.execute("INSERT INTO agent.devices (id, driver) VALUES ('w1', 'bench')")
+    settings = load_settings(None, database_url=dsn, http_listen="", poll_interval=60, log_level="WARNING")
+    rec = Recorder()
+    pool = await connect_pool(settings, attempts=1)
+    agent = Agent(settings, pool, Drivers(DriverContext(), {"bench": rec}))
+    await agent.start()
+    stop_ev = asyncio.Event()
+    task = asyncio.create_task(agent.run_forever(stop_ev))
+    await asyncio.wait_for(agent.listener.connected.wait(), 10)
+    await asyncio.sleep(1)
+    sent: dict[str, float] = {}
+    send = await conn.prepare("SELECT pgmq.send('device_tasks', $1::jsonb)")
+    for i in range(samples):
+        service = f"s{i}"
+        body = json.dumps({"device": "w1", "service": service, "state": "on"})
+        sent[service] = time.perf_counter()
+        await send.fetchval(body)
+        await asyncio.sleep(0.3)  # past the 250 ms notify throttle: every message is isolated
+    await asyncio.sleep(0.5)
+    stop_ev.set()
+    await task
+    await pool.close()
+    await conn.close()
+    lat = sorted((rec.seen[s] - t) * 1000 for s, t in sent.items() if s in rec.seen)
+    return {"n": len(lat), "p50": statistics.median(lat), "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+            "max": lat[-1], "missing": samples - len(lat)}
+
+
+async def idle_statements(admin_dsn: str, log_file: Path, seconds: float) -> dict[str, float]:
+    dsn = await fresh_db(admin_dsn, "bench_idle")
+    admin = await asyncpg.connect(admin_dsn)
+    await admin.execute("ALTER SYSTEM SET log_statement = 'all'")
+    await admin.execute("ALTER SYSTEM SET log_line_prefix = '%m [%p] app=%a '")
+    await admin.execute("SELECT pg_reload_conf()")
+    proc = agentd(dsn)
+    try:
+        await asyncio.sleep(10)  # start-up done
+        start_size = log_file.stat().st_size
+        await asyncio.sleep(seconds)
+        with log_file.open() as f:
+            f.seek(start_size)
+            window = f.read()
+    finally:
+        stop(proc)
+        await admin.execute("ALTER SYSTEM RESET log_statement")
+        await admin.execute("ALTER SYSTEM RESET log_line_prefix")
+        await admin.execute("SELECT pg_reload_conf()")
+        await admin.close()
+    statements = re.findall(r"app=(agentd\S*) LOG:  (?:statement|execute [^:]*): (.*)", window)
+    kinds: dict[str, int] = {}
+    for _app, text in statements:
+        key = " ".join(text.split())[:60]
+        kinds[key] = kinds.get(key, 0) + 1
+    return {"per_min": len(statements) * 60 / seconds, "count": len(statements), "kinds": kinds}
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", type=int, default=20_000)
+    ap.add_argument("--devices", type=int, default=200)
+    ap.add_argument("--wake-samples", type=int, default=100)
+    ap.add_argument("--idle-seconds", type=float, default=60)
+    ap.add_argument("--concurrency", default="200")
+    ap.add_argument("--batch-size", default="200")
+    ap.add_argument("--prefetch", default="2000")
+    args = ap.parse_args()
+    import pgserver
+
+    root = Path(tempfile.mkdtemp(prefix="agent-bench-"))
+    os.chmod(root, 0o755)
+    server = pgserver.get_server(root / "pg", cleanup_mode="delete")
+    try:
+        admin = server.get_uri()
+        conn = await asyncpg.connect(admin)
+        pg_version = await conn.fetchval("SHOW server_version")
+        await conn.close()
+        print(f"machine: {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}, "
+              f"PostgreSQL {pg_version} (pgserver, Unix socket)")
+        env = {"AGENT_CONCURRENCY": args.concurrency, "AGENT_BATCH_SIZE": args.batch_size,
+               "AGENT_PREFETCH": args.prefetch}
+        print(f"throughput settings: {env}, log level WARNING")
+        tp = await throughput(admin, args.tasks, args.devices, env)
+        print(f"throughput: {args.tasks} tasks over {args.devices} devices (sim, latency 0; read, apply, verify, "
+              f"report, archive) in {tp['seconds']:.2f} s = {tp['tasks_per_s']:,.0f} tasks/s "
+              f"[target >= {TARGETS['tasks_per_s']:,}: {verdict(tp['tasks_per_s'] >= TARGETS['tasks_per_s'])}]")
+        print(f"  check: {tp['verified_events']} verified events, {tp['wrong_states']} wrong final states, "
+              f"{tp['left']} left in queue, {tp['dlq']} in DLQ")
+        wl = await wake_latency(admin, args.wake_samples)
+        print(f"wake latency pgmq.send -> driver call, {wl['n']} isolated messages: p50 {wl['p50']:.2f} ms "
+              f"[<= 5: {verdict(wl['p50'] <= 5)}], p99 {wl['p99']:.2f} ms [<= 20: {verdict(wl['p99'] <= 20)}], "
+              f"max {wl['max']:.2f} ms, missing {wl['missing']}")
+        idle = await idle_statements(admin, root / "pg" / "log", args.idle_seconds)
+        print(f"idle: {idle['count']} statements in {args.idle_seconds:.0f} s = {idle['per_min']:.1f}/min "
+              f"[<= 12: {verdict(idle['per_min'] <= 12)}] (counted in the server log, log_statement=all)")
+        for text, n in sorted(idle["kinds"].items(), key=lambda kv: -kv[1]):
+            print(f"  {n:3} x {text}")
+    finally:
+        server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
