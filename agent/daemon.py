@@ -93,19 +93,32 @@ class Agent:
         self.force_stop = asyncio.Event()  # a second SIGTERM/SIGINT: skip the drain
         self.metrics = Metrics(s.site, s.queue, self.house.live)
         self.parking = Parking(pool, self.queries)
+        self._tasks: set[asyncio.Task[None]] = set()
         self.consumer.on_read = self._read
 
     def _read(self, deliveries) -> None:  # type: ignore[no-untyped-def]
         self.metrics.read(deliveries)
         self.parking.read(deliveries)
 
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def wake_parked(self, devices) -> None:  # type: ignore[no-untyped-def]
-        if await self.parking.wake(devices):
+        """The devices are reachable again: their parked work becomes visible now."""
+        try:
+            woken = await self.parking.wake(devices)
+        except DB_ERRORS as exc:  # they still come back at the end of their (capped) backoff
+            log.warning("could not wake parked work: %s", exc, extra={"action": "unpark_failed"})
+            return
+        if woken:
             self.consumer.wake("unpark")
 
     def _committed(self, outcomes, lost) -> None:  # type: ignore[no-untyped-def]
         self.consumer.committed(outcomes, lost)
-        self.parking.committed(outcomes)
+        if late := self.parking.committed(outcomes):  # woken while being parked again: wake again
+            self._background(self.wake_parked(late))
         self.metrics.committed(outcomes, len(lost))
         self.house.committed(outcomes)
 

@@ -42,16 +42,16 @@ FROM unnest($1::bigint[], $2::integer[]) AS x(id, rc)
 WHERE m.msg_id = x.id AND m.read_ct = x.rc;
 
 -- name: upsert_states
+-- Rows arrive as one JSON array (jsonb_to_recordset): far cheaper to encode than a dozen typed arrays.
 INSERT INTO agent.service_state AS s (
     device, service, desired, desired_version, desired_at, observed, observed_at,
     applied_at, verified_at, last_error, last_error_at, last_msg_id, last_request_id, meta, updated_at)
 SELECT x.device, x.service, x.desired, coalesce(x.version, 0), CASE WHEN x.desired IS NOT NULL THEN now() END,
        coalesce(x.observed, 'unknown'), x.observed_at, x.applied_at, x.verified_at,
        x.error, CASE WHEN x.error IS NOT NULL THEN now() END, x.msg_id, x.request_id, x.meta, now()
-FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::timestamptz[],
-            $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bigint[], $11::text[], $12::jsonb[])
-     AS x(device, service, desired, version, observed, observed_at, applied_at, verified_at,
-          error, msg_id, request_id, meta)
+FROM jsonb_to_recordset($1::jsonb)
+     AS x(device text, service text, desired text, version bigint, observed text, observed_at timestamptz,
+          applied_at timestamptz, verified_at timestamptz, error text, msg_id bigint, request_id text, meta jsonb)
 ON CONFLICT (device, service) DO UPDATE SET
     desired         = CASE WHEN EXCLUDED.desired IS NOT NULL AND EXCLUDED.desired_version >= s.desired_version
                            THEN EXCLUDED.desired ELSE s.desired END,
@@ -76,11 +76,10 @@ ON CONFLICT (device, service) DO UPDATE SET
 INSERT INTO agent.events (device, service, kind, msg_id, version, request_id, desired, observed,
                           attempt, duration_ms, error, agent_id, meta)
 SELECT x.device, x.service, x.kind, x.msg_id, x.version, x.request_id, x.desired, x.observed,
-       x.attempt, x.duration_ms, x.error, $13, x.meta
-FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::text[],
-            $8::text[], $9::integer[], $10::double precision[], $11::text[], $12::jsonb[])
-     AS x(device, service, kind, msg_id, version, request_id, desired, observed, attempt,
-          duration_ms, error, meta);
+       x.attempt, x.duration_ms, x.error, $2, x.meta
+FROM jsonb_to_recordset($1::jsonb)
+     AS x(device text, service text, kind text, msg_id bigint, version bigint, request_id text, desired text,
+          observed text, attempt integer, duration_ms double precision, error text, meta jsonb);
 
 -- name: queue_lock
 SELECT pgmq.acquire_queue_lock($1::text);

@@ -7,6 +7,8 @@ proof: success means a read-back that matches.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -27,19 +29,27 @@ def _now() -> datetime:
 
 
 async def observe(driver: Driver, device: Device, service: str, timeout: float) -> Observation:
-    state = await _call(driver.read(device, service), timeout, device, "read")
-    _check_state(state, device, service)
-    return Observation(observed=state, observed_at=_now())
+    """Read the state, within `timeout`."""
+    step = _Step()
+    async with _guard(step, device, timeout):
+        return await _observe(driver, device, service, step)
 
 
 async def converge(driver: Driver, device: Device, service: str, desired: State, timeout: float) -> Observation:
-    """Read; write only if different; read back. Raises TransientError when the read-back differs."""
-    before = await observe(driver, device, service, timeout)
-    if before.observed == desired:
-        return Observation(desired, before.observed_at, None, before.observed_at)
-    await _call(driver.apply(device, service, desired), timeout, device, "apply")
-    applied_at = _now()
-    after = await observe(driver, device, service, timeout)
+    """Read; write only if different; read back. Raises TransientError when the read-back differs.
+
+    `timeout` is per device call; the whole operation (at most three calls) gets three times it,
+    under one timer rather than three (timers are a real cost at thousands of operations a second).
+    """
+    step = _Step()
+    async with _guard(step, device, timeout, calls=3):
+        before = await _observe(driver, device, service, step)
+        if before.observed == desired:
+            return Observation(desired, before.observed_at, None, before.observed_at)
+        step.what = "apply"
+        await driver.apply(device, service, desired)
+        applied_at = _now()
+        after = await _observe(driver, device, service, step)
     if after.observed != desired:
         raise VerifyError(
             f"verification failed: wrote {desired!r} to {service} on {device.id}, "
@@ -56,18 +66,27 @@ class VerifyError(TransientError):
         self.observed = observed
 
 
-async def _call(coro, timeout: float, device: Device, what: str):  # type: ignore[no-untyped-def]
+class _Step:
+    what = "read"
+
+
+async def _observe(driver: Driver, device: Device, service: str, step: _Step) -> Observation:
+    step.what = "read"
+    state = await driver.read(device, service)
+    if state not in ("on", "off"):
+        raise PermanentError(f"driver {device.driver!r} returned {state!r} for {service} on {device.id}")
+    return Observation(observed=state, observed_at=_now())
+
+
+@contextlib.asynccontextmanager
+async def _guard(step: _Step, device: Device, timeout: float, calls: int = 1) -> AsyncIterator[None]:
+    """One deadline for the operation; driver failures become our error kinds, once, here."""
     try:
-        async with asyncio.timeout(timeout):
-            return await coro
+        async with asyncio.timeout(timeout * calls):
+            yield
     except TimeoutError:
-        raise TransientError(f"{what} on {device.id} timed out after {timeout:g}s") from None
+        raise TransientError(f"{step.what} on {device.id} timed out ({timeout:g}s per call)") from None
     except AgentError:
         raise
     except Exception as exc:  # a driver bug must not kill the daemon or lose the message
-        raise TransientError(f"{what} on {device.id} failed: {type(exc).__name__}: {exc}") from exc
-
-
-def _check_state(state: object, device: Device, service: str) -> None:
-    if state not in ("on", "off"):
-        raise PermanentError(f"driver {device.driver!r} returned {state!r} for {service} on {device.id}")
+        raise TransientError(f"{step.what} on {device.id} failed: {type(exc).__name__}: {exc}") from exc

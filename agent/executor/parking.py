@@ -4,6 +4,7 @@ instead of at the end of its backoff."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 import asyncpg
@@ -19,11 +20,17 @@ class Parking:
         self._pool = pool
         self._q = queries
         self._by_device: dict[str, dict[int, int]] = {}  # device -> {msg_id: read_ct}
+        self._woken: dict[str, float] = {}                # device -> when it was last woken
 
-    def committed(self, outcomes: Iterable[Outcome]) -> None:
+    def committed(self, outcomes: Iterable[Outcome]) -> list[str]:
+        """Note parked messages; return devices woken while one of them was being parked again."""
+        late = set()
         for o in outcomes:
             if o.finish == "park" and o.device:
                 self._by_device.setdefault(o.device, {})[o.delivery.msg_id] = o.delivery.read_ct
+                if self._woken.get(o.device, 0.0) > o.delivery.received:
+                    late.add(o.device)
+        return sorted(late)
 
     def read(self, deliveries: Iterable[Delivery]) -> None:
         for d in deliveries:
@@ -40,7 +47,9 @@ class Parking:
     async def wake(self, devices: Iterable[str]) -> int:
         """Make the parked messages of these devices visible now; return how many."""
         ids, rcs = [], []
+        now = time.monotonic()
         for device in devices:
+            self._woken[device] = now
             for msg_id, read_ct in self._by_device.pop(device, {}).items():
                 ids.append(msg_id)
                 rcs.append(read_ct)

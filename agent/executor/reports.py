@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
@@ -35,6 +36,7 @@ class Delivery:
     headers: str | None
     version: int
     bounces: int = 0  # times it was parked: those deliveries were not attempts
+    received: float = field(default_factory=time.monotonic)
 
     @property
     def attempt(self) -> int:
@@ -144,23 +146,21 @@ async def write_batch(conn: asyncpg.Connection, q: Queries, agent_id: str, batch
             await conn.execute(q.park, [o.delivery.msg_id for o in parked],
                                [o.delivery.read_ct for o in parked], [o.retry_delay for o in parked])
         if states:
-            await conn.execute(q.upsert_states, *_columns(states, _STATE_COLS))
+            await conn.execute(q.upsert_states, _json_rows(states))
         if events:
-            await conn.execute(q.insert_events, *_columns(events, _EVENT_COLS), agent_id)
+            await conn.execute(q.insert_events, _json_rows(events), agent_id)
     return {o.delivery.msg_id for o in done} - archived
 
 
-_STATE_COLS = ("device", "service", "desired", "version", "observed", "observed_at", "applied_at",
-               "verified_at", "error", "msg_id", "request_id", "meta")
-_EVENT_COLS = ("device", "service", "kind", "msg_id", "version", "request_id", "desired", "observed",
-               "attempt", "duration_ms", "error", "meta")
+def _json_rows(rows: Sequence[Any]) -> str:
+    """Dataclass rows as one JSON array for jsonb_to_recordset (datetimes as ISO text)."""
+    return json.dumps([vars(r) for r in rows], default=_iso)
 
 
-def _columns(rows: Sequence[Any], names: Sequence[str]) -> list[list[Any]]:
-    cols = [[getattr(r, n) for r in rows] for n in names]
-    meta_i = names.index("meta")
-    cols[meta_i] = [json.dumps(m) if m is not None else None for m in cols[meta_i]]
-    return cols
+def _iso(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot encode {type(value).__name__}")
 
 
 class Reporter:
