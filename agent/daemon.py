@@ -139,7 +139,7 @@ class Agent:
     async def run_forever(self, stop: asyncio.Event, reload: asyncio.Event | None = None) -> None:
         services: dict[str, Coroutine[Any, Any, None]] = {
             "reporter": self.reporter.run(), "acceptor": self.acceptor.run(), "listener": self.listener.run(),
-            "housekeeper": self.house.run()}
+            "housekeeper": self.house.run(), "deadlines": self.executor.deadlines.run()}
         if self.settings.consume:
             services |= {"consumer": self.consumer.run(), "leases": self.consumer.keep_leases()}
         tasks: dict[asyncio.Task[None], str] = {
@@ -238,7 +238,8 @@ class Agent:
 
     async def drain_once(self, stop: asyncio.Event) -> int:
         """`agentd --once`: work until the queue is empty; 0 if everything succeeded."""
-        helpers = [asyncio.create_task(self.reporter.run()), asyncio.create_task(self.acceptor.run())]
+        helpers = [asyncio.create_task(self.reporter.run()), asyncio.create_task(self.acceptor.run()),
+                   asyncio.create_task(self.executor.deadlines.run())]
         try:
             while not stop.is_set():
                 taken = await self.consumer.read_until_short()

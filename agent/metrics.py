@@ -3,6 +3,7 @@ addresses and request ids never). One registry per Agent, served at /metrics."""
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -103,16 +104,20 @@ class Metrics:
                                   registry=r)
 
     def committed(self, outcomes: Iterable[Outcome], lost: int) -> None:
-        now = time.time()
+        counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        verified = False
         for o in outcomes:
             driver = o.driver or "none"
             for ev in o.events:
                 if ev.kind in _OUTCOME_EVENTS:
-                    self.commands.labels(ev.kind, driver).inc()
-                if ev.kind == "verified":
-                    self.last_success.set(now)
+                    counts[(ev.kind, driver)] += 1
+                    verified = verified or ev.kind == "verified"
                 if ev.duration_ms is not None and ev.kind in ("verified", "refreshed", "failed"):
                     self.duration.labels(driver).observe(ev.duration_ms / 1000)
+        for (kind, driver), n in counts.items():
+            self.commands.labels(kind, driver).inc(n)
+        if verified:
+            self.last_success.set(time.time())
         if lost:
             self.lease_lost.inc(lost)
 

@@ -6,14 +6,12 @@ proof: success means a read-back that matches.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from agent.drivers.base import Device, Driver, State
 from agent.errors import AgentError, PermanentError, TransientError
+from agent.executor.deadlines import Deadlines
 
 
 @dataclass(frozen=True)
@@ -28,28 +26,35 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-async def observe(driver: Driver, device: Device, service: str, timeout: float) -> Observation:
+async def observe(driver: Driver, device: Device, service: str, timeout: float,
+                  deadlines: Deadlines) -> Observation:
     """Read the state, within `timeout`."""
     step = _Step()
-    async with _guard(step, device, timeout):
-        return await _observe(driver, device, service, step)
+    try:
+        with deadlines.limit(timeout):
+            return await _observe(driver, device, service, step)
+    except Exception as exc:
+        raise _translate(exc, step, device, timeout) from exc
 
 
-async def converge(driver: Driver, device: Device, service: str, desired: State, timeout: float) -> Observation:
+async def converge(driver: Driver, device: Device, service: str, desired: State, timeout: float,
+                   deadlines: Deadlines) -> Observation:
     """Read; write only if different; read back. Raises TransientError when the read-back differs.
 
-    `timeout` is per device call; the whole operation (at most three calls) gets three times it,
-    under one timer rather than three (timers are a real cost at thousands of operations a second).
+    `timeout` is per device call; the whole operation (at most three calls) gets three times it.
     """
     step = _Step()
-    async with _guard(step, device, timeout, calls=3):
-        before = await _observe(driver, device, service, step)
-        if before.observed == desired:
-            return Observation(desired, before.observed_at, None, before.observed_at)
-        step.what = "apply"
-        await driver.apply(device, service, desired)
-        applied_at = _now()
-        after = await _observe(driver, device, service, step)
+    try:
+        with deadlines.limit(timeout * 3):
+            before = await _observe(driver, device, service, step)
+            if before.observed == desired:
+                return Observation(desired, before.observed_at, None, before.observed_at)
+            step.what = "apply"
+            await driver.apply(device, service, desired)
+            applied_at = _now()
+            after = await _observe(driver, device, service, step)
+    except Exception as exc:
+        raise _translate(exc, step, device, timeout) from exc
     if after.observed != desired:
         raise VerifyError(
             f"verification failed: wrote {desired!r} to {service} on {device.id}, "
@@ -78,15 +83,10 @@ async def _observe(driver: Driver, device: Device, service: str, step: _Step) ->
     return Observation(observed=state, observed_at=_now())
 
 
-@contextlib.asynccontextmanager
-async def _guard(step: _Step, device: Device, timeout: float, calls: int = 1) -> AsyncIterator[None]:
-    """One deadline for the operation; driver failures become our error kinds, once, here."""
-    try:
-        async with asyncio.timeout(timeout * calls):
-            yield
-    except TimeoutError:
-        raise TransientError(f"{step.what} on {device.id} timed out ({timeout:g}s per call)") from None
-    except AgentError:
-        raise
-    except Exception as exc:  # a driver bug must not kill the daemon or lose the message
-        raise TransientError(f"{step.what} on {device.id} failed: {type(exc).__name__}: {exc}") from exc
+def _translate(exc: Exception, step: _Step, device: Device, timeout: float) -> AgentError:
+    """Driver failures become our error kinds, once, here; a driver bug is retried, not fatal."""
+    if isinstance(exc, AgentError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return TransientError(f"{step.what} on {device.id} timed out ({timeout:g}s per call)")
+    return TransientError(f"{step.what} on {device.id} failed: {type(exc).__name__}: {exc}")

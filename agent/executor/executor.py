@@ -21,6 +21,7 @@ from agent.drivers.registry import Drivers
 from agent.errors import AgentError, PermanentError, TransientError
 from agent.executor.acceptor import Acceptor
 from agent.executor.converge import Observation, VerifyError, converge, observe
+from agent.executor.deadlines import Deadlines
 from agent.executor.policy import KeyState, ParkPolicy, RetryPolicy, Verdict, decide
 from agent.executor.reports import Delivery, EventRow, Outcome, Reporter, StateUpdate
 
@@ -41,6 +42,7 @@ class Executor:
         self._acceptor = acceptor
         self.gate: Callable[[Device], str | None] = gate or (lambda _d: None)
         self._parking = parking or ParkPolicy()
+        self.deadlines = Deadlines()
         self._drivers = drivers
         self._reporter = reporter
         self._policy = policy
@@ -150,9 +152,9 @@ class Executor:
         cmd = w.command
         timeout = call_timeout(w.device, self._timeout)
         if cmd.action == "refresh":
-            return await observe(driver, w.device, cmd.service, timeout)
+            return await observe(driver, w.device, cmd.service, timeout, self.deadlines)
         assert cmd.state is not None
-        return await converge(driver, w.device, cmd.service, cmd.state, timeout)
+        return await converge(driver, w.device, cmd.service, cmd.state, timeout, self.deadlines)
 
     def _converge(self, w: Work, obs: Observation, ms: float) -> Outcome:
         d, cmd = w.delivery, w.command

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -95,7 +95,7 @@ def merge_states(updates: Sequence[StateUpdate]) -> list[StateUpdate]:
         key = (upd.device, upd.service)
         prev = merged.get(key)
         if prev is None:
-            merged[key] = replace(upd)
+            merged[key] = upd  # the outcome is settled: its update may be folded into in place
             continue
         for f in fields(StateUpdate):
             value = getattr(upd, f.name)

@@ -272,3 +272,13 @@ async def test_unreachable_device_is_parked_without_using_attempts_and_woken_at_
     assert (await state(db, "r1", "wifi"))["observed"] == "on"
     assert (await events(db, older))[-1] == "superseded"
     assert device.writes("r1", "wifi") == ["on"]
+
+
+async def test_a_device_that_hangs_is_cut_off_at_the_deadline_and_retried(db, dsn, device):
+    await add_device(db, "r1")
+    device.latency["r1"] = 5.0
+    async with running_agent(dsn, device, device_timeout=0.2, max_attempts=1):
+        msg = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
+        await until(lambda: archived(db, msg), timeout=5)
+    [entry] = await dlq(db)
+    assert "read on r1 timed out (0.2s per call)" in entry["headers"]["reason"]
