@@ -79,10 +79,14 @@ async def throughput(admin_dsn: str, tasks: int, devices: int, env: dict[str, st
     proc = agentd(dsn, **env)
     try:
         deadline = time.monotonic() + 300
-        while await conn.fetchval('SELECT count(*) FROM pgmq."a_device_tasks"') < tasks:
+        cpu_before = None
+        while (n := await conn.fetchval('SELECT count(*) FROM pgmq."a_device_tasks"')) < tasks:
+            if cpu_before is None and n > 0:
+                cpu_before = (cpu_seconds([proc.pid]), cpu_seconds(postgres_pids()))
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError("throughput run did not finish")
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.05)
+        cpu_after = (cpu_seconds([proc.pid]), cpu_seconds(postgres_pids()))
     finally:
         stop(proc)
     first, last = await conn.fetchrow('SELECT min(archived_at), max(archived_at) FROM pgmq."a_device_tasks"')
@@ -93,8 +97,27 @@ async def throughput(admin_dsn: str, tasks: int, devices: int, env: dict[str, st
     verified = await conn.fetchval("SELECT count(*) FROM agent.events WHERE kind = 'verified'")
     await conn.close()
     seconds = (last - first).total_seconds()
+    cpu = [a - b for a, b in zip(cpu_after, cpu_before or (0.0, 0.0))]
     return {"seconds": seconds, "tasks_per_s": tasks / seconds, "wrong_states": wrong, "left": left,
-            "dlq": dlq, "verified_events": verified}
+            "dlq": dlq, "verified_events": verified, "agent_cpu": cpu[0], "postgres_cpu": cpu[1]}
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """user + system CPU time of these processes, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def postgres_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-x", "postgres"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
 
 
 class Recorder:
@@ -216,6 +239,8 @@ async def main() -> None:
               f"[target >= {TARGETS['tasks_per_s']:,}: {verdict(tp['tasks_per_s'] >= TARGETS['tasks_per_s'])}]")
         print(f"  check: {tp['verified_events']} verified events, {tp['wrong_states']} wrong final states, "
               f"{tp['left']} left in queue, {tp['dlq']} in DLQ")
+        print(f"  CPU while draining (approx.): agentd {tp['agent_cpu']:.2f} s, postgres {tp['postgres_cpu']:.2f} s "
+              f"over {tp['seconds']:.2f} s of wall time on {os.cpu_count()} cores")
         wl = await wake_latency(admin, args.wake_samples)
         print(f"wake latency pgmq.send -> driver call, {wl['n']} isolated messages: p50 {wl['p50']:.2f} ms "
               f"[<= 5: {verdict(wl['p50'] <= 5)}], p99 {wl['p99']:.2f} ms [<= 20: {verdict(wl['p99'] <= 20)}], "

@@ -11,27 +11,6 @@ FROM pgmq.read($1::text, $2::integer, $3::integer);
 SELECT id, driver, address, site, options::text AS options, credential
 FROM agent.devices WHERE site = $1 ORDER BY id;
 
--- name: archive_fenced
-WITH gone AS (
-    DELETE FROM pgmq.{q} m
-    USING unnest($1::bigint[], $2::integer[]) AS x(id, rc)
-    WHERE m.msg_id = x.id AND m.read_ct = x.rc
-    RETURNING m.msg_id, m.vt, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers
-)
-INSERT INTO pgmq.{a} (msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers)
-SELECT msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers FROM gone
-RETURNING msg_id;
-
--- name: dead_letter
-SELECT x.id, pgmq.send($1::text, a.message, coalesce(a.headers, '{}'::jsonb) || x.h) AS dlq_id
-FROM unnest($2::bigint[], $3::jsonb[]) AS x(id, h)
-JOIN pgmq.{a} a ON a.msg_id = x.id;
-
--- name: retry_later
-UPDATE pgmq.{q} m SET vt = clock_timestamp() + make_interval(secs => x.delay)
-FROM unnest($1::bigint[], $2::integer[], $3::double precision[]) AS x(id, rc, delay)
-WHERE m.msg_id = x.id AND m.read_ct = x.rc;
-
 -- name: extend_leases
 UPDATE pgmq.{q} SET vt = clock_timestamp() + make_interval(secs => $2::integer)
 WHERE msg_id = ANY($1::bigint[]);
@@ -40,46 +19,6 @@ WHERE msg_id = ANY($1::bigint[]);
 UPDATE pgmq.{q} m SET vt = clock_timestamp()
 FROM unnest($1::bigint[], $2::integer[]) AS x(id, rc)
 WHERE m.msg_id = x.id AND m.read_ct = x.rc;
-
--- name: upsert_states
--- Rows arrive as one JSON array (jsonb_to_recordset): far cheaper to encode than a dozen typed arrays.
-INSERT INTO agent.service_state AS s (
-    device, service, desired, desired_version, desired_at, observed, observed_at,
-    applied_at, verified_at, last_error, last_error_at, last_msg_id, last_request_id, meta, updated_at)
-SELECT x.device, x.service, x.desired, coalesce(x.version, 0), CASE WHEN x.desired IS NOT NULL THEN now() END,
-       coalesce(x.observed, 'unknown'), x.observed_at, x.applied_at, x.verified_at,
-       x.error, CASE WHEN x.error IS NOT NULL THEN now() END, x.msg_id, x.request_id, x.meta, now()
-FROM jsonb_to_recordset($1::jsonb)
-     AS x(device text, service text, desired text, version bigint, observed text, observed_at timestamptz,
-          applied_at timestamptz, verified_at timestamptz, error text, msg_id bigint, request_id text, meta jsonb)
-ON CONFLICT (device, service) DO UPDATE SET
-    desired         = CASE WHEN EXCLUDED.desired IS NOT NULL AND EXCLUDED.desired_version >= s.desired_version
-                           THEN EXCLUDED.desired ELSE s.desired END,
-    desired_at      = CASE WHEN EXCLUDED.desired IS NOT NULL AND EXCLUDED.desired_version > s.desired_version
-                           THEN now() ELSE s.desired_at END,
-    desired_version = CASE WHEN EXCLUDED.desired IS NOT NULL AND EXCLUDED.desired_version >= s.desired_version
-                           THEN EXCLUDED.desired_version ELSE s.desired_version END,
-    observed        = CASE WHEN EXCLUDED.observed_at IS NOT NULL THEN EXCLUDED.observed ELSE s.observed END,
-    observed_at     = coalesce(EXCLUDED.observed_at, s.observed_at),
-    applied_at      = coalesce(EXCLUDED.applied_at, s.applied_at),
-    verified_at     = coalesce(EXCLUDED.verified_at, s.verified_at),
-    last_error      = CASE WHEN EXCLUDED.last_error IS NOT NULL THEN EXCLUDED.last_error
-                           WHEN EXCLUDED.verified_at IS NOT NULL THEN NULL ELSE s.last_error END,
-    last_error_at   = CASE WHEN EXCLUDED.last_error IS NOT NULL THEN now()
-                           WHEN EXCLUDED.verified_at IS NOT NULL THEN NULL ELSE s.last_error_at END,
-    last_msg_id     = coalesce(EXCLUDED.last_msg_id, s.last_msg_id),
-    last_request_id = coalesce(EXCLUDED.last_request_id, s.last_request_id),
-    meta            = coalesce(EXCLUDED.meta, s.meta),
-    updated_at      = now();
-
--- name: insert_events
-INSERT INTO agent.events (device, service, kind, msg_id, version, request_id, desired, observed,
-                          attempt, duration_ms, error, agent_id, meta)
-SELECT x.device, x.service, x.kind, x.msg_id, x.version, x.request_id, x.desired, x.observed,
-       x.attempt, x.duration_ms, x.error, $2, x.meta
-FROM jsonb_to_recordset($1::jsonb)
-     AS x(device text, service text, kind text, msg_id bigint, version bigint, request_id text, desired text,
-          observed text, attempt integer, duration_ms double precision, error text, meta jsonb);
 
 -- name: queue_lock
 SELECT pgmq.acquire_queue_lock($1::text);
@@ -126,30 +65,6 @@ SELECT msg_id FROM pgmq.{dq} ORDER BY msg_id;
 SELECT min(vt) - clock_timestamp() AS wait FROM pgmq.{q}
 WHERE vt > clock_timestamp() AND NOT (msg_id = ANY($1::bigint[]));
 
--- name: accept_requests
--- Record each request_id with the command that first carried it; return the owner of each.
-INSERT INTO agent.requests AS r (request_id, version, device, service)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[])
-ON CONFLICT (request_id) DO UPDATE SET request_id = r.request_id
-RETURNING request_id, version;
-
--- name: accept_desired
--- Write-ahead of intent, before any device is touched: the newest version wins. Returns the
--- version in force afterwards: ours if accepted, a newer one if this command is superseded.
-INSERT INTO agent.service_state AS s (device, service, desired, desired_version, desired_at, last_msg_id,
-                                      last_request_id, updated_at)
-SELECT x.device, x.service, x.desired, x.version, now(), x.msg_id, x.request_id, now()
-FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[])
-     AS x(device, service, desired, version, msg_id, request_id)
-ON CONFLICT (device, service) DO UPDATE SET
-    desired         = CASE WHEN EXCLUDED.desired_version >= s.desired_version THEN EXCLUDED.desired ELSE s.desired END,
-    desired_at      = CASE WHEN EXCLUDED.desired_version > s.desired_version THEN now() ELSE s.desired_at END,
-    last_msg_id     = CASE WHEN EXCLUDED.desired_version >= s.desired_version THEN EXCLUDED.last_msg_id ELSE s.last_msg_id END,
-    last_request_id = CASE WHEN EXCLUDED.desired_version >= s.desired_version THEN EXCLUDED.last_request_id ELSE s.last_request_id END,
-    desired_version = greatest(s.desired_version, EXCLUDED.desired_version),
-    updated_at      = now()
-RETURNING device, service, desired_version;
-
 -- name: heartbeat
 INSERT INTO agent.agents AS a (agent_id, site, queue, host, pid, version, started_at, last_heartbeat, state,
                                status, last_cycle_at, last_cycle_ms, stopped_at, figures)
@@ -176,11 +91,113 @@ SELECT agent_id, site, queue, host, pid, version, started_at, last_heartbeat, st
        extract(epoch FROM now() - last_heartbeat) AS heartbeat_age, figures::text AS figures
 FROM agent.agents WHERE $1::text IS NULL OR site = $1 ORDER BY site, agent_id;
 
--- name: park
--- Put a message back without it counting as an attempt: `bounces` in its headers is subtracted
--- from read_ct when the executor counts attempts.
-UPDATE pgmq.{q} m SET vt = clock_timestamp() + make_interval(secs => x.delay),
-       headers = coalesce(m.headers, '{}'::jsonb)
-                 || jsonb_build_object('bounces', coalesce((m.headers->>'bounces')::integer, 0) + 1)
-FROM unnest($1::bigint[], $2::integer[], $3::double precision[]) AS x(id, rc, delay)
-WHERE m.msg_id = x.id AND m.read_ct = x.rc;
+
+-- name: report
+-- One statement, so one round trip and one atomic unit: for every settled message the fenced
+-- archive (or DLQ move), retry or park, the state report and the audit events. A message whose
+-- read_ct changed (another reader took it after our lease ran out) is neither archived nor moved.
+-- $1 [{id, rc, h}]: archive; h = DLQ headers to dead-letter it   $2 DLQ name
+-- $3 [{id, rc, delay, park}]: make visible again later            $4 states  $5 events  $6 agent id
+WITH done AS (
+    DELETE FROM pgmq.{q} m
+    USING jsonb_to_recordset($1::jsonb) AS f(id bigint, rc integer, h jsonb)
+    WHERE m.msg_id = f.id AND m.read_ct = f.rc
+    RETURNING m.msg_id, m.vt, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers, f.h
+), archived AS (
+    INSERT INTO pgmq.{a} (msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers)
+    SELECT msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers FROM done
+    RETURNING msg_id
+), dead AS (
+    SELECT pgmq.send($2::text, d.message, coalesce(d.headers, '{}'::jsonb) || d.h) AS dlq_id
+    FROM done d WHERE d.h IS NOT NULL
+), later AS (
+    UPDATE pgmq.{q} m SET vt = clock_timestamp() + make_interval(secs => l.delay),
+           headers = CASE WHEN l.park
+                          THEN coalesce(m.headers, '{}'::jsonb) || jsonb_build_object(
+                               'bounces', coalesce((m.headers->>'bounces')::integer, 0) + 1)
+                          ELSE m.headers END
+    FROM jsonb_to_recordset($3::jsonb) AS l(id bigint, rc integer, delay double precision, park boolean)
+    WHERE m.msg_id = l.id AND m.read_ct = l.rc
+    RETURNING m.msg_id
+), states AS (
+    INSERT INTO agent.service_state AS s (
+        device, service, desired, desired_version, desired_at, observed, observed_at,
+        applied_at, verified_at, last_error, last_error_at, last_msg_id, last_request_id, meta, updated_at)
+    SELECT x.device, x.service, x.desired, coalesce(x.version, 0), CASE WHEN x.desired IS NOT NULL THEN now() END,
+           coalesce(x.observed, 'unknown'), to_timestamp(x.observed_at), to_timestamp(x.applied_at),
+           to_timestamp(x.verified_at),
+           x.error, CASE WHEN x.error IS NOT NULL THEN now() END, x.msg_id, x.request_id, x.meta, now()
+    FROM jsonb_to_recordset($4::jsonb)
+         AS x(device text, service text, desired text, version bigint, observed text, observed_at double precision,
+              applied_at double precision, verified_at double precision, error text, msg_id bigint, request_id text,
+              meta jsonb)
+    ON CONFLICT (device, service) DO UPDATE SET
+        desired         = CASE WHEN EXCLUDED.desired IS NOT NULL AND EXCLUDED.desired_version >= s.desired_version
+                               THEN EXCLUDED.desired ELSE s.desired END,
+        desired_at      = CASE WHEN EXCLUDED.desired IS NOT NULL AND EXCLUDED.desired_version > s.desired_version
+                               THEN now() ELSE s.desired_at END,
+        desired_version = CASE WHEN EXCLUDED.desired IS NOT NULL AND EXCLUDED.desired_version >= s.desired_version
+                               THEN EXCLUDED.desired_version ELSE s.desired_version END,
+        observed        = CASE WHEN EXCLUDED.observed_at IS NOT NULL THEN EXCLUDED.observed ELSE s.observed END,
+        observed_at     = coalesce(EXCLUDED.observed_at, s.observed_at),
+        applied_at      = coalesce(EXCLUDED.applied_at, s.applied_at),
+        verified_at     = coalesce(EXCLUDED.verified_at, s.verified_at),
+        last_error      = CASE WHEN EXCLUDED.last_error IS NOT NULL THEN EXCLUDED.last_error
+                               WHEN EXCLUDED.verified_at IS NOT NULL THEN NULL ELSE s.last_error END,
+        last_error_at   = CASE WHEN EXCLUDED.last_error IS NOT NULL THEN now()
+                               WHEN EXCLUDED.verified_at IS NOT NULL THEN NULL ELSE s.last_error_at END,
+        last_msg_id     = coalesce(EXCLUDED.last_msg_id, s.last_msg_id),
+        last_request_id = coalesce(EXCLUDED.last_request_id, s.last_request_id),
+        meta            = coalesce(EXCLUDED.meta, s.meta),
+        updated_at      = now()
+    RETURNING 1
+), events AS (
+    INSERT INTO agent.events (device, service, kind, msg_id, version, request_id, desired, observed,
+                              attempt, duration_ms, error, agent_id, meta)
+    SELECT x.device, x.service, x.kind, x.msg_id, x.version, x.request_id, x.desired, x.observed,
+           x.attempt, x.duration_ms, x.error, $6, x.meta
+    FROM jsonb_to_recordset($5::jsonb)
+         AS x(device text, service text, kind text, msg_id bigint, version bigint, request_id text, desired text,
+              observed text, attempt integer, duration_ms double precision, error text, meta jsonb)
+    RETURNING 1
+)
+SELECT array(SELECT msg_id FROM archived) AS archived, (SELECT count(*) FROM dead) AS dead,
+       (SELECT count(*) FROM later) AS later, (SELECT count(*) FROM states) AS states,
+       (SELECT count(*) FROM events) AS events;
+
+-- name: accept
+-- Write-ahead of intent, before any device is touched, in one statement: each request_id is
+-- recorded with the command that first carried it; commands whose request_id belongs to another
+-- command go no further; for the rest the newest version wins. Returns ('r', request_id, owner
+-- version) and ('d', device, service, version in force: ours if accepted, else a newer one).
+WITH input AS (
+    SELECT * FROM jsonb_to_recordset($1::jsonb)
+        AS x(device text, service text, desired text, version bigint, msg_id bigint, request_id text)
+), req AS (
+    INSERT INTO agent.requests AS r (request_id, version, device, service)
+    SELECT DISTINCT ON (request_id) request_id, version, device, service FROM input
+    WHERE request_id IS NOT NULL ORDER BY request_id, version
+    ON CONFLICT (request_id) DO UPDATE SET request_id = r.request_id
+    RETURNING request_id, version
+), fresh AS (
+    SELECT i.* FROM input i LEFT JOIN req ON req.request_id = i.request_id
+    WHERE i.request_id IS NULL OR req.version = i.version
+), acc AS (
+    INSERT INTO agent.service_state AS s (device, service, desired, desired_version, desired_at, last_msg_id,
+                                          last_request_id, updated_at)
+    SELECT device, service, desired, version, now(), msg_id, request_id, now() FROM fresh
+    ON CONFLICT (device, service) DO UPDATE SET
+        desired         = CASE WHEN EXCLUDED.desired_version >= s.desired_version THEN EXCLUDED.desired
+                               ELSE s.desired END,
+        desired_at      = CASE WHEN EXCLUDED.desired_version > s.desired_version THEN now() ELSE s.desired_at END,
+        last_msg_id     = CASE WHEN EXCLUDED.desired_version >= s.desired_version THEN EXCLUDED.last_msg_id
+                               ELSE s.last_msg_id END,
+        last_request_id = CASE WHEN EXCLUDED.desired_version >= s.desired_version THEN EXCLUDED.last_request_id
+                               ELSE s.last_request_id END,
+        desired_version = greatest(s.desired_version, EXCLUDED.desired_version),
+        updated_at      = now()
+    RETURNING device, service, desired_version
+)
+SELECT 'r' AS kind, request_id AS a, NULL::text AS b, version FROM req
+UNION ALL
+SELECT 'd', device, service, desired_version FROM acc;

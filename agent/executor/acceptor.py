@@ -9,6 +9,7 @@ per flush.
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 
 import asyncpg
@@ -32,6 +33,7 @@ class Acceptor:
         self._q = queries
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
+        self.flushes = 0
 
     async def accept(self, command: Command, version: int, msg_id: int) -> tuple[int, int | None]:
         """Return (version in force for the key, version owning the request_id or None)."""
@@ -47,6 +49,7 @@ class Acceptor:
             batch, self._pending = self._pending, []
             if not batch:
                 continue
+            self.flushes += 1
             try:
                 async with self._pool.acquire() as conn:
                     results = await self._write(conn, batch)
@@ -60,24 +63,15 @@ class Acceptor:
                     p.done.set_result(result)
 
     async def _write(self, conn: asyncpg.Connection, batch: list[_Pending]) -> list[tuple[int, int | None]]:
-        async with conn.transaction():
-            owners: dict[str, int] = {}
-            firsts: dict[str, _Pending] = {}
-            for p in sorted(batch, key=lambda p: p.version, reverse=True):
-                if p.command.request_id:
-                    firsts[p.command.request_id] = p  # one row per request_id, the oldest command
-            if firsts:
-                ps = list(firsts.values())
-                rows = await conn.fetch(self._q.accept_requests, list(firsts), [p.version for p in ps],
-                                        [p.command.device for p in ps], [p.command.service for p in ps])
-                owners = {r["request_id"]: r["version"] for r in rows}
-            fresh = [p for p in batch if owners.get(p.command.request_id or "", p.version) == p.version]
-            versions: dict[tuple[str, str], int] = {}
-            if fresh:
-                rows = await conn.fetch(self._q.accept_desired, [p.command.device for p in fresh],
-                                        [p.command.service for p in fresh], [p.command.state for p in fresh],
-                                        [p.version for p in fresh], [p.msg_id for p in fresh],
-                                        [p.command.request_id for p in fresh])
-                versions = {(r["device"], r["service"]): r["desired_version"] for r in rows}
+        rows = json.dumps([{"device": p.command.device, "service": p.command.service, "desired": p.command.state,
+                            "version": p.version, "msg_id": p.msg_id, "request_id": p.command.request_id}
+                           for p in batch])
+        owners: dict[str, int] = {}
+        versions: dict[tuple[str, str], int] = {}
+        for r in await conn.fetch(self._q.accept, rows):
+            if r["kind"] == "r":
+                owners[r["a"]] = r["version"]
+            else:
+                versions[(r["a"], r["b"])] = r["version"]
         return [(versions.get((p.command.device, p.command.service), 0),
                  owners.get(p.command.request_id) if p.command.request_id else None) for p in batch]

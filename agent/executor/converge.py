@@ -6,8 +6,8 @@ proof: success means a read-back that matches.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 from agent.drivers.base import Device, Driver, State
 from agent.errors import AgentError, PermanentError, TransientError
@@ -17,13 +17,12 @@ from agent.executor.deadlines import Deadlines
 @dataclass(frozen=True)
 class Observation:
     observed: State
-    observed_at: datetime
-    applied_at: datetime | None = None   # set when a write was needed and answered OK
-    verified_at: datetime | None = None  # set when a read-back matched desired
+    observed_at: float                 # unix time: cheap to take and to encode, thousands a second
+    applied_at: float | None = None    # set when a write was needed and answered OK
+    verified_at: float | None = None   # set when a read-back matched desired
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
+_now = time.time
 
 
 async def observe(driver: Driver, device: Device, service: str, timeout: float,
@@ -65,7 +64,7 @@ async def converge(driver: Driver, device: Device, service: str, desired: State,
 class VerifyError(TransientError):
     """The device accepted the write but reads back something else."""
 
-    def __init__(self, message: str, applied_at: datetime, observed: State) -> None:
+    def __init__(self, message: str, applied_at: float, observed: State) -> None:
         super().__init__(message)
         self.applied_at = applied_at
         self.observed = observed

@@ -185,7 +185,7 @@ class Executor:
                             d.version if cmd.action == "set" else None, error=f"{exc.kind}: {exc}",
                             msg_id=d.msg_id, request_id=cmd.request_id, meta=cmd.meta)
         if isinstance(exc, VerifyError):
-            state.observed, state.observed_at = exc.observed, datetime.now(timezone.utc)
+            state.observed, state.observed_at = exc.observed, time.time()
             state.applied_at = exc.applied_at
         if isinstance(exc, TransientError) and (why := self.gate(w.device)):
             parked = self._park(w, f"{why} ({exc})")

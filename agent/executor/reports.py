@@ -50,9 +50,9 @@ class StateUpdate:
     desired: str | None = None
     version: int | None = None
     observed: str | None = None
-    observed_at: datetime | None = None
-    applied_at: datetime | None = None
-    verified_at: datetime | None = None
+    observed_at: float | None = None   # unix times
+    applied_at: float | None = None
+    verified_at: float | None = None
     error: str | None = None
     msg_id: int | None = None
     request_id: str | None = None
@@ -122,45 +122,22 @@ def dlq_headers(o: Outcome, queue: str, agent_id: str) -> str:
 
 
 async def write_batch(conn: asyncpg.Connection, q: Queries, agent_id: str, batch: Sequence[Outcome]) -> set[int]:
-    """Commit one batch; return the msg_ids whose lease was lost (someone else re-read them)."""
-    done = [o for o in batch if o.finish in ("archive", "dead_letter")]
-    dead = [o for o in batch if o.finish == "dead_letter"]
-    retry = [o for o in batch if o.finish == "retry"]
-    parked = [o for o in batch if o.finish == "park"]
+    """Commit one batch in one statement; return the msg_ids whose lease was lost."""
+    finish = [{"id": o.delivery.msg_id, "rc": o.delivery.read_ct,
+               "h": json.loads(dlq_headers(o, q.queue, agent_id)) if o.finish == "dead_letter" else None}
+              for o in batch if o.finish in ("archive", "dead_letter")]
+    later = [{"id": o.delivery.msg_id, "rc": o.delivery.read_ct, "delay": o.retry_delay, "park": o.finish == "park"}
+             for o in batch if o.finish in ("retry", "park")]
     states = merge_states([o.state for o in batch if o.state is not None])
     events = [e for o in batch for e in o.events]
-    async with conn.transaction():
-        archived: set[int] = set()
-        if done:
-            rows = await conn.fetch(q.archive_fenced, [o.delivery.msg_id for o in done],
-                                    [o.delivery.read_ct for o in done])
-            archived = {r[0] for r in rows}
-        dead = [o for o in dead if o.delivery.msg_id in archived]
-        if dead:
-            await conn.execute(q.dead_letter, q.dlq, [o.delivery.msg_id for o in dead],
-                               [dlq_headers(o, q.queue, agent_id) for o in dead])
-        if retry:
-            await conn.execute(q.retry_later, [o.delivery.msg_id for o in retry],
-                               [o.delivery.read_ct for o in retry], [o.retry_delay for o in retry])
-        if parked:
-            await conn.execute(q.park, [o.delivery.msg_id for o in parked],
-                               [o.delivery.read_ct for o in parked], [o.retry_delay for o in parked])
-        if states:
-            await conn.execute(q.upsert_states, _json_rows(states))
-        if events:
-            await conn.execute(q.insert_events, _json_rows(events), agent_id)
-    return {o.delivery.msg_id for o in done} - archived
+    row = await conn.fetchrow(q.report, json.dumps(finish), q.dlq, json.dumps(later), _json_rows(states),
+                              _json_rows(events), agent_id)
+    return {o.delivery.msg_id for o in batch if o.finish in ("archive", "dead_letter")} - set(row["archived"])
 
 
 def _json_rows(rows: Sequence[Any]) -> str:
-    """Dataclass rows as one JSON array for jsonb_to_recordset (datetimes as ISO text)."""
-    return json.dumps([vars(r) for r in rows], default=_iso)
-
-
-def _iso(value: Any) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"cannot encode {type(value).__name__}")
+    """Dataclass rows as one JSON array for jsonb_to_recordset (times as unix seconds)."""
+    return json.dumps([vars(r) for r in rows])
 
 
 class Reporter:
@@ -178,6 +155,7 @@ class Reporter:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self.flushes = 0
 
     def submit(self, outcome: Outcome) -> None:
         self._pending.append(outcome)
@@ -198,6 +176,7 @@ class Reporter:
             self._idle.set()
 
     async def _commit(self, batch: list[Outcome]) -> None:
+        self.flushes += 1
         delay = 0.2
         for attempt in range(1, 6):
             try:
