@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     log_format: Literal["plain", "json"] = Field("plain", description="Log line format on stdout.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
     drain_timeout: float = Field(20.0, ge=0, description="Shutdown: how long in-flight work may finish.")
-    heartbeat_interval: float = Field(30.0, ge=1, le=3600, description="Heartbeat row in agent.agents, seconds.")
+    heartbeat_interval: float = Field(60.0, ge=1, le=3600, description="Heartbeat row in agent.agents, seconds.")
     watchdog_stall: float = Field(60.0, ge=5, description="No consumer progress this long stops WATCHDOG=1.")
     consume: bool = Field(True, description="Consume the queue (false: status, metrics and heartbeat only).")
 

@@ -35,12 +35,18 @@ class Acceptor:
         self._wake = asyncio.Event()
         self.flushes = 0
 
-    async def accept(self, command: Command, version: int, msg_id: int) -> tuple[int, int | None]:
-        """Return (version in force for the key, version owning the request_id or None)."""
+    def submit(self, command: Command, version: int, msg_id: int) -> asyncio.Future[tuple[int, int | None]]:
+        """A future of (version in force for the key, version owning the request_id or None).
+
+        The caller may read the device meanwhile; it must not write before the future resolves.
+        """
         fut: asyncio.Future[tuple[int, int | None]] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(command, version, msg_id, fut))
         self._wake.set()
-        return await fut
+        return fut
+
+    async def accept(self, command: Command, version: int, msg_id: int) -> tuple[int, int | None]:
+        return await self.submit(command, version, msg_id)
 
     async def run(self) -> None:
         while True:

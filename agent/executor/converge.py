@@ -7,6 +7,7 @@ proof: success means a read-back that matches.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from agent.drivers.base import Device, Driver, State
@@ -37,15 +38,20 @@ async def observe(driver: Driver, device: Device, service: str, timeout: float,
 
 
 async def converge(driver: Driver, device: Device, service: str, desired: State, timeout: float,
-                   deadlines: Deadlines) -> Observation:
+                   deadlines: Deadlines, proceed: Callable[[], Awaitable[bool]] | None = None) -> Observation | None:
     """Read; write only if different; read back. Raises TransientError when the read-back differs.
 
+    `proceed`, awaited after the first read and before anything could be written, may stop the
+    operation (returns None): the command's acceptance runs meanwhile, so its round trip to the
+    database overlaps the device read instead of adding to it.
     `timeout` is per device call; the whole operation (at most three calls) gets three times it.
     """
     step = _Step()
     try:
         with deadlines.limit(timeout * 3):
             before = await _observe(driver, device, service, step)
+            if proceed is not None and not await proceed():
+                return None
             if before.observed == desired:
                 return Observation(desired, before.observed_at, None, before.observed_at)
             step.what = "apply"

@@ -109,21 +109,50 @@ class Executor:
         d, cmd = w.delivery, w.command
         now = datetime.now(timezone.utc)
         verdict = decide(cmd, d.version, KeyState(), None, now)
-        key, rid_version = KeyState(), None
         if verdict is Verdict.CONVERGE:
+            return await self._accept_and_converge(w, now)
+        if verdict is Verdict.REFRESH:
+            if why := self.gate(w.device):
+                return self._park(w, why)
+            return await self._run(w, self._refresh)
+        return self._skip(w, verdict, 0, None)
+
+    async def _accept_and_converge(self, w: Work, now: datetime) -> Outcome:
+        """Acceptance (a database round trip) runs while the device is read; nothing is written
+        before it says this command is the newest for its key."""
+        d, cmd = w.delivery, w.command
+        accepted = self._acceptor.submit(cmd, d.version, d.msg_id)
+        said: list[tuple[Verdict, int, int | None]] = []
+
+        async def proceed() -> bool:
+            version, rid_version = await accepted
+            said.append((decide(cmd, d.version, KeyState(version, cmd.state), rid_version, now),
+                         version, rid_version))
+            return said[0][0] is Verdict.CONVERGE
+
+        if why := self.gate(w.device):
             try:
-                version, rid_version = await self._acceptor.accept(cmd, d.version, d.msg_id)
+                going = await proceed()
             except TransientError as exc:
                 return self._failed(w, exc, 0.0)
-            key = KeyState(version, cmd.state)
-            verdict = decide(cmd, d.version, key, rid_version, now)
-        if verdict in (Verdict.CONVERGE, Verdict.REFRESH) and (why := self.gate(w.device)):
-            return self._park(w, why)
-        if verdict is Verdict.CONVERGE:
-            return await self._run(w, self._converge)
-        if verdict is Verdict.REFRESH:
-            return await self._run(w, self._refresh)
-        return self._skip(w, verdict, key.version, rid_version)
+            return self._park(w, why) if going else self._skip(w, *said[0])
+        started = time.monotonic()
+        try:
+            driver = self._drivers.get(w.device.driver)
+            assert cmd.state is not None
+            obs = await converge(driver, w.device, cmd.service, cmd.state, call_timeout(w.device, self._timeout),
+                                 self.deadlines, proceed)
+        except AgentError as exc:
+            await asyncio.wait([accepted])
+            if not said and accepted.exception() is None:
+                said.append((decide(cmd, d.version, KeyState(accepted.result()[0], cmd.state),
+                                    accepted.result()[1], now), *accepted.result()))
+            if said and said[0][0] is not Verdict.CONVERGE:
+                return self._skip(w, *said[0])
+            return self._failed(w, exc, _ms(started))
+        if obs is None:
+            return self._skip(w, *said[0])
+        return self._converge(w, obs, _ms(started))
 
     def _park(self, w: Work, why: str) -> Outcome:
         """The device is unreachable through the VPN: wait for it, without using up an attempt."""
@@ -149,12 +178,8 @@ class Executor:
             return self._failed(w, exc, _ms(started))
 
     async def _device_op(self, w: Work, driver) -> Observation:  # type: ignore[no-untyped-def]
-        cmd = w.command
-        timeout = call_timeout(w.device, self._timeout)
-        if cmd.action == "refresh":
-            return await observe(driver, w.device, cmd.service, timeout, self.deadlines)
-        assert cmd.state is not None
-        return await converge(driver, w.device, cmd.service, cmd.state, timeout, self.deadlines)
+        return await observe(driver, w.device, w.command.service, call_timeout(w.device, self._timeout),
+                             self.deadlines)
 
     def _converge(self, w: Work, obs: Observation, ms: float) -> Outcome:
         d, cmd = w.delivery, w.command
