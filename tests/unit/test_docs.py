@@ -1,0 +1,32 @@
+"""The documentation cannot drift from the code it documents."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+from agent.admin import read_device_file, validate_device
+from agent.contract import json_schema
+from agent.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_published_schema_is_the_generated_one():
+    assert json.loads((ROOT / "docs" / "contract.schema.json").read_text()) == json_schema()
+
+
+def test_every_setting_is_documented():
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [f"AGENT_{name.upper()}" for name in Settings.model_fields if f"`AGENT_{name.upper()}`" not in text]
+    assert missing == []
+
+
+def test_example_files_parse():
+    keys = set(tomllib.loads((ROOT / "etc" / "agent.toml.example").read_text()))
+    assert keys <= set(Settings.model_fields)
+    devices = read_device_file(ROOT / "etc" / "devices.example.toml", "default")
+    assert [d.id for d in devices] == ["lab-sim-1", "router-1"]
+    for device in devices:
+        validate_device(device)
