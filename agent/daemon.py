@@ -36,6 +36,7 @@ from agent.queue.consumer import Consumer
 from agent.queue.listener import Listener, queue_channel
 from agent.settings import Settings, load_settings
 from agent.systemd import Notifier
+from agent.vpn.guard import VpnGuard
 
 log = logging.getLogger("agent.daemon")
 DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
@@ -89,6 +90,10 @@ class Agent:
             {queue_channel(s.queue): lambda: self.consumer.wake("notify"),
              "agent_inventory": self.inventory.changed},
             on_connect=self._listening, check_interval=s.listener_check_interval)
+        self.vpn = VpnGuard(s.require_vpn, s.wg_interface, s.vpn_stale_after, s.vpn_check_interval,
+                            lambda: list(self.inventory.devices.values()), pool, s.agent_id, self.wake_parked)
+        self.executor.gate = self.vpn.gate
+        self.executor.on_unreachable = self.vpn.device_failed
         self.house = Housekeeper(self)
         self.force_stop = asyncio.Event()  # a second SIGTERM/SIGINT: skip the drain
         self.metrics = Metrics(s.site, s.queue, self.house.live)
@@ -135,11 +140,12 @@ class Agent:
         await self.inventory.load()
         for name in {d.driver for d in self.inventory.devices.values()}:
             self.drivers.get(name)  # every driver the inventory needs loads now, not on first command
+        await self.vpn.wait_for_tunnel(self.settings.vpn_grace, self.notifier.status)
 
     async def run_forever(self, stop: asyncio.Event, reload: asyncio.Event | None = None) -> None:
         services: dict[str, Coroutine[Any, Any, None]] = {
             "reporter": self.reporter.run(), "acceptor": self.acceptor.run(), "listener": self.listener.run(),
-            "housekeeper": self.house.run(), "deadlines": self.executor.deadlines.run()}
+            "housekeeper": self.house.run(), "deadlines": self.executor.deadlines.run(), "vpn": self.vpn.run()}
         if self.settings.consume:
             services |= {"consumer": self.consumer.run(), "leases": self.consumer.keep_leases()}
         tasks: dict[asyncio.Task[None], str] = {

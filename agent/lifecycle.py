@@ -81,7 +81,25 @@ class Housekeeper:
             retried=self._counts["retried"],
             dead_lettered=self._counts["dead_lettered"], queue_depth=self._queue.get("depth"),
             queue_oldest_s=self._queue.get("oldest"), dlq_depth=self._queue.get("dlq_depth"),
-            recent_failures=list(self._failures))
+            recent_failures=list(self._failures), **self._vpn_figures())
+
+    def _vpn_figures(self) -> dict[str, Any]:
+        vpn = self._a.vpn
+        snap = vpn.monitor.last
+        needed = bool(vpn.hosts())
+        error = None
+        if needed and vpn.required and snap.interface is None:
+            error = snap.problem or "no WireGuard interface"
+        elif needed and snap.interface is not None and not snap.interface_up:
+            error = f"{snap.interface} is down"
+        peers = [{"peer": v.peer, "state": "up" if v.up else "down", "reason": v.reason,
+                  "handshake_age_s": None if v.handshake_age is None else round(v.handshake_age, 1),
+                  "endpoint": v.endpoint, "rx_bytes": v.rx_bytes, "tx_bytes": v.tx_bytes}
+                 for v in snap.verdicts.values()]
+        unreachable = [{"device": d, "reason": r.reason, "since": r.since}
+                       for d, r in sorted(vpn.reach.items()) if not r.reachable]
+        return {"vpn_required": vpn.required and needed, "vpn_error": error, "peers": peers,
+                "unreachable": unreachable}
 
     def status_line(self) -> str:
         return status_line(self.figures())
@@ -95,8 +113,11 @@ class Housekeeper:
         queues = {}
         if "depth" in q:
             queues = {a.settings.queue: (q["depth"], q["oldest"]), a.queries.dlq: (q["dlq_depth"], q["dlq_oldest"])}
+        snap = a.vpn.monitor.last
+        peers = {v.peer: (v.handshake_age, v.rx_bytes, v.tx_bytes, v.up) for v in snap.verdicts.values()}
         return Live(wakeups=dict(a.consumer.wakeups), reconnects=a.listener.reconnects,
-                    inflight=len(a.consumer.inflight), parked=a.parking.count, queues=queues)
+                    inflight=len(a.consumer.inflight), parked=a.parking.count, queues=queues,
+                    reachable={d: r.reachable for d, r in a.vpn.reach.items()}, peers=peers)
 
     async def sample_queue(self, max_age: float = _SAMPLE_TTL) -> None:
         """Refresh the queue figures unless a sample younger than `max_age` exists (one statement)."""

@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(60.0, ge=1, le=3600, description="Heartbeat row in agent.agents, seconds.")
     watchdog_stall: float = Field(60.0, ge=5, description="No consumer progress this long stops WATCHDOG=1.")
     consume: bool = Field(True, description="Consume the queue (false: status, metrics and heartbeat only).")
+    require_vpn: bool = Field(True, description="Devices with an address must be reached through WireGuard.")
+    wg_interface: str | None = Field(None, description="The WireGuard interface (default: the only one).")
+    vpn_check_interval: float = Field(2.0, gt=0, le=300, description="Seconds between tunnel samples.")
+    vpn_stale_after: float = Field(180.0, gt=0, description="Handshake older than this: the peer is down.")
+    vpn_grace: float = Field(30.0, ge=0, description="Start-up: how long to wait for the tunnel before exiting.")
 
     @field_validator("http_listen")
     @classmethod

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from agent.contract import Command
 from agent.drivers.base import Device
 from agent.drivers.registry import Drivers
-from agent.errors import AgentError, PermanentError, TransientError
+from agent.errors import AgentError, PermanentError, TransientError, UnreachableError
 from agent.executor.acceptor import Acceptor
 from agent.executor.converge import Observation, VerifyError, converge, observe
 from agent.executor.deadlines import Deadlines
@@ -41,6 +41,7 @@ class Executor:
                  gate: Callable[[Device], str | None] | None = None, parking: ParkPolicy | None = None) -> None:
         self._acceptor = acceptor
         self.gate: Callable[[Device], str | None] = gate or (lambda _d: None)
+        self.on_unreachable: Callable[[Device], None] = lambda _d: None
         self._parking = parking or ParkPolicy()
         self.deadlines = Deadlines()
         self._drivers = drivers
@@ -212,6 +213,8 @@ class Executor:
         if isinstance(exc, VerifyError):
             state.observed, state.observed_at = exc.observed, time.time()
             state.applied_at = exc.applied_at
+        if isinstance(exc, UnreachableError):
+            self.on_unreachable(w.device)
         if isinstance(exc, TransientError) and (why := self.gate(w.device)):
             parked = self._park(w, f"{why} ({exc})")
             parked.events[:0] = events

@@ -46,6 +46,7 @@ def agent_env(dsn: str, raw_env: bool = False, **settings: Any) -> dict[str, str
            if not k.startswith("AGENT_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
     env["AGENT_DATABASE_URL"] = dsn
     env.setdefault("AGENT_HTTP_LISTEN", "")
+    env.setdefault("AGENT_REQUIRE_VPN", "false")  # devices in tests are on loopback unless a test says otherwise
     for key, value in settings.items():
         env[key if key.isupper() else f"AGENT_{key.upper()}"] = str(value)
     return env

@@ -1,0 +1,162 @@
+"""The VPN guard: keeps a current picture of the tunnel, answers "may this device be worked on
+now?", records reachability in Postgres, and wakes parked work the moment a device is reachable.
+
+With AGENT_REQUIRE_VPN=true every device that has a network address must be reached through the
+WireGuard interface; with false, devices whose route does not use the tunnel count as directly
+attached. Devices without an address (the `sim` driver) never need the tunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import asyncpg
+
+from agent.drivers.base import Device
+from agent.vpn.health import GateVerdict, VpnSnapshot, gate
+from agent.vpn.monitor import VpnMonitor, device_host
+
+log = logging.getLogger("agent.vpn")
+
+REMEDY = ("run agentd inside the VPN's network namespace: in docker compose give it "
+          'network_mode: "service:wireguard"; under systemd use NetworkNamespacePath= or run it on the gateway; '
+          "for devices on a directly attached network set AGENT_REQUIRE_VPN=false")
+
+
+@dataclass
+class Reach:
+    reachable: bool
+    reason: str
+    peer: str | None
+    since: float
+
+
+def start_problem(snap: VpnSnapshot, hosts: dict[str, str]) -> str | None:
+    """Why this namespace cannot reach the devices through WireGuard, or None (pure)."""
+    if not hosts:
+        return None
+    if snap.interface is None:
+        return snap.problem or "no WireGuard interface"
+    astray = sorted(d for d, h in hosts.items() if snap.routes.get(h) != snap.interface)
+    if astray:
+        first = hosts[astray[0]]
+        return (f"the route to {astray[0]} ({first}) leaves by {snap.routes.get(first) or 'no interface'}, "
+                f"not {snap.interface}" + (f" (and {len(astray) - 1} more devices)" if len(astray) > 1 else ""))
+    return None
+
+
+class VpnGuard:
+    def __init__(self, required: bool, interface: str | None, stale_after: float, interval: float,
+                 devices: Callable[[], list[Device]], pool: asyncpg.Pool, agent_id: str,
+                 on_reachable: Callable[[list[str]], Awaitable[None]]) -> None:
+        self.required = required
+        self.monitor = VpnMonitor(interface, stale_after)
+        self._interval = interval
+        self._devices = devices
+        self._pool = pool
+        self._agent_id = agent_id
+        self._on_reachable = on_reachable
+        self._hosts: dict[str, str | None] = {}
+        self.reach: dict[str, Reach] = {}
+        self._kick = asyncio.Event()
+
+    def hosts(self) -> dict[str, str]:
+        """device id -> IP, for the devices that have a network address."""
+        out = {}
+        for dev in self._devices():
+            if dev.address and dev.id not in self._hosts:
+                self._hosts[dev.id] = device_host(dev.address)
+            host = self._hosts.get(dev.id) if dev.address else None
+            if host:
+                out[dev.id] = host
+        return out
+
+    def verdict(self, device: Device, snap: VpnSnapshot | None = None) -> GateVerdict:
+        snap = snap or self.monitor.last
+        host = self.hosts().get(device.id) if device.address else None
+        if host is not None and not self.required and snap.routes.get(host) != snap.interface:
+            return GateVerdict(True, "directly attached (AGENT_REQUIRE_VPN=false)")
+        return gate(device, host, snap)
+
+    def gate(self, device: Device) -> str | None:
+        """The executor's question: a reason to park this device's work, or None."""
+        r = self.reach.get(device.id)
+        if r is not None:
+            return None if r.reachable else r.reason
+        v = self.verdict(device)
+        return None if v.reachable else v.reason
+
+    def device_failed(self, device: Device) -> None:
+        self.monitor.device_failed(device.id, self.hosts().get(device.id))
+        self._kick.set()
+
+    async def check(self) -> VpnSnapshot:
+        hosts = self.hosts()
+        snap = await self.monitor.sample(sorted(set(hosts.values())))
+        now, changed, back = time.time(), [], []
+        for dev in self._devices():
+            v = self.verdict(dev, snap)
+            old = self.reach.get(dev.id)
+            if old is None or old.reachable != v.reachable or old.reason.split(":")[0] != v.reason.split(":")[0]:
+                self.reach[dev.id] = Reach(v.reachable, v.reason, v.peer, now)
+                changed.append(dev.id)
+                if v.reachable and old is not None and not old.reachable:
+                    back.append(dev.id)
+                log.log(logging.INFO if v.reachable else logging.WARNING, "%s %s: %s", dev.id,
+                        "reachable" if v.reachable else "unreachable", v.reason,
+                        extra={"action": "reachable" if v.reachable else "unreachable", "device": dev.id})
+        if changed:
+            await self._record(changed)
+        if back:
+            await self._on_reachable(back)
+        return snap
+
+    async def _record(self, devices: list[str]) -> None:
+        rows = [(d, self.reach[d].reachable, self.reach[d].reason, self.reach[d].peer) for d in devices]
+        try:
+            async with self._pool.acquire() as conn:
+                await conn.executemany(
+                    "INSERT INTO agent.reachability AS r (device, reachable, reason, peer, since, checked_at, agent_id)"
+                    " VALUES ($1, $2, $3, $4, now(), now(), $5) ON CONFLICT (device) DO UPDATE SET"
+                    " reachable = EXCLUDED.reachable, reason = EXCLUDED.reason, peer = EXCLUDED.peer,"
+                    " since = CASE WHEN r.reachable = EXCLUDED.reachable THEN r.since ELSE now() END,"
+                    " checked_at = now(), agent_id = EXCLUDED.agent_id",
+                    [(*row, self._agent_id) for row in rows])
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.warning("could not record reachability: %s", exc, extra={"action": "reachability_failed"})
+
+    async def run(self) -> None:
+        while True:
+            if self.hosts() or self.monitor.interface:
+                await self.check()
+            else:
+                self.reach.clear()
+            try:
+                await asyncio.wait_for(self._kick.wait(), self._interval)
+            except TimeoutError:
+                pass
+            self._kick.clear()
+
+    async def wait_for_tunnel(self, grace: float, say: Callable[[str], None]) -> None:
+        """Start-up self-check: return once the devices route through WireGuard, or raise after `grace`."""
+        from agent.errors import ConfigError
+
+        deadline = time.monotonic() + grace
+        told = False
+        while True:
+            snap = await self.check()
+            problem = start_problem(snap, self.hosts()) if self.required else None
+            if problem is None:
+                return
+            if not told:
+                log.error("not in the VPN's network namespace: %s; %s", problem, REMEDY,
+                          extra={"action": "vpn_missing"})
+                say(f"not ready: {problem}")
+                told = True
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"not in the VPN's network namespace after {grace:g} s: {problem}; {REMEDY}")
+            await asyncio.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
