@@ -94,6 +94,7 @@ class Agent:
                             lambda: list(self.inventory.devices.values()), pool, s.agent_id, self.wake_parked)
         self.executor.gate = self.vpn.gate
         self.executor.on_unreachable = self.vpn.device_failed
+        self.executor.confirm = self.vpn.confirm
         self.house = Housekeeper(self)
         self.force_stop = asyncio.Event()  # a second SIGTERM/SIGINT: skip the drain
         self.metrics = Metrics(s.site, s.queue, self.house.live)

@@ -17,8 +17,15 @@ class TransientError(AgentError):
     kind = "transient"
 
 
-class UnreachableError(TransientError):
-    """The device cannot be reached at all (no route, tunnel down): park, do not burn attempts."""
+class NoAnswerError(TransientError):
+    """The device did not answer at all (timed out): the device, or a tunnel on the way, is down.
+    The VPN guard decides which before such work is given up."""
+
+    kind = "no_answer"
+
+
+class UnreachableError(NoAnswerError):
+    """The device cannot be reached at all (cannot connect, no route)."""
 
     kind = "unreachable"
 

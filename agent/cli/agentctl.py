@@ -126,6 +126,14 @@ async def status(conn: asyncpg.Connection | None, s: Settings, a: argparse.Names
     return await status_cli.local(s, a.json, a.url)
 
 
+async def doctor(conn: asyncpg.Connection | None, s: Settings, a: argparse.Namespace) -> int:
+    from agent import doctor as checks
+
+    report = await checks.run(s)
+    print(report.as_json() if a.json else report.as_text())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agentctl", description=__doc__)
     p.add_argument("--config", help="TOML settings file (AGENT_* environment variables win)")
@@ -187,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     stat.add_argument("--all-sites", action="store_true", help="with --fleet: not only AGENT_SITE")
     stat.add_argument("--url", help="status URL (default: from AGENT_HTTP_LISTEN)")
     stat.set_defaults(func=status, needs_db=lambda a: a.fleet)
+
+    doc = sub.add_parser("doctor", help="check database, queue, tunnel, routes and devices, in order, with fixes "
+                         "(exit 1 when any fails)")
+    doc.add_argument("--json", action="store_true")
+    doc.set_defaults(func=doctor, needs_db=lambda a: False)
 
     con = sub.add_parser("contract", help="the message contract").add_subparsers(dest="cmd", required=True)
     con.add_parser("schema", help="print the JSON Schema of contract v1").set_defaults(func=None, offline=True)

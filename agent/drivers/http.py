@@ -27,7 +27,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 
 from agent.drivers.base import Device, DriverContext, State
-from agent.errors import ConfigError, PermanentError, TransientError, UnreachableError
+from agent.errors import ConfigError, NoAnswerError, PermanentError, TransientError, UnreachableError
 
 METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE"}
 _MISSING = object()
@@ -181,7 +181,7 @@ class HttpDriver:
                 text = await resp.text()
                 classify_status(resp.status, what, text)
         except TimeoutError:
-            raise TransientError(f"{what}: timed out after {timeout:g}s") from None
+            raise NoAnswerError(f"{what}: timed out after {timeout:g}s") from None
         except aiohttp.ClientConnectorError as exc:
             raise UnreachableError(f"{what}: cannot connect: {exc.os_error or exc}") from None
         except aiohttp.ClientError as exc:

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from agent.drivers.base import Device, Driver, State
-from agent.errors import AgentError, PermanentError, TransientError
+from agent.errors import AgentError, NoAnswerError, PermanentError, TransientError
 from agent.executor.deadlines import Deadlines
 
 
@@ -93,5 +93,5 @@ def _translate(exc: Exception, step: _Step, device: Device, timeout: float) -> A
     if isinstance(exc, AgentError):
         return exc
     if isinstance(exc, TimeoutError):
-        return TransientError(f"{step.what} on {device.id} timed out ({timeout:g}s per call)")
+        return NoAnswerError(f"{step.what} on {device.id} timed out ({timeout:g}s per call)")
     return TransientError(f"{step.what} on {device.id} failed: {type(exc).__name__}: {exc}")

@@ -11,14 +11,14 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from agent.contract import Command
 from agent.drivers.base import Device
 from agent.drivers.registry import Drivers
-from agent.errors import AgentError, PermanentError, TransientError, UnreachableError
+from agent.errors import AgentError, NoAnswerError, PermanentError, TransientError
 from agent.executor.acceptor import Acceptor
 from agent.executor.converge import Observation, VerifyError, converge, observe
 from agent.executor.deadlines import Deadlines
@@ -42,6 +42,7 @@ class Executor:
         self._acceptor = acceptor
         self.gate: Callable[[Device], str | None] = gate or (lambda _d: None)
         self.on_unreachable: Callable[[Device], None] = lambda _d: None
+        self.confirm: Callable[[Device, float], Awaitable[str | None]] = _proven
         self._parking = parking or ParkPolicy()
         self.deadlines = Deadlines()
         self._drivers = drivers
@@ -137,7 +138,7 @@ class Executor:
             except TransientError as exc:
                 return self._failed(w, exc, 0.0)
             return self._park(w, why) if going else self._skip(w, *said[0])
-        started = time.monotonic()
+        started, began = time.monotonic(), time.time()
         try:
             driver = self._drivers.get(w.device.driver)
             assert cmd.state is not None
@@ -150,7 +151,7 @@ class Executor:
                                     accepted.result()[1], now), *accepted.result()))
             if said and said[0][0] is not Verdict.CONVERGE:
                 return self._skip(w, *said[0])
-            return self._failed(w, exc, _ms(started))
+            return self._failed(w, exc, _ms(started), await self._last_resort(w, exc, began))
         if obs is None:
             return self._skip(w, *said[0])
         return self._converge(w, obs, _ms(started))
@@ -171,12 +172,19 @@ class Executor:
         return Outcome(d, "archive", [self._event(w, verdict.value, error=note)])
 
     async def _run(self, w: Work, op) -> Outcome:  # type: ignore[no-untyped-def]
-        started = time.monotonic()
+        started, began = time.monotonic(), time.time()
         try:
             driver = self._drivers.get(w.device.driver)
             return op(w, await self._device_op(w, driver), _ms(started))
         except AgentError as exc:
-            return self._failed(w, exc, _ms(started))
+            return self._failed(w, exc, _ms(started), await self._last_resort(w, exc, began))
+
+    async def _last_resort(self, w: Work, exc: AgentError, began: float) -> str | None:
+        """Before the last attempt of a device that did not answer is given up: was it the device,
+        or a tunnel outage not detected yet? A reason to park instead, or None (VPN guard decides)."""
+        if not isinstance(exc, NoAnswerError) or not self._policy.exhausted(w.delivery.attempt) or self.gate(w.device):
+            return None
+        return await self.confirm(w.device, began)
 
     async def _device_op(self, w: Work, driver) -> Observation:  # type: ignore[no-untyped-def]
         return await observe(driver, w.device, w.command.service, call_timeout(w.device, self._timeout),
@@ -200,7 +208,7 @@ class Executor:
                             msg_id=d.msg_id, request_id=cmd.request_id)
         return Outcome(d, "archive", [self._event(w, "refreshed", observed=obs.observed, duration_ms=ms)], state)
 
-    def _failed(self, w: Work, exc: AgentError, ms: float) -> Outcome:
+    def _failed(self, w: Work, exc: AgentError, ms: float, unproven: str | None = None) -> Outcome:
         d, cmd = w.delivery, w.command
         attempt = d.attempt
         events = []
@@ -213,9 +221,9 @@ class Executor:
         if isinstance(exc, VerifyError):
             state.observed, state.observed_at = exc.observed, time.time()
             state.applied_at = exc.applied_at
-        if isinstance(exc, UnreachableError):
-            self.on_unreachable(w.device)
-        if isinstance(exc, TransientError) and (why := self.gate(w.device)):
+        if isinstance(exc, NoAnswerError):
+            self.on_unreachable(w.device)  # no answer at all: one of the VPN guard's signals
+        if isinstance(exc, TransientError) and (why := self.gate(w.device) or unproven):
             parked = self._park(w, f"{why} ({exc})")
             parked.events[:0] = events
             return parked
@@ -233,6 +241,10 @@ class Executor:
         d, cmd = w.delivery, w.command
         return EventRow(kind, cmd.device, cmd.service, d.msg_id, d.version, cmd.request_id,
                         cmd.state, attempt=d.attempt, meta=cmd.meta, **kw)
+
+
+async def _proven(_device: Device, _since: float) -> str | None:
+    return None
 
 
 def call_timeout(device: Device, default: float) -> float:

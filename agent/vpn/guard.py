@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from agent.drivers.base import Device
-from agent.vpn.health import GateVerdict, VpnSnapshot, gate
+from agent.vpn.health import GateVerdict, VpnSnapshot, gate, peer_for
 from agent.vpn.monitor import VpnMonitor, device_host
 
 log = logging.getLogger("agent.vpn")
@@ -25,6 +25,9 @@ log = logging.getLogger("agent.vpn")
 REMEDY = ("run agentd inside the VPN's network namespace: in docker compose give it "
           'network_mode: "service:wireguard"; under systemd use NetworkNamespacePath= or run it on the gateway; '
           "for devices on a directly attached network set AGENT_REQUIRE_VPN=false")
+
+
+UNPROVEN_WAIT = 25.0
 
 
 @dataclass
@@ -63,6 +66,7 @@ class VpnGuard:
         self._hosts: dict[str, str | None] = {}
         self.reach: dict[str, Reach] = {}
         self._kick = asyncio.Event()
+        self._sampling = asyncio.Lock()
 
     def hosts(self) -> dict[str, str]:
         """device id -> IP, for the devices that have a network address."""
@@ -95,6 +99,10 @@ class VpnGuard:
         self._kick.set()
 
     async def check(self) -> VpnSnapshot:
+        async with self._sampling:
+            return await self._check()
+
+    async def _check(self) -> VpnSnapshot:
         hosts = self.hosts()
         snap = await self.monitor.sample(sorted(set(hosts.values())))
         now, changed, back = time.time(), [], []
@@ -114,6 +122,33 @@ class VpnGuard:
         if back:
             await self._on_reachable(back)
         return snap
+
+    async def confirm(self, device: Device, since: float) -> str | None:
+        """Before the last attempt at a silent device is given up: did the tunnel carry anything from
+        its peer since the attempt began (unix `since`)? None when it did (the device itself failed,
+        an ordinary failure) or the device needs no tunnel; otherwise a reason to park the work.
+
+        Waits for proof at most 2K + 3 s for a peer with persistent keepalive K, else
+        UNPROVEN_WAIT s (a live peer answers the handshake WireGuard starts after ~15 s of silence).
+        """
+        host = self.hosts().get(device.id)
+        if host is None:
+            return None
+        deadline: float | None = None
+        while True:
+            snap = await self.check()
+            v = self.verdict(device, snap)
+            if not v.reachable:
+                return v.reason
+            peer = peer_for(host, snap.peers) if snap.routes.get(host) == snap.interface else None
+            if peer is None or self.monitor.heard_since(peer.public_key, since):
+                return None
+            if deadline is None:
+                deadline = time.monotonic() + (2 * peer.keepalive + 3 if peer.keepalive else UNPROVEN_WAIT)
+            if time.monotonic() >= deadline:
+                return (f"tunnel_unproven: nothing heard from peer {peer.name} since the attempt began; "
+                        "waiting for the tunnel before giving up")
+            await asyncio.sleep(min(1.0, self._interval))
 
     async def _record(self, devices: list[str]) -> None:
         rows = [(d, self.reach[d].reachable, self.reach[d].reason, self.reach[d].peer) for d in devices]

@@ -39,6 +39,8 @@ class VpnMonitor:
         self.interface = interface
         self.stale_after = stale_after
         self._rx: dict[str, tuple[int, float]] = {}        # peer key -> (rx bytes, when it last moved)
+        self._heard: dict[str, float] = {}                 # peer key -> unix time it was surely heard after
+        self._sampled_at: float | None = None              # unix time of the previous sample
         self._failures: dict[str, dict[str, float]] = {}   # peer key -> {device id: when}
         self._together: dict[str, float] = {}              # peer key -> when devices failed together
         self.last: VpnSnapshot = VpnSnapshot(None, problem="not sampled yet")
@@ -58,6 +60,10 @@ class VpnMonitor:
                     snap.verdicts[peer.public_key] = judge_peer(
                         peer, now, self._rx_moved(peer.public_key, peer.rx_bytes, time.monotonic(), now),
                         self.stale_after, self._together.get(peer.public_key))
+                    if peer.latest_handshake:
+                        self._heard[peer.public_key] = max(self._heard.get(peer.public_key, 0.0),
+                                                           peer.latest_handshake)
+                self._sampled_at = now
         snap.routes = await asyncio.to_thread(_routes, hosts)
         self.last = snap
         return snap
@@ -88,8 +94,14 @@ class VpnMonitor:
             self._rx[key] = (rx, mono)
             if prev is not None:
                 self._together.pop(key, None)  # fresh traffic clears the suspicion
+                if self._sampled_at is not None:  # it arrived after the previous sample, surely
+                    self._heard[key] = max(self._heard.get(key, 0.0), self._sampled_at)
             return now
         return now - (mono - prev[1])
+
+    def heard_since(self, key: str, since: float) -> bool:
+        """Did the peer surely send us something (bytes or a handshake) after unix time `since`?"""
+        return self._heard.get(key, 0.0) >= since
 
     def device_failed(self, device_id: str, host: str | None) -> None:
         """A device behind a peer was unreachable: two of them within the window mark the peer suspect."""
@@ -103,11 +115,6 @@ class VpnMonitor:
         if len(recent) >= 2:
             self._together[peer.public_key] = now
 
-    def device_ok(self, host: str | None) -> None:
-        peer = peer_for(host, self.last.peers) if host else None
-        if peer is not None:
-            self._failures.pop(peer.public_key, None)
-            self._together.pop(peer.public_key, None)
 
 
 def _local_links(names: list[str]) -> list[str]:

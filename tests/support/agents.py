@@ -52,9 +52,15 @@ def agent_env(dsn: str, raw_env: bool = False, **settings: Any) -> dict[str, str
     return env
 
 
-def agentctl(dsn: str, *args: str, check: bool = True, **settings: Any) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "agent.cli.agentctl", *args], env=agent_env(dsn, **settings),
-                          capture_output=True, text=True, timeout=60)
+def _in(netns: str | None) -> list[str]:
+    """Prefix that runs a command inside a network namespace (the database stays on its Unix socket)."""
+    return ["ip", "netns", "exec", netns] if netns else []
+
+
+def agentctl(dsn: str, *args: str, check: bool = True, netns: str | None = None,
+             **settings: Any) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*_in(netns), sys.executable, "-m", "agent.cli.agentctl", *args],
+                          env=agent_env(dsn, **settings), capture_output=True, text=True, timeout=60)
     if check and proc.returncode != 0:
         raise AssertionError(f"agentctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
     return proc
@@ -63,9 +69,9 @@ def agentctl(dsn: str, *args: str, check: bool = True, **settings: Any) -> subpr
 SPAWNED: list[subprocess.Popen[str]] = []
 
 
-def spawn_agentd(dsn: str, *args: str, **settings: Any) -> subprocess.Popen[str]:
+def spawn_agentd(dsn: str, *args: str, netns: str | None = None, **settings: Any) -> subprocess.Popen[str]:
     """agentd as a subprocess; any still running when its test ends is killed (see conftest)."""
-    proc = subprocess.Popen([sys.executable, "-m", "agent", *args], env=agent_env(dsn, **settings),
+    proc = subprocess.Popen([*_in(netns), sys.executable, "-m", "agent", *args], env=agent_env(dsn, **settings),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     SPAWNED.append(proc)
     return proc

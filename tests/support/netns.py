@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
 
 _counter = itertools.count()
 SITE_NET = "10.88.0"
@@ -109,6 +113,28 @@ class Tunnel:
                 return
             time.sleep(0.05)
         raise RuntimeError("wireguard-go did not create its interfaces")
+
+    def start_device(self, port: int, names: list[str]) -> None:
+        """The simulated RouterOS-like HTTP device on the site network, inside ns B (secrets start disabled)."""
+        proc = subprocess.Popen([*self.exec_args(self.b), sys.executable, "-m", "tests.support.httpdevice",
+                                 DEVICE_IP, str(port), *names], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        self._procs.append(proc)  # type: ignore[arg-type]
+        self.device = proc
+        line = proc.stdout.readline() if proc.stdout else ""
+        if "listening" not in line:
+            raise RuntimeError(f"simulated device did not start: {line}{proc.stdout.read() if proc.stdout else ''}")
+
+    def stop_device(self) -> None:
+        """The device dies; the tunnel and its peer stay healthy."""
+        self.device.kill()
+        self.device.wait(5)
+
+    def device_secrets(self, port: int) -> dict[str, str]:
+        """The device's state, asked from inside the site namespace (never from the host's)."""
+        code = ("import json, urllib.request; print(urllib.request.urlopen("
+                f"'http://{DEVICE_IP}:{port}/_control', timeout=5).read().decode())")
+        return json.loads(_run(*self.exec_args(self.b), sys.executable, "-c", code))["secrets"]
 
     def cut_peer(self) -> None:
         """The site forgets the agent's peer: packets from A are dropped there."""

@@ -1,0 +1,174 @@
+"""agentd across a real WireGuard tunnel: namespaces, wireguard-go and a simulated device the test makes.
+
+    ns A (agent)  wg 10.77.0.1 ==tunnel== wg 10.77.0.2  ns B (site): HTTP device on 10.88.0.1
+    ns O (outside the VPN): only loopback
+
+Postgres is reached over its Unix socket from every namespace. No packet leaves the test's namespaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.agents import agentctl, spawn_agentd
+from tests.support.db import dlq, events, state
+from tests.support.netns import DEVICE_IP, Tunnel, wireguard_available
+from tests.support.notify import NotifySocket
+from tests.support.wait import until
+
+pytestmark = [pytest.mark.acceptance,
+              pytest.mark.skipif(bool(wireguard_available()), reason=f"WireGuard tests: {wireguard_available()}")]
+
+PORT = 8728
+ROUTER = ["--driver", "http", "--address", f"http://{DEVICE_IP}:{PORT}",
+          "--option", "read_path=/rest/ppp/secret/{service}", "--option", "set_method=PATCH",
+          "--option", "state_pointer=/disabled", "--option", 'on_value="false"', "--option", 'off_value="true"',
+          "--option", 'set_body={"disabled": "{value}"}']
+DISABLED = {"on": "false", "off": "true"}
+FAST = {"device_timeout": 2, "vpn_check_interval": 1, "retry_base": 0.2, "retry_max": 1, "require_vpn": "true"}
+
+
+@pytest.fixture
+def site(dsn: str) -> Iterator[Tunnel]:
+    tunnel = Tunnel()
+    try:
+        tunnel.start_device(PORT, ["alice", "bob", "carol"])
+        agentctl(dsn, "device", "add", "r1", *ROUTER)
+        agentctl(dsn, "device", "add", "r2", *ROUTER)  # a second device behind the same peer
+        yield tunnel
+    finally:
+        tunnel.close()
+
+
+def status_in(tunnel: Tunnel, dsn: str, port: int) -> dict:
+    out = agentctl(dsn, "status", "--json", "--url", f"http://127.0.0.1:{port}/status", netns=tunnel.a, check=False)
+    return json.loads(out.stdout)
+
+
+async def reachability(db, device: str):
+    return await db.fetchrow("SELECT reachable, reason, peer FROM agent.reachability WHERE device = $1", device)
+
+
+async def test_doctor_passes_inside_the_tunnel_namespace_and_names_the_fix_outside(db, dsn, site):
+    inside = agentctl(dsn, "doctor", netns=site.a, check=False, require_vpn="true")
+    assert inside.returncode == 0, inside.stdout
+    lines = inside.stdout.splitlines()
+    names = [ln.split(":")[0] for ln in lines if ln[:4] in ("PASS", "FAIL", "SKIP")]
+    assert names[:7] == ["PASS  database reachable", "PASS  PGMQ installed", "PASS  schema version",
+                         "PASS  queue and DLQ", "PASS  notify trigger", "PASS  inventory",
+                         "PASS  WireGuard interface"]
+    assert f"PASS  route to r1: {DEVICE_IP} via {site.wg_a}, peer {site.public_b[:8]}" in lines
+    assert any(ln.startswith(f"PASS  peer {site.public_b[:8]} handshake: handshake") for ln in lines)
+    assert "PASS  probe r1: answers" in inside.stdout and lines[-1] == "all checks passed"
+
+    outside = agentctl(dsn, "doctor", "--json", netns=site.outside, check=False, require_vpn="true")
+    assert outside.returncode == 1
+    report = json.loads(outside.stdout)
+    by_name = {c["name"]: c for c in report["checks"]}
+    assert report["ok"] is False and by_name["database reachable"]["ok"]
+    assert not by_name["WireGuard interface"]["ok"]
+    assert 'network_mode: "service:wireguard"' in by_name["WireGuard interface"]["remedy"]
+    assert by_name["route to r1"]["detail"] == f"no route to {DEVICE_IP}"
+    assert by_name["probe r1"]["skipped"]  # not tried: it cannot be reached from here
+
+
+async def test_agent_outside_the_vpn_says_so_is_never_ready_and_exits_non_zero(dsn, site, tmp_path):
+    notify = NotifySocket(tmp_path)
+    try:
+        proc = spawn_agentd(dsn, netns=site.outside, vpn_grace=2, require_vpn="true", NOTIFY_SOCKET=notify.path)
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=30)
+    finally:
+        notify.close()
+    assert proc.returncode == 2, out
+    said = [ln for ln in out.splitlines() if "not in the VPN's network namespace" in ln]
+    assert said and 'network_mode: "service:wireguard"' in said[0] and "no WireGuard interface" in said[0]
+    assert not notify.with_key("READY")
+    assert any(s.startswith("not ready: no WireGuard interface") for s in notify.statuses())
+
+
+async def test_commands_are_applied_through_the_tunnel(db, dsn, site):
+    agentd = spawn_agentd(dsn, netns=site.a, **FAST)
+    agentctl(dsn, "enqueue", "r1", "alice", "on")
+    agentctl(dsn, "enqueue", "r2", "bob", "on")
+    await until(lambda: site.device_secrets(PORT) == {"alice": "false", "bob": "false", "carol": "true"},
+                timeout=20, what="both commands applied on the device")
+    await until(lambda: _observed(db, [("r1", "alice", "on"), ("r2", "bob", "on")]), what="states reported")
+    assert (await reachability(db, "r1"))["reachable"]
+    assert agentd.poll() is None
+
+
+async def _observed(db, expected: list[tuple[str, str, str]]) -> bool:
+    for device, service, want in expected:
+        row = await state(db, device, service)
+        if row is None or (row["desired"], row["observed"]) != (want, want):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("outage", ["peer removed at the site", "interface down"])
+async def test_outage_parks_work_and_recovery_applies_the_newest_commands_within_10s(db, dsn, site, outage):
+    cut, restore = {"peer removed at the site": (site.cut_peer, site.restore_peer),
+                    "interface down": (site.link_down, site.link_up)}[outage]
+    http_port = 18000 + int(time.time()) % 1000
+    spawn_agentd(dsn, netns=site.a, http_listen=f"127.0.0.1:{http_port}", max_attempts=2, **FAST)
+    agentctl(dsn, "enqueue", "r1", "alice", "on")
+    await until(lambda: _observed(db, [("r1", "alice", "on")]), timeout=20, what="tunnel works before the cut")
+
+    cut()
+    agentctl(dsn, "enqueue", "r1", "alice", "off")  # arrives before the agent can know: tried, fails, parked
+    agentctl(dsn, "enqueue", "r2", "bob", "on")
+    down = await until(lambda: _unreachable(db, "r1"), timeout=20, what="r1 seen unreachable")
+    assert down["reason"].startswith(("peer_down", "interface_down", "route_not_via_tunnel")), down["reason"]
+    for device, service, value in [("r1", "alice", "on"), ("r2", "bob", "off"), ("r1", "carol", "on"),
+                                   ("r1", "alice", "off"), ("r2", "bob", "on")]:  # newest: alice off, bob on, carol on
+        agentctl(dsn, "enqueue", device, service, value)
+    await until(lambda: _parked(db, 5), timeout=20, what="commands parked during the outage")
+
+    snap = status_in(site, dsn, http_port)
+    assert {u["device"] for u in snap["unreachable"]} == {"r1", "r2"}
+    assert not snap["healthy"] or snap["peers"]  # the outage is shown, not hidden
+    if outage == "peer removed at the site":
+        assert [p["state"] for p in snap["peers"]] == ["down"]
+    assert await dlq(db) == []  # max_attempts=2, yet an outage never dead-letters
+
+    restore()
+    restored = time.monotonic()
+    newest = [("r1", "alice", "off"), ("r2", "bob", "on"), ("r1", "carol", "on")]
+    await until(lambda: _observed(db, newest), timeout=10, what="everything applied within 10 s of recovery")
+    took = time.monotonic() - restored
+    assert site.device_secrets(PORT) == {"alice": DISABLED["off"], "bob": DISABLED["on"], "carol": DISABLED["on"]}
+    assert await dlq(db) == [] and "dead_lettered" not in await events(db)
+    assert (await reachability(db, "r1"))["reachable"], f"recovered after {took:.1f} s"
+
+
+async def test_a_device_down_behind_a_healthy_tunnel_is_an_ordinary_failure(db, dsn, site):
+    spawn_agentd(dsn, netns=site.a, max_attempts=2, **FAST)
+    agentctl(dsn, "enqueue", "r1", "alice", "on")
+    await until(lambda: _observed(db, [("r1", "alice", "on")]), timeout=20, what="tunnel works")
+    site.stop_device()
+    agentctl(dsn, "enqueue", "r1", "alice", "off")
+    [entry] = await until(lambda: dlq(db), timeout=30, what="the command dead-lettered after its attempts")
+    assert entry["headers"]["reason"].startswith("gave up after 2 attempts: r1:"), entry
+    assert "cannot connect" in entry["headers"]["reason"]
+    assert (await reachability(db, "r1"))["reachable"]  # the tunnel was never blamed
+
+
+async def _unreachable(db, device: str):
+    row = await reachability(db, device)
+    return row if row is not None and not row["reachable"] else None
+
+
+async def _parked(db, at_least: int) -> bool:
+    return await db.fetchval("SELECT count(DISTINCT msg_id) FROM agent.events WHERE kind = 'parked'") >= at_least
+
+
+def teardown_module() -> None:
+    # every namespace a test here made is gone, also after a failure
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not [ln for ln in left.splitlines() if ln.startswith(("agA", "agB", "agO"))], left
