@@ -22,7 +22,7 @@ import asyncpg
 from agent import http
 from agent.db.queries import Queries
 from agent.db.schema import check_ready, ensure_notify
-from agent.drivers.base import CredentialStore, DriverContext
+from agent.drivers.base import CredentialStore, Device, DriverContext
 from agent.drivers.registry import Drivers
 from agent.executor.acceptor import Acceptor
 from agent.executor.executor import Executor
@@ -91,7 +91,8 @@ class Agent:
              "agent_inventory": self.inventory.changed},
             on_connect=self._listening, check_interval=s.listener_check_interval)
         self.vpn = VpnGuard(s.require_vpn, s.wg_interface, s.vpn_stale_after, s.vpn_check_interval,
-                            lambda: list(self.inventory.devices.values()), pool, s.agent_id, self.wake_parked)
+                            lambda: list(self.inventory.devices.values()), pool, s.agent_id, self.wake_parked,
+                            self._probe, s.vpn_probe_interval)
         self.executor.gate = self.vpn.gate
         self.executor.on_unreachable = self.vpn.device_failed
         self.executor.confirm = self.vpn.confirm
@@ -142,6 +143,10 @@ class Agent:
         for name in {d.driver for d in self.inventory.devices.values()}:
             self.drivers.get(name)  # every driver the inventory needs loads now, not on first command
         await self.vpn.wait_for_tunnel(self.settings.vpn_grace, self.notifier.status)
+
+    async def _probe(self, device: Device) -> None:
+        async with asyncio.timeout(self.settings.device_timeout):
+            await self.drivers.get(device.driver).probe(device)
 
     async def run_forever(self, stop: asyncio.Event, reload: asyncio.Event | None = None) -> None:
         services: dict[str, Coroutine[Any, Any, None]] = {

@@ -60,6 +60,7 @@ class Settings(BaseSettings):
     wg_interface: str | None = Field(None, description="The WireGuard interface (default: the only one).")
     vpn_check_interval: float = Field(2.0, gt=0, le=300, description="Seconds between tunnel samples.")
     vpn_stale_after: float = Field(180.0, gt=0, description="Handshake older than this: the peer is down.")
+    vpn_probe_interval: float = Field(30.0, ge=0, description="Seconds between device probes (0: none).")
     vpn_grace: float = Field(30.0, ge=0, description="Start-up: how long to wait for the tunnel before exiting.")
 
     @field_validator("http_listen")

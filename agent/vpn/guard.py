@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from agent.drivers.base import Device
+from agent.errors import AgentError
 from agent.vpn.health import GateVerdict, VpnSnapshot, gate, peer_for
 from agent.vpn.monitor import VpnMonitor, device_host
 
@@ -28,6 +29,7 @@ REMEDY = ("run agentd inside the VPN's network namespace: in docker compose give
 
 
 UNPROVEN_WAIT = 25.0
+NOT_ANSWERING = "device_not_answering"
 
 
 @dataclass
@@ -55,7 +57,8 @@ def start_problem(snap: VpnSnapshot, hosts: dict[str, str]) -> str | None:
 class VpnGuard:
     def __init__(self, required: bool, interface: str | None, stale_after: float, interval: float,
                  devices: Callable[[], list[Device]], pool: asyncpg.Pool, agent_id: str,
-                 on_reachable: Callable[[list[str]], Awaitable[None]]) -> None:
+                 on_reachable: Callable[[list[str]], Awaitable[None]],
+                 probe: Callable[[Device], Awaitable[None]] | None = None, probe_interval: float = 0.0) -> None:
         self.required = required
         self.monitor = VpnMonitor(interface, stale_after)
         self._interval = interval
@@ -67,6 +70,9 @@ class VpnGuard:
         self.reach: dict[str, Reach] = {}
         self._kick = asyncio.Event()
         self._sampling = asyncio.Lock()
+        self._probe = probe
+        self._probe_interval = probe_interval
+        self.silent: dict[str, str] = {}  # device id -> why its probe failed (its tunnel is fine)
 
     def hosts(self) -> dict[str, str]:
         """device id -> IP, for the devices that have a network address."""
@@ -89,8 +95,8 @@ class VpnGuard:
     def gate(self, device: Device) -> str | None:
         """The executor's question: a reason to park this device's work, or None."""
         r = self.reach.get(device.id)
-        if r is not None:
-            return None if r.reachable else r.reason
+        if r is not None:  # a device that is down behind a healthy tunnel is not parked
+            return None if r.reachable or r.reason.startswith(NOT_ANSWERING) else r.reason
         v = self.verdict(device)
         return None if v.reachable else v.reason
 
@@ -108,6 +114,8 @@ class VpnGuard:
         now, changed, back = time.time(), [], []
         for dev in self._devices():
             v = self.verdict(dev, snap)
+            if v.reachable and dev.id in self.silent:
+                v = GateVerdict(False, f"{NOT_ANSWERING}: {self.silent[dev.id]}", v.peer)
             old = self.reach.get(dev.id)
             if old is None or old.reachable != v.reachable or old.reason.split(":")[0] != v.reason.split(":")[0]:
                 self.reach[dev.id] = Reach(v.reachable, v.reason, v.peer, now)
@@ -164,7 +172,45 @@ class VpnGuard:
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
             log.warning("could not record reachability: %s", exc, extra={"action": "reachability_failed"})
 
+    async def probe_devices(self) -> None:
+        """Probe every device whose tunnel is fine: a fresh handshake proves the tunnel, not the device."""
+        if self._probe is None:
+            return
+        probe = self._probe
+        devices = [d for d in self._devices() if d.id in self.hosts()]
+
+        async def one(dev: Device) -> None:
+            if not self.verdict(dev).reachable:
+                self.silent.pop(dev.id, None)  # the tunnel is the problem; the device is unknown
+                return
+            try:
+                await probe(dev)
+            except AgentError as exc:
+                self.silent[dev.id] = str(exc)
+            except TimeoutError:
+                self.silent[dev.id] = "no answer to the probe"
+            else:
+                self.silent.pop(dev.id, None)
+
+        await asyncio.gather(*(one(d) for d in devices))
+        for gone in self.silent.keys() - {d.id for d in devices}:
+            del self.silent[gone]
+
+    async def _probing(self) -> None:
+        while True:
+            await asyncio.sleep(self._probe_interval)
+            await self.probe_devices()
+            self._kick.set()
+
     async def run(self) -> None:
+        prober = asyncio.create_task(self._probing()) if self._probe and self._probe_interval > 0 else None
+        try:
+            await self._sample_forever()
+        finally:
+            if prober is not None:
+                prober.cancel()
+
+    async def _sample_forever(self) -> None:
         while True:
             if self.hosts() or self.monitor.interface:
                 await self.check()

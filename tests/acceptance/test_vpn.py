@@ -148,7 +148,7 @@ async def test_outage_parks_work_and_recovery_applies_the_newest_commands_within
 
 
 async def test_a_device_down_behind_a_healthy_tunnel_is_an_ordinary_failure(db, dsn, site):
-    spawn_agentd(dsn, netns=site.a, max_attempts=2, **FAST)
+    spawn_agentd(dsn, netns=site.a, max_attempts=2, vpn_probe_interval=1, **FAST)
     agentctl(dsn, "enqueue", "r1", "alice", "on")
     await until(lambda: _observed(db, [("r1", "alice", "on")]), timeout=20, what="tunnel works")
     site.stop_device()
@@ -156,7 +156,9 @@ async def test_a_device_down_behind_a_healthy_tunnel_is_an_ordinary_failure(db, 
     [entry] = await until(lambda: dlq(db), timeout=30, what="the command dead-lettered after its attempts")
     assert entry["headers"]["reason"].startswith("gave up after 2 attempts: r1:"), entry
     assert "cannot connect" in entry["headers"]["reason"]
-    assert (await reachability(db, "r1"))["reachable"]  # the tunnel was never blamed
+    assert "parked" not in await events(db)  # the tunnel was never blamed
+    down = await until(lambda: _unreachable(db, "r1"), timeout=10, what="the probe sees the device down")
+    assert down["reason"].startswith("device_not_answering: r1: cannot connect to 10.88.0.1:8728"), down["reason"]
 
 
 async def _unreachable(db, device: str):
