@@ -25,6 +25,7 @@ from agent.db.schema import check_ready, ensure_notify
 from agent.drivers.base import CredentialStore, Device, DriverContext
 from agent.drivers.registry import Drivers
 from agent.executor.acceptor import Acceptor
+from agent.executor.claims import DeviceClaims
 from agent.executor.executor import Executor
 from agent.executor.parking import Parking
 from agent.executor.policy import RetryPolicy
@@ -84,6 +85,8 @@ class Agent:
         self.executor = Executor(self.acceptor, self.drivers, self.reporter,
                                  RetryPolicy(s.max_attempts, s.retry_base, s.retry_max),
                                  s.concurrency, s.device_timeout)
+        self.claims = DeviceClaims(s.database_url, s.agent_id)
+        self.executor.claims = self.claims
         self.consumer = Consumer(pool, self.queries, s, self.executor, self.inventory)
         self.listener = Listener(
             s.database_url,
@@ -151,7 +154,8 @@ class Agent:
     async def run_forever(self, stop: asyncio.Event, reload: asyncio.Event | None = None) -> None:
         services: dict[str, Coroutine[Any, Any, None]] = {
             "reporter": self.reporter.run(), "acceptor": self.acceptor.run(), "listener": self.listener.run(),
-            "housekeeper": self.house.run(), "deadlines": self.executor.deadlines.run(), "vpn": self.vpn.run()}
+            "housekeeper": self.house.run(), "deadlines": self.executor.deadlines.run(), "vpn": self.vpn.run(),
+            "claims": self.claims.run()}
         if self.settings.consume:
             services |= {"consumer": self.consumer.run(), "leases": self.consumer.keep_leases()}
         tasks: dict[asyncio.Task[None], str] = {
@@ -251,7 +255,7 @@ class Agent:
     async def drain_once(self, stop: asyncio.Event) -> int:
         """`agentd --once`: work until the queue is empty; 0 if everything succeeded."""
         helpers = [asyncio.create_task(self.reporter.run()), asyncio.create_task(self.acceptor.run()),
-                   asyncio.create_task(self.executor.deadlines.run())]
+                   asyncio.create_task(self.executor.deadlines.run()), asyncio.create_task(self.claims.run())]
         try:
             while not stop.is_set():
                 taken = await self.consumer.read_until_short()

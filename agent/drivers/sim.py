@@ -6,17 +6,21 @@ Options (all optional):
   failure_kind   "transient" (default) or "permanent"
   initial        state of a service never set before: "off" (default) or "on"
   state_file     JSON file {service: state} holding the device's state, so that another
-                 process (a test, an operator) can see it and change it behind the agent's back
+                 process (a test, an operator) can see it and change it behind the agent's back;
+                 calls that overlap another call on the same device are logged to <state_file>.overlaps
   seed           seed of the failure draw, for repeatable runs
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
 import random
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +51,21 @@ class SimDriver:
             raise ConfigError('sim: initial must be "on" or "off"')
 
     async def read(self, device: Device, service: str) -> State:
-        await self._call(device)
         path = device.options.get("state_file")
-        if path:
-            return _load(Path(path)).get(service, device.options.get("initial", "off"))
-        return self._states.get((device.id, service), device.options.get("initial", "off"))
+        with _in_use(path):
+            await self._call(device)
+            if path:
+                return _load(Path(path)).get(service, device.options.get("initial", "off"))
+            return self._states.get((device.id, service), device.options.get("initial", "off"))
 
     async def apply(self, device: Device, service: str, state: State) -> None:
-        await self._call(device)
         path = device.options.get("state_file")
-        if path:
-            _update(Path(path), service, state)
-        else:
-            self._states[(device.id, service)] = state
+        with _in_use(path):
+            await self._call(device)
+            if path:
+                _update(Path(path), service, state)
+            else:
+                self._states[(device.id, service)] = state
 
     async def probe(self, device: Device) -> None:
         await self._call(device)
@@ -83,6 +89,28 @@ class SimDriver:
         if rng is None:
             rng = self._rngs[device.id] = random.Random(device.options.get("seed"))
         return rng
+
+
+@contextlib.contextmanager
+def _in_use(path: str | None) -> Iterator[None]:
+    """A device serves one operation at a time: with a state file, a call that starts while another
+    is under way (from any process) is recorded in `<state_file>.overlaps` for tests to see."""
+    if not path:
+        yield
+        return
+    marker = f"{path}.busy"
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        with open(f"{path}.overlaps", "a") as f:
+            f.write(f"{os.getpid()} {time.time():.3f}\n")
+        yield
+        return
+    os.close(fd)
+    try:
+        yield
+    finally:
+        os.unlink(marker)
 
 
 def _number(opts: dict[str, Any], key: str, default: float, low: float, high: float) -> None:

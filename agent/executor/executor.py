@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,7 @@ from agent.drivers.base import Device
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, NoAnswerError, PermanentError, TransientError
 from agent.executor.acceptor import Acceptor
+from agent.executor.claims import DeviceClaims
 from agent.executor.converge import Observation, VerifyError, converge, observe
 from agent.executor.deadlines import Deadlines
 from agent.executor.policy import KeyState, ParkPolicy, RetryPolicy, Verdict, decide
@@ -43,6 +45,7 @@ class Executor:
         self.gate: Callable[[Device], str | None] = gate or (lambda _d: None)
         self.on_unreachable: Callable[[Device], None] = lambda _d: None
         self.confirm: Callable[[Device, float], Awaitable[str | None]] = _proven
+        self.claims: DeviceClaims | None = None
         self._parking = parking or ParkPolicy()
         self.deadlines = Deadlines()
         self._drivers = drivers
@@ -90,6 +93,9 @@ class Executor:
         try:
             while lane:
                 work = lane[0]
+                if self.claims is not None and not await self.claims.claim(device_id):
+                    self._bounce(lane)  # another agent is operating this device right now
+                    break
                 async with self._slots:
                     self.busy_devices.add(device_id)
                     try:
@@ -104,8 +110,19 @@ class Executor:
                 lane.popleft()
         finally:
             del self._lanes[device_id]
+            if self.claims is not None:
+                self.claims.release(device_id)
             if not self._lanes:
                 self._idle.set()
+
+    def _bounce(self, lane: deque[Work]) -> None:
+        """Back to the queue for a moment, not counted as an attempt; the claim is tried again then."""
+        log.debug("device busy on another agent", extra=_fields(lane[0], "device_busy"))
+        while lane:
+            w = lane.popleft()
+            out = Outcome(w.delivery, "park", retry_delay=random.uniform(0.3, 1.0), bounce=True)
+            out.driver, out.device = w.device.driver, w.device.id
+            self._reporter.submit(out)
 
     async def _process(self, w: Work) -> Outcome:
         d, cmd = w.delivery, w.command

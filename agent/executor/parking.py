@@ -26,7 +26,7 @@ class Parking:
         """Note parked messages; return devices woken while one of them was being parked again."""
         late = set()
         for o in outcomes:
-            if o.finish == "park" and o.device:
+            if o.finish == "park" and o.device and not o.bounce:
                 self._by_device.setdefault(o.device, {})[o.delivery.msg_id] = o.delivery.read_ct
                 if self._woken.get(o.device, 0.0) > o.delivery.received:
                     late.add(o.device)

@@ -86,6 +86,7 @@ class Outcome:
     error_kind: str | None = None
     driver: str | None = None
     device: str | None = None
+    bounce: bool = False               # back to the queue because its device was busy elsewhere
 
 
 def merge_states(updates: Sequence[StateUpdate]) -> list[StateUpdate]:
