@@ -41,9 +41,9 @@ async def test_two_agents_share_a_queue_without_operating_one_device_twice(db, d
             sent += 1
         newest[(device, service)] = state
 
-    async def settled() -> bool:
+    async def settled() -> bool:  # a service never written reads as the sim default, off
         left = await db.fetchval('SELECT count(*) FROM pgmq."q_device_tasks"')
-        return left == 0 and all(_file(files[d]).get(s, "off") == want for (d, s), want in newest.items())  # sim's initial: off
+        return left == 0 and all(_file(files[d]).get(s, "off") == want for (d, s), want in newest.items())
 
     await until(settled, timeout=60, interval=0.2, what="every command settled on the devices")
     rows = await db.fetch("SELECT device, service, desired, observed FROM agent.service_state")
