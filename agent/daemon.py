@@ -35,6 +35,9 @@ from agent.lifecycle import Housekeeper
 from agent.metrics import Metrics
 from agent.queue.consumer import Consumer
 from agent.queue.listener import Listener, queue_channel
+from agent.reconcile.leader import Leadership
+from agent.reconcile.reconciler import Reconciler
+from agent.reconcile.worker import ReconcileTuning, SyncWorker
 from agent.settings import Settings, load_settings
 from agent.systemd import Notifier
 from agent.vpn.guard import VpnGuard
@@ -99,6 +102,12 @@ class Agent:
         self.executor.gate = self.vpn.gate
         self.executor.on_unreachable = self.vpn.device_failed
         self.executor.confirm = self.vpn.confirm
+        self.executor.sync = SyncWorker(
+            pool, self.queries, self.drivers, self.executor.deadlines, self.vpn.gate, self.executor.tuning,
+            ReconcileTuning(s.reconcile_confirm, s.reconcile_confirm_delay, s.reconcile_pace))
+        self.leadership = Leadership(s.database_url, s.site, s.agent_id, s.leader_check_interval)
+        self.reconciler = Reconciler(self.queries, s.site, s.agent_id, s.schedule, s.reconcile_batch,
+                                     s.reconcile_retention_days)
         self.house = Housekeeper(self)
         self.force_stop = asyncio.Event()  # a second SIGTERM/SIGINT: skip the drain
         self.metrics = Metrics(s.site, s.queue, self.house.live)
@@ -155,7 +164,7 @@ class Agent:
         services: dict[str, Coroutine[Any, Any, None]] = {
             "reporter": self.reporter.run(), "acceptor": self.acceptor.run(), "listener": self.listener.run(),
             "housekeeper": self.house.run(), "deadlines": self.executor.deadlines.run(), "vpn": self.vpn.run(),
-            "claims": self.claims.run()}
+            "claims": self.claims.run(), "leader": self.leadership.run(self.reconciler.lead)}
         if self.settings.consume:
             services |= {"consumer": self.consumer.run(), "leases": self.consumer.keep_leases()}
         tasks: dict[asyncio.Task[None], str] = {

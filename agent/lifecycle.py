@@ -81,7 +81,10 @@ class Housekeeper:
             retried=self._counts["retried"],
             dead_lettered=self._counts["dead_lettered"], queue_depth=self._queue.get("depth"),
             queue_oldest_s=self._queue.get("oldest"), dlq_depth=self._queue.get("dlq_depth"),
-            recent_failures=list(self._failures), **self._vpn_figures())
+            recent_failures=list(self._failures), **self._vpn_figures(),
+            leader=self._a.leadership.leading,
+            next_reconcile=self._a.reconciler.next_run.isoformat(timespec="seconds")
+            if self._a.leadership.leading and self._a.reconciler.next_run else None)
 
     def _vpn_figures(self) -> dict[str, Any]:
         vpn = self._a.vpn
@@ -117,7 +120,8 @@ class Housekeeper:
         peers = {v.peer: (v.handshake_age, v.rx_bytes, v.tx_bytes, v.up) for v in snap.verdicts.values()}
         return Live(wakeups=dict(a.consumer.wakeups), reconnects=a.listener.reconnects,
                     inflight=len(a.consumer.inflight), parked=a.parking.count, queues=queues,
-                    reachable={d: r.reachable for d, r in a.vpn.reach.items()}, peers=peers)
+                    reachable={d: r.reachable for d, r in a.vpn.reach.items()}, peers=peers,
+                    leader=a.leadership.leading)
 
     async def sample_queue(self, max_age: float = _SAMPLE_TTL) -> None:
         """Refresh the queue figures unless a sample younger than `max_age` exists (one statement)."""

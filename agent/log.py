@@ -79,3 +79,4 @@ def setup(fmt: str = "plain", level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its DEBUG chatter is not ours

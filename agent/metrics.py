@@ -33,6 +33,7 @@ class Live:
     queues: dict[str, tuple[int, float | None]] = field(default_factory=dict)  # queue -> (depth, oldest age)
     reachable: dict[str, bool] = field(default_factory=dict)                  # device -> reachable
     peers: dict[str, tuple[float | None, int, int, bool]] = field(default_factory=dict)  # age, rx, tx, up
+    leader: bool = False
 
 
 class _LiveCollector:
@@ -47,6 +48,8 @@ class _LiveCollector:
         yield wake
         yield CounterMetricFamily("agent_listener_reconnects", "LISTEN connection re-established.",
                                   value=live.reconnects)
+        yield GaugeMetricFamily("agent_reconcile_leader", "1 while this agent leads its site's reconciliation.",
+                                value=int(live.leader))
         yield GaugeMetricFamily("agent_inflight_messages", "Messages read and not yet settled.", value=live.inflight)
         yield GaugeMetricFamily("agent_parked_messages", "Messages waiting for their device to be reachable.",
                                 value=live.parked)
@@ -97,6 +100,10 @@ class Metrics:
                                   registry=r)
         self.report_failures = Counter("agent_report_failures_total", "Report transactions that failed.",
                                        registry=r)
+        self.reconcile = Counter("agent_reconcile_services_total", "Services checked by reconciliation, by what "
+                                 "was found: in_sync, drifted, repaired, unreadable, failed (repair failed); parked "
+                                 "counts devices put off by the VPN gate.", ["result"], registry=r)
+        self.reconcile_devices = Counter("agent_reconcile_devices_total", "Devices reconciled.", registry=r)
         self.ready = Gauge("agent_ready", "1 when the agent is ready to work.", registry=r)
         self.up_since = Gauge("agent_start_time_seconds", "When this agent started (unix time).", registry=r)
         self.up_since.set(time.time())
@@ -108,6 +115,9 @@ class Metrics:
         verified = False
         for o in outcomes:
             driver = o.driver or "none"
+            if o.reconcile:  # counted apart from commands
+                self._reconciled(o)
+                continue
             for ev in o.events:
                 if ev.kind in _OUTCOME_EVENTS:
                     counts[(ev.kind, driver)] += 1
@@ -120,6 +130,15 @@ class Metrics:
             self.last_success.set(time.time())
         if lost:
             self.lease_lost.inc(lost)
+
+    def _reconciled(self, o: Outcome) -> None:
+        if o.sync is not None:
+            for result in ("in_sync", "drifted", "repaired", "unreadable", "failed"):
+                if n := o.sync.get(result):
+                    self.reconcile.labels(result).inc(n)
+            self.reconcile_devices.inc()
+        elif o.finish == "park" and not o.bounce:
+            self.reconcile.labels("parked").inc()
 
     def read(self, deliveries: Iterable[Delivery]) -> None:
         now = time.time()

@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from agent.errors import ConfigError
+from agent.reconcile.schedule import Schedule, parse_schedule
 
 _SECRET_FIELDS = {"database_url"}  # may carry a password: never echo it
 QUEUE_PATTERN = r"^[a-z_][a-z0-9_]{0,39}$"
@@ -62,6 +63,24 @@ class Settings(BaseSettings):
     vpn_stale_after: float = Field(180.0, gt=0, description="Handshake older than this: the peer is down.")
     vpn_probe_interval: float = Field(30.0, ge=0, description="Seconds between device probes (0: none).")
     vpn_grace: float = Field(30.0, ge=0, description="Start-up: how long to wait for the tunnel before exiting.")
+
+    reconcile_schedule: str = Field("*/5 * * * *", description="Reconcile runs: cron, seconds, or off.")
+    reconcile_confirm: int = Field(1, ge=1, le=5, description="Readings that must differ before a repair.")
+    reconcile_confirm_delay: float = Field(2.0, ge=0, le=300, description="Seconds between those readings.")
+    reconcile_pace: float = Field(0.2, ge=0, le=60, description="Seconds between a device's reconcile calls.")
+    reconcile_batch: int = Field(8, ge=1, le=1000, description="Devices of a run in the queue at once.")
+    reconcile_retention_days: int = Field(7, ge=1, le=3650, description="Days finished runs are kept.")
+    leader_check_interval: float = Field(10.0, gt=0, le=300, description="Leader's connection check, s.")
+
+    @field_validator("reconcile_schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        parse_schedule(value)
+        return value
+
+    @property
+    def schedule(self) -> Schedule:
+        return parse_schedule(self.reconcile_schedule)
 
     @field_validator("http_listen")
     @classmethod

@@ -33,6 +33,8 @@ class Figures:
     drifted: list[dict[str, Any]] = field(default_factory=list)
     unreachable: list[dict[str, Any]] = field(default_factory=list)
     peers: list[dict[str, Any]] = field(default_factory=list)
+    leader: bool = False                 # leads its site's reconciliation
+    next_reconcile: str | None = None
 
 
 def state(f: Figures) -> str:

@@ -15,6 +15,7 @@ import asyncpg
 
 from agent import admin
 from agent.cli import status as status_cli
+from agent.cli import sync as sync_cli
 from agent.contract import json_schema
 from agent.db.queries import Queries
 from agent.db.schema import init_database
@@ -126,6 +127,12 @@ async def status(conn: asyncpg.Connection | None, s: Settings, a: argparse.Names
     return await status_cli.local(s, a.json, a.url)
 
 
+async def sync(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    if a.show is not None:
+        return await sync_cli.show(conn, a.show, a.json)
+    return await sync_cli.request(conn, s, a.device, a.service, a.dry_run, a.json, a.timeout, not a.no_wait)
+
+
 async def doctor(conn: asyncpg.Connection | None, s: Settings, a: argparse.Namespace) -> int:
     from agent import doctor as checks
 
@@ -195,6 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     stat.add_argument("--all-sites", action="store_true", help="with --fleet: not only AGENT_SITE")
     stat.add_argument("--url", help="status URL (default: from AGENT_HTTP_LISTEN)")
     stat.set_defaults(func=status, needs_db=lambda a: a.fleet)
+
+    syn = sub.add_parser("sync", help="reconcile now: read back devices, repair drift, report (exit 1 when drift "
+                         "is left or a device cannot be read)")
+    syn.add_argument("--device", help="only this device (default: every device of AGENT_SITE)")
+    syn.add_argument("--service", help="only this service")
+    syn.add_argument("--dry-run", action="store_true", help="show drift, repair nothing")
+    syn.add_argument("--json", action="store_true")
+    syn.add_argument("--timeout", type=float, default=300, help="seconds to wait for the result (default 300)")
+    syn.add_argument("--no-wait", action="store_true", help="print the run id and return")
+    syn.add_argument("--show", type=int, metavar="RUN", help="show an earlier run instead")
+    syn.set_defaults(func=sync)
 
     doc = sub.add_parser("doctor", help="check database, queue, tunnel, routes and devices, in order, with fixes "
                          "(exit 1 when any fails)")

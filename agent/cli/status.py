@@ -51,6 +51,11 @@ def render(s: dict[str, Any]) -> str:
              f"LISTEN {'up' if s['listener_up'] else 'down'}",
              f"queue     {_n(s['queue_depth'])} messages, oldest {_dur(s['queue_oldest_s'])}; "
              f"DLQ {_n(s['dlq_depth'])}; {s['inflight']} in flight"]
+    if s.get("leader"):
+        lines.append("reconcile leading site " + s["site"] + (f", next run {s['next_reconcile']}"
+                                                           if s.get("next_reconcile") else ", no schedule"))
+    else:
+        lines.append("reconcile standby (another agent leads the site, or none is elected yet)")
     if s.get("peers"):
         lines.append("vpn       " + ", ".join(f"{p['peer']}: {p['state']}" for p in s["peers"]))
     lines.append("recent failures:" + ("" if s["recent_failures"] else " none"))

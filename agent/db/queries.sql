@@ -160,10 +160,79 @@ WITH done AS (
          AS x(device text, service text, kind text, msg_id bigint, version bigint, request_id text, desired text,
               observed text, attempt integer, duration_ms double precision, error text, meta jsonb)
     RETURNING 1
+), synced AS (   -- $7: reconcile messages finished here, with what they found (only those archived now)
+    SELECT x.* FROM jsonb_to_recordset($7::jsonb)
+         AS x(msg_id bigint, run bigint, device text, items jsonb, in_sync integer, checked integer,
+              drifted integer, repaired integer, unreadable integer, failed integer)
+    JOIN done ON done.msg_id = x.msg_id
+), items AS (
+    INSERT INTO agent.sync_items (run, device, service, expected, found, result, error)
+    SELECT s.run, s.device, i.service, i.expected, i.found, i.result, i.error
+    FROM synced s, jsonb_to_recordset(s.items) AS i(service text, expected text, found text, result text, error text)
+    ON CONFLICT (run, device, service) DO UPDATE SET found = EXCLUDED.found, result = EXCLUDED.result,
+        error = EXCLUDED.error, at = now()
+    RETURNING 1
+), devs AS (
+    UPDATE agent.sync_devices d SET state = 'done', done_at = now()
+    FROM synced s WHERE d.run = s.run AND d.device = s.device AND d.state <> 'done'
+    RETURNING d.run, d.device
+), runs AS (
+    UPDATE agent.sync_runs r SET
+        checked = r.checked + t.checked, in_sync = r.in_sync + t.in_sync, drifted = r.drifted + t.drifted,
+        repaired = r.repaired + t.repaired, unreadable = r.unreadable + t.unreadable, failed = r.failed + t.failed,
+        finished_at = CASE WHEN NOT EXISTS (
+                SELECT 1 FROM agent.sync_devices o WHERE o.run = r.id AND o.state <> 'done'
+                  AND (o.run, o.device) NOT IN (SELECT run, device FROM devs)) THEN now() END
+    FROM (SELECT s.run, sum(s.checked) AS checked, sum(s.in_sync) AS in_sync, sum(s.drifted) AS drifted,
+                 sum(s.repaired) AS repaired, sum(s.unreadable) AS unreadable, sum(s.failed) AS failed
+          FROM synced s JOIN devs USING (run, device) GROUP BY s.run) t
+    WHERE r.id = t.run
+    RETURNING r.id, r.finished_at
 )
 SELECT array(SELECT msg_id FROM archived) AS archived, (SELECT count(*) FROM dead) AS dead,
        (SELECT count(*) FROM later) AS later, (SELECT count(*) FROM states) AS states,
-       (SELECT count(*) FROM events) AS events;
+       (SELECT count(*) FROM events) AS events, (SELECT count(*) FROM items) AS items,
+       (SELECT count(pg_notify('agent_sync', CASE WHEN finished_at IS NOT NULL THEN id::text ELSE 'progress' END))
+        FROM runs) AS runs;
+
+-- name: desired_for_sync
+-- What a reconcile of one device checks: its services that have a desired state (within scope).
+SELECT service, desired, desired_version FROM agent.service_state
+WHERE device = $1 AND desired IS NOT NULL AND ($2::text IS NULL OR service = $2)
+ORDER BY service;
+
+-- name: feed_sync
+-- The leader's feeder: send the next devices of open runs as reconcile messages, keeping at most
+-- $3 outstanding, or $4 while commands are waiting in the queue (commands go first).
+WITH open AS (
+    SELECT id, service, dry_run FROM agent.sync_runs WHERE site = $1 AND finished_at IS NULL
+), outstanding AS (
+    SELECT count(*) AS n FROM agent.sync_devices d JOIN open o ON o.id = d.run WHERE d.state = 'sent'
+), waiting AS (
+    SELECT EXISTS (SELECT 1 FROM pgmq.{q} m WHERE m.vt <= clock_timestamp() AND NOT m.message ? 'reconcile') AS busy
+), nxt AS (
+    SELECT d.run, d.device, o.service, o.dry_run
+    FROM agent.sync_devices d JOIN open o ON o.id = d.run
+    WHERE d.state = 'pending'
+    ORDER BY d.run, d.device
+    LIMIT greatest(0, (CASE WHEN (SELECT busy FROM waiting) THEN $4::integer ELSE $3::integer END)
+                      - (SELECT n FROM outstanding))
+    FOR UPDATE OF d SKIP LOCKED
+)
+UPDATE agent.sync_devices d SET state = 'sent', sent_at = now(),
+    msg_id = (SELECT m FROM pgmq.send($2::text, jsonb_build_object('reconcile', jsonb_build_object(
+        'run', n.run, 'device', n.device, 'service', n.service, 'dry_run', n.dry_run))) AS m)
+FROM nxt n WHERE d.run = n.run AND d.device = n.device
+RETURNING d.run, d.device;
+
+-- name: open_runs
+SELECT EXISTS (SELECT 1 FROM agent.sync_runs WHERE site = $1 AND finished_at IS NULL);
+
+-- name: scheduled_run_open
+SELECT id FROM agent.sync_runs WHERE site = $1 AND kind = 'scheduled' AND finished_at IS NULL LIMIT 1;
+
+-- name: prune_sync
+DELETE FROM agent.sync_runs WHERE site = $1 AND finished_at < now() - make_interval(days => $2::integer);
 
 -- name: accept
 -- Write-ahead of intent, before any device is touched, in one statement: each request_id is

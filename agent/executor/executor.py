@@ -26,6 +26,7 @@ from agent.executor.converge import Observation, VerifyError, converge, observe
 from agent.executor.deadlines import Deadlines
 from agent.executor.policy import KeyState, ParkPolicy, RetryPolicy, Verdict, decide
 from agent.executor.reports import Delivery, EventRow, Outcome, Reporter, StateUpdate
+from agent.reconcile.worker import SyncWork, SyncWorker
 
 log = logging.getLogger("agent.executor")
 
@@ -46,6 +47,7 @@ class Executor:
         self.on_unreachable: Callable[[Device], None] = lambda _d: None
         self.confirm: Callable[[Device, float], Awaitable[str | None]] = _proven
         self.claims: DeviceClaims | None = None
+        self.sync: SyncWorker | None = None  # runs reconcile messages
         self._parking = parking or ParkPolicy()
         self.deadlines = Deadlines()
         self._drivers = drivers
@@ -53,7 +55,7 @@ class Executor:
         self._policy = policy
         self._timeout = device_timeout
         self._slots = asyncio.Semaphore(concurrency)
-        self._lanes: dict[str, deque[Work]] = {}
+        self._lanes: dict[str, deque[Work | SyncWork]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -62,14 +64,25 @@ class Executor:
     # -- intake ---------------------------------------------------------------------------
 
     def submit(self, delivery: Delivery, command: Command, device: Device) -> None:
-        lane = self._lanes.get(device.id)
+        self._enqueue(device.id, Work(delivery, command, device))
+
+    def submit_sync(self, work: SyncWork) -> None:
+        """A reconcile message joins its device's lane, after the commands already there."""
+        self._enqueue(work.device.id, work)
+
+    def _enqueue(self, device_id: str, item: Work | SyncWork) -> None:
+        lane = self._lanes.get(device_id)
         if lane is None:
-            lane = self._lanes[device.id] = deque()
+            lane = self._lanes[device_id] = deque()
             self._idle.clear()
-            task = asyncio.create_task(self._drain(device.id, lane), name=f"lane:{device.id}")
+            task = asyncio.create_task(self._drain(device_id, lane), name=f"lane:{device_id}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        lane.append(Work(delivery, command, device))
+        lane.append(item)
+
+    def settle(self, outcome: Outcome) -> None:
+        """An outcome decided without a device operation goes straight to the reporter."""
+        self._reporter.submit(outcome)
 
     def reject(self, delivery: Delivery, reason: str, command: Command | None = None) -> None:
         """Dead-letter a message that cannot be a command (bad body, unknown device)."""
@@ -81,6 +94,10 @@ class Executor:
                                                         "device": ev.device, "service": ev.service})
         self._reporter.submit(Outcome(delivery, "dead_letter", [ev], reason=reason, error_kind="permanent"))
 
+    def tuning(self) -> tuple[RetryPolicy, float]:
+        """The live retry policy and device timeout (reconcile work uses the same)."""
+        return self._policy, self._timeout
+
     def retune(self, policy: RetryPolicy, device_timeout: float) -> None:
         self._policy, self._timeout = policy, device_timeout
 
@@ -89,7 +106,7 @@ class Executor:
 
     # -- per device -----------------------------------------------------------------------
 
-    async def _drain(self, device_id: str, lane: deque[Work]) -> None:
+    async def _drain(self, device_id: str, lane: deque[Work | SyncWork]) -> None:
         try:
             while lane:
                 work = lane[0]
@@ -99,10 +116,14 @@ class Executor:
                 async with self._slots:
                     self.busy_devices.add(device_id)
                     try:
-                        outcome = await self._process(work)
+                        if isinstance(work, SyncWork):
+                            assert self.sync is not None
+                            outcome = await self.sync.handle(work)
+                        else:
+                            outcome = await self._process(work)
                     except Exception as exc:  # a bug must not strand the message: retry it, loudly
                         log.exception("internal error", extra=_fields(work, "internal_error"))
-                        outcome = self._failed(work, TransientError(f"internal error: {exc!r}"), 0.0)
+                        outcome = self._internal_error(work, exc)
                     finally:
                         self.busy_devices.discard(device_id)
                     outcome.driver, outcome.device = work.device.driver, work.device.id
@@ -115,12 +136,19 @@ class Executor:
             if not self._lanes:
                 self._idle.set()
 
-    def _bounce(self, lane: deque[Work]) -> None:
+    def _internal_error(self, work: Work | SyncWork, exc: Exception) -> Outcome:
+        if isinstance(work, SyncWork):
+            delay = self._policy.delay(work.delivery.attempt)
+            return Outcome(work.delivery, "retry", retry_delay=delay, reconcile=True)
+        return self._failed(work, TransientError(f"internal error: {exc!r}"), 0.0)
+
+    def _bounce(self, lane: deque[Work | SyncWork]) -> None:
         """Back to the queue for a moment, not counted as an attempt; the claim is tried again then."""
         log.debug("device busy on another agent", extra=_fields(lane[0], "device_busy"))
         while lane:
             w = lane.popleft()
-            out = Outcome(w.delivery, "park", retry_delay=random.uniform(0.3, 1.0), bounce=True)
+            out = Outcome(w.delivery, "park", retry_delay=random.uniform(0.3, 1.0), bounce=True,
+                          reconcile=isinstance(w, SyncWork))
             out.driver, out.device = w.device.driver, w.device.id
             self._reporter.submit(out)
 
@@ -278,6 +306,8 @@ def _ms(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 3)
 
 
-def _fields(w: Work, action: str, **extra) -> dict:  # type: ignore[no-untyped-def]
+def _fields(w: Work | SyncWork, action: str, **extra) -> dict:  # type: ignore[no-untyped-def]
+    if isinstance(w, SyncWork):
+        return {"action": action, "device": w.device.id, "msg_id": w.delivery.msg_id, "run": w.request.run, **extra}
     return {"action": action, "device": w.command.device, "service": w.command.service,
             "msg_id": w.delivery.msg_id, "request_id": w.command.request_id, **extra}

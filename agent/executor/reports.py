@@ -87,6 +87,9 @@ class Outcome:
     driver: str | None = None
     device: str | None = None
     bounce: bool = False               # back to the queue because its device was busy elsewhere
+    sync: dict[str, Any] | None = None  # a reconcile message's findings (agent.sync_items, run counters)
+    extra_states: list[StateUpdate] = field(default_factory=list)  # a reconcile reports several services
+    reconcile: bool = False            # the outcome of a reconcile message, not of a command
 
 
 def merge_states(updates: Sequence[StateUpdate]) -> list[StateUpdate]:
@@ -129,10 +132,11 @@ async def write_batch(conn: asyncpg.Connection, q: Queries, agent_id: str, batch
               for o in batch if o.finish in ("archive", "dead_letter")]
     later = [{"id": o.delivery.msg_id, "rc": o.delivery.read_ct, "delay": o.retry_delay, "park": o.finish == "park"}
              for o in batch if o.finish in ("retry", "park")]
-    states = merge_states([o.state for o in batch if o.state is not None])
+    states = merge_states([s for o in batch for s in ([o.state] if o.state else []) + o.extra_states])
     events = [e for o in batch for e in o.events]
+    synced = [{"msg_id": o.delivery.msg_id, **o.sync} for o in batch if o.sync is not None and o.finish == "archive"]
     row = await conn.fetchrow(q.report, json.dumps(finish), q.dlq, json.dumps(later), _json_rows(states),
-                              _json_rows(events), agent_id)
+                              _json_rows(events), agent_id, json.dumps(synced))
     return {o.delivery.msg_id for o in batch if o.finish in ("archive", "dead_letter")} - set(row["archived"])
 
 

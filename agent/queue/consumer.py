@@ -22,6 +22,8 @@ from agent.executor.executor import Executor
 from agent.executor.policy import parse_headers
 from agent.executor.reports import Delivery, Outcome
 from agent.inventory import Inventory
+from agent.reconcile.request import SyncRequest, is_sync, parse_sync
+from agent.reconcile.worker import SyncWork, unknown_device
 from agent.settings import Settings
 
 log = logging.getLogger("agent.consumer")
@@ -135,13 +137,18 @@ class Consumer:
                                *parse_headers(r["msg_id"], r["headers"])) for r in rows]
         if self.on_read is not None:
             self.on_read(deliveries)
+        syncs: list[tuple[Delivery, SyncRequest]] = []
         for d in deliveries:
             self.inflight[d.msg_id] = d
             try:
-                parsed.append((d, parse_command(d.raw, self._s.max_message_bytes)))
+                if is_sync(d.raw):
+                    syncs.append((d, parse_sync(d.raw)))
+                else:
+                    parsed.append((d, parse_command(d.raw, self._s.max_message_bytes)))
             except PermanentError as exc:
                 self._executor.reject(d, str(exc))
-        if any(self._inventory.get(c.device) is None for _, c in parsed):
+        wanted = [c.device for _, c in parsed] + [r.device for _, r in syncs]
+        if any(self._inventory.get(device) is None for device in wanted):
             await self._inventory.refresh_since(read_at)
         for d, c in parsed:
             device = self._inventory.get(c.device)
@@ -149,6 +156,12 @@ class Consumer:
                 self._executor.reject(d, self._inventory.why_unknown(c.device), c)
             else:
                 self._executor.submit(d, c, device)
+        for d, r in syncs:
+            device = self._inventory.get(r.device)
+            if device is None:
+                self._executor.settle(unknown_device(d, r, self._inventory.why_unknown(r.device)))
+            else:
+                self._executor.submit_sync(SyncWork(d, r, device))
 
     # -- bookkeeping ----------------------------------------------------------------------
 

@@ -10,6 +10,9 @@ import socket
 import time
 from urllib.parse import urlsplit
 
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
 from agent.errors import TransientError
 from agent.vpn import wg
 from agent.vpn.health import CORRELATION_WINDOW, VpnSnapshot, judge_peer, peer_for
@@ -118,24 +121,17 @@ class VpnMonitor:
 
 
 def _local_links(names: list[str]) -> list[str]:
-    from pyroute2 import IPRoute
-
     with IPRoute() as ip:
         return [n for n in names if ip.link_lookup(ifname=n)]
 
 
 def _link_up(name: str) -> bool:
-    from pyroute2 import IPRoute
-
     with IPRoute() as ip:
         idx = ip.link_lookup(ifname=name)
         return bool(idx) and bool(ip.get_links(idx[0])[0]["flags"] & IFF_UP)
 
 
 def _routes(hosts: list[str]) -> dict[str, str | None]:
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
     out: dict[str, str | None] = {}
     with IPRoute() as ip:
         names: dict[int, str] = {}

@@ -1,0 +1,98 @@
+"""`agentctl sync`: ask for an immediate reconcile of a scope, wait for it, and say what was found.
+
+The request goes through the database (agent.request_sync), so this works from any host that can
+reach it; the site's leading agent feeds it to the queue and the agents do the work.
+Exit status: 0 everything in sync or repaired; 1 drift left (a dry run), unreadable services or a
+failed repair; 2 bad request; 3 not finished in time (the run goes on: `agentctl sync --show ID`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import time
+from typing import Any
+
+import asyncpg
+
+from agent.reconcile.leader import current_leader
+from agent.settings import Settings
+
+RUN = """SELECT id, site, kind, device, service, dry_run, requested_by, requested_at, finished_at, devices,
+                checked, in_sync, drifted, repaired, unreadable, failed
+         FROM agent.sync_runs WHERE id = $1"""
+ITEMS = """SELECT device, service, expected, found, result, error FROM agent.sync_items
+           WHERE run = $1 ORDER BY device, service"""
+
+
+async def request(conn: asyncpg.Connection, s: Settings, device: str | None, service: str | None,
+                  dry_run: bool, as_json: bool, timeout: float, wait: bool) -> int:
+    try:
+        run = await conn.fetchval("SELECT agent.request_sync($1, $2, $3, $4, 'manual', $5)", s.site, device,
+                                  service, dry_run, f"agentctl@{socket.gethostname()}")
+    except asyncpg.InvalidParameterValueError as exc:  # agent.request_sync refused the scope
+        hint = getattr(exc, "hint", None)
+        print(f"agentctl: {exc.args[0] if exc.args else exc}" + (f" ({hint})" if hint else ""), file=sys.stderr)
+        return 2
+    if not wait:
+        print(run)
+        return 0
+    if await current_leader(conn, s.site) is None:
+        print(f"agentctl: no agent leads site {s.site} right now: run {run} waits until one does",
+              file=sys.stderr)
+    await _wait(conn, run, timeout)
+    return await show(conn, run, as_json)
+
+
+async def show(conn: asyncpg.Connection, run_id: int, as_json: bool) -> int:
+    run = await conn.fetchrow(RUN, run_id)
+    if run is None:
+        print(f"agentctl: no sync run {run_id}", file=sys.stderr)
+        return 2
+    items = [dict(r) for r in await conn.fetch(ITEMS, run_id)]
+    r = dict(run)
+    if as_json:
+        print(json.dumps({**r, "items": items}, indent=2, default=str))
+    else:
+        print(render(r, items))
+    if r["finished_at"] is None:
+        print(f"agentctl: run {run_id} has not finished yet; see it later with `agentctl sync --show {run_id}`",
+              file=sys.stderr)
+        return 3
+    left = r["drifted"] - r["repaired"] if r["dry_run"] else r["failed"]
+    return 1 if left or r["unreadable"] else 0
+
+
+def render(r: dict[str, Any], items: list[dict[str, Any]]) -> str:
+    scope = ", ".join(f"{k} {r[k]}" for k in ("device", "service") if r[k]) or f"site {r['site']}"
+    what = "dry run: drift is shown, not repaired" if r["dry_run"] else "drift repaired"
+    state = "finished" if r["finished_at"] else "still running"
+    lines = [f"sync run {r['id']} ({scope}; {what}) {state}: {r['devices']} device(s), {r['checked']} service(s) "
+             f"checked: {r['in_sync']} in sync, {r['drifted']} drifted, {r['repaired']} repaired, "
+             f"{r['unreadable']} unreadable, {r['failed']} failed"]
+    for i in items:
+        if i["result"] == "in_sync":
+            continue
+        found = f"expected {i['expected']}, found {i['found'] or '?'}"
+        lines.append(f"  {i['device']}/{i['service']}: {i['result']} ({found})" + (f": {i['error']}" if i["error"]
+                                                                                    else ""))
+    return "\n".join(lines)
+
+
+async def _wait(conn: asyncpg.Connection, run: int, timeout: float) -> bool:
+    kick = asyncio.Event()
+    await conn.add_listener("agent_sync", lambda *_a: kick.set())
+    deadline = time.monotonic() + timeout
+    while True:
+        if await conn.fetchval("SELECT finished_at IS NOT NULL FROM agent.sync_runs WHERE id = $1", run):
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            await asyncio.wait_for(kick.wait(), min(left, 2.0))
+        except TimeoutError:
+            pass
+        kick.clear()

@@ -1,0 +1,75 @@
+"""What the site's leader does: start a scheduled reconcile run when it is due, and feed the devices
+of open runs (scheduled or asked for with `agentctl sync`) to the queue a few at a time.
+
+Feeding keeps at most AGENT_RECONCILE_BATCH devices outstanding, and only one while commands are
+waiting in the queue, so commands go first and a run never floods the queue. It is woken by
+`agent_sync` notifications (a run asked for, a device done) and looks again every FEED_POLL seconds
+while runs are open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import datetime, timezone
+
+from agent.db.queries import Queries
+from agent.reconcile.leader import LeaderConnection
+from agent.reconcile.schedule import Schedule
+
+log = logging.getLogger("agent.reconcile")
+FEED_POLL = 5.0
+IDLE_POLL = 300.0
+
+
+class Reconciler:
+    def __init__(self, queries: Queries, site: str, agent_id: str, schedule: Schedule, batch: int,
+                 retention_days: int) -> None:
+        self._q = queries
+        self._site = site
+        self._agent_id = agent_id
+        self.schedule = schedule
+        self._batch = batch
+        self._retention = retention_days
+        self.runs_started = 0
+        self.next_run: datetime | None = None
+
+    async def lead(self, conn: LeaderConnection) -> None:
+        kick = asyncio.Event()
+        await conn.raw.add_listener("agent_sync", lambda *_a: kick.set())
+        self.next_run = self.schedule.next_after(_now())
+        if self.next_run:
+            log.info("next scheduled reconcile at %s", self.next_run.isoformat(timespec="seconds"),
+                     extra={"action": "reconcile_scheduled"})
+        while True:
+            now = _now()
+            if self.next_run is not None and now >= self.next_run:
+                await self._start_run(conn)
+                self.next_run = self.schedule.next_after(now)
+            sent = await conn.fetch(self._q.feed_sync, self._site, self._q.queue, self._batch, 1)
+            if sent:
+                log.debug("fed %d device(s) to the queue", len(sent), extra={"action": "reconcile_fed"})
+            still_open = bool(sent) or await conn.fetchval(self._q.open_runs, self._site)
+            wait = FEED_POLL if still_open else IDLE_POLL
+            if self.next_run is not None:
+                wait = min(wait, max(0.0, (self.next_run - _now()).total_seconds()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(kick.wait(), wait)
+            kick.clear()
+
+    async def _start_run(self, conn: LeaderConnection) -> None:
+        running = await conn.fetchval(self._q.scheduled_run_open, self._site)
+        if running is not None:
+            log.warning("scheduled reconcile skipped: run %d is still going", running,
+                        extra={"action": "reconcile_skipped", "run": running})
+            return
+        run = await conn.fetchval("SELECT agent.request_sync($1, NULL, NULL, false, 'scheduled', $2)",
+                                  self._site, self._agent_id)
+        self.runs_started += 1
+        log.info("scheduled reconcile run %d started", run, extra={"action": "reconcile_started", "run": run})
+        await conn.execute(self._q.prune_sync, self._site, self._retention)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)

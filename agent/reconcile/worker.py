@@ -1,0 +1,187 @@
+"""Runs one reconcile message inside the device's lane: read back every service that has a desired
+state, and repair what drifted with the same converge operation commands use.
+
+Same rules as commands: one operation at a time per device (the lane, and the device claim across
+agents), the VPN gate (unreachable: the whole message is parked), bounded retries with the retry
+policy's backoff (capped at a few seconds, since the lane waits), and nothing guessed: a service
+that cannot be read is reported unreadable. Between device calls it keeps a pace, so a
+reconcile never floods a device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+
+from agent.db.queries import Queries
+from agent.drivers.base import Device, Driver
+from agent.drivers.registry import Drivers
+from agent.errors import AgentError, ConfigError, PermanentError, TransientError
+from agent.executor.converge import Observation, converge, observe
+from agent.executor.deadlines import Deadlines
+from agent.executor.policy import ParkPolicy, RetryPolicy
+from agent.executor.reports import Delivery, EventRow, Outcome, StateUpdate
+from agent.reconcile.judge import Finding, needs_repair, summary
+from agent.reconcile.request import SyncRequest
+
+log = logging.getLogger("agent.reconcile")
+INLINE_DELAY_CAP = 5.0
+T = TypeVar("T")
+
+
+@dataclass
+class SyncWork:
+    delivery: Delivery
+    request: SyncRequest
+    device: Device
+
+
+@dataclass(frozen=True)
+class ReconcileTuning:
+    confirm: int = 1            # readings that must differ before drift is repaired
+    confirm_delay: float = 2.0  # seconds between them
+    pace: float = 0.2           # seconds between a device's reconcile calls
+
+
+class _Parked(Exception):
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+class SyncWorker:
+    def __init__(self, pool: asyncpg.Pool, queries: Queries, drivers: Drivers, deadlines: Deadlines,
+                 gate: Callable[[Device], str | None], policy: Callable[[], tuple[RetryPolicy, float]],
+                 tuning: ReconcileTuning, parking: ParkPolicy | None = None) -> None:
+        self._pool = pool
+        self._q = queries
+        self._drivers = drivers
+        self._deadlines = deadlines
+        self._gate = gate
+        self._policy = policy  # (retry policy, device timeout), read fresh: both are live settings
+        self.tuning = tuning
+        self._parking = parking or ParkPolicy()
+
+    async def handle(self, w: SyncWork) -> Outcome:
+        d, req, dev = w.delivery, w.request, w.device
+        try:
+            if why := self._gate(dev):
+                raise _Parked(why)
+            async with self._pool.acquire() as conn:
+                rows = await conn.fetch(self._q.desired_for_sync, dev.id, req.service)
+            driver = self._drivers.get(dev.driver)
+            events: list[EventRow] = []
+            states: list[StateUpdate] = []
+            findings = []
+            for i, row in enumerate(rows):
+                if i:
+                    await asyncio.sleep(self.tuning.pace)
+                findings.append(await self._check(w, driver, row["service"], row["desired"], events, states))
+        except _Parked as p:
+            delay = self._parking.delay(d.bounces)
+            log.info("reconcile parked for up to %.0fs: %s", delay, p.why, extra=_fields(w, "parked"))
+            return Outcome(d, "park", [self._event(w, "parked", None, error=p.why)], retry_delay=delay,
+                           reconcile=True)
+        except (PermanentError, ConfigError) as exc:  # e.g. its driver is gone: report, do not retry forever
+            return unknown_device(d, req, str(exc))
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError, AgentError) as exc:
+            policy, _ = self._policy()
+            delay = policy.delay(d.attempt)
+            log.warning("reconcile of %s will be retried in %.1fs: %s", dev.id, delay, exc,
+                        extra=_fields(w, "retried"))
+            return Outcome(d, "retry", [self._event(w, "retried", None, error=str(exc))], retry_delay=delay,
+                           reconcile=True)
+        result = summary(findings)
+        log.info("reconciled %s: %d checked, %d drifted, %d repaired, %d unreadable", dev.id, result["checked"],
+                 result["drifted"], result["repaired"], result["unreadable"], extra=_fields(w, "reconciled"))
+        return Outcome(d, "archive", events, sync={"run": req.run, "device": dev.id, **result}, extra_states=states,
+                       reconcile=True)
+
+    async def _check(self, w: SyncWork, driver: Driver, service: str, expected: str,
+                     events: list[EventRow], states: list[StateUpdate]) -> Finding:
+        dev, dry = w.device, w.request.dry_run
+        readings: list[str] = []
+        while True:
+            try:
+                obs = await self._retrying(dev, lambda: self._read(driver, dev, service))
+            except AgentError as exc:
+                events.append(self._event(w, "unreadable", service, desired=expected, error=str(exc)))
+                return Finding(service, expected, readings[-1] if readings else None, "unreadable", str(exc))
+            readings.append(obs.observed)
+            if obs.observed == expected or needs_repair(expected, readings, self.tuning.confirm):
+                break
+            await asyncio.sleep(self.tuning.confirm_delay)  # a second reading must confirm the drift
+        found = readings[-1]
+        if found == expected:
+            states.append(StateUpdate(dev.id, service, observed=found, observed_at=obs.observed_at,
+                                      verified_at=obs.observed_at))  # a reading that matches verifies
+            return Finding(service, expected, found, "in_sync")
+        what = f"expected {expected}, found {found}"
+        events.append(self._event(w, "drift", service, desired=expected, observed=found, error=what))
+        states.append(StateUpdate(dev.id, service, observed=found, observed_at=obs.observed_at,
+                                  error=f"drift: {what}"))
+        log.warning("drift on %s/%s: %s%s", dev.id, service, what, " (dry run: left as it is)" if dry else "",
+                    extra={**_fields(w, "drift"), "service": service})
+        if dry:
+            return Finding(service, expected, found, "drift")
+        started = time.monotonic()
+        try:
+            fixed = await self._retrying(dev, lambda: self._converge(driver, dev, service, expected))
+        except AgentError as exc:
+            events.append(self._event(w, "failed", service, desired=expected, observed=found, error=str(exc)))
+            states.append(StateUpdate(dev.id, service, error=f"repair failed: {exc}"))
+            return Finding(service, expected, found, "failed", str(exc))
+        ms = round((time.monotonic() - started) * 1000, 3)
+        events.append(self._event(w, "repaired", service, desired=expected, observed=fixed.observed,
+                                  duration_ms=ms, error=what))
+        states.append(StateUpdate(dev.id, service, observed=fixed.observed, observed_at=fixed.observed_at,
+                                  applied_at=fixed.applied_at, verified_at=fixed.verified_at))
+        log.info("repaired %s/%s", dev.id, service, extra={**_fields(w, "repaired"), "service": service})
+        return Finding(service, expected, fixed.observed, "repaired")
+
+    async def _read(self, driver: Driver, dev: Device, service: str) -> Observation:
+        _, timeout = self._policy()
+        return await observe(driver, dev, service, timeout, self._deadlines)
+
+    async def _converge(self, driver: Driver, dev: Device, service: str, desired: str) -> Observation:
+        _, timeout = self._policy()
+        obs = await converge(driver, dev, service, desired, timeout, self._deadlines)  # type: ignore[arg-type]
+        assert obs is not None
+        return obs
+
+    async def _retrying(self, dev: Device, op: Callable[[], Awaitable[T]]) -> T:
+        """Transient failures are retried here with backoff; the gate turning red parks the message."""
+        policy, _ = self._policy()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await op()
+            except PermanentError:
+                raise
+            except TransientError:
+                if why := self._gate(dev):
+                    raise _Parked(why) from None
+                if policy.exhausted(attempt):
+                    raise
+            await asyncio.sleep(min(INLINE_DELAY_CAP, policy.delay(attempt)))
+
+    def _event(self, w: SyncWork, kind: str, service: str | None, **kw: Any) -> EventRow:
+        return EventRow(kind, w.device.id, service, w.delivery.msg_id, attempt=w.delivery.attempt,
+                        meta={"run": w.request.run, "dry_run": w.request.dry_run}, **kw)
+
+
+def unknown_device(d: Delivery, req: SyncRequest, why: str) -> Outcome:
+    """A device that cannot be worked on at all (removed since the run was asked for, its driver
+    gone): reported as unreadable, and the run goes on."""
+    finding = Finding("*", None, None, "unreadable", why)
+    return Outcome(d, "archive", sync={"run": req.run, "device": req.device, **summary([finding])}, reconcile=True)
+
+
+def _fields(w: SyncWork, action: str) -> dict[str, Any]:
+    return {"action": action, "device": w.device.id, "msg_id": w.delivery.msg_id, "run": w.request.run}

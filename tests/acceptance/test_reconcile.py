@@ -1,0 +1,154 @@
+"""Reconciliation with real agentd processes: one leader per site, takeover, drift repaired,
+manual sync and its dry run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+import pytest
+
+from agent.reconcile.leader import current_leader
+from tests.support.agents import agentctl, spawn_agentd
+from tests.support.db import add_device, send
+from tests.support.wait import until
+
+pytestmark = pytest.mark.acceptance
+
+TAKEOVER_BOUND = 5.0  # docs/operations.md: a killed leader is replaced at once (plus a moment to notice)
+
+
+async def leader_of(db, site: str = "default") -> str | None:
+    row = await current_leader(db, site)
+    return row["application_name"].removeprefix("agentd leader ") if row else None
+
+
+def device_file(tmp_path, name: str = "r1"):
+    return tmp_path / f"{name}.json"
+
+
+async def setup_device(db, tmp_path, name: str = "r1", **states: str) -> None:
+    """A sim device whose state lives in a file (so the test can change it behind the agent's back),
+    with the given services commanded and verified first."""
+    await add_device(db, name, "sim", {"state_file": str(device_file(tmp_path, name))})
+    for service, state in states.items():
+        await send(db, {"device": name, "service": service, "state": state})
+
+
+def read_device(tmp_path, name: str = "r1") -> dict[str, str]:
+    return json.loads(device_file(tmp_path, name).read_text() or "{}")
+
+
+def edit_device(tmp_path, name: str = "r1", **states: str) -> None:
+    """Someone changes the device by hand."""
+    path = device_file(tmp_path, name)
+    path.write_text(json.dumps({**read_device(tmp_path, name), **states}))
+
+
+async def verified(db, device: str, service: str, state: str) -> bool:
+    row = await db.fetchrow("SELECT desired, observed FROM agent.service_state WHERE device = $1 AND service = $2",
+                            device, service)
+    return row is not None and (row["desired"], row["observed"]) == (state, state)
+
+
+async def test_one_leader_per_site_and_a_killed_leader_is_replaced_at_once(db, dsn):
+    first = spawn_agentd(dsn, agent_id="a1", reconcile_schedule="off")
+    await until(lambda: leader_of(db), timeout=15, what="a leader elected")
+    second = spawn_agentd(dsn, agent_id="a2", reconcile_schedule="off")
+    await until(lambda: db.fetchval("SELECT count(*) = 2 FROM agent.agents WHERE state = 'ready'"), timeout=15,
+                what="both agents ready")
+    assert await leader_of(db) == "a1"
+    waiting = await db.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+    assert waiting == 1  # a2 waits for the lock in Postgres, as a standby
+
+    first.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    await until(lambda: _is(leader_of(db), "a2"), timeout=TAKEOVER_BOUND, what="a2 takes over")
+    took = time.monotonic() - killed
+    assert second.poll() is None, f"takeover after {took:.2f}s"
+
+
+async def test_a_leader_whose_connection_is_cut_stops_leading_and_another_takes_over(db, dsn):
+    spawn_agentd(dsn, agent_id="a1", reconcile_schedule="off", leader_check_interval=1)
+    await until(lambda: _is(leader_of(db), "a1"), timeout=15, what="a1 leads")
+    spawn_agentd(dsn, agent_id="a2", reconcile_schedule="off", leader_check_interval=1)
+    await until(lambda: db.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"),
+                timeout=15, what="a2 waiting")
+    cut = await db.fetchval("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE application_name = 'agentd leader a1'")
+    assert cut
+    await until(lambda: _is(leader_of(db), "a2"), timeout=TAKEOVER_BOUND, what="a2 takes over")
+    # a1 reconnects as the standby, not as a second leader
+    await until(lambda: db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                                    "'agentd leader a1'"), timeout=15, what="a1 back as standby")
+    assert await leader_of(db) == "a2"
+
+
+async def test_drift_made_behind_the_agents_back_is_repaired_within_one_cycle(db, dsn, tmp_path):
+    await setup_device(db, tmp_path, wifi="on", voip="off")
+    spawn_agentd(dsn, reconcile_schedule="2")  # a cycle every 2 s
+    await until(lambda: verified(db, "r1", "wifi", "on"), timeout=15, what="commands applied")
+    await until(lambda: verified(db, "r1", "voip", "off"), timeout=15, what="commands applied")
+
+    edit_device(tmp_path, wifi="off", voip="on")  # someone edits the router by hand
+    await until(lambda: read_device(tmp_path) == {"wifi": "on", "voip": "off"}, timeout=8,
+                what="drift repaired by the next cycle")
+    drift = await db.fetch("SELECT service, desired, observed, error FROM agent.events WHERE kind = 'drift' "
+                           "ORDER BY service")
+    assert [(r["service"], r["desired"], r["observed"]) for r in drift] == [("voip", "off", "on"),
+                                                                            ("wifi", "on", "off")]
+    assert drift[0]["error"] == "expected off, found on"
+    repaired = await db.fetchval("SELECT count(*) FROM agent.events WHERE kind = 'repaired'")
+    assert repaired == 2
+    run = await until(lambda: db.fetchrow("SELECT * FROM agent.sync_runs WHERE repaired > 0 AND finished_at "
+                                          "IS NOT NULL"), timeout=5, what="the run recorded")
+    assert (run["kind"], run["checked"], run["drifted"], run["repaired"]) == ("scheduled", 2, 2, 2)
+    assert await verified(db, "r1", "wifi", "on") and await verified(db, "r1", "voip", "off")
+
+
+async def test_manual_sync_dry_run_shows_drift_and_sync_repairs_it(db, dsn, tmp_path):
+    await setup_device(db, tmp_path, wifi="on")
+    await setup_device(db, tmp_path, "r2", wifi="off")
+    spawn_agentd(dsn, reconcile_schedule="off")
+    await until(lambda: verified(db, "r2", "wifi", "off"), timeout=15, what="commands applied")
+    await until(lambda: verified(db, "r1", "wifi", "on"), timeout=15, what="commands applied")
+    edit_device(tmp_path, wifi="off")
+
+    dry = await asyncio.to_thread(agentctl, dsn, "sync", "--dry-run", check=False)
+    assert dry.returncode == 1, dry.stderr
+    assert "2 device(s), 2 service(s) checked: 1 in sync, 1 drifted, 0 repaired" in dry.stdout
+    assert "r1/wifi: drift (expected on, found off)" in dry.stdout
+    assert read_device(tmp_path) == {"wifi": "off"}  # nothing repaired
+
+    fix = await asyncio.to_thread(agentctl, dsn, "sync", "--device", "r1", "--json", check=False)
+    assert fix.returncode == 0, fix.stderr
+    report = json.loads(fix.stdout)
+    assert (report["devices"], report["repaired"]) == (1, 1)
+    assert report["items"] == [{"device": "r1", "service": "wifi", "expected": "on", "found": "on",
+                                "result": "repaired", "error": None}]
+    assert read_device(tmp_path) == {"wifi": "on"}
+
+    unknown = await asyncio.to_thread(agentctl, dsn, "sync", "--device", "nope", check=False)
+    assert unknown.returncode == 2 and "no device 'nope' in site 'default'" in unknown.stderr
+
+
+async def test_reconcile_never_overrides_a_newer_command(db, dsn, tmp_path):
+    """A sync asked for while newer commands arrive converges to the newest desired state."""
+    await setup_device(db, tmp_path, wifi="on")
+    spawn_agentd(dsn, reconcile_schedule="off")
+    await until(lambda: verified(db, "r1", "wifi", "on"), timeout=15, what="first command")
+    edit_device(tmp_path, wifi="off")
+    run = int((await asyncio.to_thread(agentctl, dsn, "sync", "--no-wait")).stdout)
+    await send(db, {"device": "r1", "service": "wifi", "state": "off"})  # newer than what the sync saw asked
+    await send(db, {"device": "r1", "service": "wifi", "state": "on"})
+    await send(db, {"device": "r1", "service": "wifi", "state": "off"})
+    await until(lambda: db.fetchval("SELECT finished_at IS NOT NULL FROM agent.sync_runs WHERE id = $1", run),
+                timeout=15, what="sync finished")
+    await until(lambda: verified(db, "r1", "wifi", "off"), timeout=15, what="newest command applied")
+    assert read_device(tmp_path) == {"wifi": "off"}
+
+
+async def _is(coro, expected) -> bool:
+    return await coro == expected
