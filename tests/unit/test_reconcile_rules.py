@@ -1,0 +1,41 @@
+"""Pure rules of reconciliation: the schedule, when drift is confirmed, how findings are counted."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from agent.errors import ConfigError
+from agent.reconcile.judge import Finding, needs_repair, summary
+from agent.reconcile.schedule import parse_schedule
+from agent.settings import load_settings
+
+T0 = datetime(2026, 11, 23, 10, 3, 7, tzinfo=timezone.utc)
+
+
+def test_cron_and_interval_schedules():
+    assert parse_schedule("*/5 * * * *").next_after(T0) == T0.replace(minute=5, second=0)
+    assert (parse_schedule("90").next_after(T0) - T0).total_seconds() == 90
+    assert parse_schedule("off").next_after(T0) is None
+
+
+@pytest.mark.parametrize("bad", ["*/5 * * *", "61 * * * *", "0.5", "often"])
+def test_a_bad_schedule_is_refused_at_start_naming_the_setting(bad):
+    with pytest.raises(ConfigError, match="AGENT_RECONCILE_SCHEDULE"):
+        load_settings(None, database_url="postgresql://x/y", reconcile_schedule=bad)
+
+
+def test_drift_needs_as_many_differing_readings_as_asked():
+    assert needs_repair("on", ["off"], confirm=1)
+    assert not needs_repair("on", ["off"], confirm=2)
+    assert needs_repair("on", ["off", "off"], confirm=2)
+    assert not needs_repair("on", ["off", "on"], confirm=1)
+
+
+def test_summary_counts_drift_repairs_and_unreadable_apart():
+    s = summary([Finding("a", "on", "on", "in_sync"), Finding("b", "on", "on", "repaired"),
+                 Finding("c", "off", "on", "drift"), Finding("d", "on", None, "unreadable", "timeout"),
+                 Finding("e", "on", "off", "failed", "HTTP 500")])
+    assert (s["checked"], s["in_sync"], s["drifted"], s["repaired"], s["unreadable"], s["failed"]) == (5, 1, 3, 1, 1, 1)
+    assert [i["service"] for i in s["items"]] == ["a", "b", "c", "d", "e"]
