@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     reconcile_pace: float = Field(0.2, ge=0, le=60, description="Seconds between a device's reconcile calls.")
     reconcile_batch: int = Field(8, ge=1, le=1000, description="Devices of a run in the queue at once.")
     reconcile_retention_days: int = Field(7, ge=1, le=3650, description="Days finished runs are kept.")
-    leader_check_interval: float = Field(10.0, gt=0, le=300, description="Leader's connection check, s.")
+    leader_check_interval: float = Field(30.0, gt=0, le=300, description="Leader's connection check, s.")
 
     @field_validator("reconcile_schedule")
     @classmethod

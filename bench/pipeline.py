@@ -202,7 +202,7 @@ async def idle_statements(admin_dsn: str, log_file: Path, seconds: float) -> dic
         await admin.close()
     if os.environ.get("BENCH_DUMP_LOG"):
         Path(os.environ["BENCH_DUMP_LOG"]).write_text(window)
-    statements = re.findall(r"app=(agentd\S*) LOG:  (?:statement|execute [^:]*): (.*)", window)
+    statements = re.findall(r"app=(agentd[^\n]*?) LOG:  (?:statement|execute [^:]*): (.*)", window)
     kinds: dict[str, int] = {}
     for _app, text in statements:
         key = " ".join(text.split())[:60]

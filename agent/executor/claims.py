@@ -39,10 +39,6 @@ class DeviceClaims:
         self._claims: list[tuple[str, asyncio.Future[bool]]] = []
         self._releases: list[str] = []
         self._wake = asyncio.Event()
-        self.flushes = 0
-
-    def holds(self, device: str) -> bool:
-        return device in self._held
 
     async def claim(self, device: str) -> bool:
         """True when this agent may operate the device until it releases it."""
@@ -76,7 +72,6 @@ class DeviceClaims:
                 self._conn.terminate()
 
     async def _flush(self, claims: list[tuple[str, asyncio.Future[bool]]], releases: list[str]) -> None:
-        self.flushes += 1
         try:
             conn = await self._connection()
             row = await conn.fetchrow(FLUSH, DEVICE_LOCK_CLASS, [d for d, _ in claims], releases, timeout=10)

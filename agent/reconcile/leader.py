@@ -12,7 +12,8 @@ How soon another agent leads after the leader is gone:
 - leader's host or network gone: when Postgres notices the dead client: TCP keepalive on this
   connection is idle 10 s + 3 probes 5 s apart, so about 25 s (no keepalive on a Unix socket:
   there, the kernel tells Postgres when the process dies).
-The leader itself notices a silent connection within LEADER_CHECK (10 s) + a 5 s timeout and stops.
+The leader itself notices a closed connection at once, a silent one within AGENT_LEADER_CHECK_INTERVAL
+(30 s) + a 5 s timeout, and stops; by then it could not act anyway (see above).
 """
 
 from __future__ import annotations
@@ -63,13 +64,12 @@ class LeaderConnection:
 
 
 class Leadership:
-    def __init__(self, dsn: str, site: str, agent_id: str, check_interval: float = 10.0) -> None:
+    def __init__(self, dsn: str, site: str, agent_id: str, check_interval: float = 30.0) -> None:
         self._dsn = dsn
         self.site = site
         self._agent_id = agent_id
         self._check_interval = check_interval
         self.leading = False
-        self.terms = 0  # times this agent became leader
 
     async def run(self, lead: Callable[[LeaderConnection], Awaitable[None]]) -> None:
         delay = 1.0
@@ -109,7 +109,6 @@ class Leadership:
 
     async def _lead(self, conn: LeaderConnection, lead: Callable[[LeaderConnection], Awaitable[None]]) -> None:
         self.leading = True
-        self.terms += 1
         log.info("leading reconciliation of site %s", self.site, extra={"action": "leader_elected"})
         lost = asyncio.Event()
         conn.raw.add_termination_listener(lambda _c: lost.set())

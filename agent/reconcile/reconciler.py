@@ -32,7 +32,6 @@ class Reconciler:
         self.schedule = schedule
         self._batch = batch
         self._retention = retention_days
-        self.runs_started = 0
         self.next_run: datetime | None = None
 
     async def lead(self, conn: LeaderConnection) -> None:
@@ -66,7 +65,6 @@ class Reconciler:
             return
         run = await conn.fetchval("SELECT agent.request_sync($1, NULL, NULL, false, 'scheduled', $2)",
                                   self._site, self._agent_id)
-        self.runs_started += 1
         log.info("scheduled reconcile run %d started", run, extra={"action": "reconcile_started", "run": run})
         await conn.execute(self._q.prune_sync, self._site, self._retention)
 

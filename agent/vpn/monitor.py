@@ -147,13 +147,3 @@ def _routes(hosts: list[str]) -> dict[str, str | None]:
             out[host] = names[oif]
     return out
 
-
-async def probe_tcp(host: str, port: int, timeout: float) -> None:
-    from agent.errors import UnreachableError
-
-    try:
-        async with asyncio.timeout(timeout):
-            _r, writer = await asyncio.open_connection(host, port)
-    except (OSError, TimeoutError) as exc:
-        raise UnreachableError(f"cannot connect to {host}:{port}: {exc or 'timeout'}") from None
-    writer.close()
