@@ -1,0 +1,88 @@
+"""Contract target for `http`: the RouterOS-like test HTTP device (tests/support/httpdevice.py).
+
+The device here checks HTTP Basic credentials (the plain test device records them but accepts any),
+so a wrong credential can be tried; the slow device is a TCP server that never answers, and the
+unreachable one a loopback port that refuses connections.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from agent.drivers.base import CredentialStore, Device, DriverContext
+from tests.drivers.target import Target
+from tests.support.httpdevice import HttpDevice
+from tests.support.slowserver import SlowServer, refusing_port
+
+USER, PASSWORD, WRONG = "admin", "pw-Contract-7f3c9e", "pw-Wrong-41d0aa"
+OPTIONS = {"read_path": "/rest/ppp/secret/{service}", "set_method": "PATCH", "state_pointer": "/disabled",
+           "on_value": "false", "off_value": "true", "set_body": {"disabled": "{value}"}, "timeout": 1.0}
+
+
+def basic(user: str, password: str) -> str:
+    return base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+class CheckedHttpDevice(HttpDevice):
+    """The test device, refusing /rest/ requests without the right Basic credentials (401)."""
+
+    def __init__(self, user: str, password: str) -> None:
+        super().__init__()
+        expected = f"Basic {basic(user, password)}"
+
+        @web.middleware
+        async def auth(request: web.Request,
+                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+            if request.path.startswith("/rest/") and request.headers.get("Authorization") != expected:
+                return web.json_response({"error": 401, "message": "not authorized"}, status=401)
+            return await handler(request)
+
+        self.app.middlewares.append(auth)
+
+
+@contextlib.asynccontextmanager
+async def target(tmp_path: Path) -> AsyncIterator[Target]:
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "box-admin").write_text(json.dumps({"username": USER, "password": PASSWORD}))
+    (creds / "box-wrong").write_text(json.dumps({"username": USER, "password": WRONG}))
+    box = await CheckedHttpDevice(USER, PASSWORD).start()
+    box.secrets = {"alice": "true"}
+    slow = await SlowServer().start()
+
+    async def observe(service: str) -> str:
+        return "off" if box.secrets[service] == "true" else "on"
+
+    def device(address: str, credential: str = "box-admin") -> Device:
+        return Device("box", "http", address, options=OPTIONS, credential=credential)
+
+    try:
+        with refusing_port() as closed:
+            yield Target(
+                driver="http",
+                context=DriverContext(device_timeout=5.0, credentials=CredentialStore(creds)),
+                device=device(f"127.0.0.1:{box.port}"),
+                service="alice",
+                missing_service="nobody",
+                invalid_service="../secret",
+                unreachable=device(f"127.0.0.1:{closed}"),
+                slow=device(f"127.0.0.1:{slow.port}"),
+                secrets=[PASSWORD, basic(USER, PASSWORD), WRONG, basic(USER, WRONG)],
+                observe=observe,
+                bad_credential=device(f"127.0.0.1:{box.port}", "box-wrong"),
+                known_gaps={
+                    "invalid_service_key_refused_before_io":
+                        "http has no service-key syntax: any string is URL-quoted into read_path and sent",
+                    "wrong_credential_is_config_error":
+                        "http maps every 4xx, 401 included, to PermanentError",
+                },
+            )
+    finally:
+        await slow.stop()
+        await box.stop()
