@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from agent import admin
+from agent import admin, devicetest
 from agent.cli import status as status_cli
 from agent.cli import sync as sync_cli
 from agent.contract import json_schema
@@ -170,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp = dev.add_parser("import", help="add or replace devices from a TOML or JSON file")
     imp.add_argument("file")
     imp.set_defaults(func=device_import)
+    tst = dev.add_parser("test", help="connect, probe and (with --service) read a device; changes nothing "
+                         "(exit 1 when a step fails)")
+    tst.add_argument("id")
+    tst.add_argument("--service", help="also read this service's state")
+    tst.add_argument("--json", action="store_true")
+    tst.set_defaults(func=devicetest.cli)
 
     enq = sub.add_parser("enqueue", help="send one command (through agent.enqueue)")
     enq.add_argument("device")
