@@ -1,0 +1,251 @@
+"""RouterOS v7 REST, the pure part: service keys, requests, replies, plans and error mapping.
+
+No I/O here: routeros.py sends the requests this module builds and hands the replies back.
+Wire facts (MikroTik's REST API help page): every value in a reply is a string ("true"/"false");
+`POST /rest/<menu>/print` takes `.proplist` and `.query` (a stack of API query words, "#|" ORs the
+top two); `PATCH /rest/<menu>/<.id>` sets, `PUT /rest/<menu>` adds, `DELETE /rest/<menu>/<.id>`
+removes (204, no body); errors are `{"error": <status>, "message": ..., "detail": ...}`.
+`.id` values ("*1A") change across reboots, so every operation looks its objects up again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.drivers.base import State
+from agent.errors import AgentError, ConfigError, PermanentError, TransientError
+from agent.text import clean
+
+Row = dict[str, str]
+LIST_MENU = "ip/firewall/address-list"
+LIST_PREFIX = LIST_MENU + "/"
+_ID = re.compile(r"^\*[0-9A-Fa-f]{1,16}$")
+_TEXT = re.compile(r"^[^\x00-\x1f\x7f]{1,255}$")
+_ADDRESS = re.compile(r"^[0-9A-Za-z.:/_-]{1,100}$")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A RouterOS menu whose items are switched by `disabled`, and where live sessions hang off it."""
+
+    prefix: str
+    menu: str
+    sessions: str | None = None   # the menu of live sessions to end on "off"
+    session_key: str = "name"     # the session's field that names the item
+
+
+KINDS = (Kind("ppp/secret/", "ppp/secret", "ppp/active", "name"),
+         Kind("ip/hotspot/user/", "ip/hotspot/user", "ip/hotspot/active", "user"),
+         Kind("interface/", "interface"),
+         Kind("queue/simple/", "queue/simple"))
+
+
+@dataclass(frozen=True)
+class Service:
+    key: str
+    kind: Kind | None   # None: an address-list entry
+    name: str           # the item's name, or the entry's address
+    list: str = ""      # the address list (address-list entries only)
+
+    def __str__(self) -> str:
+        return self.key
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    body: Any = None
+    missing_ok: bool = False  # a 404 means it is gone already (a session that ended by itself)
+
+
+def parse_service(key: str) -> Service:
+    """A service key, checked before any I/O; PermanentError says which syntax is expected."""
+    if key.startswith(LIST_PREFIX):
+        name, _, address = key[len(LIST_PREFIX):].partition("/")
+        if _TEXT.match(name) and _ADDRESS.match(address):
+            return Service(key, None, address, name)
+    for kind in KINDS:
+        if key.startswith(kind.prefix) and _TEXT.match(key[len(kind.prefix):]):
+            return Service(key, kind, key[len(kind.prefix):])
+    raise PermanentError(f"routeros: service key {clean(key, 100)!r} is not one of ppp/secret/<name>, "
+                         f"ip/hotspot/user/<name>, interface/<name>, queue/simple/<name>, "
+                         f"ip/firewall/address-list/<list>/<address>")
+
+
+# -- requests ------------------------------------------------------------------------------
+
+def any_of(field: str, values: Sequence[str]) -> list[str]:
+    """Query words matching items whose `field` equals one of `values` (one print for many)."""
+    words = [f"{field}={v}" for v in values]
+    return words + (["#" + "|" * (len(values) - 1)] if len(values) > 1 else [])
+
+
+def any_pair(pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """Query words matching address-list entries whose (list, address) is one of `pairs`."""
+    words = [w for lst, addr in pairs for w in (f"list={lst}", f"address={addr}", "#&")]
+    return words + (["#" + "|" * (len(pairs) - 1)] if len(pairs) > 1 else [])
+
+
+def print_request(menu: str, proplist: Sequence[str], query: Sequence[str]) -> Request:
+    return Request("POST", f"/rest/{menu}/print", {".proplist": list(proplist), ".query": list(query)})
+
+
+def reads_for(services: Iterable[Service]) -> dict[str, Request]:
+    """The prints that show the state of all `services`: one per menu, whatever their number."""
+    names: dict[Kind, list[str]] = {}
+    pairs: list[tuple[str, str]] = []
+    for s in services:
+        if s.kind is None:
+            if (s.list, s.name) not in pairs:
+                pairs.append((s.list, s.name))
+        elif s.name not in names.setdefault(s.kind, []):
+            names[s.kind].append(s.name)
+    reads = {}
+    for kind, items in names.items():
+        reads[kind.menu] = print_request(kind.menu, [".id", "name", "disabled"], any_of("name", items))
+        if kind.sessions:
+            reads[kind.sessions] = print_request(kind.sessions, [".id", kind.session_key],
+                                                 any_of(kind.session_key, items))
+    if pairs:
+        reads[LIST_MENU] = print_request(LIST_MENU, [".id", "list", "address", "disabled", "comment"],
+                                         any_pair(pairs))
+    return reads
+
+
+def set_disabled(menu: str, item_id: str, disabled: bool) -> Request:
+    return Request("PATCH", f"/rest/{menu}/{item_id}", {"disabled": "true" if disabled else "false"})
+
+
+def remove(menu: str, item_id: str, missing_ok: bool = False) -> Request:
+    return Request("DELETE", f"/rest/{menu}/{item_id}", missing_ok=missing_ok)
+
+
+# -- replies -------------------------------------------------------------------------------
+
+def parse_rows(doc: Any, what: str) -> list[Row]:
+    """A print reply: a list of objects whose values are all strings, with a sane `.id`."""
+    if not isinstance(doc, list) or not all(isinstance(r, dict) for r in doc):
+        raise PermanentError(f"{what}: expected a list of objects, got {clean(json.dumps(doc), 200)}")
+    for row in doc:
+        bad = [k for k, v in row.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad or (".id" in row and not _ID.match(row[".id"])):
+            raise PermanentError(f"{what}: malformed item in the reply: {clean(json.dumps(row), 200)}")
+    return doc
+
+
+def is_disabled(row: Row, what: str) -> bool:
+    value = row.get("disabled", "false")
+    if value in ("true", "yes"):
+        return True
+    if value in ("false", "no"):
+        return False
+    raise PermanentError(f"{what}: disabled={clean(value, 50)!r} is neither true nor false")
+
+
+def item(service: Service, replies: Mapping[str, list[Row]]) -> Row:
+    """The one item a service names; a missing or ambiguous item is a permanent error."""
+    assert service.kind is not None
+    rows = [r for r in replies[service.kind.menu] if r.get("name") == service.name]
+    if not rows:
+        raise PermanentError(f"{service}: no {service.kind.menu} item named {clean(service.name, 100)!r} "
+                             f"on the router")
+    if len(rows) > 1 or ".id" not in rows[0]:
+        raise PermanentError(f"{service}: {len(rows)} items named {clean(service.name, 100)!r} without a "
+                             f"usable .id: refusing to guess")
+    return rows[0]
+
+
+def sessions(service: Service, replies: Mapping[str, list[Row]]) -> list[Row]:
+    kind = service.kind
+    if kind is None or kind.sessions is None:
+        return []
+    return [r for r in replies[kind.sessions] if r.get(kind.session_key) == service.name and ".id" in r]
+
+
+def entries(service: Service, replies: Mapping[str, list[Row]]) -> list[Row]:
+    return [r for r in replies[LIST_MENU]
+            if r.get("list") == service.list and r.get("address") == service.name and ".id" in r]
+
+
+def state_of(service: Service, replies: Mapping[str, list[Row]]) -> State:
+    """On/off as the router has it. A disabled secret whose session is still up is "on": the
+    customer is online, and applying "off" again ends the session."""
+    if service.kind is None:
+        return "off" if any(not is_disabled(e, str(service)) for e in entries(service, replies)) else "on"
+    row = item(service, replies)
+    return "on" if not is_disabled(row, str(service)) or sessions(service, replies) else "off"
+
+
+def plan(service: Service, replies: Mapping[str, list[Row]], state: State,
+         comment: str, manage_foreign: bool) -> list[Request]:
+    """The writes that put `service` into `state`, given what the router has now (may be none)."""
+    if service.kind is None:
+        return plan_entry(service, entries(service, replies), state, comment, manage_foreign)
+    kind, row = service.kind, item(service, replies)
+    disabled = is_disabled(row, str(service))
+    if state == "on":
+        return [set_disabled(kind.menu, row[".id"], False)] if disabled else []
+    writes = [] if disabled else [set_disabled(kind.menu, row[".id"], True)]
+    return writes + [remove(kind.sessions, s[".id"], missing_ok=True)
+                     for s in sessions(service, replies) if kind.sessions]
+
+
+def plan_entry(service: Service, found: list[Row], state: State, comment: str, manage_foreign: bool) -> list[Request]:
+    """Address lists: off adds an entry marked with `comment`; on removes the marked ones (and,
+    only with manage_foreign_entries, the operator's own enabled entries)."""
+    ours = [e for e in found if e.get("comment") == comment]
+    enabled = [e for e in found if not is_disabled(e, str(service))]
+    if state == "off":
+        if enabled:
+            return []
+        if ours:
+            return [set_disabled(LIST_MENU, ours[0][".id"], False)]
+        return [Request("PUT", f"/rest/{LIST_MENU}", {"list": service.list, "address": service.name,
+                                                     "comment": comment})]
+    foreign = [e for e in enabled if e not in ours]
+    if foreign and not manage_foreign:
+        raise PermanentError(f"{service}: {len(foreign)} enabled entr{'y' if len(foreign) == 1 else 'ies'} not "
+                             f"added by the agent (comment {clean(foreign[0].get('comment', ''), 80)!r}); "
+                             f"set manage_foreign_entries=true to let the agent remove them")
+    return [remove(LIST_MENU, e[".id"]) for e in ours + foreign]
+
+
+# -- errors --------------------------------------------------------------------------------
+
+def error_text(body: bytes) -> str:
+    """The router's `message: detail`, escaped and bounded; the raw text when it is not its JSON."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return clean(body.decode("utf-8", "replace").strip(), 200)
+    if isinstance(doc, dict) and "message" in doc:
+        detail = doc.get("detail")
+        return clean(f"{doc['message']}" + (f": {detail}" if detail else ""), 200)
+    return clean(json.dumps(doc), 200)
+
+
+def classify(status: int, body: bytes, what: str, login: str, location: str | None = None) -> AgentError | None:
+    """The error an HTTP status from RouterOS means (None for success). `login` names the user and
+    the credential file, never the password."""
+    if status < 300:
+        return None
+    if status < 400:
+        return PermanentError(f"{what}: HTTP {status} redirect to {clean(location or '(no Location)', 200)!r} "
+                              f"not followed: point the device address at the router's REST service")
+    text = error_text(body)
+    if status == 401:
+        return ConfigError(f"{what}: HTTP 401: the router refused {login}: check the password in that "
+                           f"credential file and the user name")
+    if status == 403:
+        return ConfigError(f"{what}: HTTP 403 for {login}: give the user's group the rest-api, read and "
+                           f"write policies ({text})")
+    if status >= 500 or status in (408, 425, 429) or "Session closed" in text:
+        return TransientError(f"{what}: HTTP {status}: {text}")
+    if status == 404:
+        return PermanentError(f"{what}: not found on the router (HTTP 404: {text})")
+    return PermanentError(f"{what}: HTTP {status}: {text}")
