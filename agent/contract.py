@@ -7,16 +7,20 @@ A message body is a JSON object; `Command.model_json_schema()` is the published 
 from __future__ import annotations
 
 import json
+import math
+import re
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.errors import PermanentError
 
 DEVICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 SERVICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,199}$"
+REQUEST_ID_PATTERN = "^[^\x00-\x1f\x7f-\x9f]+$"  # any text but control characters
 MAX_MESSAGE_BYTES = 64 * 1024
+MAX_META_DEPTH = 32
 
 State = Literal["on", "off"]
 Observed = Literal["on", "off", "unknown"]
@@ -38,6 +42,7 @@ class Command(BaseModel):
         None,
         min_length=1,
         max_length=200,
+        json_schema_extra={"pattern": REQUEST_ID_PATTERN},
         description="Idempotency key: a second command with the same key changes nothing. "
         "Echoed into every report.",
     )
@@ -45,6 +50,20 @@ class Command(BaseModel):
         None, description="RFC 3339 time with offset; a command still queued after it expires."
     )
     meta: dict[str, Any] | None = Field(None, description="Opaque object kept with the report.")
+
+    @field_validator("request_id")
+    @classmethod
+    def _request_id_is_printable(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(REQUEST_ID_PATTERN, value):
+            raise ValueError("must not contain control characters")
+        return value
+
+    @field_validator("meta")
+    @classmethod
+    def _meta_is_plain_json(cls, meta: dict[str, Any] | None) -> dict[str, Any] | None:
+        if meta is not None:
+            _check_json(meta, 0)
+        return meta
 
     @model_validator(mode="after")
     def _state_matches_action(self) -> Command:
@@ -56,6 +75,20 @@ class Command(BaseModel):
 
     def expired(self, now: datetime) -> bool:
         return self.not_after is not None and now > self.not_after
+
+
+def _check_json(value: Any, depth: int) -> None:
+    """Numbers must be finite (1e999 parses to infinity, which is not JSON), nesting bounded."""
+    if depth > MAX_META_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_META_DEPTH} levels")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("holds a number too large for a double (or NaN): not finite JSON")
+    if isinstance(value, dict):
+        for v in value.values():
+            _check_json(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_json(v, depth + 1)
 
 
 def parse_command(raw: str | bytes | None, max_bytes: int = MAX_MESSAGE_BYTES) -> Command:

@@ -85,12 +85,12 @@ class Agent:
         self.inventory = Inventory(pool, self.queries, s.site, self.drivers)
         self.reporter = Reporter(pool, self.queries, s.agent_id, self._committed)
         self.acceptor = Acceptor(pool, self.queries)
+        self.claims = DeviceClaims(pool, self.queries, s.agent_id)
         self.executor = Executor(self.acceptor, self.drivers, self.reporter,
                                  RetryPolicy(s.max_attempts, s.retry_base, s.retry_max),
-                                 s.concurrency, s.device_timeout)
-        self.claims = DeviceClaims(s.database_url, s.agent_id)
-        self.executor.claims = self.claims
-        self.consumer = Consumer(pool, self.queries, s, self.executor, self.inventory)
+                                 s.concurrency, s.device_timeout, claims=self.claims)
+        self.consumer = Consumer(pool, self.queries, s, self.executor, self.inventory,
+                                 settling=self.reporter.settling, on_read=self._read)
         self.listener = Listener(
             s.database_url,
             {queue_channel(s.queue): lambda: self.consumer.wake("notify"),
@@ -104,7 +104,8 @@ class Agent:
         self.executor.confirm = self.vpn.confirm
         self.executor.sync = SyncWorker(
             pool, self.queries, self.drivers, self.executor.deadlines, self.vpn.gate, self.executor.tuning,
-            ReconcileTuning(s.reconcile_confirm, s.reconcile_confirm_delay, s.reconcile_pace))
+            ReconcileTuning(s.reconcile_confirm, s.reconcile_confirm_delay, s.reconcile_pace),
+            may_operate=lambda dev: self.claims.fresh(dev.id, self.executor.op_bound(dev)))
         self.leadership = Leadership(s.database_url, s.site, s.agent_id, s.leader_check_interval)
         self.reconciler = Reconciler(self.queries, s.site, s.agent_id, s.schedule, s.reconcile_batch,
                                      s.reconcile_retention_days)
@@ -113,7 +114,6 @@ class Agent:
         self.metrics = Metrics(s.site, s.queue, self.house.live)
         self.parking = Parking(pool, self.queries)
         self._tasks: set[asyncio.Task[None]] = set()
-        self.consumer.on_read = self._read
 
     def _read(self, deliveries) -> None:  # type: ignore[no-untyped-def]
         self.metrics.read(deliveries)
@@ -136,14 +136,30 @@ class Agent:
 
     def _committed(self, outcomes, lost) -> None:  # type: ignore[no-untyped-def]
         self.consumer.committed(outcomes, lost)
-        if late := self.parking.committed(outcomes):  # woken while being parked again: wake again
+        done = [o for o in outcomes if o.delivery.msg_id not in lost]
+        if late := self.parking.committed(done):  # woken while being parked again: wake again
             self._background(self.wake_parked(late))
-        self.metrics.committed(outcomes, len(lost))
-        self.house.committed(outcomes)
+        self.metrics.committed(done, len(lost))
+        self.house.committed(done)
 
     def _listening(self) -> None:
         self.inventory.changed()
         self.consumer.wake("connect")
+        self._background(self._ensure_notify())
+
+    async def _ensure_notify(self) -> None:
+        """After every (re)connect: a Postgres crash empties PGMQ's UNLOGGED notify-throttle table,
+        and with it every insert notification, silently. Re-enable them if so."""
+        try:
+            async with self.pool.acquire() as conn:
+                again = await ensure_notify(conn, self.settings.queue, self.settings.notify_throttle_ms)
+        except DB_ERRORS as exc:
+            log.warning("could not check insert notifications: %s", exc, extra={"action": "notify_check_failed"})
+            return
+        if again:
+            log.warning("PGMQ insert notifications were off (a Postgres crash empties their UNLOGGED "
+                        "throttle table): re-enabled", extra={"action": "notify_reenabled"})
+            self.consumer.wake("connect")
 
     async def start(self) -> None:
         async with self.pool.acquire() as conn:

@@ -45,15 +45,7 @@ class Inventory:
         async with self._lock:
             async with self._pool.acquire() as conn:
                 rows = await conn.fetch(self._q.load_devices, self._site)
-            devices, broken = {}, {}
-            for row in rows:
-                dev = device_from_row(row)
-                try:
-                    self._drivers.get(dev.driver).validate_options(dev)
-                except AgentError as exc:
-                    broken[dev.id] = f"device {dev.id!r} is misconfigured: {exc}"
-                    continue
-                devices[dev.id] = dev
+            devices, broken = self._check(rows)
             added = devices.keys() - self.devices.keys()
             removed = self.devices.keys() - devices.keys()
             self.devices, self.broken, self._loaded_at = devices, broken, time.monotonic()
@@ -69,16 +61,33 @@ class Inventory:
         if self._reload is None or self._reload.done():
             self._reload = asyncio.create_task(self._load_quietly())
 
-    async def refresh_since(self, moment: float) -> None:
-        """Make sure the cache was loaded after `moment` (time.monotonic()): an unknown device
-        was asked for, and it may have been added just before the command was sent."""
-        if self._loaded_at <= moment:
-            await self.load()
+    async def look_up(self, device_ids: list[str]) -> None:
+        """Devices a message named that the cache does not hold: they may have been added just
+        before the command was sent. One indexed query for just these ids, never a full reload, so
+        a stream of commands for unknown devices costs little. Raises on database errors."""
+        async with self._lock:
+            async with self._pool.acquire() as conn:
+                rows = await conn.fetch(self._q.load_some_devices, self._site, device_ids)
+            devices, broken = self._check(rows)
+            self.devices = {**self.devices, **devices}
+            self.broken = {**self.broken, **broken}
+
+    def _check(self, rows: list[asyncpg.Record]) -> tuple[dict[str, Device], dict[str, str]]:
+        devices, broken = {}, {}
+        for row in rows:
+            dev = device_from_row(row)
+            try:
+                self._drivers.get(dev.driver).validate_options(dev)
+            except AgentError as exc:
+                broken[dev.id] = f"device {dev.id!r} is misconfigured: {exc}"
+                continue
+            devices[dev.id] = dev
+        return devices, broken
 
     async def _load_quietly(self) -> None:
         try:
             await self.load()
-        except (asyncpg.PostgresError, OSError) as exc:
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
             log.warning("inventory reload failed: %s", exc, extra={"action": "inventory_failed"})
 
     def why_unknown(self, device_id: str) -> str:

@@ -9,6 +9,8 @@ import os
 import sys
 from datetime import datetime, timezone
 
+from agent.text import clean
+
 FIELDS = ("action", "device", "service", "msg_id", "request_id", "attempt", "duration_ms", "changed",
           "observed", "error", "site", "queue", "source", "msg_ids", "channels", "batch", "migration")
 
@@ -28,11 +30,15 @@ class JsonFormatter(logging.Formatter):
 
 
 class PlainFormatter(logging.Formatter):
+    """One line per record: the message and every field are escaped, so text from a message or a
+    device (a request_id with a newline, a reply with ANSI escapes) can neither forge a line nor
+    drive the terminal. Only a traceback spans lines."""
+
     def format(self, record: logging.LogRecord) -> str:
         ts = datetime.fromtimestamp(record.created, timezone.utc).strftime("%H:%M:%S.%f")[:-3]
-        fields = " ".join(f"{k}={v}" for k, v in _extra(record).items() if k != "action")
-        action = getattr(record, "action", "-")
-        line = f"{ts} {record.levelname:<7} {action:<14} {record.getMessage()}"
+        fields = " ".join(f"{k}={clean(v, 1000)}" for k, v in _extra(record).items() if k != "action")
+        action = clean(getattr(record, "action", "-"), 40)
+        line = f"{ts} {record.levelname:<7} {action:<14} {clean(record.getMessage(), 4000)}"
         if fields:
             line += f"  [{fields}]"
         if record.exc_info:
@@ -52,8 +58,8 @@ class JournalHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            fields = {k.upper(): str(v) for k, v in _extra(record).items()}
-            self._send(record.getMessage(), PRIORITY=str(_PRIORITY.get(record.levelname, 6)),
+            fields = {k.upper(): str(v).replace("\x00", "\\0") for k, v in _extra(record).items()}
+            self._send(record.getMessage().replace("\x00", "\\0"), PRIORITY=str(_PRIORITY.get(record.levelname, 6)),
                        LOGGER=record.name, SYSLOG_IDENTIFIER="agentd", **fields)
         except Exception:
             self.handleError(record)

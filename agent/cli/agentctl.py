@@ -22,6 +22,7 @@ from agent.db.schema import init_database
 from agent.drivers.base import Device
 from agent.errors import AgentError
 from agent.settings import Settings, load_settings
+from agent.text import clean
 
 Handler = Callable[[asyncpg.Connection, Settings, argparse.Namespace], Awaitable[int]]
 
@@ -41,13 +42,14 @@ def _print(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> Non
 
 
 def _cell(v: Any) -> str:
+    """One table cell: values from messages and devices are escaped so they cannot drive the terminal."""
     if v is None:
         return "-"
     if isinstance(v, datetime):
         return v.isoformat(timespec="seconds")
     if isinstance(v, (dict, list)):
-        return json.dumps(v, separators=(",", ":"))
-    return str(v)
+        return clean(json.dumps(v, separators=(",", ":")), 2000)
+    return clean(v, 2000)
 
 
 async def db_init(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:

@@ -41,6 +41,7 @@ class Queries:
             "a": quote_ident(f"a_{queue}"),
             "dq": quote_ident(f"q_{dlq}"),
             "da": quote_ident(f"a_{dlq}"),
+            "qs": quote_ident(f"q_{queue}_msg_id_seq"),
         }
         self.queue = queue
         self.dlq = dlq

@@ -4,16 +4,28 @@
 -- functions have no read_ct fence, so the hot path touches its tables directly.
 
 -- name: read
-SELECT msg_id, read_ct, enqueued_at, message::text AS message, headers::text AS headers
-FROM pgmq.read($1::text, $2::integer, $3::integer);
+-- Bodies over $4 bytes (headers over 8 KiB) are not fetched: their size comes instead, and they are
+-- dead-lettered without ever being held in the agent. last_id: the queue's newest real msg_id (a
+-- row above it was forged by hand); db_now: the database's clock, the one not_after is judged by.
+SELECT r.msg_id, r.read_ct, r.enqueued_at,
+       CASE WHEN octet_length(t.body) <= $4 THEN t.body END AS message, octet_length(t.body) AS size,
+       CASE WHEN octet_length(t.head) <= 8192 THEN t.head END AS headers, octet_length(t.head) AS headers_size,
+       (SELECT last_value FROM pgmq.{qs}) AS last_id, clock_timestamp() AS db_now
+FROM pgmq.read($1::text, $2::integer, $3::integer) r, LATERAL (SELECT r.message::text, r.headers::text) AS t(body, head);
 
 -- name: load_devices
 SELECT id, driver, address, site, options::text AS options, credential
 FROM agent.devices WHERE site = $1 ORDER BY id;
 
+-- name: load_some_devices
+SELECT id, driver, address, site, options::text AS options, credential
+FROM agent.devices WHERE site = $1 AND id = ANY($2::text[]) ORDER BY id;
+
 -- name: extend_leases
-UPDATE pgmq.{q} SET vt = clock_timestamp() + make_interval(secs => $2::integer)
-WHERE msg_id = ANY($1::bigint[]);
+-- Fenced by read_ct: a message another reader took since is not ours to extend.
+UPDATE pgmq.{q} m SET vt = clock_timestamp() + make_interval(secs => $3::integer)
+FROM unnest($1::bigint[], $2::integer[]) AS x(id, rc)
+WHERE m.msg_id = x.id AND m.read_ct = x.rc;
 
 -- name: release
 UPDATE pgmq.{q} m SET vt = clock_timestamp()
@@ -22,6 +34,32 @@ WHERE m.msg_id = x.id AND m.read_ct = x.rc;
 
 -- name: queue_lock
 SELECT pgmq.acquire_queue_lock($1::text);
+
+-- name: claim_devices
+-- Device claims are leases: $1 agent id, $2 devices to claim (distinct), $3 their lease seconds,
+-- $4 devices to release. A lease held by another agent is taken over only once it expired, so an
+-- agent that lost its database connection mid-operation keeps the device until that operation
+-- surely ended. Claiming a device this agent holds renews its lease.
+WITH released AS (
+    DELETE FROM agent.device_claims c WHERE c.agent_id = $1 AND c.device = ANY($4::text[]) RETURNING c.device
+), claimed AS (
+    INSERT INTO agent.device_claims AS c (device, agent_id, claimed_at, expires_at)
+    SELECT x.d, $1, clock_timestamp(), clock_timestamp() + make_interval(secs => x.ttl)
+    FROM unnest($2::text[], $3::double precision[]) AS x(d, ttl)
+    ON CONFLICT (device) DO UPDATE SET agent_id = EXCLUDED.agent_id, claimed_at = EXCLUDED.claimed_at,
+        expires_at = EXCLUDED.expires_at
+    WHERE c.agent_id = EXCLUDED.agent_id OR c.expires_at < clock_timestamp()
+    RETURNING c.device
+)
+SELECT array(SELECT device FROM claimed) AS claimed, (SELECT count(*) FROM released) AS released;
+
+-- name: renew_claims
+UPDATE agent.device_claims c SET expires_at = clock_timestamp() + make_interval(secs => x.ttl)
+FROM unnest($2::text[], $3::double precision[]) AS x(d, ttl)
+WHERE c.agent_id = $1 AND c.device = x.d RETURNING c.device;
+
+-- name: release_all_claims
+DELETE FROM agent.device_claims WHERE agent_id = $1;
 
 -- name: notify_enabled
 SELECT EXISTS (SELECT 1 FROM pgmq.notify_insert_throttle WHERE queue_name = $1::text)
@@ -97,7 +135,7 @@ FROM agent.agents WHERE $1::text IS NULL OR site = $1 ORDER BY site, agent_id;
 -- archive (or DLQ move), retry or park, the state report and the audit events. A message whose
 -- read_ct changed (another reader took it after our lease ran out) is neither archived nor moved.
 -- $1 [{id, rc, h}]: archive; h = DLQ headers to dead-letter it   $2 DLQ name
--- $3 [{id, rc, delay, park}]: make visible again later            $4 states  $5 events  $6 agent id
+-- $3 [{id, rc, delay, park, bounces}]: make visible again later (bounces: the new count, from the agent)            $4 states  $5 events  $6 agent id
 WITH done AS (
     DELETE FROM pgmq.{q} m
     USING jsonb_to_recordset($1::jsonb) AS f(id bigint, rc integer, h jsonb)
@@ -113,24 +151,29 @@ WITH done AS (
 ), later AS (
     UPDATE pgmq.{q} m SET vt = clock_timestamp() + make_interval(secs => l.delay),
            headers = CASE WHEN l.park
-                          THEN coalesce(m.headers, '{}'::jsonb) || jsonb_build_object(
-                               'bounces', coalesce((m.headers->>'bounces')::integer, 0) + 1)
+                          THEN CASE WHEN jsonb_typeof(m.headers) = 'object' THEN m.headers ELSE '{}'::jsonb END
+                               || jsonb_build_object('bounces', l.bounces)
                           ELSE m.headers END
-    FROM jsonb_to_recordset($3::jsonb) AS l(id bigint, rc integer, delay double precision, park boolean)
+    FROM jsonb_to_recordset($3::jsonb)
+         AS l(id bigint, rc integer, delay double precision, park boolean, bounces integer)
     WHERE m.msg_id = l.id AND m.read_ct = l.rc
     RETURNING m.msg_id
 ), states AS (
     INSERT INTO agent.service_state AS s (
         device, service, desired, desired_version, desired_at, observed, observed_at,
-        applied_at, verified_at, last_error, last_error_at, last_msg_id, last_request_id, meta, updated_at)
+        applied_at, verified_at, last_error, last_error_at, last_msg_id, last_request_id, meta, updated_at,
+        desired_failed)
     SELECT x.device, x.service, x.desired, coalesce(x.version, 0), CASE WHEN x.desired IS NOT NULL THEN now() END,
            coalesce(x.observed, 'unknown'), to_timestamp(x.observed_at), to_timestamp(x.applied_at),
            to_timestamp(x.verified_at),
-           x.error, CASE WHEN x.error IS NOT NULL THEN now() END, x.msg_id, x.request_id, x.meta, now()
+           x.error, CASE WHEN x.error IS NOT NULL THEN now() END, x.msg_id, x.request_id, x.meta, now(),
+           coalesce(x.failed, false)
     FROM jsonb_to_recordset($4::jsonb)
          AS x(device text, service text, desired text, version bigint, observed text, observed_at double precision,
               applied_at double precision, verified_at double precision, error text, msg_id bigint, request_id text,
-              meta jsonb)
+              meta jsonb, failed boolean)
+    -- State moves only forward: an observation older than the one recorded, or the error of a
+    -- command older than the newest accepted one (a late report), changes nothing.
     ON CONFLICT (device, service) DO UPDATE SET
         desired         = CASE WHEN EXCLUDED.desired IS NOT NULL AND EXCLUDED.desired_version >= s.desired_version
                                THEN EXCLUDED.desired ELSE s.desired END,
@@ -138,17 +181,30 @@ WITH done AS (
                                THEN now() ELSE s.desired_at END,
         desired_version = CASE WHEN EXCLUDED.desired IS NOT NULL AND EXCLUDED.desired_version >= s.desired_version
                                THEN EXCLUDED.desired_version ELSE s.desired_version END,
-        observed        = CASE WHEN EXCLUDED.observed_at IS NOT NULL THEN EXCLUDED.observed ELSE s.observed END,
-        observed_at     = coalesce(EXCLUDED.observed_at, s.observed_at),
-        applied_at      = coalesce(EXCLUDED.applied_at, s.applied_at),
-        verified_at     = coalesce(EXCLUDED.verified_at, s.verified_at),
-        last_error      = CASE WHEN EXCLUDED.last_error IS NOT NULL THEN EXCLUDED.last_error
+        desired_failed  = CASE WHEN EXCLUDED.desired IS NOT NULL AND EXCLUDED.desired_version > s.desired_version
+                               THEN EXCLUDED.desired_failed
+                               WHEN EXCLUDED.desired_version = s.desired_version AND EXCLUDED.desired_failed THEN true
+                               ELSE s.desired_failed END,
+        observed        = CASE WHEN EXCLUDED.observed_at IS NOT NULL
+                                    AND EXCLUDED.observed_at >= coalesce(s.observed_at, '-infinity')
+                               THEN EXCLUDED.observed ELSE s.observed END,
+        observed_at     = greatest(EXCLUDED.observed_at, s.observed_at),
+        applied_at      = greatest(EXCLUDED.applied_at, s.applied_at),
+        verified_at     = greatest(EXCLUDED.verified_at, s.verified_at),
+        last_error      = CASE WHEN EXCLUDED.desired_version > 0 AND EXCLUDED.desired_version < s.desired_version
+                               THEN s.last_error
+                               WHEN EXCLUDED.last_error IS NOT NULL THEN EXCLUDED.last_error
                                WHEN EXCLUDED.verified_at IS NOT NULL THEN NULL ELSE s.last_error END,
-        last_error_at   = CASE WHEN EXCLUDED.last_error IS NOT NULL THEN now()
+        last_error_at   = CASE WHEN EXCLUDED.desired_version > 0 AND EXCLUDED.desired_version < s.desired_version
+                               THEN s.last_error_at
+                               WHEN EXCLUDED.last_error IS NOT NULL THEN now()
                                WHEN EXCLUDED.verified_at IS NOT NULL THEN NULL ELSE s.last_error_at END,
-        last_msg_id     = coalesce(EXCLUDED.last_msg_id, s.last_msg_id),
-        last_request_id = coalesce(EXCLUDED.last_request_id, s.last_request_id),
-        meta            = coalesce(EXCLUDED.meta, s.meta),
+        last_msg_id     = CASE WHEN EXCLUDED.desired_version > 0 AND EXCLUDED.desired_version < s.desired_version
+                               THEN s.last_msg_id ELSE coalesce(EXCLUDED.last_msg_id, s.last_msg_id) END,
+        last_request_id = CASE WHEN EXCLUDED.desired_version > 0 AND EXCLUDED.desired_version < s.desired_version
+                               THEN s.last_request_id ELSE coalesce(EXCLUDED.last_request_id, s.last_request_id) END,
+        meta            = CASE WHEN EXCLUDED.desired_version > 0 AND EXCLUDED.desired_version < s.desired_version
+                               THEN s.meta ELSE coalesce(EXCLUDED.meta, s.meta) END,
         updated_at      = now()
     RETURNING 1
 ), events AS (
@@ -165,6 +221,7 @@ WITH done AS (
          AS x(msg_id bigint, run bigint, device text, items jsonb, in_sync integer, checked integer,
               drifted integer, repaired integer, unreadable integer, failed integer)
     JOIN done ON done.msg_id = x.msg_id
+    JOIN agent.sync_devices sd ON sd.run = x.run AND sd.device = x.device  -- a forged run id records nothing
 ), items AS (
     INSERT INTO agent.sync_items (run, device, service, expected, found, result, error)
     SELECT s.run, s.device, i.service, i.expected, i.found, i.result, i.error
@@ -197,9 +254,15 @@ SELECT array(SELECT msg_id FROM archived) AS archived, (SELECT count(*) FROM dea
 
 -- name: desired_for_sync
 -- What a reconcile of one device checks: its services that have a desired state (within scope).
+-- A key whose newest command was dead-lettered is left alone: only a replay or a newer command
+-- sets it in motion again. $3: the run this reconcile message belongs to (it must exist).
 SELECT service, desired, desired_version FROM agent.service_state
-WHERE device = $1 AND desired IS NOT NULL AND ($2::text IS NULL OR service = $2)
+WHERE device = $1 AND desired IS NOT NULL AND NOT desired_failed AND ($2::text IS NULL OR service = $2)
+  AND EXISTS (SELECT 1 FROM agent.sync_devices d WHERE d.run = $3 AND d.device = $1)
 ORDER BY service;
+
+-- name: sync_target_exists
+SELECT EXISTS (SELECT 1 FROM agent.sync_devices d WHERE d.run = $1 AND d.device = $2);
 
 -- name: feed_sync
 -- The leader's feeder: send the next devices of open runs as reconcile messages, keeping at most
@@ -259,6 +322,8 @@ WITH input AS (
         desired         = CASE WHEN EXCLUDED.desired_version >= s.desired_version THEN EXCLUDED.desired
                                ELSE s.desired END,
         desired_at      = CASE WHEN EXCLUDED.desired_version > s.desired_version THEN now() ELSE s.desired_at END,
+        desired_failed  = CASE WHEN EXCLUDED.desired_version >= s.desired_version THEN false
+                               ELSE s.desired_failed END,
         last_msg_id     = CASE WHEN EXCLUDED.desired_version >= s.desired_version THEN EXCLUDED.last_msg_id
                                ELSE s.last_msg_id END,
         last_request_id = CASE WHEN EXCLUDED.desired_version >= s.desired_version THEN EXCLUDED.last_request_id

@@ -76,10 +76,43 @@ async def init_database(conn: asyncpg.Connection, queue: str, throttle_ms: int =
                 "INSERT INTO agent.config (key, value) VALUES ('default_queue', $1) ON CONFLICT DO NOTHING",
                 q.queue,
             )
+        roles = await ensure_roles(conn, q)
     finally:
         await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", _LOCK)
     return {"pgmq": pgmq, "migrations_applied": applied, "schema_version": SCHEMA_VERSION,
-            "queue": q.queue, "dlq": q.dlq}
+            "queue": q.queue, "dlq": q.dlq, "roles": roles}
+
+
+ROLES = ("agent_producer", "agent_worker")
+
+
+def roles_sql(q: Queries) -> str:
+    """The grants of the two group roles for one queue (agent/db/roles.sql, identifiers filled in)."""
+    text = files("agent.db").joinpath("roles.sql").read_text()
+    idents = {"q": f"q_{q.queue}", "a": f"a_{q.queue}", "dq": f"q_{q.dlq}", "da": f"a_{q.dlq}",
+              "qs": f"q_{q.queue}_msg_id_seq", "dqs": f"q_{q.dlq}_msg_id_seq"}
+    for key, name in idents.items():
+        text = text.replace("{" + key + "}", quote_ident(name))
+    return text.replace("{queue}", q.queue)
+
+
+async def ensure_roles(conn: asyncpg.Connection, q: Queries) -> str:
+    """Create the NOLOGIN group roles if missing and (re)apply their grants. Returns what was done;
+    without CREATEROLE the roles must be made by a superuser (the message says how)."""
+    missing = [r for r in ROLES if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", r)]
+    for role in missing:
+        try:
+            await conn.execute(f"CREATE ROLE {role} NOLOGIN")
+        except asyncpg.DuplicateObjectError:  # made meanwhile by a concurrent init
+            pass
+        except asyncpg.InsufficientPrivilegeError:
+            log.warning("cannot create role %s (no CREATEROLE): ask a superuser to run "
+                        "CREATE ROLE %s NOLOGIN; then run agentctl db init again", role, role,
+                        extra={"action": "roles_missing"})
+            return "missing: " + ", ".join(missing)
+    async with conn.transaction():
+        await conn.execute(roles_sql(q))
+    return "created " + ", ".join(missing) if missing else "present"
 
 
 async def _migrate(conn: asyncpg.Connection) -> list[str]:
@@ -121,16 +154,9 @@ async def check_ready(conn: asyncpg.Connection, queue: str) -> None:
 async def ensure_notify(conn: asyncpg.Connection, queue: str, throttle_ms: int) -> bool:
     """Re-enable insert notifications if a crash emptied PGMQ's UNLOGGED throttle table.
 
-    Returns True when they had to be re-enabled. Runs under PGMQ's queue lock, since two
-    concurrent enables collide.
+    Returns True when they had to be re-enabled. agent.ensure_notify (SECURITY DEFINER) does it
+    under PGMQ's queue lock, since two concurrent enables collide, with the rights of the queue's
+    owner: an agent running as agent_worker may not create the trigger itself.
     """
-    q = Queries(queue)
-    if await conn.fetchval(q.notify_enabled, queue):
-        return False
-    async with conn.transaction():
-        await conn.execute(q.queue_lock, queue)
-        if not await conn.fetchval(q.notify_enabled, queue):
-            await conn.execute(q.enable_notify, queue, throttle_ms)
-            return True
-    return False
+    return bool(await conn.fetchval("SELECT agent.ensure_notify($1, $2)", queue, throttle_ms))
 

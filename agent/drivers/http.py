@@ -12,6 +12,7 @@ Options:
   timeout      seconds per request (default AGENT_DEVICE_TIMEOUT)
   scheme       used when the address has none (default "http"); verify_tls (default true)
   probe_path   GET this for probe(); without it, probe() opens a TCP connection
+  max_reply_bytes  replies longer than this are refused (default 1 MiB); redirects are never followed
 Credentials (device.credential names a file on the agent host): {"username", "password"} means
 HTTP Basic, {"token"} or a plain string means a Bearer token. Secrets never appear in errors or logs.
 """
@@ -28,8 +29,10 @@ import aiohttp
 
 from agent.drivers.base import Device, DriverContext, State
 from agent.errors import ConfigError, NoAnswerError, PermanentError, TransientError, UnreachableError
+from agent.text import clean
 
 METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE"}
+MAX_REPLY_BYTES = 1024 * 1024
 _MISSING = object()
 
 
@@ -82,15 +85,33 @@ def to_state(value: Any, on_value: Any, off_value: Any) -> State | None:
     return None
 
 
-def classify_status(status: int, what: str, body: str) -> None:
-    """Raise the error kind an HTTP status means; return for 2xx/3xx."""
-    if status < 400:
+def classify_status(status: int, what: str, body: str, location: str | None = None) -> None:
+    """Raise the error kind an HTTP status means; return for 2xx. Redirects are never followed: a
+    device that points elsewhere would have the agent operate (and "verify") another server."""
+    if status < 300:
         return
-    excerpt = body.strip().replace("\n", " ")[:200]
+    if status < 400:
+        where = clean(location, 200) if location else "no Location"
+        raise PermanentError(f"{what}: HTTP {status} redirect to {where}: not followed (fix the device's address)")
+    excerpt = clean(body.strip(), 200)
     message = f"{what}: HTTP {status}" + (f": {excerpt}" if excerpt else "")
     if status >= 500 or status in (408, 425, 429):
         raise TransientError(message)
     raise PermanentError(message)
+
+
+async def _bounded_text(resp: aiohttp.ClientResponse, limit: int, what: str) -> str:
+    """The reply body, read no further than `limit` bytes: a device cannot make the agent hold more."""
+    declared = resp.content_length
+    if declared is not None and declared > limit:
+        raise PermanentError(f"{what}: reply of {declared} bytes is over the {limit}-byte limit (max_reply_bytes)")
+    body = await resp.content.read(limit + 1)
+    if len(body) > limit:
+        raise PermanentError(f"{what}: reply is over the {limit}-byte limit (max_reply_bytes)")
+    try:
+        return body.decode(resp.charset or "utf-8", errors="replace")
+    except LookupError:  # a charset Python does not know
+        return body.decode("utf-8", errors="replace")
 
 
 class HttpDriver:
@@ -118,6 +139,9 @@ class HttpDriver:
                 raise ValueError
         except (TypeError, ValueError):
             raise ConfigError("http: timeout must be a positive number of seconds") from None
+        limit = o.get("max_reply_bytes", MAX_REPLY_BYTES)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ConfigError("http: max_reply_bytes must be a positive integer")
         if same_json(o.get("on_value", True), o.get("off_value", False)):
             raise ConfigError("http: on_value and off_value must differ")
         if not device.address:
@@ -133,7 +157,7 @@ class HttpDriver:
             raise PermanentError(f"{device.id}: GET {path}: state_pointer {pointer!r} not found in the reply")
         state = to_state(value, o.get("on_value", True), o.get("off_value", False))
         if state is None:
-            raise PermanentError(f"{device.id}: device reported {json.dumps(value)[:100]} for {service}, "
+            raise PermanentError(f"{device.id}: device reported {clean(json.dumps(value), 100)} for {service}, "
                                  f"neither on_value nor off_value")
         return state
 
@@ -172,25 +196,26 @@ class HttpDriver:
         timeout = self._timeout(device)
         kwargs: dict[str, Any] = {"headers": dict(device.options.get("headers", {})),
                                   "timeout": aiohttp.ClientTimeout(total=timeout),
-                                  "ssl": bool(device.options.get("verify_tls", True))}
+                                  "ssl": bool(device.options.get("verify_tls", True)),
+                                  "allow_redirects": False}
         if body is not None:
             kwargs["json"] = body
         self._authenticate(device, kwargs)
         try:
             async with self._client().request(method, self._base(device) + path, **kwargs) as resp:
-                text = await resp.text()
-                classify_status(resp.status, what, text)
+                text = await _bounded_text(resp, int(device.options.get("max_reply_bytes", MAX_REPLY_BYTES)), what)
+                classify_status(resp.status, what, text, resp.headers.get("Location"))
         except TimeoutError:
             raise NoAnswerError(f"{what}: timed out after {timeout:g}s") from None
         except aiohttp.ClientConnectorError as exc:
-            raise UnreachableError(f"{what}: cannot connect: {exc.os_error or exc}") from None
+            raise UnreachableError(f"{what}: cannot connect: {clean(exc.os_error or exc, 300)}") from None
         except aiohttp.ClientError as exc:
-            raise TransientError(f"{what}: {type(exc).__name__}: {exc}") from None
+            raise TransientError(f"{what}: {type(exc).__name__}: {clean(exc, 300)}") from None
         if not want_json:
             return None
         try:
             return json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise PermanentError(f"{what}: the reply is not JSON") from None
 
     def _authenticate(self, device: Device, kwargs: dict[str, Any]) -> None:

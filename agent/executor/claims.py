@@ -1,14 +1,17 @@
 """Device claims: two agents never operate one device at once.
 
 A lane (the queue of work for one device inside one agent) claims its device before it works
-and releases it when it runs dry. A claim is a session-level advisory lock on one dedicated
-connection, so a killed agent frees its devices the moment its connection closes. Claims and
-releases from all lanes are coalesced, one statement per flush. A device claimed elsewhere is
-not waited for: its work goes back to the queue for a moment (a bounce, not an attempt).
+and releases it when it runs dry. A claim is a lease, a row in agent.device_claims with an
+expiry, taken through the pool: another agent may take the device over only once the lease has
+expired. The lease outlasts the longest operation this agent may start on the device, and an
+operation is started only while the lease has at least that long to run, so "never two operations
+on one device at once" holds also when this agent's connection dies mid-operation or Postgres
+restarts: the row is still there, and by the time it expires the operation has surely ended.
 
-If the claims connection is lost, every claim is void (Postgres dropped the locks with it): a
-lane re-claims before its next item. An operation already running on the device finishes (it is
-bounded by the device timeout); no new one starts without a fresh claim.
+Claims, renewals and releases from all lanes are coalesced, one statement per flush; held leases
+are renewed every RENEW seconds in one statement. A device claimed elsewhere is not waited for:
+its work goes back to the queue for a moment (a bounce, not an attempt). A killed agent's devices
+are free once its leases expire; a stopping agent releases them at once.
 """
 
 from __future__ import annotations
@@ -16,98 +19,129 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 
 import asyncpg
 
+from agent.db.queries import Queries
+
 log = logging.getLogger("agent.claims")
 
-DEVICE_LOCK_CLASS = 0x61676E74  # 'agnt': advisory lock class of device claims (object id: hashtext(device))
 DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
-
-FLUSH = """
-SELECT array(SELECT pg_advisory_unlock($1::integer, hashtext(d)) FROM unnest($3::text[]) d) AS released,
-       array(SELECT pg_try_advisory_lock($1::integer, hashtext(d)) FROM unnest($2::text[]) d) AS claimed
-"""
+RENEW = 5.0      # seconds between renewals of held leases
+SLACK = 3 * RENEW  # a lease outlasts the operation bound by this much: renewals may fail twice
 
 
 class DeviceClaims:
-    def __init__(self, dsn: str, agent_id: str) -> None:
-        self._dsn = dsn
+    def __init__(self, pool: asyncpg.Pool, queries: Queries, agent_id: str) -> None:
+        self._pool = pool
+        self._q = queries
         self._agent_id = agent_id
-        self._conn: asyncpg.Connection | None = None
-        self._held: set[str] = set()
-        self._claims: list[tuple[str, asyncio.Future[bool]]] = []
+        self._ttl: dict[str, float] = {}          # held device -> lease length asked for
+        self._until: dict[str, float] = {}        # held device -> monotonic time its lease surely runs to
+        self._claims: list[tuple[str, float, asyncio.Future[bool]]] = []
         self._releases: list[str] = []
         self._wake = asyncio.Event()
 
-    async def claim(self, device: str) -> bool:
-        """True when this agent may operate the device until it releases it."""
-        if device in self._held:
+    def fresh(self, device: str, need: float) -> bool:
+        """True while this agent holds the device with at least `need` seconds of lease left."""
+        return self._until.get(device, 0.0) - time.monotonic() >= need
+
+    async def claim(self, device: str, need: float) -> bool:
+        """True when this agent may start an operation of up to `need` seconds on the device."""
+        if self.fresh(device, need):
             return True
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._claims.append((device, fut))
+        self._claims.append((device, need + SLACK, fut))
         self._wake.set()
         return await fut
 
     def release(self, device: str) -> None:
-        if device in self._held:
-            self._held.discard(device)
+        if device in self._ttl:
+            self._ttl.pop(device, None)
+            self._until.pop(device, None)
             self._releases.append(device)
             self._wake.set()
+
+    @property
+    def held(self) -> int:
+        return len(self._ttl)
 
     async def run(self) -> None:
         try:
             while True:
-                await self._wake.wait()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), RENEW)
+                except TimeoutError:
+                    await self._renew()
+                    continue
                 self._wake.clear()
                 claims, self._claims = self._claims, []
                 releases, self._releases = self._releases, []
                 if claims or releases:
                     await self._flush(claims, releases)
         finally:
-            for _device, fut in self._claims:
+            for _device, _ttl, fut in self._claims:
                 if not fut.done():
                     fut.set_result(False)
-            if self._conn is not None:
-                self._conn.terminate()
+            await self._release_all()
 
-    async def _flush(self, claims: list[tuple[str, asyncio.Future[bool]]], releases: list[str]) -> None:
+    async def _flush(self, claims: list[tuple[str, float, asyncio.Future[bool]]], releases: list[str]) -> None:
+        wanted: dict[str, float] = {}
+        for device, ttl, _fut in claims:
+            wanted[device] = max(ttl, wanted.get(device, 0.0))
+        releases = [d for d in dict.fromkeys(releases) if d not in wanted]  # claimed again meanwhile: keep it
+        sent = time.monotonic()
         try:
-            conn = await self._connection()
-            row = await conn.fetchrow(FLUSH, DEVICE_LOCK_CLASS, [d for d, _ in claims], releases, timeout=10)
+            async with self._pool.acquire() as conn:
+                row = await conn.fetchrow(self._q.claim_devices, self._agent_id, list(wanted),
+                                          list(wanted.values()), releases, timeout=10)
         except DB_ERRORS as exc:
-            self._lost(f"{type(exc).__name__}: {exc}")
-            for _device, fut in claims:
+            log.warning("device claims failed (%s): work will be tried again shortly", exc,
+                        extra={"action": "claims_failed"})
+            for _device, _ttl, fut in claims:
                 if not fut.done():
                     fut.set_result(False)
             await asyncio.sleep(random.uniform(0.2, 0.5))
             return
-        for (device, fut), got in zip(claims, row["claimed"]):
-            if got:
-                if device in self._held:  # claimed twice in one flush: keep the lock count at one
-                    self._releases.append(device)
-                    self._wake.set()
-                self._held.add(device)
+        got = set(row["claimed"])
+        for device, ttl in wanted.items():
+            if device in got:
+                self._ttl[device] = ttl
+                self._until[device] = sent + ttl
+        for device, ttl, fut in claims:
+            ok = device in got and self.fresh(device, ttl - SLACK)
             if not fut.done():
-                fut.set_result(bool(got))
-            elif got:
-                self.release(device)
+                fut.set_result(ok)
 
-    async def _connection(self) -> asyncpg.Connection:
-        if self._conn is None or self._conn.is_closed():
-            if self._conn is not None:
-                self._lost("connection closed")
-            self._conn = await asyncpg.connect(
-                self._dsn, timeout=10, server_settings={"application_name": f"agentd claims {self._agent_id}"[:63]})
-            self._conn.add_termination_listener(lambda _c: self._lost("connection closed"))
-        return self._conn
+    async def _renew(self) -> None:
+        if not self._ttl:
+            return
+        devices = list(self._ttl)
+        sent = time.monotonic()
+        try:
+            async with self._pool.acquire() as conn:
+                rows = await conn.fetch(self._q.renew_claims, self._agent_id, devices,
+                                        [self._ttl[d] for d in devices], timeout=RENEW)
+            kept = {r["device"] for r in rows}
+        except DB_ERRORS as exc:  # the leases run on; work stops starting once they run short
+            log.warning("device claims could not be renewed: %s", exc, extra={"action": "claims_failed"})
+            return
+        for device in devices:
+            if device not in self._ttl:
+                continue  # released meanwhile
+            if device in kept:
+                self._until[device] = sent + self._ttl[device]
+            else:
+                log.warning("device claim lost: %s", device, extra={"action": "claims_lost", "device": device})
+                self._ttl.pop(device, None)
+                self._until.pop(device, None)
 
-    def _lost(self, why: str) -> None:
-        if self._held:
-            log.warning("device claims lost (%s): %d device(s) will be claimed again before further work",
-                        why, len(self._held), extra={"action": "claims_lost"})
-        self._held.clear()
-        self._releases.clear()
-        if self._conn is not None and not self._conn.is_closed():
-            self._conn.terminate()
-        self._conn = None
+    async def _release_all(self) -> None:
+        self._ttl.clear()
+        self._until.clear()
+        try:
+            async with self._pool.acquire() as conn:
+                await conn.execute(self._q.release_all_claims, self._agent_id, timeout=5)
+        except (*DB_ERRORS, asyncio.CancelledError):  # they expire by themselves
+            pass

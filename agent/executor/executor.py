@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from agent.contract import Command
 from agent.drivers.base import Device
@@ -41,12 +41,13 @@ class Work:
 class Executor:
     def __init__(self, acceptor: Acceptor, drivers: Drivers, reporter: Reporter,
                  policy: RetryPolicy, concurrency: int, device_timeout: float,
-                 gate: Callable[[Device], str | None] | None = None, parking: ParkPolicy | None = None) -> None:
+                 gate: Callable[[Device], str | None] | None = None, parking: ParkPolicy | None = None,
+                 claims: DeviceClaims | None = None) -> None:
         self._acceptor = acceptor
         self.gate: Callable[[Device], str | None] = gate or (lambda _d: None)
         self.on_unreachable: Callable[[Device], None] = lambda _d: None
         self.confirm: Callable[[Device, float], Awaitable[str | None]] = _proven
-        self.claims: DeviceClaims | None = None
+        self.claims = claims
         self.sync: SyncWorker | None = None  # runs reconcile messages
         self._parking = parking or ParkPolicy()
         self.deadlines = Deadlines()
@@ -80,6 +81,16 @@ class Executor:
             task.add_done_callback(self._tasks.discard)
         lane.append(item)
 
+    def postpone(self, delivery: Delivery, device_id: str, why: str) -> None:
+        """Back to the queue for a moment without using an attempt (nothing was tried)."""
+        log.info("postponed: %s", why, extra={"action": "postponed", "msg_id": delivery.msg_id, "device": device_id})
+        out = Outcome(delivery, "park", retry_delay=random.uniform(1.0, 3.0), bounce=True, device=device_id)
+        self._reporter.submit(out)
+
+    def op_bound(self, device: Device) -> float:
+        """The longest one work item may operate the device: three calls, each under its deadline."""
+        return 3 * call_timeout(device, self._timeout) + 2.0
+
     def settle(self, outcome: Outcome) -> None:
         """An outcome decided without a device operation goes straight to the reporter."""
         self._reporter.submit(outcome)
@@ -110,23 +121,15 @@ class Executor:
         try:
             while lane:
                 work = lane[0]
-                if self.claims is not None and not await self.claims.claim(device_id):
+                if self.claims is not None and not await self.claims.claim(device_id, self.op_bound(work.device)):
                     self._bounce(lane)  # another agent is operating this device right now
                     break
                 async with self._slots:
                     self.busy_devices.add(device_id)
                     try:
-                        if isinstance(work, SyncWork):
-                            assert self.sync is not None
-                            outcome = await self.sync.handle(work)
-                        else:
-                            outcome = await self._process(work)
-                    except Exception as exc:  # a bug must not strand the message: retry it, loudly
-                        log.exception("internal error", extra=_fields(work, "internal_error"))
-                        outcome = self._internal_error(work, exc)
+                        outcome = await self._run_item(work)
                     finally:
                         self.busy_devices.discard(device_id)
-                    outcome.driver, outcome.device = work.device.driver, work.device.id
                 self._reporter.submit(outcome)
                 lane.popleft()
         finally:
@@ -136,11 +139,28 @@ class Executor:
             if not self._lanes:
                 self._idle.set()
 
+    async def _run_item(self, work: Work | SyncWork) -> Outcome:
+        try:
+            if isinstance(work, SyncWork):
+                assert self.sync is not None
+                outcome = await self.sync.handle(work)
+            else:
+                outcome = await self._process(work)
+        except Exception as exc:  # a bug must not strand the message: retry it, loudly
+            outcome = self._internal_error(work, exc)
+        outcome.driver, outcome.device = work.device.driver, work.device.id
+        return outcome
+
     def _internal_error(self, work: Work | SyncWork, exc: Exception) -> Outcome:
-        if isinstance(work, SyncWork):
-            delay = self._policy.delay(work.delivery.attempt)
-            return Outcome(work.delivery, "retry", retry_delay=delay, reconcile=True)
-        return self._failed(work, TransientError(f"internal error: {exc!r}"), 0.0)
+        """The lane's last resort: it cannot raise, so no message is ever left leased without an outcome."""
+        try:
+            log.exception("internal error", extra=_fields(work, "internal_error"))
+            if isinstance(work, SyncWork):
+                delay = self._policy.delay(work.delivery.attempt)
+                return Outcome(work.delivery, "retry", retry_delay=delay, reconcile=True)
+            return self._failed(work, TransientError(f"internal error: {exc!r}"), 0.0)
+        except Exception:  # even building the failure failed: retry the message plainly, later
+            return Outcome(work.delivery, "retry", retry_delay=60.0, reconcile=isinstance(work, SyncWork))
 
     def _bounce(self, lane: deque[Work | SyncWork]) -> None:
         """Back to the queue for a moment, not counted as an attempt; the claim is tried again then."""
@@ -154,7 +174,7 @@ class Executor:
 
     async def _process(self, w: Work) -> Outcome:
         d, cmd = w.delivery, w.command
-        now = datetime.now(timezone.utc)
+        now = datetime.now(timezone.utc) + timedelta(seconds=d.skew)  # the database's clock judges not_after
         verdict = decide(cmd, d.version, KeyState(), None, now)
         if verdict is Verdict.CONVERGE:
             return await self._accept_and_converge(w, now)
@@ -279,6 +299,7 @@ class Executor:
             return Outcome(d, "retry", events, state, retry_delay=delay)
         reason = str(exc) if isinstance(exc, PermanentError) else f"gave up after {attempt} attempts: {exc}"
         events.append(self._event(w, "dead_lettered", error=reason))
+        state.failed = cmd.action == "set"  # reconciliation must not apply it later
         log.error("dead-lettered: %s", reason, extra=_fields(w, "dead_lettered", attempt=attempt))
         return Outcome(d, "dead_letter", events, state, reason=reason, error_kind=exc.kind)
 

@@ -43,8 +43,8 @@ def parse_headers(msg_id: int, headers: str | None) -> tuple[int, int]:
     if not isinstance(doc, dict):
         doc = {}
     origin, bounces = doc.get("origin_msg_id"), doc.get("bounces")
-    version = origin if isinstance(origin, int) and 0 < origin <= msg_id else msg_id
-    return version, bounces if isinstance(bounces, int) and bounces > 0 else 0
+    version = origin if isinstance(origin, int) and not isinstance(origin, bool) and 0 < origin <= msg_id else msg_id
+    return version, min(bounces, 1_000_000) if isinstance(bounces, int) and bounces > 0 else 0
 
 
 def command_version(msg_id: int, headers: str | None) -> int:
@@ -72,7 +72,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Exponential backoff with equal jitter: half fixed, half random, never above the cap."""
-        full = min(self.cap, self.base * 2 ** max(0, attempt - 1))
+        full = min(self.cap, self.base * 2.0 ** min(max(0, attempt - 1), 60))  # capped before the power
         return full / 2 + (rng or random).uniform(0, full / 2)
 
     def exhausted(self, attempt: int) -> bool:
@@ -87,5 +87,5 @@ class ParkPolicy:
     cap: float = 60.0
 
     def delay(self, bounces: int, rng: random.Random | None = None) -> float:
-        full = min(self.cap, self.base * 2 ** max(0, bounces))
+        full = min(self.cap, self.base * 2.0 ** min(max(0, bounces), 60))  # capped before the power
         return full / 2 + (rng or random).uniform(0, full / 2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -19,6 +20,7 @@ from typing import Any, Literal
 import asyncpg
 
 from agent.db.queries import Queries
+from agent.text import clean, clean_opt, safe_json
 
 log = logging.getLogger("agent.reporter")
 
@@ -37,6 +39,7 @@ class Delivery:
     version: int
     bounces: int = 0  # times it was parked: those deliveries were not attempts
     received: float = field(default_factory=time.monotonic)
+    skew: float = 0.0  # the database's clock minus ours when it was read: not_after is judged by the database's
 
     @property
     def attempt(self) -> int:
@@ -57,6 +60,7 @@ class StateUpdate:
     msg_id: int | None = None
     request_id: str | None = None
     meta: dict[str, Any] | None = None
+    failed: bool | None = None         # the command of this version was dead-lettered
 
 
 @dataclass
@@ -113,8 +117,8 @@ def merge_states(updates: Sequence[StateUpdate]) -> list[StateUpdate]:
 
 
 def dlq_headers(o: Outcome, queue: str, agent_id: str) -> str:
-    return json.dumps({
-        "reason": o.reason,
+    return _dumps({
+        "reason": clean_opt(o.reason, 2000),
         "error_kind": o.error_kind,
         "origin_msg_id": o.delivery.version,
         "origin_queue": queue,
@@ -127,22 +131,50 @@ def dlq_headers(o: Outcome, queue: str, agent_id: str) -> str:
 
 async def write_batch(conn: asyncpg.Connection, q: Queries, agent_id: str, batch: Sequence[Outcome]) -> set[int]:
     """Commit one batch in one statement; return the msg_ids whose lease was lost."""
+    args = report_args(q, agent_id, batch)
+    row = await conn.fetchrow(q.report, *args)
+    return {o.delivery.msg_id for o in batch if o.finish in ("archive", "dead_letter")} - set(row["archived"])
+
+
+def report_args(q: Queries, agent_id: str, batch: Sequence[Outcome]) -> tuple[Any, ...]:
+    """The report statement's parameters. Raises ValueError for a value that cannot be JSON."""
     finish = [{"id": o.delivery.msg_id, "rc": o.delivery.read_ct,
                "h": json.loads(dlq_headers(o, q.queue, agent_id)) if o.finish == "dead_letter" else None}
               for o in batch if o.finish in ("archive", "dead_letter")]
-    later = [{"id": o.delivery.msg_id, "rc": o.delivery.read_ct, "delay": o.retry_delay, "park": o.finish == "park"}
+    later = [{"id": o.delivery.msg_id, "rc": o.delivery.read_ct, "delay": _delay(o.retry_delay),
+              "park": o.finish == "park", "bounces": min(o.delivery.bounces + 1, MAX_BOUNCES)}
              for o in batch if o.finish in ("retry", "park")]
     states = merge_states([s for o in batch for s in ([o.state] if o.state else []) + o.extra_states])
     events = [e for o in batch for e in o.events]
     synced = [{"msg_id": o.delivery.msg_id, **o.sync} for o in batch if o.sync is not None and o.finish == "archive"]
-    row = await conn.fetchrow(q.report, json.dumps(finish), q.dlq, json.dumps(later), _json_rows(states),
-                              _json_rows(events), agent_id, json.dumps(synced))
-    return {o.delivery.msg_id for o in batch if o.finish in ("archive", "dead_letter")} - set(row["archived"])
+    return (_dumps(finish), q.dlq, _dumps(later), _json_rows(states), _json_rows(events), agent_id, _dumps(synced))
+
+
+MAX_BOUNCES = 1_000_000
+_TEXT_FIELDS = ("error", "request_id", "observed", "desired")
+
+
+def _delay(seconds: float) -> float:
+    """A retry or park delay Postgres can take: finite, between 0 and a day."""
+    return min(max(seconds, 0.0), 86400.0) if math.isfinite(seconds) else 60.0
+
+
+def _dumps(value: Any) -> str:
+    """Strict JSON (no NaN or Infinity, which jsonb refuses), strings safe for Postgres."""
+    return json.dumps(safe_json(value), allow_nan=False)
 
 
 def _json_rows(rows: Sequence[Any]) -> str:
-    """Dataclass rows as one JSON array for jsonb_to_recordset (times as unix seconds)."""
-    return json.dumps([vars(r) for r in rows])
+    """Dataclass rows as one JSON array for jsonb_to_recordset (times as unix seconds); text that
+    came from a message or a device is bounded and escaped on its way."""
+    out = []
+    for r in rows:
+        doc = dict(vars(r))
+        for key in _TEXT_FIELDS:
+            if isinstance(doc.get(key), str):
+                doc[key] = clean(doc[key], 2000)
+        out.append(doc)
+    return _dumps(out)
 
 
 class Reporter:
@@ -161,6 +193,7 @@ class Reporter:
         self._idle = asyncio.Event()
         self._idle.set()
         self.flushes = 0
+        self.settling = asyncio.Lock()  # held from a batch's write to its callback (lease extension waits)
 
     def submit(self, outcome: Outcome) -> None:
         self._pending.append(outcome)
@@ -177,28 +210,84 @@ class Reporter:
             self._wake.clear()
             while self._pending:
                 batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
-                await self._commit(batch)
+                async with self.settling:
+                    await self._commit(batch)
             self._idle.set()
 
     async def _commit(self, batch: list[Outcome]) -> None:
+        """Commit a batch; when Postgres rejects it, split it until the outcome it rejects stands
+        alone, so every other outcome commits and that one is dead-lettered with the reason."""
         self.flushes += 1
-        delay = 0.2
-        for attempt in range(1, 6):
-            try:
-                async with self._pool.acquire() as conn:
-                    lost = await write_batch(conn, self._q, self._agent_id, batch)
-                break
-            except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
-                log.warning("report failed, will retry", extra={
-                    "action": "report_failed", "error": str(exc), "attempt": attempt, "batch": len(batch)})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        else:
+        try:
+            lost = await self._write(batch)
+        except _Unavailable as exc:
             log.error("reports given up: their messages will be redelivered after the visibility timeout",
-                      extra={"action": "report_given_up", "batch": len(batch)})
-            self._on_committed([], {o.delivery.msg_id for o in batch})
+                      extra={"action": "report_given_up", "batch": len(batch), "error": clean(exc)})
+            self._on_committed(batch, {o.delivery.msg_id for o in batch})
+            return
+        except _Rejected as exc:
+            if len(batch) > 1:
+                half = len(batch) // 2
+                await self._commit(batch[:half])
+                await self._commit(batch[half:])
+                return
+            await self._poisoned(batch[0], exc.reason)
             return
         if lost:
             log.warning("lease lost: another reader took these messages",
                         extra={"action": "lease_lost", "msg_ids": sorted(lost)})
         self._on_committed(batch, lost)
+
+    async def _poisoned(self, outcome: Outcome, why: str) -> None:
+        """An outcome Postgres refuses: dead-letter its message with the reason instead; if even that
+        is refused, leave the message for a later delivery (it blocks nothing meanwhile)."""
+        d = outcome.delivery
+        reason = clean(f"its outcome could not be recorded: {why}", 1000)
+        log.error("outcome refused by the database: dead-lettering", extra={
+            "action": "report_refused", "msg_id": d.msg_id, "error": reason})
+        ev = EventRow("dead_lettered", msg_id=d.msg_id, version=d.version, attempt=d.attempt, error=reason)
+        dead = Outcome(d, "dead_letter", [ev], reason=reason, error_kind="permanent",
+                       driver=outcome.driver, device=outcome.device, reconcile=outcome.reconcile)
+        try:
+            lost = await self._write([dead])
+        except (_Unavailable, _Rejected) as exc:
+            log.error("dead letter refused too: the message stays queued for a later attempt",
+                      extra={"action": "report_given_up", "msg_id": d.msg_id, "error": clean(exc)})
+            self._on_committed([dead], {d.msg_id})
+            return
+        self._on_committed([dead], lost)
+
+    async def _write(self, batch: list[Outcome]) -> set[int]:
+        """One batch, retried while the database is unavailable. Raises _Rejected when Postgres (or
+        the encoding before it) refuses the batch's content, _Unavailable after the retries."""
+        delay = 0.2
+        for attempt in range(1, 6):
+            try:
+                async with self._pool.acquire() as conn:
+                    return await write_batch(conn, self._q, self._agent_id, batch)
+            except UNAVAILABLE as exc:
+                log.warning("report failed, will retry", extra={
+                    "action": "report_failed", "error": clean(exc), "attempt": attempt, "batch": len(batch)})
+                last: Exception = exc
+            except (asyncpg.PostgresError, ValueError, TypeError) as exc:
+                raise _Rejected(f"{type(exc).__name__}: {exc}") from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        raise _Unavailable(str(last) or type(last).__name__)
+
+
+# Errors that say the database is not there right now (retry the same batch), as opposed to a
+# batch whose content it refuses (split it).
+UNAVAILABLE = (TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+               asyncpg.CannotConnectNowError, asyncpg.exceptions.OperatorInterventionError,
+               asyncpg.exceptions.InsufficientResourcesError, asyncpg.exceptions.TransactionRollbackError)
+
+
+class _Rejected(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Unavailable(Exception):
+    pass

@@ -19,21 +19,24 @@ from agent.contract import parse_command
 from agent.db.queries import Queries
 from agent.errors import PermanentError
 from agent.executor.executor import Executor
-from agent.executor.policy import parse_headers
 from agent.executor.reports import Delivery, Outcome
 from agent.inventory import Inventory
+from agent.queue.admission import admit, delivery
 from agent.reconcile.request import SyncRequest, is_sync, parse_sync
 from agent.reconcile.worker import SyncWork, unknown_device
 from agent.settings import Settings
 
 log = logging.getLogger("agent.consumer")
 TICK = 2.0
+DB_ERRORS = (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError)
 
 
 class Consumer:
     def __init__(self, pool: asyncpg.Pool, queries: Queries, settings: Settings,
-                 executor: Executor, inventory: Inventory) -> None:
+                 executor: Executor, inventory: Inventory, settling: asyncio.Lock | None = None,
+                 on_read: Callable[[list[Delivery]], None] | None = None) -> None:
         self._pool = pool
+        self._settling = settling or asyncio.Lock()  # held by the reporter while it commits
         self._q = queries
         self._s = settings
         self._executor = executor
@@ -46,7 +49,7 @@ class Consumer:
         self._room = asyncio.Event()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self.stopping = False
-        self.on_read: Callable[[list[Delivery]], None] | None = None
+        self.on_read = on_read
         self.db_error: str | None = None
         self.last_cycle = time.monotonic()   # the watchdog's measure of progress
         self.last_cycle_wall: float | None = None
@@ -106,7 +109,8 @@ class Consumer:
             read_at = time.monotonic()
             try:
                 async with self._pool.acquire() as conn:
-                    rows = await conn.fetch(self._q.read, self._q.queue, self._s.visibility_timeout, room)
+                    rows = await conn.fetch(self._q.read, self._q.queue, self._s.visibility_timeout, room,
+                                            self._s.max_message_bytes)
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
                 if self.db_error is None:
                     log.warning("read failed: %s", exc, extra={"action": "read_failed"})
@@ -133,23 +137,32 @@ class Consumer:
 
     async def _dispatch(self, rows: list[asyncpg.Record], read_at: float) -> None:
         parsed = []
-        deliveries = [Delivery(r["msg_id"], r["read_ct"], r["enqueued_at"], r["message"], r["headers"],
-                               *parse_headers(r["msg_id"], r["headers"])) for r in rows]
+        deliveries = [delivery(r, time.time()) for r in rows]
         if self.on_read is not None:
             self.on_read(deliveries)
         syncs: list[tuple[Delivery, SyncRequest]] = []
-        for d in deliveries:
-            self.inflight[d.msg_id] = d
+        for d, r in zip(deliveries, rows):
+            self.inflight[d.msg_id] = d  # a redelivery replaces an older delivery still in a lane
             try:
+                admit(r, self._s.max_message_bytes)
                 if is_sync(d.raw):
                     syncs.append((d, parse_sync(d.raw)))
                 else:
                     parsed.append((d, parse_command(d.raw, self._s.max_message_bytes)))
             except PermanentError as exc:
                 self._executor.reject(d, str(exc))
-        wanted = [c.device for _, c in parsed] + [r.device for _, r in syncs]
-        if any(self._inventory.get(device) is None for device in wanted):
-            await self._inventory.refresh_since(read_at)
+        wanted = {c.device for _, c in parsed} | {r.device for _, r in syncs}
+        if unknown := sorted(dev for dev in wanted if self._inventory.get(dev) is None
+                             and dev not in self._inventory.broken):
+            try:
+                await self._inventory.look_up(unknown)
+            except DB_ERRORS as exc:  # cannot tell unknown from new: try these again shortly
+                log.warning("inventory look-up failed: %s", exc, extra={"action": "inventory_failed"})
+                for d, dev in [(d, c.device) for d, c in parsed] + [(d, r.device) for d, r in syncs]:
+                    if dev in unknown:
+                        self._executor.postpone(d, dev, "inventory look-up failed")
+                parsed = [(d, c) for d, c in parsed if c.device not in unknown]
+                syncs = [(d, r) for d, r in syncs if r.device not in unknown]
         for d, c in parsed:
             device = self._inventory.get(c.device)
             if device is None:
@@ -166,15 +179,18 @@ class Consumer:
     # -- bookkeeping ----------------------------------------------------------------------
 
     def committed(self, outcomes: list[Outcome], lost: set[int]) -> None:
-        """Reporter callback: these messages are settled (or given up); free their room."""
+        """Reporter callback: these messages are settled (or given up: `lost`); free their room.
+        Only the delivery that was settled leaves: a newer delivery of the same message stays."""
         soonest = None
         for o in outcomes:
-            self.inflight.pop(o.delivery.msg_id, None)
+            current = self.inflight.get(o.delivery.msg_id)
+            if current is not None and current.read_ct == o.delivery.read_ct:
+                del self.inflight[o.delivery.msg_id]
+            if o.delivery.msg_id in lost:
+                continue
             self.outcomes[o.finish] += 1
             if o.finish in ("retry", "park"):
                 soonest = o.retry_delay if soonest is None else min(soonest, o.retry_delay)
-        for msg_id in lost:
-            self.inflight.pop(msg_id, None)
         if soonest is not None:
             self.wake_later(soonest + 0.05, "retry")
         self._room.set()
@@ -184,12 +200,13 @@ class Consumer:
         period = self._s.visibility_timeout / 3
         while True:
             await asyncio.sleep(period)
-            ids = list(self.inflight)
-            if not ids:
+            if not self.inflight:
                 continue
-            try:
-                async with self._pool.acquire() as conn:
-                    await conn.execute(self._q.extend_leases, ids, self._s.visibility_timeout)
+            try:  # never between a commit and its callback: a settled retry delay would be overwritten
+                async with self._settling, self._pool.acquire() as conn:
+                    held = list(self.inflight.values())
+                    await conn.execute(self._q.extend_leases, [d.msg_id for d in held], [d.read_ct for d in held],
+                                       self._s.visibility_timeout)
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
                 log.warning("lease extension failed: %s", exc, extra={"action": "lease_failed"})
 

@@ -7,8 +7,9 @@ Internal to the agents: producers ask for a sync with `agent.request_sync(...)` 
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.contract import DEVICE_PATTERN, SERVICE_PATTERN
 from agent.errors import PermanentError
 
 PREFIX = '{"reconcile"'  # jsonb prints a one-key object as {"reconcile": ...}
@@ -17,9 +18,9 @@ PREFIX = '{"reconcile"'  # jsonb prints a one-key object as {"reconcile": ...}
 class SyncRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    run: int
-    device: str
-    service: str | None = None
+    run: int = Field(gt=0, le=2**63 - 1)
+    device: str = Field(pattern=DEVICE_PATTERN)
+    service: str | None = Field(None, pattern=SERVICE_PATTERN)
     dry_run: bool = False
 
 
@@ -37,4 +38,6 @@ def parse_sync(raw: str) -> SyncRequest:
     try:
         return _Envelope.model_validate_json(raw).reconcile
     except ValidationError as exc:
-        raise PermanentError(f"invalid reconcile message: {exc.errors(include_url=False)[0]['msg']}") from None
+        err = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(p) for p in err["loc"]) or "message"
+        raise PermanentError(f"invalid reconcile message: {where}: {err['msg']}") from None

@@ -49,6 +49,10 @@ class ReconcileTuning:
     pace: float = 0.2           # seconds between a device's reconcile calls
 
 
+class _Forged(Exception):
+    pass
+
+
 class _Parked(Exception):
     def __init__(self, why: str) -> None:
         self.why = why
@@ -57,7 +61,8 @@ class _Parked(Exception):
 class SyncWorker:
     def __init__(self, pool: asyncpg.Pool, queries: Queries, drivers: Drivers, deadlines: Deadlines,
                  gate: Callable[[Device], str | None], policy: Callable[[], tuple[RetryPolicy, float]],
-                 tuning: ReconcileTuning, parking: ParkPolicy | None = None) -> None:
+                 tuning: ReconcileTuning, parking: ParkPolicy | None = None,
+                 may_operate: Callable[[Device], bool] | None = None) -> None:
         self._pool = pool
         self._q = queries
         self._drivers = drivers
@@ -66,6 +71,7 @@ class SyncWorker:
         self._policy = policy  # (retry policy, device timeout), read fresh: both are live settings
         self.tuning = tuning
         self._parking = parking or ParkPolicy()
+        self._may_operate = may_operate or (lambda _d: True)  # the device claim still has room for a call
 
     async def handle(self, w: SyncWork) -> Outcome:
         d, req, dev = w.delivery, w.request, w.device
@@ -73,7 +79,10 @@ class SyncWorker:
             if why := self._gate(dev):
                 raise _Parked(why)
             async with self._pool.acquire() as conn:
-                rows = await conn.fetch(self._q.desired_for_sync, dev.id, req.service)
+                if not await conn.fetchval(self._q.sync_target_exists, req.run, dev.id):
+                    raise _Forged(f"reconcile message names run {req.run} for device {dev.id}, "
+                                  "which no sync run holds (forged or pruned)")
+                rows = await conn.fetch(self._q.desired_for_sync, dev.id, req.service, req.run)
             driver = self._drivers.get(dev.driver)
             events: list[EventRow] = []
             states: list[StateUpdate] = []
@@ -87,10 +96,18 @@ class SyncWorker:
             log.info("reconcile parked for up to %.0fs: %s", delay, p.why, extra=_fields(w, "parked"))
             return Outcome(d, "park", [self._event(w, "parked", None, error=p.why)], retry_delay=delay,
                            reconcile=True)
+        except _Forged as exc:
+            log.warning("dead-lettered: %s", exc, extra=_fields(w, "dead_lettered"))
+            return Outcome(d, "dead_letter", [self._event(w, "dead_lettered", None, error=str(exc))],
+                           reason=str(exc), error_kind="permanent", reconcile=True)
         except (PermanentError, ConfigError) as exc:  # e.g. its driver is gone: report, do not retry forever
             return unknown_device(d, req, str(exc))
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError, AgentError) as exc:
             policy, _ = self._policy()
+            if policy.exhausted(d.attempt):  # bounded like commands: the run records it and goes on
+                log.warning("reconcile of %s given up after %d attempts: %s", dev.id, d.attempt, exc,
+                            extra=_fields(w, "reconcile_given_up"))
+                return unknown_device(d, req, f"gave up after {d.attempt} attempts: {exc}")
             delay = policy.delay(d.attempt)
             log.warning("reconcile of %s will be retried in %.1fs: %s", dev.id, delay, exc,
                         extra=_fields(w, "retried"))
@@ -146,10 +163,16 @@ class SyncWorker:
 
     async def _read(self, driver: Driver, dev: Device, service: str) -> Observation:
         _, timeout = self._policy()
+        self._claimed(dev)
         return await observe(driver, dev, service, timeout, self._deadlines)
+
+    def _claimed(self, dev: Device) -> None:
+        if not self._may_operate(dev):
+            raise _Parked("the claim on the device ran short (database unreachable?)")
 
     async def _converge(self, driver: Driver, dev: Device, service: str, desired: str) -> Observation:
         _, timeout = self._policy()
+        self._claimed(dev)
         obs = await converge(driver, dev, service, desired, timeout, self._deadlines)  # type: ignore[arg-type]
         assert obs is not None
         return obs

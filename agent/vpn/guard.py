@@ -19,7 +19,8 @@ import asyncpg
 from agent.drivers.base import Device
 from agent.errors import AgentError
 from agent.vpn.health import GateVerdict, VpnSnapshot, gate, peer_for
-from agent.vpn.monitor import VpnMonitor, device_host
+from agent.vpn.monitor import VpnMonitor
+from agent.vpn.resolve import HostResolver
 
 log = logging.getLogger("agent.vpn")
 
@@ -66,7 +67,7 @@ class VpnGuard:
         self._pool = pool
         self._agent_id = agent_id
         self._on_reachable = on_reachable
-        self._hosts: dict[str, str | None] = {}
+        self.resolver = HostResolver(on_change=lambda: self._kick.set())
         self.reach: dict[str, Reach] = {}
         self._kick = asyncio.Event()
         self._sampling = asyncio.Lock()
@@ -78,10 +79,7 @@ class VpnGuard:
         """device id -> IP, for the devices that have a network address."""
         out = {}
         for dev in self._devices():
-            if dev.address and dev.id not in self._hosts:
-                self._hosts[dev.id] = device_host(dev.address)
-            host = self._hosts.get(dev.id) if dev.address else None
-            if host:
+            if host := self.resolver.cached(dev.address):
                 out[dev.id] = host
         return out
 
@@ -209,9 +207,11 @@ class VpnGuard:
         finally:
             if prober is not None:
                 prober.cancel()
+            await self.resolver.close()
 
     async def _sample_forever(self) -> None:
         while True:
+            self.resolver.kick(d.address for d in self._devices())
             if self.hosts() or self.monitor.interface:
                 await self.check()
             else:
@@ -228,6 +228,7 @@ class VpnGuard:
 
         deadline = time.monotonic() + grace
         told = False
+        self.resolver.kick(d.address for d in self._devices())  # names resolve meanwhile, never awaited here
         while True:
             snap = await self.check()
             problem = start_problem(snap, self.hosts()) if self.required else None

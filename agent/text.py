@@ -1,0 +1,51 @@
+"""Untrusted text made safe: whatever a message or a device says is bounded, and its control
+characters are escaped before it reaches the database, a log line or a terminal.
+
+Postgres refuses NUL in `text` and `\\u0000` in `jsonb`; a newline forges a log line; ANSI escapes
+rewrite a terminal. One function does it for every such field, so every path does it alike.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+# C0 controls (but tab), DEL, C1 controls, and the Unicode line/paragraph separators and bidi
+# overrides that reorder what a reader sees.
+_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+LIMIT = 500
+
+
+def _escape(m: re.Match[str]) -> str:
+    ch = m.group()
+    return {"\n": "\\n", "\r": "\\r"}.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+
+
+def clean(value: object, limit: int = LIMIT) -> str:
+    """One printable line of at most `limit` characters (plus an ellipsis) from any value."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > limit * 4:  # escaping can only lengthen: never scan more than needed
+        text = text[: limit * 4]
+    text = _UNSAFE.sub(_escape, text)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def clean_opt(value: object, limit: int = LIMIT) -> str | None:
+    return None if value is None else clean(value, limit)
+
+
+def safe_json(value: Any, depth: int = 0) -> Any:
+    """A JSON value that Postgres' jsonb and a strict parser accept: strings without NUL,
+    no NaN or infinities (they become null), nesting bounded."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\\u0000")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if depth > 64:
+        return None
+    if isinstance(value, dict):
+        return {safe_json(str(k)): safe_json(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [safe_json(v, depth + 1) for v in value]
+    return value
