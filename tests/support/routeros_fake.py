@@ -20,8 +20,8 @@ What it follows from the documentation:
   - reboot() renumbers every `.id` (and drops live sessions, as a real reboot does).
 Guesses, not documented: the exact detail texts; whether an unknown directory is 400 or 406.
 
-Test knobs (plain Python, not REST): add(), connect(), find(), reboot(), `inject` (canned replies
-served before the real ones), `delay` (seconds before answering), `requests` (what was asked).
+Test knobs (plain Python, not REST): add(), connect(), find(), reboot(), `inject` (canned replies,
+each served once to the next request with its method), `delay` (seconds before answering), `requests` (what was asked).
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ class RouterOsFake:
     def __init__(self, username: str, password: str) -> None:
         self.tables: dict[str, list[Row]] = {menu: [] for menu in MENUS}
         self.requests: list[tuple[str, str, Any]] = []
-        self.inject: list[web.Response] = []
+        self.inject: list[tuple[str, web.Response]] = []  # (method or "*", canned reply)
         self.delay = 0.0
         self.boots = 0
         self._next = 1
@@ -237,8 +237,10 @@ class RouterOsFake:
             await asyncio.sleep(self.delay)
         if request.headers.get("Authorization") != self._auth:
             return error(401)
-        if self.inject:
-            return self.inject.pop(0)
+        for i, (method, canned) in enumerate(self.inject):
+            if method in ("*", request.method):
+                del self.inject[i]
+                return canned
         try:
             return self._dispatch(request.method, request.match_info["tail"].strip("/"), body, request)
         except BadRequest as exc:
