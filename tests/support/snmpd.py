@@ -15,6 +15,7 @@ dead agent behind a firewall. Needs root (network namespaces, and snmpd's SET of
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import json
 import os
@@ -23,6 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,11 +111,11 @@ class Snmpd:
         log = self._dir / "snmpd.log"
         log.write_text("")
         fd = self._sock.fileno()
-        as_fd3 = "" if fd == 3 else f" 3<&{fd} {fd}<&-"  # LISTEN_FDS sockets start at fd 3
+        as_fd3 = "" if fd == 3 else f" 3<&{fd} {fd}<&-"  # LISTEN_FDS sockets start at fd 3 (bash: any fd number)
         script = (f"export LISTEN_PID=$$ LISTEN_FDS=1; exec ip netns exec {self.ns} {SNMPD} -f -Lo -C "
                   f"-c {self._dir / 'snmpd.conf'}{as_fd3}")
         with log.open("ab") as out:
-            self._proc = subprocess.Popen(["sh", "-c", script], pass_fds=(fd,), stdout=out,
+            self._proc = subprocess.Popen(["bash", "-c", script], pass_fds=(fd,), stdout=out,
                                           stderr=subprocess.STDOUT, env={**os.environ, "MIBS": ""})
         deadline = time.monotonic() + 20
         while "NET-SNMP version" not in log.read_text(errors="replace"):
@@ -157,3 +159,21 @@ class Snmpd:
             self._made = False
         self._sock.close()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def silent_udp() -> Iterator[int]:
+    """A bound loopback UDP port that receives and never answers: a device too slow to reply."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+def closed_udp_port() -> int:
+    """A loopback UDP port nothing listens on (the kernel answers port-unreachable)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
