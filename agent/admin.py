@@ -134,7 +134,8 @@ async def dlq_replay(conn: asyncpg.Connection, q: Queries, ids: list[int] | None
 
 async def states(conn: asyncpg.Connection, device: str | None = None) -> list[dict[str, Any]]:
     rows = await conn.fetch(
-        "SELECT device, service, desired, observed, desired_version AS version, verified_at, last_error"
+        "SELECT device, service, desired, observed, desired_version AS version, desired_failed AS failed,"
+        " verified_at, last_error"
         " FROM agent.service_state WHERE $1::text IS NULL OR device = $1 ORDER BY device, service", device)
     return [dict(r) for r in rows]
 

@@ -118,7 +118,7 @@ async def dlq_replay(conn: asyncpg.Connection, s: Settings, a: argparse.Namespac
 
 async def state(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
     rows = await admin.states(conn, a.device)
-    _print(rows, a.json, ["device", "service", "desired", "observed", "version", "verified_at", "last_error"])
+    _print(rows, a.json, ["device", "service", "desired", "observed", "version", "failed", "verified_at", "last_error"])
     return 0
 
 

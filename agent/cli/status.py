@@ -11,6 +11,7 @@ import asyncpg
 
 from agent.db.queries import Queries
 from agent.settings import Settings
+from agent.text import clean
 
 STALE_FACTOR = 3
 
@@ -61,12 +62,13 @@ def render(s: dict[str, Any]) -> str:
     lines.append("recent failures:" + ("" if s["recent_failures"] else " none"))
     for f in s["recent_failures"][-10:]:
         when = time.strftime("%H:%M:%S", time.localtime(f["at"]))
-        lines.append(f"  {when} msg {f['msg_id']} {f['device']}/{f['service']} {f['finish']}: {f['error']}")
+        lines.append(f"  {when} msg {f['msg_id']} {f['device']}/{f['service']} {f['finish']}: {clean(f['error'])}")
     lines.append("unreachable devices:" + ("" if s["unreachable"] else " none"))
-    lines += [f"  {u['device']}: {u['reason']}" for u in s["unreachable"]]
+    lines += [f"  {u['device']}: {clean(u['reason'])}" for u in s["unreachable"]]
     lines.append("drifted (desired != observed):" + ("" if s["drifted"] else " none"))
     lines += [f"  {d['device']}/{d['service']}: desired {d['desired']}, observed {d['observed']}"
-              + (f" ({d['last_error']})" if d.get("last_error") else "") for d in s["drifted"]]
+              + (" [last command failed: not reconciled until replayed or superseded]" if d.get("failed") else "")
+              + (f" ({clean(d['last_error'])})" if d.get("last_error") else "") for d in s["drifted"]]
     return "\n".join(lines)
 
 

@@ -121,7 +121,8 @@ SELECT (SELECT count(*) FROM (SELECT 1 FROM pgmq.{q} LIMIT $1) s) AS depth,
        (SELECT extract(epoch FROM clock_timestamp() - enqueued_at) FROM pgmq.{dq} ORDER BY msg_id LIMIT 1) AS dlq_oldest;
 
 -- name: drifted
-SELECT device, service, desired, observed, last_error FROM agent.service_state
+-- desired_failed: its newest command was dead-lettered, so reconciliation leaves it as it is.
+SELECT device, service, desired, observed, desired_failed AS failed, last_error FROM agent.service_state
 WHERE desired IS NOT NULL AND desired IS DISTINCT FROM observed ORDER BY device, service LIMIT $1;
 
 -- name: fleet

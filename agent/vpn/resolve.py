@@ -13,7 +13,8 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 log = logging.getLogger("agent.vpn")
@@ -38,12 +39,14 @@ def literal_ip(host: str) -> str | None:
 
 class HostResolver:
     def __init__(self, ttl: float = 300.0, negative_ttl: float = 30.0, timeout: float = 3.0,
-                 parallel: int = 16, on_change: Callable[[], None] | None = None) -> None:
+                 parallel: int = 16, on_change: Callable[[], None] | None = None,
+                 lookup: Callable[[str], Awaitable[list[Any]]] | None = None) -> None:
         self._ttl, self._negative_ttl, self._timeout = ttl, negative_ttl, timeout
         self._parallel = asyncio.Semaphore(parallel)
         self._cache: dict[str, tuple[str | None, float]] = {}  # name -> (ip or None, expires, monotonic)
         self._task: asyncio.Task[None] | None = None
         self._on_change = on_change or (lambda: None)
+        self._lookup = lookup or _getaddrinfo
 
     def cached(self, address: str | None) -> str | None:
         """The IP for an address now, without waiting: literal IPs at once, names from the cache
@@ -82,7 +85,7 @@ class HostResolver:
         async with self._parallel:
             try:
                 async with asyncio.timeout(self._timeout):
-                    infos = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
+                    infos = await self._lookup(name)
             except (OSError, TimeoutError, UnicodeError) as exc:
                 log.debug("cannot resolve %s: %s", name, exc, extra={"action": "resolve_failed"})
                 return None
@@ -91,3 +94,8 @@ class HostResolver:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+
+
+async def _getaddrinfo(name: str) -> list[Any]:
+    """asyncio's resolver: the blocking call runs in the default executor, off the event loop."""
+    return await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)

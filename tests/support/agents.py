@@ -20,7 +20,7 @@ from agent.settings import load_settings
 async def running_agent(dsn: str, driver: Any = None, **overrides: Any) -> AsyncIterator[Agent]:
     """A wired Agent running its services; `driver` is preset under its own name."""
     defaults = {"http_listen": "", "poll_interval": 60.0, "retry_base": 0.05, "retry_max": 0.2,
-                "visibility_timeout": 5}
+                "visibility_timeout": 5, "reconcile_schedule": "off"}
     settings = load_settings(None, database_url=dsn, **{**defaults, **overrides})
     pool = await connect_pool(settings, attempts=1)
     drivers = Drivers(DriverContext(settings.device_timeout), {driver.name: driver} if driver else None)
@@ -47,6 +47,9 @@ def agent_env(dsn: str, raw_env: bool = False, **settings: Any) -> dict[str, str
     env["AGENT_DATABASE_URL"] = dsn
     env.setdefault("AGENT_HTTP_LISTEN", "")
     env.setdefault("AGENT_REQUIRE_VPN", "false")  # devices in tests are on loopback unless a test says otherwise
+    # No scheduled reconcile unless a test asks for one: a cron minute boundary crossed mid-test
+    # must not add work the test did not expect.
+    env.setdefault("AGENT_RECONCILE_SCHEDULE", "off")
     for key, value in settings.items():
         env[key if key.isupper() else f"AGENT_{key.upper()}"] = str(value)
     return env
