@@ -33,11 +33,11 @@ def test_safe_json_has_no_non_finite_numbers_and_no_nul():
 @pytest.mark.parametrize("meta", ['{"x": 1%s.5}' % ("0" * 400), '{"x": [NaN]}', '{"x": -Infinity}'])
 def test_a_command_with_a_non_finite_number_is_refused_at_parse(meta):
     with pytest.raises(PermanentError, match="not finite"):
-        parse_command('{"device": "r1", "service": "s", "state": "on", "meta": %s}' % meta)
+        parse_command('{"device": "r1", "service": "s", "state": "on", "meta": ' + meta + '}')
 
 
 def test_a_request_id_with_control_characters_is_refused_at_parse():
-    with pytest.raises(PermanentError, match="request_id: .*control characters"):
+    with pytest.raises(PermanentError, match=r"request_id: .*control characters"):
         parse_command(json.dumps({"device": "r1", "service": "s", "state": "on", "request_id": "a\nb"}))
 
 
