@@ -37,21 +37,26 @@ SELECT pgmq.acquire_queue_lock($1::text);
 
 -- name: claim_devices
 -- Device claims are leases: $1 agent id, $2 devices to claim (distinct), $3 their lease seconds,
--- $4 devices to release. A lease held by another agent is taken over only once it expired, so an
--- agent that lost its database connection mid-operation keeps the device until that operation
--- surely ended. Claiming a device this agent holds renews its lease.
+-- $4 devices to release, $5 host and $6 pid of this agent, $7 agents known dead (their leases are
+-- void at once). A lease held by another agent is taken over only once it expired, so an agent
+-- that lost its database connection mid-operation keeps the device until that operation surely
+-- ended. Claiming a device this agent holds renews its lease. `holders`: who holds the others.
 WITH released AS (
     DELETE FROM agent.device_claims c WHERE c.agent_id = $1 AND c.device = ANY($4::text[]) RETURNING c.device
+), holders AS (
+    SELECT c.device, c.agent_id, c.host, c.pid FROM agent.device_claims c
+    WHERE c.device = ANY($2::text[]) AND c.agent_id <> $1
 ), claimed AS (
-    INSERT INTO agent.device_claims AS c (device, agent_id, claimed_at, expires_at)
-    SELECT x.d, $1, clock_timestamp(), clock_timestamp() + make_interval(secs => x.ttl)
+    INSERT INTO agent.device_claims AS c (device, agent_id, host, pid, claimed_at, expires_at)
+    SELECT x.d, $1, $5, $6, clock_timestamp(), clock_timestamp() + make_interval(secs => x.ttl)
     FROM unnest($2::text[], $3::double precision[]) AS x(d, ttl)
-    ON CONFLICT (device) DO UPDATE SET agent_id = EXCLUDED.agent_id, claimed_at = EXCLUDED.claimed_at,
-        expires_at = EXCLUDED.expires_at
-    WHERE c.agent_id = EXCLUDED.agent_id OR c.expires_at < clock_timestamp()
+    ON CONFLICT (device) DO UPDATE SET agent_id = EXCLUDED.agent_id, host = EXCLUDED.host, pid = EXCLUDED.pid,
+        claimed_at = EXCLUDED.claimed_at, expires_at = EXCLUDED.expires_at
+    WHERE c.agent_id = EXCLUDED.agent_id OR c.expires_at < clock_timestamp() OR c.agent_id = ANY($7::text[])
     RETURNING c.device
 )
-SELECT array(SELECT device FROM claimed) AS claimed, (SELECT count(*) FROM released) AS released;
+SELECT array(SELECT device FROM claimed) AS claimed, (SELECT count(*) FROM released) AS released,
+       (SELECT coalesce(jsonb_agg(h), '[]') FROM holders h)::text AS holders;
 
 -- name: renew_claims
 UPDATE agent.device_claims c SET expires_at = clock_timestamp() + make_interval(secs => x.ttl)

@@ -10,16 +10,21 @@ restarts: the row is still there, and by the time it expires the operation has s
 
 Claims, renewals and releases from all lanes are coalesced, one statement per flush; held leases
 are renewed every RENEW seconds in one statement. A device claimed elsewhere is not waited for:
-its work goes back to the queue for a moment (a bounce, not an attempt). A killed agent's devices
-are free once its leases expire; a stopping agent releases them at once.
+its work goes back to the queue for a moment (a bounce, not an attempt). A stopping agent releases
+its devices at once; a killed agent's devices are free once its leases expire, or at once for an
+agent on the same host whose process is gone (the usual restart by systemd or a container runtime).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import random
+import socket
 import time
+from typing import Any
 
 import asyncpg
 
@@ -33,10 +38,14 @@ SLACK = 3 * RENEW  # a lease outlasts the operation bound by this much: renewals
 
 
 class DeviceClaims:
-    def __init__(self, pool: asyncpg.Pool, queries: Queries, agent_id: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, queries: Queries, agent_id: str,
+                 host: str | None = None, pid: int | None = None) -> None:
         self._pool = pool
         self._q = queries
         self._agent_id = agent_id
+        self._host = host or host_identity()
+        self._pid = pid or os.getpid()
+        self._dead: set[str] = set()              # agents on this host whose process is gone
         self._ttl: dict[str, float] = {}          # held device -> lease length asked for
         self._until: dict[str, float] = {}        # held device -> monotonic time its lease surely runs to
         self._claims: list[tuple[str, float, asyncio.Future[bool]]] = []
@@ -95,7 +104,8 @@ class DeviceClaims:
         try:
             async with self._pool.acquire() as conn:
                 row = await conn.fetchrow(self._q.claim_devices, self._agent_id, list(wanted),
-                                          list(wanted.values()), releases, timeout=10)
+                                          list(wanted.values()), releases, self._host, self._pid,
+                                          sorted(self._dead), timeout=10)
         except DB_ERRORS as exc:
             log.warning("device claims failed (%s): work will be tried again shortly", exc,
                         extra={"action": "claims_failed"})
@@ -105,6 +115,12 @@ class DeviceClaims:
             await asyncio.sleep(random.uniform(0.2, 0.5))
             return
         got = set(row["claimed"])
+        if retry := self._dead_holders(json.loads(row["holders"]), got):
+            log.info("taking over %d device(s) from agents of this host that are gone", len(retry),
+                     extra={"action": "claims_taken_over"})
+            self._claims.extend((d, ttl, fut) for d, ttl, fut in claims if d in retry)
+            self._wake.set()
+            claims = [c for c in claims if c[0] not in retry]
         for device, ttl in wanted.items():
             if device in got:
                 self._ttl[device] = ttl
@@ -113,6 +129,17 @@ class DeviceClaims:
             ok = device in got and self.fresh(device, ttl - SLACK)
             if not fut.done():
                 fut.set_result(ok)
+
+    def _dead_holders(self, holders: list[dict[str, Any]], got: set[str]) -> set[str]:
+        """Devices held by an agent of this host whose process no longer exists: claim them again."""
+        retry = set()
+        for h in holders:
+            if h["device"] in got or h["agent_id"] in self._dead or h.get("host") != self._host:
+                continue
+            if h.get("pid") == self._pid or not _alive(h.get("pid")):
+                self._dead.add(h["agent_id"])
+                retry.add(h["device"])
+        return retry
 
     async def _renew(self) -> None:
         if not self._ttl:
@@ -145,3 +172,25 @@ class DeviceClaims:
                 await conn.execute(self._q.release_all_claims, self._agent_id, timeout=5)
         except (*DB_ERRORS, asyncio.CancelledError):  # they expire by themselves
             pass
+
+
+def host_identity() -> str:
+    """This host and PID namespace: only there does a pid name the same process."""
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        ns = 0
+    return f"{socket.gethostname()}/pidns:{ns}"
+
+
+def _alive(pid: int | None) -> bool:
+    """Is there a process with this pid here? (A reused pid counts as alive: the lease then runs out.)"""
+    if not pid or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

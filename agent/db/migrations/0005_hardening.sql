@@ -12,6 +12,8 @@ ALTER TABLE agent.service_state ADD COLUMN desired_failed boolean NOT NULL DEFAU
 CREATE TABLE agent.device_claims (
     device     text PRIMARY KEY,
     agent_id   text NOT NULL,
+    host       text,            -- where the holder runs: on the same host a dead holder is seen at once
+    pid        integer,
     claimed_at timestamptz NOT NULL DEFAULT now(),
     expires_at timestamptz NOT NULL
 );
