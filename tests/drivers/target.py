@@ -1,0 +1,44 @@
+"""What the driver contract suite needs from a driver's test server.
+
+Each driver has a module `tests/drivers/target_<driver>.py` with
+
+    @contextlib.asynccontextmanager
+    async def target(tmp_path: Path) -> AsyncIterator[Target]: ...
+
+that stands up real server software (or, for RouterOS only, a documented fake), yields a Target,
+and tears everything down afterwards. The suite in test_contract.py runs every check against it.
+
+Optional fields (defaults keep older target modules working):
+  bad_credential  a device like `device` whose credential names a wrong secret: the suite expects a
+                  ConfigError and checks that neither secret shows in errors or logs
+  skip            check name -> why this target cannot express the check (e.g. sim has no network)
+  known_gaps      check name -> why the driver does not pass it yet; the check runs and must fail
+                  (strict xfail), so a fixed gap shows up as XPASS until it is removed from here
+Check names are the contract test names without `test_` (test_contract.CHECKS lists them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from agent.drivers.base import Device, DriverContext
+
+
+@dataclass
+class Target:
+    driver: str
+    context: DriverContext               # with a CredentialStore that holds the test secret
+    device: Device                       # a working device entry pointing at the test server
+    service: str                         # an existing service whose state can be toggled
+    missing_service: str                 # valid syntax, but no such object on the device
+    invalid_service: str                 # refused by the driver's key syntax before any I/O
+    unreachable: Device                  # same driver, an address nothing answers on
+    slow: Device                         # same driver, a server that accepts but never answers in time
+    secrets: list[str]                   # the credential's secret values: must never appear in errors/logs
+    observe: Callable[[str], Awaitable[str]]  # the real state of a service, read NOT through the driver
+    fake_backed: bool = False            # True when the server is a fake written from vendor docs
+    notes: dict[str, str] = field(default_factory=dict)
+    bad_credential: Device | None = None
+    skip: dict[str, str] = field(default_factory=dict)
+    known_gaps: dict[str, str] = field(default_factory=dict)
