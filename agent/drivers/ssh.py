@@ -56,6 +56,9 @@ async def _exec(conn: asyncssh.SSHClientConnection, command: str, cap: int) -> p
         chan.write_eof()
         await chan.wait_closed()
     finally:
+        if chan.get_exit_status() is None:  # cut short (timeout): end the command too, not only the channel
+            with contextlib.suppress(Exception):
+                chan.kill()
         chan.close()
     return p.Result(chan.get_exit_status(), bytes(session.out), bytes(session.err), session.truncated)
 
