@@ -269,7 +269,8 @@ async def test_close_ends_the_connection(box: Box) -> None:
 
 async def test_systemd_preset_with_a_fake_systemctl(box: Box, tmp_path: Path) -> None:
     units, active = tmp_path / "units", tmp_path / "active"
-    units.mkdir(), active.mkdir()
+    units.mkdir()
+    active.mkdir()
     (units / "wifi").touch()
     script = box.bin / "systemctl"
     script.write_text(FAKE_SYSTEMCTL.replace("@UNITS@", str(units)).replace("@ACTIVE@", str(active)))
@@ -291,7 +292,8 @@ async def test_systemd_preset_with_a_fake_systemctl(box: Box, tmp_path: Path) ->
 async def test_openwrt_preset_commands_in_a_real_shell(box: Box, tmp_path: Path) -> None:
     """The preset's shell logic, run by sh on the host with /etc/init.d swapped for a test directory."""
     init, state = tmp_path / "init.d", tmp_path / "wifi-state"
-    init.mkdir(), state.mkdir()
+    init.mkdir()
+    state.mkdir()
     (init / "wifi").write_text(FAKE_INIT_SCRIPT.replace("@STATE@", str(state)))
     (init / "wifi").chmod(0o755)
     commands = {k: v.replace("/etc/init.d", str(init)) for k, v in ssh_proto.PRESETS["openwrt"].items()}
