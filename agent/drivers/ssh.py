@@ -118,10 +118,11 @@ class SshDriver:
         """One command within the device's timeout; a connection found dead before it starts is
         opened again once (nothing ran), one that dies while it runs is a transient error."""
         async def attempt() -> p.Result:
+            conn = await self._connection(device, opts)
             try:
-                return await _exec(await self._connection(device, opts), command, opts.max_output_bytes)
+                return await _exec(conn, command, opts.max_output_bytes)
             except _Stale:
-                self._forget(device.id)
+                self._forget(device.id, conn)  # only that one: a concurrent call may have replaced it already
                 return await _exec(await self._connection(device, opts), command, opts.max_output_bytes)
 
         try:
@@ -148,9 +149,11 @@ class SshDriver:
             self._conns[device.id] = (key, conn)
             return conn
 
-    def _forget(self, device_id: str) -> None:
-        cached = self._conns.pop(device_id, None)
-        if cached is not None:
+    def _forget(self, device_id: str, conn: asyncssh.SSHClientConnection | None = None) -> None:
+        """Drop (and close) the device's cached connection; with `conn`, only if that is the one cached."""
+        cached = self._conns.get(device_id)
+        if cached is not None and (conn is None or cached[1] is conn):
+            del self._conns[device_id]
             cached[1].close()
 
     async def _connect(self, device: Device, opts: p.Options) -> asyncssh.SSHClientConnection:

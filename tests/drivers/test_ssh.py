@@ -247,6 +247,15 @@ async def test_connection_killed_on_the_server_is_opened_again(box: Box) -> None
     assert box.on("alice") and box.sshd.accepted() == 2
 
 
+async def test_concurrent_uses_after_a_kill_share_one_new_connection(box: Box) -> None:
+    dev = box.device()
+    await box.driver.read(dev, "alice")
+    box.sshd.drop_connections()
+    assert await asyncio.gather(*(box.driver.read(dev, "alice") for _ in range(6))) == ["off"] * 6
+    assert box.sshd.accepted() == 2
+    await until(lambda: box.sshd.connections() == 1, 5, what="only the new connection left on the server")
+
+
 async def test_server_restart_unreachable_then_reconnected(box: Box) -> None:
     dev = box.device()
     await box.driver.read(dev, "alice")
