@@ -13,6 +13,7 @@ Options:
   scheme       used when the address has none (default "http"); verify_tls (default true)
   probe_path   GET this for probe(); without it, probe() opens a TCP connection
   max_reply_bytes  replies longer than this are refused (default 1 MiB); redirects are never followed
+  service_pattern  regex a service key must match before anything is sent (default: the contract's)
 Credentials (device.credential names a file on the agent host): {"username", "password"} means
 HTTP Basic, {"token"} or a plain string means a Bearer token. Secrets never appear in errors or logs.
 """
@@ -22,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
 
+from agent.contract import SERVICE_PATTERN
 from agent.drivers.base import Device, DriverContext, State
 from agent.errors import ConfigError, NoAnswerError, PermanentError, TransientError, UnreachableError
 from agent.text import clean
@@ -85,7 +88,8 @@ def to_state(value: Any, on_value: Any, off_value: Any) -> State | None:
     return None
 
 
-def classify_status(status: int, what: str, body: str, location: str | None = None) -> None:
+def classify_status(status: int, what: str, body: str, location: str | None = None,
+                    credential: str | None = None) -> None:
     """Raise the error kind an HTTP status means; return for 2xx. Redirects are never followed: a
     device that points elsewhere would have the agent operate (and "verify") another server."""
     if status < 300:
@@ -95,6 +99,9 @@ def classify_status(status: int, what: str, body: str, location: str | None = No
         raise PermanentError(f"{what}: HTTP {status} redirect to {where}: not followed (fix the device's address)")
     excerpt = clean(body.strip(), 200)
     message = f"{what}: HTTP {status}" + (f": {excerpt}" if excerpt else "")
+    if status in (401, 403):
+        named = f"credential {credential!r}" if credential else "no credential (the device's `credential`)"
+        raise ConfigError(f"{message}: the device refused {named}: fix the secret or the device's user rights")
     if status >= 500 or status in (408, 425, 429):
         raise TransientError(message)
     raise PermanentError(message)
@@ -112,6 +119,13 @@ async def _bounded_text(resp: aiohttp.ClientResponse, limit: int, what: str) -> 
         return body.decode(resp.charset or "utf-8", errors="replace")
     except LookupError:  # a charset Python does not know
         return body.decode("utf-8", errors="replace")
+
+
+def check_service(device: Device, service: str) -> None:
+    """Refuse a service key the device's syntax does not allow, before any request is built."""
+    pattern = device.options.get("service_pattern", SERVICE_PATTERN)
+    if not isinstance(service, str) or not re.fullmatch(pattern, service):
+        raise PermanentError(f"{device.id}: service key {clean(service, 100)!r} does not match {pattern!r}")
 
 
 class HttpDriver:
@@ -139,6 +153,10 @@ class HttpDriver:
                 raise ValueError
         except (TypeError, ValueError):
             raise ConfigError("http: timeout must be a positive number of seconds") from None
+        try:
+            re.compile(o.get("service_pattern", SERVICE_PATTERN))
+        except (re.error, TypeError):
+            raise ConfigError("http: service_pattern must be a regular expression") from None
         limit = o.get("max_reply_bytes", MAX_REPLY_BYTES)
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
             raise ConfigError("http: max_reply_bytes must be a positive integer")
@@ -148,6 +166,7 @@ class HttpDriver:
             raise ConfigError("http: the device needs an address (host[:port] or URL)")
 
     async def read(self, device: Device, service: str) -> State:
+        check_service(device, service)
         o = device.options
         path = render_path(o["read_path"], device.id, service)
         doc = await self._request(device, "GET", path, None, want_json=True)
@@ -162,6 +181,7 @@ class HttpDriver:
         return state
 
     async def apply(self, device: Device, service: str, state: State) -> None:
+        check_service(device, service)
         o = device.options
         method = str(o.get("set_method", "PUT")).upper()
         path = render_path(o.get("set_path", o["read_path"]), device.id, service)
@@ -204,7 +224,7 @@ class HttpDriver:
         try:
             async with self._client().request(method, self._base(device) + path, **kwargs) as resp:
                 text = await _bounded_text(resp, int(device.options.get("max_reply_bytes", MAX_REPLY_BYTES)), what)
-                classify_status(resp.status, what, text, resp.headers.get("Location"))
+                classify_status(resp.status, what, text, resp.headers.get("Location"), device.credential)
         except TimeoutError:
             raise NoAnswerError(f"{what}: timed out after {timeout:g}s") from None
         except aiohttp.ClientConnectorError as exc:

@@ -19,13 +19,16 @@ import fcntl
 import json
 import os
 import random
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from agent.contract import SERVICE_PATTERN
 from agent.drivers.base import Device, DriverContext, State
 from agent.errors import ConfigError, PermanentError, TransientError
+from agent.text import clean
 
 _KINDS = {"transient": TransientError, "permanent": PermanentError}
 
@@ -51,6 +54,7 @@ class SimDriver:
             raise ConfigError('sim: initial must be "on" or "off"')
 
     async def read(self, device: Device, service: str) -> State:
+        _check(service)
         path = device.options.get("state_file")
         with _in_use(path):
             await self._call(device)
@@ -59,6 +63,7 @@ class SimDriver:
             return self._states.get((device.id, service), device.options.get("initial", "off"))
 
     async def apply(self, device: Device, service: str, state: State) -> None:
+        _check(service)
         path = device.options.get("state_file")
         with _in_use(path):
             await self._call(device)
@@ -111,6 +116,11 @@ def _in_use(path: str | None) -> Iterator[None]:
         yield
     finally:
         os.unlink(marker)
+
+
+def _check(service: str) -> None:
+    if not isinstance(service, str) or not re.fullmatch(SERVICE_PATTERN, service):
+        raise PermanentError(f"sim: service key {clean(service, 100)!r} is not a valid service key")
 
 
 def _number(opts: dict[str, Any], key: str, default: float, low: float, high: float) -> None:

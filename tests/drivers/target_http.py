@@ -76,12 +76,6 @@ async def target(tmp_path: Path) -> AsyncIterator[Target]:
                 secrets=[PASSWORD, basic(USER, PASSWORD), WRONG, basic(USER, WRONG)],
                 observe=observe,
                 bad_credential=device(f"127.0.0.1:{box.port}", "box-wrong"),
-                known_gaps={
-                    "invalid_service_key_refused_before_io":
-                        "http has no service-key syntax: any string is URL-quoted into read_path and sent",
-                    "wrong_credential_is_config_error":
-                        "http maps every 4xx, 401 included, to PermanentError",
-                },
             )
     finally:
         await slow.stop()

@@ -44,7 +44,4 @@ async def target(tmp_path: Path) -> AsyncIterator[Target]:
             "slow_device_hits_its_timeout": NO_NETWORK,
             "secrets_never_appear_in_errors_or_logs": "sim takes no credential",
         },
-        known_gaps={
-            "invalid_service_key_refused_before_io": "sim accepts any string as a service key",
-        },
     )

@@ -44,8 +44,15 @@ async def test_set_then_read_back_with_string_values(box, driver):
 
 
 async def test_service_names_are_quoted_into_the_path(box, driver):
-    assert await driver.read(router(box), "a b") == "on"
-    assert ("GET", "/rest/ppp/secret/a%20b") in box.requests
+    box.secrets["a+b@c"] = "false"
+    assert await driver.read(router(box), "a+b@c") == "on"
+    assert ("GET", "/rest/ppp/secret/a%2Bb@c") in box.requests  # + quoted; @ is a legal path character
+
+
+async def test_a_service_key_outside_the_syntax_is_refused_before_any_request(box, driver):
+    with pytest.raises(PermanentError, match="does not match"):
+        await driver.read(router(box), "../../admin")
+    assert box.requests == []
 
 
 @pytest.mark.parametrize("status, error", [(503, TransientError), (429, TransientError), (404, PermanentError),
@@ -97,7 +104,7 @@ async def test_basic_auth_from_a_named_credential_never_leaks(box, tmp_path, mon
         await driver.read(dev, "alice")
         assert box.auth[-1] is not None and box.auth[-1].startswith("Basic ")
         box.fail = [401]
-        with pytest.raises(PermanentError) as err:
+        with pytest.raises(ConfigError, match="refused credential 'r1-admin'") as err:
             await driver.read(dev, "alice")
         assert "s3cr3t-pw" not in str(err.value) and "api" not in str(err.value).split(":")[0]
     finally:
@@ -135,5 +142,7 @@ def test_status_classification():
     classify_status(204, "x", "")
     with pytest.raises(TransientError):
         classify_status(502, "x", "")
-    with pytest.raises(PermanentError, match="HTTP 403: forbidden"):
+    with pytest.raises(ConfigError, match="HTTP 403: forbidden"):
         classify_status(403, "x", "forbidden")
+    with pytest.raises(PermanentError, match="redirect to http://elsewhere/: not followed"):
+        classify_status(302, "x", "", "http://elsewhere/")
