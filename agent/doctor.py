@@ -181,12 +181,12 @@ async def tunnel_checks(s: Settings, devices: list[Device] | None, add: Callable
                       "add a route for the site network through the WireGuard interface (its AllowedIPs and the "
                       "routing table)"))
         elif via == snap.interface:
-            peer = peer_for(host, snap.peers)
-            if peer is None:
+            owner = peer_for(host, snap.peers)
+            if owner is None:
                 add(Check(f"route to {dev_id}", False, f"{host} leaves by {via}, but no peer's allowed IPs cover it",
                           "add the site network to the peer's AllowedIPs"))
             else:
-                add(Check(f"route to {dev_id}", True, f"{host} via {via}, peer {peer.name}"))
+                add(Check(f"route to {dev_id}", True, f"{host} via {via}, peer {owner.name}"))
         elif s.require_vpn:
             add(Check(f"route to {dev_id}", False, f"{host} leaves by {via}, not through "
                       f"{snap.interface or 'a WireGuard interface'}", VPN_REMEDY))

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import asyncpg
@@ -71,7 +71,7 @@ class Leadership:
         self._check_interval = check_interval
         self.leading = False
 
-    async def run(self, lead: Callable[[LeaderConnection], Awaitable[None]]) -> None:
+    async def run(self, lead: Callable[[LeaderConnection], Coroutine[Any, Any, None]]) -> None:
         delay = 1.0
         while True:
             conn = None
@@ -107,7 +107,8 @@ class Leadership:
             except asyncpg.LockNotAvailableError:
                 continue  # still led by another agent; the connection has just proved alive
 
-    async def _lead(self, conn: LeaderConnection, lead: Callable[[LeaderConnection], Awaitable[None]]) -> None:
+    async def _lead(self, conn: LeaderConnection,
+                    lead: Callable[[LeaderConnection], Coroutine[Any, Any, None]]) -> None:
         self.leading = True
         log.info("leading reconciliation of site %s", self.site, extra={"action": "leader_elected"})
         lost = asyncio.Event()
