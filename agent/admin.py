@@ -80,9 +80,19 @@ async def upsert_devices(conn: asyncpg.Connection, devices: list[Device]) -> Non
 
 async def list_devices(conn: asyncpg.Connection, site: str | None = None) -> list[dict[str, Any]]:
     rows = await conn.fetch(
-        "SELECT id, driver, address, site, options::text AS options, credential FROM agent.devices"
-        " WHERE $1::text IS NULL OR site = $1 ORDER BY id", site)
+        "SELECT id, driver, address, site, options::text AS options, credential,"
+        " CASE WHEN paused_at IS NOT NULL THEN coalesce(paused_reason, 'maintenance') END AS paused"
+        " FROM agent.devices WHERE $1::text IS NULL OR site = $1 ORDER BY id", site)
     return [{**dict(r), "options": json.loads(r["options"])} for r in rows]
+
+
+async def pause_device(conn: asyncpg.Connection, q: Queries, device_id: str, reason: str) -> bool:
+    """Commands for the device wait (parked, no attempts used) until it is resumed."""
+    return bool(await conn.fetchval(q.pause_device, device_id, reason))
+
+
+async def resume_device(conn: asyncpg.Connection, q: Queries, device_id: str) -> bool:
+    return bool(await conn.fetchval(q.resume_device, device_id))
 
 
 async def remove_device(conn: asyncpg.Connection, device_id: str) -> bool:
@@ -104,7 +114,7 @@ async def dlq_list(conn: asyncpg.Connection, q: Queries, limit: int = 100) -> li
     out = []
     for r in rows:
         headers = json.loads(r["headers"]) if r["headers"] else {}
-        out.append({"dlq_id": r["msg_id"], "enqueued_at": r["enqueued_at"].isoformat(),
+        out.append({"dlq_id": r["msg_id"], "enqueued_at": r["enqueued_at"],
                     "reason": headers.get("reason"), "origin_msg_id": headers.get("origin_msg_id"),
                     "message": json.loads(r["message"]) if r["message"] else None, "headers": headers})
     return out

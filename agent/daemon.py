@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 
 from agent import http
+from agent.db.connect import classify as classify_connect_error
 from agent.db.queries import Queries
 from agent.db.schema import check_ready, ensure_notify
 from agent.drivers.base import CredentialStore, Device, DriverContext
@@ -48,7 +49,9 @@ DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutErro
 
 async def connect_pool(settings: Settings, attempts: int | None = None,
                        notifier: Notifier | None = None) -> asyncpg.Pool:
-    """Open the pool, retrying with jittered backoff while the database is unreachable."""
+    """Open the pool, retrying with jittered backoff while the database is unreachable. A refusal
+    that retrying cannot heal (password, role, database name, sslmode, a malformed URL) raises
+    ConfigError at once, naming AGENT_DATABASE_URL without its password."""
     delay, tried = 1.0, 0
     while True:
         tried += 1
@@ -56,7 +59,9 @@ async def connect_pool(settings: Settings, attempts: int | None = None,
             return await asyncpg.create_pool(
                 settings.database_url, min_size=1, max_size=6, timeout=5, command_timeout=30,
                 server_settings={"application_name": "agentd"}, reset=_keep_session)
-        except DB_ERRORS as exc:
+        except (*DB_ERRORS, ValueError, ArithmeticError) as exc:
+            if refused := classify_connect_error(exc, settings.database_url):
+                raise refused from None
             if attempts is not None and tried >= attempts:
                 raise
             log.warning("database unreachable (%s); retrying in %.0fs", exc, delay,

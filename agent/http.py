@@ -12,6 +12,8 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from agent.text import dumps
+
 
 async def start(host: str, port: int, *, ready: Callable[[], bool], status: Callable[[], Awaitable[dict[str, Any]]],
                 registry: CollectorRegistry, before_scrape: Callable[[], Awaitable[None]]) -> web.AppRunner:
@@ -42,6 +44,4 @@ async def start(host: str, port: int, *, ready: Callable[[], bool], status: Call
 
 
 def _dumps(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, default=str)
+    return dumps(obj, indent=None)

@@ -23,7 +23,8 @@ log = logging.getLogger("agent.inventory")
 
 def device_from_row(row: asyncpg.Record) -> Device:
     return Device(id=row["id"], driver=row["driver"], address=row["address"], site=row["site"],
-                  options=json.loads(row["options"]), credential=row["credential"])
+                  options=json.loads(row["options"]), credential=row["credential"],
+                  paused=row["paused"] if "paused" in row.keys() else None)
 
 
 class Inventory:

@@ -23,6 +23,7 @@ from agent import __version__
 from agent.executor.reports import Outcome
 from agent.metrics import Live
 from agent.status import Figures, healthy, snapshot, state, status_line
+from agent.text import rfc3339
 
 if TYPE_CHECKING:
     from agent.daemon import Agent
@@ -64,7 +65,7 @@ class Housekeeper:
             self._counts[key] += 1
             if o.finish != "archive":
                 ev = o.events[-1] if o.events else None
-                self._failures.append({"at": time.time(), "msg_id": o.delivery.msg_id, "finish": o.finish,
+                self._failures.append({"at": rfc3339(time.time()), "msg_id": o.delivery.msg_id, "finish": o.finish,
                                        "device": ev.device if ev else None, "service": ev.service if ev else None,
                                        "error": o.reason or (ev.error if ev else None)})
 
@@ -83,7 +84,7 @@ class Housekeeper:
             queue_oldest_s=self._queue.get("oldest"), dlq_depth=self._queue.get("dlq_depth"),
             recent_failures=list(self._failures), **self._vpn_figures(),
             leader=self._a.leadership.leading,
-            next_reconcile=self._a.reconciler.next_run.isoformat(timespec="seconds")
+            next_reconcile=rfc3339(self._a.reconciler.next_run)
             if self._a.leadership.leading and self._a.reconciler.next_run else None)
 
     def _vpn_figures(self) -> dict[str, Any]:

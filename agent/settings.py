@@ -125,14 +125,35 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
-def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
-    """Build settings or raise ConfigError naming the offending AGENT_* variable."""
+DEFAULT_CONFIG = Path("/etc/pgmq-edge-agent/agent.toml")
+CONFIG_ENV = "AGENT_CONFIG"
+NO_DATABASE = "postgresql://"  # stands in for AGENT_DATABASE_URL where a command needs no database
+
+
+def config_path(explicit: str | Path | None = None) -> Path | None:
+    """The settings file: --config, else $AGENT_CONFIG (empty: none), else DEFAULT_CONFIG if it exists."""
+    if explicit:
+        return Path(explicit)
+    if CONFIG_ENV in os.environ:
+        return Path(os.environ[CONFIG_ENV]) if os.environ[CONFIG_ENV] else None
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def load_settings(config: str | Path | None = None, *, need_database: bool = True, **overrides: Any) -> Settings:
+    """Build settings or raise ConfigError naming the offending AGENT_* variable. Without
+    `need_database`, a missing AGENT_DATABASE_URL is allowed (commands that talk to no database)."""
     path = Path(config) if config else None
     if path is not None and not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     Settings.toml_path = path
     try:
-        return Settings(**overrides)
+        try:
+            return Settings(**overrides)
+        except ValidationError as exc:
+            if need_database or [e["loc"] for e in exc.errors()] != [("database_url",)] or \
+                    exc.errors()[0]["type"] != "missing":
+                raise
+            return Settings(**{**overrides, "database_url": NO_DATABASE})
     except ValidationError as exc:
         raise ConfigError(describe(exc, path)) from None
     except ValueError as exc:  # TOML syntax errors surface as ValueError subclasses

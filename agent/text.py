@@ -7,8 +7,10 @@ rewrite a terminal. One function does it for every such field, so every path doe
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from datetime import date, datetime, timezone
 from typing import Any
 
 # C0 controls (but tab), DEL, C1 controls, and the Unicode line/paragraph separators and bidi
@@ -49,3 +51,36 @@ def safe_json(value: Any, depth: int = 0) -> Any:
     if isinstance(value, list | tuple):
         return [safe_json(v, depth + 1) for v in value]
     return value
+
+
+def rfc3339(value: datetime | float) -> str:
+    """The one timestamp format of machine output: RFC 3339 in UTC, e.g. 2026-01-02T03:04:05.678Z
+    (a datetime without a zone is taken as UTC, as the database's timestamptz values are)."""
+    if not isinstance(value, datetime):
+        value = datetime.fromtimestamp(value, timezone.utc)
+    elif value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    text = value.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def local_time(value: datetime | float, with_date: bool = True) -> str:
+    """A time for a person: in the viewer's zone, labelled with it (e.g. 2026-01-02 04:04:05 CET)."""
+    if not isinstance(value, datetime):
+        value = datetime.fromtimestamp(value, timezone.utc)
+    elif value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z" if with_date else "%H:%M:%S %Z")
+
+
+def json_default(value: object) -> object:
+    """`default=` for json.dumps in machine output: times as RFC 3339 UTC, anything else as text."""
+    if isinstance(value, datetime):
+        return rfc3339(value)
+    if isinstance(value, date):
+        return value.isoformat()
+    return str(value)
+
+
+def dumps(value: Any, indent: int | None = 2) -> str:
+    return json.dumps(value, indent=indent, default=json_default)

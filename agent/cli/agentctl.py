@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -13,23 +14,27 @@ from typing import Any
 
 import asyncpg
 
-from agent import admin, devicetest
+from agent import __version__, admin, devicetest
+from agent.cli import args as argtypes
 from agent.cli import status as status_cli
 from agent.cli import sync as sync_cli
 from agent.contract import json_schema
+from agent.db.connect import classify as classify_connect_error
+from agent.db.connect import redact
 from agent.db.queries import Queries
 from agent.db.schema import init_database
 from agent.drivers.base import Device
 from agent.errors import AgentError
-from agent.settings import Settings, load_settings
-from agent.text import clean
+from agent.settings import CONFIG_ENV, DEFAULT_CONFIG, Settings, config_path, load_settings
+from agent.text import clean, dumps, local_time
 
 Handler = Callable[[asyncpg.Connection, Settings, argparse.Namespace], Awaitable[int]]
 
 
 def _print(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
+    """JSON for machines (times RFC 3339 UTC) or a table for people (times in their zone, labelled)."""
     if as_json:
-        print(json.dumps(rows, indent=2, default=str))
+        print(dumps(rows))
         return
     if not rows:
         print("(none)")
@@ -46,7 +51,7 @@ def _cell(v: Any) -> str:
     if v is None:
         return "-"
     if isinstance(v, datetime):
-        return v.isoformat(timespec="seconds")
+        return local_time(v)
     if isinstance(v, (dict, list)):
         return clean(json.dumps(v, separators=(",", ":")), 2000)
     return clean(v, 2000)
@@ -70,7 +75,7 @@ async def device_add(conn: asyncpg.Connection, s: Settings, a: argparse.Namespac
 
 async def device_list(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
     rows = await admin.list_devices(conn, None if a.all_sites else s.site)
-    _print(rows, a.json, ["id", "driver", "address", "site", "credential", "options"])
+    _print(rows, a.json, ["id", "driver", "address", "site", "credential", "paused", "options"])
     return 0
 
 
@@ -82,6 +87,29 @@ async def device_remove(conn: asyncpg.Connection, s: Settings, a: argparse.Names
     return 1
 
 
+async def device_pause(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    if not await admin.pause_device(conn, Queries(s.queue), a.id, a.reason):
+        print(f"agentctl: no device {a.id!r}", file=sys.stderr)
+        return 1
+    print(f"device {a.id} paused ({a.reason}): its commands wait, parked, until `agentctl device resume {a.id}`")
+    return 0
+
+
+async def device_resume(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    if not await admin.resume_device(conn, Queries(s.queue), a.id):
+        print(f"agentctl: no device {a.id!r}", file=sys.stderr)
+        return 1
+    print(f"device {a.id} resumed: its parked commands go now")
+    return 0
+
+
+async def events(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    rows = await conn.fetch(Queries(s.queue).events, a.request_id, a.device, a.since, a.limit)
+    _print([dict(r) for r in reversed(rows)], a.json,
+           ["at", "kind", "device", "service", "request_id", "msg_id", "attempt", "desired", "observed", "error"])
+    return 0
+
+
 async def device_import(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
     devices = admin.read_device_file(Path(a.file), s.site)
     await admin.upsert_devices(conn, devices)
@@ -90,10 +118,8 @@ async def device_import(conn: asyncpg.Connection, s: Settings, a: argparse.Names
 
 
 async def enqueue(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
-    meta = json.loads(a.meta) if a.meta else None
     msg_id = await admin.enqueue(conn, s.queue, a.device, a.service, a.state, request_id=a.request_id,
-                                 not_after=datetime.fromisoformat(a.not_after) if a.not_after else None,
-                                 meta=meta, delay=a.delay)
+                                 not_after=a.not_after, meta=a.meta, delay=a.delay)
     print(msg_id)
     return 0
 
@@ -143,9 +169,14 @@ async def doctor(conn: asyncpg.Connection | None, s: Settings, a: argparse.Names
     return 0 if report.ok else 1
 
 
+CONFIG_HELP = (f"TOML settings file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG} if it exists); "
+               "AGENT_* environment variables win")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agentctl", description=__doc__)
-    p.add_argument("--config", help="TOML settings file (AGENT_* environment variables win)")
+    p.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    p.add_argument("--version", action="version", version=f"agentctl {__version__}")
     sub = p.add_subparsers(dest="group", required=True)
 
     db = sub.add_parser("db", help="database set-up").add_subparsers(dest="cmd", required=True)
@@ -169,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     rm = dev.add_parser("remove", help="remove a device")
     rm.add_argument("id")
     rm.set_defaults(func=device_remove)
+    pau = dev.add_parser("pause", help="maintenance: commands for the device wait (parked, no attempts used)")
+    pau.add_argument("id")
+    pau.add_argument("--reason", default="maintenance", help="shown with its waiting commands")
+    pau.set_defaults(func=device_pause)
+    res = dev.add_parser("resume", help="end a pause: the device's waiting commands go now")
+    res.add_argument("id")
+    res.set_defaults(func=device_resume)
     imp = dev.add_parser("import", help="add or replace devices from a TOML or JSON file")
     imp.add_argument("file")
     imp.set_defaults(func=device_import)
@@ -184,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     enq.add_argument("service")
     enq.add_argument("state", choices=["on", "off", "refresh"])
     enq.add_argument("--request-id")
-    enq.add_argument("--not-after", help="RFC 3339 time with offset")
-    enq.add_argument("--meta", help="JSON object kept with the report")
+    enq.add_argument("--not-after", type=argtypes.timestamp, help="RFC 3339 time with offset")
+    enq.add_argument("--meta", type=argtypes.json_object, help="JSON object kept with the report")
     enq.add_argument("--delay", type=int, default=0, help="seconds before it becomes visible")
     enq.set_defaults(func=enqueue)
 
@@ -198,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("ids", nargs="*", type=int)
     rp.add_argument("--all", action="store_true")
     rp.set_defaults(func=dlq_replay)
+
+    ev = sub.add_parser("events", help="the audit trail: what happened to a request, a device (oldest first)")
+    ev.add_argument("--request-id", help="only this request_id (e.g. an invoice's)")
+    ev.add_argument("--device", help="only this device")
+    ev.add_argument("--since", type=argtypes.since, help="RFC 3339 time, or an age: 30m, 12h, 7d")
+    ev.add_argument("--limit", type=int, default=200, help="newest N events at most (default 200)")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=events)
 
     st = sub.add_parser("state", help="desired and observed state per device and service")
     st.add_argument("--device")
@@ -225,41 +271,77 @@ def build_parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", help="check database, queue, tunnel, routes and devices, in order, with fixes "
                          "(exit 1 when any fails)")
     doc.add_argument("--json", action="store_true")
-    doc.set_defaults(func=doctor, needs_db=lambda a: False)
+    doc.set_defaults(func=doctor, needs_db=lambda a: False, needs_url=True)
 
     con = sub.add_parser("contract", help="the message contract").add_subparsers(dest="cmd", required=True)
     con.add_parser("schema", help="print the JSON Schema of contract v1").set_defaults(func=None, offline=True)
+    _config_everywhere(p)
     return p
 
 
+def _config_everywhere(parser: argparse.ArgumentParser) -> None:
+    """`--config` is accepted after any subcommand too (`agentctl db init --config x.toml`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if "--config" not in child._option_string_actions:
+                    child.add_argument("--config", default=argparse.SUPPRESS, help=CONFIG_HELP)
+                _config_everywhere(child)
+
+
 async def _run(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
     needs_db = getattr(args, "needs_db", lambda _a: True)(args)
+    need_url = needs_db or getattr(args, "needs_url", False)
+    settings = load_settings(config_path(getattr(args, "config", None)), need_database=need_url)
     if not needs_db:
         return await args.func(None, settings, args)
-    conn = await asyncpg.connect(settings.database_url, timeout=10,
-                                 server_settings={"application_name": "agentctl"})
+    conn = await _connect(settings)
     try:
         return await args.func(conn, settings, args)
     finally:
         await conn.close()
 
 
+async def _connect(settings: Settings) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(settings.database_url, timeout=10,
+                                     server_settings={"application_name": "agentctl"})
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, ValueError,
+            ArithmeticError) as exc:
+        if refused := classify_connect_error(exc, settings.database_url):
+            raise refused from None
+        raise DatabaseUnreachable(f"cannot reach the database ({redact(settings.database_url)}): "
+                                  f"{exc or type(exc).__name__}") from None
+
+
+class DatabaseUnreachable(Exception):
+    pass
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what `head` leaves a C program with
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "offline", False):
-        print(json.dumps(json_schema(), indent=2))
-        return 0
     try:
+        if getattr(args, "offline", False):
+            print(json.dumps(json_schema(), indent=2))
+            return 0
         return asyncio.run(_run(args))
+    except BrokenPipeError:  # `agentctl ... | head`: the reader has gone, which is no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except AgentError as exc:
         print(f"agentctl: {exc}", file=sys.stderr)
         return 2
+    except DatabaseUnreachable as exc:
+        print(f"agentctl: {exc}", file=sys.stderr)
+        return 1
     except asyncpg.PostgresError as exc:
         print(f"agentctl: {exc}", file=sys.stderr)
         return 1
-    except (OSError, asyncpg.InterfaceError) as exc:
-        print(f"agentctl: cannot reach the database: {exc}", file=sys.stderr)
+    except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+        print(f"agentctl: database connection lost: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -11,7 +11,7 @@ import asyncpg
 
 from agent.db.queries import Queries
 from agent.settings import Settings
-from agent.text import clean
+from agent.text import clean, dumps, local_time
 
 STALE_FACTOR = 3
 
@@ -61,7 +61,7 @@ def render(s: dict[str, Any]) -> str:
         lines.append("vpn       " + ", ".join(f"{p['peer']}: {p['state']}" for p in s["peers"]))
     lines.append("recent failures:" + ("" if s["recent_failures"] else " none"))
     for f in s["recent_failures"][-10:]:
-        when = time.strftime("%H:%M:%S", time.localtime(f["at"]))
+        when = local_time(datetime.fromisoformat(f["at"]) if isinstance(f["at"], str) else f["at"], with_date=False)
         lines.append(f"  {when} msg {f['msg_id']} {f['device']}/{f['service']} {f['finish']}: {clean(f['error'])}")
     lines.append("unreachable devices:" + ("" if s["unreachable"] else " none"))
     lines += [f"  {u['device']}: {clean(u['reason'])}" for u in s["unreachable"]]
@@ -81,7 +81,7 @@ async def fleet(conn: asyncpg.Connection, settings: Settings, as_json: bool, all
         agents.append(a)
     bad = [a for a in agents if a["state"] != "stopped" and (a["stale"] or a["state"] != "ready")]
     if as_json:
-        print(json.dumps(agents, indent=2, default=str))
+        print(dumps(agents))
     else:
         print(f"{len(agents)} agent(s), {len(bad)} not healthy" if agents else "no agents have reported")
         for a in agents:

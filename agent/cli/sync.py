@@ -9,7 +9,6 @@ failed repair; 2 bad request; 3 not finished in time (the run goes on: `agentctl
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import sys
 import time
@@ -19,6 +18,7 @@ import asyncpg
 
 from agent.reconcile.leader import current_leader
 from agent.settings import Settings
+from agent.text import dumps
 
 RUN = """SELECT id, site, kind, device, service, dry_run, requested_by, requested_at, finished_at, devices,
                 checked, in_sync, drifted, repaired, unreadable, failed
@@ -54,7 +54,7 @@ async def show(conn: asyncpg.Connection, run_id: int, as_json: bool) -> int:
     items = [dict(r) for r in await conn.fetch(ITEMS, run_id)]
     r = dict(run)
     if as_json:
-        print(json.dumps({**r, "items": items}, indent=2, default=str))
+        print(dumps({**r, "items": items}))
     else:
         print(render(r, items))
     if r["finished_at"] is None:

@@ -14,12 +14,31 @@ SELECT r.msg_id, r.read_ct, r.enqueued_at,
 FROM pgmq.read($1::text, $2::integer, $3::integer) r, LATERAL (SELECT r.message::text, r.headers::text) AS t(body, head);
 
 -- name: load_devices
-SELECT id, driver, address, site, options::text AS options, credential
+SELECT id, driver, address, site, options::text AS options, credential,
+       CASE WHEN paused_at IS NOT NULL THEN coalesce(paused_reason, 'maintenance') END AS paused
 FROM agent.devices WHERE site = $1 ORDER BY id;
 
 -- name: load_some_devices
-SELECT id, driver, address, site, options::text AS options, credential
+SELECT id, driver, address, site, options::text AS options, credential,
+       CASE WHEN paused_at IS NOT NULL THEN coalesce(paused_reason, 'maintenance') END AS paused
 FROM agent.devices WHERE site = $1 AND id = ANY($2::text[]) ORDER BY id;
+
+-- name: pause_device
+UPDATE agent.devices SET paused_at = coalesce(paused_at, now()), paused_reason = $2, updated_at = now()
+WHERE id = $1 RETURNING id;
+
+-- name: resume_device
+UPDATE agent.devices SET paused_at = NULL, paused_reason = NULL, updated_at = now()
+WHERE id = $1 RETURNING id;
+
+-- name: events
+-- The audit trail for the support desk, newest $4 rows first (the caller shows them oldest first).
+SELECT id, at, device, service, kind, msg_id, version, request_id, desired, observed, attempt,
+       duration_ms, error, agent_id
+FROM agent.events
+WHERE ($1::text IS NULL OR request_id = $1) AND ($2::text IS NULL OR device = $2)
+  AND ($3::timestamptz IS NULL OR at >= $3)
+ORDER BY id DESC LIMIT $4;
 
 -- name: extend_leases
 -- Fenced by read_ct: a message another reader took since is not ours to extend.

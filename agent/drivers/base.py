@@ -26,6 +26,7 @@ class Device:
     site: str = "default"
     options: dict[str, Any] = field(default_factory=dict)
     credential: str | None = None  # the *name* of a credential on the agent host, never a secret
+    paused: str | None = None      # why the operator paused it (`agentctl device pause`); None: not paused
 
     def __hash__(self) -> int:
         return hash(self.id)

@@ -74,6 +74,7 @@ class VpnGuard:
         self._probe = probe
         self._probe_interval = probe_interval
         self.silent: dict[str, str] = {}  # device id -> why its probe failed (its tunnel is fine)
+        self._paused: set[str] = set()     # devices paused at the last look
 
     def hosts(self) -> dict[str, str]:
         """device id -> IP, for the devices that have a network address."""
@@ -91,7 +92,10 @@ class VpnGuard:
         return gate(device, host, snap)
 
     def gate(self, device: Device) -> str | None:
-        """The executor's question: a reason to park this device's work, or None."""
+        """The executor's question: a reason to park this device's work, or None. A device the
+        operator paused (`agentctl device pause`) waits like an unreachable one: parked, no attempt used."""
+        if device.paused is not None:
+            return f"paused: {device.paused}"
         r = self.reach.get(device.id)
         if r is not None:  # a device that is down behind a healthy tunnel is not parked
             return None if r.reachable or r.reason.startswith(NOT_ANSWERING) else r.reason
@@ -209,6 +213,14 @@ class VpnGuard:
                 prober.cancel()
             await self.resolver.close()
 
+    def resumed(self) -> list[str]:
+        """Devices paused at the last look and not now (resumed or removed): their parked work may go."""
+        paused = {d.id for d in self._devices() if d.paused is not None}
+        gone, self._paused = sorted(self._paused - paused), paused
+        for device in gone:
+            log.info("%s resumed: its parked work goes now", device, extra={"action": "resumed", "device": device})
+        return gone
+
     async def _sample_forever(self) -> None:
         while True:
             self.resolver.kick(d.address for d in self._devices())
@@ -216,6 +228,8 @@ class VpnGuard:
                 await self.check()
             else:
                 self.reach.clear()
+            if resumed := self.resumed():
+                await self._on_reachable(resumed)
             try:
                 await asyncio.wait_for(self._kick.wait(), self._interval)
             except TimeoutError:

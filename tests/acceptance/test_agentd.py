@@ -101,7 +101,8 @@ async def test_agentctl_inventory_round_trip(db, dsn, tmp_path):
              "--option", "latency=0.5", "--option", "initial=on", "--credential", "r1-admin")
     devices = json.loads(agentctl(dsn, "device", "list", "--json").stdout)
     assert devices == [{"id": "r1", "driver": "sim", "address": "10.0.0.1", "site": "default",
-                        "options": {"latency": 0.5, "initial": "on"}, "credential": "r1-admin"}]
+                        "options": {"latency": 0.5, "initial": "on"}, "credential": "r1-admin",
+                        "paused": None}]
     f = tmp_path / "devices.toml"
     f.write_text('[[device]]\nid = "r2"\ndriver = "sim"\n\n[[device]]\nid = "r3"\ndriver = "sim"\n')
     assert "2 device(s) imported" in agentctl(dsn, "device", "import", str(f)).stdout

@@ -1,0 +1,65 @@
+"""Connection failures sorted by what the operator must do (pure; no I/O).
+
+A wrong password, role, database name or sslmode does not heal by retrying: it is a ConfigError
+that names AGENT_DATABASE_URL (never echoing the password), so agentd exits 2 at once and the
+supervisor's restart policy takes over. Everything else (refused, timed out, starting up, too
+many connections) is transient and worth a retry.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from agent.errors import ConfigError
+
+SETTING = "AGENT_DATABASE_URL"
+
+_REMEDIES: tuple[tuple[type[BaseException], str], ...] = (
+    (asyncpg.InvalidPasswordError, "the password was refused: check the password in"),
+    (asyncpg.InvalidCatalogNameError, "the database does not exist: check the database name in"),
+    (asyncpg.InvalidAuthorizationSpecificationError,
+     "the role may not log in (unknown role, NOLOGIN, or no pg_hba.conf entry for it): check the user in"),
+    (asyncpg.InsufficientPrivilegeError, "the role lacks the CONNECT privilege on the database named in"),
+    (asyncpg.ClientConfigurationError, "a connection parameter is invalid in"),
+)
+
+
+def redact(dsn: str) -> str:
+    """The DSN without its password, for messages."""
+    try:
+        parts = urlsplit(dsn)
+        if parts.password is None:
+            return dsn
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    except ValueError:
+        return "(unparseable URL)"
+
+
+def _said(exc: BaseException, dsn: str) -> str:
+    text = str(exc)
+    password = _password(dsn)
+    return text.replace(password, "***") if password else text
+
+
+def _password(dsn: str) -> str | None:
+    try:
+        return urlsplit(dsn).password
+    except ValueError:
+        return None
+
+
+def classify(exc: BaseException, dsn: str) -> ConfigError | None:
+    """A ConfigError when retrying cannot help, else None (retry later)."""
+    where = f"{SETTING} ({redact(dsn)})"
+    for kind, remedy in _REMEDIES:
+        if isinstance(exc, kind):
+            return ConfigError(f"cannot connect to the database: {remedy} {where}: {_said(exc, dsn)}")
+    if isinstance(exc, OSError) and "SSL" in str(exc):  # e.g. sslmode=require, server without SSL
+        return ConfigError(f"cannot connect to the database: SSL negotiation failed, check sslmode in {where}: "
+                           f"{_said(exc, dsn)}")
+    if isinstance(exc, (ValueError, ArithmeticError)) and not isinstance(exc, asyncpg.PostgresError):
+        return ConfigError(f"{SETTING} is not a valid connection URL ({redact(dsn)}): {_said(exc, dsn)}")
+    return None
