@@ -38,13 +38,21 @@ class Podman:
         self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
         self.images: list[str] = []
 
-    def run(self, *args: str, check: bool = True, timeout: float = 300, env: dict[str, str] | None = None,
-            tool: str = "podman") -> subprocess.CompletedProcess[str]:
-        out = subprocess.run([tool, *args], capture_output=True, text=True, timeout=timeout,
-                             env={**self.env, **(env or {})})
+    def run(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = 300,
+        env: dict[str, str] | None = None,
+        tool: str = "podman",
+    ) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run(
+            [tool, *args], capture_output=True, text=True, timeout=timeout, env={**self.env, **(env or {})}
+        )
         if check and out.returncode != 0:
-            raise AssertionError(f"{tool} {' '.join(args)} -> {out.returncode}\n{out.stdout[-3000:]}\n"
-                                 f"{out.stderr[-3000:]}")
+            raise AssertionError(
+                f"{tool} {' '.join(args)} -> {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+            )
         return out
 
     def image_exists(self, ref: str) -> bool:
@@ -55,26 +63,53 @@ class Podman:
         if self.image_exists(BASE_IMAGE):
             return
         rootfs = self.tmp / "rootfs"
-        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), mirror], check=True,
-                       capture_output=True, timeout=600)
+        subprocess.run(
+            ["debootstrap", "--variant=minbase", "bookworm", str(rootfs), mirror],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        subprocess.run(["podman", "import", "-", BASE_IMAGE], stdin=tar.stdout, check=True, capture_output=True,
-                       env=self.env, timeout=600)
+        subprocess.run(
+            ["podman", "import", "-", BASE_IMAGE],
+            stdin=tar.stdout,
+            check=True,
+            capture_output=True,
+            env=self.env,
+            timeout=600,
+        )
         tar.wait()
         shutil.rmtree(rootfs, ignore_errors=True)
         self.images.append(BASE_IMAGE)
 
     def build(self, tag: str, context: Path, containerfile: Path | None = None) -> None:
         self.images.insert(0, tag)  # removed before the base they are built on
-        self.run("bud", "--isolation", "chroot", "--format", "docker", *ULIMITS, "-t", tag,
-                 "-f", str(containerfile or context / "Containerfile"), str(context), tool="buildah", timeout=900)
+        self.run(
+            "bud",
+            "--isolation",
+            "chroot",
+            "--format",
+            "docker",
+            *ULIMITS,
+            "-t",
+            tag,
+            "-f",
+            str(containerfile or context / "Containerfile"),
+            str(context),
+            tool="buildah",
+            timeout=900,
+        )
 
     def build_agent_image(self, tag: str) -> None:
         self.images.insert(0, tag)
-        out = subprocess.run([str(ROOT / "scripts" / "build-image"), tag], capture_output=True, text=True,
-                             timeout=900, cwd=ROOT,
-                             env={**self.env, "BUILDER": "buildah",
-                                  "BUILD_OPTS": " ".join(["--isolation", "chroot", *ULIMITS])})
+        out = subprocess.run(
+            [str(ROOT / "scripts" / "build-image"), tag],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=ROOT,
+            env={**self.env, "BUILDER": "buildah", "BUILD_OPTS": " ".join(["--isolation", "chroot", *ULIMITS])},
+        )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     def inspect(self, name: str) -> dict:
@@ -103,6 +138,5 @@ def podman_compose() -> list[str]:
     exe = COMPOSE_VENV / "bin" / "podman-compose"
     if not exe.exists():
         subprocess.run([sys.executable, "-m", "venv", str(COMPOSE_VENV)], check=True, timeout=120)
-        subprocess.run([str(COMPOSE_VENV / "bin" / "pip"), "install", "-q", PODMAN_COMPOSE], check=True,
-                       timeout=300)
+        subprocess.run([str(COMPOSE_VENV / "bin" / "pip"), "install", "-q", PODMAN_COMPOSE], check=True, timeout=300)
     return [str(exe)]

@@ -48,8 +48,7 @@ class TcpToUnix(socketserver.ThreadingTCPServer):
         self.target = f"{host_dir}/.s.PGSQL.{parts.port or 5432}"
         super().__init__(("127.0.0.1", 0), _Forward)
         self.port = self.server_address[1]
-        self.dsn = urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}@127.0.0.1:{self.port}",
-                                             query=""))
+        self.dsn = urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}@127.0.0.1:{self.port}", query=""))
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
         self._thread.start()
 

@@ -29,8 +29,10 @@ from tests.packaging.podman import ROOT, Podman, podman_compose
 pytestmark = pytest.mark.containers
 
 MIRROR = "http://deb.debian.org/debian"
-INSTALL = ("apt-get install -y --no-install-recommends podman buildah runc debootstrap slirp4netns uidmap "
-           "fuse-overlayfs netavark aardvark-dns wireguard-tools")
+INSTALL = (
+    "apt-get install -y --no-install-recommends podman buildah runc debootstrap slirp4netns uidmap "
+    "fuse-overlayfs netavark aardvark-dns wireguard-tools"
+)
 DEVICE = "10.99.0.10"
 
 
@@ -54,14 +56,23 @@ class Stack:
 
     def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         cmd = [*podman_compose(), "-p", self.project, *[a for f in self.files for a in ("-f", f)], *args]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                             env={**self.podman.env, **self.env})
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**self.podman.env, **self.env}
+        )
         assert out.returncode == 0, f"{' '.join(args)}\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
         return out
 
     def container(self, service: str) -> str:
-        out = self.podman.run("ps", "-a", "--filter", f"label=com.docker.compose.project={self.project}",
-                              "--filter", f"label=com.docker.compose.service={service}", "--format", "{{.Names}}")
+        out = self.podman.run(
+            "ps",
+            "-a",
+            "--filter",
+            f"label=com.docker.compose.project={self.project}",
+            "--filter",
+            f"label=com.docker.compose.service={service}",
+            "--format",
+            "{{.Names}}",
+        )
         names = out.stdout.split()
         assert len(names) == 1, f"{service}: {names}"
         return names[0]
@@ -114,10 +125,12 @@ def _write_configs(tmp: Path) -> dict[str, str]:
     (tmp / "gateway.conf").write_text(
         f"[Interface]\nPrivateKey = {gw_private}\nAddress = 10.13.13.1/24\n\n"
         f"[Peer]\nPublicKey = {site_public}\nEndpoint = site:51820\nAllowedIPs = 10.13.13.2/32, 10.99.0.0/24\n"
-        "PersistentKeepalive = 25\n")
+        "PersistentKeepalive = 25\n"
+    )
     (tmp / "site.conf").write_text(
         f"[Interface]\nPrivateKey = {site_private}\nAddress = 10.13.13.2/24\nListenPort = 51820\n\n"
-        f"[Peer]\nPublicKey = {gw_public}\nAllowedIPs = 10.13.13.1/32\n")
+        f"[Peer]\nPublicKey = {gw_public}\nAllowedIPs = 10.13.13.1/32\n"
+    )
     for conf in ("gateway.conf", "site.conf"):
         os.chmod(tmp / conf, 0o600)
     secrets_dir = tmp / "secrets"
@@ -129,8 +142,11 @@ def _write_configs(tmp: Path) -> dict[str, str]:
     _secret_file(secrets_dir / "router-1-admin", secrets.token_urlsafe(18) + "\n")
     os.chmod(secrets_dir / "router-1-admin", 0o644)  # the site's device reads it as root, the agent as 10001
     os.chmod(secrets_dir, 0o755)
-    return {"WG_CONF": str(tmp / "gateway.conf"), "SITE_WG_CONF": str(tmp / "site.conf"),
-            "SECRETS_DIR": str(secrets_dir)}
+    return {
+        "WG_CONF": str(tmp / "gateway.conf"),
+        "SITE_WG_CONF": str(tmp / "site.conf"),
+        "SECRETS_DIR": str(secrets_dir),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -142,16 +158,19 @@ def stack() -> Iterator[Stack]:
     run_id = uuid.uuid4().hex[:8]
     project = f"agenttest{run_id}"
     port = _free_port()
-    st = Stack(podman, project, ["compose.yml", str(Path(__file__).with_name("compose.test.yml"))],
-               {}, port)
+    st = Stack(podman, project, ["compose.yml", str(Path(__file__).with_name("compose.test.yml"))], {}, port)
     try:
         podman.ensure_base_image(MIRROR)
         agent_image = f"localhost/pgmq-edge-agent:test-{run_id}"
         standin_image = f"localhost/pgmq-edge-agent-standin:test-{run_id}"
         podman.build_agent_image(agent_image)
         podman.build(standin_image, Path(__file__).with_name("standin"))
-        st.env = {**_write_configs(podman.tmp), "AGENT_IMAGE": agent_image, "STANDIN_IMAGE": standin_image,
-                  "AGENT_METRICS_PUBLISH": f"127.0.0.1:{port}"}
+        st.env = {
+            **_write_configs(podman.tmp),
+            "AGENT_IMAGE": agent_image,
+            "STANDIN_IMAGE": standin_image,
+            "AGENT_METRICS_PUBLISH": f"127.0.0.1:{port}",
+        }
         # podman 4.3 (Debian 12) has no `wait --condition=healthy` and no systemd timers for health
         # checks, so podman-compose cannot honour `service_healthy`; and it starts `--requires`
         # dependencies again, which fails for the exited one-shot migrate. So the test walks
@@ -167,9 +186,23 @@ def stack() -> Iterator[Stack]:
         yield st
     finally:
         if st.env:
-            subprocess.run([*compose_cmd, "-p", project, *[a for f in st.files for a in ("-f", f)], "down", "-v",
-                            "-t", "10", "--remove-orphans"], capture_output=True, timeout=300, cwd=ROOT,
-                           env={**podman.env, **st.env})
+            subprocess.run(
+                [
+                    *compose_cmd,
+                    "-p",
+                    project,
+                    *[a for f in st.files for a in ("-f", f)],
+                    "down",
+                    "-v",
+                    "-t",
+                    "10",
+                    "--remove-orphans",
+                ],
+                capture_output=True,
+                timeout=300,
+                cwd=ROOT,
+                env={**podman.env, **st.env},
+            )
         podman.close()
 
 
@@ -182,16 +215,41 @@ def test_migrate_runs_db_init_once_before_the_agent(stack: Stack) -> None:
 
 
 def test_command_from_psql_reaches_the_device_through_the_tunnel(stack: Stack) -> None:
-    stack.exec("agent", "agentctl", "device", "add", "router-1", "--driver", "http", "--address", f"{DEVICE}:8080",
-               "--credential", "router-1-admin", "--option", "read_path=/state/{service}",
-               "--option", "state_pointer=/value", "--option", "probe_path=/state")
-    wait_for(lambda: stack.exec("agent", "agentctl", "status", check=False).returncode == 0, 120,
-             "agentctl status healthy in the agent container")
+    stack.exec(
+        "agent",
+        "agentctl",
+        "device",
+        "add",
+        "router-1",
+        "--driver",
+        "http",
+        "--address",
+        f"{DEVICE}:8080",
+        "--credential",
+        "router-1-admin",
+        "--option",
+        "read_path=/state/{service}",
+        "--option",
+        "state_pointer=/value",
+        "--option",
+        "probe_path=/state",
+    )
+    wait_for(
+        lambda: stack.exec("agent", "agentctl", "status", check=False).returncode == 0,
+        120,
+        "agentctl status healthy in the agent container",
+    )
     stack.enqueue("wifi", "on", "compose-1")
     wait_for(lambda: stack.device_state() == {"wifi": True}, 60, "the device behind the tunnel switched on")
     states = json.loads(stack.exec("agent", "agentctl", "state", "--device", "router-1", "--json").stdout)
-    wait_for(lambda: json.loads(stack.exec("agent", "agentctl", "state", "--device", "router-1", "--json").stdout)
-             [0]["observed"] == "on", 30, "the verified state reported")
+    wait_for(
+        lambda: (
+            json.loads(stack.exec("agent", "agentctl", "state", "--device", "router-1", "--json").stdout)[0]["observed"]
+            == "on"
+        ),
+        30,
+        "the verified state reported",
+    )
     assert states[0]["desired"] == "on"
 
 

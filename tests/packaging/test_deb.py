@@ -32,13 +32,18 @@ ROOT = Path(__file__).resolve().parents[2]
 PKG = "pgmq-edge-agent"
 UNIT = Path(f"/lib/systemd/system/{PKG}.service")
 ETC = Path("/etc/pgmq-edge-agent")
-INSTALL = ("apt-get install -y --no-install-recommends debhelper dh-virtualenv dpkg-dev fakeroot lintian "
-           "python3.11-venv python3-pip systemd")
+INSTALL = (
+    "apt-get install -y --no-install-recommends debhelper dh-virtualenv dpkg-dev fakeroot lintian "
+    "python3.11-venv python3-pip systemd"
+)
 
 
 def _skip_unless_possible() -> None:
-    missing = [t for t in ("dpkg-buildpackage", "dh_virtualenv", "fakeroot", "lintian", "systemd-analyze")
-               if shutil.which(t) is None]
+    missing = [
+        t
+        for t in ("dpkg-buildpackage", "dh_virtualenv", "fakeroot", "lintian", "systemd-analyze")
+        if shutil.which(t) is None
+    ]
     if missing or not Path("/usr/bin/python3.11").exists():
         pytest.skip(f"{', '.join(missing) or 'python3.11'} missing; install: {INSTALL}")
     if os.geteuid() != 0:
@@ -72,8 +77,12 @@ def installed(deb: Path) -> Iterator[list[str]]:
 
 
 def test_lintian_passes_at_error_and_warning_level(deb: Path) -> None:
-    out = subprocess.run(["lintian", "--fail-on", "error,warning", deb.with_suffix(".changes")],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        ["lintian", "--fail-on", "error,warning", deb.with_suffix(".changes")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -109,13 +118,18 @@ def test_installed_commands_man_pages_and_completion(installed: list[str]) -> No
     assert "enqueue" in run("agentctl", "--help").stdout
     for page in ("/usr/share/man/man8/agentd.8.gz", "/usr/share/man/man8/agentctl.8.gz"):
         assert page in installed
-    comp = run("bash", "-c", "source /usr/share/bash-completion/completions/agentctl; COMP_WORDS=(agentctl dl);"
-               " COMP_CWORD=1; _agentctl; echo ${COMPREPLY[@]}")
+    comp = run(
+        "bash",
+        "-c",
+        "source /usr/share/bash-completion/completions/agentctl; COMP_WORDS=(agentctl dl);"
+        " COMP_CWORD=1; _agentctl; echo ${COMPREPLY[@]}",
+    )
     assert comp.stdout.split() == ["dlq"]
 
 
 async def test_installed_agentd_started_as_the_unit_does_reaches_ready_and_applies_a_command(
-        installed: list[str], empty_dsn: str) -> None:
+    installed: list[str], empty_dsn: str
+) -> None:
     service = service_section(UNIT)
     user = service["User"][0]
     scratch = Path(tempfile.mkdtemp(prefix="agent-deb-"))
@@ -126,8 +140,10 @@ async def test_installed_agentd_started_as_the_unit_does_reaches_ready_and_appli
     port = _free_port()
     proxy = TcpToUnix(empty_dsn)
     config = ETC / "agent.toml"
-    config.write_text(f'database_url = "{proxy.dsn}"\nhttp_listen = "127.0.0.1:{port}"\n'
-                      'require_vpn = false\nreconcile_schedule = "off"\npoll_interval = 60\n')
+    config.write_text(
+        f'database_url = "{proxy.dsn}"\nhttp_listen = "127.0.0.1:{port}"\n'
+        'require_vpn = false\nreconcile_schedule = "off"\npoll_interval = 60\n'
+    )
     os.chmod(config, 0o640)
     shutil.chown(config, "root", PKG)
     notify = NotifySocket(scratch)
@@ -138,22 +154,39 @@ async def test_installed_agentd_started_as_the_unit_does_reaches_ready_and_appli
         run(*ctl, "db", "init")
         run(*ctl, "device", "add", "r1", "--driver", "sim", "--option", f"state_file={device_dir}/r1.json")
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "NOTIFY_SOCKET": notify.path, **environment(service)}
-        proc = subprocess.Popen(exec_start(service), env=env, user=user, group=service["Group"][0],
-                                extra_groups=[], cwd="/", stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+        proc = subprocess.Popen(
+            exec_start(service),
+            env=env,
+            user=user,
+            group=service["Group"][0],
+            extra_groups=[],
+            cwd="/",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
-            await until(lambda: notify.with_key("READY", "1") or proc.poll() is not None, timeout=60,
-                        what="READY=1 on the notify socket")
+            await until(
+                lambda: notify.with_key("READY", "1") or proc.poll() is not None,
+                timeout=60,
+                what="READY=1 on the notify socket",
+            )
         except AssertionError:
             proc.kill()
             raise AssertionError(f"no READY=1; agentd said:\n{proc.communicate()[0]}") from None
         assert proc.poll() is None, proc.communicate()[0]
         run(*ctl, "enqueue", "r1", "wifi", "on", "--request-id", "deb-1")
         state_file = device_dir / "r1.json"
-        await until(lambda: state_file.exists() and json.loads(state_file.read_text()) == {"wifi": "on"},
-                    timeout=30, what="the sim device switched on")
-        await until(lambda: json.loads(run(*ctl, "state", "--device", "r1", "--json").stdout)[0]["observed"]
-                    == "on", timeout=15, what="the state verified and reported")
+        await until(
+            lambda: state_file.exists() and json.loads(state_file.read_text()) == {"wifi": "on"},
+            timeout=30,
+            what="the sim device switched on",
+        )
+        await until(
+            lambda: json.loads(run(*ctl, "state", "--device", "r1", "--json").stdout)[0]["observed"] == "on",
+            timeout=15,
+            what="the state verified and reported",
+        )
         assert run(*ctl, "status").returncode == 0
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
