@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,7 +54,7 @@ def _skip_unless_possible() -> None:
         pytest.skip(f"{PKG} is already installed on this machine; the tests would remove it")
 
 
-def run(*cmd: str | Path, timeout: float = 120, **kwargs: object) -> subprocess.CompletedProcess[str]:
+def run(*cmd: str | Path, timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kwargs)
     assert out.returncode == 0, f"{' '.join(map(str, cmd))} -> {out.returncode}\n{out.stdout}\n{out.stderr}"
     return out

@@ -32,7 +32,9 @@ def environment(service: dict[str, list[str]]) -> dict[str, str]:
     """Environment= assignments and EnvironmentFile= files ("-" prefix: optional), later ones win."""
     env: dict[str, str] = {}
     for line in service.get("Environment", []):
-        env.update(pair.split("=", 1) for pair in shlex.split(line))
+        for pair in shlex.split(line):
+            key, _, value = pair.partition("=")
+            env[key] = value
     for name in service.get("EnvironmentFile", []):
         path = Path(name.lstrip("-"))
         if not path.exists() and name.startswith("-"):
