@@ -39,6 +39,7 @@ class Housekeeper:
         self._a = agent
         self._started_mono = time.monotonic()
         self._started_at = time.time()
+        self.last_beat: float | None = None  # unix time of the last heartbeat row written
         self._started = False
         self._stopping = False
         self._counts = {"done": 0, "retried": 0, "dead_lettered": 0}
@@ -122,7 +123,7 @@ class Housekeeper:
         return Live(wakeups=dict(a.consumer.wakeups), reconnects=a.listener.reconnects,
                     inflight=len(a.consumer.inflight), parked=a.parking.count, queues=queues,
                     reachable={d: r.reachable for d, r in a.vpn.reach.items()}, peers=peers,
-                    leader=a.leadership.leading)
+                    leader=a.leadership.leading, last_heartbeat=self.last_beat)
 
     async def sample_queue(self, max_age: float = _SAMPLE_TTL) -> None:
         """Refresh the queue figures unless a sample younger than `max_age` exists (one statement)."""
@@ -189,6 +190,7 @@ class Housekeeper:
             log.warning("heartbeat failed: %s", exc, extra={"action": "heartbeat_failed"})
         else:
             self._db_error = None
+            self.last_beat = time.time()
 
 
 def _ts(epoch: float | None):  # type: ignore[no-untyped-def]

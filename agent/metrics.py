@@ -8,18 +8,35 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from agent import __version__
+from agent.drivers.registry import available as available_drivers
 from agent.executor.reports import Delivery, Outcome
+
+disable_created_metrics()  # no `_created` series: they double the series count and no rule uses them
+PREFIX = "pgmq_edge_agent_"  # not `agent_`, which Grafana Agent's own metrics use
+P = PREFIX
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
-# event kinds that end or move a delivery, as counted in agent_commands_total{outcome}
+# event kinds that end or move a delivery, as counted in pgmq_edge_agent_commands_total{outcome}
 _OUTCOME_EVENTS = {"verified", "refreshed", "superseded", "duplicate", "expired", "retried", "dead_lettered",
                    "parked"}
+_RECONCILE_RESULTS = ("in_sync", "drifted", "repaired", "unreadable", "failed", "parked")
+_WAKE_SOURCES = ("start", "notify", "poll", "connect", "unpark", "catchup")
 
 
 @dataclass
@@ -34,35 +51,45 @@ class Live:
     reachable: dict[str, bool] = field(default_factory=dict)                  # device -> reachable
     peers: dict[str, tuple[float | None, int, int, bool]] = field(default_factory=dict)  # age, rx, tx, up
     leader: bool = False
+    last_heartbeat: float | None = None  # unix time of the last heartbeat row written
 
 
 class _LiveCollector:
-    def __init__(self, read: Callable[[], Live]) -> None:
+    def __init__(self, read: Callable[[], Live], site: str) -> None:
         self._read = read
+        self._site = site
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         live = self._read()
-        wake = CounterMetricFamily("agent_wakeups", "Consumer wake-ups by source.", labels=["source"])
-        for source, n in sorted(live.wakeups.items()):
+        wake = CounterMetricFamily(P + "wakeups", "Consumer wake-ups by source.", labels=["source"])
+        for source, n in sorted((dict.fromkeys(_WAKE_SOURCES, 0) | live.wakeups).items()):
             wake.add_metric([source], n)
         yield wake
-        yield CounterMetricFamily("agent_listener_reconnects", "LISTEN connection re-established.",
+        yield CounterMetricFamily(P + "listener_reconnects", "LISTEN connection re-established.",
                                   value=live.reconnects)
-        yield GaugeMetricFamily("agent_reconcile_leader", "1 while this agent leads its site's reconciliation.",
-                                value=int(live.leader))
-        yield GaugeMetricFamily("agent_inflight_messages", "Messages read and not yet settled.", value=live.inflight)
-        yield GaugeMetricFamily("agent_parked_messages", "Messages waiting for their device to be reachable.",
+        leader = GaugeMetricFamily(P + "reconcile_leader",
+                                   "1 while this agent leads its site's reconciliation.", labels=["site"])
+        leader.add_metric([self._site], int(live.leader))
+        yield leader
+        beat = GaugeMetricFamily(P + "last_heartbeat_timestamp_seconds",
+                                 "When this agent last wrote its heartbeat row to the database (unix time).",
+                                 labels=["site"])
+        if live.last_heartbeat is not None:
+            beat.add_metric([self._site], live.last_heartbeat)
+        yield beat
+        yield GaugeMetricFamily(P + "inflight_messages", "Messages read and not yet settled.", value=live.inflight)
+        yield GaugeMetricFamily(P + "parked_messages", "Messages waiting for their device to be reachable.",
                                 value=live.parked)
-        depth = GaugeMetricFamily("agent_queue_messages", "Messages in the queue (sampled, capped).",
+        depth = GaugeMetricFamily(P + "queue_messages", "Messages in the queue (sampled, capped).",
                                   labels=["queue"])
-        oldest = GaugeMetricFamily("agent_queue_oldest_message_age_seconds", "Age of the oldest message.",
+        oldest = GaugeMetricFamily(P + "queue_oldest_message_age_seconds", "Age of the oldest message.",
                                    labels=["queue"])
         for queue, (n, age) in sorted(live.queues.items()):
             depth.add_metric([queue], n)
             oldest.add_metric([queue], age or 0.0)
         yield depth
         yield oldest
-        reach = GaugeMetricFamily("agent_device_reachable", "1 if the device is reachable.", labels=["device"])
+        reach = GaugeMetricFamily(P + "device_reachable", "1 if the device is reachable.", labels=["device"])
         for device, ok in sorted(live.reachable.items()):
             reach.add_metric([device], 1.0 if ok else 0.0)
         yield reach
@@ -70,11 +97,11 @@ class _LiveCollector:
 
 
 def _peer_families(live: Live) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-    age = GaugeMetricFamily("agent_wireguard_peer_handshake_age_seconds", "Seconds since the latest handshake.",
+    age = GaugeMetricFamily(P + "wireguard_peer_handshake_age_seconds", "Seconds since the latest handshake.",
                             labels=["peer"])
-    up = GaugeMetricFamily("agent_wireguard_peer_up", "1 if the peer's session is judged alive.", labels=["peer"])
-    rx = CounterMetricFamily("agent_wireguard_peer_receive_bytes", "Bytes received from the peer.", labels=["peer"])
-    tx = CounterMetricFamily("agent_wireguard_peer_transmit_bytes", "Bytes sent to the peer.", labels=["peer"])
+    up = GaugeMetricFamily(P + "wireguard_peer_up", "1 if the peer's session is judged alive.", labels=["peer"])
+    rx = CounterMetricFamily(P + "wireguard_peer_receive_bytes", "Bytes received from the peer.", labels=["peer"])
+    tx = CounterMetricFamily(P + "wireguard_peer_transmit_bytes", "Bytes sent to the peer.", labels=["peer"])
     for peer, (handshake_age, rx_bytes, tx_bytes, alive) in sorted(live.peers.items()):
         if handshake_age is not None:
             age.add_metric([peer], handshake_age)
@@ -87,27 +114,34 @@ def _peer_families(live: Live) -> Iterator[GaugeMetricFamily | CounterMetricFami
 class Metrics:
     def __init__(self, site: str, queue: str, live: Callable[[], Live]) -> None:
         r = self.registry = CollectorRegistry()
-        r.register(_LiveCollector(live))  # type: ignore[arg-type]
-        Info("agent_build", "Version of the running agent.", registry=r).info(
+        r.register(_LiveCollector(live, site))  # type: ignore[arg-type]
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):  # CPU, memory, fds, GC
+            r.register(standard)
+        Info(P + "build", "Version of the running agent.", registry=r).info(
             {"version": __version__, "site": site, "queue": queue})
-        self.commands = Counter("agent_commands_total", "Deliveries by outcome and driver.",
+        self.commands = Counter(P + "commands_total", "Deliveries by outcome and driver.",
                                 ["outcome", "driver"], registry=r)
-        self.duration = Histogram("agent_command_duration_seconds", "Device work per delivery (read, apply, verify).",
+        self.duration = Histogram(P + "command_duration_seconds", "Device work per delivery (read, apply, verify).",
                                   ["driver"], buckets=_DURATION_BUCKETS, registry=r)
-        self.queue_wait = Histogram("agent_command_queue_wait_seconds", "Enqueue to first read by this agent.",
+        self.queue_wait = Histogram(P + "command_queue_wait_seconds", "Enqueue to first read by this agent.",
                                     buckets=_WAIT_BUCKETS, registry=r)
-        self.lease_lost = Counter("agent_lease_lost_total", "Messages another reader took before we settled them.",
+        self.lease_lost = Counter(P + "lease_lost_total", "Messages another reader took before we settled them.",
                                   registry=r)
-        self.report_failures = Counter("agent_report_failures_total", "Report transactions that failed.",
+        self.report_failures = Counter(P + "report_failures_total", "Report transactions that failed.",
                                        registry=r)
-        self.reconcile = Counter("agent_reconcile_services_total", "Services checked by reconciliation, by what "
+        self.reconcile = Counter(P + "reconcile_services_total", "Services checked by reconciliation, by what "
                                  "was found: in_sync, drifted, repaired, unreadable, failed (repair failed); parked "
                                  "counts devices put off by the VPN gate.", ["result"], registry=r)
-        self.reconcile_devices = Counter("agent_reconcile_devices_total", "Devices reconciled.", registry=r)
-        self.ready = Gauge("agent_ready", "1 when the agent is ready to work.", registry=r)
-        self.up_since = Gauge("agent_start_time_seconds", "When this agent started (unix time).", registry=r)
+        self.reconcile_devices = Counter(P + "reconcile_devices_total", "Devices reconciled.", registry=r)
+        for outcome in sorted(_OUTCOME_EVENTS):  # known in advance: 0 from the start, so increase() sees the first
+            for driver in sorted({*available_drivers(), "none"}):
+                self.commands.labels(outcome, driver)
+        for result in _RECONCILE_RESULTS:
+            self.reconcile.labels(result)
+        self.ready = Gauge(P + "ready", "1 when the agent is ready to work.", registry=r)
+        self.up_since = Gauge(P + "start_time_seconds", "When this agent started (unix time).", registry=r)
         self.up_since.set(time.time())
-        self.last_success = Gauge("agent_last_success_timestamp_seconds", "Last verified command (unix time).",
+        self.last_success = Gauge(P + "last_success_timestamp_seconds", "Last verified command (unix time).",
                                   registry=r)
 
     def committed(self, outcomes: Iterable[Outcome], lost: int) -> None:

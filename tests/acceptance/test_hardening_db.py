@@ -147,7 +147,8 @@ async def wakeups(port: int) -> dict[str, float]:
     """agentd's consumer wake-ups by source, from /metrics."""
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as resp:
         text = await resp.text()
-    return {m[1]: float(m[2]) for m in re.finditer(r'^agent_wakeups_total\{source="(\w+)"\} (\S+)$', text, re.M)}
+    wakeups = r'^pgmq_edge_agent_wakeups_total\{source="(\w+)"\} (\S+)$'
+    return {m[1]: float(m[2]) for m in re.finditer(wakeups, text, re.M)}
 
 
 async def test_agentd_keeps_running_when_an_inventory_look_up_fails(db, dsn, worker_dsn):

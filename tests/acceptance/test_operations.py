@@ -128,7 +128,8 @@ async def test_metrics_are_valid_prometheus_text(dsn):
                 try:
                     async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
                         text = await resp.text()
-                        return text if 'agent_commands_total{driver="sim",outcome="verified"} 1.0' in text else None
+                        done = 'pgmq_edge_agent_commands_total{driver="sim",outcome="verified"} 1.0'
+                        return text if done in text else None
                 except aiohttp.ClientConnectionError:
                     return None
 
@@ -136,12 +137,16 @@ async def test_metrics_are_valid_prometheus_text(dsn):
     finally:
         stop(proc)
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    for name in ("agent_commands", "agent_command_duration_seconds", "agent_command_queue_wait_seconds",
-                 "agent_inflight_messages", "agent_wakeups", "agent_listener_reconnects", "agent_queue_messages",
-                 "agent_queue_oldest_message_age_seconds", "agent_build_info", "agent_ready"):
+    for name in ("pgmq_edge_agent_commands", "pgmq_edge_agent_command_duration_seconds",
+                 "pgmq_edge_agent_command_queue_wait_seconds", "pgmq_edge_agent_inflight_messages",
+                 "pgmq_edge_agent_wakeups", "pgmq_edge_agent_listener_reconnects", "pgmq_edge_agent_queue_messages",
+                 "pgmq_edge_agent_queue_oldest_message_age_seconds", "pgmq_edge_agent_build_info",
+                 "pgmq_edge_agent_ready", "process_cpu_seconds", "python_gc_collections"):
         assert name in families, name
-    depth = {s.labels["queue"]: s.value for s in families["agent_queue_messages"].samples}
+    depth = {s.labels["queue"]: s.value for s in families["pgmq_edge_agent_queue_messages"].samples}
     assert set(depth) == {"device_tasks", "device_tasks_dlq"} and depth["device_tasks_dlq"] == 0
+    assert 'pgmq_edge_agent_commands_total{driver="sim",outcome="dead_lettered"} 0.0' in text  # before the first
+    assert "_created" not in text and "\nagent_" not in text
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (Debian package `prometheus`): text parsed, not linted")

@@ -1,0 +1,70 @@
+"""Metrics an operator of many sites can alert on: our own prefix, zeros before the first event,
+process and Python figures, no `_created` series; alert rules that link their runbook."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from prometheus_client import generate_latest
+
+from agent.metrics import Live, Metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def scrape(live: Live | None = None) -> str:
+    m = Metrics("north", "device_tasks", lambda: live or Live())
+    return generate_latest(m.registry).decode()
+
+
+def samples(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def test_every_series_of_ours_has_the_product_prefix():
+    ours = [s for s in samples(scrape()) if not s.startswith(("process_", "python_"))]
+    assert ours and all(s.startswith("pgmq_edge_agent_") for s in ours)
+
+
+def test_no_created_series():
+    assert "_created" not in scrape()
+
+
+def test_process_and_python_collectors_are_on_the_registry():
+    text = scrape()
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
+                 "python_gc_collections_total", "python_info"):
+        assert re.search(rf"^{name}\b", text, re.M), name
+
+
+def test_outcomes_known_in_advance_start_at_zero():
+    text = scrape()
+    for outcome in ("dead_lettered", "verified", "retried", "parked", "expired"):
+        for driver in ("sim", "http", "none"):
+            assert f'pgmq_edge_agent_commands_total{{driver="{driver}",outcome="{outcome}"}} 0.0' in text
+    assert 'pgmq_edge_agent_reconcile_services_total{result="failed"} 0.0' in text
+    assert 'pgmq_edge_agent_wakeups_total{source="notify"} 0.0' in text
+    assert "pgmq_edge_agent_report_failures_total 0.0" in text
+
+
+def test_site_labels_where_an_operator_of_many_sites_needs_them():
+    text = scrape(Live(leader=True, last_heartbeat=1234.5))
+    assert 'pgmq_edge_agent_reconcile_leader{site="north"} 1.0' in text
+    assert 'pgmq_edge_agent_last_heartbeat_timestamp_seconds{site="north"} 1234.5' in text
+    assert 'pgmq_edge_agent_build_info{queue="device_tasks",site="north"' in text
+
+
+def test_every_alert_links_its_runbook_section_and_is_tested():
+    text = (ROOT / "etc/prometheus/agent-alerts.yml").read_text()
+    rules = [{"alert": m[0], "expr": m[1], "annotations": {"runbook_url": m[2]}} for m in re.findall(
+        r"- alert: (\w+)\n\s+expr: (.*?)\n\s+(?:for|labels):.*?runbook_url: \"([^\"]+)\"", text, re.S)]
+    assert len(rules) == text.count("- alert:") >= 12
+    tests = (ROOT / "etc/prometheus/agent-alerts.test.yml").read_text()
+    runbook = (ROOT / "docs/operations.md").read_text()
+    anchors = {re.sub(r"[^a-z0-9-]", "", h.lower().replace(" ", "-")) for h in re.findall(r"^#+ (.+)$", runbook, re.M)}
+    for rule in rules:
+        url = rule["annotations"]["runbook_url"]
+        assert url.startswith("docs/operations.md#") and url.partition("#")[2] in anchors, rule["alert"]
+        assert f"alertname: {rule['alert']}\n" in tests, rule["alert"]
+        assert re.search(r"pgmq_edge_agent_|^up\{", rule["expr"]) and not re.search(r"(?<![a-z_])agent_", rule["expr"])
