@@ -60,7 +60,9 @@ class Consumer:
     def wake(self, source: str) -> None:
         self._source = source
         self._wake.set()
-        if source == "notify" and self._s.notify_throttle_ms:
+        # PGMQ sends nothing for inserts later in a throttle window. After a notification, and after a
+        # (re)connect (the window's notification may have gone to nobody), read again when it closes.
+        if source in ("notify", "connect") and self._s.notify_throttle_ms:
             self.wake_later((self._s.notify_throttle_ms + 20) / 1000, "catchup")
 
     def wake_later(self, delay: float, source: str) -> None:

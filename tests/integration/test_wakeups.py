@@ -22,6 +22,20 @@ async def test_notify_wakes_the_idle_consumer(db, dsn):
         assert agent.consumer.wakeups["notify"] >= 1
 
 
+async def test_insert_in_a_window_whose_notification_went_to_nobody_is_caught_up_after_connect(db, dsn):
+    """Found by the fuzz test: an agent that starts (or reconnects) inside a throttle window whose one
+    notification went to nobody hears nothing of later inserts in that window; it must read again
+    when the window closes, not wait for the poll."""
+    await add_device(db, "r1")
+    await db.execute("UPDATE pgmq.notify_insert_throttle SET throttle_interval_ms = 4000")
+    await send(db, {"device": "r1", "service": "a", "state": "on"})  # opens a 4 s window, heard by no one
+    async with running_agent(dsn, ScriptedDriver(), notify_throttle_ms=4000) as agent:
+        await until(lambda: agent.consumer.wakeups["connect"], what="first read after LISTEN")
+        silent = await send(db, {"device": "r1", "service": "b", "state": "on"})  # same window: no notification
+        await until(lambda: archived(db, silent), timeout=10, what="caught up when the window closed")
+        assert agent.consumer.wakeups["poll"] == 0
+
+
 async def test_insert_inside_the_throttle_window_is_caught_up(db, dsn):
     """PGMQ notifies once per throttle window and sends no trailing notification."""
     await add_device(db, "r1")
@@ -60,12 +74,13 @@ async def test_message_sent_while_listener_was_down_is_read_after_reconnect(db, 
     await add_device(db, "r1")
     async with running_agent(dsn, ScriptedDriver(), listener_check_interval=0.5) as agent:
         await until(lambda: agent.consumer.wakeups["connect"] == 1)
+        await until(lambda: agent.consumer.wakeups["catchup"] == 1, what="the read at the end of the window")
         await db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                          "WHERE application_name = 'agentd-listener' AND datname = current_database()")
         await until(lambda: not agent.listener.connected.is_set(), what="listener noticed")
         msg = await send(db, {"device": "r1", "service": "wifi", "state": "on"})  # nobody hears this
         await until(lambda: archived(db, msg), timeout=5)
-        assert agent.consumer.wakeups["connect"] == 2 and agent.consumer.wakeups["notify"] == 0
+        assert agent.consumer.wakeups["connect"] == 2 and agent.consumer.wakeups["notify"] == 0, agent.consumer.wakeups
 
 
 async def test_start_reenables_notifications_lost_in_a_crash(db, dsn):
