@@ -93,7 +93,7 @@ class Agent:
         self.claims = DeviceClaims(pool, self.queries, s.agent_id)
         self.executor = Executor(self.acceptor, self.drivers, self.reporter,
                                  RetryPolicy(s.max_attempts, s.retry_base, s.retry_max),
-                                 s.concurrency, s.device_timeout, claims=self.claims)
+                                 s.concurrency, s.device_timeout, claims=self.claims, coalesce=s.coalesce)
         self.consumer = Consumer(pool, self.queries, s, self.executor, self.inventory,
                                  settling=self.reporter.settling, on_read=self._read)
         self.listener = Listener(

@@ -10,13 +10,14 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import replace
 
 import asyncpg
 
 from agent.db.queries import Queries
 from agent.drivers.base import Device
 from agent.drivers.registry import Drivers
-from agent.errors import AgentError
+from agent.errors import AgentError, ConfigError
 
 log = logging.getLogger("agent.inventory")
 
@@ -25,6 +26,15 @@ def device_from_row(row: asyncpg.Record) -> Device:
     return Device(id=row["id"], driver=row["driver"], address=row["address"], site=row["site"],
                   options=json.loads(row["options"]), credential=row["credential"],
                   paused=row["paused"] if "paused" in row.keys() else None)
+
+
+AGENT_OPTIONS = {"max_parallel"}  # device options the executor reads; drivers never see them validated
+
+
+def check_agent_options(dev: Device) -> None:
+    value = dev.options.get("max_parallel", 1)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 64:
+        raise ConfigError("max_parallel must be an integer from 1 to 64 (writes the device takes at once)")
 
 
 class Inventory:
@@ -78,7 +88,9 @@ class Inventory:
         for row in rows:
             dev = device_from_row(row)
             try:
-                self._drivers.get(dev.driver).validate_options(dev)
+                check_agent_options(dev)
+                own = {k: v for k, v in dev.options.items() if k not in AGENT_OPTIONS}
+                self._drivers.get(dev.driver).validate_options(replace(dev, options=own))
             except AgentError as exc:
                 broken[dev.id] = f"device {dev.id!r} is misconfigured: {exc}"
                 continue

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     http_listen: str = Field("127.0.0.1:9477", description="host:port of the HTTP endpoint; empty disables.")
     poll_interval: float = Field(30.0, gt=0, le=3600, description="Fallback poll, seconds.")
     concurrency: int = Field(32, ge=1, le=4096, description="Devices operated at once.")
+    coalesce: int = Field(100, ge=1, le=10000, description="Commands for one device taken together at most.")
     batch_size: int = Field(100, ge=1, le=1000, description="Messages per pgmq.read.")
     prefetch: int = Field(1000, ge=1, le=100000, description="Messages held in flight at most.")
     visibility_timeout: int = Field(30, ge=2, le=86400, description="Lease on a read message, seconds.")

@@ -14,6 +14,9 @@ Options:
   probe_path   GET this for probe(); without it, probe() opens a TCP connection
   max_reply_bytes  replies longer than this are refused (default 1 MiB); redirects are never followed
   service_pattern  regex a service key must match before anything is sent (default: the contract's)
+  list_path    path template (with {device}) whose GET returns a JSON array of items for many services:
+               read_many() reads them all in one request; list_key is the JSON Pointer, within an
+               item, to its service key (default "/name"); the state is found with state_pointer
 Credentials (device.credential names a file on the agent host): {"username", "password"} means
 HTTP Basic, {"token"} or a plain string means a Bearer token. Secrets never appear in errors or logs.
 """
@@ -31,7 +34,7 @@ import aiohttp
 
 from agent.contract import SERVICE_PATTERN
 from agent.drivers.base import Device, DriverContext, State
-from agent.errors import ConfigError, NoAnswerError, PermanentError, TransientError, UnreachableError
+from agent.errors import AgentError, ConfigError, NoAnswerError, PermanentError, TransientError, UnreachableError
 from agent.text import clean
 
 METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE"}
@@ -121,6 +124,18 @@ async def _bounded_text(resp: aiohttp.ClientResponse, limit: int, what: str) -> 
         return body.decode("utf-8", errors="replace")
 
 
+def items_by_key(doc: Any, key_pointer: str, what: str) -> dict[str, Any]:
+    """A list reply as {service key: item}; a reply that is not a list of keyed items is permanent."""
+    if not isinstance(doc, list):
+        raise PermanentError(f"{what}: list_path must answer a JSON array, got {clean(json.dumps(doc), 100)}")
+    out: dict[str, Any] = {}
+    for item in doc:
+        key = resolve_pointer(item, key_pointer)
+        if isinstance(key, str):
+            out.setdefault(key, item)
+    return out
+
+
 def check_service(device: Device, service: str) -> None:
     """Refuse a service key the device's syntax does not allow, before any request is built."""
     pattern = device.options.get("service_pattern", SERVICE_PATTERN)
@@ -141,6 +156,10 @@ class HttpDriver:
             raise ConfigError("http: read_path is required and must start with /")
         if "set_path" in o and (not isinstance(o["set_path"], str) or not o["set_path"].startswith("/")):
             raise ConfigError("http: set_path must start with /")
+        if "list_path" in o and (not isinstance(o["list_path"], str) or not o["list_path"].startswith("/")):
+            raise ConfigError("http: list_path must start with /")
+        if not isinstance(o.get("list_key", "/name"), str) or not o.get("list_key", "/name").startswith("/"):
+            raise ConfigError("http: list_key must be a JSON Pointer (starting with /) into a list item")
         if str(o.get("set_method", "PUT")).upper() not in METHODS:
             raise ConfigError(f"http: set_method must be one of {', '.join(sorted(METHODS))}")
         if not isinstance(o.get("state_pointer", ""), str):
@@ -170,6 +189,10 @@ class HttpDriver:
         o = device.options
         path = render_path(o["read_path"], device.id, service)
         doc = await self._request(device, "GET", path, None, want_json=True)
+        return self._state_in(device, doc, service, path)
+
+    def _state_in(self, device: Device, doc: Any, service: str, path: str) -> State:
+        o = device.options
         pointer = o.get("state_pointer", "")
         value = resolve_pointer(doc, pointer)
         if value is _MISSING:
@@ -179,6 +202,38 @@ class HttpDriver:
             raise PermanentError(f"{device.id}: device reported {clean(json.dumps(value), 100)} for {service}, "
                                  f"neither on_value nor off_value")
         return state
+
+    async def read_many(self, device: Device, services: list[str]) -> dict[str, State | AgentError]:
+        """Many services: one GET of `list_path` where the device has one, else one read each."""
+        out: dict[str, State | AgentError] = {}
+        for service in services:
+            try:
+                check_service(device, service)
+            except PermanentError as exc:
+                out[service] = exc
+        wanted = [svc for svc in services if svc not in out]
+        o = device.options
+        if "list_path" not in o:
+            for service in wanted:
+                try:
+                    out[service] = await self.read(device, service)
+                except AgentError as exc:
+                    out[service] = exc
+            return out
+        path = render_path(o["list_path"], device.id, "")
+        doc = await self._request(device, "GET", path, None, want_json=True)
+        found = items_by_key(doc, o.get("list_key", "/name"), f"{device.id}: GET {path}")
+        for service in wanted:
+            item = found.get(service, _MISSING)
+            if item is _MISSING:
+                out[service] = PermanentError(f"{device.id}: GET {path}: no item for {clean(service, 100)} "
+                                              "in the list")
+                continue
+            try:
+                out[service] = self._state_in(device, item, service, path)
+            except AgentError as exc:
+                out[service] = exc
+        return out
 
     async def apply(self, device: Device, service: str, state: State) -> None:
         check_service(device, service)

@@ -136,14 +136,30 @@ class RouterOsDriver:
         settings(device, self._context.device_timeout)
 
     async def read(self, device: Device, service: str) -> State:
-        return (await self.read_many(device, [service]))[service]
+        state = (await self.read_many(device, [service]))[service]
+        if isinstance(state, AgentError):
+            raise state
+        return state
 
-    async def read_many(self, device: Device, services: list[str]) -> dict[str, State]:
-        """The states of many services, with one print per RouterOS menu."""
-        parsed = [parse_service(key) for key in services]
-        s = self._settings(device)
-        replies = await self._print(device, s, reads_for(parsed))
-        return {svc.key: state_of(svc, replies) for svc in parsed}
+    async def read_many(self, device: Device, services: list[str]) -> dict[str, State | AgentError]:
+        """The states of many services, with one print per RouterOS menu; a service that cannot be
+        read (a bad key, a missing object) is an error in the result, the others are read."""
+        out: dict[str, State | AgentError] = {}
+        parsed = []
+        for key in services:
+            try:
+                parsed.append(parse_service(key))
+            except AgentError as exc:
+                out[key] = exc
+        if parsed:
+            s = self._settings(device)
+            replies = await self._print(device, s, reads_for(parsed))
+            for svc in parsed:
+                try:
+                    out[svc.key] = state_of(svc, replies)
+                except AgentError as exc:
+                    out[svc.key] = exc
+        return out
 
     async def apply(self, device: Device, service: str, state: State) -> None:
         svc = parse_service(service)

@@ -27,7 +27,7 @@ from typing import Any
 
 from agent.contract import SERVICE_PATTERN
 from agent.drivers.base import Device, DriverContext, State
-from agent.errors import ConfigError, PermanentError, TransientError
+from agent.errors import AgentError, ConfigError, PermanentError, TransientError
 from agent.text import clean
 
 _KINDS = {"transient": TransientError, "permanent": PermanentError}
@@ -61,6 +61,24 @@ class SimDriver:
             if path:
                 return _load(Path(path)).get(service, device.options.get("initial", "off"))
             return self._states.get((device.id, service), device.options.get("initial", "off"))
+
+    async def read_many(self, device: Device, services: list[str]) -> dict[str, State | AgentError]:
+        """Many services in one call (one latency), as a device with a list endpoint answers."""
+        out: dict[str, State | AgentError] = {}
+        for service in services:
+            try:
+                _check(service)
+            except PermanentError as exc:
+                out[service] = exc
+        path = device.options.get("state_file")
+        with _in_use(path):
+            await self._call(device)
+            known = _load(Path(path)) if path else {}
+            for service in services:
+                if service not in out:
+                    out[service] = (known.get(service) if path else self._states.get((device.id, service))) \
+                        or device.options.get("initial", "off")
+        return out
 
     async def apply(self, device: Device, service: str, state: State) -> None:
         _check(service)

@@ -37,6 +37,54 @@ async def observe(driver: Driver, device: Device, service: str, timeout: float,
         raise _translate(exc, step, device, timeout) from exc
 
 
+async def observe_many(driver: Driver, device: Device, services: list[str], timeout: float,
+                       deadlines: Deadlines) -> dict[str, Observation | AgentError]:
+    """Read many services of one device: one request where the driver can (`read_many`), else one
+    read after another, all within `timeout` per device call. A service that cannot be read is an
+    error in the result; raises (one of our kinds) only when the whole read failed."""
+    step = _Step()
+    batch = getattr(driver, "read_many", None)
+    try:
+        if batch is None:
+            out: dict[str, Observation | AgentError] = {}
+            for service in services:
+                try:
+                    with deadlines.limit(timeout):
+                        out[service] = await _observe(driver, device, service, step)
+                except Exception as exc:
+                    out[service] = _translate(exc, step, device, timeout)
+            return out
+        with deadlines.limit(timeout):
+            states = await batch(device, services)
+    except Exception as exc:
+        raise _translate(exc, step, device, timeout) from exc
+    at = _now()
+    result: dict[str, Observation | AgentError] = {}
+    for service in services:
+        value = states.get(service) if isinstance(states, dict) else None
+        if isinstance(value, AgentError):
+            result[service] = value
+        elif value in ("on", "off"):
+            result[service] = Observation(observed=value, observed_at=at)
+        else:
+            result[service] = PermanentError(f"driver {device.driver!r} returned {value!r} for {service} "
+                                             f"on {device.id}")
+    return result
+
+
+async def apply_one(driver: Driver, device: Device, service: str, desired: State, timeout: float,
+                    deadlines: Deadlines) -> float:
+    """One write within `timeout`; returns when it was answered (unix time)."""
+    step = _Step()
+    step.what = "apply"
+    try:
+        with deadlines.limit(timeout):
+            await driver.apply(device, service, desired)
+    except Exception as exc:
+        raise _translate(exc, step, device, timeout) from exc
+    return _now()
+
+
 async def converge(driver: Driver, device: Device, service: str, desired: State, timeout: float,
                    deadlines: Deadlines, proceed: Callable[[], Awaitable[bool]] | None = None) -> Observation | None:
     """Read; write only if different; read back. Raises TransientError when the read-back differs.

@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -20,9 +20,10 @@ from agent.contract import Command
 from agent.drivers.base import Device
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, NoAnswerError, PermanentError, TransientError
+from agent.executor import coalesce
 from agent.executor.acceptor import Acceptor
 from agent.executor.claims import DeviceClaims
-from agent.executor.converge import Observation, VerifyError, converge, observe
+from agent.executor.converge import Observation, VerifyError, apply_one, converge, observe, observe_many
 from agent.executor.deadlines import Deadlines
 from agent.executor.policy import KeyState, ParkPolicy, RetryPolicy, Verdict, decide
 from agent.executor.reports import Delivery, EventRow, Outcome, Reporter, StateUpdate
@@ -42,12 +43,13 @@ class Executor:
     def __init__(self, acceptor: Acceptor, drivers: Drivers, reporter: Reporter,
                  policy: RetryPolicy, concurrency: int, device_timeout: float,
                  gate: Callable[[Device], str | None] | None = None, parking: ParkPolicy | None = None,
-                 claims: DeviceClaims | None = None) -> None:
+                 claims: DeviceClaims | None = None, coalesce: int = 100) -> None:
         self._acceptor = acceptor
         self.gate: Callable[[Device], str | None] = gate or (lambda _d: None)
         self.on_unreachable: Callable[[Device], None] = lambda _d: None
         self.confirm: Callable[[Device, float], Awaitable[str | None]] = _proven
         self.claims = claims
+        self._coalesce = coalesce  # commands of one device taken together at most
         self.sync: SyncWorker | None = None  # runs reconcile messages
         self._parking = parking or ParkPolicy()
         self.deadlines = Deadlines()
@@ -124,14 +126,20 @@ class Executor:
                 if self.claims is not None and not await self.claims.claim(device_id, self.op_bound(work.device)):
                     self._bounce(lane)  # another agent is operating this device right now
                     break
+                n = coalesce.head(lane, self._coalesce, Work)
                 async with self._slots:
                     self.busy_devices.add(device_id)
                     try:
-                        outcome = await self._run_item(work)
+                        if n > 1:
+                            outcomes = await self._run_take([lane[i] for i in range(n)])  # type: ignore[misc]
+                        else:
+                            outcomes = [await self._run_item(work)]
                     finally:
                         self.busy_devices.discard(device_id)
-                self._reporter.submit(outcome)
-                lane.popleft()
+                for outcome in outcomes:
+                    self._reporter.submit(outcome)
+                for _ in range(n):
+                    lane.popleft()
         finally:
             del self._lanes[device_id]
             if self.claims is not None:
@@ -150,6 +158,146 @@ class Executor:
             outcome = self._internal_error(work, exc)
         outcome.driver, outcome.device = work.device.driver, work.device.id
         return outcome
+
+    async def _run_take(self, works: list[Work]) -> list[Outcome]:
+        """Several commands for one device at once; a bug fails each of them the lane's last-resort way."""
+        try:
+            outcomes = await self._process_take(works)
+        except Exception as exc:
+            outcomes = [self._internal_error(w, exc) for w in works]
+        for o, w in zip(outcomes, works):
+            o.driver, o.device = w.device.driver, w.device.id
+        return outcomes
+
+    async def _process_take(self, works: list[Work]) -> list[Outcome]:
+        """Coalesced: superseded-in-take commands settle without the device; the rest are accepted
+        in one flush while the device is read once for all their services; the services that differ
+        are written (up to the device's max_parallel at once); one more read verifies them all.
+        Per command the rules stay: newest wins, verified read-back, retries, parking, claims."""
+        outcomes: dict[int, Outcome] = {}
+        p = coalesce.plan(works)
+        for w, newer in p.superseded:
+            outcomes[id(w)] = self._skip(w, Verdict.SUPERSEDED, newer, None)
+        for w in p.stale:
+            outcomes[id(w)] = Outcome(w.delivery, "archive")  # fenced out: the newer delivery reports
+        live: list[Work] = []
+        for w in p.live:
+            now = datetime.now(timezone.utc) + timedelta(seconds=w.delivery.skew)
+            if (v := decide(w.command, w.delivery.version, KeyState(), None, now)) is Verdict.CONVERGE:
+                live.append(w)
+            else:
+                outcomes[id(w)] = self._skip(w, v, 0, None)
+        if live:
+            for w, o in zip(live, await self._converge_take(live)):
+                outcomes[id(w)] = o
+        return [outcomes[id(w)] for w in works]
+
+    async def _converge_take(self, live: list[Work]) -> list[Outcome]:
+        device = live[0].device
+        accepted = {id(w): self._acceptor.submit(w.command, w.delivery.version, w.delivery.msg_id) for w in live}
+
+        async def verdicts() -> dict[int, tuple[Verdict, int, int | None] | TransientError]:
+            out: dict[int, tuple[Verdict, int, int | None] | TransientError] = {}
+            for w in live:
+                try:
+                    version, rid = await accepted[id(w)]
+                except TransientError as exc:
+                    out[id(w)] = exc
+                    continue
+                now = datetime.now(timezone.utc) + timedelta(seconds=w.delivery.skew)
+                out[id(w)] = (decide(w.command, w.delivery.version, KeyState(version, w.command.state), rid, now),
+                              version, rid)
+            return out
+
+        def settle(w: Work, said: tuple[Verdict, int, int | None] | TransientError,
+                   go: Callable[[], Outcome]) -> Outcome:
+            if isinstance(said, TransientError):
+                return self._failed(w, said, 0.0)
+            return go() if said[0] is Verdict.CONVERGE else self._skip(w, *said)
+
+        if why := self.gate(device):
+            said = await verdicts()
+            return [settle(w, said[id(w)], lambda w=w: self._park(w, why)) for w in live]  # type: ignore[misc]
+        timeout = call_timeout(device, self._timeout)
+        driver = self._drivers.get(device.driver)
+        services = sorted({w.command.service for w in live})
+        started, began = time.monotonic(), time.time()
+        try:
+            before = await observe_many(driver, device, services, timeout, self.deadlines)
+        except AgentError as exc:
+            err = exc
+            said = await verdicts()
+            unproven = await self._last_resort(live[0], err, began)
+            return [settle(w, said[id(w)], lambda w=w: self._failed(w, err, _ms(started), unproven))  # type: ignore[misc]
+                    for w in live]
+        said = await verdicts()
+        going = [w for w in live if not isinstance(said[id(w)], TransientError) and said[id(w)][0] is Verdict.CONVERGE]  # type: ignore[index]
+        want = {w.command.service: w.command.state for w in going}
+        differ = sorted(svc for svc, st in want.items()
+                        if not isinstance(before[svc], Observation) or before[svc].observed != st)  # type: ignore[union-attr]
+        differ = [svc for svc in differ if isinstance(before[svc], Observation)]
+        applied = await self._write_take(driver, device, differ, want, timeout)
+        written = [svc for svc in differ if isinstance(applied.get(svc), float)]
+        after: dict[str, Observation | AgentError] = {}
+        if written:
+            if not await self._hold(device, timeout):
+                after = {svc: TransientError(f"{device.id}: claim ran short before the read-back") for svc in written}
+            else:
+                try:
+                    after = await observe_many(driver, device, written, timeout, self.deadlines)
+                except AgentError as exc:
+                    after = {svc: exc for svc in written}
+        ms = _ms(started)
+        return [settle(w, said[id(w)], lambda w=w: self._take_outcome(w, before, applied, after, ms))  # type: ignore[misc]
+                for w in live]
+
+    async def _hold(self, device: Device, timeout: float) -> bool:
+        """Before another device call of a take: the claim still covers it (renewed if it ran short)."""
+        return self.claims is None or await self.claims.claim(device.id, timeout + 2.0)
+
+    async def _write_take(self, driver, device: Device, services: list[str],  # type: ignore[no-untyped-def]
+                          want: Mapping[str, str | None], timeout: float) -> dict[str, float | AgentError]:
+        """Write each service, up to the device's max_parallel at once; the answer time or the error."""
+        gate = asyncio.Semaphore(max_parallel(device))
+        out: dict[str, float | AgentError] = {}
+
+        async def one(svc: str) -> None:
+            async with gate:
+                if not await self._hold(device, timeout):
+                    out[svc] = TransientError(f"{device.id}: claim ran short before the write")
+                    return
+                try:
+                    out[svc] = await apply_one(driver, device, svc, want[svc], timeout, self.deadlines)  # type: ignore[arg-type]
+                except AgentError as exc:
+                    out[svc] = exc
+
+        await asyncio.gather(*(one(svc) for svc in services))
+        return out
+
+    def _take_outcome(self, w: Work, before: dict[str, Observation | AgentError],
+                      applied: dict[str, float | AgentError], after: dict[str, Observation | AgentError],
+                      ms: float) -> Outcome:
+        svc, desired = w.command.service, w.command.state
+        first = before[svc]
+        if isinstance(first, AgentError):
+            return self._failed(w, first, ms)
+        if first.observed == desired:
+            return self._converge(w, Observation(first.observed, first.observed_at, None, first.observed_at), ms)
+        wrote = applied.get(svc)
+        if isinstance(wrote, AgentError) or wrote is None:
+            return self._failed(w, wrote or TransientError(f"{w.device.id}: {svc} was not written"), ms)
+        back = after.get(svc)
+        if isinstance(back, AgentError) or back is None:
+            failed = self._failed(w, back or TransientError(f"{w.device.id}: {svc} was not read back"), ms)
+            failed.events.insert(0, self._event(w, "applied"))
+            if failed.state is not None:
+                failed.state.applied_at = wrote
+            return failed
+        if back.observed != desired:
+            return self._failed(w, VerifyError(
+                f"verification failed: wrote {desired!r} to {svc} on {w.device.id}, read back {back.observed!r}",
+                applied_at=wrote, observed=back.observed), ms)
+        return self._converge(w, Observation(back.observed, back.observed_at, wrote, back.observed_at), ms)
 
     def _internal_error(self, work: Work | SyncWork, exc: Exception) -> Outcome:
         """The lane's last resort: it cannot raise, so no message is ever left leased without an outcome."""
@@ -311,6 +459,12 @@ class Executor:
 
 async def _proven(_device: Device, _since: float) -> str | None:
     return None
+
+
+def max_parallel(device: Device) -> int:
+    """How many writes the device takes at once (its `max_parallel` option, default 1)."""
+    value = device.options.get("max_parallel", 1)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
 
 
 def call_timeout(device: Device, default: float) -> float:

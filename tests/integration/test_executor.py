@@ -55,7 +55,7 @@ async def test_write_that_answers_ok_but_does_not_stick_is_not_success(db, dsn, 
 async def test_older_command_failing_transiently_never_overrides_newer(db, dsn, device):
     await add_device(db, "r1")
     device.fail("r1", "wifi", TransientError("device busy"))
-    async with running_agent(dsn, device):
+    async with running_agent(dsn, device, coalesce=1):  # one command at a time (coalesced: see test_coalescing)
         older = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
         newer = await send(db, {"device": "r1", "service": "wifi", "state": "off"})
         await until(lambda: archived(db, older), what="older archived")
@@ -69,7 +69,7 @@ async def test_older_command_failing_transiently_never_overrides_newer(db, dsn, 
 async def test_commands_for_one_service_take_effect_in_enqueue_order(db, dsn, device):
     await add_device(db, "r1")
     device.latency["r1"] = 0.01
-    async with running_agent(dsn, device):
+    async with running_agent(dsn, device, coalesce=1):  # each one applied (coalesced, only the newest is)
         ids = [await send(db, {"device": "r1", "service": "wifi", "state": s}) for s in ["on", "off", "on", "off"]]
         await until(lambda: all_archived(db, ids))
     assert device.writes("r1", "wifi") == ["on", "off", "on", "off"]

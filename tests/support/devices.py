@@ -81,4 +81,36 @@ class ScriptedDriver:
             self.active[device.id] -= 1
 
 
-__all__ = ["ScriptedDriver", "Call", "TransientError", "PermanentError"]
+@dataclass
+class BatchDriver(ScriptedDriver):
+    """A ScriptedDriver that reads many services in one call (`read_many`), as a RouterOS print or
+    an SNMP GET of many OIDs does; `fail_reads(dev, error)` fails the next batch read as a whole,
+    and it notes whether a read ever overlapped a write on the same device."""
+
+    read_overlapped_write: bool = False
+    _read_failures: dict[str, deque[AgentError]] = field(default_factory=lambda: defaultdict(deque))
+    _writing: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def fail_reads(self, device: str, error: AgentError, times: int = 1) -> None:
+        self._read_failures[device].extend([error] * times)
+
+    async def read_many(self, device: Device, services: list[str]) -> dict[str, State | AgentError]:
+        if self._writing[device.id]:
+            self.read_overlapped_write = True
+        await self._call("read_many", device, ",".join(services))
+        if self._read_failures[device.id]:
+            raise self._read_failures[device.id].popleft()
+        return {svc: self.states.get((device.id, svc), "off") for svc in services}
+
+    async def apply(self, device: Device, service: str, state: State) -> None:
+        self._writing[device.id] += 1
+        try:
+            await super().apply(device, service, state)
+        finally:
+            self._writing[device.id] -= 1
+
+    def batch_reads(self, device: str) -> int:
+        return sum(1 for c in self.calls if c.op == "read_many" and c.device == device)
+
+
+__all__ = ["ScriptedDriver", "BatchDriver", "Call", "TransientError", "PermanentError"]

@@ -1,0 +1,92 @@
+"""Coalescing per device: the commands waiting for one device are taken together, the device is
+read once for all of them, the services that differ are written, and one more read verifies them
+all; per command, the rules stay exactly as they are."""
+
+from __future__ import annotations
+
+from agent.errors import PermanentError, TransientError
+from tests.support.agents import running_agent
+from tests.support.db import add_device, archived, dlq, events, send, state
+from tests.support.devices import BatchDriver, ScriptedDriver
+from tests.support.wait import until
+
+
+async def all_archived(db, ids: list[int]) -> bool:
+    return all([await archived(db, i) for i in ids])
+
+
+async def test_a_take_reads_once_writes_what_differs_and_verifies_once(db, dsn):
+    await add_device(db, "r1")
+    device = BatchDriver()
+    device.states[("r1", "tv")] = "on"  # already as wanted: not written
+    wifi_on = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
+    voip = await send(db, {"device": "r1", "service": "voip", "state": "on"})
+    wifi_off = await send(db, {"device": "r1", "service": "wifi", "state": "off"})
+    tv = await send(db, {"device": "r1", "service": "tv", "state": "on"})
+    async with running_agent(dsn, device):  # all four wait in the lane when the agent starts
+        await until(lambda: all_archived(db, [wifi_on, voip, wifi_off, tv]), what="all settled")
+    assert [c.op for c in device.calls] == ["read_many", "apply", "read_many"]  # wifi is already off
+    assert device.writes("r1", "voip") == ["on"] and device.writes("r1", "wifi") == []
+    assert await events(db, wifi_on) == ["superseded"]  # older, in the same take: never sent
+    assert await events(db, voip) == ["applied", "verified"]
+    assert await events(db, wifi_off) == ["verified"] and await events(db, tv) == ["verified"]
+    row = await state(db, "r1", "wifi")
+    assert (row["desired"], row["desired_version"], row["observed"]) == ("off", wifi_off, "off")
+
+
+async def test_a_service_that_fails_in_a_take_is_retried_alone(db, dsn):
+    await add_device(db, "r1")
+    device = BatchDriver()
+    device.fail("r1", "voip", TransientError("busy"))
+    ids = [await send(db, {"device": "r1", "service": s, "state": "on"}) for s in ("wifi", "voip", "tv")]
+    async with running_agent(dsn, device):
+        await until(lambda: all_archived(db, ids), what="all settled")
+    assert await events(db, ids[0]) == ["applied", "verified"]
+    assert await events(db, ids[1]) == ["failed", "retried", "applied", "verified"]
+    assert await events(db, ids[2]) == ["applied", "verified"]
+    assert device.writes("r1", "wifi") == ["on"] and device.writes("r1", "tv") == ["on"]  # not again
+
+
+async def test_a_failed_batch_read_retries_every_command_of_the_take_and_loses_none(db, dsn):
+    await add_device(db, "r1")
+    device = BatchDriver()
+    device.fail_reads("r1", TransientError("timeout talking to the router"))
+    ids = [await send(db, {"device": "r1", "service": s, "state": "on"}) for s in ("a", "b", "c")]
+    async with running_agent(dsn, device):
+        await until(lambda: all_archived(db, ids), what="all settled")
+    for msg in ids:
+        assert await events(db, msg) == ["failed", "retried", "applied", "verified"]
+    assert await dlq(db) == []
+
+
+async def test_a_permanent_error_in_a_take_dead_letters_only_that_command(db, dsn):
+    await add_device(db, "r1")
+    device = BatchDriver()
+    device.fail("r1", "gone", PermanentError("no such secret"))
+    ids = [await send(db, {"device": "r1", "service": s, "state": "on"}) for s in ("a", "gone", "b")]
+    async with running_agent(dsn, device):
+        await until(lambda: all_archived(db, ids), what="all settled")
+    [entry] = await dlq(db)
+    assert entry["message"]["service"] == "gone" and "no such secret" in entry["headers"]["reason"]
+    assert await events(db, ids[0]) == ["applied", "verified"] and await events(db, ids[2]) == ["applied", "verified"]
+
+
+async def test_max_parallel_writes_overlap_but_never_a_read(db, dsn):
+    await add_device(db, "r1", options={"max_parallel": 4})
+    await add_device(db, "r2")
+    device = BatchDriver()
+    device.latency.update({"r1": 0.05, "r2": 0.05})
+    ids = [await send(db, {"device": d, "service": f"s{i}", "state": "on"}) for d in ("r1", "r2") for i in range(8)]
+    async with running_agent(dsn, device):
+        await until(lambda: all_archived(db, ids), timeout=20, what="all settled")
+    assert device.max_active["r1"] == 4 and device.max_active["r2"] == 1
+    assert not device.read_overlapped_write
+
+
+async def test_a_driver_without_batch_reads_is_read_one_service_at_a_time(db, dsn):
+    await add_device(db, "r1")
+    device = ScriptedDriver()
+    ids = [await send(db, {"device": "r1", "service": s, "state": "on"}) for s in ("a", "b")]
+    async with running_agent(dsn, device):
+        await until(lambda: all_archived(db, ids), what="all settled")
+    assert [c.op for c in device.calls] == ["read", "read", "apply", "apply", "read", "read"]
