@@ -20,7 +20,8 @@ from tests.support.wait import until
 
 _n = itertools.count()
 
-text = st.one_of(st.text(alphabet=st.characters(min_codepoint=1), max_size=50), st.text(alphabet=st.characters(min_codepoint=1, max_codepoint=0x9f)),
+text = st.one_of(st.text(alphabet=st.characters(min_codepoint=1), max_size=50),
+                 st.text(alphabet=st.characters(min_codepoint=1, max_codepoint=0x9f)),
                  st.just("\x1b[2J\r\nforged"), st.integers(1, 3).map(lambda n: "big" * 30_000 * n))
 keys = st.text(alphabet=st.characters(min_codepoint=1), max_size=8)  # jsonb holds any text but NUL
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False),
