@@ -146,3 +146,30 @@ def test_status_classification():
         classify_status(403, "x", "forbidden")
     with pytest.raises(PermanentError, match="redirect to http://elsewhere/: not followed"):
         classify_status(302, "x", "", "http://elsewhere/")
+
+
+async def test_list_path_reads_many_services_in_one_request(aiohttp_server):
+    from aiohttp import web
+
+    hits: list[str] = []
+
+    async def secrets(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.json_response([{"name": "alice", "disabled": "false"}, {"name": "bob", "disabled": "true"},
+                                  {"name": "eve", "disabled": "maybe"}])
+
+    app = web.Application()
+    app.router.add_get("/rest/ppp/secret", secrets)
+    server = await aiohttp_server(app)
+    dev = Device("r1", "http", f"127.0.0.1:{server.port}", options={
+        "read_path": "/rest/ppp/secret/{service}", "list_path": "/rest/ppp/secret", "list_key": "/name",
+        "state_pointer": "/disabled", "on_value": "false", "off_value": "true"})
+    driver = HttpDriver()
+    try:
+        got = await driver.read_many(dev, ["alice", "bob", "carol", "eve", "../x"])
+    finally:
+        await driver.close()
+    assert hits == ["/rest/ppp/secret"]  # one request for all of them
+    assert (got["alice"], got["bob"]) == ("on", "off")
+    assert isinstance(got["carol"], PermanentError) and "no item for carol" in str(got["carol"])
+    assert isinstance(got["eve"], PermanentError) and isinstance(got["../x"], PermanentError)
