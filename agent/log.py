@@ -1,18 +1,22 @@
 """One logging vocabulary: every record carries `action` and, where they apply, device, service,
-msg_id, request_id and outcome. Plain text or JSON lines on stdout (AGENT_LOG_FORMAT)."""
+msg_id, request_id and outcome. Plain text or JSON lines on stdout (AGENT_LOG_FORMAT), or the
+journal when systemd connected our stderr to it."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
-from datetime import datetime, timezone
+import time
+from collections.abc import Callable
+from typing import TextIO
 
-from agent.text import clean
+from agent.text import clean, rfc3339
 
 FIELDS = ("action", "device", "service", "msg_id", "request_id", "attempt", "duration_ms", "changed",
-          "observed", "error", "site", "queue", "source", "msg_ids", "channels", "batch", "migration")
+          "observed", "error", "site", "queue", "source", "msg_ids", "channels", "batch", "migration", "run")
 
 
 def _extra(record: logging.LogRecord) -> dict[str, object]:
@@ -21,7 +25,7 @@ def _extra(record: logging.LogRecord) -> dict[str, object]:
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        doc = {"ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+        doc = {"ts": rfc3339(record.created),
                "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage(),
                **_extra(record)}
         if record.exc_info:
@@ -35,7 +39,7 @@ class PlainFormatter(logging.Formatter):
     drive the terminal. Only a traceback spans lines."""
 
     def format(self, record: logging.LogRecord) -> str:
-        ts = datetime.fromtimestamp(record.created, timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+        ts = rfc3339(record.created)  # date and zone: a line read next week, or in another zone, is unambiguous
         fields = " ".join(f"{k}={clean(v, 1000)}" for k, v in _extra(record).items() if k != "action")
         action = clean(getattr(record, "action", "-"), 40)
         line = f"{ts} {record.levelname:<7} {action:<14} {clean(record.getMessage(), 4000)}"
@@ -46,34 +50,58 @@ class PlainFormatter(logging.Formatter):
         return line
 
 
-_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
-
-
-class JournalHandler(logging.Handler):
-    """journald with structured fields: DEVICE=, SERVICE=, REQUEST_ID=, MSG_ID=, ACTION=, ..."""
-
-    def __init__(self, send) -> None:  # type: ignore[no-untyped-def]
-        super().__init__()
-        self._send = send
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            fields = {k.upper(): str(v).replace("\x00", "\\0") for k, v in _extra(record).items()}
-            self._send(record.getMessage().replace("\x00", "\\0"), PRIORITY=str(_PRIORITY.get(record.levelname, 6)),
-                       LOGGER=record.name, SYSLOG_IDENTIFIER="agentd", **fields)
-        except Exception:
-            self.handleError(record)
+def stream_is_journal(journal_stream: str | None, stream: TextIO) -> bool:
+    """Whether `stream` is the one systemd connected to the journal: JOURNAL_STREAM names its
+    device:inode. A child that inherited the variable but writes elsewhere (a shell redirect, a
+    pipe) must keep writing there, or its output vanishes."""
+    if not journal_stream:
+        return False
+    try:
+        dev, _, ino = journal_stream.partition(":")
+        st = os.fstat(stream.fileno())
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (ValueError, OSError, AttributeError):
+        return False
 
 
 def _journal() -> logging.Handler | None:
-    """The journal when systemd started us (JOURNAL_STREAM is set) and systemd-python is installed."""
-    if not os.environ.get("JOURNAL_STREAM"):
+    """systemd-python's JournalHandler when our stderr is the journal stream: each record's fields
+    (ACTION=, DEVICE=, SERVICE=, MSG_ID=, REQUEST_ID=, ...), CODE_FILE/LINE/FUNC and tracebacks
+    reach the journal as structured data."""
+    if not stream_is_journal(os.environ.get("JOURNAL_STREAM"), sys.stderr):
         return None
     try:
-        from systemd import journal
+        from systemd.journal import JournalHandler
     except ImportError:
         return None
-    return JournalHandler(journal.send)
+    handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="agentd")
+    return handler
+
+
+class PoolOutageFilter(logging.Filter):
+    """asyncpg's pool logs a traceback each time it fails to refill during a database outage (every
+    second or two). One line per state change instead: the first failure, then only when the error
+    changes; a failure after `quiet` seconds without one starts a new outage."""
+
+    def __init__(self, quiet: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._quiet = quiet
+        self._clock = clock
+        self._last: tuple[str, str] | None = None
+        self._last_at = -math.inf
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        said = clean((str(exc) or type(exc).__name__) if exc is not None else record.getMessage(), 500)
+        key, now = (type(exc).__name__, said), self._clock()
+        fresh = key != self._last or now - self._last_at > self._quiet
+        self._last, self._last_at = key, now
+        if not fresh:
+            return False
+        record.msg, record.args = "database connection pool cannot reconnect: %s (%s)", (said, record.getMessage())
+        record.exc_info = record.exc_text = None
+        record.action = "db_pool_failing"
+        return True
 
 
 def setup(fmt: str = "plain", level: str = "INFO") -> None:
@@ -83,6 +111,10 @@ def setup(fmt: str = "plain", level: str = "INFO") -> None:
         handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    pool = logging.getLogger("asyncpg.pool")
+    for old in [f for f in pool.filters if isinstance(f, PoolOutageFilter)]:
+        pool.removeFilter(old)
+    pool.addFilter(PoolOutageFilter())
     root.setLevel(level)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its DEBUG chatter is not ours

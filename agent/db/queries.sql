@@ -319,6 +319,12 @@ SELECT EXISTS (SELECT 1 FROM agent.sync_runs WHERE site = $1 AND finished_at IS 
 -- name: scheduled_run_open
 SELECT id FROM agent.sync_runs WHERE site = $1 AND kind = 'scheduled' AND finished_at IS NULL LIMIT 1;
 
+-- name: finished_runs
+-- Runs of the site finished after $2 (the leader logs one summary line for each).
+SELECT id, kind, dry_run, device, service, devices, checked, in_sync, drifted, repaired, unreadable, failed,
+       extract(epoch FROM finished_at - requested_at) AS took, finished_at
+FROM agent.sync_runs WHERE site = $1 AND finished_at > $2 ORDER BY finished_at, id;
+
 -- name: prune_sync
 DELETE FROM agent.sync_runs WHERE site = $1 AND finished_at < now() - make_interval(days => $2::integer);
 

@@ -93,7 +93,7 @@ class SyncWorker:
                 findings.append(await self._check(w, driver, row["service"], row["desired"], events, states))
         except _Parked as p:
             delay = self._parking.delay(d.bounces)
-            log.info("reconcile parked for up to %.0fs: %s", delay, p.why, extra=_fields(w, "parked"))
+            log.debug("reconcile parked for up to %.0fs: %s", delay, p.why, extra=_fields(w, "parked"))
             return Outcome(d, "park", [self._event(w, "parked", None, error=p.why)], retry_delay=delay,
                            reconcile=True)
         except _Forged as exc:
@@ -114,7 +114,7 @@ class SyncWorker:
             return Outcome(d, "retry", [self._event(w, "retried", None, error=str(exc))], retry_delay=delay,
                            reconcile=True)
         result = summary(findings)
-        log.info("reconciled %s: %d checked, %d drifted, %d repaired, %d unreadable", dev.id, result["checked"],
+        log.debug("reconciled %s: %d checked, %d drifted, %d repaired, %d unreadable", dev.id, result["checked"],
                  result["drifted"], result["repaired"], result["unreadable"], extra=_fields(w, "reconciled"))
         return Outcome(d, "archive", events, sync={"run": req.run, "device": dev.id, **result}, extra_states=states,
                        reconcile=True)
@@ -142,7 +142,7 @@ class SyncWorker:
         events.append(self._event(w, "drift", service, desired=expected, observed=found, error=what))
         states.append(StateUpdate(dev.id, service, observed=found, observed_at=obs.observed_at,
                                   error=f"drift: {what}"))
-        log.warning("drift on %s/%s: %s%s", dev.id, service, what, " (dry run: left as it is)" if dry else "",
+        log.debug("drift on %s/%s: %s%s", dev.id, service, what, " (dry run: left as it is)" if dry else "",
                     extra={**_fields(w, "drift"), "service": service})
         if dry:
             return Finding(service, expected, found, "drift")
@@ -158,7 +158,7 @@ class SyncWorker:
                                   duration_ms=ms, error=what))
         states.append(StateUpdate(dev.id, service, observed=fixed.observed, observed_at=fixed.observed_at,
                                   applied_at=fixed.applied_at, verified_at=fixed.verified_at))
-        log.info("repaired %s/%s", dev.id, service, extra={**_fields(w, "repaired"), "service": service})
+        log.debug("repaired %s/%s", dev.id, service, extra={**_fields(w, "repaired"), "service": service})
         return Finding(service, expected, fixed.observed, "repaired")
 
     async def _read(self, driver: Driver, dev: Device, service: str) -> Observation:
