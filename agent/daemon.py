@@ -27,9 +27,10 @@ from agent.drivers.base import CredentialStore, Device, DriverContext
 from agent.drivers.registry import Drivers
 from agent.executor.acceptor import Acceptor
 from agent.executor.claims import DeviceClaims
+from agent.executor.deadlines import Deadlines
 from agent.executor.executor import Executor
 from agent.executor.parking import Parking
-from agent.executor.policy import RetryPolicy
+from agent.executor.policy import RetryPolicy, Tuning
 from agent.executor.reports import Reporter
 from agent.inventory import Inventory
 from agent.lifecycle import Housekeeper
@@ -38,7 +39,8 @@ from agent.queue.consumer import Consumer
 from agent.queue.listener import Listener, queue_channel
 from agent.reconcile.leader import Leadership
 from agent.reconcile.reconciler import Reconciler
-from agent.reconcile.worker import ReconcileTuning, SyncWorker
+from agent.reconcile.worker import ReconcileTuning, SyncWork, SyncWorker
+from agent.retention import Retention
 from agent.settings import Settings, load_settings
 from agent.systemd import Notifier
 from agent.vpn.guard import VpnGuard
@@ -91,9 +93,22 @@ class Agent:
         self.reporter = Reporter(pool, self.queries, s.agent_id, self._committed)
         self.acceptor = Acceptor(pool, self.queries)
         self.claims = DeviceClaims(pool, self.queries, s.agent_id)
-        self.executor = Executor(self.acceptor, self.drivers, self.reporter,
-                                 RetryPolicy(s.max_attempts, s.retry_base, s.retry_max),
-                                 s.concurrency, s.device_timeout, claims=self.claims, coalesce=s.coalesce)
+        self.parking = Parking(pool, self.queries)
+        self.vpn = VpnGuard(s.require_vpn, s.wg_interface, s.vpn_stale_after, s.vpn_check_interval,
+                            lambda: list(self.inventory.devices.values()), pool, s.agent_id, self.wake_parked,
+                            self._probe, s.vpn_probe_interval)
+        self.tuning = Tuning(RetryPolicy(s.max_attempts, s.retry_base, s.retry_max), s.device_timeout)
+        self.deadlines = Deadlines()
+        tuning = self.tuning
+        sync = SyncWorker(
+            pool, self.queries, self.drivers, self.deadlines, self.vpn.gate,
+            lambda: (tuning.policy, tuning.device_timeout),
+            ReconcileTuning(s.reconcile_confirm, s.reconcile_confirm_delay, s.reconcile_pace),
+            may_operate=lambda dev: self.claims.fresh(dev.id, self.executor.op_bound(dev)))
+        self.executor = Executor(self.acceptor, self.drivers, self.reporter, self.tuning, s.concurrency,
+                                 gate=self.vpn.gate, on_unreachable=self.vpn.device_failed, confirm=self.vpn.confirm,
+                                 claims=self.claims, deadlines=self.deadlines, handlers={SyncWork: sync.handle},
+                                 coalesce=s.coalesce)
         self.consumer = Consumer(pool, self.queries, s, self.executor, self.inventory,
                                  settling=self.reporter.settling, on_read=self._read)
         self.listener = Listener(
@@ -101,23 +116,12 @@ class Agent:
             {queue_channel(s.queue): lambda: self.consumer.wake("notify"),
              "agent_inventory": self.inventory.changed},
             on_connect=self._listening, check_interval=s.listener_check_interval)
-        self.vpn = VpnGuard(s.require_vpn, s.wg_interface, s.vpn_stale_after, s.vpn_check_interval,
-                            lambda: list(self.inventory.devices.values()), pool, s.agent_id, self.wake_parked,
-                            self._probe, s.vpn_probe_interval)
-        self.executor.gate = self.vpn.gate
-        self.executor.on_unreachable = self.vpn.device_failed
-        self.executor.confirm = self.vpn.confirm
-        self.executor.sync = SyncWorker(
-            pool, self.queries, self.drivers, self.executor.deadlines, self.vpn.gate, self.executor.tuning,
-            ReconcileTuning(s.reconcile_confirm, s.reconcile_confirm_delay, s.reconcile_pace),
-            may_operate=lambda dev: self.claims.fresh(dev.id, self.executor.op_bound(dev)))
         self.leadership = Leadership(s.database_url, s.site, s.agent_id, s.leader_check_interval)
         self.reconciler = Reconciler(self.queries, s.site, s.agent_id, s.schedule, s.reconcile_batch,
-                                     s.reconcile_retention_days)
+                                     Retention.from_settings(s))
         self.house = Housekeeper(self)
         self.force_stop = asyncio.Event()  # a second SIGTERM/SIGINT: skip the drain
         self.metrics = Metrics(s.site, s.queue, self.house.live)
-        self.parking = Parking(pool, self.queries)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _read(self, deliveries) -> None:  # type: ignore[no-untyped-def]
@@ -184,7 +188,7 @@ class Agent:
     async def run_forever(self, stop: asyncio.Event, reload: asyncio.Event | None = None) -> None:
         services: dict[str, Coroutine[Any, Any, None]] = {
             "reporter": self.reporter.run(), "acceptor": self.acceptor.run(), "listener": self.listener.run(),
-            "housekeeper": self.house.run(), "deadlines": self.executor.deadlines.run(), "vpn": self.vpn.run(),
+            "housekeeper": self.house.run(), "deadlines": self.deadlines.run(), "vpn": self.vpn.run(),
             "claims": self.claims.run(), "leader": self.leadership.run(self.reconciler.lead)}
         if self.settings.consume:
             services |= {"consumer": self.consumer.run(), "leases": self.consumer.keep_leases()}
@@ -254,7 +258,8 @@ class Agent:
         for key in changed & live:
             setattr(old, key, getattr(new, key))
         logging.getLogger().setLevel(old.log_level)
-        self.executor.retune(RetryPolicy(old.max_attempts, old.retry_base, old.retry_max), old.device_timeout)
+        self.tuning.policy = RetryPolicy(old.max_attempts, old.retry_base, old.retry_max)
+        self.tuning.device_timeout = old.device_timeout
 
     async def shutdown(self, tasks: dict[asyncio.Task[None], str], died: list[asyncio.Task[None]]) -> None:
         self.house.stopping()
@@ -285,7 +290,7 @@ class Agent:
     async def drain_once(self, stop: asyncio.Event) -> int:
         """`agentd --once`: work until the queue is empty; 0 if everything succeeded."""
         helpers = [asyncio.create_task(self.reporter.run()), asyncio.create_task(self.acceptor.run()),
-                   asyncio.create_task(self.executor.deadlines.run()), asyncio.create_task(self.claims.run())]
+                   asyncio.create_task(self.deadlines.run()), asyncio.create_task(self.claims.run())]
         try:
             while not stop.is_set():
                 taken = await self.consumer.read_until_short()

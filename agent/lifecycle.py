@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -25,8 +25,22 @@ from agent.metrics import Live
 from agent.status import Figures, healthy, snapshot, state, status_line
 from agent.text import rfc3339
 
-if TYPE_CHECKING:
-    from agent.daemon import Agent
+
+class Parts(Protocol):
+    """What the housekeeper reads of the daemon (agent.daemon.Agent is one): its parts, not the
+    daemon itself, so this module does not import the composition root."""
+
+    settings: Any
+    notifier: Any
+    pool: Any
+    queries: Any
+    consumer: Any
+    listener: Any
+    parking: Any
+    vpn: Any
+    leadership: Any
+    reconciler: Any
+    metrics: Any
 
 log = logging.getLogger("agent.lifecycle")
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
@@ -35,7 +49,7 @@ _QUEUE_CAP = 100_000
 
 
 class Housekeeper:
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Parts) -> None:
         self._a = agent
         self._started_mono = time.monotonic()
         self._started_at = time.time()
@@ -123,7 +137,7 @@ class Housekeeper:
         return Live(wakeups=dict(a.consumer.wakeups), reconnects=a.listener.reconnects,
                     inflight=len(a.consumer.inflight), parked=a.parking.count, queues=queues,
                     reachable={d: r.reachable for d, r in a.vpn.reach.items()}, peers=peers,
-                    leader=a.leadership.leading, last_heartbeat=self.last_beat)
+                    leader=a.leadership.leading, last_heartbeat=self.last_beat, tables=a.reconciler.tables)
 
     async def sample_queue(self, max_age: float = _SAMPLE_TTL) -> None:
         """Refresh the queue figures unless a sample younger than `max_age` exists (one statement)."""

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Any, Protocol
 
 from agent.contract import Command
 from agent.drivers.base import Device
@@ -25,40 +26,55 @@ from agent.executor.acceptor import Acceptor
 from agent.executor.claims import DeviceClaims
 from agent.executor.converge import Observation, VerifyError, apply_one, converge, observe, observe_many
 from agent.executor.deadlines import Deadlines
-from agent.executor.policy import KeyState, ParkPolicy, RetryPolicy, Verdict, decide
+from agent.executor.policy import KeyState, ParkPolicy, RetryPolicy, Tuning, Verdict, decide
 from agent.executor.reports import Delivery, EventRow, Outcome, Reporter, StateUpdate
-from agent.reconcile.worker import SyncWork, SyncWorker
 
 log = logging.getLogger("agent.executor")
 
 
 @dataclass
 class Work:
+    """A command in its device's lane."""
+
     delivery: Delivery
     command: Command
     device: Device
 
 
+class LaneItem(Protocol):
+    """Any other work a lane runs in order with the commands (a reconcile message): the executor
+    knows only its delivery and device, and runs it with the handler registered for its type."""
+
+    delivery: Delivery
+    device: Device
+
+
+Item = Work | LaneItem
+Handler = Callable[[Any], Awaitable[Outcome]]
+
+
 class Executor:
-    def __init__(self, acceptor: Acceptor, drivers: Drivers, reporter: Reporter,
-                 policy: RetryPolicy, concurrency: int, device_timeout: float,
-                 gate: Callable[[Device], str | None] | None = None, parking: ParkPolicy | None = None,
-                 claims: DeviceClaims | None = None, coalesce: int = 100) -> None:
+    def __init__(self, acceptor: Acceptor, drivers: Drivers, reporter: Reporter, tuning: Tuning,
+                 concurrency: int, *, gate: Callable[[Device], str | None] | None = None,
+                 on_unreachable: Callable[[Device], None] | None = None,
+                 confirm: Callable[[Device, float], Awaitable[str | None]] | None = None,
+                 parking: ParkPolicy | None = None, claims: DeviceClaims | None = None,
+                 deadlines: Deadlines | None = None, handlers: Mapping[type, Handler] | None = None,
+                 coalesce: int = 100) -> None:
         self._acceptor = acceptor
         self.gate: Callable[[Device], str | None] = gate or (lambda _d: None)
-        self.on_unreachable: Callable[[Device], None] = lambda _d: None
-        self.confirm: Callable[[Device, float], Awaitable[str | None]] = _proven
+        self._on_unreachable = on_unreachable or (lambda _d: None)
+        self.confirm: Callable[[Device, float], Awaitable[str | None]] = confirm or _proven
         self.claims = claims
         self._coalesce = coalesce  # commands of one device taken together at most
-        self.sync: SyncWorker | None = None  # runs reconcile messages
+        self._handlers = dict(handlers or {})  # type of lane item -> what runs it (reconcile messages)
         self._parking = parking or ParkPolicy()
-        self.deadlines = Deadlines()
+        self.deadlines = deadlines or Deadlines()
         self._drivers = drivers
         self._reporter = reporter
-        self._policy = policy
-        self._timeout = device_timeout
+        self._tuning = tuning
         self._slots = asyncio.Semaphore(concurrency)
-        self._lanes: dict[str, deque[Work | SyncWork]] = {}
+        self._lanes: dict[str, deque[Item]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -69,11 +85,13 @@ class Executor:
     def submit(self, delivery: Delivery, command: Command, device: Device) -> None:
         self._enqueue(device.id, Work(delivery, command, device))
 
-    def submit_sync(self, work: SyncWork) -> None:
-        """A reconcile message joins its device's lane, after the commands already there."""
-        self._enqueue(work.device.id, work)
+    def submit_item(self, item: LaneItem) -> None:
+        """Other work (a reconcile message) joins its device's lane, after the commands already there."""
+        if type(item) not in self._handlers:
+            raise TypeError(f"no handler registered for {type(item).__name__}")
+        self._enqueue(item.device.id, item)
 
-    def _enqueue(self, device_id: str, item: Work | SyncWork) -> None:
+    def _enqueue(self, device_id: str, item: Item) -> None:
         lane = self._lanes.get(device_id)
         if lane is None:
             lane = self._lanes[device_id] = deque()
@@ -107,19 +125,20 @@ class Executor:
                                                         "device": ev.device, "service": ev.service})
         self._reporter.submit(Outcome(delivery, "dead_letter", [ev], reason=reason, error_kind="permanent"))
 
-    def tuning(self) -> tuple[RetryPolicy, float]:
-        """The live retry policy and device timeout (reconcile work uses the same)."""
-        return self._policy, self._timeout
+    @property
+    def _policy(self) -> RetryPolicy:
+        return self._tuning.policy
 
-    def retune(self, policy: RetryPolicy, device_timeout: float) -> None:
-        self._policy, self._timeout = policy, device_timeout
+    @property
+    def _timeout(self) -> float:
+        return self._tuning.device_timeout
 
     async def idle(self) -> None:
         await self._idle.wait()
 
     # -- per device -----------------------------------------------------------------------
 
-    async def _drain(self, device_id: str, lane: deque[Work | SyncWork]) -> None:
+    async def _drain(self, device_id: str, lane: deque[Item]) -> None:
         try:
             while lane:
                 work = lane[0]
@@ -147,13 +166,12 @@ class Executor:
             if not self._lanes:
                 self._idle.set()
 
-    async def _run_item(self, work: Work | SyncWork) -> Outcome:
+    async def _run_item(self, work: Item) -> Outcome:
         try:
-            if isinstance(work, SyncWork):
-                assert self.sync is not None
-                outcome = await self.sync.handle(work)
-            else:
+            if isinstance(work, Work):
                 outcome = await self._process(work)
+            else:
+                outcome = await self._handlers[type(work)](work)
         except Exception as exc:  # a bug must not strand the message: retry it, loudly
             outcome = self._internal_error(work, exc)
         outcome.driver, outcome.device = work.device.driver, work.device.id
@@ -299,24 +317,24 @@ class Executor:
                 applied_at=wrote, observed=back.observed), ms)
         return self._converge(w, Observation(back.observed, back.observed_at, wrote, back.observed_at), ms)
 
-    def _internal_error(self, work: Work | SyncWork, exc: Exception) -> Outcome:
+    def _internal_error(self, work: Item, exc: Exception) -> Outcome:
         """The lane's last resort: it cannot raise, so no message is ever left leased without an outcome."""
         try:
             log.exception("internal error", extra=_fields(work, "internal_error"))
-            if isinstance(work, SyncWork):
+            if not isinstance(work, Work):
                 delay = self._policy.delay(work.delivery.attempt)
                 return Outcome(work.delivery, "retry", retry_delay=delay, reconcile=True)
             return self._failed(work, TransientError(f"internal error: {exc!r}"), 0.0)
         except Exception:  # even building the failure failed: retry the message plainly, later
-            return Outcome(work.delivery, "retry", retry_delay=60.0, reconcile=isinstance(work, SyncWork))
+            return Outcome(work.delivery, "retry", retry_delay=60.0, reconcile=not isinstance(work, Work))
 
-    def _bounce(self, lane: deque[Work | SyncWork]) -> None:
+    def _bounce(self, lane: deque[Item]) -> None:
         """Back to the queue for a moment, not counted as an attempt; the claim is tried again then."""
         log.debug("device busy on another agent", extra=_fields(lane[0], "device_busy"))
         while lane:
             w = lane.popleft()
             out = Outcome(w.delivery, "park", retry_delay=random.uniform(0.3, 1.0), bounce=True,
-                          reconcile=isinstance(w, SyncWork))
+                          reconcile=not isinstance(w, Work))
             out.driver, out.device = w.device.driver, w.device.id
             self._reporter.submit(out)
 
@@ -435,7 +453,7 @@ class Executor:
             state.observed, state.observed_at = exc.observed, time.time()
             state.applied_at = exc.applied_at
         if isinstance(exc, NoAnswerError):
-            self.on_unreachable(w.device)  # no answer at all: one of the VPN guard's signals
+            self._on_unreachable(w.device)  # no answer at all: one of the VPN guard's signals
         if isinstance(exc, TransientError) and (why := self.gate(w.device) or unproven):
             parked = self._park(w, f"{why} ({exc})")
             parked.events[:0] = events
@@ -481,8 +499,8 @@ def _ms(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 3)
 
 
-def _fields(w: Work | SyncWork, action: str, **extra) -> dict:  # type: ignore[no-untyped-def]
-    if isinstance(w, SyncWork):
-        return {"action": action, "device": w.device.id, "msg_id": w.delivery.msg_id, "run": w.request.run, **extra}
+def _fields(w: Item, action: str, **extra) -> dict:  # type: ignore[no-untyped-def]
+    if not isinstance(w, Work):
+        return {"action": action, "device": w.device.id, "msg_id": w.delivery.msg_id, **extra}
     return {"action": action, "device": w.command.device, "service": w.command.service,
             "msg_id": w.delivery.msg_id, "request_id": w.command.request_id, **extra}

@@ -79,6 +79,15 @@ class RetryPolicy:
         return attempt >= self.max_attempts
 
 
+@dataclass
+class Tuning:
+    """The live retry policy and device timeout, shared by commands and reconcile work; SIGHUP
+    changes them in place."""
+
+    policy: RetryPolicy
+    device_timeout: float
+
+
 @dataclass(frozen=True)
 class ParkPolicy:
     """Backoff for work whose device is unreachable: capped, and it never runs out."""

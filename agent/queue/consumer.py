@@ -176,7 +176,7 @@ class Consumer:
             if device is None:
                 self._executor.settle(unknown_device(d, r, self._inventory.why_unknown(r.device)))
             else:
-                self._executor.submit_sync(SyncWork(d, r, device))
+                self._executor.submit_item(SyncWork(d, r, device))
 
     # -- bookkeeping ----------------------------------------------------------------------
 

@@ -90,3 +90,22 @@ async def test_a_driver_without_batch_reads_is_read_one_service_at_a_time(db, ds
     async with running_agent(dsn, device):
         await until(lambda: all_archived(db, ids), what="all settled")
     assert [c.op for c in device.calls] == ["read", "read", "apply", "apply", "read", "read"]
+
+
+async def test_a_take_for_an_unreachable_device_is_parked_whole_and_woken_at_once(db, dsn):
+    await add_device(db, "r1")
+    device = BatchDriver()
+    tunnel = {"down": True}
+    older = await send(db, {"device": "r1", "service": "wifi", "state": "off"})
+    ids = [await send(db, {"device": "r1", "service": s, "state": "on"}) for s in ("wifi", "voip")]
+    async with running_agent(dsn, device, max_attempts=1) as agent:
+        agent.executor.gate = lambda dev: "peer site-a down" if tunnel["down"] else None
+        await until(lambda: agent.parking.count == 2, what="the take parked")
+        assert await events(db, older) == ["superseded"]  # settled at once, without the device
+        await until(lambda: db.fetchval('SELECT min(read_ct) >= 2 FROM pgmq."q_device_tasks"'), timeout=20,
+                    what="re-parked past max_attempts")
+        assert await dlq(db) == [] and device.calls == []
+        tunnel["down"] = False
+        await agent.wake_parked(["r1"])
+        await until(lambda: all_archived(db, ids), timeout=5, what="applied within seconds")
+    assert device.writes("r1", "wifi") == ["on"] and device.writes("r1", "voip") == ["on"]

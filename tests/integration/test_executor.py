@@ -258,7 +258,7 @@ async def test_a_driver_bug_is_retried_not_stranded(db, dsn, device):
 async def test_unreachable_device_is_parked_without_using_attempts_and_woken_at_once(db, dsn, device):
     await add_device(db, "r1")
     tunnel = {"down": True}
-    async with running_agent(dsn, device, max_attempts=2) as agent:
+    async with running_agent(dsn, device, max_attempts=2, coalesce=1) as agent:  # coalesced: test_coalescing
         agent.executor.gate = lambda dev: "peer site-a down" if tunnel["down"] else None
         older = await send(db, {"device": "r1", "service": "wifi", "state": "off"})
         newer = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
