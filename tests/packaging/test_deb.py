@@ -115,6 +115,7 @@ def test_unit_and_netns_drop_in_pass_systemd_analyze_verify(installed: list[str]
 
 def test_installed_commands_man_pages_and_completion(installed: list[str]) -> None:
     assert run("agentd", "--version").stdout.strip().startswith("agentd ")
+    assert run("agentctl", "--version").stdout.strip().startswith("agentctl ")
     assert "--once" in run("agentd", "--help").stdout
     assert "enqueue" in run("agentctl", "--help").stdout
     for page in ("/usr/share/man/man8/agentd.8.gz", "/usr/share/man/man8/agentctl.8.gz"):
