@@ -52,6 +52,7 @@ class Live:
     peers: dict[str, tuple[float | None, int, int, bool]] = field(default_factory=dict)  # age, rx, tx, up
     leader: bool = False
     last_heartbeat: float | None = None  # unix time of the last heartbeat row written
+    tables: dict[str, tuple[int, float | None]] = field(default_factory=dict)  # table -> bytes, oldest row age
 
 
 class _LiveCollector:
@@ -94,6 +95,20 @@ class _LiveCollector:
             reach.add_metric([device], 1.0 if ok else 0.0)
         yield reach
         yield from _peer_families(live)
+        yield from _table_families(live)
+
+
+def _table_families(live: Live) -> Iterator[GaugeMetricFamily]:
+    """Growing tables, as the site's leader saw them after its last prune pass (only it exports them)."""
+    size = GaugeMetricFamily(P + "table_size_bytes", "Size on disk of a growing table (indexes included).",
+                             labels=["table"])
+    oldest = GaugeMetricFamily(P + "table_oldest_row_age_seconds", "Age of the oldest row of a growing table.",
+                               labels=["table"])
+    for table, (nbytes, age) in sorted(live.tables.items()):
+        size.add_metric([table], nbytes)
+        if age is not None:
+            oldest.add_metric([table], age)
+    yield from (size, oldest)
 
 
 def _peer_families(live: Live) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:

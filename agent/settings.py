@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     reconcile_pace: float = Field(0.2, ge=0, le=60, description="Seconds between a device's reconcile calls.")
     reconcile_batch: int = Field(8, ge=1, le=1000, description="Devices of a run in the queue at once.")
     reconcile_retention_days: int = Field(7, ge=1, le=3650, description="Days finished runs are kept.")
+    retain_archive_days: int = Field(14, ge=0, le=36500, description="Days settled messages stay archived (0: ever).")
+    retain_dlq_days: int = Field(90, ge=0, le=36500, description="Days dead letters are kept (0: ever).")
+    retain_events_days: int = Field(180, ge=0, le=36500, description="Days audit events are kept (0: ever).")
+    retain_requests_days: int = Field(30, ge=0, le=36500, description="Days request ids are remembered (0: ever).")
+    prune_interval: float = Field(600.0, ge=1, le=86400, description="Seconds between the leader's prune passes.")
+    prune_batch: int = Field(1000, ge=1, le=100000, description="Rows removed per statement when pruning.")
     leader_check_interval: float = Field(30.0, gt=0, le=300, description="Leader's connection check, s.")
 
     @field_validator("reconcile_schedule")

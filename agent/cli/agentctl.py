@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from agent import __version__, admin, devicetest
+from agent import __version__, admin, devicetest, retention
 from agent.cli import args as argtypes
 from agent.cli import status as status_cli
 from agent.cli import sync as sync_cli
@@ -25,6 +25,7 @@ from agent.db.queries import Queries
 from agent.db.schema import init_database
 from agent.drivers.base import Device
 from agent.errors import AgentError
+from agent.retention import Retention
 from agent.settings import CONFIG_ENV, DEFAULT_CONFIG, Settings, config_path, load_settings
 from agent.text import clean, dumps, local_time
 
@@ -62,6 +63,21 @@ async def db_init(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) 
     applied = ", ".join(result["migrations_applied"]) or "none (already current)"  # type: ignore[arg-type]
     print(f"PGMQ: {result['pgmq']}; migrations applied: {applied}; schema version {result['schema_version']}")
     print(f"queue {result['queue']} and dead-letter queue {result['dlq']} ready, insert notifications on")
+    return 0
+
+
+async def db_prune(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    """What agentd's leaders do in small batches, all at once; --dry-run counts what would go."""
+    r, q = Retention.from_settings(s), Queries(s.queue)
+    counts = await retention.due(conn, q, r) if a.dry_run else await retention.prune(conn, q, r, None,
+                                                                                     max_batches=None, pause=0)
+    if a.json:
+        print(dumps({"dry_run": a.dry_run, "rows": counts}))
+        return 0
+    verb = "would remove" if a.dry_run else "removed"
+    for table in retention.TABLES:
+        kept = f"kept {r.days(table)} days" if r.days(table) else "kept forever"
+        print(f"{table:<12} {verb} {counts[table]:>8} ({kept})" if table in counts else f"{table:<12} {kept}")
     return 0
 
 
@@ -182,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database set-up").add_subparsers(dest="cmd", required=True)
     db.add_parser("init", help="install PGMQ, migrate schema `agent`, create queue and DLQ (idempotent)"
                   ).set_defaults(func=db_init)
+    prn = db.add_parser("prune", help="remove what the retention settings no longer keep (AGENT_RETAIN_*)")
+    prn.add_argument("--dry-run", action="store_true", help="count what would be removed, remove nothing")
+    prn.add_argument("--json", action="store_true")
+    prn.set_defaults(func=db_prune)
 
     dev = sub.add_parser("device", help="device inventory").add_subparsers(dest="cmd", required=True)
     add = dev.add_parser("add", help="add or replace a device")

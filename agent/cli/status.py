@@ -10,6 +10,7 @@ import aiohttp
 import asyncpg
 
 from agent.db.queries import Queries
+from agent.retention import table_stats
 from agent.settings import Settings
 from agent.text import clean, dumps, local_time
 
@@ -80,15 +81,28 @@ async def fleet(conn: asyncpg.Connection, settings: Settings, as_json: bool, all
         a["stale"] = r["state"] != "stopped" and r["heartbeat_age"] > STALE_FACTOR * settings.heartbeat_interval
         agents.append(a)
     bad = [a for a in agents if a["state"] != "stopped" and (a["stale"] or a["state"] != "ready")]
+    tables = await table_stats(conn, Queries(settings.queue))
     if as_json:
-        print(dumps(agents))
+        print(dumps({"agents": agents, "tables": {t: {"bytes": b, "oldest_row_age_s": age}
+                                                  for t, (b, age) in tables.items()}}))
     else:
         print(f"{len(agents)} agent(s), {len(bad)} not healthy" if agents else "no agents have reported")
         for a in agents:
             state = "STALE" if a["stale"] else a["state"]
             print(f"  {a['agent_id']:<28} {a['site']:<10} {state:<9} heartbeat {_dur(float(a['heartbeat_age']))} ago"
                   f"  {a['status'] or ''}")
+        print("tables (size, oldest row):")
+        for table, (nbytes, age) in tables.items():
+            print(f"  {table:<12} {_size(nbytes):>9}  {_dur(age) if age is not None else 'empty'}")
     return 1 if bad or not agents else 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
 
 
 def _n(v: Any) -> str:

@@ -325,8 +325,64 @@ SELECT id, kind, dry_run, device, service, devices, checked, in_sync, drifted, r
        extract(epoch FROM finished_at - requested_at) AS took, finished_at
 FROM agent.sync_runs WHERE site = $1 AND finished_at > $2 ORDER BY finished_at, id;
 
--- name: prune_sync
-DELETE FROM agent.sync_runs WHERE site = $1 AND finished_at < now() - make_interval(days => $2::integer);
+-- Retention (agent/retention.py): one batch of rows older than the cutoff $1 (at most $2 rows), or
+-- (due_*) how many there are. Oldest first by primary key, so each batch is an index range.
+-- name: prune_archive
+DELETE FROM pgmq.{a} WHERE msg_id IN (
+    SELECT msg_id FROM pgmq.{a} WHERE archived_at < $1 ORDER BY msg_id LIMIT $2);
+
+-- name: due_archive
+SELECT count(*) FROM pgmq.{a} WHERE archived_at < $1;
+
+-- name: prune_dlq_archive
+DELETE FROM pgmq.{da} WHERE msg_id IN (
+    SELECT msg_id FROM pgmq.{da} WHERE archived_at < $1 ORDER BY msg_id LIMIT $2);
+
+-- name: due_dlq_archive
+SELECT count(*) FROM pgmq.{da} WHERE archived_at < $1;
+
+-- name: prune_dlq
+-- Never a dead letter someone holds right now (a replay in progress locks or leases it).
+DELETE FROM pgmq.{dq} WHERE msg_id IN (
+    SELECT msg_id FROM pgmq.{dq} WHERE enqueued_at < $1 AND vt <= clock_timestamp()
+    ORDER BY msg_id LIMIT $2 FOR UPDATE SKIP LOCKED);
+
+-- name: due_dlq
+SELECT count(*) FROM pgmq.{dq} WHERE enqueued_at < $1 AND vt <= clock_timestamp();
+
+-- name: prune_events
+SELECT agent.prune_audit('events', $1, $2);
+
+-- name: due_events
+SELECT agent.prune_audit('events', $1, 0, true);
+
+-- name: prune_requests
+SELECT agent.prune_audit('requests', $1, $2);
+
+-- name: due_requests
+SELECT agent.prune_audit('requests', $1, 0, true);
+
+-- name: prune_sync_runs
+-- $3: the site (NULL: every site); its items and devices go with a run (ON DELETE CASCADE).
+DELETE FROM agent.sync_runs WHERE id IN (
+    SELECT id FROM agent.sync_runs WHERE finished_at < $1 AND ($3::text IS NULL OR site = $3)
+    ORDER BY id LIMIT $2);
+
+-- name: due_sync_runs
+SELECT count(*) FROM agent.sync_runs WHERE finished_at < $1 AND ($2::text IS NULL OR site = $2);
+
+-- name: table_stats
+-- Size on disk (with indexes and TOAST) and the oldest row of each table that grows, found by index.
+SELECT t.name, pg_total_relation_size(t.rel) AS bytes, extract(epoch FROM clock_timestamp() - t.oldest) AS oldest_age
+FROM (VALUES
+    ('queue', 'pgmq.{q}'::regclass, (SELECT enqueued_at FROM pgmq.{q} ORDER BY msg_id LIMIT 1)),
+    ('archive', 'pgmq.{a}'::regclass, (SELECT archived_at FROM pgmq.{a} ORDER BY msg_id LIMIT 1)),
+    ('dlq', 'pgmq.{dq}'::regclass, (SELECT enqueued_at FROM pgmq.{dq} ORDER BY msg_id LIMIT 1)),
+    ('dlq_archive', 'pgmq.{da}'::regclass, (SELECT archived_at FROM pgmq.{da} ORDER BY msg_id LIMIT 1)),
+    ('events', 'agent.events'::regclass, (SELECT at FROM agent.events ORDER BY id LIMIT 1)),
+    ('requests', 'agent.requests'::regclass, (SELECT min(seen_at) FROM agent.requests)),
+    ('sync_runs', 'agent.sync_runs'::regclass, (SELECT min(requested_at) FROM agent.sync_runs))
+) AS t(name, rel, oldest);
 
 -- name: accept
 -- Write-ahead of intent, before any device is touched, in one statement: each request_id is

@@ -15,7 +15,8 @@ GRANT SELECT ON agent.service_state, agent.events, agent.devices TO agent_produc
 
 GRANT USAGE ON SCHEMA agent, pgmq TO agent_worker;
 GRANT EXECUTE ON FUNCTION agent.ensure_notify(text, integer),
-                          agent.request_sync(text, text, text, boolean, text, text) TO agent_worker;
+                          agent.request_sync(text, text, text, boolean, text, text),
+                          agent.prune_audit(text, timestamptz, integer, boolean) TO agent_worker;
 GRANT SELECT ON agent.config, agent.devices, agent.schema_version, pgmq.meta TO agent_worker;
 GRANT SELECT, UPDATE ON pgmq.notify_insert_throttle TO agent_worker;
 GRANT SELECT, INSERT, UPDATE, DELETE ON pgmq.{q}, pgmq.{a}, pgmq.{dq}, pgmq.{da} TO agent_worker;

@@ -65,11 +65,8 @@ async def init_database(conn: asyncpg.Connection, queue: str, throttle_ms: int =
         async with conn.transaction():
             for name in (q.queue, q.dlq):
                 await conn.execute("SELECT pgmq.create($1)", name)
-                for table in (f"q_{name}",):
-                    await conn.execute(
-                        f"ALTER TABLE pgmq.{quote_ident(table)} SET (fillfactor = 70, "
-                        "autovacuum_vacuum_scale_factor = 0.01, autovacuum_analyze_scale_factor = 0.02)"
-                    )
+            for table, options in storage_options(q).items():
+                await conn.execute(f"ALTER TABLE {table} SET ({options})")
             await conn.execute(q.queue_lock, q.queue)
             await conn.execute(q.enable_notify, q.queue, throttle_ms)
             await conn.execute(
@@ -81,6 +78,25 @@ async def init_database(conn: asyncpg.Connection, queue: str, throttle_ms: int =
         await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", _LOCK)
     return {"pgmq": pgmq, "migrations_applied": applied, "schema_version": SCHEMA_VERSION,
             "queue": q.queue, "dlq": q.dlq, "roles": roles}
+
+
+# Autovacuum for tables that churn. PGMQ rewrites a queue row on every read (read_ct, vt): room on
+# the page for HOT updates and a vacuum after 1 % dead rows, as pgqueuer ships. Archives and the
+# audit tables are appended to and pruned in batches: vacuum after 5 % dead rows and after
+# inserts, so their visibility maps stay current. service_state and device_claims are updated in place.
+_QUEUE = ("fillfactor = 70, autovacuum_vacuum_scale_factor = 0.01, autovacuum_analyze_scale_factor = 0.02, "
+          "autovacuum_vacuum_threshold = 100")
+_PRUNED = ("autovacuum_vacuum_scale_factor = 0.05, autovacuum_vacuum_insert_scale_factor = 0.05, "
+           "autovacuum_analyze_scale_factor = 0.05")
+_UPDATED = "fillfactor = 80, autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.05"
+
+
+def storage_options(q: Queries) -> dict[str, str]:
+    """table -> storage parameters `db init` sets (idempotent)."""
+    pgmq = {f"q_{q.queue}": _QUEUE, f"q_{q.dlq}": _QUEUE, f"a_{q.queue}": _PRUNED, f"a_{q.dlq}": _PRUNED}
+    return {**{f"pgmq.{quote_ident(t)}": o for t, o in pgmq.items()},
+            "agent.events": _PRUNED, "agent.requests": _PRUNED, "agent.sync_items": _PRUNED,
+            "agent.service_state": _UPDATED, "agent.device_claims": _UPDATED, "agent.agents": _UPDATED}
 
 
 ROLES = ("agent_producer", "agent_worker")

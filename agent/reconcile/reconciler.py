@@ -15,9 +15,12 @@ import logging
 from datetime import datetime, timezone
 from typing import Any
 
+import asyncpg
+
 from agent.db.queries import Queries
 from agent.reconcile.leader import LeaderConnection
 from agent.reconcile.schedule import Schedule
+from agent.retention import Retention, prune, table_stats
 
 log = logging.getLogger("agent.reconcile")
 FEED_POLL = 5.0
@@ -26,18 +29,41 @@ IDLE_POLL = 300.0
 
 class Reconciler:
     def __init__(self, queries: Queries, site: str, agent_id: str, schedule: Schedule, batch: int,
-                 retention_days: int) -> None:
+                 retention: Retention | int) -> None:
         self._q = queries
         self._site = site
         self._agent_id = agent_id
         self.schedule = schedule
         self._batch = batch
-        self._retention = retention_days
+        # an int: only sync runs are pruned, kept that many days (the other tables kept forever)
+        self._retention = retention if isinstance(retention, Retention) else Retention(0, 0, 0, 0, retention)
+        self.tables: dict[str, tuple[int, float | None]] = {}  # table -> (bytes, oldest row age), after a pass
         self.next_run: datetime | None = None
 
     async def lead(self, conn: LeaderConnection) -> None:
         kick = asyncio.Event()
         await conn.raw.add_listener("agent_sync", lambda *_a: kick.set())
+        pruner = asyncio.create_task(self._pruning(conn), name="retention")  # statements serialised by conn
+        try:
+            await self._feed(conn, kick)
+        finally:
+            pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pruner
+            self.tables = {}
+
+    async def _pruning(self, conn: LeaderConnection) -> None:
+        """Retention, off the hot path: on the leader's own connection, in small batches, every
+        AGENT_PRUNE_INTERVAL seconds. A failed pass is logged and tried again next time."""
+        while True:
+            try:
+                await prune(conn, self._q, self._retention, self._site)
+                self.tables = await table_stats(conn, self._q)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                log.warning("pruning failed: %s", exc, extra={"action": "prune_failed"})
+            await asyncio.sleep(self._retention.interval)
+
+    async def _feed(self, conn: LeaderConnection, kick: asyncio.Event) -> None:
         since = await conn.fetchval("SELECT clock_timestamp()")
         self.next_run = self.schedule.next_after(_now())
         if self.next_run:
@@ -78,7 +104,6 @@ class Reconciler:
         run = await conn.fetchval("SELECT agent.request_sync($1, NULL, NULL, false, 'scheduled', $2)",
                                   self._site, self._agent_id)
         log.info("scheduled reconcile run %d started", run, extra={"action": "reconcile_started", "run": run})
-        await conn.execute(self._q.prune_sync, self._site, self._retention)
 
 
 def run_summary(r: dict[str, Any]) -> tuple[int, str]:

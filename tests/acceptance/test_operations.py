@@ -165,7 +165,7 @@ async def test_status_of_a_running_and_of_a_stopped_daemon(dsn):
         snap = json.loads(agentctl(dsn, "status", "--json", http_listen=f"127.0.0.1:{port}").stdout)
         assert snap["healthy"] is True and snap["state"] == "ready" and snap["listener_up"] is True
         fleet = agentctl(dsn, "status", "--fleet", "--json").stdout
-        assert [a["state"] for a in json.loads(fleet)] == ["ready"]
+        assert [a["state"] for a in json.loads(fleet)["agents"]] == ["ready"]
     finally:
         code, out = stop(proc)
     assert code == 0, out
@@ -174,7 +174,10 @@ async def test_status_of_a_running_and_of_a_stopped_daemon(dsn):
     assert json.loads(agentctl(dsn, "status", "--json", check=False,
                                http_listen=f"127.0.0.1:{port}").stdout)["healthy"] is False
     fleet = json.loads(agentctl(dsn, "status", "--fleet", "--json", check=False).stdout)
-    assert [a["state"] for a in fleet] == ["stopped"]
+    assert [a["state"] for a in fleet["agents"]] == ["stopped"]
+    assert fleet["tables"]["events"]["bytes"] > 0 and fleet["tables"]["dlq"]["oldest_row_age_s"] is None
+    text = agentctl(dsn, "status", "--fleet", check=False).stdout
+    assert "tables (size, oldest row):" in text and "archive" in text
 
 
 async def test_second_signal_stops_at_once_and_still_loses_nothing(dsn, db, notify):

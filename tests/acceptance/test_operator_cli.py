@@ -135,3 +135,17 @@ def test_pause_and_resume_from_the_command_line(dsn):
     assert agentctl(dsn, "device", "pause", "nope", check=False).returncode == 1
     agentctl(dsn, "device", "resume", "r1")
     assert json.loads(agentctl(dsn, "device", "list", "--json").stdout)[0]["paused"] is None
+
+
+async def test_db_prune_dry_run_then_prune(dsn, db):
+    await db.execute("INSERT INTO agent.events (at, kind) SELECT now() - interval '200 days', 'verified' "
+                     "FROM generate_series(1, 3)")
+    await db.execute("INSERT INTO agent.events (at, kind) VALUES (now(), 'verified')")
+    dry = json.loads(agentctl(dsn, "db", "prune", "--dry-run", "--json").stdout)
+    assert dry["dry_run"] is True and dry["rows"]["events"] == 3
+    assert await db.fetchval("SELECT count(*) FROM agent.events") == 4
+    text = agentctl(dsn, "db", "prune", retain_events_days=365).stdout
+    assert "events       removed        0 (kept 365 days)" in text
+    text = agentctl(dsn, "db", "prune", retain_archive_days=0).stdout
+    assert "events       removed        3 (kept 180 days)" in text and "archive      kept forever" in text
+    assert await db.fetchval("SELECT count(*) FROM agent.events") == 1

@@ -55,6 +55,13 @@ def test_site_labels_where_an_operator_of_many_sites_needs_them():
     assert 'pgmq_edge_agent_build_info{queue="device_tasks",site="north"' in text
 
 
+def test_table_figures_from_the_leaders_last_prune_pass():
+    text = scrape(Live(tables={"events": (8192, 3600.0), "dlq": (4096, None)}))
+    assert 'pgmq_edge_agent_table_size_bytes{table="events"} 8192.0' in text
+    assert 'pgmq_edge_agent_table_oldest_row_age_seconds{table="events"} 3600.0' in text
+    assert 'pgmq_edge_agent_table_oldest_row_age_seconds{table="dlq"}' not in text  # empty: no age
+
+
 def test_every_alert_links_its_runbook_section_and_is_tested():
     text = (ROOT / "etc/prometheus/agent-alerts.yml").read_text()
     rules = [{"alert": m[0], "expr": m[1], "annotations": {"runbook_url": m[2]}} for m in re.findall(

@@ -13,3 +13,35 @@ CREATE INDEX sync_runs_finished_idx ON agent.sync_runs (finished_at) WHERE finis
 
 INSERT INTO agent.config (key, value) VALUES ('min_agent_schema', '5')
 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
+
+-- Retention of the audit tables, for agents running as agent_worker (which may not delete from
+-- them directly): one batch of rows older than `cutoff`, or with `dry` only their count. Rows
+-- younger than a day are never removed, whatever the caller asks.
+CREATE FUNCTION agent.prune_audit(what text, cutoff timestamptz, batch integer, dry boolean DEFAULT false)
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF cutoff IS NULL OR cutoff > now() - interval '1 day' THEN
+        RAISE EXCEPTION 'agent.prune_audit: refusing to remove rows younger than a day' USING ERRCODE = '22023';
+    END IF;
+    IF what = 'events' THEN
+        IF dry THEN
+            SELECT count(*) INTO n FROM agent.events WHERE at < cutoff;
+            RETURN n;
+        END IF;
+        DELETE FROM agent.events WHERE id IN (
+            SELECT id FROM agent.events WHERE at < cutoff ORDER BY id LIMIT batch);
+    ELSIF what = 'requests' THEN
+        IF dry THEN
+            SELECT count(*) INTO n FROM agent.requests WHERE seen_at < cutoff;
+            RETURN n;
+        END IF;
+        DELETE FROM agent.requests WHERE request_id IN (
+            SELECT request_id FROM agent.requests WHERE seen_at < cutoff ORDER BY seen_at LIMIT batch);
+    ELSE
+        RAISE EXCEPTION 'agent.prune_audit: what must be events or requests' USING ERRCODE = '22023';
+    END IF;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END $$;
