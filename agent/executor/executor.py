@@ -245,7 +245,8 @@ class Executor:
         except AgentError as exc:
             err = exc
             said = await verdicts()
-            unproven = await self._last_resort(live[0], err, began)
+            last = next((w for w in live if self._policy.exhausted(w.delivery.attempt)), live[0])
+            unproven = await self._last_resort(last, err, began)  # once for the take, if one is on its last try
             return [settle(w, said[id(w)], lambda w=w: self._failed(w, err, _ms(started), unproven))  # type: ignore[misc]
                     for w in live]
         said = await verdicts()
