@@ -22,7 +22,8 @@ from agent.contract import json_schema
 from agent.db.connect import classify as classify_connect_error
 from agent.db.connect import redact
 from agent.db.queries import Queries
-from agent.db.schema import init_database
+from agent.db.schema import init_database, init_sql
+from agent.db.schema import status as schema_status
 from agent.drivers.base import Device
 from agent.errors import AgentError
 from agent.retention import Retention
@@ -58,12 +59,37 @@ def _cell(v: Any) -> str:
     return clean(v, 2000)
 
 
-async def db_init(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+async def db_init(conn: asyncpg.Connection | None, s: Settings, a: argparse.Namespace) -> int:
+    if a.print_sql:
+        print(init_sql(Queries(s.queue), s.notify_throttle_ms, a.after), end="")
+        return 0
+    assert conn is not None
     result = await init_database(conn, s.queue, s.notify_throttle_ms)
     applied = ", ".join(result["migrations_applied"]) or "none (already current)"  # type: ignore[arg-type]
     print(f"PGMQ: {result['pgmq']}; migrations applied: {applied}; schema version {result['schema_version']}")
     print(f"queue {result['queue']} and dead-letter queue {result['dlq']} ready, insert notifications on")
     return 0
+
+
+async def db_status(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    """Exit 1 when migrations are pending or this release cannot run against the database."""
+    st = await schema_status(conn, Queries(s.queue))
+    mine: dict[str, Any] = st["this_release"]  # type: ignore[assignment]
+    if a.json:
+        print(dumps(st))
+    else:
+        applied: list[dict[str, Any]] = st["applied"]  # type: ignore[assignment]
+        last = applied[-1] if applied else None
+        print(f"schema    version {st['version']}" + (f" ({last['name']}, applied {local_time(last['applied_at'])})"
+                                                      if last else ""))
+        print(f"pending   {', '.join(st['pending']) or 'none'}")  # type: ignore[arg-type]
+        oldest = st["min_agent_schema"] if st["min_agent_schema"] is not None else st["version"]
+        print(f"serves    agents of schema {oldest} and newer")
+        print(f"this      pgmq-edge-agent {mine['version']} (schema {mine['schema']}): "
+              + (mine["problem"] or "compatible"))
+        agents: list[dict[str, Any]] = st["agents"]  # type: ignore[assignment]
+        print("agents    " + (", ".join(f"{r['agent_id']} {r['version']} ({r['state']})" for r in agents) or "none"))
+    return 1 if st["pending"] or mine["problem"] else 0
 
 
 async def db_prune(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
@@ -196,8 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="group", required=True)
 
     db = sub.add_parser("db", help="database set-up").add_subparsers(dest="cmd", required=True)
-    db.add_parser("init", help="install PGMQ, migrate schema `agent`, create queue and DLQ (idempotent)"
-                  ).set_defaults(func=db_init)
+    ini = db.add_parser("init", help="install PGMQ, migrate schema `agent`, create queue and DLQ (idempotent)")
+    ini.add_argument("--print-sql", action="store_true",
+                     help="print the SQL instead (for a DBA to apply with psql), connect to nothing")
+    ini.add_argument("--after", type=int, default=0, metavar="VERSION",
+                     help="with --print-sql: only the migrations after this schema version (see `db status`)")
+    ini.set_defaults(func=db_init, needs_db=lambda a: not a.print_sql)
+    sts = db.add_parser("status", help="schema version, pending migrations, agent versions served and seen "
+                        "(exit 1 when something is pending or this release cannot run)")
+    sts.add_argument("--json", action="store_true")
+    sts.set_defaults(func=db_status)
     prn = db.add_parser("prune", help="remove what the retention settings no longer keep (AGENT_RETAIN_*)")
     prn.add_argument("--dry-run", action="store_true", help="count what would be removed, remove nothing")
     prn.add_argument("--json", action="store_true")

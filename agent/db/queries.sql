@@ -97,6 +97,16 @@ SELECT pgmq.enable_notify_insert($1::text, $2::integer);
 -- name: schema_version
 SELECT coalesce(max(version), 0) FROM agent.schema_version;
 
+-- name: schema_compat
+-- The database's schema version and the oldest agent schema it still serves (min_agent_schema,
+-- recorded by the migrations; before 0006 there was none: only the same version).
+SELECT coalesce(max(version), 0) AS version,
+       (SELECT value::integer FROM agent.config WHERE key = 'min_agent_schema') AS min_agent
+FROM agent.schema_version;
+
+-- name: applied_migrations
+SELECT version, name, applied_at FROM agent.schema_version ORDER BY version;
+
 -- name: queue_exists
 SELECT count(*) = 2 FROM pgmq.meta WHERE queue_name IN ($1::text, $2::text);
 

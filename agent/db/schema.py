@@ -10,6 +10,7 @@ from pathlib import Path
 
 import asyncpg
 
+from agent import __version__
 from agent.db.queries import Queries, quote_ident
 from agent.errors import ConfigError
 
@@ -131,16 +132,18 @@ async def ensure_roles(conn: asyncpg.Connection, q: Queries) -> str:
     return "created " + ", ".join(missing) if missing else "present"
 
 
-async def _migrate(conn: asyncpg.Connection) -> list[str]:
+_VERSION_TABLE = ("CREATE TABLE IF NOT EXISTS agent.schema_version ("
+                  " version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+
+
+async def _migrate(conn: asyncpg.Connection, upto: int | None = None) -> list[str]:
+    """Apply the migrations not applied yet (up to `upto`: tests pin an older schema with it)."""
     await conn.execute("CREATE SCHEMA IF NOT EXISTS agent")
-    await conn.execute(
-        "CREATE TABLE IF NOT EXISTS agent.schema_version ("
-        " version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-    )
+    await conn.execute(_VERSION_TABLE)
     current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM agent.schema_version")
     applied = []
     for version, name, sql in migrations():
-        if version <= current:
+        if version <= current or (upto is not None and version > upto):
             continue
         async with conn.transaction():
             await conn.execute(sql)
@@ -150,21 +153,91 @@ async def _migrate(conn: asyncpg.Connection) -> list[str]:
     return applied
 
 
+def compatibility(agent: int, database: int, min_agent: int | None) -> str | None:
+    """Whether an agent built for schema `agent` may run against a database at `database` that
+    serves agents from `min_agent` on (pure). None when it may; otherwise what to upgrade.
+
+    Migrations expand, then contract: schema N keeps what agents of N-1 use, and records the oldest
+    agent schema it serves. An agent newer than the database needs the migration first; one older
+    than the database's minimum needs upgrading itself (running `db init` cannot help it)."""
+    if agent == database:
+        return None
+    if agent > database:
+        return (f"the database schema is version {database}, this agent ({__version__}) needs version {agent}: "
+                f"run `agentctl db init` of this release as the database owner (agents of schema "
+                f"{min_agent if min_agent is not None else database} and newer keep working meanwhile), "
+                "or print its SQL for a DBA with `agentctl db init --print-sql`")
+    oldest = database if min_agent is None else min_agent
+    if agent >= oldest:
+        return None
+    return (f"this agent ({__version__}, schema {agent}) is older than the database (schema {database}), which "
+            f"serves agents of schema {oldest} and newer: upgrade agentd on this host to a release with schema "
+            f">= {oldest} (see CHANGELOG.md); `agentctl db init` cannot help")
+
+
 async def check_ready(conn: asyncpg.Connection, queue: str) -> None:
-    """Refuse to run against a database `db init` has not prepared (ConfigError says what to do)."""
+    """Refuse to run against a database `db init` has not prepared, or whose schema this agent
+    cannot use (ConfigError says what to upgrade)."""
     q = Queries(queue)
     if not await conn.fetchval("SELECT to_regclass('pgmq.meta') IS NOT NULL"):
         raise ConfigError("PGMQ is not installed in this database: run `agentctl db init`")
     if not await conn.fetchval("SELECT to_regclass('agent.schema_version') IS NOT NULL"):
         raise ConfigError("schema `agent` is missing: run `agentctl db init`")
-    version = await conn.fetchval(q.schema_version)
-    if version != SCHEMA_VERSION:
-        raise ConfigError(
-            f"database schema is version {version}, this agent needs {SCHEMA_VERSION}: run `agentctl db init`"
-        )
+    row = await conn.fetchrow(q.schema_compat)
+    if problem := compatibility(SCHEMA_VERSION, row["version"], row["min_agent"]):
+        raise ConfigError(problem)
+    if row["version"] > SCHEMA_VERSION:
+        log.warning("the database schema (%d) is newer than this agent's (%d), which it still serves: "
+                    "upgrade agentd when convenient", row["version"], SCHEMA_VERSION,
+                    extra={"action": "schema_newer"})
     if not await conn.fetchval(q.queue_exists, q.queue, q.dlq):
         raise ConfigError(
             f"queue {q.queue!r} or {q.dlq!r} is missing: run `agentctl db init` with AGENT_QUEUE={q.queue}")
+
+
+def init_sql(q: Queries, throttle_ms: int = 250, after: int = 0) -> str:
+    """What `db init` does, as a script for a DBA to apply with psql as the database owner: the
+    migrations after version `after` (each in its transaction, recorded in agent.schema_version),
+    then the queue, its DLQ, notifications, storage parameters and the roles. PGMQ must be there."""
+    parts = [f"-- pgmq-edge-agent {__version__}: schema version {SCHEMA_VERSION}"
+             f" (migrations after {after}), queue {q.queue}.",
+             "-- Apply as the database owner: psql -v ON_ERROR_STOP=1 -f <this file>",
+             "-- PGMQ must be installed first: CREATE EXTENSION pgmq; (or the SQL of the `pgmq` package)",
+             "CREATE SCHEMA IF NOT EXISTS agent;", _VERSION_TABLE + ";"]
+    for version, name, sql in migrations():
+        if version > after:
+            parts += [f"\n-- {name}", "BEGIN;", sql.strip(),
+                      f"INSERT INTO agent.schema_version (version, name) VALUES ({version}, '{name}');", "COMMIT;"]
+    lit = f"'{q.queue}'"  # validated by Settings: lower-case letters, digits and _
+    parts += ["\n-- queue, dead-letter queue, insert notifications, storage parameters", "BEGIN;",
+              f"SELECT pgmq.create({lit});", f"SELECT pgmq.create('{q.dlq}');",
+              *(f"ALTER TABLE {t} SET ({o});" for t, o in storage_options(q).items()),
+              f"SELECT pgmq.enable_notify_insert({lit}, {int(throttle_ms)});",
+              f"INSERT INTO agent.config (key, value) VALUES ('default_queue', {lit}) ON CONFLICT DO NOTHING;",
+              "COMMIT;", "\n-- roles (see docs/operations.md#security)",
+              "DO $$ BEGIN", *(f"  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{r}') THEN "
+                               f"CREATE ROLE {r} NOLOGIN; END IF;" for r in ROLES), "END $$;",
+              "BEGIN;", roles_sql(q).strip(), "COMMIT;"]
+    return "\n".join(parts) + "\n"
+
+
+async def status(conn: asyncpg.Connection, q: Queries) -> dict[str, object]:
+    """`agentctl db status`: applied and pending migrations, the agents served, the agents seen."""
+    if not await conn.fetchval("SELECT to_regclass('agent.schema_version') IS NOT NULL"):
+        return {"version": 0, "applied": [], "pending": [n for _v, n, _s in migrations()], "min_agent_schema": None,
+                "this_release": {"version": __version__, "schema": SCHEMA_VERSION,
+                                 "problem": "schema `agent` is missing: run `agentctl db init`"}, "agents": []}
+    row = await conn.fetchrow(q.schema_compat)
+    applied = [dict(r) for r in await conn.fetch(q.applied_migrations)]
+    done = {r["version"] for r in applied}
+    agents = [dict(r) for r in await conn.fetch(
+        "SELECT agent_id, site, version, state, last_heartbeat FROM agent.agents WHERE state <> 'stopped' "
+        "ORDER BY site, agent_id")] if await conn.fetchval("SELECT to_regclass('agent.agents') IS NOT NULL") else []
+    return {"version": row["version"], "applied": applied,
+            "pending": [n for v, n, _s in migrations() if v not in done], "min_agent_schema": row["min_agent"],
+            "this_release": {"version": __version__, "schema": SCHEMA_VERSION,
+                             "problem": compatibility(SCHEMA_VERSION, row["version"], row["min_agent"])},
+            "agents": agents}
 
 
 async def ensure_notify(conn: asyncpg.Connection, queue: str, throttle_ms: int) -> bool:
