@@ -1,0 +1,353 @@
+"""The agent beside a no-op job queue: agentd at default settings vs pgqueuer 1.6, side by side.
+
+    .venv/bin/pip install -r bench/requirements.txt     # pgqueuer==1.6.0, a benchmark peer only
+    .venv/bin/python bench/peers.py [--runs 2] [--wake-samples 100] [--no-statements] [--idle-seconds 60]
+
+One throwaway Postgres (pgserver, Unix socket), a fresh database for each side of each run:
+  drain  agentd (subprocess, default settings) drains 20,000 distinct commands (200 zero-latency sim
+         devices x 100 services, each a read, write and read-back, coalesced per device) against
+         pgqueuer (subprocess, QueueManager.run() with its defaults, durable schema from
+         Queries.install()) draining 20,000 no-op jobs. Both consumers are started and idle first; all
+         messages are sent in one transaction; drain time = newest completion (archived_at / the
+         'successful' row in pgqueuer_log) minus the commit of the send. Runs alternate which side goes
+         first. Target: agent jobs/s >= pgqueuer jobs/s (median ratio of the runs).
+  rows   rows inserted/updated/deleted per command by table (pg_stat_user_tables deltas, the
+         producer's own rows subtracted) and transactions per command, for both.
+  stmts  statements per command from the server log (log_statement=all) in one more drain of each
+         (slower than the timed runs; counted by application_name).
+  wake   isolated messages 0.3 s apart: pgmq.send -> first device call (in-process agent, recording
+         driver, bench/pipeline.py) and enqueue -> job start (in-process pgqueuer); p50 and p99.
+         Targets: agent p50 <= pgqueuer p50, agent p99 <= 20 ms.
+  idle   bench/pipeline.py's measurement at default settings: <= 12 statements a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import asyncpg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import burst  # noqa: E402
+from burst import (cpu_seconds, git_rev, machine, per_command, postgres_pids, stats_delta,  # noqa: E402
+                   summary, table_stats, xacts)
+from pipeline import fresh_db, idle_statements, stop, verdict, wake_latency  # noqa: E402
+
+PGQ_APP = "pgq-bench-worker"
+
+
+# -- pgqueuer side ---------------------------------------------------------------------------------
+
+async def pgq_db(admin_dsn: str, name: str) -> str:
+    from pgqueuer import Queries
+
+    conn = await asyncpg.connect(admin_dsn)
+    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    dsn = admin_dsn.replace("/postgres?", f"/{name}?")
+    conn = await asyncpg.connect(dsn)
+    await Queries.from_asyncpg_connection(conn).install()  # what `pgq install` does (durability durable)
+    await conn.close()
+    return dsn
+
+
+async def pgq_worker(dsn: str, jobs: int, batch_size: int | None = None) -> None:
+    """The peer: a QueueManager with one no-op entrypoint, run() at its defaults (or another
+    batch_size); stops after `jobs`."""
+    from pgqueuer import Queries, QueueManager
+
+    conn = await asyncpg.connect(dsn, server_settings={"application_name": PGQ_APP})
+    qm = QueueManager(Queries.from_asyncpg_connection(conn))
+    done = 0
+
+    @qm.entrypoint("noop")
+    async def noop(job: object) -> None:
+        nonlocal done
+        done += 1
+        if done >= jobs:
+            qm.shutdown.set()
+
+    await (qm.run(batch_size=batch_size) if batch_size else qm.run())
+    await conn.close()
+
+
+def pgq_process(dsn: str, jobs: int, batch_size: int | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, __file__, "--pgq-worker", dsn, str(jobs),
+                             *([str(batch_size)] if batch_size else [])])
+
+
+def bodies(devices: int, services: int) -> list[str]:
+    """Distinct (device, service) keys, routers mixed as a producer emits them."""
+    return [json.dumps({"device": f"d{i % devices:03}", "service": f"svc{i // devices:03}", "state": "on"})
+            for i in range(devices * services)]
+
+
+async def pgq_drain(admin_dsn: str, payloads: list[str], log_file: Path | None = None,
+                    batch_size: int | None = None) -> dict:
+    dsn = await pgq_db(admin_dsn, "bench_peer_pgq")
+    from pgqueuer import Queries
+
+    conn = await asyncpg.connect(dsn)
+    n = len(payloads)
+    proc = pgq_process(dsn, n, batch_size)
+    try:
+        deadline = time.monotonic() + 60
+        while not await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", PGQ_APP):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("pgqueuer worker did not start")
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.5)  # as for agentd: started, listening, idle
+        log_start = log_file.stat().st_size if log_file else 0
+        before, x0 = await table_stats(conn), await xacts(conn)
+        cpu0 = (cpu_seconds([proc.pid]), cpu_seconds(postgres_pids()))
+        q = Queries.from_asyncpg_connection(conn)
+        async with conn.transaction():
+            await q.enqueue(["noop"] * n, [p.encode() for p in payloads], [0] * n)
+            mine = await table_stats(conn, "pg_stat_xact_user_tables")
+        t0 = await conn.fetchval("SELECT clock_timestamp()")
+        deadline = time.monotonic() + 300
+        while await conn.fetchval("SELECT count(*) FROM pgqueuer_log WHERE status = 'successful'") < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError("pgqueuer drain did not finish")
+            await asyncio.sleep(0.05)
+        cpu1 = (cpu_seconds([proc.pid]), cpu_seconds(postgres_pids()))
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first, last = await conn.fetchrow(
+        "SELECT min(created), max(created) FROM pgqueuer_log WHERE status = 'successful'")
+    left = await conn.fetchval("SELECT count(*) FROM pgqueuer")
+    await conn.close()
+    await asyncio.sleep(1.0)
+    conn = await asyncpg.connect(dsn)
+    after, x1 = await table_stats(conn), await xacts(conn)
+    await conn.close()
+    out = {"seconds": (last - t0).total_seconds(), "first_to_last": (last - first).total_seconds(), "left": left,
+           "tuples": stats_delta(before, after, mine), "xacts": x1 - x0,
+           "agent_cpu": cpu1[0] - cpu0[0], "postgres_cpu": cpu1[1] - cpu0[1]}
+    if log_file:
+        out["statements"] = count_statements(log_file, log_start, PGQ_APP)
+    return out
+
+
+async def pgq_wake(admin_dsn: str, samples: int) -> dict[str, float]:
+    """enqueue -> job start, in-process (one clock), isolated jobs 0.3 s apart."""
+    from pgqueuer import Queries, QueueManager
+
+    dsn = await pgq_db(admin_dsn, "bench_peer_pgq_wake")
+    wconn = await asyncpg.connect(dsn, server_settings={"application_name": PGQ_APP})
+    qm = QueueManager(Queries.from_asyncpg_connection(wconn))
+    seen: dict[str, float] = {}
+
+    @qm.entrypoint("noop")
+    async def noop(job) -> None:  # type: ignore[no-untyped-def]
+        seen.setdefault(job.payload.decode(), time.perf_counter())
+
+    task = asyncio.create_task(qm.run())
+    await asyncio.sleep(2)
+    conn = await asyncpg.connect(dsn)
+    q = Queries.from_asyncpg_connection(conn)
+    sent: dict[str, float] = {}
+    for i in range(samples):
+        key = f"s{i}"
+        sent[key] = time.perf_counter()
+        await q.enqueue("noop", key.encode())
+        await asyncio.sleep(0.3)
+    await asyncio.sleep(0.5)
+    qm.shutdown.set()
+    await asyncio.wait_for(task, 30)
+    await conn.close()
+    await wconn.close()
+    lat = sorted((seen[k] - t) * 1000 for k, t in sent.items() if k in seen)
+    return {"n": len(lat), "p50": statistics.median(lat), "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+            "max": lat[-1], "missing": samples - len(lat)}
+
+
+# -- statement counting ----------------------------------------------------------------------------
+
+def count_statements(log_file: Path, start: int, app_prefix: str) -> dict[str, int]:
+    with log_file.open() as f:
+        f.seek(start)
+        window = f.read()
+    found = re.findall(r"app=([^\n]*?) LOG:  (?:statement|execute [^:]*): (.*?)(?=\n\d{4}-\d\d-\d\d |\Z)",
+                       window, re.S)
+    kinds: dict[str, int] = {}
+    for app, text in found:
+        if app.startswith(app_prefix):
+            key = " ".join(text.split())[:70]
+            kinds[key] = kinds.get(key, 0) + 1
+    return kinds
+
+
+async def log_all(admin_dsn: str, on: bool) -> None:
+    admin = await asyncpg.connect(admin_dsn)
+    if on:
+        await admin.execute("ALTER SYSTEM SET log_statement = 'all'")
+        await admin.execute("ALTER SYSTEM SET log_line_prefix = '%m [%p] app=%a '")
+    else:
+        await admin.execute("ALTER SYSTEM RESET log_statement")
+        await admin.execute("ALTER SYSTEM RESET log_line_prefix")
+    await admin.execute("SELECT pg_reload_conf()")
+    await admin.close()
+    await asyncio.sleep(0.5)
+
+
+async def agent_drain(admin_dsn: str, payloads: list[str], devices: int, log_file: Path | None = None) -> dict:
+    r = await burst.drain(admin_dsn, "bench_peer_agent", [(f"d{i:03}", {}) for i in range(devices)], payloads,
+                          log_file=log_file)
+    if log_file:  # from the send on: start-up statements are not counted
+        r["statements"] = count_statements(log_file, r["log_start"], "agentd")
+    return r
+
+
+def print_statements(label: str, kinds: dict[str, int], n: int) -> None:
+    total = sum(kinds.values())
+    print(f"statements {label}: {total} for {n} = {total / n:.3f} per command (log_statement=all)")
+    for text, k in sorted(kinds.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {k:6} x {text}")
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=2, help="side-by-side drain runs (median reported)")
+    ap.add_argument("--devices", type=int, default=200)
+    ap.add_argument("--services", type=int, default=100)
+    ap.add_argument("--wake-samples", type=int, default=100)
+    ap.add_argument("--wake-rounds", type=int, default=2)
+    ap.add_argument("--idle-seconds", type=float, default=60, help="0 skips the idle measurement")
+    ap.add_argument("--no-statements", action="store_true")
+    ap.add_argument("--pgq-batch", type=int, default=100,
+                    help="also drain with pgqueuer run(batch_size=N), matched to AGENT_BATCH_SIZE (0: skip)")
+    ap.add_argument("--pgq-worker", nargs="+", metavar="DSN JOBS [BATCH]", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.pgq_worker:
+        await pgq_worker(args.pgq_worker[0], int(args.pgq_worker[1]),
+                         int(args.pgq_worker[2]) if len(args.pgq_worker) > 2 else None)
+        return
+    import pgqueuer
+    import pgserver
+
+    root = Path(tempfile.mkdtemp(prefix="agent-peers-"))
+    os.chmod(root, 0o755)
+    server = pgserver.get_server(root / "pg", cleanup_mode="delete")
+    burst.PG_DATA = root / "pg"
+    log_file = root / "pg" / "log"
+    try:
+        admin = server.get_uri()
+        conn = await asyncpg.connect(admin)
+        pg_version = await conn.fetchval("SHOW server_version")
+        await conn.close()
+        print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+        print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; git {git_rev()}; pgqueuer {pgqueuer.__version__}")
+        print(f"machine: {machine(pg_version)}")
+        print("agentd: default settings (AGENT_CONCURRENCY 32, AGENT_COALESCE 100, AGENT_BATCH_SIZE 100, "
+              "AGENT_PREFETCH 1000), log level WARNING; pgqueuer: QueueManager.run() defaults (batch_size 10), "
+              "durable schema")
+        payloads = bodies(args.devices, args.services)
+        n = len(payloads)
+        ratios, arates, prates, a_res, p_res = [], [], [], [], []
+        trates, tratios = [], []
+        for run in range(1, args.runs + 1):
+            sides = ["agent", "pgq"] if run % 2 else ["pgq", "agent"]
+            if args.pgq_batch:
+                sides.insert(1, "pgq_tuned")
+            got = {}
+            for side in sides:
+                if side == "agent":
+                    got[side] = await agent_drain(admin, payloads, args.devices)
+                elif side == "pgq":
+                    got[side] = await pgq_drain(admin, payloads)
+                else:
+                    got[side] = await pgq_drain(admin, payloads, batch_size=args.pgq_batch)
+            a, p = got["agent"], got["pgq"]
+            ar, pr = n / a["seconds"], n / p["seconds"]
+            arates.append(ar)
+            prates.append(pr)
+            ratios.append(ar / pr)
+            a_res.append(a)
+            p_res.append(p)
+            print(f"drain run {run} ({' then '.join(sides)}): agentd {n} commands over {args.devices} devices in "
+                  f"{a['seconds']:.2f} s = {ar:,.0f}/s (first to last archive {a['first_to_last']:.2f} s); "
+                  f"{summary(a)}")
+            print(f"drain run {run}: pgqueuer {n} no-op jobs in {p['seconds']:.2f} s = {pr:,.0f}/s (first to last "
+                  f"completion {p['first_to_last']:.2f} s); {p['left']} left; CPU worker {p['agent_cpu']:.1f} s, "
+                  f"postgres {p['postgres_cpu']:.1f} s; ratio agent/pgqueuer {ar / pr:.2f}")
+            if "pgq_tuned" in got:
+                t = got["pgq_tuned"]
+                tr = n / t["seconds"]
+                trates.append(tr)
+                tratios.append(ar / tr)
+                print(f"drain run {run}: pgqueuer run(batch_size={args.pgq_batch}) {n} no-op jobs in "
+                      f"{t['seconds']:.2f} s = {tr:,.0f}/s (first to last completion {t['first_to_last']:.2f} s); "
+                      f"{t['left']} left; CPU worker {t['agent_cpu']:.1f} s, postgres {t['postgres_cpu']:.1f} s; "
+                      f"ratio agent/pgqueuer(batch {args.pgq_batch}) {ar / tr:.2f}")
+        ratio = statistics.median(ratios)
+        print(f"drain: agentd median {statistics.median(arates):,.0f}/s, pgqueuer median "
+              f"{statistics.median(prates):,.0f}/s; ratio median {ratio:.2f} over {args.runs} runs "
+              f"({', '.join(f'{x:.2f}' for x in ratios)}) [target >= 1.0: {verdict(ratio >= 1.0)}]")
+        if tratios:
+            tratio = statistics.median(tratios)
+            print(f"drain vs pgqueuer run(batch_size={args.pgq_batch}): pgqueuer median "
+                  f"{statistics.median(trates):,.0f}/s; ratio median {tratio:.2f} "
+                  f"({', '.join(f'{x:.2f}' for x in tratios)}) [target >= 1.0: {verdict(tratio >= 1.0)}]")
+        for label, res in (("agentd", a_res[-1]), ("pgqueuer", p_res[-1])):
+            print(f"rows {label}: {per_command(res['tuples'], n)}; {res['xacts'] / n:.3f} transactions per "
+                  f"command (database-wide, the bench's polling included)")
+        if not args.no_statements:
+            await log_all(admin, True)
+            try:
+                a = await agent_drain(admin, payloads, args.devices, log_file)
+                p = await pgq_drain(admin, payloads, log_file)
+            finally:
+                await log_all(admin, False)
+            print(f"statement-count drains (log_statement=all, slower): agentd {a['seconds']:.2f} s, "
+                  f"pgqueuer {p['seconds']:.2f} s")
+            print_statements("agentd", a["statements"], n)
+            print_statements("pgqueuer", p["statements"], n)
+        ap50, ap99, pp50, pp99 = [], [], [], []
+        for rnd in range(1, args.wake_rounds + 1):
+            aw = await wake_latency(admin, args.wake_samples)
+            pw = await pgq_wake(admin, args.wake_samples)
+            ap50.append(aw["p50"])
+            ap99.append(aw["p99"])
+            pp50.append(pw["p50"])
+            pp99.append(pw["p99"])
+            print(f"wake round {rnd}, {args.wake_samples} isolated messages each: agent send -> first device call "
+                  f"p50 {aw['p50']:.2f} ms, p99 {aw['p99']:.2f} ms, max {aw['max']:.2f}, missing {aw['missing']}; "
+                  f"pgqueuer enqueue -> job start p50 {pw['p50']:.2f} ms, p99 {pw['p99']:.2f} ms, max "
+                  f"{pw['max']:.2f}, missing {pw['missing']}")
+        if ap50:
+            a50, a99, p50 = statistics.median(ap50), statistics.median(ap99), statistics.median(pp50)
+            print(f"wake: agent p50 {a50:.2f} ms vs pgqueuer p50 {p50:.2f} ms [agent <= pgqueuer: {verdict(a50 <= p50)}]; "
+                  f"agent p99 {a99:.2f} ms [<= 20: {verdict(a99 <= 20)}]; pgqueuer p99 {statistics.median(pp99):.2f} ms "
+                  f"(medians of {args.wake_rounds} rounds)")
+        if args.idle_seconds > 0:
+            idle = await idle_statements(admin, log_file, args.idle_seconds)
+            print(f"idle (default settings): {idle['count']} statements in {args.idle_seconds:.0f} s = "
+                  f"{idle['per_min']:.1f}/min [<= 12: {verdict(idle['per_min'] <= 12)}] (server log, log_statement=all)")
+            for text, k in sorted(idle["kinds"].items(), key=lambda kv: -kv[1]):
+                print(f"  {k:3} x {text}")
+    finally:
+        server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
