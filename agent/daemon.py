@@ -59,7 +59,8 @@ async def connect_pool(settings: Settings, attempts: int | None = None,
         tried += 1
         try:
             return await asyncpg.create_pool(
-                settings.database_url, min_size=1, max_size=6, timeout=5, command_timeout=30,
+                settings.database_url, min_size=1, max_size=settings.pool_size, timeout=5, command_timeout=30,
+                statement_cache_size=settings.statement_cache_size,
                 server_settings={"application_name": "agentd"}, reset=_keep_session)
         except (*DB_ERRORS, ValueError, ArithmeticError) as exc:
             if refused := classify_connect_error(exc, settings.database_url):
@@ -112,11 +113,11 @@ class Agent:
         self.consumer = Consumer(pool, self.queries, s, self.executor, self.inventory,
                                  settling=self.reporter.settling, on_read=self._read)
         self.listener = Listener(
-            s.database_url,
+            s.session_dsn,
             {queue_channel(s.queue): lambda: self.consumer.wake("notify"),
              "agent_inventory": self.inventory.changed},
             on_connect=self._listening, check_interval=s.listener_check_interval)
-        self.leadership = Leadership(s.database_url, s.site, s.agent_id, s.leader_check_interval)
+        self.leadership = Leadership(s.session_dsn, s.site, s.agent_id, s.leader_check_interval)
         self.reconciler = Reconciler(self.queries, s.site, s.agent_id, s.schedule, s.reconcile_batch,
                                      Retention.from_settings(s))
         self.house = Housekeeper(self)

@@ -22,7 +22,7 @@ from pydantic_settings import (
 from agent.errors import ConfigError
 from agent.reconcile.schedule import Schedule, parse_schedule
 
-_SECRET_FIELDS = {"database_url"}  # may carry a password: never echo it
+_SECRET_FIELDS = {"database_url", "session_database_url"}  # may carry a password: never echo it
 QUEUE_PATTERN = r"^[a-z_][a-z0-9_]{0,39}$"
 
 
@@ -31,6 +31,13 @@ class Settings(BaseSettings):
     toml_path: ClassVar[Path | None] = None
 
     database_url: str = Field(min_length=1, description="Postgres DSN (libpq URL).")
+    session_database_url: str | None = Field(
+        None, description="DSN of the session connections (LISTEN, leadership): set it to bypass a PgBouncer in "
+        "transaction mode that AGENT_DATABASE_URL goes through. Default: AGENT_DATABASE_URL.")
+    pool_size: int = Field(6, ge=1, le=100, description="Pooled connections at most (every statement but LISTEN "
+                           "and leadership goes through the pool).")
+    statement_cache_size: int = Field(100, ge=0, le=10000, description="asyncpg's prepared statement cache per "
+                                      "pooled connection; 0 behind PgBouncer in transaction mode.")
     queue: str = Field("device_tasks", pattern=QUEUE_PATTERN, description="PGMQ queue to consume.")
     site: str = Field("default", min_length=1, max_length=64, description="Site this agent serves.")
     agent_id: str = Field(
@@ -99,12 +106,17 @@ class Settings(BaseSettings):
             raise ValueError("must be host:port, e.g. 127.0.0.1:9477 (empty disables)")
         return value
 
-    @field_validator("database_url")
+    @field_validator("database_url", "session_database_url")
     @classmethod
-    def _dsn(cls, value: str) -> str:
-        if not value.startswith(("postgres://", "postgresql://")):
+    def _dsn(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgres://", "postgresql://")):
             raise ValueError("must be a postgresql:// URL")
         return value
+
+    @property
+    def session_dsn(self) -> str:
+        """The DSN of the session-level connections (LISTEN, the leader's lock)."""
+        return self.session_database_url or self.database_url
 
     @property
     def dlq(self) -> str:
