@@ -91,7 +91,8 @@ class Agent:
         self.queries = Queries(s.queue)
         self.drivers = drivers or Drivers(DriverContext(s.device_timeout, CredentialStore(s.credentials_dir)))
         self.inventory = Inventory(pool, self.queries, s.site, self.drivers)
-        self.reporter = Reporter(pool, self.queries, s.agent_id, self._committed)
+        self.reporter = Reporter(pool, self.queries, s.agent_id, self._committed,
+                                 on_failed=self._report_failed)
         self.acceptor = Acceptor(pool, self.queries)
         self.claims = DeviceClaims(pool, self.queries, s.agent_id)
         self.parking = Parking(pool, self.queries)
@@ -143,6 +144,9 @@ class Agent:
             return
         if woken:
             self.consumer.wake("unpark")
+
+    def _report_failed(self, _why: str) -> None:
+        self.metrics.report_failures.inc()
 
     def _committed(self, outcomes, lost) -> None:  # type: ignore[no-untyped-def]
         self.consumer.committed(outcomes, lost)

@@ -145,8 +145,8 @@ class Executor:
                 if self.claims is not None and not await self.claims.claim(device_id, self.op_bound(work.device)):
                     self._bounce(lane)  # another agent is operating this device right now
                     break
-                n = coalesce.head(lane, self._coalesce, Work)
                 async with self._slots:
+                    n = coalesce.head(lane, self._coalesce, Work)  # once a slot is ours: what came meanwhile joins
                     self.busy_devices.add(device_id)
                     try:
                         if n > 1:

@@ -182,11 +182,12 @@ class Reporter:
 
     def __init__(self, pool: asyncpg.Pool, queries: Queries, agent_id: str,
                  on_committed: Callable[[list[Outcome], set[int]], None],
-                 max_batch: int = 1000) -> None:
+                 max_batch: int = 1000, on_failed: Callable[[str], None] | None = None) -> None:
         self._pool = pool
         self._q = queries
         self._agent_id = agent_id
         self._on_committed = on_committed
+        self._on_failed = on_failed or (lambda _why: None)  # a report write failed: "unavailable" or "refused"
         self._max_batch = max_batch
         self._pending: list[Outcome] = []
         self._wake = asyncio.Event()
@@ -266,10 +267,12 @@ class Reporter:
                 async with self._pool.acquire() as conn:
                     return await write_batch(conn, self._q, self._agent_id, batch)
             except UNAVAILABLE as exc:
+                self._on_failed("unavailable")
                 log.warning("report failed, will retry", extra={
                     "action": "report_failed", "error": clean(exc), "attempt": attempt, "batch": len(batch)})
                 last: Exception = exc
             except (asyncpg.PostgresError, ValueError, TypeError) as exc:
+                self._on_failed("refused")
                 raise _Rejected(f"{type(exc).__name__}: {exc}") from exc
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)

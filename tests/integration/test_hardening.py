@@ -36,9 +36,11 @@ async def test_a_batch_postgres_refuses_is_split_until_the_bad_outcome_stands_al
     bad = 4
     batch = [verified(d, f"s{i}", "no-such-kind" if i == bad else "verified") for i, d in enumerate(deliveries)]
     settled: list[tuple[list[Outcome], set[int]]] = []
+    failures: list[str] = []
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     try:
-        reporter = Reporter(pool, Q, "test-agent", lambda o, lost: settled.append((o, lost)))
+        reporter = Reporter(pool, Q, "test-agent", lambda o, lost: settled.append((o, lost)),
+                            on_failed=failures.append)
         task = asyncio.create_task(reporter.run())
         for o in batch:
             reporter.submit(o)
@@ -55,6 +57,7 @@ async def test_a_batch_postgres_refuses_is_split_until_the_bad_outcome_stands_al
     assert entry["message"]["service"] == f"s{bad}"
     assert "could not be recorded" in entry["headers"]["reason"] and "events_kind_check" in entry["headers"]["reason"]
     assert sum(len(o) for o, _ in settled) == len(ids)
+    assert failures and set(failures) == {"refused"}  # counted: pgmq_edge_agent_report_failures_total
 
 
 async def test_an_outcome_whose_dead_letter_is_refused_too_is_left_for_a_later_delivery(db, dsn):
