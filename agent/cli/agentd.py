@@ -20,13 +20,18 @@ EXIT_CONFIG = 2
 EXIT_FAILED = 3
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also the source of the agentd(8) man page: scripts/gen-man)."""
     parser = argparse.ArgumentParser(prog="agentd", description=__doc__)
     parser.add_argument("--config", help=f"TOML settings file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG} if it "
                         "exists); AGENT_* environment variables win")
     parser.add_argument("--once", action="store_true", help="drain the queue, then exit (0 = all succeeded)")
     parser.add_argument("--version", action="version", version=f"agentd {__version__}")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     config = config_path(args.config)
     try:
         settings = load_settings(config)
