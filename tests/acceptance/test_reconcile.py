@@ -95,6 +95,9 @@ async def test_drift_made_behind_the_agents_back_is_repaired_within_one_cycle(db
     edit_device(tmp_path, wifi="off", voip="on")  # someone edits the router by hand
     await until(lambda: read_device(tmp_path) == {"wifi": "on", "voip": "off"}, timeout=8,
                 what="drift repaired by the next cycle")
+    # the device is repaired before the run's report commits: wait for the report, not a moment
+    await until(lambda: db.fetchval("SELECT count(*) = 2 FROM agent.events WHERE kind = 'repaired'"), timeout=10,
+                what="the repairs recorded")
     drift = await db.fetch("SELECT service, desired, observed, error FROM agent.events WHERE kind = 'drift' "
                            "ORDER BY service")
     assert [(r["service"], r["desired"], r["observed"]) for r in drift] == [("voip", "off", "on"),
