@@ -79,7 +79,11 @@ class Housekeeper:
                 continue
             self._counts[key] += 1
             if o.finish != "archive":
-                ev = o.events[-1] if o.events else None
+                # the cause ("failed", "parked"), not the bookkeeping after it ("retried: retry in 0.7s")
+                ev = next((e for e in reversed(o.events) if e.kind in ("failed", "parked", "dead_lettered")),
+                          o.events[-1] if o.events else None)
+                if ev is not None and ev.kind == "dead_lettered":
+                    ev = next((e for e in reversed(o.events) if e.kind == "failed"), ev)
                 self._failures.append({"at": rfc3339(time.time()), "msg_id": o.delivery.msg_id, "finish": o.finish,
                                        "device": ev.device if ev else None, "service": ev.service if ev else None,
                                        "error": o.reason or (ev.error if ev else None)})

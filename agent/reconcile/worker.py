@@ -159,7 +159,7 @@ class SyncWorker:
         states.append(StateUpdate(dev.id, service, observed=fixed.observed, observed_at=fixed.observed_at,
                                   applied_at=fixed.applied_at, verified_at=fixed.verified_at))
         log.debug("repaired %s/%s", dev.id, service, extra={**_fields(w, "repaired"), "service": service})
-        return Finding(service, expected, fixed.observed, "repaired")
+        return Finding(service, expected, found, "repaired")  # what it found; expected is what it is now
 
     async def _read(self, driver: Driver, dev: Device, service: str) -> Observation:
         _, timeout = self._policy()

@@ -129,8 +129,8 @@ async def test_manual_sync_dry_run_shows_drift_and_sync_repairs_it(db, dsn, tmp_
     assert fix.returncode == 0, fix.stderr
     report = json.loads(fix.stdout)
     assert (report["devices"], report["repaired"]) == (1, 1)
-    assert report["items"] == [{"device": "r1", "service": "wifi", "expected": "on", "found": "on",
-                                "result": "repaired", "error": None}]
+    assert report["items"] == [{"device": "r1", "service": "wifi", "expected": "on", "found": "off",
+                                "result": "repaired", "error": None}]  # what it found before the repair
     assert read_device(tmp_path) == {"wifi": "on"}
 
     unknown = await asyncio.to_thread(agentctl, dsn, "sync", "--device", "nope", check=False)
