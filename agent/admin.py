@@ -15,6 +15,7 @@ from agent.db.queries import Queries
 from agent.drivers.base import Device, DriverContext
 from agent.drivers.registry import load_driver
 from agent.errors import ConfigError, PermanentError
+from agent.inventory import validate_with
 
 _DEVICE_RE = re.compile(DEVICE_PATTERN)
 
@@ -34,7 +35,7 @@ def validate_device(dev: Device) -> None:
     if not _DEVICE_RE.match(dev.id):
         raise ConfigError(f"device id {dev.id!r} must match {DEVICE_PATTERN}")
     driver = load_driver(dev.driver, DriverContext())
-    driver.validate_options(dev)
+    validate_with(driver, dev)
 
 
 def device_from_doc(doc: dict[str, Any], default_site: str) -> Device:

@@ -20,7 +20,7 @@ import asyncpg
 from agent.drivers.base import CredentialStore, Device, Driver, DriverContext
 from agent.drivers.registry import load_driver
 from agent.errors import AgentError, ConfigError, NoAnswerError, PermanentError, TransientError
-from agent.inventory import device_from_row
+from agent.inventory import device_from_row, validate_with
 from agent.settings import Settings
 from agent.text import clean
 
@@ -166,7 +166,7 @@ async def _drive(driver: Driver, device: Device, service: str | None, context: D
 
 
 async def _validate(driver: Driver, device: Device) -> str:
-    driver.validate_options(device)
+    validate_with(driver, device)
     return "valid"
 
 

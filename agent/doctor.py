@@ -19,8 +19,8 @@ from agent.db.queries import Queries
 from agent.db.schema import SCHEMA_VERSION
 from agent.drivers.base import CredentialStore, Device, DriverContext
 from agent.drivers.registry import Drivers
-from agent.errors import AgentError
-from agent.inventory import device_from_row
+from agent.errors import AgentError, ConfigError
+from agent.inventory import device_from_row, validate_with
 from agent.settings import Settings
 from agent.vpn.guard import REMEDY as VPN_REMEDY
 from agent.vpn.health import VpnSnapshot, judge_peer, peer_for
@@ -77,6 +77,7 @@ async def run(settings: Settings, drivers: Drivers | None = None) -> Report:
     vpn = await tunnel_checks(settings, devices, checks.append)
     own = drivers is None
     drivers = drivers or Drivers(DriverContext(settings.device_timeout, CredentialStore(settings.credentials_dir)))
+    checks.extend(credential_checks(devices, CredentialStore(settings.credentials_dir)))
     try:
         await _probe_checks(settings, devices, vpn, drivers, checks)
     finally:
@@ -198,13 +199,34 @@ async def tunnel_checks(s: Settings, devices: list[Device] | None, add: Callable
     return TunnelFacts(snap, hosts)
 
 
+def credential_checks(devices: list[Device] | None, store: CredentialStore) -> list[Check]:
+    """Every device's credential is there and readable. Its value is read to know that, never shown."""
+    out = []
+    for dev in devices or []:
+        if not dev.credential:
+            continue
+        name = f"credential {dev.credential} ({dev.id})"
+        try:
+            store.get(dev.credential)
+        except ConfigError as exc:
+            out.append(Check(name, False, str(exc), f"put the secret in a file named {dev.credential!r} in "
+                             "$CREDENTIALS_DIRECTORY (systemd LoadCredential=) or AGENT_CREDENTIALS_DIR "
+                             "(compose: /run/secrets), readable by the agent's user only"))
+        except (OSError, UnicodeError) as exc:
+            out.append(Check(name, False, f"cannot read it: {type(exc).__name__}",
+                             "make the file readable by the agent's user (mode 0600, owned by that user)"))
+        else:
+            out.append(Check(name, True, "present and readable"))
+    return out
+
+
 async def _probe_checks(s: Settings, devices: list[Device] | None, vpn: TunnelFacts, drivers: Drivers,
                         checks: list[Check]) -> None:
     async def probe(dev: Device) -> Check:
         name = f"probe {dev.id}"
         try:
             driver = drivers.get(dev.driver)
-            driver.validate_options(dev)
+            validate_with(driver, dev)
         except AgentError as exc:
             return Check(name, False, str(exc), "fix the device's driver or options in the inventory")
         if not vpn.passable(dev, s.require_vpn):

@@ -15,7 +15,7 @@ from dataclasses import replace
 import asyncpg
 
 from agent.db.queries import Queries
-from agent.drivers.base import Device
+from agent.drivers.base import Device, Driver
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, ConfigError
 
@@ -35,6 +35,12 @@ def check_agent_options(dev: Device) -> None:
     value = dev.options.get("max_parallel", 1)
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 64:
         raise ConfigError("max_parallel must be an integer from 1 to 64 (writes the device takes at once)")
+
+
+def validate_with(driver: Driver, dev: Device) -> None:
+    """The device's options: the agent's own (max_parallel) checked here, the rest by its driver."""
+    check_agent_options(dev)
+    driver.validate_options(replace(dev, options={k: v for k, v in dev.options.items() if k not in AGENT_OPTIONS}))
 
 
 class Inventory:
@@ -88,9 +94,7 @@ class Inventory:
         for row in rows:
             dev = device_from_row(row)
             try:
-                check_agent_options(dev)
-                own = {k: v for k, v in dev.options.items() if k not in AGENT_OPTIONS}
-                self._drivers.get(dev.driver).validate_options(replace(dev, options=own))
+                validate_with(self._drivers.get(dev.driver), dev)
             except AgentError as exc:
                 broken[dev.id] = f"device {dev.id!r} is misconfigured: {exc}"
                 continue

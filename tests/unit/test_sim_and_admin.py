@@ -80,3 +80,29 @@ def test_credentials_are_read_by_name_from_the_credentials_directory(tmp_path, m
         store.get("missing")
     with pytest.raises(ConfigError, match="plain file name"):
         store.get("../etc/passwd")
+
+
+def test_doctor_checks_each_devices_credential_without_showing_it(tmp_path):
+    from agent.doctor import credential_checks
+    from agent.drivers.base import CredentialStore, Device
+
+    (tmp_path / "r1-admin").write_text("s3cret-value\n")
+    unreadable = tmp_path / "r3-admin"
+    unreadable.mkdir()  # a directory where the file should be: exists, cannot be read as one
+    devices = [Device("r1", "http", credential="r1-admin"), Device("r2", "http", credential="r2-admin"),
+               Device("r3", "http", credential="r3-admin"), Device("r4", "sim")]
+    checks = credential_checks(devices, CredentialStore(tmp_path))
+    assert [(c.name, c.ok) for c in checks] == [("credential r1-admin (r1)", True), ("credential r2-admin (r2)", False),
+                                                ("credential r3-admin (r3)", False)]
+    assert "AGENT_CREDENTIALS_DIR" in (checks[1].remedy or "")
+    assert all("s3cret" not in f"{c.detail} {c.remedy}" for c in checks)
+
+
+def test_max_parallel_is_the_agents_option_not_the_drivers():
+    from agent.admin import validate_device
+    from agent.drivers.base import Device
+    from agent.errors import ConfigError
+
+    validate_device(Device("r1", "sim", options={"max_parallel": 4}))  # sim refuses unknown options
+    with pytest.raises(ConfigError, match="max_parallel must be an integer from 1 to 64"):
+        validate_device(Device("r1", "sim", options={"max_parallel": 0}))
