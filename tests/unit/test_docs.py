@@ -30,3 +30,13 @@ def test_example_files_parse():
     assert [d.id for d in devices] == ["lab-sim-1", "router-1"]
     for device in devices:
         validate_device(device)
+
+
+def test_the_example_configuration_shows_every_setting():
+    import re
+
+    from agent.settings import Settings
+
+    text = (ROOT / "etc" / "agent.toml.example").read_text()
+    missing = [k for k in Settings.model_fields if not re.search(rf"^#? ?{k}\s*=", text, re.M)]
+    assert missing == []
