@@ -116,8 +116,8 @@ def merge_states(updates: Sequence[StateUpdate]) -> list[StateUpdate]:
     return list(merged.values())
 
 
-def dlq_headers(o: Outcome, queue: str, agent_id: str) -> str:
-    return _dumps({
+def dlq_headers(o: Outcome, queue: str, agent_id: str) -> dict[str, Any]:
+    return safe_json({
         "reason": clean_opt(o.reason, 2000),
         "error_kind": o.error_kind,
         "origin_msg_id": o.delivery.version,
@@ -139,7 +139,7 @@ async def write_batch(conn: asyncpg.Connection, q: Queries, agent_id: str, batch
 def report_args(q: Queries, agent_id: str, batch: Sequence[Outcome]) -> tuple[Any, ...]:
     """The report statement's parameters. Raises ValueError for a value that cannot be JSON."""
     finish = [{"id": o.delivery.msg_id, "rc": o.delivery.read_ct,
-               "h": json.loads(dlq_headers(o, q.queue, agent_id)) if o.finish == "dead_letter" else None}
+               "h": dlq_headers(o, q.queue, agent_id) if o.finish == "dead_letter" else None}
               for o in batch if o.finish in ("archive", "dead_letter")]
     later = [{"id": o.delivery.msg_id, "rc": o.delivery.read_ct, "delay": _delay(o.retry_delay),
               "park": o.finish == "park", "bounces": min(o.delivery.bounces + 1, MAX_BOUNCES)}

@@ -79,10 +79,11 @@ class SyncWorker:
             if why := self._gate(dev):
                 raise _Parked(why)
             async with self._pool.acquire() as conn:
-                if not await conn.fetchval(self._q.sync_target_exists, req.run, dev.id):
+                rows = await conn.fetch(self._q.desired_for_sync, dev.id, req.service, req.run)
+                # the query yields nothing for an unknown run: only then is it worth asking which it was
+                if not rows and not await conn.fetchval(self._q.sync_target_exists, req.run, dev.id):
                     raise _Forged(f"reconcile message names run {req.run} for device {dev.id}, "
                                   "which no sync run holds (forged or pruned)")
-                rows = await conn.fetch(self._q.desired_for_sync, dev.id, req.service, req.run)
             driver = self._drivers.get(dev.driver)
             events: list[EventRow] = []
             states: list[StateUpdate] = []
