@@ -23,6 +23,7 @@ from agent import http
 from agent.db.connect import classify as classify_connect_error
 from agent.db.queries import Queries
 from agent.db.schema import check_ready, ensure_notify
+from agent.db.session import Session
 from agent.drivers.base import CredentialStore, Device, DriverContext
 from agent.drivers.registry import Drivers
 from agent.executor.acceptor import Acceptor
@@ -36,7 +37,7 @@ from agent.inventory import Inventory
 from agent.lifecycle import Housekeeper
 from agent.metrics import Metrics
 from agent.queue.consumer import Consumer
-from agent.queue.listener import Listener, queue_channel
+from agent.reconcile.leader import CHANNEL as LEADER_CHANNEL
 from agent.reconcile.leader import Leadership
 from agent.reconcile.reconciler import Reconciler
 from agent.reconcile.worker import ReconcileTuning, SyncWork, SyncWorker
@@ -60,6 +61,7 @@ async def connect_pool(settings: Settings, attempts: int | None = None,
         try:
             return await asyncpg.create_pool(
                 settings.database_url, min_size=1, max_size=settings.pool_size, timeout=5, command_timeout=30,
+                max_inactive_connection_lifetime=settings.pool_idle_timeout,
                 statement_cache_size=settings.statement_cache_size,
                 server_settings={"application_name": "agentd"}, reset=_keep_session)
         except (*DB_ERRORS, ValueError, ArithmeticError) as exc:
@@ -84,8 +86,11 @@ class Agent:
     """All components of one daemon, wired from settings."""
 
     def __init__(self, settings: Settings, pool: asyncpg.Pool, drivers: Drivers | None = None,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, force_stop: asyncio.Event | None = None,
+                 settings_path: Path | None = None) -> None:
         s = self.settings = settings
+        self.settings_path = settings_path  # what SIGHUP re-reads
+        self.force_stop = force_stop or asyncio.Event()  # a second SIGTERM/SIGINT: skip the drain
         self.pool = pool
         self.notifier = notifier or Notifier()
         self.queries = Queries(s.queue)
@@ -113,16 +118,17 @@ class Agent:
                                  coalesce=s.coalesce)
         self.consumer = Consumer(pool, self.queries, s, self.executor, self.inventory,
                                  settling=self.reporter.settling, on_read=self._read)
-        self.listener = Listener(
+        self.session = Session(
             s.session_dsn,
-            {queue_channel(s.queue): lambda: self.consumer.wake("notify"),
-             "agent_inventory": self.inventory.changed},
-            on_connect=self._listening, check_interval=s.listener_check_interval)
-        self.leadership = Leadership(s.session_dsn, s.site, s.agent_id, s.leader_check_interval)
+            {self.queries.channel: lambda _payload: self.consumer.wake("notify"),
+             "agent_inventory": lambda _payload: self.inventory.changed(),
+             LEADER_CHANNEL: lambda site: self.leadership.stepped_down(site)},
+            on_connect=self._listening, name=f"agentd session {s.agent_id}",
+            check_interval=s.listener_check_interval)
+        self.leadership = Leadership(self.session, s.site, s.leader_check_interval)
         self.reconciler = Reconciler(self.queries, s.site, s.agent_id, s.schedule, s.reconcile_batch,
                                      Retention.from_settings(s))
         self.house = Housekeeper(self)
-        self.force_stop = asyncio.Event()  # a second SIGTERM/SIGINT: skip the drain
         self.metrics = Metrics(s.site, s.queue, self.house.live)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -192,7 +198,7 @@ class Agent:
 
     async def run_forever(self, stop: asyncio.Event, reload: asyncio.Event | None = None) -> None:
         services: dict[str, Coroutine[Any, Any, None]] = {
-            "reporter": self.reporter.run(), "acceptor": self.acceptor.run(), "listener": self.listener.run(),
+            "reporter": self.reporter.run(), "acceptor": self.acceptor.run(), "session": self.session.run(),
             "housekeeper": self.house.run(), "deadlines": self.deadlines.run(), "vpn": self.vpn.run(),
             "claims": self.claims.run(), "leader": self.leadership.run(self.reconciler.lead)}
         if self.settings.consume:
@@ -201,7 +207,7 @@ class Agent:
             asyncio.create_task(coro, name=name): name for name, coro in services.items()}
         runner = await self._serve_http()
         with contextlib.suppress(TimeoutError):  # READY once LISTEN is up too (bounded: it may be down)
-            await asyncio.wait_for(self.listener.connected.wait(), 10)
+            await asyncio.wait_for(self.session.connected.wait(), 10)
         await self.house.sample_queue()
         self.house.started()
         await self.house.beat(None)
@@ -250,11 +256,9 @@ class Agent:
             await self.inventory.load()
         self.notifier.ready(self.house.status_line())
 
-    settings_path: Path | None = None
-
     def _apply(self, new: Settings) -> None:
         live = {"log_level", "poll_interval", "max_attempts", "retry_base", "retry_max", "device_timeout",
-                "heartbeat_interval", "watchdog_stall", "listener_check_interval"}
+                "heartbeat_interval", "watchdog_stall"}
         old = self.settings
         changed = {k for k in Settings.model_fields if getattr(old, k) != getattr(new, k)} - {"agent_id"}
         if restart := sorted(changed - live):
@@ -269,6 +273,8 @@ class Agent:
     async def shutdown(self, tasks: dict[asyncio.Task[None], str], died: list[asyncio.Task[None]]) -> None:
         self.house.stopping()
         self.consumer.stop()
+        if leader := next((t for t, name in tasks.items() if name == "leader" and not t.done()), None):
+            await self.leadership.stop(leader)  # a standby takes over now, not at its next try
         log.info("stopping: draining in-flight work", extra={"action": "stopping"})
         if not died and not self.force_stop.is_set():
             drained = asyncio.create_task(self._drained())
@@ -329,9 +335,7 @@ async def run(settings: Settings, *, once: bool = False, drivers: Drivers | None
     pool = await _until_stopped(connect_pool(settings, attempts=3 if once else None, notifier=notifier), stop)
     if pool is None:
         return 0
-    agent = Agent(settings, pool, drivers, notifier)
-    agent.force_stop = force
-    agent.settings_path = Path(config_path) if config_path else None
+    agent = Agent(settings, pool, drivers, notifier, force, Path(config_path) if config_path else None)
     try:
         await agent.start()
         if once:

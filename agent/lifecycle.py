@@ -35,7 +35,7 @@ class Parts(Protocol):
     pool: Any
     queries: Any
     consumer: Any
-    listener: Any
+    session: Any
     parking: Any
     vpn: Any
     leadership: Any
@@ -96,7 +96,8 @@ class Housekeeper:
         return Figures(
             agent_id=a.settings.agent_id, site=a.settings.site, queue=a.settings.queue, version=__version__,
             started=self._started, stopping=self._stopping, uptime_s=round(time.monotonic() - self._started_mono, 1),
-            database_error=consumer_error or self._db_error, listener_up=a.listener.connected.is_set(),
+            database_error=consumer_error or self._db_error, listener_up=a.session.connected.is_set(),
+            session_error=a.session.error,
             inflight=len(a.consumer.inflight), parked=a.parking.count, done=self._counts["done"],
             retried=self._counts["retried"],
             dead_lettered=self._counts["dead_lettered"], queue_depth=self._queue.get("depth"),
@@ -138,7 +139,8 @@ class Housekeeper:
             queues = {a.settings.queue: (q["depth"], q["oldest"]), a.queries.dlq: (q["dlq_depth"], q["dlq_oldest"])}
         snap = a.vpn.monitor.last
         peers = {v.peer: (v.handshake_age, v.rx_bytes, v.tx_bytes, v.up) for v in snap.verdicts.values()}
-        return Live(wakeups=dict(a.consumer.wakeups), reconnects=a.listener.reconnects,
+        return Live(wakeups=dict(a.consumer.wakeups), reconnects=a.session.reconnects,
+                    database_up=a.session.connected.is_set() and not self.figures().database_error,
                     inflight=len(a.consumer.inflight), parked=a.parking.count, queues=queues,
                     reachable={d: r.reachable for d, r in a.vpn.reach.items()}, peers=peers,
                     leader=a.leadership.leading, last_heartbeat=self.last_beat, tables=a.reconciler.tables)

@@ -45,6 +45,7 @@ class Live:
 
     wakeups: dict[str, int] = field(default_factory=dict)
     reconnects: int = 0
+    database_up: bool = False  # the session connection is up and the last pooled statement worked
     inflight: int = 0
     parked: int = 0
     queues: dict[str, tuple[int, float | None]] = field(default_factory=dict)  # queue -> (depth, oldest age)
@@ -66,8 +67,10 @@ class _LiveCollector:
         for source, n in sorted((dict.fromkeys(_WAKE_SOURCES, 0) | live.wakeups).items()):
             wake.add_metric([source], n)
         yield wake
-        yield CounterMetricFamily(P + "listener_reconnects", "LISTEN connection re-established.",
-                                  value=live.reconnects)
+        yield CounterMetricFamily(P + "listener_reconnects", "Session connection (LISTEN, leadership) lost "
+                                  "or failed to connect, each time.", value=live.reconnects)
+        yield GaugeMetricFamily(P + "database_up", "1 while the session connection is up and the last pooled "
+                                "statement worked; 0 while the agent is reconnecting.", value=int(live.database_up))
         leader = GaugeMetricFamily(P + "reconcile_leader",
                                    "1 while this agent leads its site's reconciliation.", labels=["site"])
         leader.add_metric([self._site], int(live.leader))

@@ -32,10 +32,12 @@ class Settings(BaseSettings):
 
     database_url: str = Field(min_length=1, description="Postgres DSN (libpq URL).")
     session_database_url: str | None = Field(
-        None, description="DSN of the session connections (LISTEN, leadership): set it to bypass a PgBouncer in "
-        "transaction mode that AGENT_DATABASE_URL goes through. Default: AGENT_DATABASE_URL.")
+        None, description="DSN of the one session connection (LISTEN, leadership): set it to bypass a PgBouncer "
+        "in transaction mode that AGENT_DATABASE_URL goes through. Default: AGENT_DATABASE_URL.")
     pool_size: int = Field(6, ge=1, le=100, description="Pooled connections at most (every statement but LISTEN "
                            "and leadership goes through the pool).")
+    pool_idle_timeout: float = Field(60.0, gt=0, le=86400, description="Seconds an idle pooled connection is kept "
+                                     "(the pool shrinks to one connection when idle).")
     statement_cache_size: int = Field(100, ge=0, le=10000, description="asyncpg's prepared statement cache per "
                                       "pooled connection; 0 behind PgBouncer in transaction mode.")
     queue: str = Field("device_tasks", pattern=QUEUE_PATTERN, description="PGMQ queue to consume.")
@@ -55,7 +57,7 @@ class Settings(BaseSettings):
     retry_base: float = Field(1.0, gt=0, description="First retry delay, seconds.")
     retry_max: float = Field(300.0, gt=0, description="Longest retry delay, seconds.")
     notify_throttle_ms: int = Field(250, ge=0, le=60000, description="PGMQ insert-notify throttle.")
-    listener_check_interval: float = Field(30.0, gt=0, description="Liveness check of the LISTEN connection, s.")
+    listener_check_interval: float = Field(30.0, gt=0, description="Liveness check of the session connection, s.")
     device_timeout: float = Field(10.0, gt=0, description="Default timeout of one device call, seconds.")
     max_message_bytes: int = Field(65536, ge=256, description="Larger messages are dead-lettered.")
     credentials_dir: Path | None = Field(None, description="Where named device credentials live.")
@@ -84,7 +86,8 @@ class Settings(BaseSettings):
     retain_requests_days: int = Field(30, ge=0, le=36500, description="Days request ids are remembered (0: ever).")
     prune_interval: float = Field(600.0, ge=1, le=86400, description="Seconds between the leader's prune passes.")
     prune_batch: int = Field(1000, ge=1, le=100000, description="Rows removed per statement when pruning.")
-    leader_check_interval: float = Field(30.0, gt=0, le=300, description="Leader's connection check, s.")
+    leader_check_interval: float = Field(30.0, gt=0, le=300,
+                                         description="Seconds between a standby's tries for leadership.")
 
     @field_validator("reconcile_schedule")
     @classmethod
@@ -115,7 +118,7 @@ class Settings(BaseSettings):
 
     @property
     def session_dsn(self) -> str:
-        """The DSN of the session-level connections (LISTEN, the leader's lock)."""
+        """The DSN of the session connection (LISTEN, the leader's lock)."""
         return self.session_database_url or self.database_url
 
     @property

@@ -17,7 +17,8 @@ class Figures:
     stopping: bool = False
     uptime_s: float = 0.0
     database_error: str | None = None
-    listener_up: bool = False
+    listener_up: bool = False            # the session connection (LISTEN, leadership) is up
+    session_error: str | None = None     # why it is not, while it reconnects
     vpn_required: bool = False
     vpn_error: str | None = None
     inflight: int = 0
@@ -50,9 +51,10 @@ def state(f: Figures) -> str:
 def problems(f: Figures) -> list[str]:
     out = []
     if f.database_error:
-        out.append(f"database unreachable ({f.database_error})")
+        out.append(f"database unreachable, reconnecting ({f.database_error})")
     elif not f.listener_up:
-        out.append("LISTEN connection down")
+        out.append("session connection (LISTEN, leadership) down, reconnecting"
+                   + (f" ({f.session_error})" if f.session_error else ""))
     if f.vpn_required and f.vpn_error:
         out.append(f"VPN: {f.vpn_error}")
     return out

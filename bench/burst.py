@@ -43,7 +43,7 @@ from pipeline import agentd, cpu_seconds, fresh_db, stop, verdict  # noqa: E402
 
 COALESCE = 100      # AGENT_COALESCE default
 CONCURRENCY = 32    # AGENT_CONCURRENCY default
-CONN_BOUND = 8      # pool max_size 6 (agent/daemon.py) + agentd-listener + agentd leader
+CONN_BOUND = 7      # pool max_size 6 (AGENT_POOL_SIZE) + the one session connection (LISTEN, leadership)
 RSS_TARGET_MB = 100
 
 
@@ -79,10 +79,10 @@ def rss_mb(pid: int) -> float:
 
 
 async def wait_ready(conn: asyncpg.Connection, proc: subprocess.Popen[bytes]) -> None:
-    """agentd has registered itself (agent.agents) and its listener is connected."""
+    """agentd has registered itself (agent.agents) and its session connection is up."""
     deadline = time.monotonic() + 60
     while True:
-        n = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'agentd-listener'")
+        n = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'agentd session %'")
         a = await conn.fetchval("SELECT count(*) FROM agent.agents")
         if n and a:
             break
@@ -289,7 +289,7 @@ async def main() -> None:
                   f"[target >= 90 %: {verdict(share >= 0.9)}]")
             print(f"burst many: agentd RSS max {max(rss):.1f} MB [target <= {RSS_TARGET_MB}: "
                   f"{verdict(max(rss) <= RSS_TARGET_MB)}]; connections held by agentd max {max(conns)} "
-                  f"[bound {CONN_BOUND} = pool 6 + listener + leader: {verdict(max(conns) <= CONN_BOUND)}]")
+                  f"[bound {CONN_BOUND} = pool 6 + session: {verdict(max(conns) <= CONN_BOUND)}]")
     finally:
         server.cleanup()
         shutil.rmtree(root, ignore_errors=True)

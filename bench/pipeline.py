@@ -160,7 +160,7 @@ async def wake_latency(admin_dsn: str, samples: int) -> dict[str, float]:
     await agent.start()
     stop_ev = asyncio.Event()
     task = asyncio.create_task(agent.run_forever(stop_ev))
-    await asyncio.wait_for(agent.listener.connected.wait(), 10)
+    await asyncio.wait_for(agent.session.connected.wait(), 10)
     await asyncio.sleep(1)
     sent: dict[str, float] = {}
     send = await conn.prepare("SELECT pgmq.send('device_tasks', $1::jsonb)")

@@ -45,6 +45,7 @@ class Queries:
         }
         self.queue = queue
         self.dlq = dlq
+        self.channel = f"pgmq.q_{queue}.INSERT"  # PGMQ's insert notifications (asyncpg quotes the dots)
         self._sql = {name: _fill(body, idents) for name, body in _blocks().items()}
 
     def __getattr__(self, name: str) -> str:

@@ -42,7 +42,7 @@ class Reconciler:
 
     async def lead(self, conn: LeaderConnection) -> None:
         kick = asyncio.Event()
-        await conn.raw.add_listener("agent_sync", lambda *_a: kick.set())
+        await conn.listen("agent_sync", lambda _payload: kick.set())
         pruner = asyncio.create_task(self._pruning(conn), name="retention")  # statements serialised by conn
         try:
             await self._feed(conn, kick)

@@ -123,7 +123,7 @@ async def test_notify_wakeups_come_back_after_a_postgres_crash_without_restartin
 
         db = await asyncpg.connect(dsn)
         await until(lambda: db.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = 'agentd-listener') AND EXISTS "
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name LIKE 'agentd session %') AND EXISTS "
             "(SELECT 1 FROM agent.agents WHERE state = 'ready' AND last_heartbeat > pg_postmaster_start_time())"),
             timeout=30, what="agentd reconnected (LISTEN back, heartbeat 'ready' after the restart)")
         before = await wakeups(port)

@@ -62,10 +62,10 @@ async def test_listener_killed_by_the_server_reconnects_and_reads(db, dsn):
     async with running_agent(dsn, ScriptedDriver(), listener_check_interval=0.5) as agent:
         killed = await db.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE application_name = 'agentd-listener' AND datname = current_database()")
+            "WHERE application_name LIKE 'agentd session %' AND datname = current_database()")
         assert killed == 1
-        await until(lambda: agent.listener.reconnects >= 1, timeout=5, what="reconnect")
-        await until(lambda: agent.listener.connected.is_set(), timeout=5)
+        await until(lambda: agent.session.reconnects >= 1, timeout=5, what="reconnect")
+        await until(lambda: agent.session.connected.is_set(), timeout=5)
         msg = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
         await until(lambda: archived(db, msg), timeout=3)
 
@@ -76,8 +76,8 @@ async def test_message_sent_while_listener_was_down_is_read_after_reconnect(db, 
         await until(lambda: agent.consumer.wakeups["connect"] == 1)
         await until(lambda: agent.consumer.wakeups["catchup"] == 1, what="the read at the end of the window")
         await db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                         "WHERE application_name = 'agentd-listener' AND datname = current_database()")
-        await until(lambda: not agent.listener.connected.is_set(), what="listener noticed")
+                         "WHERE application_name LIKE 'agentd session %' AND datname = current_database()")
+        await until(lambda: not agent.session.connected.is_set(), what="listener noticed")
         msg = await send(db, {"device": "r1", "service": "wifi", "state": "on"})  # nobody hears this
         await until(lambda: archived(db, msg), timeout=5)
         assert agent.consumer.wakeups["connect"] == 2 and agent.consumer.wakeups["notify"] == 0, agent.consumer.wakeups

@@ -30,7 +30,7 @@ async def running_agent(dsn: str, driver: Any = None, **overrides: Any) -> Async
     try:
         await agent.start()
         task = asyncio.create_task(agent.run_forever(stop))
-        await asyncio.wait_for(agent.listener.connected.wait(), 10)
+        await asyncio.wait_for(agent.session.connected.wait(), 10)
         yield agent
     finally:
         stop.set()
