@@ -79,6 +79,22 @@ async def upsert_devices(conn: asyncpg.Connection, devices: list[Device]) -> Non
                 dev.id, dev.driver, dev.address, dev.site, json.dumps(dev.options), dev.credential)
 
 
+async def check_sites(conn: asyncpg.Connection, q: Queries, sites: set[str]) -> None:
+    """Refuse devices of a site with no queue recorded: their commands would have nowhere to go but
+    the default queue, whose agents serve another site. The remedy is named."""
+    try:
+        missing = [r["name"] for r in await conn.fetch(q.unrecorded_sites, sorted(sites))]
+    except asyncpg.UndefinedTableError:  # a database before schema 7 records no sites
+        return
+    if missing:
+        names = ", ".join(repr(m) for m in missing)
+        raise ConfigError(f"site {names} has no queue recorded: run `agentctl db init --site {missing[0]} "
+                          "--queue <name>` first (the site's agents consume that queue), then add the device"
+                          if len(missing) == 1 else
+                          f"sites {names} have no queue recorded: run `agentctl db init --site <site> "
+                          "--queue <name>` for each first, then import again")
+
+
 async def list_devices(conn: asyncpg.Connection, site: str | None = None) -> list[dict[str, Any]]:
     rows = await conn.fetch(
         "SELECT id, driver, address, site, options::text AS options, credential,"

@@ -1,7 +1,8 @@
 """The device inventory of this agent's site, cached in memory and reloaded on change.
 
 A trigger on agent.devices NOTIFYs `agent_inventory`; the listener calls `changed()`, and the
-listener's every (re)connect reloads too, so a running daemon sees edits at once.
+listener's every (re)connect reloads too, so a running daemon sees edits at once. The first load
+also checks that this agent's queue is its site's (agent.sites): a wrong pairing refuses to start.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from dataclasses import replace
 import asyncpg
 
 from agent.db.queries import Queries
+from agent.db.schema import check_site
 from agent.drivers.base import Device, Driver
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, ConfigError
+from agent.queue.routing import Elsewhere
 
 log = logging.getLogger("agent.inventory")
 
@@ -61,6 +64,8 @@ class Inventory:
     async def load(self) -> None:
         async with self._lock:
             async with self._pool.acquire() as conn:
+                if not self._loaded_at:  # the first load, at start: a ConfigError stops the agent
+                    await check_site(conn, self._site, self._q.queue)
                 rows = await conn.fetch(self._q.load_devices, self._site)
             devices, broken = self._check(rows)
             added = devices.keys() - self.devices.keys()
@@ -78,16 +83,19 @@ class Inventory:
         if self._reload is None or self._reload.done():
             self._reload = asyncio.create_task(self._load_quietly())
 
-    async def look_up(self, device_ids: list[str]) -> None:
+    async def look_up(self, device_ids: list[str]) -> dict[str, Elsewhere]:
         """Devices a message named that the cache does not hold: they may have been added just
-        before the command was sent. One indexed query for just these ids, never a full reload, so
-        a stream of commands for unknown devices costs little. Raises on database errors."""
+        before the command was sent, or belong to another site. One indexed query for just these
+        ids, never a full reload, so a stream of commands for unknown devices costs little. Returns
+        those of other sites, with their site's queue. Raises on database errors."""
         async with self._lock:
             async with self._pool.acquire() as conn:
-                rows = await conn.fetch(self._q.load_some_devices, self._site, device_ids)
-            devices, broken = self._check(rows)
+                rows = await conn.fetch(self._q.load_some_devices, device_ids)
+            devices, broken = self._check([r for r in rows if r["site"] == self._site])
             self.devices = {**self.devices, **devices}
             self.broken = {**self.broken, **broken}
+        return {r["id"]: Elsewhere(r["id"], r["site"], r["site_queue"], r["queue_ready"])
+                for r in rows if r["site"] != self._site}
 
     def _check(self, rows: list[asyncpg.Record]) -> tuple[dict[str, Device], dict[str, str]]:
         devices, broken = {}, {}

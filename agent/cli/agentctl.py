@@ -60,14 +60,17 @@ def _cell(v: Any) -> str:
 
 
 async def db_init(conn: asyncpg.Connection | None, s: Settings, a: argparse.Namespace) -> int:
+    site, queue = a.site or s.site, a.queue or s.queue
     if a.print_sql:
-        print(init_sql(Queries(s.queue), s.notify_throttle_ms, a.after), end="")
+        print(init_sql(Queries(queue), s.notify_throttle_ms, a.after, site), end="")
         return 0
     assert conn is not None
-    result = await init_database(conn, s.queue, s.notify_throttle_ms)
+    result = await init_database(conn, queue, s.notify_throttle_ms, site)
     applied = ", ".join(result["migrations_applied"]) or "none (already current)"  # type: ignore[arg-type]
     print(f"PGMQ: {result['pgmq']}; migrations applied: {applied}; schema version {result['schema_version']}")
     print(f"queue {result['queue']} and dead-letter queue {result['dlq']} ready, insert notifications on")
+    print(f"site {site}: commands for its devices go to queue {queue}"
+          + (" (recorded now)" if result["site_recorded"] else ""))
     return 0
 
 
@@ -110,6 +113,7 @@ async def db_prune(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace)
 async def device_add(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
     options = dict(admin.parse_option(o) for o in a.option)
     dev = Device(a.id, a.driver, a.address, a.site or s.site, options, a.credential)
+    await admin.check_sites(conn, Queries(s.queue), {dev.site})
     await admin.upsert_devices(conn, [dev])
     print(f"device {dev.id} saved (driver {dev.driver}, site {dev.site})")
     return 0
@@ -154,6 +158,7 @@ async def events(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -
 
 async def device_import(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
     devices = admin.read_device_file(Path(a.file), s.site)
+    await admin.check_sites(conn, Queries(s.queue), {d.site for d in devices})
     await admin.upsert_devices(conn, devices)
     print(f"{len(devices)} device(s) imported from {a.file}")
     return 0
@@ -222,7 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="group", required=True)
 
     db = sub.add_parser("db", help="database set-up").add_subparsers(dest="cmd", required=True)
-    ini = db.add_parser("init", help="install PGMQ, migrate schema `agent`, create queue and DLQ (idempotent)")
+    ini = db.add_parser("init", help="install PGMQ, migrate schema `agent`, create the site's queue and DLQ and "
+                        "record them as the site's (idempotent)")
+    ini.add_argument("--site", help="the site whose queue this is (default: AGENT_SITE); commands for its devices "
+                     "are sent there")
+    ini.add_argument("--queue", type=argtypes.queue_name, help="the site's queue (default: AGENT_QUEUE)")
     ini.add_argument("--print-sql", action="store_true",
                      help="print the SQL instead (for a DBA to apply with psql), connect to nothing")
     ini.add_argument("--after", type=int, default=0, metavar="VERSION",
@@ -242,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("id")
     add.add_argument("--driver", required=True)
     add.add_argument("--address")
-    add.add_argument("--site", help="default: AGENT_SITE")
+    add.add_argument("--site", help="default: AGENT_SITE; a site needs its queue first: agentctl db init --site")
     add.add_argument("--credential", help="name of a credential file on the agent host (not the secret)")
     add.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                      help="driver option; a VALUE that parses as JSON is taken as JSON")

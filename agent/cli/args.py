@@ -9,6 +9,8 @@ import re
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from agent.settings import QUEUE_PATTERN
+
 _AGO = re.compile(r"^(\d+)\s*([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
@@ -45,3 +47,11 @@ def json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"invoice\": 42}'")
     return value
+
+
+def queue_name(text: str) -> str:
+    """A PGMQ queue name as AGENT_QUEUE accepts it, never a dead-letter queue's."""
+    if not re.match(QUEUE_PATTERN, text) or text.endswith("_dlq"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a queue name: lower-case letters, digits and _, at most 40, not ending in _dlq")
+    return text

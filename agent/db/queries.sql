@@ -19,9 +19,24 @@ SELECT id, driver, address, site, options::text AS options, credential,
 FROM agent.devices WHERE site = $1 ORDER BY id;
 
 -- name: load_some_devices
-SELECT id, driver, address, site, options::text AS options, credential,
-       CASE WHEN paused_at IS NOT NULL THEN coalesce(paused_reason, 'maintenance') END AS paused
-FROM agent.devices WHERE site = $1 AND id = ANY($2::text[]) ORDER BY id;
+-- Devices messages named that the inventory does not hold, of any site: the agent's own join it;
+-- another site's come with the queue that site records (NULL: none) and whether it and its DLQ
+-- exist in PGMQ, to move their commands there.
+SELECT d.id, d.driver, d.address, d.site, d.options::text AS options, d.credential,
+       CASE WHEN d.paused_at IS NOT NULL THEN coalesce(d.paused_reason, 'maintenance') END AS paused,
+       s.queue AS site_queue,
+       (SELECT count(*) = 2 FROM pgmq.meta m WHERE m.queue_name IN (s.queue, s.queue || '_dlq')) AS queue_ready
+FROM agent.devices d LEFT JOIN agent.sites s ON s.name = d.site
+WHERE d.id = ANY($1::text[]) ORDER BY d.id;
+
+-- name: unrecorded_sites
+-- Of the sites $1, those agent.sites has no queue for (`agentctl device add` refuses them).
+SELECT x.name FROM unnest($1::text[]) AS x(name)
+WHERE NOT EXISTS (SELECT 1 FROM agent.sites s WHERE s.name = x.name) ORDER BY x.name;
+
+-- name: site_routes
+-- The agent.sites rows naming this agent's site ($1) or queue ($2): checked at start.
+SELECT name, queue FROM agent.sites WHERE name = $1 OR queue = $2 ORDER BY name;
 
 -- name: pause_device
 UPDATE agent.devices SET paused_at = coalesce(paused_at, now()), paused_reason = $2, updated_at = now()
@@ -169,20 +184,26 @@ FROM agent.agents WHERE $1::text IS NULL OR site = $1 ORDER BY site, agent_id;
 -- One statement, so one round trip and one atomic unit: for every settled message the fenced
 -- archive (or DLQ move), retry or park, the state report and the audit events. A message whose
 -- read_ct changed (another reader took it after our lease ran out) is neither archived nor moved.
--- $1 [{id, rc, h}]: archive; h = DLQ headers to dead-letter it   $2 DLQ name
+-- $1 [{id, rc, h, dest}]: archive; h = DLQ headers to dead-letter it; with `dest`, move it to that queue
+--    (another site's) instead, h merged into its headers there
+-- $2 DLQ name
 -- $3 [{id, rc, delay, park, bounces}]: make visible again later (bounces: the new count, from the agent)            $4 states  $5 events  $6 agent id
 WITH done AS (
     DELETE FROM pgmq.{q} m
-    USING jsonb_to_recordset($1::jsonb) AS f(id bigint, rc integer, h jsonb)
+    USING jsonb_to_recordset($1::jsonb) AS f(id bigint, rc integer, h jsonb, dest text)
     WHERE m.msg_id = f.id AND m.read_ct = f.rc
-    RETURNING m.msg_id, m.vt, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers, f.h
+    RETURNING m.msg_id, m.vt, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers, f.h, f.dest
 ), archived AS (
     INSERT INTO pgmq.{a} (msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers)
     SELECT msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers FROM done
     RETURNING msg_id
 ), dead AS (
     SELECT pgmq.send($2::text, d.message, coalesce(d.headers, '{}'::jsonb) || d.h) AS dlq_id
-    FROM done d WHERE d.h IS NOT NULL
+    FROM done d WHERE d.h IS NOT NULL AND d.dest IS NULL
+), moved AS (   -- its version there is its new msg_id: this queue's origin_msg_id and bounces stay behind
+    SELECT pgmq.send(d.dest, d.message, (CASE WHEN jsonb_typeof(d.headers) = 'object' THEN d.headers
+                                              ELSE '{}'::jsonb END - 'origin_msg_id' - 'bounces') || d.h)
+    FROM done d WHERE d.dest IS NOT NULL
 ), later AS (
     UPDATE pgmq.{q} m SET vt = clock_timestamp() + make_interval(secs => l.delay),
            headers = CASE WHEN l.park
@@ -282,6 +303,7 @@ WITH done AS (
     RETURNING r.id, r.finished_at
 )
 SELECT array(SELECT msg_id FROM archived) AS archived, (SELECT count(*) FROM dead) AS dead,
+       (SELECT count(*) FROM moved) AS moved,
        (SELECT count(*) FROM later) AS later, (SELECT count(*) FROM states) AS states,
        (SELECT count(*) FROM events) AS events, (SELECT count(*) FROM items) AS items,
        (SELECT count(pg_notify('agent_sync', CASE WHEN finished_at IS NOT NULL THEN id::text ELSE 'progress' END))

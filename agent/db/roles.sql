@@ -3,7 +3,8 @@
 --                 and the audit log, LISTEN (needs no grant). No access to PGMQ at all.
 -- agent_worker:   what agentd needs for queue {queue} and no more.
 -- Both are NOLOGIN groups: GRANT agent_producer TO webhook;  GRANT agent_worker TO agentd;
--- {q} {a} {dq} {da}: this queue's PGMQ tables; {qs} {dqs}: their msg_id sequences.
+-- {q} {a} {dq} {da}: this queue's PGMQ tables; {qs} {dqs}: their msg_id sequences. db init applies
+-- them for every site's queue, so an agent may move a command onto the queue of its device's site.
 REVOKE ALL ON SCHEMA agent FROM PUBLIC;
 REVOKE ALL ON SCHEMA pgmq FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA agent FROM PUBLIC;
@@ -17,7 +18,7 @@ GRANT USAGE ON SCHEMA agent, pgmq TO agent_worker;
 GRANT EXECUTE ON FUNCTION agent.ensure_notify(text, integer),
                           agent.request_sync(text, text, text, boolean, text, text),
                           agent.prune_audit(text, timestamptz, integer, boolean) TO agent_worker;
-GRANT SELECT ON agent.config, agent.devices, agent.schema_version, pgmq.meta TO agent_worker;
+GRANT SELECT ON agent.config, agent.devices, agent.sites, agent.schema_version, pgmq.meta TO agent_worker;
 GRANT SELECT, UPDATE ON pgmq.notify_insert_throttle TO agent_worker;
 GRANT SELECT, INSERT, UPDATE, DELETE ON pgmq.{q}, pgmq.{a}, pgmq.{dq}, pgmq.{da} TO agent_worker;
 GRANT USAGE, SELECT ON SEQUENCE pgmq.{qs}, pgmq.{dqs} TO agent_worker;

@@ -56,14 +56,17 @@ async def install_pgmq(conn: asyncpg.Connection) -> str:
     return "sql"
 
 
-async def init_database(conn: asyncpg.Connection, queue: str, throttle_ms: int = 250) -> dict[str, object]:
-    """Bring the database to the current schema and create the queue, its DLQ and notifications."""
+async def init_database(conn: asyncpg.Connection, queue: str, throttle_ms: int = 250,
+                        site: str = "default") -> dict[str, object]:
+    """Bring the database to the current schema, create the queue, its DLQ and notifications, and
+    record the queue as the site's (producers' commands for the site's devices are sent there)."""
     q = Queries(queue)
     await conn.execute("SELECT pg_advisory_lock(hashtext($1))", _LOCK)
     try:
         pgmq = await install_pgmq(conn)
         applied = await _migrate(conn)
         async with conn.transaction():
+            recorded = await record_site(conn, site, q.queue)
             for name in (q.queue, q.dlq):
                 await conn.execute("SELECT pgmq.create($1)", name)
             for table, options in storage_options(q).items():
@@ -78,7 +81,54 @@ async def init_database(conn: asyncpg.Connection, queue: str, throttle_ms: int =
     finally:
         await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", _LOCK)
     return {"pgmq": pgmq, "migrations_applied": applied, "schema_version": SCHEMA_VERSION,
-            "queue": q.queue, "dlq": q.dlq, "roles": roles}
+            "queue": q.queue, "dlq": q.dlq, "roles": roles, "site": site, "site_recorded": recorded}
+
+
+async def record_site(conn: asyncpg.Connection, site: str, queue: str) -> bool:
+    """site -> queue in agent.sites (True when new). A different pairing is a ConfigError that
+    says what is recorded: a site has one queue, a queue one site."""
+    if problem := site_name_problem(site):
+        raise ConfigError(problem)
+    try:
+        return bool(await conn.fetchval("SELECT agent.record_site($1, $2)", site, queue))
+    except asyncpg.InvalidParameterValueError as exc:
+        raise ConfigError(f"{exc}; {exc.hint}" if exc.hint else str(exc)) from None
+
+
+def site_name_problem(site: str) -> str | None:
+    """What AGENT_SITE accepts (and agent.sites checks): 1 to 64 characters, none of them control."""
+    if not 1 <= len(site) <= 64:
+        return f"site name {site!r} must be 1 to 64 characters"
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in site):
+        return f"site name {site!r} must not contain control characters"
+    return None
+
+
+def site_problem(site: str, queue: str, rows: list[tuple[str, str]]) -> str | None:
+    """Whether an agent of `site` may consume `queue`, given the agent.sites rows that name either
+    (pure). None when it may: the pairing is recorded, or neither is (a site not recorded yet)."""
+    for name, recorded in rows:
+        if name == site and recorded != queue:
+            return (f"AGENT_QUEUE is {queue!r}, but site {site!r} (AGENT_SITE) records queue {recorded!r}: "
+                    f"set AGENT_QUEUE={recorded}, or AGENT_SITE to the site this agent serves")
+    for name, recorded in rows:
+        if name != site and recorded == queue:
+            return (f"AGENT_QUEUE {queue!r} is the queue of site {name!r}, not of {site!r} (AGENT_SITE): set "
+                    f"AGENT_SITE={name}, or give site {site!r} its own queue (agentctl db init --site {site} "
+                    "--queue <name>) and set AGENT_QUEUE to it")
+    return None
+
+
+async def check_site(conn: asyncpg.Connection, site: str, queue: str) -> None:
+    """At start: refuse to consume a queue other than the one recorded for the agent's site, or
+    another site's queue (its commands would all be moved away or dead-lettered)."""
+    rows = [(r["name"], r["queue"]) for r in await conn.fetch(Queries(queue).site_routes, site, queue)]
+    if problem := site_problem(site, queue, rows):
+        raise ConfigError(problem)
+    if not rows:
+        log.warning("site %r has no queue recorded: producers' commands for its devices go to the default "
+                    "queue; run `agentctl db init --site %s --queue %s`", site, site, queue,
+                    extra={"action": "site_unrecorded", "site": site, "queue": queue})
 
 
 # Autovacuum for tables that churn. PGMQ rewrites a queue row on every read (read_ct, vt): room on
@@ -195,12 +245,14 @@ async def check_ready(conn: asyncpg.Connection, queue: str) -> None:
             f"queue {q.queue!r} or {q.dlq!r} is missing: run `agentctl db init` with AGENT_QUEUE={q.queue}")
 
 
-def init_sql(q: Queries, throttle_ms: int = 250, after: int = 0) -> str:
+def init_sql(q: Queries, throttle_ms: int = 250, after: int = 0, site: str = "default") -> str:
     """What `db init` does, as a script for a DBA to apply with psql as the database owner: the
     migrations after version `after` (each in its transaction, recorded in agent.schema_version),
-    then the queue, its DLQ, notifications, storage parameters and the roles. PGMQ must be there."""
+    then the site's queue, its DLQ, notifications, storage parameters and the roles. PGMQ must be there."""
+    if problem := site_name_problem(site):
+        raise ConfigError(problem)
     parts = [f"-- pgmq-edge-agent {__version__}: schema version {SCHEMA_VERSION}"
-             f" (migrations after {after}), queue {q.queue}.",
+             f" (migrations after {after}), site {site}, queue {q.queue}.",
              "-- Apply as the database owner: psql -v ON_ERROR_STOP=1 -f <this file>",
              "-- PGMQ must be installed first: CREATE EXTENSION pgmq; (or the SQL of the `pgmq` package)",
              "CREATE SCHEMA IF NOT EXISTS agent;", _VERSION_TABLE + ";"]
@@ -209,7 +261,8 @@ def init_sql(q: Queries, throttle_ms: int = 250, after: int = 0) -> str:
             parts += [f"\n-- {name}", "BEGIN;", sql.strip(),
                       f"INSERT INTO agent.schema_version (version, name) VALUES ({version}, '{name}');", "COMMIT;"]
     lit = f"'{q.queue}'"  # validated by Settings: lower-case letters, digits and _
-    parts += ["\n-- queue, dead-letter queue, insert notifications, storage parameters", "BEGIN;",
+    parts += ["\n-- the site's queue, dead-letter queue, insert notifications, storage parameters", "BEGIN;",
+              f"SELECT agent.record_site({_literal(site)}, {lit});",
               f"SELECT pgmq.create({lit});", f"SELECT pgmq.create('{q.dlq}');",
               *(f"ALTER TABLE {t} SET ({o});" for t, o in storage_options(q).items()),
               f"SELECT pgmq.enable_notify_insert({lit}, {int(throttle_ms)});",
@@ -219,6 +272,13 @@ def init_sql(q: Queries, throttle_ms: int = 250, after: int = 0) -> str:
                                f"CREATE ROLE {r} NOLOGIN; END IF;" for r in ROLES), "END $$;",
               "BEGIN;", roles_sql(q).strip(), "COMMIT;"]
     return "\n".join(parts) + "\n"
+
+
+def _literal(text: str) -> str:
+    """An SQL string literal that reads the same whatever standard_conforming_strings is."""
+    if "\\" in text:
+        return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+    return "'" + text.replace("'", "''") + "'"
 
 
 async def status(conn: asyncpg.Connection, q: Queries) -> dict[str, object]:

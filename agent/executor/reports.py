@@ -24,7 +24,8 @@ from agent.text import clean, clean_opt, safe_json
 
 log = logging.getLogger("agent.reporter")
 
-Finish = Literal["archive", "retry", "park", "dead_letter"]
+Finish = Literal["archive", "retry", "park", "dead_letter", "move"]
+_LEAVES = ("archive", "dead_letter", "move")  # finishes that take the message off this queue
 
 
 @dataclass
@@ -94,6 +95,8 @@ class Outcome:
     sync: dict[str, Any] | None = None  # a reconcile message's findings (agent.sync_items, run counters)
     extra_states: list[StateUpdate] = field(default_factory=list)  # a reconcile reports several services
     reconcile: bool = False            # the outcome of a reconcile message, not of a command
+    move_to: str | None = None         # move: the queue the message belongs on (agent/queue/routing.py)
+    move_headers: dict[str, Any] | None = None  # move: merged into its headers there
 
 
 def merge_states(updates: Sequence[StateUpdate]) -> list[StateUpdate]:
@@ -133,14 +136,14 @@ async def write_batch(conn: asyncpg.Connection, q: Queries, agent_id: str, batch
     """Commit one batch in one statement; return the msg_ids whose lease was lost."""
     args = report_args(q, agent_id, batch)
     row = await conn.fetchrow(q.report, *args)
-    return {o.delivery.msg_id for o in batch if o.finish in ("archive", "dead_letter")} - set(row["archived"])
+    return {o.delivery.msg_id for o in batch if o.finish in _LEAVES} - set(row["archived"])
 
 
 def report_args(q: Queries, agent_id: str, batch: Sequence[Outcome]) -> tuple[Any, ...]:
     """The report statement's parameters. Raises ValueError for a value that cannot be JSON."""
-    finish = [{"id": o.delivery.msg_id, "rc": o.delivery.read_ct,
-               "h": dlq_headers(o, q.queue, agent_id) if o.finish == "dead_letter" else None}
-              for o in batch if o.finish in ("archive", "dead_letter")]
+    finish = [{"id": o.delivery.msg_id, "rc": o.delivery.read_ct, "dest": o.move_to,
+               "h": dlq_headers(o, q.queue, agent_id) if o.finish == "dead_letter" else o.move_headers}
+              for o in batch if o.finish in _LEAVES]
     later = [{"id": o.delivery.msg_id, "rc": o.delivery.read_ct, "delay": _delay(o.retry_delay),
               "park": o.finish == "park", "bounces": min(o.delivery.bounces + 1, MAX_BOUNCES)}
              for o in batch if o.finish in ("retry", "park")]

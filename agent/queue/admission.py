@@ -1,7 +1,7 @@
 """What a read row must be before anything else looks at it: pure checks on untrusted input.
 
 The body's size was measured in SQL (bodies over the limit are not even fetched); the agent's own
-headers (`origin_msg_id`, `bounces`) are validated like a command; a msg_id above the queue's
+headers (`origin_msg_id`, `bounces`, `rerouted_from`) are validated like a command; a msg_id above the queue's
 sequence was forged by hand (a real one never is) and would make every later command "superseded".
 """
 
@@ -14,6 +14,7 @@ from typing import Any
 from agent.errors import PermanentError
 from agent.executor.policy import parse_headers
 from agent.executor.reports import Delivery
+from agent.queue.routing import MARK, mark_problem
 
 MAX_HEADER_BYTES = 8192
 
@@ -61,6 +62,8 @@ def header_problem(msg_id: int, headers: str | None) -> str | None:
     bounces = doc.get("bounces")
     if bounces is not None and not (_is_int(bounces) and bounces >= 0):
         return "bounces must be a non-negative integer"
+    if MARK in doc:
+        return mark_problem(doc[MARK])
     return None
 
 

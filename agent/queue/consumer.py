@@ -15,13 +15,14 @@ from collections.abc import Callable
 
 import asyncpg
 
-from agent.contract import parse_command
+from agent.contract import Command, parse_command
 from agent.db.queries import Queries
 from agent.errors import PermanentError
 from agent.executor.executor import Executor
 from agent.executor.reports import Delivery, Outcome
 from agent.inventory import Inventory
 from agent.queue.admission import admit, delivery
+from agent.queue.routing import Elsewhere, moved, route
 from agent.reconcile.request import SyncRequest, is_sync, parse_sync
 from agent.reconcile.worker import SyncWork, unknown_device
 from agent.settings import Settings
@@ -154,10 +155,11 @@ class Consumer:
             except PermanentError as exc:
                 self._executor.reject(d, str(exc))
         wanted = {c.device for _, c in parsed} | {r.device for _, r in syncs}
+        elsewhere: dict[str, Elsewhere] = {}
         if unknown := sorted(dev for dev in wanted if self._inventory.get(dev) is None
                              and dev not in self._inventory.broken):
             try:
-                await self._inventory.look_up(unknown)
+                elsewhere = await self._inventory.look_up(unknown)
             except DB_ERRORS as exc:  # cannot tell unknown from new: try these again shortly
                 log.warning("inventory look-up failed: %s", exc, extra={"action": "inventory_failed"})
                 for d, dev in [(d, c.device) for d, c in parsed] + [(d, r.device) for d, r in syncs]:
@@ -167,16 +169,31 @@ class Consumer:
                 syncs = [(d, r) for d, r in syncs if r.device not in unknown]
         for d, c in parsed:
             device = self._inventory.get(c.device)
-            if device is None:
-                self._executor.reject(d, self._inventory.why_unknown(c.device), c)
-            else:
+            if device is not None:
                 self._executor.submit(d, c, device)
+            elif (where := elsewhere.get(c.device)) is not None:
+                self._reroute(d, c, where)
+            else:
+                self._executor.reject(d, self._inventory.why_unknown(c.device), c)
         for d, r in syncs:
             device = self._inventory.get(r.device)
-            if device is None:
-                self._executor.settle(unknown_device(d, r, self._inventory.why_unknown(r.device)))
+            if device is None:  # a run of this site does not check another site's device: its own runs do
+                why = (f"device {r.device!r} belongs to site {elsewhere[r.device].site!r} now"
+                       if r.device in elsewhere else self._inventory.why_unknown(r.device))
+                self._executor.settle(unknown_device(d, r, why))
             else:
                 self._executor.submit_item(SyncWork(d, r, device))
+
+    def _reroute(self, d: Delivery, c: Command, where: Elsewhere) -> None:
+        """A command for another site's device: moved to that site's queue once, else dead-lettered."""
+        decision = route(d, self._q.queue, self._s.site, where)
+        if isinstance(decision, str):
+            self._executor.reject(d, decision, c)
+            return
+        log.info("moved to queue %s: device %s belongs to site %s", decision.to, c.device, where.site,
+                 extra={"action": "rerouted", "msg_id": d.msg_id, "device": c.device, "service": c.service,
+                        "site": where.site, "queue": decision.to})
+        self._executor.settle(moved(d, c, decision, self._q.queue, where.site))
 
     # -- bookkeeping ----------------------------------------------------------------------
 
