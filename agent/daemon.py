@@ -182,6 +182,7 @@ class Agent:
             self.consumer.wake("connect")
 
     async def start(self) -> None:
+        await self._check_session_url()
         async with self.pool.acquire() as conn:
             await check_ready(conn, self.settings.queue)
             if await ensure_notify(conn, self.settings.queue, self.settings.notify_throttle_ms):
@@ -191,6 +192,21 @@ class Agent:
         for name in {d.driver for d in self.inventory.devices.values()}:
             self.drivers.get(name)  # every driver the inventory needs loads now, not on first command
         await self.vpn.wait_for_tunnel(self.settings.vpn_grace, self.notifier.status)
+
+    async def _check_session_url(self) -> None:
+        """A separate AGENT_SESSION_DATABASE_URL that the server refuses (password, role, database,
+        sslmode, a malformed URL) is a configuration error now, not a session retried forever.
+        Unreachable is fine: the session connection retries that by itself."""
+        s = self.settings
+        if not s.session_database_url or s.session_database_url == s.database_url:
+            return
+        try:
+            conn = await asyncpg.connect(s.session_database_url, timeout=10)
+        except (*DB_ERRORS, ValueError, ArithmeticError) as exc:
+            if refused := classify_connect_error(exc, s.session_database_url, "AGENT_SESSION_DATABASE_URL"):
+                raise refused from None
+            return
+        await conn.close()
 
     async def _probe(self, device: Device) -> None:
         async with asyncio.timeout(self.settings.device_timeout):

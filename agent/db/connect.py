@@ -51,9 +51,10 @@ def _password(dsn: str) -> str | None:
         return None
 
 
-def classify(exc: BaseException, dsn: str) -> ConfigError | None:
-    """A ConfigError when retrying cannot help, else None (retry later)."""
-    where = f"{SETTING} ({redact(dsn)})"
+def classify(exc: BaseException, dsn: str, setting: str = SETTING) -> ConfigError | None:
+    """A ConfigError when retrying cannot help, else None (retry later). `setting` names where the
+    DSN came from (AGENT_DATABASE_URL or AGENT_SESSION_DATABASE_URL)."""
+    where = f"{setting} ({redact(dsn)})"
     for kind, remedy in _REMEDIES:
         if isinstance(exc, kind):
             return ConfigError(f"cannot connect to the database: {remedy} {where}: {_said(exc, dsn)}")
@@ -61,5 +62,5 @@ def classify(exc: BaseException, dsn: str) -> ConfigError | None:
         return ConfigError(f"cannot connect to the database: SSL negotiation failed, check sslmode in {where}: "
                            f"{_said(exc, dsn)}")
     if isinstance(exc, (ValueError, ArithmeticError)) and not isinstance(exc, asyncpg.PostgresError):
-        return ConfigError(f"{SETTING} is not a valid connection URL ({redact(dsn)}): {_said(exc, dsn)}")
+        return ConfigError(f"{setting} is not a valid connection URL ({redact(dsn)}): {_said(exc, dsn)}")
     return None

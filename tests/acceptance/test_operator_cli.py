@@ -149,3 +149,13 @@ async def test_db_prune_dry_run_then_prune(dsn, db):
     text = agentctl(dsn, "db", "prune", retain_archive_days=0).stdout
     assert "events       removed        3 (kept 180 days)" in text and "archive      kept forever" in text
     assert await db.fetchval("SELECT count(*) FROM agent.events") == 1
+
+
+@pytest.mark.parametrize("case", ["unknown database", "bad port"])
+def test_agentd_refuses_a_wrong_session_database_url_at_once_with_exit_2(dsn, case):
+    """The pool's URL is fine; the session connection's (the one that bypasses PgBouncer) is refused."""
+    started = time.monotonic()
+    code, out = finish(spawn_agentd(dsn, session_database_url=refusals(dsn)[case]))
+    assert code == 2, out
+    assert time.monotonic() - started < 10
+    assert "AGENT_SESSION_DATABASE_URL" in out and "hunter2" not in out and "Traceback" not in out
