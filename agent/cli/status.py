@@ -10,11 +10,13 @@ import aiohttp
 import asyncpg
 
 from agent.db.queries import Queries
+from agent.reconcile.leader import LEADER_LOCK_CLASS
 from agent.retention import table_stats
 from agent.settings import Settings
 from agent.text import clean, dumps, local_time
 
 STALE_FACTOR = 3
+QUEUE_CAP = 100_000   # queue depths are counted up to this (as the agents' own status does)
 
 
 async def local(settings: Settings, as_json: bool, url: str | None) -> int:
@@ -74,19 +76,26 @@ def render(s: dict[str, Any]) -> str:
 
 
 async def fleet(conn: asyncpg.Connection, settings: Settings, as_json: bool, all_sites: bool) -> int:
+    """Every site (or AGENT_SITE's) as the database sees it; exit 1 when an agent is not healthy or
+    none has reported."""
     rows = await conn.fetch(Queries(settings.queue).fleet, None if all_sites else settings.site)
-    agents = []
+    agents: list[dict[str, Any]] = []
     for r in rows:
         a = {**dict(r), "figures": json.loads(r["figures"])}
         a["stale"] = r["state"] != "stopped" and r["heartbeat_age"] > STALE_FACTOR * settings.heartbeat_interval
         agents.append(a)
-    bad = [a for a in agents if a["state"] != "stopped" and (a["stale"] or a["state"] != "ready")]
-    tables = await table_stats(conn, Queries(settings.queue))
+    bad = [a for a in agents if not _healthy(a) and a["state"] != "stopped"]
+    q = Queries(settings.queue)
+    sites = await site_views(conn, q, None if all_sites else settings.site, agents)
+    tables = await table_stats(conn, q)
     if as_json:
-        print(dumps({"agents": agents, "tables": {t: {"bytes": b, "oldest_row_age_s": age}
-                                                  for t, (b, age) in tables.items()}}))
+        print(dumps({"sites": sites, "agents": agents, "tables": {t: {"bytes": b, "oldest_row_age_s": age}
+                                                                  for t, (b, age) in tables.items()}}))
     else:
         print(f"{len(agents)} agent(s), {len(bad)} not healthy" if agents else "no agents have reported")
+        for site in sites:
+            print(render_site(site))
+        print("agents:" + ("" if agents else " none"))
         for a in agents:
             state = "STALE" if a["stale"] else a["state"]
             print(f"  {a['agent_id']:<28} {a['site']:<10} {state:<9} heartbeat {_dur(float(a['heartbeat_age']))} ago"
@@ -95,6 +104,63 @@ async def fleet(conn: asyncpg.Connection, settings: Settings, as_json: bool, all
         for table, (nbytes, age) in tables.items():
             print(f"  {table:<12} {_size(nbytes):>9}  {_dur(age) if age is not None else 'empty'}")
     return 1 if bad or not agents else 0
+
+
+def _healthy(a: dict[str, Any]) -> bool:
+    return not a["stale"] and a["state"] == "ready"
+
+
+async def site_views(conn: asyncpg.Connection, q: Queries, site: str | None,
+                     agents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per site: its queue (recorded, else the one its agents report) with depth, oldest age and DLQ
+    depth; its leader (from the advisory lock, so only a live leader shows); its agents and their
+    health; its unreachable devices."""
+    existing = {r["queue_name"] for r in await conn.fetch(q.queue_names)}
+    views = []
+    for r in await conn.fetch(q.fleet_sites, site, LEADER_LOCK_CLASS):
+        mine = [a for a in agents if a["site"] == r["site"]]
+        queue = r["queue"] or next((a["queue"] for a in mine if a["state"] != "stopped"), None)
+        stats = None
+        if queue is not None and {queue, f"{queue}_dlq"} <= existing:
+            stats = await conn.fetchrow(Queries(queue).queue_stats, QUEUE_CAP)
+        views.append({
+            "site": r["site"], "queue": queue, "queue_recorded": r["queue"] is not None,
+            "queue_missing": queue is not None and stats is None,
+            "queue_depth": stats["depth"] if stats else None,
+            "queue_oldest_s": _float(stats["oldest"]) if stats else None,
+            "dlq_depth": stats["dlq_depth"] if stats else None,
+            "leader": _agent_of(r["leader_backend"]),
+            "agents": [a["agent_id"] for a in mine], "healthy_agents": sum(_healthy(a) for a in mine),
+            "unreachable": json.loads(r["unreachable"])})
+    return views
+
+
+def _agent_of(application_name: str | None) -> str | None:
+    """The agent id in a session's application_name ("agentd <role> <agent id>")."""
+    if application_name is None:
+        return None
+    parts = application_name.split(" ", 2)
+    return parts[2] if len(parts) == 3 and parts[0] == "agentd" else application_name
+
+
+def _float(v: Any) -> float | None:
+    return None if v is None else round(float(v), 1)
+
+
+def render_site(v: dict[str, Any]) -> str:
+    if v["queue"] is None:
+        queue = "no queue recorded (agentctl db init --site ...)"
+    elif v["queue_missing"]:
+        queue = f"queue {v['queue']} MISSING (agentctl db init --site {v['site']} --queue {v['queue']})"
+    else:
+        queue = (f"queue {v['queue']}{'' if v['queue_recorded'] else ' (not recorded)'}: {v['queue_depth']} "
+                 f"messages, oldest {_dur(v['queue_oldest_s'])}; DLQ {v['dlq_depth']}")
+    lines = [f"site {clean(v['site'])}: {queue}",
+             f"  leader {clean(v['leader']) if v['leader'] else 'none'}; agents {v['healthy_agents']} healthy of "
+             f"{len(v['agents'])}" + (f" ({', '.join(clean(a) for a in v['agents'])})" if v["agents"] else ""),
+             "  unreachable devices:" + ("" if v["unreachable"] else " none")]
+    lines += [f"    {clean(u['device'])}: {clean(u['reason'] or 'unreachable')}" for u in v["unreachable"]]
+    return "\n".join(lines)
 
 
 def _size(n: int) -> str:

@@ -179,6 +179,32 @@ SELECT agent_id, site, queue, host, pid, version, started_at, last_heartbeat, st
        extract(epoch FROM now() - last_heartbeat) AS heartbeat_age, figures::text AS figures
 FROM agent.agents WHERE $1::text IS NULL OR site = $1 ORDER BY site, agent_id;
 
+-- name: fleet_sites
+-- Every site ($1 NULL) or one: recorded (agent.sites), served by an agent, or holding devices. Its
+-- recorded queue; its leader: the backend holding the leadership advisory lock
+-- (agent/reconcile/leader.py: class $2, object hashtext(site)), by its application_name; its
+-- devices found unreachable (agent.reachability, written by the agents' VPN guard).
+WITH names AS (
+    SELECT name FROM agent.sites
+    UNION SELECT site FROM agent.agents
+    UNION SELECT DISTINCT site FROM agent.devices
+)
+SELECT n.name AS site, s.queue,
+       (SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid::bigint = $2::bigint
+          AND l.objid::bigint = (hashtext(n.name)::bigint & 4294967295)
+        LIMIT 1) AS leader_backend,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object('device', r.device, 'reason', r.reason, 'peer', r.peer,
+                                                     'since', r.since) ORDER BY r.device), '[]')
+        FROM agent.reachability r JOIN agent.devices d ON d.id = r.device
+        WHERE d.site = n.name AND NOT r.reachable)::text AS unreachable
+FROM names n LEFT JOIN agent.sites s ON s.name = n.name
+WHERE $1::text IS NULL OR n.name = $1
+ORDER BY n.name;
+
+-- name: queue_names
+SELECT queue_name FROM pgmq.meta;
+
 
 -- name: report
 -- One statement, so one round trip and one atomic unit: for every settled message the fenced

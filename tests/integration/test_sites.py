@@ -219,3 +219,26 @@ async def test_the_worker_role_may_move_to_another_sites_queue(db, dsn, north):
         finally:
             await worker.close()
     assert await archived(db, msg) and await queue_len(db, NORTH) == 1
+
+
+# -- the fleet ------------------------------------------------------------------------------------
+
+async def test_status_fleet_shows_every_sites_queue_dlq_leader_and_unreachable_devices(db, dsn, north):
+    await enqueue(db, "n1")
+    await enqueue(db, "n1")
+    await send(db, {"device": "n1"}, queue=f"{NORTH}_dlq")
+    await db.execute("INSERT INTO agent.reachability (device, reachable, reason) VALUES ('n1', false, 'peer down')")
+    async with running_agent(dsn, ScriptedDriver(), consume=False) as agent:
+        await until(lambda: agent.leadership.leading, what="the default site's leader")
+        proc = agentctl(dsn, "status", "--fleet", "--all-sites", "--json", check=False)
+        text = agentctl(dsn, "status", "--fleet", "--all-sites", check=False).stdout
+        one = json.loads(agentctl(dsn, "status", "--fleet", "--json", check=False).stdout)
+    sites = {s["site"]: s for s in json.loads(proc.stdout)["sites"]}
+    assert sorted(sites) == ["default", "north"]
+    assert (sites["north"]["queue"], sites["north"]["queue_depth"], sites["north"]["dlq_depth"]) == (NORTH, 2, 1)
+    assert sites["north"]["queue_oldest_s"] is not None and sites["north"]["leader"] is None
+    assert [(u["device"], u["reason"]) for u in sites["north"]["unreachable"]] == [("n1", "peer down")]
+    me = agent.settings.agent_id
+    assert sites["default"]["leader"] == me and sites["default"]["agents"] == [me]
+    assert "site north: queue north_tasks: 2 messages" in text and "    n1: peer down" in text
+    assert [s["site"] for s in one["sites"]] == ["default"]  # AGENT_SITE only, without --all-sites
