@@ -116,9 +116,10 @@ async def remove_device(conn: asyncpg.Connection, device_id: str) -> bool:
     return await conn.fetchval("DELETE FROM agent.devices WHERE id = $1 RETURNING true", device_id) or False
 
 
-async def enqueue(conn: asyncpg.Connection, queue: str, device: str, service: str, state: str | None,
+async def enqueue(conn: asyncpg.Connection, queue: str | None, device: str, service: str, state: str | None,
                   **kw: Any) -> int:
-    """Through agent.enqueue, so operators get the same validation as producers."""
+    """Through agent.enqueue, so operators get the same validation and routing as producers (queue
+    None: the queue of the device's site)."""
     action = "refresh" if state == "refresh" else "set"
     return await conn.fetchval(
         "SELECT agent.enqueue($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9)",

@@ -165,7 +165,7 @@ async def device_import(conn: asyncpg.Connection, s: Settings, a: argparse.Names
 
 
 async def enqueue(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
-    msg_id = await admin.enqueue(conn, s.queue, a.device, a.service, a.state, request_id=a.request_id,
+    msg_id = await admin.enqueue(conn, a.queue, a.device, a.service, a.state, request_id=a.request_id,
                                  not_after=a.not_after, meta=a.meta, delay=a.delay)
     print(msg_id)
     return 0
@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     enq.add_argument("--not-after", type=argtypes.timestamp, help="RFC 3339 time with offset")
     enq.add_argument("--meta", type=argtypes.json_object, help="JSON object kept with the report")
     enq.add_argument("--delay", type=int, default=0, help="seconds before it becomes visible")
+    enq.add_argument("--queue", type=argtypes.queue_name,
+                     help="send to this queue (default: the queue of the device's site, as for producers)")
     enq.set_defaults(func=enqueue)
 
     dlq = sub.add_parser("dlq", help="dead-letter queue").add_subparsers(dest="cmd", required=True)

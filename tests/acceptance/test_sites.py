@@ -1,0 +1,70 @@
+"""Two sites on one database, each with its own agentd and queue: producers name no queue and each
+command reaches its site's agent; a command put on the wrong site's queue is moved, not dead-lettered."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.support.agents import agentctl, spawn_agentd
+from tests.support.db import dlq, queue_len, send
+from tests.support.wait import until
+
+pytestmark = pytest.mark.acceptance
+
+NORTH = "north_tasks"
+
+
+def read(path: Path) -> dict[str, str]:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+async def verified_by(db: asyncpg.Connection, request_id: str) -> str | None:
+    return await db.fetchval("SELECT agent_id FROM agent.events WHERE request_id = $1 AND kind = 'verified'",
+                             request_id)
+
+
+@pytest.fixture
+async def two_sites(db: asyncpg.Connection, dsn: str, tmp_path: Path) -> dict[str, Path]:
+    """Site `default` (queue device_tasks) with r1, site `north` (north_tasks) with n1, an agent each."""
+    agentctl(dsn, "db", "init", "--site", "north", "--queue", NORTH)
+    files = {d: tmp_path / f"{d}.json" for d in ("r1", "n1")}
+    agentctl(dsn, "device", "add", "r1", "--driver", "sim", "--option", f"state_file={files['r1']}")
+    agentctl(dsn, "device", "add", "n1", "--driver", "sim", "--site", "north", "--option", f"state_file={files['n1']}")
+    common = {"retry_base": 0.05, "retry_max": 0.3, "poll_interval": 1}
+    spawn_agentd(dsn, agent_id="gw-default", **common)
+    spawn_agentd(dsn, agent_id="gw-north", site="north", queue=NORTH, **common)
+    await until(lambda: db.fetchval("SELECT count(*) = 2 FROM agent.agents WHERE state = 'ready'"), timeout=20,
+                what="both sites' agents ready")
+    return files
+
+
+async def test_commands_enqueued_without_a_queue_reach_their_sites_agent(db, dsn, two_sites):
+    for i, (device, state) in enumerate([("r1", "on"), ("n1", "on"), ("n1", "off"), ("r1", "off"), ("n1", "on")]):
+        await db.fetchval("SELECT agent.enqueue($1, 'wifi', $2, request_id => $3)", device, state, f"req-{i}")
+    await until(lambda: read(two_sites["r1"]).get("wifi") == "off" and read(two_sites["n1"]).get("wifi") == "on",
+                timeout=20, what="both devices at their newest state")
+    await until(lambda: verified_by(db, "req-4"), timeout=10, what="the last command verified")
+    assert await verified_by(db, "req-0") == "gw-default" and await verified_by(db, "req-4") == "gw-north"
+    assert not await db.fetchval("SELECT count(*) FROM agent.events WHERE kind IN ('rerouted', 'dead_lettered')")
+    assert await queue_len(db) == 0 and await queue_len(db, NORTH) == 0
+
+
+async def test_a_command_on_the_wrong_sites_queue_is_moved_and_verified_by_the_right_agent(db, dsn, two_sites):
+    await send(db, {"device": "n1", "service": "voip", "state": "on", "request_id": "lost-1"})  # onto device_tasks
+    await until(lambda: verified_by(db, "lost-1"), timeout=20, what="the misrouted command verified")
+    assert read(two_sites["n1"]).get("voip") == "on"
+    rows = await db.fetch("SELECT kind, agent_id, meta::text AS meta FROM agent.events WHERE request_id = 'lost-1' "
+                          "AND kind IN ('rerouted', 'verified', 'dead_lettered') ORDER BY id")
+    assert [(r["kind"], r["agent_id"]) for r in rows] == [("rerouted", "gw-default"), ("verified", "gw-north")]
+    assert json.loads(rows[0]["meta"])["to_queue"] == NORTH
+    assert await dlq(db) == [] and await dlq(db, NORTH) == []
+    fleet = json.loads(agentctl(dsn, "status", "--fleet", "--all-sites", "--json").stdout)
+    leaders = {s["site"]: s["leader"] for s in fleet["sites"]}
+    assert leaders == {"default": "gw-default", "north": "gw-north"}
