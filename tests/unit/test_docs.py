@@ -40,3 +40,16 @@ def test_the_example_configuration_shows_every_setting():
     text = (ROOT / "etc" / "agent.toml.example").read_text()
     missing = [k for k in Settings.model_fields if not re.search(rf"^#? ?{k}\s*=", text, re.M)]
     assert missing == []
+
+
+def test_every_event_kind_is_documented_in_the_contract():
+    import re
+
+    from agent.db.schema import migrations
+
+    newest = [sql for _v, _n, sql in migrations() if "events_kind_check CHECK" in sql][-1]
+    check = newest[newest.rindex("events_kind_check CHECK"):]
+    kinds = re.findall(r"'(\w+)'", check[: check.index(")")])
+    text = (ROOT / "docs" / "contract.md").read_text()
+    table = text[text.index("`kind` is one of:"):]
+    assert kinds and [k for k in kinds if f"`{k}`" not in table] == []
