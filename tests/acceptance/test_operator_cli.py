@@ -88,6 +88,7 @@ def test_status_needs_no_database_url(tmp_path):
 def test_config_after_the_subcommand_and_from_the_environment(dsn, tmp_path):
     path = tmp_path / "agent.toml"
     path.write_text(f'database_url = "{dsn}"\nsite = "north"\n')
+    agentctl(dsn, "db", "init", "--site", "north", "--queue", "site_north")  # a site needs its queue first
     env = {k: v for k, v in agent_env(dsn).items() if k != "AGENT_DATABASE_URL"}
     run = [sys.executable, "-m", "agent.cli.agentctl"]
     added = subprocess.run([*run, "device", "add", "r1", "--driver", "sim", "--config", str(path)], env=env,
