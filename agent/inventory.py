@@ -114,6 +114,8 @@ class Inventory:
             await self.load()
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
             log.warning("inventory reload failed: %s", exc, extra={"action": "inventory_failed"})
+        except ConfigError as exc:  # the site check, when the load at start did not get that far
+            log.error("inventory not loaded: %s", exc, extra={"action": "config_error"})
 
     def why_unknown(self, device_id: str) -> str:
         return self.broken.get(device_id) or (

@@ -13,6 +13,33 @@ SELECT r.msg_id, r.read_ct, r.enqueued_at,
        (SELECT last_value FROM pgmq.{qs}) AS last_id, clock_timestamp() AS db_now
 FROM pgmq.read($1::text, $2::integer, $3::integer) r, LATERAL (SELECT r.message::text, r.headers::text) AS t(body, head);
 
+-- name: read_device
+-- The next visible messages of one device ($2), as `read` returns them and with the same effect on
+-- the queue (vt, read_ct, last_read_at, as pgmq.read sets them): the device's lane is about to be
+-- served while a backlog waits, so its take is filled from the queue (device_index makes it cheap).
+WITH cte AS (
+    SELECT msg_id FROM pgmq.{q}
+    WHERE (message->>'device') = $2 AND vt <= clock_timestamp()
+    ORDER BY msg_id LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), r AS (
+    UPDATE pgmq.{q} m
+    SET last_read_at = clock_timestamp(), vt = clock_timestamp() + make_interval(secs => $1::integer),
+        read_ct = m.read_ct + 1
+    FROM cte WHERE m.msg_id = cte.msg_id
+    RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message, m.headers
+)
+SELECT r.msg_id, r.read_ct, r.enqueued_at,
+       CASE WHEN octet_length(t.body) <= $4 THEN t.body END AS message, octet_length(t.body) AS size,
+       CASE WHEN octet_length(t.head) <= 8192 THEN t.head END AS headers, octet_length(t.head) AS headers_size,
+       (SELECT last_value FROM pgmq.{qs}) AS last_id, clock_timestamp() AS db_now
+FROM r, LATERAL (SELECT r.message::text, r.headers::text) AS t(body, head)
+ORDER BY r.msg_id;
+
+-- name: device_index
+-- For read_device: a queue's messages by device, in order (created by `db init`).
+CREATE INDEX IF NOT EXISTS {qdev} ON pgmq.{q} ((message->>'device'), msg_id);
+
 -- name: load_devices
 SELECT id, driver, address, site, options::text AS options, credential,
        CASE WHEN paused_at IS NOT NULL THEN coalesce(paused_reason, 'maintenance') END AS paused
@@ -183,22 +210,28 @@ FROM agent.agents WHERE $1::text IS NULL OR site = $1 ORDER BY site, agent_id;
 -- Every site ($1 NULL) or one: recorded (agent.sites), served by an agent, or holding devices. Its
 -- recorded queue; its leader: the backend holding the leadership advisory lock
 -- (agent/reconcile/leader.py: class $2, object hashtext(site)), by its application_name; its
--- devices found unreachable (agent.reachability, written by the agents' VPN guard).
+-- devices found unreachable (agent.reachability, written by the agents' VPN guard). pg_locks and
+-- the reachability rows are read once for all sites.
 WITH names AS (
     SELECT name FROM agent.sites
     UNION SELECT site FROM agent.agents
     UNION SELECT DISTINCT site FROM agent.devices
+), leaders AS (
+    SELECT DISTINCT ON (l.objid) l.objid::bigint AS key, a.application_name
+    FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid::bigint = $2::bigint
+), unreachable AS (
+    SELECT d.site, jsonb_agg(jsonb_build_object('device', r.device, 'reason', r.reason, 'peer', r.peer,
+                                                'since', r.since) ORDER BY r.device) AS devices
+    FROM agent.reachability r JOIN agent.devices d ON d.id = r.device
+    WHERE NOT r.reachable GROUP BY d.site
 )
-SELECT n.name AS site, s.queue,
-       (SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid::bigint = $2::bigint
-          AND l.objid::bigint = (hashtext(n.name)::bigint & 4294967295)
-        LIMIT 1) AS leader_backend,
-       (SELECT coalesce(jsonb_agg(jsonb_build_object('device', r.device, 'reason', r.reason, 'peer', r.peer,
-                                                     'since', r.since) ORDER BY r.device), '[]')
-        FROM agent.reachability r JOIN agent.devices d ON d.id = r.device
-        WHERE d.site = n.name AND NOT r.reachable)::text AS unreachable
-FROM names n LEFT JOIN agent.sites s ON s.name = n.name
+SELECT n.name AS site, s.queue, l.application_name AS leader_backend,
+       coalesce(u.devices, '[]')::text AS unreachable
+FROM names n
+LEFT JOIN agent.sites s ON s.name = n.name
+LEFT JOIN leaders l ON l.key = (hashtext(n.name)::bigint & 4294967295)
+LEFT JOIN unreachable u ON u.site = n.name
 WHERE $1::text IS NULL OR n.name = $1
 ORDER BY n.name;
 
