@@ -115,7 +115,8 @@ class Agent:
         self.executor = Executor(self.acceptor, self.drivers, self.reporter, self.tuning, s.concurrency,
                                  gate=self.vpn.gate, on_unreachable=self.vpn.device_failed, confirm=self.vpn.confirm,
                                  claims=self.claims, deadlines=self.deadlines, handlers={SyncWork: sync.handle},
-                                 coalesce=s.coalesce)
+                                 coalesce=s.coalesce,
+                                 top_up=lambda device, room: self.consumer.top_up(device, room))
         self.consumer = Consumer(pool, self.queries, s, self.executor, self.inventory,
                                  settling=self.reporter.settling, on_read=self._read)
         self.session = Session(

@@ -69,6 +69,7 @@ async def init_database(conn: asyncpg.Connection, queue: str, throttle_ms: int =
             recorded = await record_site(conn, site, q.queue)
             for name in (q.queue, q.dlq):
                 await conn.execute("SELECT pgmq.create($1)", name)
+            await conn.execute(q.device_index)
             for table, options in storage_options(q).items():
                 await conn.execute(f"ALTER TABLE {table} SET ({options})")
             await conn.execute(q.queue_lock, q.queue)
@@ -264,6 +265,7 @@ def init_sql(q: Queries, throttle_ms: int = 250, after: int = 0, site: str = "de
     parts += ["\n-- the site's queue, dead-letter queue, insert notifications, storage parameters", "BEGIN;",
               f"SELECT agent.record_site({_literal(site)}, {lit});",
               f"SELECT pgmq.create({lit});", f"SELECT pgmq.create('{q.dlq}');",
+              q.device_index + ";",
               *(f"ALTER TABLE {t} SET ({o});" for t, o in storage_options(q).items()),
               f"SELECT pgmq.enable_notify_insert({lit}, {int(throttle_ms)});",
               f"INSERT INTO agent.config (key, value) VALUES ('default_queue', {lit}) ON CONFLICT DO NOTHING;",

@@ -60,13 +60,14 @@ class Executor:
                  confirm: Callable[[Device, float], Awaitable[str | None]] | None = None,
                  parking: ParkPolicy | None = None, claims: DeviceClaims | None = None,
                  deadlines: Deadlines | None = None, handlers: Mapping[type, Handler] | None = None,
-                 coalesce: int = 100) -> None:
+                 coalesce: int = 100, top_up: Callable[[str, int], Awaitable[None]] | None = None) -> None:
         self._acceptor = acceptor
         self.gate: Callable[[Device], str | None] = gate or (lambda _d: None)
         self._on_unreachable = on_unreachable or (lambda _d: None)
         self.confirm: Callable[[Device, float], Awaitable[str | None]] = confirm or _proven
         self.claims = claims
         self._coalesce = coalesce  # commands of one device taken together at most
+        self._top_up = top_up  # reads more of a device's waiting commands when its lane is served
         self._handlers = dict(handlers or {})  # type of lane item -> what runs it (reconcile messages)
         self._parking = parking or ParkPolicy()
         self.deadlines = deadlines or Deadlines()
@@ -146,6 +147,8 @@ class Executor:
                     self._bounce(lane)  # another agent is operating this device right now
                     break
                 async with self._slots:
+                    if self._top_up is not None and len(lane) < self._coalesce and _is_set(lane[0]):
+                        await self._top_up(device_id, self._coalesce - len(lane))  # a backlog: fill the take
                     n = coalesce.head(lane, self._coalesce, Work)  # once a slot is ours: what came meanwhile joins
                     self.busy_devices.add(device_id)
                     try:
@@ -494,6 +497,10 @@ def call_timeout(device: Device, default: float) -> float:
     except (TypeError, ValueError):
         own = 0.0
     return max(default, own + 1.0) if own else default
+
+
+def _is_set(item: Item) -> bool:
+    return isinstance(item, Work) and item.command.action == "set"
 
 
 def _ms(started: float) -> float:

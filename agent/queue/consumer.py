@@ -55,6 +55,7 @@ class Consumer:
         self.last_cycle = time.monotonic()   # the watchdog's measure of progress
         self.last_cycle_wall: float | None = None
         self.last_cycle_ms: float | None = None
+        self.backlog = False  # the last read was full (or prefetch held reading back): more is waiting
 
     # -- wake-ups -------------------------------------------------------------------------
 
@@ -106,6 +107,7 @@ class Consumer:
         while not self.stopping:
             room = min(self._s.batch_size, self._s.prefetch - len(self.inflight))
             if room <= 0:
+                self.backlog = True
                 self._room.clear()
                 await self._room.wait()
                 continue
@@ -122,11 +124,32 @@ class Consumer:
                 return taken
             self.db_error = None
             taken += len(rows)
+            self.backlog = len(rows) >= room
             if rows:
                 await self._dispatch(rows, read_at)
             if len(rows) < room:
                 return taken
         return taken
+
+    async def top_up(self, device: str, room: int) -> None:
+        """Device-fair reading: a device's lane is about to be served while a backlog waits in the
+        queue. Read up to `room` more of that device's messages now, so its take is full: reading in
+        queue order alone spreads AGENT_PREFETCH over every device of a burst, and each take would be
+        a few commands (each take costs two device reads). Nothing is read while no backlog waits, so
+        an isolated command pays nothing. At most AGENT_CONCURRENCY x AGENT_COALESCE messages are
+        held beyond AGENT_PREFETCH this way."""
+        if not self.backlog or self.stopping or room <= 0:
+            return
+        read_at = time.monotonic()
+        try:
+            async with self._pool.acquire() as conn:
+                rows = await conn.fetch(self._q.read_device, self._s.visibility_timeout, device, room,
+                                        self._s.max_message_bytes)
+        except DB_ERRORS as exc:  # the reads in queue order bring them later
+            log.debug("device read failed: %s", exc, extra={"action": "read_failed", "device": device})
+            return
+        if rows:
+            await self._dispatch(rows, read_at)
 
     async def _wake_when_next_visible(self) -> None:
         """Delayed sends and expired leases get no notification: wake when the next one is due."""
