@@ -97,7 +97,7 @@ class Agent:
         self.drivers = drivers or Drivers(DriverContext(s.device_timeout, CredentialStore(s.credentials_dir)))
         self.inventory = Inventory(pool, self.queries, s.site, self.drivers)
         self.reporter = Reporter(pool, self.queries, s.agent_id, self._committed,
-                                 on_failed=self._report_failed)
+                                 on_failed=self._report_failed, archive=s.archive)
         self.acceptor = Acceptor(pool, self.queries)
         self.claims = DeviceClaims(pool, self.queries, s.agent_id)
         self.parking = Parking(pool, self.queries)

@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     reconcile_pace: float = Field(0.2, ge=0, le=60, description="Seconds between a device's reconcile calls.")
     reconcile_batch: int = Field(8, ge=1, le=1000, description="Devices of a run in the queue at once.")
     reconcile_retention_days: int = Field(7, ge=1, le=3650, description="Days finished runs are kept.")
+    archive: bool = Field(True, description="Keep settled messages in PGMQ's archive; false deletes them when "
+                          "settled (fewer rows written; the audit stays in agent.events).")
     retain_archive_days: int = Field(14, ge=0, le=36500, description="Days settled messages stay archived (0: ever).")
     retain_dlq_days: int = Field(90, ge=0, le=36500, description="Days dead letters are kept (0: ever).")
     retain_events_days: int = Field(180, ge=0, le=36500, description="Days audit events are kept (0: ever).")

@@ -246,7 +246,9 @@ SELECT queue_name FROM pgmq.meta;
 -- $1 [{id, rc, h, dest}]: archive; h = DLQ headers to dead-letter it; with `dest`, move it to that queue
 --    (another site's) instead, h merged into its headers there
 -- $2 DLQ name
--- $3 [{id, rc, delay, park, bounces}]: make visible again later (bounces: the new count, from the agent)            $4 states  $5 events  $6 agent id
+-- $3 [{id, rc, delay, park, bounces}]: make visible again later (bounces: the new count, from the agent)
+-- $4 states  $5 events  $6 agent id  $7 reconcile results
+-- $8 keep settled messages in PGMQ's archive (false: AGENT_ARCHIVE=false, they are deleted; the audit is in events)
 WITH done AS (
     DELETE FROM pgmq.{q} m
     USING jsonb_to_recordset($1::jsonb) AS f(id bigint, rc integer, h jsonb, dest text)
@@ -254,7 +256,7 @@ WITH done AS (
     RETURNING m.msg_id, m.vt, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers, f.h, f.dest
 ), archived AS (
     INSERT INTO pgmq.{a} (msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers)
-    SELECT msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers FROM done
+    SELECT msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers FROM done WHERE $8::boolean
     RETURNING msg_id
 ), dead AS (
     SELECT pgmq.send($2::text, d.message, coalesce(d.headers, '{}'::jsonb) || d.h) AS dlq_id
@@ -361,7 +363,8 @@ WITH done AS (
     WHERE r.id = t.run
     RETURNING r.id, r.finished_at
 )
-SELECT array(SELECT msg_id FROM archived) AS archived, (SELECT count(*) FROM dead) AS dead,
+SELECT array(SELECT msg_id FROM done) AS left_queue, (SELECT count(*) FROM archived) AS archived,
+       (SELECT count(*) FROM dead) AS dead,
        (SELECT count(*) FROM moved) AS moved,
        (SELECT count(*) FROM later) AS later, (SELECT count(*) FROM states) AS states,
        (SELECT count(*) FROM events) AS events, (SELECT count(*) FROM items) AS items,

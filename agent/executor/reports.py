@@ -132,11 +132,13 @@ def dlq_headers(o: Outcome, queue: str, agent_id: str) -> dict[str, Any]:
     })
 
 
-async def write_batch(conn: asyncpg.Connection, q: Queries, agent_id: str, batch: Sequence[Outcome]) -> set[int]:
-    """Commit one batch in one statement; return the msg_ids whose lease was lost."""
+async def write_batch(conn: asyncpg.Connection, q: Queries, agent_id: str, batch: Sequence[Outcome],
+                      archive: bool = True) -> set[int]:
+    """Commit one batch in one statement; return the msg_ids whose lease was lost. `archive`: keep
+    settled messages in PGMQ's archive (else they are deleted, the audit being agent.events)."""
     args = report_args(q, agent_id, batch)
-    row = await conn.fetchrow(q.report, *args)
-    return {o.delivery.msg_id for o in batch if o.finish in _LEAVES} - set(row["archived"])
+    row = await conn.fetchrow(q.report, *args, archive)
+    return {o.delivery.msg_id for o in batch if o.finish in _LEAVES} - set(row["left_queue"])
 
 
 def report_args(q: Queries, agent_id: str, batch: Sequence[Outcome]) -> tuple[Any, ...]:
@@ -185,8 +187,10 @@ class Reporter:
 
     def __init__(self, pool: asyncpg.Pool, queries: Queries, agent_id: str,
                  on_committed: Callable[[list[Outcome], set[int]], None],
-                 max_batch: int = 1000, on_failed: Callable[[str], None] | None = None) -> None:
+                 max_batch: int = 1000, on_failed: Callable[[str], None] | None = None,
+                 archive: bool = True) -> None:
         self._pool = pool
+        self._archive = archive  # AGENT_ARCHIVE
         self._q = queries
         self._agent_id = agent_id
         self._on_committed = on_committed
@@ -268,7 +272,7 @@ class Reporter:
         for attempt in range(1, 6):
             try:
                 async with self._pool.acquire() as conn:
-                    return await write_batch(conn, self._q, self._agent_id, batch)
+                    return await write_batch(conn, self._q, self._agent_id, batch, self._archive)
             except UNAVAILABLE as exc:
                 self._on_failed("unavailable")
                 log.warning("report failed, will retry", extra={
