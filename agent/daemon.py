@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 
 from agent import http
+from agent.db.connect import DB_ERRORS
 from agent.db.connect import classify as classify_connect_error
 from agent.db.queries import Queries
 from agent.db.schema import check_ready, ensure_notify
@@ -47,7 +48,6 @@ from agent.systemd import Notifier
 from agent.vpn.guard import VpnGuard
 
 log = logging.getLogger("agent.daemon")
-DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 async def connect_pool(settings: Settings, attempts: int | None = None,

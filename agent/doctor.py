@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import asyncpg
 
+from agent.db.connect import DB_ERRORS
 from agent.db.queries import Queries
 from agent.db.schema import SCHEMA_VERSION
 from agent.drivers.base import CredentialStore, Device, DriverContext
@@ -26,7 +27,6 @@ from agent.vpn.guard import REMEDY as VPN_REMEDY
 from agent.vpn.health import VpnSnapshot, judge_peer, peer_for
 from agent.vpn.monitor import VpnMonitor, device_host
 
-DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 INIT = "run `agentctl db init` (idempotent)"
 
 

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import asyncpg
 
+from agent.db.connect import DB_ERRORS
 from agent.db.queries import Queries
 from agent.db.schema import check_site
 from agent.drivers.base import Device, Driver
@@ -112,7 +113,7 @@ class Inventory:
     async def _load_quietly(self) -> None:
         try:
             await self.load()
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except DB_ERRORS as exc:
             log.warning("inventory reload failed: %s", exc, extra={"action": "inventory_failed"})
         except ConfigError as exc:  # the site check, when the load at start did not get that far
             log.error("inventory not loaded: %s", exc, extra={"action": "config_error"})

@@ -17,9 +17,8 @@ import time
 from collections import deque
 from typing import Any, Protocol
 
-import asyncpg
-
 from agent import __version__
+from agent.db.connect import DB_ERRORS
 from agent.executor.reports import Outcome
 from agent.metrics import Live
 from agent.status import Figures, healthy, snapshot, state, status_line
@@ -43,7 +42,6 @@ class Parts(Protocol):
     metrics: Any
 
 log = logging.getLogger("agent.lifecycle")
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 _SAMPLE_TTL = 10.0
 _QUEUE_CAP = 100_000
 
@@ -152,8 +150,9 @@ class Housekeeper:
         try:
             async with self._a.pool.acquire() as conn:
                 row = await conn.fetchrow(self._a.queries.queue_stats, _QUEUE_CAP)
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:  # not tried again before max_age: scrapes during an outage stay quick
             self._db_error = str(exc) or type(exc).__name__
+            self._sampled = time.monotonic()
             return
         self._db_error = None
         self._sampled = time.monotonic()
@@ -163,7 +162,7 @@ class Housekeeper:
     async def snapshot(self) -> dict[str, Any]:
         await self.sample_queue()
         f = self.figures()
-        with contextlib.suppress(*_DB_ERRORS):
+        with contextlib.suppress(*DB_ERRORS):
             async with self._a.pool.acquire() as conn:
                 f.drifted = [dict(r) for r in await conn.fetch(self._a.queries.drifted, 20)]
         return snapshot(f)
@@ -205,7 +204,7 @@ class Housekeeper:
                                    socket.gethostname(), os.getpid(), __version__,
                                    _ts(self._started_at), st, status_line(f),
                                    _ts(a.consumer.last_cycle_wall), a.consumer.last_cycle_ms, json.dumps(figures))
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             self._db_error = str(exc) or type(exc).__name__
             log.warning("heartbeat failed: %s", exc, extra={"action": "heartbeat_failed"})
         else:

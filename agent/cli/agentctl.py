@@ -371,8 +371,8 @@ async def _connect(settings: Settings) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(settings.database_url, timeout=10,
                                      server_settings={"application_name": "agentctl"})
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, ValueError,
-            ArithmeticError) as exc:
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, asyncpg.InternalClientError,
+            ValueError, ArithmeticError) as exc:
         if refused := classify_connect_error(exc, settings.database_url):
             raise refused from None
         raise DatabaseUnreachable(f"cannot reach the database ({redact(settings.database_url)}): "
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     except asyncpg.PostgresError as exc:
         print(f"agentctl: {exc}", file=sys.stderr)
         return 1
-    except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+    except (OSError, asyncpg.InterfaceError, TimeoutError, asyncpg.InternalClientError) as exc:
         print(f"agentctl: database connection lost: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
 

@@ -7,12 +7,10 @@ import asyncio
 import logging
 import sys
 
-import asyncpg
-
 from agent import __version__
 from agent import log as agent_log
 from agent.daemon import run
-from agent.db.connect import redact
+from agent.db.connect import DB_ERRORS, redact
 from agent.errors import ConfigError
 from agent.settings import CONFIG_ENV, DEFAULT_CONFIG, config_path, load_settings
 
@@ -46,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:  # --once gave up
+    except DB_ERRORS as exc:  # --once gave up
         logging.getLogger("agent").error("database unreachable (%s): %s", redact(settings.database_url),
                                          exc or type(exc).__name__, extra={"action": "db_unreachable"})
         return EXIT_FAILED

@@ -16,6 +16,12 @@ from agent.errors import ConfigError
 
 SETTING = "AGENT_DATABASE_URL"
 
+# What a statement or a connection attempt raises while the database is not there right now: down,
+# restarting, unreachable, the connection cut, or (mid-failover) every host of a multi-host URL a
+# standby (asyncpg's TargetServerAttributeNotMatched, an InternalClientError, as is the torn protocol
+# state a connection cut mid-statement leaves). Retry later; a refusal that will not heal is `classify`'s.
+DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError, asyncpg.InternalClientError)
+
 _REMEDIES: tuple[tuple[type[BaseException], str], ...] = (
     (asyncpg.InvalidPasswordError, "the password was refused: check the password in"),
     (asyncpg.InvalidCatalogNameError, "the database does not exist: check the database name in"),

@@ -26,8 +26,9 @@ from typing import Any
 
 import asyncpg
 
+from agent.db.connect import DB_ERRORS
+
 log = logging.getLogger("agent.session")
-DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 KEEPALIVE = (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))  # a dead peer found in ~25 s
 SLACK = 1.0  # the liveness check waits this long past the interval, so a caller's periodic statement counts
 

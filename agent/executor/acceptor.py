@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from agent.contract import Command
+from agent.db.connect import DB_ERRORS
 from agent.db.queries import Queries
 from agent.errors import TransientError
 
@@ -59,7 +60,7 @@ class Acceptor:
             try:
                 async with self._pool.acquire() as conn:
                     results = await self._write(conn, batch)
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except DB_ERRORS as exc:
                 for p in batch:
                     if not p.done.done():
                         p.done.set_exception(TransientError(f"database unavailable: {exc}"))

@@ -31,11 +31,11 @@ from typing import Any
 
 import asyncpg
 
+from agent.db.connect import DB_ERRORS
 from agent.db.queries import Queries
 
 log = logging.getLogger("agent.claims")
 
-DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 RENEW = 5.0      # seconds between renewals of held leases
 LINGER = 1.0     # a lane that ran dry keeps its claim this long: the next command skips a round trip
 SLACK = 3 * RENEW  # a lease outlasts the operation bound by this much: renewals may fail twice

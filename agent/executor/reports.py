@@ -288,7 +288,8 @@ class Reporter:
 
 # Errors that say the database is not there right now (retry the same batch), as opposed to a
 # batch whose content it refuses (split it).
-UNAVAILABLE = (TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+UNAVAILABLE = (TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+               asyncpg.PostgresConnectionError,
                asyncpg.CannotConnectNowError, asyncpg.exceptions.OperatorInterventionError,
                asyncpg.exceptions.InsufficientResourcesError, asyncpg.exceptions.TransactionRollbackError)
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import asyncpg
 
 from agent.contract import Command, parse_command
+from agent.db.connect import DB_ERRORS
 from agent.db.queries import Queries
 from agent.errors import PermanentError
 from agent.executor.executor import Executor
@@ -29,7 +30,6 @@ from agent.settings import Settings
 
 log = logging.getLogger("agent.consumer")
 TICK = 2.0
-DB_ERRORS = (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError)
 
 
 class Consumer:
@@ -116,7 +116,7 @@ class Consumer:
                 async with self._pool.acquire() as conn:
                     rows = await conn.fetch(self._q.read, self._q.queue, self._s.visibility_timeout, room,
                                             self._s.max_message_bytes)
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except DB_ERRORS as exc:
                 if self.db_error is None:
                     log.warning("read failed: %s", exc, extra={"action": "read_failed"})
                 self.db_error = str(exc) or type(exc).__name__
@@ -156,7 +156,7 @@ class Consumer:
         try:
             async with self._pool.acquire() as conn:
                 wait = await conn.fetchval(self._q.next_visible, list(self.inflight))
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError):
+        except DB_ERRORS:
             return
         if wait is not None and wait.total_seconds() < self._s.poll_interval:
             self.wake_later(max(0.0, wait.total_seconds()) + 0.01, "delayed")
@@ -249,7 +249,7 @@ class Consumer:
                     held = list(self.inflight.values())
                     await conn.execute(self._q.extend_leases, [d.msg_id for d in held], [d.read_ct for d in held],
                                        self._s.visibility_timeout)
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except DB_ERRORS as exc:
                 log.warning("lease extension failed: %s", exc, extra={"action": "lease_failed"})
 
     async def release_unfinished(self) -> int:

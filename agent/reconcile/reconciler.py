@@ -15,8 +15,7 @@ import logging
 from datetime import datetime, timezone
 from typing import Any
 
-import asyncpg
-
+from agent.db.connect import DB_ERRORS
 from agent.db.queries import Queries
 from agent.reconcile.leader import LeaderConnection
 from agent.reconcile.schedule import Schedule
@@ -59,7 +58,7 @@ class Reconciler:
             try:
                 await prune(conn, self._q, self._retention, self._site)
                 self.tables = await table_stats(conn, self._q)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            except DB_ERRORS as exc:
                 log.warning("pruning failed: %s", exc, extra={"action": "prune_failed"})
             await asyncio.sleep(self._retention.interval)
 

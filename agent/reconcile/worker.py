@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from agent.db.connect import DB_ERRORS
 from agent.db.queries import Queries
 from agent.drivers.base import Device, Driver
 from agent.drivers.registry import Drivers
@@ -103,7 +104,7 @@ class SyncWorker:
                            reason=str(exc), error_kind="permanent", reconcile=True)
         except (PermanentError, ConfigError) as exc:  # e.g. its driver is gone: report, do not retry forever
             return unknown_device(d, req, str(exc))
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError, AgentError) as exc:
+        except (*DB_ERRORS, AgentError) as exc:
             policy, _ = self._policy()
             if policy.exhausted(d.attempt):  # bounded like commands: the run records it and goes on
                 log.warning("reconcile of %s given up after %d attempts: %s", dev.id, d.attempt, exc,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from agent.db.connect import DB_ERRORS
 from agent.drivers.base import Device
 from agent.errors import AgentError
 from agent.vpn.health import GateVerdict, VpnSnapshot, gate, peer_for
@@ -171,7 +172,7 @@ class VpnGuard:
                     " since = CASE WHEN r.reachable = EXCLUDED.reachable THEN r.since ELSE now() END,"
                     " checked_at = now(), agent_id = EXCLUDED.agent_id",
                     [(*row, self._agent_id) for row in rows])
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except DB_ERRORS as exc:
             log.warning("could not record reachability: %s", exc, extra={"action": "reachability_failed"})
 
     async def probe_devices(self) -> None:
