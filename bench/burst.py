@@ -39,7 +39,7 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pipeline import agentd, cpu_seconds, fresh_db, stop, verdict  # noqa: E402
+from pipeline import agentd, cpu_seconds, fresh_db, stop, verdict
 
 COALESCE = 100      # AGENT_COALESCE default
 CONCURRENCY = 32    # AGENT_CONCURRENCY default
@@ -182,7 +182,8 @@ async def drain(admin_dsn: str, db: str, devices: list[tuple[str, dict]], bodies
     after, x1 = await table_stats(conn), await xacts(conn)
     await conn.close()
     return {"seconds": (last - t0).total_seconds(), "wall": wall, "first_to_last": (last - first).total_seconds(),
-            "log_start": log_start, "tuples": stats_delta(before, after, mine), "xacts": x1 - x0, "left": left, "dlq": dlq, "wrong": wrong,
+            "log_start": log_start, "tuples": stats_delta(before, after, mine), "xacts": x1 - x0, "left": left,
+            "dlq": dlq, "wrong": wrong,
             "events": kinds, "rss_max": rss_max, "conns_max": conns_max,
             "agent_cpu": cpu1[0] - cpu0[0], "postgres_cpu": cpu1[1] - cpu0[1]}
 

@@ -41,10 +41,9 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import burst  # noqa: E402
-from burst import (cpu_seconds, git_rev, machine, per_command, postgres_pids, stats_delta,  # noqa: E402
-                   summary, table_stats, xacts)
-from pipeline import fresh_db, idle_statements, stop, verdict, wake_latency  # noqa: E402
+import burst
+from burst import cpu_seconds, git_rev, machine, per_command, postgres_pids, stats_delta, summary, table_stats, xacts
+from pipeline import idle_statements, verdict, wake_latency
 
 PGQ_APP = "pgq-bench-worker"
 
@@ -255,7 +254,8 @@ async def main() -> None:
         pg_version = await conn.fetchval("SHOW server_version")
         await conn.close()
         print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-        print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; git {git_rev()}; pgqueuer {pgqueuer.__version__}")
+        print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; git {git_rev()}; "
+              f"pgqueuer {pgqueuer.__version__}")
         print(f"machine: {machine(pg_version)}")
         print("agentd: default settings (AGENT_CONCURRENCY 32, AGENT_COALESCE 100, AGENT_BATCH_SIZE 100, "
               "AGENT_PREFETCH 1000), log level WARNING; pgqueuer: QueueManager.run() defaults (batch_size 10), "
@@ -335,13 +335,14 @@ async def main() -> None:
                   f"{pw['max']:.2f}, missing {pw['missing']}")
         if ap50:
             a50, a99, p50 = statistics.median(ap50), statistics.median(ap99), statistics.median(pp50)
-            print(f"wake: agent p50 {a50:.2f} ms vs pgqueuer p50 {p50:.2f} ms [agent <= pgqueuer: {verdict(a50 <= p50)}]; "
-                  f"agent p99 {a99:.2f} ms [<= 20: {verdict(a99 <= 20)}]; pgqueuer p99 {statistics.median(pp99):.2f} ms "
-                  f"(medians of {args.wake_rounds} rounds)")
+            print(f"wake: agent p50 {a50:.2f} ms vs pgqueuer p50 {p50:.2f} ms "
+                  f"[agent <= pgqueuer: {verdict(a50 <= p50)}]; agent p99 {a99:.2f} ms [<= 20: {verdict(a99 <= 20)}]; "
+                  f"pgqueuer p99 {statistics.median(pp99):.2f} ms (medians of {args.wake_rounds} rounds)")
         if args.idle_seconds > 0:
             idle = await idle_statements(admin, log_file, args.idle_seconds)
             print(f"idle (default settings): {idle['count']} statements in {args.idle_seconds:.0f} s = "
-                  f"{idle['per_min']:.1f}/min [<= 12: {verdict(idle['per_min'] <= 12)}] (server log, log_statement=all)")
+                  f"{idle['per_min']:.1f}/min [<= 12: {verdict(idle['per_min'] <= 12)}] "
+                  "(server log, log_statement=all)")
             for text, k in sorted(idle["kinds"].items(), key=lambda kv: -kv[1]):
                 print(f"  {k:3} x {text}")
     finally:
