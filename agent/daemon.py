@@ -185,7 +185,7 @@ class Agent:
     async def start(self) -> None:
         await self._check_session_url()
         async with self.pool.acquire() as conn:
-            await check_ready(conn, self.settings.queue)
+            await check_ready(conn, self.settings.queue, self.settings.site)
             if await ensure_notify(conn, self.settings.queue, self.settings.notify_throttle_ms):
                 log.warning("PGMQ insert notifications were off (a Postgres crash empties their UNLOGGED "
                             "throttle table): re-enabled", extra={"action": "notify_reenabled"})

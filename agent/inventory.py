@@ -17,7 +17,6 @@ import asyncpg
 
 from agent.db.connect import DB_ERRORS
 from agent.db.queries import Queries
-from agent.db.schema import check_site
 from agent.drivers.base import Device, Driver
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, ConfigError
@@ -65,8 +64,6 @@ class Inventory:
     async def load(self) -> None:
         async with self._lock:
             async with self._pool.acquire() as conn:
-                if not self._loaded_at:  # the first load, at start: a ConfigError stops the agent
-                    await check_site(conn, self._site, self._q.queue)
                 rows = await conn.fetch(self._q.load_devices, self._site)
             devices, broken = self._check(rows)
             added = devices.keys() - self.devices.keys()
@@ -115,8 +112,6 @@ class Inventory:
             await self.load()
         except DB_ERRORS as exc:
             log.warning("inventory reload failed: %s", exc, extra={"action": "inventory_failed"})
-        except ConfigError as exc:  # the site check, when the load at start did not get that far
-            log.error("inventory not loaded: %s", exc, extra={"action": "config_error"})
 
     def why_unknown(self, device_id: str) -> str:
         return self.broken.get(device_id) or (

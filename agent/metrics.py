@@ -34,7 +34,7 @@ _WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
 # event kinds that end or move a delivery, as counted in pgmq_edge_agent_commands_total{outcome}
 _OUTCOME_EVENTS = {"verified", "refreshed", "superseded", "duplicate", "expired", "retried", "dead_lettered",
-                   "parked"}
+                   "parked", "rerouted"}
 _RECONCILE_RESULTS = ("in_sync", "drifted", "repaired", "unreadable", "failed", "parked")
 _WAKE_SOURCES = ("start", "notify", "poll", "connect", "unpark", "catchup")
 

@@ -226,9 +226,9 @@ def compatibility(agent: int, database: int, min_agent: int | None) -> str | Non
             f">= {oldest} (see CHANGELOG.md); `agentctl db init` cannot help")
 
 
-async def check_ready(conn: asyncpg.Connection, queue: str) -> None:
+async def check_ready(conn: asyncpg.Connection, queue: str, site: str | None = None) -> None:
     """Refuse to run against a database `db init` has not prepared, or whose schema this agent
-    cannot use (ConfigError says what to upgrade)."""
+    cannot use (ConfigError says what to upgrade), or (with `site`) a queue not the site's."""
     q = Queries(queue)
     if not await conn.fetchval("SELECT to_regclass('pgmq.meta') IS NOT NULL"):
         raise ConfigError("PGMQ is not installed in this database: run `agentctl db init`")
@@ -244,6 +244,8 @@ async def check_ready(conn: asyncpg.Connection, queue: str) -> None:
     if not await conn.fetchval(q.queue_exists, q.queue, q.dlq):
         raise ConfigError(
             f"queue {q.queue!r} or {q.dlq!r} is missing: run `agentctl db init` with AGENT_QUEUE={q.queue}")
+    if site is not None:
+        await check_site(conn, site, queue)
 
 
 def init_sql(q: Queries, throttle_ms: int = 250, after: int = 0, site: str = "default") -> str:
