@@ -122,7 +122,7 @@ class Agent:
         self.session = Session(
             s.session_dsn,
             {self.queries.channel: lambda _payload: self.consumer.wake("notify"),
-             "agent_inventory": lambda _payload: self.inventory.changed(),
+             "agent_inventory": lambda site: self.inventory.changed() if site in ("", s.site) else None,
              LEADER_CHANNEL: lambda site: self.leadership.stepped_down(site)},
             on_connect=self._listening, name=f"agentd session {s.agent_id}",
             check_interval=s.listener_check_interval)

@@ -242,3 +242,35 @@ async def test_status_fleet_shows_every_sites_queue_dlq_leader_and_unreachable_d
     assert sites["default"]["leader"] == me and sites["default"]["agents"] == [me]
     assert "site north: queue north_tasks: 2 messages" in text and "    n1: peer down" in text
     assert [s["site"] for s in one["sites"]] == ["default"]  # AGENT_SITE only, without --all-sites
+
+
+async def test_inventory_notifications_name_the_sites_whose_devices_changed(db, dsn, north):
+    heard: list[str] = []
+    listener = await asyncpg.connect(dsn)
+    await listener.add_listener("agent_inventory", lambda *args: heard.append(args[3]))
+    try:
+        async def said(statement: str) -> set[str]:
+            heard.clear()
+            await db.execute(statement)
+            await until(lambda: heard, what="a notification")
+            await listener.execute("SELECT 1")  # everything sent before this has arrived
+            return set(heard)
+
+        assert await said("INSERT INTO agent.devices (id, driver, site) VALUES ('r2', 'sim', 'default'), "
+                          "('n2', 'sim', 'north')") == {"default", "north"}
+        assert await said("UPDATE agent.devices SET site = 'north' WHERE id = 'r2'") == {"default", "north"}
+        assert await said("UPDATE agent.devices SET options = '{}' WHERE id = 'n1'") == {"north"}
+        assert await said("DELETE FROM agent.devices WHERE id = 'n2'") == {"north"}
+    finally:
+        await listener.close()
+
+
+async def test_an_agent_reloads_its_inventory_for_its_own_site_only(db, dsn, north):
+    async with running_agent(dsn, ScriptedDriver()) as agent:  # site default
+        reloads: list[int] = []
+        agent.inventory.changed = lambda: reloads.append(1)  # type: ignore[method-assign]
+        await add_device(db, "n9", site="north")
+        await add_device(db, "r9")
+        await until(lambda: reloads, what="its own site's change heard")
+        await agent.session.fetchval("SELECT 1")  # the north notification came first, if at all
+    assert reloads == [1]

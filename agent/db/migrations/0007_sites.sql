@@ -183,3 +183,30 @@ BEGIN
     PERFORM pg_notify('agent_sync', CASE WHEN n = 0 THEN run_id::text ELSE 'requested' END);
     RETURN run_id;
 END $$;
+
+-- Inventory notifications name the site whose devices changed ('' after a TRUNCATE: every site), so
+-- that with many sites on one database an edit reloads only that site's agents. Agents of schema 6
+-- ignore the payload and reload as before.
+CREATE OR REPLACE FUNCTION agent.notify_inventory() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        PERFORM pg_notify('agent_inventory', s.site) FROM (SELECT DISTINCT site FROM new_rows) s;
+    ELSIF TG_OP = 'UPDATE' THEN
+        PERFORM pg_notify('agent_inventory', s.site)
+        FROM (SELECT site FROM new_rows UNION SELECT site FROM old_rows) s;
+    ELSIF TG_OP = 'DELETE' THEN
+        PERFORM pg_notify('agent_inventory', s.site) FROM (SELECT DISTINCT site FROM old_rows) s;
+    ELSE
+        PERFORM pg_notify('agent_inventory', '');
+    END IF;
+    RETURN NULL;
+END $$;
+DROP TRIGGER devices_notify ON agent.devices;
+CREATE TRIGGER devices_notify_insert AFTER INSERT ON agent.devices
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION agent.notify_inventory();
+CREATE TRIGGER devices_notify_update AFTER UPDATE ON agent.devices
+    REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION agent.notify_inventory();
+CREATE TRIGGER devices_notify_delete AFTER DELETE ON agent.devices
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION agent.notify_inventory();
+CREATE TRIGGER devices_notify_truncate AFTER TRUNCATE ON agent.devices
+    FOR EACH STATEMENT EXECUTE FUNCTION agent.notify_inventory();
