@@ -90,11 +90,10 @@ class Housekeeper:
 
     def figures(self) -> Figures:
         a = self._a
-        consumer_error = getattr(a.consumer, "db_error", None)
         return Figures(
             agent_id=a.settings.agent_id, site=a.settings.site, queue=a.settings.queue, version=__version__,
             started=self._started, stopping=self._stopping, uptime_s=round(time.monotonic() - self._started_mono, 1),
-            database_error=consumer_error or self._db_error, listener_up=a.session.connected.is_set(),
+            database_error=self._database_error(), listener_up=a.session.connected.is_set(),
             session_error=a.session.error,
             inflight=len(a.consumer.inflight), parked=a.parking.count, done=self._counts["done"],
             retried=self._counts["retried"],
@@ -104,6 +103,10 @@ class Housekeeper:
             leader=self._a.leadership.leading,
             next_reconcile=rfc3339(self._a.reconciler.next_run)
             if self._a.leadership.leading and self._a.reconciler.next_run else None)
+
+    def _database_error(self) -> str | None:
+        """Why the last read or the last pooled statement of the housekeeper failed, if it did."""
+        return getattr(self._a.consumer, "db_error", None) or self._db_error
 
     def _vpn_figures(self) -> dict[str, Any]:
         vpn = self._a.vpn
@@ -138,7 +141,7 @@ class Housekeeper:
         snap = a.vpn.monitor.last
         peers = {v.peer: (v.handshake_age, v.rx_bytes, v.tx_bytes, v.up) for v in snap.verdicts.values()}
         return Live(wakeups=dict(a.consumer.wakeups), reconnects=a.session.reconnects,
-                    database_up=a.session.connected.is_set() and not self.figures().database_error,
+                    database_up=a.session.connected.is_set() and not self._database_error(),
                     inflight=len(a.consumer.inflight), parked=a.parking.count, queues=queues,
                     reachable={d: r.reachable for d, r in a.vpn.reach.items()}, peers=peers,
                     leader=a.leadership.leading, last_heartbeat=self.last_beat, tables=a.reconciler.tables)
