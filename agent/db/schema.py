@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from importlib.metadata import PackageNotFoundError, distribution
 from importlib.resources import files
-from pathlib import Path
 
 import asyncpg
 
@@ -32,16 +30,16 @@ def migrations() -> list[tuple[int, str, str]]:
 SCHEMA_VERSION = migrations()[-1][0]
 
 
+# PGMQ's SQL-only install script, vendored unmodified from the `pgmq` distribution on PyPI (whose
+# Python client would bring psycopg and orjson along): agent/db/vendor/README.md says where from,
+# under which licence, and how CI compares it with that release.
+PGMQ_SQL_RELEASE = "1.1.4"
+PGMQ_SQL_SHA256 = "bf7e66c75ed771df0c5f7cb2b9f0123ca77992daacd56e3911d1894a3efa99de"
+
+
 def bundled_pgmq_sql() -> str:
-    """The SQL-only PGMQ install script shipped inside the `pgmq` distribution (not imported)."""
-    try:
-        dist = distribution("pgmq")
-    except PackageNotFoundError:
-        raise ConfigError("PGMQ is not installed in the database and the `pgmq` package is missing") from None
-    path = Path(str(dist.locate_file("pgmq/sql/pgmq.sql")))
-    if not path.is_file():
-        raise ConfigError(f"the installed `pgmq` package has no bundled SQL at {path}")
-    return path.read_text(encoding="utf-8")
+    """The SQL-only PGMQ install script vendored in agent/db/vendor."""
+    return files("agent.db").joinpath("vendor", "pgmq.sql").read_text(encoding="utf-8")
 
 
 async def install_pgmq(conn: asyncpg.Connection) -> str:
