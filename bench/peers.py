@@ -1,7 +1,7 @@
 """The agent beside a no-op job queue: agentd at default settings vs pgqueuer 1.6, side by side.
 
     .venv/bin/pip install -r bench/requirements.txt     # pgqueuer==1.6.0, a benchmark peer only
-    .venv/bin/python bench/peers.py [--runs 2] [--wake-samples 100] [--no-statements] [--idle-seconds 60]
+    .venv/bin/python bench/peers.py [--runs 2] [--wake-samples 200] [--no-statements] [--idle-seconds 60]
 
 One throwaway Postgres (pgserver, Unix socket), a fresh database for each side of each run:
   drain  agentd (subprocess, default settings) drains 20,000 distinct commands (200 zero-latency sim
@@ -16,7 +16,8 @@ One throwaway Postgres (pgserver, Unix socket), a fresh database for each side o
   stmts  statements per command from the server log (log_statement=all) in one more drain of each
          (slower than the timed runs; counted by application_name).
   wake   isolated messages 0.3 s apart: pgmq.send -> first device call (in-process agent, recording
-         driver, bench/pipeline.py) and enqueue -> job start (in-process pgqueuer); p50 and p99.
+         driver, bench/pipeline.py) and enqueue -> job start (in-process pgqueuer), after one
+         uncounted warm-up message each; p50 and p99 by nearest rank (of 200, the 198th).
          Targets: agent p50 <= pgqueuer p50, agent p99 <= 20 ms.
   idle   bench/pipeline.py's measurement at default settings: <= 12 statements a minute.
 """
@@ -43,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import burst
 from burst import cpu_seconds, git_rev, machine, per_command, postgres_pids, stats_delta, summary, table_stats, xacts
-from pipeline import idle_statements, verdict, wake_latency
+from pipeline import idle_statements, summarize, verdict, wait_for_key, wake_latency
 
 PGQ_APP = "pgq-bench-worker"
 
@@ -161,6 +162,8 @@ async def pgq_wake(admin_dsn: str, samples: int) -> dict[str, float]:
     await asyncio.sleep(2)
     conn = await asyncpg.connect(dsn)
     q = Queries.from_asyncpg_connection(conn)
+    await q.enqueue("noop", b"warm-up")  # not counted, as in the agent's wake run
+    await wait_for_key(seen, "warm-up")
     sent: dict[str, float] = {}
     for i in range(samples):
         key = f"s{i}"
@@ -172,9 +175,7 @@ async def pgq_wake(admin_dsn: str, samples: int) -> dict[str, float]:
     await asyncio.wait_for(task, 30)
     await conn.close()
     await wconn.close()
-    lat = sorted((seen[k] - t) * 1000 for k, t in sent.items() if k in seen)
-    return {"n": len(lat), "p50": statistics.median(lat), "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
-            "max": lat[-1], "missing": samples - len(lat)}
+    return summarize([(seen[k] - t) * 1000 for k, t in sent.items() if k in seen], samples)
 
 
 # -- statement counting ----------------------------------------------------------------------------
@@ -228,7 +229,7 @@ async def main() -> None:
     ap.add_argument("--runs", type=int, default=2, help="side-by-side drain runs (median reported)")
     ap.add_argument("--devices", type=int, default=200)
     ap.add_argument("--services", type=int, default=100)
-    ap.add_argument("--wake-samples", type=int, default=100)
+    ap.add_argument("--wake-samples", type=int, default=200)
     ap.add_argument("--wake-rounds", type=int, default=2)
     ap.add_argument("--idle-seconds", type=float, default=60, help="0 skips the idle measurement")
     ap.add_argument("--no-statements", action="store_true")
