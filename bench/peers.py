@@ -164,6 +164,7 @@ async def pgq_wake(admin_dsn: str, samples: int) -> dict[str, float]:
     q = Queries.from_asyncpg_connection(conn)
     await q.enqueue("noop", b"warm-up")  # not counted, as in the agent's wake run
     await wait_for_key(seen, "warm-up")
+    await asyncio.sleep(0.3)
     sent: dict[str, float] = {}
     for i in range(samples):
         key = f"s{i}"
