@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from typing import Any, Protocol
 
 from agent.contract import Command
@@ -24,7 +25,7 @@ from agent.errors import AgentError, NoAnswerError, PermanentError, TransientErr
 from agent.executor import coalesce
 from agent.executor.acceptor import Acceptor
 from agent.executor.claims import DeviceClaims
-from agent.executor.converge import Observation, VerifyError, apply_one, converge, observe, observe_many
+from agent.executor.converge import Observation, VerifyError, apply_one, observe, observe_many
 from agent.executor.deadlines import Deadlines
 from agent.executor.policy import KeyState, ParkPolicy, RetryPolicy, Tuning, Verdict, decide
 from agent.executor.reports import Delivery, EventRow, Outcome, Reporter, StateUpdate
@@ -152,10 +153,10 @@ class Executor:
                     n = coalesce.head(lane, self._coalesce, Work)  # once a slot is ours: what came meanwhile joins
                     self.busy_devices.add(device_id)
                     try:
-                        if n > 1:
+                        if _is_set(lane[0]):  # one command is a take of one: a single path for both
                             outcomes = await self._run_take([lane[i] for i in range(n)])  # type: ignore[misc]
                         else:
-                            outcomes = [await self._run_item(work)]
+                            outcomes = [await self._run_item(lane[0])]
                     finally:
                         self.busy_devices.discard(device_id)
                 for outcome in outcomes:
@@ -191,10 +192,12 @@ class Executor:
         return outcomes
 
     async def _process_take(self, works: list[Work]) -> list[Outcome]:
-        """Coalesced: superseded-in-take commands settle without the device; the rest are accepted
-        in one flush while the device is read once for all their services; the services that differ
-        are written (up to the device's max_parallel at once); one more read verifies them all.
-        Per command the rules stay: newest wins, verified read-back, retries, parking, claims."""
+        """`set` commands for one device, one or many: superseded-in-take commands settle without the
+        device; the rest are accepted (in one flush) while the device is read once for all their
+        services, so the acceptance round trip overlaps the read; nothing is written before acceptance
+        says a command is the newest for its key; the services that differ are written (up to the
+        device's max_parallel at once); one more read verifies them all. Per command the rules stay:
+        newest wins, verified read-back, retries, parking, claims, the VPN guard's last word."""
         outcomes: dict[int, Outcome] = {}
         p = coalesce.plan(works)
         for w, newer in p.superseded:
@@ -240,10 +243,10 @@ class Executor:
             said = await verdicts()
             return [settle(w, said[id(w)], lambda w=w: self._park(w, why)) for w in live]  # type: ignore[misc]
         timeout = call_timeout(device, self._timeout)
-        driver = self._drivers.get(device.driver)
         services = sorted({w.command.service for w in live})
         started, began = time.monotonic(), time.time()
         try:
+            driver = self._drivers.get(device.driver)  # a driver that fails to load fails these commands
             before = await observe_many(driver, device, services, timeout, self.deadlines)
         except AgentError as exc:
             err = exc
@@ -270,8 +273,26 @@ class Executor:
                 except AgentError as exc:
                     after = {svc: exc for svc in written}
         ms = _ms(started)
-        return [settle(w, said[id(w)], lambda w=w: self._take_outcome(w, before, applied, after, ms))  # type: ignore[misc]
+        tunnel = await self._take_last_resort(going, applied, after, began)
+        return [settle(w, said[id(w)], partial(self._take_outcome, w, before, applied, after, ms, tunnel.get(id(w))))
                 for w in live]
+
+    async def _take_last_resort(self, going: list[Work], applied: Mapping[str, float | AgentError],
+                                after: Mapping[str, Observation | AgentError], began: float) -> dict[int, str]:
+        """A command on its last attempt whose write or read-back got no answer: asked once per take
+        whether the tunnel was down (then such commands park instead of being given up)."""
+        def silence(w: Work) -> NoAnswerError | None:
+            for e in (applied.get(w.command.service), after.get(w.command.service)):
+                if isinstance(e, NoAnswerError):
+                    return e
+            return None
+
+        silent = {id(w): (w, e) for w in going if (e := silence(w)) is not None}
+        last = next(((w, e) for w, e in silent.values() if self._policy.exhausted(w.delivery.attempt)), None)
+        if last is None:
+            return {}
+        why = await self._last_resort(last[0], last[1], began)
+        return dict.fromkeys(silent, why) if why else {}
 
     async def _hold(self, device: Device, timeout: float) -> bool:
         """Before another device call of a take: the claim still covers it (renewed if it ran short)."""
@@ -309,7 +330,7 @@ class Executor:
 
     def _take_outcome(self, w: Work, before: dict[str, Observation | AgentError],
                       applied: dict[str, float | AgentError], after: dict[str, Observation | AgentError],
-                      ms: float) -> Outcome:
+                      ms: float, unproven: str | None = None) -> Outcome:
         svc, desired = w.command.service, w.command.state
         first = before[svc]
         if isinstance(first, AgentError):
@@ -318,10 +339,10 @@ class Executor:
             return self._converge(w, Observation(first.observed, first.observed_at, None, first.observed_at), ms)
         wrote = applied.get(svc)
         if isinstance(wrote, AgentError) or wrote is None:
-            return self._failed(w, wrote or TransientError(f"{w.device.id}: {svc} was not written"), ms)
+            return self._failed(w, wrote or TransientError(f"{w.device.id}: {svc} was not written"), ms, unproven)
         back = after.get(svc)
         if isinstance(back, AgentError) or back is None:
-            failed = self._failed(w, back or TransientError(f"{w.device.id}: {svc} was not read back"), ms)
+            failed = self._failed(w, back or TransientError(f"{w.device.id}: {svc} was not read back"), ms, unproven)
             failed.events.insert(0, self._event(w, "applied"))
             if failed.state is not None:
                 failed.state.applied_at = wrote
@@ -358,49 +379,12 @@ class Executor:
         now = datetime.now(timezone.utc) + timedelta(seconds=d.skew)  # the database's clock judges not_after
         verdict = decide(cmd, d.version, KeyState(), None, now)
         if verdict is Verdict.CONVERGE:
-            return await self._accept_and_converge(w, now)
+            return (await self._process_take([w]))[0]
         if verdict is Verdict.REFRESH:
             if why := self.gate(w.device):
                 return self._park(w, why)
             return await self._run(w, self._refresh)
         return self._skip(w, verdict, 0, None)
-
-    async def _accept_and_converge(self, w: Work, now: datetime) -> Outcome:
-        """Acceptance (a database round trip) runs while the device is read; nothing is written
-        before it says this command is the newest for its key."""
-        d, cmd = w.delivery, w.command
-        accepted = self._acceptor.submit(cmd, d.version, d.msg_id)
-        said: list[tuple[Verdict, int, int | None]] = []
-
-        async def proceed() -> bool:
-            version, rid_version = await accepted
-            said.append((decide(cmd, d.version, KeyState(version, cmd.state), rid_version, now),
-                         version, rid_version))
-            return said[0][0] is Verdict.CONVERGE
-
-        if why := self.gate(w.device):
-            try:
-                going = await proceed()
-            except TransientError as exc:
-                return self._failed(w, exc, 0.0)
-            return self._park(w, why) if going else self._skip(w, *said[0])
-        started, began = time.monotonic(), time.time()
-        try:
-            driver = self._drivers.get(w.device.driver)
-            assert cmd.state is not None
-            obs = await converge(driver, w.device, cmd.service, cmd.state, call_timeout(w.device, self._timeout),
-                                 self.deadlines, proceed)
-        except AgentError as exc:
-            await asyncio.wait([accepted])
-            if not said and accepted.exception() is None:
-                said.append((decide(cmd, d.version, KeyState(accepted.result()[0], cmd.state),
-                                    accepted.result()[1], now), *accepted.result()))
-            if said and said[0][0] is not Verdict.CONVERGE:
-                return self._skip(w, *said[0])
-            return self._failed(w, exc, _ms(started), await self._last_resort(w, exc, began))
-        if obs is None:
-            return self._skip(w, *said[0])
-        return self._converge(w, obs, _ms(started))
 
     def _park(self, w: Work, why: str) -> Outcome:
         """The device is unreachable through the VPN: wait for it, without using up an attempt."""

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 import asyncpg
 import pytest
 
-from agent.errors import PermanentError, TransientError
+from agent.errors import NoAnswerError, PermanentError, TransientError
 from tests.support.agents import running_agent
 from tests.support.db import add_device, archived, dlq, events, queue_len, send, state
 from tests.support.devices import ScriptedDriver
@@ -272,6 +272,28 @@ async def test_unreachable_device_is_parked_without_using_attempts_and_woken_at_
     assert (await state(db, "r1", "wifi"))["observed"] == "on"
     assert (await events(db, older))[-1] == "superseded"
     assert device.writes("r1", "wifi") == ["on"]
+
+
+async def test_a_write_without_answer_on_the_last_attempt_parks_when_the_tunnel_is_unproven(db, dsn, device):
+    """The read answered, the write did not, and no attempt is left: before giving up, the VPN guard is
+    asked whether the tunnel carried anything since; unproven, the command waits instead of dying."""
+    await add_device(db, "r1")
+    device.fail("r1", "wifi", NoAnswerError("apply on r1 timed out (2s per call)"))
+    asked: list[str] = []
+
+    async def tunnel_unproven(dev, _since: float) -> str:
+        asked.append(dev.id)
+        return "tunnel_unproven: nothing heard from peer site-a since the attempt began"
+
+    async with running_agent(dsn, device, max_attempts=1) as agent:
+        agent.executor.confirm = tunnel_unproven
+        msg = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
+        await until(lambda: archived(db, msg), timeout=15, what="applied once the parked command came back")
+    assert asked == ["r1"]
+    assert await dlq(db) == []
+    kinds = await events(db, msg)
+    assert "parked" in kinds and kinds[-1] == "verified", kinds
+    assert device.writes("r1", "wifi") == ["on", "on"]
 
 
 async def test_a_device_that_hangs_is_cut_off_at_the_deadline_and_retried(db, dsn, device):
