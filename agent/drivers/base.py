@@ -3,6 +3,10 @@
 A driver is a class registered in the entry-point group `agent.drivers`. The daemon makes one
 instance per driver name and passes the device on every call. Drivers raise only the errors in
 agent.errors: TransientError (retry), PermanentError (dead-letter), UnreachableError (park).
+
+Optional: `async read_many(device, services) -> {service: state or AgentError}` reads many
+services in one request (coalesced commands and reconciliation use it), and
+`can_read_many(device) -> bool` says whether it does so for this device (absent: always).
 """
 
 from __future__ import annotations

@@ -203,6 +203,11 @@ class HttpDriver:
                                  f"neither on_value nor off_value")
         return state
 
+    def can_read_many(self, device: Device) -> bool:
+        """Many services in one request only through a `list_path`: without it the agent reads
+        them one by one, each read under its own deadline (and a reconcile keeps its pace)."""
+        return "list_path" in device.options
+
     async def read_many(self, device: Device, services: list[str]) -> dict[str, State | AgentError]:
         """Many services: one GET of `list_path` where the device has one, else one read each."""
         out: dict[str, State | AgentError] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from agent.drivers.base import Device, Driver, State
 from agent.errors import AgentError, NoAnswerError, PermanentError, TransientError
@@ -37,13 +38,22 @@ async def observe(driver: Driver, device: Device, service: str, timeout: float,
         raise _translate(exc, step, device, timeout) from exc
 
 
+def batch_reader(driver: Driver, device: Device) -> Callable[[Device, list[str]], Awaitable[dict[str, Any]]] | None:
+    """The driver's `read_many` when it reads many services of this device in one request: a
+    driver may say per device (`can_read_many(device)`, e.g. http only with a `list_path`); without
+    it, one read per service, each under its own deadline."""
+    batch = getattr(driver, "read_many", None)
+    ask = getattr(driver, "can_read_many", None)
+    return batch if batch is not None and (ask is None or ask(device)) else None
+
+
 async def observe_many(driver: Driver, device: Device, services: list[str], timeout: float,
                        deadlines: Deadlines) -> dict[str, Observation | AgentError]:
-    """Read many services of one device: one request where the driver can (`read_many`), else one
-    read after another, all within `timeout` per device call. A service that cannot be read is an
-    error in the result; raises (one of our kinds) only when the whole read failed."""
+    """Read many services of one device: one request where the driver can (`batch_reader`), else
+    one read after another, all within `timeout` per device call. A service that cannot be read is
+    an error in the result; raises (one of our kinds) only when the whole read failed."""
     step = _Step()
-    batch = getattr(driver, "read_many", None)
+    batch = batch_reader(driver, device)
     try:
         if batch is None:
             out: dict[str, Observation | AgentError] = {}

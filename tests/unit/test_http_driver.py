@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import pytest
@@ -9,6 +10,8 @@ import pytest
 from agent.drivers.base import CredentialStore, Device, DriverContext
 from agent.drivers.http import HttpDriver, classify_status, render_body, render_path, resolve_pointer, to_state
 from agent.errors import ConfigError, PermanentError, TransientError, UnreachableError
+from agent.executor.converge import observe_many
+from agent.executor.deadlines import Deadlines
 from tests.support.httpdevice import HttpDevice
 
 ROUTEROS = {"read_path": "/rest/ppp/secret/{service}", "set_method": "PATCH", "state_pointer": "/disabled",
@@ -173,3 +176,18 @@ async def test_list_path_reads_many_services_in_one_request(aiohttp_server):
     assert (got["alice"], got["bob"]) == ("on", "off")
     assert isinstance(got["carol"], PermanentError) and "no item for carol" in str(got["carol"])
     assert isinstance(got["eve"], PermanentError) and isinstance(got["../x"], PermanentError)
+
+
+async def test_without_a_list_path_each_service_is_read_under_its_own_deadline(box, driver):
+    """No list to GET: the agent reads the services one by one, each call with its own deadline,
+    so a take of many commands never fails as a whole for the sum of their reads."""
+    box.delay = 0.3
+    box.secrets = dict.fromkeys("abcde", "true")
+    deadlines = Deadlines(resolution=0.05)
+    watcher = asyncio.create_task(deadlines.run())
+    try:
+        got = await observe_many(driver, router(box), list("abcde"), 1.0, deadlines)  # 5 x 0.3 s > 1 s
+    finally:
+        watcher.cancel()
+    assert {s: getattr(o, "observed", o) for s, o in got.items()} == dict.fromkeys("abcde", "off")
+    assert not driver.can_read_many(router(box)) and driver.can_read_many(router(box, list_path="/rest/ppp/secret"))
