@@ -6,6 +6,12 @@ agents), the VPN gate (unreachable: the whole message is parked), bounded retrie
 policy's backoff (capped at a few seconds, since the lane waits), and nothing guessed: a service
 that cannot be read is reported unreadable. Between device calls it keeps a pace, so a
 reconcile never floods a device.
+
+A driver that reads many services in one request (`read_many`: RouterOS, SNMP, http with a
+`list_path`, sim) is read once for all of them: a router with thousands of services in sync is one
+call, not thousands paced apart while the commands behind the reconcile wait in the lane. Only what
+that reading leaves open (drift to confirm or repair, a service it could not read) takes calls of
+its own.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from agent.db.queries import Queries
 from agent.drivers.base import Device, Driver
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, ConfigError, PermanentError, TransientError
-from agent.executor.converge import Observation, converge, observe
+from agent.executor.converge import Observation, batch_reader, converge, observe, observe_many
 from agent.executor.deadlines import Deadlines
 from agent.executor.policy import ParkPolicy, RetryPolicy
 from agent.executor.reports import Delivery, EventRow, Outcome, StateUpdate
@@ -59,6 +65,19 @@ class _Parked(Exception):
         self.why = why
 
 
+class _Pacer:
+    """The pause between one reconcile message's device calls (none before its first)."""
+
+    def __init__(self, pace: float) -> None:
+        self._pace = pace
+        self._called = False
+
+    async def next_call(self) -> None:
+        if self._called:
+            await asyncio.sleep(self._pace)
+        self._called = True
+
+
 class SyncWorker:
     def __init__(self, pool: asyncpg.Pool, queries: Queries, drivers: Drivers, deadlines: Deadlines,
                  gate: Callable[[Device], str | None], policy: Callable[[], tuple[RetryPolicy, float]],
@@ -86,13 +105,14 @@ class SyncWorker:
                     raise _Forged(f"reconcile message names run {req.run} for device {dev.id}, "
                                   "which no sync run holds (forged or pruned)")
             driver = self._drivers.get(dev.driver)
+            pacer = _Pacer(self.tuning.pace)
+            first = await self._read_all(driver, dev, [r["service"] for r in rows], pacer)
             events: list[EventRow] = []
             states: list[StateUpdate] = []
             findings = []
-            for i, row in enumerate(rows):
-                if i:
-                    await asyncio.sleep(self.tuning.pace)
-                findings.append(await self._check(w, driver, row["service"], row["desired"], events, states))
+            for row in rows:
+                findings.append(await self._check(w, driver, row["service"], row["desired"], events, states,
+                                                  pacer, first.get(row["service"])))
         except _Parked as p:
             delay = self._parking.delay(d.bounces)
             log.debug("reconcile parked for up to %.0fs: %s", delay, p.why, extra=_fields(w, "parked"))
@@ -121,13 +141,43 @@ class SyncWorker:
         return Outcome(d, "archive", events, sync={"run": req.run, "device": dev.id, **result}, extra_states=states,
                        reconcile=True)
 
+    async def _read_all(self, driver: Driver, dev: Device, services: list[str],
+                        pacer: _Pacer) -> dict[str, Observation | AgentError]:
+        """The first reading of every service in one request, where the driver can; {} where it
+        cannot (then each service is read on its own). A service the batch could not read is left
+        out: it is read on its own, with the retries a single reading has. When the whole request
+        fails, after those retries, every service is unreadable for that reason (as each one read on
+        its own would have been, without a failing call per service)."""
+        if len(services) < 2 or batch_reader(driver, dev) is None:
+            return {}
+        _, timeout = self._policy()
+
+        async def read() -> dict[str, Observation | AgentError]:
+            self._claimed(dev)
+            return await observe_many(driver, dev, services, timeout, self._deadlines)
+
+        await pacer.next_call()
+        try:
+            found = await self._retrying(dev, read)
+        except AgentError as exc:
+            return dict.fromkeys(services, exc)
+        return {svc: obs for svc, obs in found.items() if isinstance(obs, Observation)}
+
     async def _check(self, w: SyncWork, driver: Driver, service: str, expected: str,
-                     events: list[EventRow], states: list[StateUpdate]) -> Finding:
+                     events: list[EventRow], states: list[StateUpdate], pacer: _Pacer,
+                     first: Observation | AgentError | None = None) -> Finding:
         dev, dry = w.device, w.request.dry_run
+        if isinstance(first, AgentError):  # the batch reading failed as a whole: no call of its own
+            events.append(self._event(w, "unreadable", service, desired=expected, error=str(first)))
+            return Finding(service, expected, None, "unreadable", str(first))
         readings: list[str] = []
         while True:
             try:
-                obs = await self._retrying(dev, lambda: self._read(driver, dev, service))
+                if first is not None:
+                    obs, first = first, None
+                else:
+                    await pacer.next_call()
+                    obs = await self._retrying(dev, lambda: self._read(driver, dev, service))
             except AgentError as exc:
                 events.append(self._event(w, "unreadable", service, desired=expected, error=str(exc)))
                 return Finding(service, expected, readings[-1] if readings else None, "unreadable", str(exc))
@@ -150,6 +200,7 @@ class SyncWorker:
             return Finding(service, expected, found, "drift")
         started = time.monotonic()
         try:
+            await pacer.next_call()
             fixed = await self._retrying(dev, lambda: self._converge(driver, dev, service, expected))
         except AgentError as exc:
             events.append(self._event(w, "failed", service, desired=expected, observed=found, error=str(exc)))
