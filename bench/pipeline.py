@@ -154,7 +154,10 @@ async def wake_latency(admin_dsn: str, samples: int) -> dict[str, float]:
     dsn = await fresh_db(admin_dsn, "bench_wake")
     conn = await asyncpg.connect(dsn)
     await conn.execute("INSERT INTO agent.devices (id, driver) VALUES ('w1', 'bench')")
-    settings = load_settings(None, database_url=dsn, http_listen="", poll_interval=60, log_level="WARNING")
+    # isolated commands and nothing else: no scheduled reconcile crossing the run (the recording
+    # device reads one service at a time, so a run would hold the lane for a pace per service)
+    settings = load_settings(None, database_url=dsn, http_listen="", poll_interval=60, log_level="WARNING",
+                             reconcile_schedule="off")
     rec = Recorder()
     pool = await connect_pool(settings, attempts=1)
     agent = Agent(settings, pool, Drivers(DriverContext(), {"bench": rec}))
