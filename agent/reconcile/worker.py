@@ -39,6 +39,7 @@ from agent.reconcile.request import SyncRequest
 
 log = logging.getLogger("agent.reconcile")
 INLINE_DELAY_CAP = 5.0
+READ_BATCH = 100  # services read in one request at most (a take of AGENT_COALESCE's default reads as many)
 T = TypeVar("T")
 
 
@@ -143,25 +144,31 @@ class SyncWorker:
 
     async def _read_all(self, driver: Driver, dev: Device, services: list[str],
                         pacer: _Pacer) -> dict[str, Observation | AgentError]:
-        """The first reading of every service in one request, where the driver can; {} where it
-        cannot (then each service is read on its own). A service the batch could not read is left
-        out: it is read on its own, with the retries a single reading has. When the whole request
-        fails, after those retries, every service is unreadable for that reason (as each one read on
-        its own would have been, without a failing call per service)."""
+        """The first reading of every service, one request per READ_BATCH services (each under its
+        own deadline), where the driver can; {} where it cannot (then each service is read on its
+        own). A service the batch could not read is left out: it is read on its own, with the
+        retries a single reading has. When a request fails as a whole, after those retries, each of
+        its services is unreadable for that reason (as each one read on its own would have been,
+        without a failing call per service)."""
         if len(services) < 2 or batch_reader(driver, dev) is None:
             return {}
         _, timeout = self._policy()
+        out: dict[str, Observation | AgentError] = {}
+        for at in range(0, len(services), READ_BATCH):  # each request under its own deadline
+            chunk = services[at:at + READ_BATCH]
 
-        async def read() -> dict[str, Observation | AgentError]:
-            self._claimed(dev)
-            return await observe_many(driver, dev, services, timeout, self._deadlines)
+            async def read(chunk: list[str] = chunk) -> dict[str, Observation | AgentError]:
+                self._claimed(dev)
+                return await observe_many(driver, dev, chunk, timeout, self._deadlines)
 
-        await pacer.next_call()
-        try:
-            found = await self._retrying(dev, read)
-        except AgentError as exc:
-            return dict.fromkeys(services, exc)
-        return {svc: obs for svc, obs in found.items() if isinstance(obs, Observation)}
+            await pacer.next_call()
+            try:
+                found = await self._retrying(dev, read)
+            except AgentError as exc:
+                out.update(dict.fromkeys(chunk, exc))
+                continue
+            out.update({svc: obs for svc, obs in found.items() if isinstance(obs, Observation)})
+        return out
 
     async def _check(self, w: SyncWork, driver: Driver, service: str, expected: str,
                      events: list[EventRow], states: list[StateUpdate], pacer: _Pacer,

@@ -22,11 +22,12 @@ async def reconcile(db, agent, device: str) -> dict:
                                   "WHERE id = $1", run))
 
 
-async def desired_on(db, device: ScriptedDriver, drifted: set[str] = frozenset()) -> None:
+async def desired_on(db, device: ScriptedDriver, drifted: set[str] = frozenset(),
+                     services: list[str] = SERVICES) -> None:
     await add_device(db, "r1", "batch")
     await db.executemany("INSERT INTO agent.service_state (device, service, desired, observed) "
-                         "VALUES ('r1', $1, 'on', 'on')", [(s,) for s in SERVICES])
-    for s in SERVICES:
+                         "VALUES ('r1', $1, 'on', 'on')", [(s,) for s in services])
+    for s in services:
         device.states[("r1", s)] = "off" if s in drifted else "on"
 
 
@@ -37,6 +38,18 @@ async def test_a_device_in_sync_is_reconciled_with_one_read(db, dsn):
         found = await reconcile(db, agent, "r1")
     assert found == {"checked": 30, "in_sync": 30, "drifted": 0, "repaired": 0, "unreadable": 0}
     assert [c.op for c in device.calls] == ["read_many"]
+
+
+async def test_a_device_with_more_services_than_one_request_reads_is_read_in_bounded_requests(db, dsn):
+    """Each request under its own deadline: 250 services are three requests, not one that must
+    answer for all of them within one device timeout."""
+    many = [f"p{i:03}" for i in range(250)]
+    device = BatchDriver(name="batch")
+    await desired_on(db, device, services=many)
+    async with running_agent(dsn, device, reconcile_pace=0) as agent:
+        found = await reconcile(db, agent, "r1")
+    assert found == {"checked": 250, "in_sync": 250, "drifted": 0, "repaired": 0, "unreadable": 0}
+    assert [(c.op, len(c.service.split(","))) for c in device.calls] == [("read_many", n) for n in (100, 100, 50)]
 
 
 async def test_only_what_the_batch_reading_found_drifted_takes_calls_of_its_own(db, dsn):
