@@ -8,8 +8,9 @@ that cannot be read is reported unreadable. Between device calls it keeps a pace
 reconcile never floods a device.
 
 A driver that reads many services in one request (`read_many`: RouterOS, SNMP, http with a
-`list_path`, sim) is read once for all of them: a router with thousands of services in sync is one
-call, not thousands paced apart while the commands behind the reconcile wait in the lane. Only what
+`list_path`, sim) is read in requests of up to READ_BATCH services: a router with thousands of
+services in sync is a few dozen calls, not thousands paced apart while the commands behind the
+reconcile wait in the lane. Only what
 that reading leaves open (drift to confirm or repair, a service it could not read) takes calls of
 its own.
 """
