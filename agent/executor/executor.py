@@ -251,9 +251,8 @@ class Executor:
         except AgentError as exc:
             err = exc
             said = await verdicts()
-            last = next((w for w in live if self._policy.exhausted(w.delivery.attempt)), live[0])
-            unproven = await self._last_resort(last, err, began)  # once for the take, if one is on its last try
-            return [settle(w, said[id(w)], lambda w=w: self._failed(w, err, _ms(started), unproven))  # type: ignore[misc]
+            tunnel = await self._take_last_resort([(w, err) for w in live], began)
+            return [settle(w, said[id(w)], partial(self._failed, w, err, _ms(started), tunnel.get(id(w))))
                     for w in live]
         said = await verdicts()
         going = [w for w in live if not isinstance(said[id(w)], TransientError) and said[id(w)][0] is Verdict.CONVERGE]  # type: ignore[index]
@@ -273,26 +272,18 @@ class Executor:
                 except AgentError as exc:
                     after = {svc: exc for svc in written}
         ms = _ms(started)
-        tunnel = await self._take_last_resort(going, applied, after, began)
+        tunnel = await self._take_last_resort([(w, e) for w in going if (e := _silence(w, applied, after))], began)
         return [settle(w, said[id(w)], partial(self._take_outcome, w, before, applied, after, ms, tunnel.get(id(w))))
                 for w in live]
 
-    async def _take_last_resort(self, going: list[Work], applied: Mapping[str, float | AgentError],
-                                after: Mapping[str, Observation | AgentError], began: float) -> dict[int, str]:
-        """A command on its last attempt whose write or read-back got no answer: asked once per take
-        whether the tunnel was down (then such commands park instead of being given up)."""
-        def silence(w: Work) -> NoAnswerError | None:
-            for e in (applied.get(w.command.service), after.get(w.command.service)):
-                if isinstance(e, NoAnswerError):
-                    return e
-            return None
-
-        silent = {id(w): (w, e) for w in going if (e := silence(w)) is not None}
-        last = next(((w, e) for w, e in silent.values() if self._policy.exhausted(w.delivery.attempt)), None)
-        if last is None:
-            return {}
-        why = await self._last_resort(last[0], last[1], began)
-        return dict.fromkeys(silent, why) if why else {}
+    async def _take_last_resort(self, failed: list[tuple[Work, AgentError]], began: float) -> dict[int, str]:
+        """Commands of a take whose device call failed: if one of them is on its last attempt and
+        got no answer, the VPN guard is asked once whether the tunnel was down; its reason then
+        parks every command of the take that got no answer, instead of giving it up."""
+        silent = [(w, e) for w, e in failed if isinstance(e, NoAnswerError)]
+        last = next(((w, e) for w, e in silent if self._policy.exhausted(w.delivery.attempt)), None)
+        why = await self._last_resort(last[0], last[1], began) if last else None
+        return {id(w): why for w, _e in silent} if why else {}
 
     async def _hold(self, device: Device, timeout: float) -> bool:
         """Before another device call of a take: the claim still covers it (renewed if it ran short)."""
@@ -492,6 +483,15 @@ def call_timeout(device: Device, default: float) -> float:
     except (TypeError, ValueError):
         own = 0.0
     return max(default, own + 1.0) if own else default
+
+
+def _silence(w: Work, applied: Mapping[str, float | AgentError],
+             after: Mapping[str, Observation | AgentError]) -> NoAnswerError | None:
+    """The no-answer its write or read-back got, if one did."""
+    for e in (applied.get(w.command.service), after.get(w.command.service)):
+        if isinstance(e, NoAnswerError):
+            return e
+    return None
 
 
 def _is_set(item: Item) -> bool:
