@@ -15,7 +15,7 @@ import random
 import signal
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -48,6 +48,7 @@ from agent.systemd import Notifier
 from agent.vpn.guard import VpnGuard
 
 log = logging.getLogger("agent.daemon")
+T = TypeVar("T")
 
 
 async def connect_pool(settings: Settings, attempts: int | None = None,
@@ -87,8 +88,9 @@ class Agent:
 
     def __init__(self, settings: Settings, pool: asyncpg.Pool, drivers: Drivers | None = None,
                  notifier: Notifier | None = None, force_stop: asyncio.Event | None = None,
-                 settings_path: Path | None = None) -> None:
+                 settings_path: Path | None = None, endpoint: http.Endpoint | None = None) -> None:
         s = self.settings = settings
+        self.endpoint = endpoint  # the HTTP endpoint run() serves from the first second, if any
         self.settings_path = settings_path  # what SIGHUP re-reads
         self.force_stop = force_stop or asyncio.Event()  # a second SIGTERM/SIGINT: skip the drain
         self.pool = pool
@@ -253,11 +255,18 @@ class Agent:
             await self.reload()
 
     async def _serve_http(self):  # type: ignore[no-untyped-def]
+        """Publish the running agent's figures on the endpoint run() started (or, for an Agent built
+        without one, start it now); returns what to clean up, if this started it."""
         hp = self.settings.http_host_port
         if hp is None:
             return None
-        return await http.start(*hp, ready=self.house.ready, status=self.house.snapshot,
-                                registry=self.metrics.registry, before_scrape=self.house.sample_queue)
+        endpoint, runner = self.endpoint, None
+        if endpoint is None:
+            endpoint = http.Endpoint(lambda: "starting")
+            runner = await endpoint.start(*hp)
+        endpoint.serve(ready=self.house.ready, status=self.house.snapshot,
+                       registry=self.metrics.registry, before_scrape=self.house.sample_queue)
+        return runner
 
     async def reload(self) -> None:
         """SIGHUP: re-read settings and inventory; settings that need a restart are named."""
@@ -349,20 +358,33 @@ async def run(settings: Settings, *, once: bool = False, drivers: Drivers | None
     loop.add_signal_handler(signal.SIGHUP, reload.set)
     notifier = Notifier()
     notifier.status("starting: connecting to the database")
-    pool = await _until_stopped(connect_pool(settings, attempts=3 if once else None, notifier=notifier), stop)
-    if pool is None:
-        return 0
-    agent = Agent(settings, pool, drivers, notifier, force, Path(config_path) if config_path else None)
+    endpoint = runner = None
+    if not once and (hp := settings.http_host_port) is not None:  # /readyz and /status from the first second
+        endpoint = http.Endpoint(lambda: notifier.last_status)
+        runner = await endpoint.start(*hp)
     try:
-        await agent.start()
-        if once:
-            return await agent.drain_once(stop)
-        await agent.run_forever(stop, reload)
-        log.info("stopped", extra={"action": "stopped"})
-        return 130 if force.is_set() else 0
+        connecting = await _until_stopped(connect_pool(settings, attempts=3 if once else None, notifier=notifier),
+                                          stop)
+        if connecting is None:
+            return 0
+        pool = connecting.result()
+        agent = Agent(settings, pool, drivers, notifier, force, Path(config_path) if config_path else None,
+                      endpoint)
+        try:
+            if (starting := await _until_stopped(agent.start(), stop)) is None:
+                return 0
+            starting.result()
+            if once:
+                return await agent.drain_once(stop)
+            await agent.run_forever(stop, reload)
+            log.info("stopped", extra={"action": "stopped"})
+            return 130 if force.is_set() else 0
+        finally:
+            await agent.drivers.close()
+            await pool.close()
     finally:
-        await agent.drivers.close()
-        await pool.close()
+        if runner is not None:
+            await runner.cleanup()
 
 
 def _on_signal(stop: asyncio.Event, force: asyncio.Event) -> None:
@@ -372,13 +394,16 @@ def _on_signal(stop: asyncio.Event, force: asyncio.Event) -> None:
     stop.set()
 
 
-async def _until_stopped(coro: Coroutine[Any, Any, asyncpg.Pool], stop: asyncio.Event) -> asyncpg.Pool | None:
-    """Connecting may wait for the database a long time: a signal meanwhile ends it cleanly."""
+async def _until_stopped(coro: Coroutine[Any, Any, T], stop: asyncio.Event) -> asyncio.Task[T] | None:
+    """Start-up may wait long (for the database, for the tunnel): a signal meanwhile ends it cleanly.
+    The finished task (its result or exception), or None when a signal came first."""
     task = asyncio.create_task(coro)
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
     stopper.cancel()
     if task.done():
-        return task.result()
+        return task
     task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
     return None
