@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     vpn_check_interval: float = Field(2.0, gt=0, le=300, description="Seconds between tunnel samples.")
     vpn_stale_after: float = Field(180.0, gt=0, description="Handshake older than this: the peer is down.")
     vpn_probe_interval: float = Field(30.0, ge=0, description="Seconds between device probes (0: none).")
-    vpn_grace: float = Field(30.0, ge=0, description="Start-up: waiting longer than this for the tunnel is logged as an error.")
+    vpn_grace: float = Field(30.0, ge=0, description="Start-up: waiting longer for the tunnel is logged as an error.")
 
     reconcile_schedule: str = Field("*/5 * * * *", description="Reconcile runs: cron, seconds, or off.")
     reconcile_confirm: int = Field(1, ge=1, le=5, description="Readings that must differ before a repair.")

@@ -405,7 +405,13 @@ def main(argv: list[str] | None = None) -> int:
     except asyncpg.PostgresError as exc:
         print(f"agentctl: {exc}", file=sys.stderr)
         return 1
-    except (OSError, asyncpg.InterfaceError, TimeoutError, asyncpg.InternalClientError) as exc:
+    except OSError as exc:
+        if exc.filename is not None:  # a file named on the command line, not the database connection
+            print(f"agentctl: cannot read {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        print(f"agentctl: database connection lost: {exc or type(exc).__name__}", file=sys.stderr)
+        return 1
+    except (asyncpg.InterfaceError, TimeoutError, asyncpg.InternalClientError) as exc:
         print(f"agentctl: database connection lost: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
 

@@ -29,6 +29,8 @@ _REMEDIES: tuple[tuple[type[BaseException], str], ...] = (
      "the role may not log in (unknown role, NOLOGIN, or no pg_hba.conf entry for it): check the user in"),
     (asyncpg.InsufficientPrivilegeError, "the role lacks the CONNECT privilege on the database named in"),
     (asyncpg.ClientConfigurationError, "a connection parameter is invalid in"),
+    # asyncpg hands a query parameter it does not know (a typo: ?sslmod=...) to the server as a setting
+    (asyncpg.UndefinedObjectError, "the server does not know a parameter (a mistyped query parameter?) in"),
 )
 
 

@@ -33,6 +33,7 @@ def clean_env(monkeypatch):
     (asyncpg.InvalidCatalogNameError("database \"agent\" does not exist"), "database does not exist"),
     (asyncpg.InsufficientPrivilegeError("permission denied for database"), "CONNECT"),
     (asyncpg.ClientConfigurationError("`sslmode` parameter must be one of: disable, ..."), "parameter"),
+    (asyncpg.UndefinedObjectError('unrecognized configuration parameter "sslmod"'), "mistyped query parameter"),
     (ConnectionError("PostgreSQL server at \"db:5432\" rejected SSL upgrade"), "sslmode"),
     (ValueError("invalid literal for int() with base 10: 'abc'"), "not a valid connection URL"),
     (OverflowError("connect(): port must be 0-65535."), "not a valid connection URL"),
