@@ -167,7 +167,7 @@ class Housekeeper:
         f = self.figures()
         with contextlib.suppress(*DB_ERRORS):
             async with self._a.pool.acquire() as conn:
-                f.drifted = [dict(r) for r in await conn.fetch(self._a.queries.drifted, 20)]
+                f.drifted = [dict(r) for r in await conn.fetch(self._a.queries.drifted, 20, self._a.settings.site)]
         return snapshot(f)
 
     # -- the loop ------------------------------------------------------------------------

@@ -197,9 +197,11 @@ SELECT (SELECT count(*) FROM (SELECT 1 FROM pgmq.{q} LIMIT $1) s) AS depth,
        (SELECT extract(epoch FROM clock_timestamp() - enqueued_at) FROM pgmq.{dq} ORDER BY msg_id LIMIT 1) AS dlq_oldest;
 
 -- name: drifted
--- desired_failed: its newest command was dead-lettered, so reconciliation leaves it as it is.
-SELECT device, service, desired, observed, desired_failed AS failed, last_error FROM agent.service_state
-WHERE desired IS NOT NULL AND desired IS DISTINCT FROM observed ORDER BY device, service LIMIT $1;
+-- The drift of one site's devices ($2), at most $1 rows. desired_failed: its newest command was
+-- dead-lettered, so reconciliation leaves it as it is.
+SELECT s.device, s.service, s.desired, s.observed, s.desired_failed AS failed, s.last_error
+FROM agent.service_state s JOIN agent.devices d ON d.id = s.device AND d.site = $2
+WHERE s.desired IS NOT NULL AND s.desired IS DISTINCT FROM s.observed ORDER BY s.device, s.service LIMIT $1;
 
 -- name: fleet
 SELECT agent_id, site, queue, host, pid, version, started_at, last_heartbeat, state, status,

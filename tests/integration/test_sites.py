@@ -274,3 +274,12 @@ async def test_an_agent_reloads_its_inventory_for_its_own_site_only(db, dsn, nor
         await until(lambda: reloads, what="its own site's change heard")
         await agent.session.fetchval("SELECT 1")  # the north notification came first, if at all
     assert reloads == [1]
+
+
+async def test_an_agents_status_shows_the_drift_of_its_own_site_only(db, dsn, north):
+    for device in ("r1", "n1"):
+        await db.execute("INSERT INTO agent.service_state (device, service, desired, desired_version, observed) "
+                         "VALUES ($1, 'wifi', 'on', 1, 'off')", device)
+    async with running_agent(dsn) as agent:  # site `default`
+        drifted = (await agent.house.snapshot())["drifted"]
+    assert [(d["device"], d["service"]) for d in drifted] == [("r1", "wifi")]
