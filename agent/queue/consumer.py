@@ -64,15 +64,19 @@ class Consumer:
         self._wake.set()
         # PGMQ sends nothing for inserts later in a throttle window. After a notification, and after a
         # (re)connect (the window's notification may have gone to nobody), read again when it closes.
+        # A notification opens a new window: its catch-up replaces the one still due for the window
+        # before (that one closes earlier, and this wake reads what it would have read).
         if source in ("notify", "connect") and self._s.notify_throttle_ms:
-            self.wake_later((self._s.notify_throttle_ms + 20) / 1000, "catchup")
+            self.wake_later((self._s.notify_throttle_ms + 20) / 1000, "catchup", latest=True)
 
-    def wake_later(self, delay: float, source: str) -> None:
-        """Wake after `delay` seconds, unless a wake of this source is already due sooner."""
+    def wake_later(self, delay: float, source: str, latest: bool = False) -> None:
+        """Wake after `delay` seconds, unless a wake of this source is already due sooner (or, with
+        `latest`, replacing one due sooner: the wake must come after the last window closes)."""
         loop = asyncio.get_running_loop()
         when = loop.time() + delay
         timer = self._timers.get(source)
-        if timer is not None and not timer.cancelled() and loop.time() < timer.when() <= when:
+        if (timer is not None and not timer.cancelled() and loop.time() < timer.when()
+                and (timer.when() >= when if latest else timer.when() <= when)):
             return
         if timer is not None:
             timer.cancel()
