@@ -156,6 +156,7 @@ class Agent:
 
     def _report_failed(self, _why: str) -> None:
         self.metrics.report_failures.inc()
+        self.consumer.progressed()  # an attempt: the database is failing, not the agent
 
     def _committed(self, outcomes, lost) -> None:  # type: ignore[no-untyped-def]
         self.consumer.committed(outcomes, lost)
@@ -222,6 +223,8 @@ class Agent:
             "claims": self.claims.run(), "leader": self.leadership.run(self.reconciler.lead)}
         if self.settings.consume:
             services |= {"consumer": self.consumer.run(), "leases": self.consumer.keep_leases()}
+        if self.notifier.watchdog_interval:
+            services["watchdog"] = self.house.watch()
         tasks: dict[asyncio.Task[None], str] = {
             asyncio.create_task(coro, name=name): name for name, coro in services.items()}
         runner = await self._serve_http()

@@ -1,8 +1,8 @@
 """The housekeeper: readiness, systemd STATUS and watchdog, the heartbeat row, the status snapshot.
 
-The watchdog is fed only while the consumer loop makes progress (it cycles at least every few
-seconds, also while the database is down), so an outage changes STATUS and readiness but never
-gets the agent killed; a hung loop does.
+The watchdog is fed unless the agent is stalled (agent.watchdog): an outage or a long backlog
+changes STATUS and readiness but never gets the agent killed; work that nothing moves does. The
+pings have a loop of their own that waits on nothing else, so a slow database cannot delay them.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from agent.executor.reports import Outcome
 from agent.metrics import Live
 from agent.status import Figures, healthy, snapshot, state, status_line
 from agent.text import rfc3339
+from agent.watchdog import stalled
 
 
 class Parts(Protocol):
@@ -174,28 +175,28 @@ class Housekeeper:
     # -- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        every = self._a.notifier.watchdog_interval  # half of WATCHDOG_USEC, or None
-        tick = min(1.0, every) if every else 1.0
-        next_beat = next_ping = 0.0
+        next_beat = 0.0
         while True:
             now = time.monotonic()
-            if every and now >= next_ping:
-                next_ping = now + every
-                if self._progressing(now):
-                    self._a.notifier.watchdog()
-                else:
-                    log.error("consumer loop made no progress: watchdog not fed", extra={"action": "stalled"})
             if now >= next_beat:
                 next_beat = now + self._a.settings.heartbeat_interval
                 await self.sample_queue(max_age=self._a.settings.heartbeat_interval * 2)
                 await self.beat(None)
             self._a.notifier.status(self.status_line())
-            await asyncio.sleep(tick)
+            await asyncio.sleep(1.0)
 
-    def _progressing(self, now: float) -> bool:
-        if not self._a.settings.consume:
-            return True
-        return now - self._a.consumer.last_cycle < self._a.settings.watchdog_stall
+    async def watch(self) -> None:
+        """WATCHDOG=1 at half of WATCHDOG_USEC (the notifier's interval) unless the agent is stalled."""
+        every = self._a.notifier.watchdog_interval or 1.0
+        while True:
+            consumer = self._a.consumer
+            stall = self._a.settings.watchdog_stall
+            if not stalled(time.monotonic(), consumer.last_progress, consumer.work_waits, stall):
+                self._a.notifier.watchdog()
+            else:
+                log.error("stalled: work waits and nothing progressed for %.0f s: watchdog not fed", stall,
+                          extra={"action": "stalled", "inflight": len(consumer.inflight)})
+            await asyncio.sleep(every)
 
     async def beat(self, override: str | None) -> None:
         a, f = self._a, self.figures()

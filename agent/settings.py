@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
     drain_timeout: float = Field(20.0, ge=0, description="Shutdown: how long in-flight work may finish.")
     heartbeat_interval: float = Field(60.0, ge=1, le=3600, description="Heartbeat row in agent.agents, seconds.")
-    watchdog_stall: float = Field(60.0, ge=5, description="No consumer progress this long stops WATCHDOG=1.")
+    watchdog_stall: float = Field(60.0, ge=5, description="Work waiting with no progress this long stops WATCHDOG=1.")
     consume: bool = Field(True, description="Consume the queue (false: status, metrics and heartbeat only).")
     require_vpn: bool = Field(True, description="Devices with an address must be reached through WireGuard.")
     wg_interface: str | None = Field(None, description="The WireGuard interface (default: the only one).")
