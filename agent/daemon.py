@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 
 from agent import http
-from agent.db.connect import DB_ERRORS
+from agent.db.connect import DB_ERRORS, reason
 from agent.db.connect import classify as classify_connect_error
 from agent.db.queries import Queries
 from agent.db.schema import check_ready, ensure_notify
@@ -69,10 +69,11 @@ async def connect_pool(settings: Settings, attempts: int | None = None,
                 raise refused from None
             if attempts is not None and tried >= attempts:
                 raise
-            log.warning("database unreachable (%s); retrying in %.0fs", exc, delay,
+            why = reason(exc)
+            log.warning("database unreachable (%s); retrying in %.0fs", why, delay,
                         extra={"action": "db_unreachable"})
             if notifier:
-                notifier.status(f"starting: database unreachable ({exc})")
+                notifier.status(f"starting: database unreachable ({why})")
             await asyncio.sleep(delay * random.uniform(0.7, 1.0))
             delay = min(delay * 2, 30.0)
 
