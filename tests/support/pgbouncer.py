@@ -1,4 +1,5 @@
-"""A real PgBouncer (Debian `pgbouncer`) in transaction mode in front of the test Postgres.
+"""A real PgBouncer (Debian `pgbouncer`) in front of the test Postgres, in transaction mode unless asked
+for another `pool_mode`.
 
 It listens on a free loopback port and reaches Postgres on the cluster's Unix socket. As root it
 runs as the user who owns that socket's directory, the test cluster's data directory (PgBouncer refuses
@@ -46,7 +47,8 @@ def _free_port() -> int:
 
 
 class PgBouncer:
-    def __init__(self, admin_dsn: str) -> None:
+    def __init__(self, admin_dsn: str, pool_mode: str = "transaction") -> None:
+        self.pool_mode = pool_mode
         parts = urlsplit(admin_dsn)
         query = parse_qs(parts.query)
         self.pg_host = query.get("host", [parts.hostname or "127.0.0.1"])[0]
@@ -68,11 +70,11 @@ listen_addr = 127.0.0.1
 listen_port = {self.port}
 unix_socket_dir =
 auth_type = any
-pool_mode = transaction
+pool_mode = {self.pool_mode}
 max_prepared_statements = 0
 default_pool_size = 20
 max_client_conn = 500
-server_reset_query =
+server_reset_query = {"DISCARD ALL" if self.pool_mode == "session" else ""}
 ignore_startup_parameters = extra_float_digits,application_name
 logfile = {self.log}
 pidfile = {self.root / "pgbouncer.pid"}
