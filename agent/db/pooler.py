@@ -35,6 +35,7 @@ log = logging.getLogger("agent.pooler")
 PID = "SELECT pg_backend_pid()"
 PINS = 4  # connections that try to take the noted backend: more than a pooler's idle backends, as a rule
 TIMEOUT = 10.0
+PIN_TIMEOUT = 3.0  # a session pool with no backend to spare makes a pin wait: then it is no evidence
 _PREPARED_LOST = (asyncpg.InvalidSQLStatementNameError, asyncpg.DuplicatePreparedStatementError)
 
 
@@ -130,8 +131,8 @@ async def _pin(dsn: str, pins: contextlib.AsyncExitStack) -> int | None:
         return None
     pins.callback(other.terminate)
     try:
-        await other.execute("BEGIN", timeout=TIMEOUT)
-        return int(await other.fetchval(PID, timeout=TIMEOUT))
+        await other.execute("BEGIN", timeout=PIN_TIMEOUT)
+        return int(await other.fetchval(PID, timeout=PIN_TIMEOUT))
     except DB_ERRORS as exc:
         if "statement pooling" in str(exc):  # PgBouncer: "transaction blocks not allowed in statement pooling mode"
             raise _NoTransactions from None
