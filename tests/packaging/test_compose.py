@@ -35,9 +35,10 @@ DEVICE = "10.99.0.10"
 def _skip_unless_possible() -> None:
     """A machine without podman skips these tests; one with podman but not what it runs (netavark,
     iptables ...) fails at once, naming it, rather than hanging in `compose up` for minutes."""
-    if absent := tools.missing():
-        if "podman" in absent:
-            pytest.skip(tools.message(absent))
+    absent = tools.missing()
+    if (what := tools.verdict(absent)) == "skip":
+        pytest.skip(tools.message(absent))
+    if what == "fail":
         pytest.fail(tools.message(absent))
     if os.geteuid() != 0:
         pytest.skip("these podman tests run rootful (root)")

@@ -61,3 +61,5 @@ def test_a_missing_compose_program_is_named_with_its_package():
     assert absent == {"no-such-netavark": "netavark-pkg"}
     assert "no-such-netavark" in tools.message(absent) and "install -y --no-install-recommends netavark-pkg" in \
         tools.message(absent)
+    assert tools.verdict(absent) == "fail"  # podman there without what it runs: compose up would hang
+    assert tools.verdict({"podman": "podman", **absent}) == "skip" and tools.verdict({}) is None
