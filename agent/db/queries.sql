@@ -5,12 +5,13 @@
 
 -- name: read
 -- Bodies over $4 bytes (headers over 8 KiB) are not fetched: their size comes instead, and they are
--- dead-lettered without ever being held in the agent. last_id: the queue's newest real msg_id (a
--- row above it was forged by hand); db_now: the database's clock, the one not_after is judged by.
+-- dead-lettered without ever being held in the agent. last_id: the newest real msg_id (every agent
+-- queue takes its ids from agent.msg_id_seq; a row above it was forged by hand); db_now: the
+-- database's clock, the one not_after is judged by.
 SELECT r.msg_id, r.read_ct, r.enqueued_at,
        CASE WHEN octet_length(t.body) <= $4 THEN t.body END AS message, octet_length(t.body) AS size,
        CASE WHEN octet_length(t.head) <= 8192 THEN t.head END AS headers, octet_length(t.head) AS headers_size,
-       (SELECT last_value FROM pgmq.{qs}) AS last_id, clock_timestamp() AS db_now
+       (SELECT last_value FROM agent.msg_id_seq) AS last_id, clock_timestamp() AS db_now
 FROM pgmq.read($1::text, $2::integer, $3::integer) r, LATERAL (SELECT r.message::text, r.headers::text) AS t(body, head);
 
 -- name: read_device
@@ -32,7 +33,7 @@ WITH cte AS (
 SELECT r.msg_id, r.read_ct, r.enqueued_at,
        CASE WHEN octet_length(t.body) <= $4 THEN t.body END AS message, octet_length(t.body) AS size,
        CASE WHEN octet_length(t.head) <= 8192 THEN t.head END AS headers, octet_length(t.head) AS headers_size,
-       (SELECT last_value FROM pgmq.{qs}) AS last_id, clock_timestamp() AS db_now
+       (SELECT last_value FROM agent.msg_id_seq) AS last_id, clock_timestamp() AS db_now
 FROM r, LATERAL (SELECT r.message::text, r.headers::text) AS t(body, head)
 ORDER BY r.msg_id;
 
@@ -132,6 +133,14 @@ SELECT EXISTS (SELECT 1 FROM pgmq.notify_insert_throttle WHERE queue_name = $1::
    AND EXISTS (SELECT 1 FROM pg_trigger
                WHERE tgname = 'trigger_notify_queue_insert_listeners'
                  AND tgrelid = to_regclass(format('pgmq.%I', 'q_' || $1::text)));
+
+-- name: msg_ids_shared
+-- Whether queue $1 takes its msg_ids from agent.msg_id_seq (agent.share_msg_ids, run by db init).
+SELECT EXISTS (SELECT 1 FROM pg_trigger
+               WHERE tgname = 'agent_msg_id' AND tgrelid = to_regclass(format('pgmq.%I', 'q_' || $1::text)));
+
+-- name: share_msg_ids
+SELECT agent.share_msg_ids($1::text);
 
 -- name: enable_notify
 SELECT pgmq.enable_notify_insert($1::text, $2::integer);
@@ -261,7 +270,7 @@ WITH done AS (
 ), dead AS (
     SELECT pgmq.send($2::text, d.message, coalesce(d.headers, '{}'::jsonb) || d.h) AS dlq_id
     FROM done d WHERE d.h IS NOT NULL AND d.dest IS NULL
-), moved AS (   -- its version there is its new msg_id: this queue's origin_msg_id and bounces stay behind
+), moved AS (   -- bounces stay behind; h carries the version (origin_msg_id) and the rerouted_from mark
     SELECT pgmq.send(d.dest, d.message, (CASE WHEN jsonb_typeof(d.headers) = 'object' THEN d.headers
                                               ELSE '{}'::jsonb END - 'origin_msg_id' - 'bounces') || d.h)
     FROM done d WHERE d.dest IS NOT NULL
