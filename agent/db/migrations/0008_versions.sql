@@ -6,7 +6,9 @@
 --   moved to another site, or a site given a new queue, no longer finds its commands "superseded"
 --   by the ids of the queue it came from. The queue's own sequence still counts (pgmq.metrics reads
 --   it) and is kept ahead of the ids given: agents before schema 8 refuse a msg_id above it as forged.
---   DLQs keep their own sequence: a dead letter carries its version in origin_msg_id.
+--   DLQs keep their own sequence: a dead letter carries its version in origin_msg_id. An insert
+--   that names its msg_id (OVERRIDING SYSTEM VALUE) gets one from the sequence all the same: no id
+--   is forged out of order; a row put back by hand keeps its version in origin_msg_id, as a replay does.
 -- * agent.agents records each running process (instance, host_id), and device claims are held by
 --   an instance, not by an agent id: two processes started with one AGENT_AGENT_ID never hold one
 --   device together, and the second is refused at start.
