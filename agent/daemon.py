@@ -11,15 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import signal
+import socket
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 
-from agent import http
+from agent import __version__, http
 from agent.db.connect import DB_ERRORS, reason
 from agent.db.connect import classify as classify_connect_error
 from agent.db.pooler import check_prepared_statements, check_session
@@ -35,6 +37,7 @@ from agent.executor.executor import Executor
 from agent.executor.parking import Parking
 from agent.executor.policy import RetryPolicy, Tuning
 from agent.executor.reports import Reporter
+from agent.identity import STALE_FACTOR, host_identity, new_instance, register
 from agent.inventory import Inventory
 from agent.lifecycle import Housekeeper
 from agent.metrics import Metrics
@@ -98,12 +101,14 @@ class Agent:
         self.pool = pool
         self.notifier = notifier or Notifier()
         self.queries = Queries(s.queue)
+        self.instance = new_instance()  # this process: what holds device claims (agent/identity.py)
+        self.host_id = host_identity()
         self.drivers = drivers or Drivers(DriverContext(s.device_timeout, CredentialStore(s.credentials_dir)))
         self.inventory = Inventory(pool, self.queries, s.site, self.drivers)
         self.reporter = Reporter(pool, self.queries, s.agent_id, self._committed,
                                  on_failed=self._report_failed, archive=s.archive)
         self.acceptor = Acceptor(pool, self.queries)
-        self.claims = DeviceClaims(pool, self.queries, s.agent_id)
+        self.claims = DeviceClaims(pool, self.queries, s.agent_id, host=self.host_id, instance=self.instance)
         self.parking = Parking(pool, self.queries)
         self.vpn = VpnGuard(s.require_vpn, s.wg_interface, s.vpn_stale_after, s.vpn_check_interval,
                             lambda: list(self.inventory.devices.values()), pool, s.agent_id, self.wake_parked,
@@ -193,6 +198,10 @@ class Agent:
         await self._check_poolers(session)
         async with self.pool.acquire() as conn:
             await check_ready(conn, self.settings.queue, self.settings.site)
+            s = self.settings
+            await register(conn, self.queries, s.agent_id, self.instance, self.host_id,
+                           {"site": s.site, "queue": s.queue, "host": socket.gethostname(), "pid": os.getpid(),
+                            "version": __version__}, STALE_FACTOR * s.heartbeat_interval)
             if await ensure_notify(conn, self.settings.queue, self.settings.notify_throttle_ms):
                 log.warning("PGMQ insert notifications were off (a Postgres crash empties their UNLOGGED "
                             "throttle table): re-enabled", extra={"action": "notify_reenabled"})

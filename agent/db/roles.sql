@@ -27,3 +27,4 @@ GRANT SELECT, INSERT, UPDATE ON agent.service_state, agent.requests, agent.agent
 GRANT SELECT, INSERT, UPDATE, DELETE ON agent.device_claims, agent.sync_runs, agent.sync_items TO agent_worker;
 GRANT SELECT, INSERT ON agent.events TO agent_worker;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA agent TO agent_worker;
+GRANT SELECT ON SEQUENCE agent.msg_id_seq TO agent_worker;   -- the newest msg_id of every agent queue

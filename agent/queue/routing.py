@@ -4,8 +4,9 @@ dead-lettered with the reason otherwise. Pure decisions; the Reporter does the m
 A move sends the same body to the right queue and removes it from this one in one statement (the
 Reporter's), marking the copy with `rerouted_from`. A marked message that is misrouted again is
 not moved a second time, so two agents that disagree about a device never pass it back and forth.
-The copy's version is its msg_id on the right queue (versions are per queue), so the agent's own
-`origin_msg_id` and `bounces` headers are not carried over.
+The copy keeps its version (`origin_msg_id`: every agent queue takes its ids from one sequence, so
+versions compare across queues, and a command moved late does not overtake one sent to the right
+queue meanwhile); its `bounces` stay behind, a count of this queue's deliveries.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from agent.contract import Command
 from agent.executor.reports import Delivery, EventRow, Outcome
 
 MARK = "rerouted_from"
-NOT_CARRIED = ("origin_msg_id", "bounces")  # dropped from the copy by the report statement
+NOT_CARRIED = ("origin_msg_id", "bounces")  # dropped by the report statement; the Move sets origin_msg_id
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def route(d: Delivery, here: str, site: str, where: Elsewhere) -> Move | str:
     if (came := moved_from(d.headers)) is not None:
         return (f"{dev} (queue {where.queue!r}), but this message was already moved once (from queue {came!r}): "
                 "it is not moved again")
-    return Move(where.queue, {MARK: {"queue": here, "site": site, "msg_id": d.msg_id}})
+    return Move(where.queue, {MARK: {"queue": here, "site": site, "msg_id": d.msg_id}, "origin_msg_id": d.version})
 
 
 def moved_from(headers: str | None) -> str | None:
