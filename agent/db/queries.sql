@@ -259,7 +259,12 @@ WITH done AS (
     SELECT msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers FROM done WHERE $8::boolean
     RETURNING msg_id
 ), dead AS (
-    SELECT pgmq.send($2::text, d.message, coalesce(d.headers, '{}'::jsonb) || d.h) AS dlq_id
+    -- headers that are not an object (a plain pgmq.send may put any JSON there) are kept whole under
+    -- original_headers: the reason is always a key of an object, never appended to an array
+    SELECT pgmq.send($2::text, d.message, CASE WHEN jsonb_typeof(d.headers) = 'object' THEN d.headers
+                                               WHEN coalesce(jsonb_typeof(d.headers), 'null') = 'null' THEN '{}'::jsonb
+                                               ELSE jsonb_build_object('original_headers', d.headers)
+                                          END || d.h) AS dlq_id
     FROM done d WHERE d.h IS NOT NULL AND d.dest IS NULL
 ), moved AS (   -- its version there is its new msg_id: this queue's origin_msg_id and bounces stay behind
     SELECT pgmq.send(d.dest, d.message, (CASE WHEN jsonb_typeof(d.headers) = 'object' THEN d.headers
