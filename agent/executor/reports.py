@@ -197,8 +197,8 @@ class Reporter:
     A write the database cannot take right now (down, failing over, a row locked past lock_timeout:
     `report_failure`) is retried, then its outcomes wait and are submitted again, for up to
     `give_up_after` seconds: an applied and verified command is recorded as such once the database
-    is back, never dead-lettered for it. Only a batch whose data the database refuses is split
-    until the refused outcome stands alone, and that one is dead-lettered after a second try alone."""
+    is back, never dead-lettered for it. Only an outcome whose data the database refuses is
+    dead-lettered, once it stands alone and was refused a second time."""
 
     def __init__(self, pool: asyncpg.Pool, queries: Queries, agent_id: str,
                  on_committed: Callable[[list[Outcome], set[int]], None],
@@ -241,14 +241,15 @@ class Reporter:
                 self._idle.set()
 
     async def _commit(self, batch: list[Outcome]) -> None:
-        """Commit a batch. Unavailable: split it when a row of it is what waits (a lock), so the
-        others commit, else let it wait and try again. Refused data: split it until the outcome
-        refused stands alone, so every other one commits, and dead-letter that one with the reason."""
+        """Commit a batch. Unavailable: split it when one row of it may be the cause (a lock, a
+        refusal not for its data), so the others commit, else let it wait and try again. Refused
+        data: split it until the outcome refused stands alone, so every other one commits, and
+        dead-letter that one with the reason."""
         self.flushes += 1
         try:
             await self._write(batch)
         except _Unavailable as exc:
-            if len(batch) > 1 and exc.row_wait:
+            if len(batch) > 1 and exc.split:
                 half = len(batch) // 2
                 await self._commit(batch[:half])
                 await self._commit(batch[half:])
@@ -359,7 +360,8 @@ class Reporter:
             if attempt < 3:
                 await asyncio.sleep(delay)
                 delay *= 2
-        raise _Unavailable(said, isinstance(failed, asyncpg.PostgresError) and failed.sqlstate in ROW_WAITS)
+        raise _Unavailable(said, kind == "refused" or (isinstance(failed, asyncpg.PostgresError)
+                                                      and failed.sqlstate in ROW_WAITS))
 
 
 # What a failed report write says, by SQLSTATE class: the database is not available right now
@@ -368,7 +370,9 @@ class Reporter:
 UNAVAILABLE_CLASSES = ("08", "40", "53", "55", "57", "58")
 UNAVAILABLE_STATES = ("25006",)  # read_only_sql_transaction: a demoted primary, mid-failover
 DATA_CLASSES = ("22", "23", "54")
-ROW_WAITS = ("55P03", "57014", "40P01", "40001")  # what one row of a batch can cause: split to commit the rest
+# What one row of a batch can cause (as can a refusal: a row-level security policy, a trigger): split
+# the batch, so that the rest commits.
+ROW_WAITS = ("55P03", "57014", "40P01", "40001")
 
 
 def report_failure(exc: BaseException) -> Literal["unavailable", "data", "refused"] | None:
@@ -399,6 +403,6 @@ class _Rejected(Exception):
 
 
 class _Unavailable(Exception):
-    def __init__(self, reason: str, row_wait: bool = False) -> None:
+    def __init__(self, reason: str, split: bool = False) -> None:
         super().__init__(reason)
-        self.row_wait = row_wait
+        self.split = split  # one outcome of the batch may be the cause
