@@ -249,11 +249,12 @@ SELECT queue_name FROM pgmq.meta;
 -- $3 [{id, rc, delay, park, bounces}]: make visible again later (bounces: the new count, from the agent)
 -- $4 states  $5 events  $6 agent id  $7 reconcile results
 -- $8 keep settled messages in PGMQ's archive (false: AGENT_ARCHIVE=false, they are deleted; the audit is in events)
+-- $9 this queue's name (moves go through agent.move_message: an agent may send to no other queue)
 WITH done AS (
     DELETE FROM pgmq.{q} m
     USING jsonb_to_recordset($1::jsonb) AS f(id bigint, rc integer, h jsonb, dest text)
-    WHERE m.msg_id = f.id AND m.read_ct = f.rc
-    RETURNING m.msg_id, m.vt, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers, f.h, f.dest
+    WHERE m.msg_id = f.id AND m.read_ct = f.rc AND f.dest IS NULL
+    RETURNING m.msg_id, m.vt, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers, f.h
 ), archived AS (
     INSERT INTO pgmq.{a} (msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers)
     SELECT msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers FROM done WHERE $8::boolean
@@ -265,11 +266,10 @@ WITH done AS (
                                                WHEN coalesce(jsonb_typeof(d.headers), 'null') = 'null' THEN '{}'::jsonb
                                                ELSE jsonb_build_object('original_headers', d.headers)
                                           END || d.h) AS dlq_id
-    FROM done d WHERE d.h IS NOT NULL AND d.dest IS NULL
+    FROM done d WHERE d.h IS NOT NULL
 ), moved AS (   -- its version there is its new msg_id: this queue's origin_msg_id and bounces stay behind
-    SELECT pgmq.send(d.dest, d.message, (CASE WHEN jsonb_typeof(d.headers) = 'object' THEN d.headers
-                                              ELSE '{}'::jsonb END - 'origin_msg_id' - 'bounces') || d.h)
-    FROM done d WHERE d.dest IS NOT NULL
+    SELECT f.id AS msg_id FROM jsonb_to_recordset($1::jsonb) AS f(id bigint, rc integer, dest text)
+    WHERE f.dest IS NOT NULL AND agent.move_message($9::text, f.id, f.rc, f.dest, $8::boolean) IS NOT NULL
 ), later AS (
     UPDATE pgmq.{q} m SET vt = clock_timestamp() + make_interval(secs => l.delay),
            headers = CASE WHEN l.park
@@ -368,7 +368,8 @@ WITH done AS (
     WHERE r.id = t.run
     RETURNING r.id, r.finished_at
 )
-SELECT array(SELECT msg_id FROM done) AS left_queue, (SELECT count(*) FROM archived) AS archived,
+SELECT array(SELECT msg_id FROM done UNION ALL SELECT msg_id FROM moved) AS left_queue,
+       (SELECT count(*) FROM archived) AS archived,
        (SELECT count(*) FROM dead) AS dead,
        (SELECT count(*) FROM moved) AS moved,
        (SELECT count(*) FROM later) AS later, (SELECT count(*) FROM states) AS states,

@@ -96,7 +96,6 @@ class Outcome:
     extra_states: list[StateUpdate] = field(default_factory=list)  # a reconcile reports several services
     reconcile: bool = False            # the outcome of a reconcile message, not of a command
     move_to: str | None = None         # move: the queue the message belongs on (agent/queue/routing.py)
-    move_headers: dict[str, Any] | None = None  # move: merged into its headers there
 
 
 def merge_states(updates: Sequence[StateUpdate]) -> list[StateUpdate]:
@@ -136,15 +135,14 @@ async def write_batch(conn: asyncpg.Connection, q: Queries, agent_id: str, batch
                       archive: bool = True) -> set[int]:
     """Commit one batch in one statement; return the msg_ids whose lease was lost. `archive`: keep
     settled messages in PGMQ's archive (else they are deleted, the audit being agent.events)."""
-    args = report_args(q, agent_id, batch)
-    row = await conn.fetchrow(q.report, *args, archive)
+    row = await conn.fetchrow(q.report, *report_args(q, agent_id, batch), archive, q.queue)
     return {o.delivery.msg_id for o in batch if o.finish in _LEAVES} - set(row["left_queue"])
 
 
 def report_args(q: Queries, agent_id: str, batch: Sequence[Outcome]) -> tuple[Any, ...]:
     """The report statement's parameters. Raises ValueError for a value that cannot be JSON."""
     finish = [{"id": o.delivery.msg_id, "rc": o.delivery.read_ct, "dest": o.move_to,
-               "h": dlq_headers(o, q.queue, agent_id) if o.finish == "dead_letter" else o.move_headers}
+               "h": dlq_headers(o, q.queue, agent_id) if o.finish == "dead_letter" else None}
               for o in batch if o.finish in _LEAVES]
     later = [{"id": o.delivery.msg_id, "rc": o.delivery.read_ct, "delay": _delay(o.retry_delay),
               "park": o.finish == "park", "bounces": min(o.delivery.bounces + 1, MAX_BOUNCES)}
