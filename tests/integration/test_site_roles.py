@@ -17,8 +17,11 @@ from agent.db.schema import init_database, worker_role
 from agent.executor.reports import EventRow, Outcome, StateUpdate, write_batch
 from agent.queue.admission import delivery
 from agent.queue.routing import Move, moved
+from tests.support.agents import running_agent
 from tests.support.cluster import as_user, login_role
 from tests.support.db import add_device, archived, queue_len, send
+from tests.support.devices import ScriptedDriver
+from tests.support.wait import until
 
 NORTH = "north_tasks"
 HERE = Queries("device_tasks")  # the queue of site `default`, whose worker is the attacker here
@@ -166,3 +169,22 @@ async def test_the_all_sites_worker_role_still_serves_every_site(db, dsn, north)
         assert await w.fetchval("SELECT count(*) FROM agent.service_state WHERE device = 'n1'") == 1
         assert await w.execute("UPDATE agent.device_claims SET expires_at = now() WHERE device = 'n1'") == "UPDATE 1"
         assert len(await w.fetch("SELECT * FROM pgmq.read('north_tasks', 30, 1)")) == 1
+
+
+async def test_a_sites_agent_leads_reconciles_and_prunes_as_its_sites_role(db, dsn, north):
+    """The leader's work as a member of agent_worker_default: a scheduled-style run over its site's
+    devices repairs drift, and a prune pass reads its tables' figures."""
+    await db.execute("INSERT INTO agent.service_state (device, service, desired, observed) "
+                     "VALUES ('r1', 'wifi', 'on', 'off')")
+    device = ScriptedDriver()
+    device.states[("r1", "wifi")] = "off"
+    async with login_role(dsn, "agent_worker_default") as name:
+        async with running_agent(as_user(dsn, name), device, prune_interval=3600) as agent:
+            await until(lambda: agent.leadership.leading, timeout=15, what="the site's leader")
+            run = await db.fetchval("SELECT agent.request_sync('default')")
+            await until(lambda: db.fetchval("SELECT finished_at IS NOT NULL FROM agent.sync_runs WHERE id = $1", run),
+                        timeout=30, what="the run finished")
+            await until(lambda: agent.reconciler.tables, timeout=15, what="a prune pass and table figures")
+    assert device.states[("r1", "wifi")] == "on"
+    assert await db.fetchval("SELECT repaired FROM agent.sync_runs WHERE id = $1", run) == 1
+    assert await db.fetchval("SELECT observed FROM agent.service_state WHERE device = 'n1'") == "on"  # north's, as is
