@@ -152,6 +152,11 @@ SELECT version, name, applied_at FROM agent.schema_version ORDER BY version;
 -- name: queue_exists
 SELECT count(*) = 2 FROM pgmq.meta WHERE queue_name IN ($1::text, $2::text);
 
+-- name: may_consume
+-- Whether this login may read and settle the queue $1 and send to its DLQ $2 (checked at start).
+SELECT has_table_privilege(format('pgmq.%I', 'q_' || $1::text), 'SELECT, UPDATE, DELETE')
+   AND has_table_privilege(format('pgmq.%I', 'q_' || $2::text), 'INSERT');
+
 -- name: dlq_list
 SELECT msg_id, enqueued_at, read_ct, message::text AS message, headers::text AS headers
 FROM pgmq.{dq} ORDER BY msg_id LIMIT $1;

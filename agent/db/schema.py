@@ -272,6 +272,12 @@ async def check_ready(conn: asyncpg.Connection, queue: str, site: str | None = N
             f"queue {q.queue!r} or {q.dlq!r} is missing: run `agentctl db init` with AGENT_QUEUE={q.queue}")
     if site is not None:
         await check_site(conn, site, queue)
+        if not await conn.fetchval(q.may_consume, q.queue, q.dlq):
+            user = await conn.fetchval("SELECT current_user")
+            raise ConfigError(
+                f"role {user!r} may not read and settle queue {q.queue!r} (and its DLQ): run agentd as a member of "
+                f"the site's role, GRANT {quote_ident(worker_role(site))} TO {quote_ident(user)}; (made by "
+                f"`agentctl db init --site {site} --queue {q.queue}`, see docs/operations.md#security)")
 
 
 def init_sql(q: Queries, throttle_ms: int = 250, after: int = 0, site: str = "default") -> str:

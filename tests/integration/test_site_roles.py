@@ -14,6 +14,7 @@ import pytest
 from agent.contract import parse_command
 from agent.db.queries import Queries
 from agent.db.schema import init_database, worker_role
+from agent.errors import ConfigError
 from agent.executor.reports import EventRow, Outcome, StateUpdate, write_batch
 from agent.queue.admission import delivery
 from agent.queue.routing import Move, moved
@@ -188,3 +189,11 @@ async def test_a_sites_agent_leads_reconciles_and_prunes_as_its_sites_role(db, d
     assert device.states[("r1", "wifi")] == "on"
     assert await db.fetchval("SELECT repaired FROM agent.sync_runs WHERE id = $1", run) == 1
     assert await db.fetchval("SELECT observed FROM agent.service_state WHERE device = 'n1'") == "on"  # north's, as is
+
+
+async def test_an_agent_logged_in_with_another_sites_role_refuses_to_start_naming_the_grant(dsn, north):
+    async with login_role(dsn, "agent_worker_default") as name:
+        with pytest.raises(ConfigError, match=rf"may not read and settle queue 'north_tasks'.*"
+                                              rf'GRANT "agent_worker_north" TO "{name}";'):
+            async with running_agent(as_user(dsn, name), ScriptedDriver(), site="north", queue=NORTH):
+                pass
