@@ -21,7 +21,7 @@ from agent.cli import sync as sync_cli
 from agent.contract import json_schema
 from agent.db.connect import classify as classify_connect_error
 from agent.db.connect import redact
-from agent.db.queries import Queries
+from agent.db.queries import Queries, quote_ident
 from agent.db.schema import init_database, init_sql
 from agent.db.schema import status as schema_status
 from agent.drivers.base import Device
@@ -77,6 +77,8 @@ async def db_init(conn: asyncpg.Connection | None, s: Settings, a: argparse.Name
     print(f"queue {result['queue']} and dead-letter queue {result['dlq']} ready, insert notifications on")
     print(f"site {site}: commands for its devices go to queue {queue}"
           + (" (recorded now)" if result["site_recorded"] else ""))
+    print(f"site {site}: its agents log in as members of role {result['worker_role']} "
+          f"(GRANT {quote_ident(str(result['worker_role']))} TO <agentd login>; roles: {result['roles']})")
     return 0
 
 

@@ -163,6 +163,11 @@ SELECT version, name, applied_at FROM agent.schema_version ORDER BY version;
 -- name: queue_exists
 SELECT count(*) = 2 FROM pgmq.meta WHERE queue_name IN ($1::text, $2::text);
 
+-- name: may_consume
+-- Whether this login may read and settle the queue $1 and send to its DLQ $2 (checked at start).
+SELECT has_table_privilege(format('pgmq.%I', 'q_' || $1::text), 'SELECT, UPDATE, DELETE')
+   AND has_table_privilege(format('pgmq.%I', 'q_' || $2::text), 'INSERT');
+
 -- name: dlq_list
 SELECT msg_id, enqueued_at, read_ct, message::text AS message, headers::text AS headers
 FROM pgmq.{dq} ORDER BY msg_id LIMIT $1;
@@ -287,22 +292,27 @@ SELECT queue_name FROM pgmq.meta;
 -- $3 [{id, rc, delay, park, bounces}]: make visible again later (bounces: the new count, from the agent)
 -- $4 states  $5 events  $6 agent id  $7 reconcile results
 -- $8 keep settled messages in PGMQ's archive (false: AGENT_ARCHIVE=false, they are deleted; the audit is in events)
+-- $9 this queue's name (moves go through agent.move_message: an agent may send to no other queue)
 WITH done AS (
     DELETE FROM pgmq.{q} m
     USING jsonb_to_recordset($1::jsonb) AS f(id bigint, rc integer, h jsonb, dest text)
-    WHERE m.msg_id = f.id AND m.read_ct = f.rc
-    RETURNING m.msg_id, m.vt, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers, f.h, f.dest
+    WHERE m.msg_id = f.id AND m.read_ct = f.rc AND f.dest IS NULL
+    RETURNING m.msg_id, m.vt, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers, f.h
 ), archived AS (
     INSERT INTO pgmq.{a} (msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers)
     SELECT msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers FROM done WHERE $8::boolean
     RETURNING msg_id
 ), dead AS (
-    SELECT pgmq.send($2::text, d.message, coalesce(d.headers, '{}'::jsonb) || d.h) AS dlq_id
-    FROM done d WHERE d.h IS NOT NULL AND d.dest IS NULL
-), moved AS (   -- bounces stay behind; h carries the version (origin_msg_id) and the rerouted_from mark
-    SELECT pgmq.send(d.dest, d.message, (CASE WHEN jsonb_typeof(d.headers) = 'object' THEN d.headers
-                                              ELSE '{}'::jsonb END - 'origin_msg_id' - 'bounces') || d.h)
-    FROM done d WHERE d.dest IS NOT NULL
+    -- headers that are not an object (a plain pgmq.send may put any JSON there) are kept whole under
+    -- original_headers: the reason is always a key of an object, never appended to an array
+    SELECT pgmq.send($2::text, d.message, CASE WHEN jsonb_typeof(d.headers) = 'object' THEN d.headers
+                                               WHEN coalesce(jsonb_typeof(d.headers), 'null') = 'null' THEN '{}'::jsonb
+                                               ELSE jsonb_build_object('original_headers', d.headers)
+                                          END || d.h) AS dlq_id
+    FROM done d WHERE d.h IS NOT NULL
+), moved AS (   -- its version there is its new msg_id: this queue's origin_msg_id and bounces stay behind
+    SELECT f.id AS msg_id FROM jsonb_to_recordset($1::jsonb) AS f(id bigint, rc integer, dest text)
+    WHERE f.dest IS NOT NULL AND agent.move_message($9::text, f.id, f.rc, f.dest, $8::boolean) IS NOT NULL
 ), later AS (
     UPDATE pgmq.{q} m SET vt = clock_timestamp() + make_interval(secs => l.delay),
            headers = CASE WHEN l.park
@@ -401,7 +411,8 @@ WITH done AS (
     WHERE r.id = t.run
     RETURNING r.id, r.finished_at
 )
-SELECT array(SELECT msg_id FROM done) AS left_queue, (SELECT count(*) FROM archived) AS archived,
+SELECT array(SELECT msg_id FROM done UNION ALL SELECT msg_id FROM moved) AS left_queue,
+       (SELECT count(*) FROM archived) AS archived,
        (SELECT count(*) FROM dead) AS dead,
        (SELECT count(*) FROM moved) AS moved,
        (SELECT count(*) FROM later) AS later, (SELECT count(*) FROM states) AS states,

@@ -133,6 +133,38 @@ async def test_agentctl_dlq_list_and_replay(db, dsn):
     assert json.loads(agentctl(dsn, "dlq", "list", "--json").stdout) == []
 
 
+async def test_a_dead_letter_whose_headers_are_not_an_object_is_listed_and_replayed_with_the_others(db, dsn):
+    """A plain pgmq.send may carry headers that are any JSON: the dead letter keeps them whole beside
+    its reason, and one such entry does not stop `dlq list` or `dlq replay --all` for every other."""
+    agentctl(dsn, "device", "add", "r1", "--driver", "sim")
+    odd = await db.fetchval("SELECT pgmq.send('device_tasks', $1::jsonb, $2::jsonb)",
+                            json.dumps({"device": "r1", "service": "a", "state": "on"}), '["trace-1"]')
+    await send(db, {"device": "r1", "service": "b", "state": "ON"})  # an ordinary bad message
+    assert (await finish_once(dsn))[0] == 1
+    first, _second = await dlq(db)
+    assert first["headers"]["original_headers"] == ["trace-1"]
+    assert first["headers"]["origin_msg_id"] == odd and "invalid headers" in first["headers"]["reason"]
+    listed = json.loads(agentctl(dsn, "dlq", "list", "--json").stdout)
+    assert len(listed) == 2 and listed[0]["origin_msg_id"] == odd
+    assert "invalid headers" in listed[0]["reason"] and "invalid command" in listed[1]["reason"]
+    assert "invalid headers" in agentctl(dsn, "dlq", "list").stdout
+    out = agentctl(dsn, "dlq", "replay", "--all").stdout
+    assert out.count("replayed DLQ entry") == 2
+    assert await dlq(db) == []
+
+
+async def test_dead_letters_of_an_older_release_with_array_headers_are_still_read(db, dsn):
+    """Before the fix the reason was appended to an array of headers: such entries stay readable."""
+    await db.fetchval("SELECT pgmq.send('device_tasks_dlq', $1::jsonb, $2::jsonb)",
+                      json.dumps({"device": "r1", "service": "a", "state": "on"}),
+                      json.dumps(["trace-1", {"reason": "invalid headers: must be a JSON object", "origin_msg_id": 7}]))
+    await db.fetchval("SELECT pgmq.send('device_tasks_dlq', '{}'::jsonb, '\"just text\"'::jsonb)")
+    listed = json.loads(agentctl(dsn, "dlq", "list", "--json").stdout)
+    assert [(e["reason"], e["origin_msg_id"]) for e in listed] == [
+        ("invalid headers: must be a JSON object", 7), (None, None)]
+    assert agentctl(dsn, "dlq", "replay", "--all").stdout.count("replayed DLQ entry") == 2
+
+
 async def test_older_command_replayed_after_a_crash_never_overrides_the_newer_one(db, dsn, tmp_path):
     """The newer command was written to the device but the daemon died before reporting it.
     Its intent was committed first, so the older command, replayed meanwhile, is superseded."""
