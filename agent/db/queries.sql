@@ -336,7 +336,7 @@ WITH done AS (
 ), synced AS (   -- $7: reconcile messages finished here, with what they found (only those archived now)
     SELECT x.* FROM jsonb_to_recordset($7::jsonb)
          AS x(msg_id bigint, run bigint, device text, items jsonb, in_sync integer, checked integer,
-              drifted integer, repaired integer, unreadable integer, failed integer)
+              drifted integer, repaired integer, unreadable integer, failed integer, skipped text)
     JOIN done ON done.msg_id = x.msg_id
     JOIN agent.sync_devices sd ON sd.run = x.run AND sd.device = x.device  -- a forged run id records nothing
 ), items AS (
@@ -347,7 +347,7 @@ WITH done AS (
         error = EXCLUDED.error, at = now()
     RETURNING 1
 ), devs AS (
-    UPDATE agent.sync_devices d SET state = 'done', done_at = now()
+    UPDATE agent.sync_devices d SET state = 'done', done_at = now(), skipped = left(s.skipped, 500)
     FROM synced s WHERE d.run = s.run AND d.device = s.device AND d.state <> 'done'
     RETURNING d.run, d.device
 ), runs AS (
@@ -410,8 +410,28 @@ RETURNING d.run, d.device;
 -- name: open_runs
 SELECT EXISTS (SELECT 1 FROM agent.sync_runs WHERE site = $1 AND finished_at IS NULL);
 
--- name: scheduled_run_open
-SELECT id FROM agent.sync_runs WHERE site = $1 AND kind = 'scheduled' AND finished_at IS NULL LIMIT 1;
+-- name: start_scheduled_run
+-- The leader's scheduled run of site $1 (requested by $2, its agent id): every device of the site with
+-- a desired state, except those still outstanding in an open run of the site, which that run checks.
+-- So a device that holds its run open (a slow one) never holds the others' reconciliation up. No run
+-- (run NULL) when every such device is outstanding; a finished empty run when the site has none.
+WITH todo AS (
+    SELECT DISTINCT s.device FROM agent.service_state s JOIN agent.devices d ON d.id = s.device
+    WHERE d.site = $1 AND s.desired IS NOT NULL AND NOT s.desired_failed
+), busy AS (
+    SELECT DISTINCT o.device FROM agent.sync_devices o JOIN agent.sync_runs r ON r.id = o.run
+    WHERE r.site = $1 AND r.finished_at IS NULL AND o.state <> 'done'
+), fresh AS (
+    SELECT device FROM todo EXCEPT SELECT device FROM busy
+), run AS (
+    INSERT INTO agent.sync_runs (site, kind, requested_by, devices, finished_at)
+    SELECT $1, 'scheduled', $2, count(*), CASE WHEN count(*) = 0 THEN now() END FROM fresh
+    HAVING count(*) > 0 OR NOT EXISTS (SELECT 1 FROM busy)
+    RETURNING id
+), devs AS (
+    INSERT INTO agent.sync_devices (run, device) SELECT run.id, fresh.device FROM run, fresh RETURNING 1
+)
+SELECT (SELECT id FROM run) AS run, (SELECT count(*) FROM devs) AS devices, (SELECT count(*) FROM busy) AS outstanding;
 
 -- name: finished_runs
 -- Runs of the site finished after $2 (the leader logs one summary line for each).

@@ -131,6 +131,37 @@ async def test_drift_made_behind_the_agents_back_is_repaired_within_one_cycle(db
     assert await verified(db, "r1", "wifi", "on") and await verified(db, "r1", "voip", "off")
 
 
+async def test_a_paused_device_holds_up_no_scheduled_run_and_the_others_drift_is_still_repaired(db, dsn, tmp_path):
+    """In a fleet some device is nearly always off: its site's scheduled runs must go on finishing."""
+    await setup_device(db, tmp_path, "r1", wifi="on")
+    await setup_device(db, tmp_path, "r2", wifi="on")
+    agent = spawn_agentd(dsn, reconcile_schedule="2", vpn_check_interval=0.5)
+    await until(lambda: verified(db, "r1", "wifi", "on"), timeout=15, what="commands applied")
+    await until(lambda: verified(db, "r2", "wifi", "on"), timeout=15, what="commands applied")
+
+    await asyncio.to_thread(agentctl, dsn, "device", "pause", "r1", "--reason", "firmware upgrade")
+    skipped = await until(lambda: db.fetchrow(
+        "SELECT r.id, d.skipped FROM agent.sync_devices d JOIN agent.sync_runs r ON r.id = d.run "
+        "WHERE d.device = 'r1' AND d.skipped IS NOT NULL AND r.finished_at IS NOT NULL ORDER BY r.id LIMIT 1"),
+        timeout=20, what="a scheduled run finished with the paused device reported not checked")
+    assert skipped["skipped"] == "paused: firmware upgrade"
+
+    edit_device(tmp_path, "r2", wifi="off")  # drift on the healthy device, after the paused one was met
+    await until(lambda: read_device(tmp_path, "r2") == {"wifi": "on"}, timeout=15,
+                what="the healthy device's drift repaired by a later scheduled run")
+    repairing = await until(lambda: db.fetchrow(
+        "SELECT * FROM agent.sync_runs WHERE kind = 'scheduled' AND repaired = 1 AND finished_at IS NOT NULL"),
+        timeout=10, what="the repairing run finished")
+    assert repairing["id"] > skipped["id"]
+    # runs keep finishing while r1 stays paused, each reporting it not checked
+    await until(lambda: db.fetchval(
+        "SELECT count(*) >= 2 FROM agent.sync_runs r JOIN agent.sync_devices d ON d.run = r.id "
+        "WHERE d.device = 'r1' AND r.id > $1 AND r.finished_at IS NOT NULL AND d.skipped LIKE 'paused: %'",
+        repairing["id"]), timeout=15, what="later scheduled runs finished too")
+    assert read_device(tmp_path, "r1") == {"wifi": "on"}
+    assert agent.poll() is None
+
+
 async def test_manual_sync_dry_run_shows_drift_and_sync_repairs_it(db, dsn, tmp_path):
     await setup_device(db, tmp_path, wifi="on")
     await setup_device(db, tmp_path, "r2", wifi="off")
