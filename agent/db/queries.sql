@@ -209,7 +209,7 @@ FROM agent.agents WHERE $1::text IS NULL OR site = $1 ORDER BY site, agent_id;
 -- name: fleet_sites
 -- Every site ($1 NULL) or one: recorded (agent.sites), served by an agent, or holding devices. Its
 -- recorded queue; its leader: the backend holding the leadership advisory lock
--- (agent/reconcile/leader.py: class $2, object hashtext(site)), by its application_name; its
+-- (agent/reconcile/leader.py: class $2, object the site's key), by its application_name; its
 -- devices found unreachable (agent.reachability, written by the agents' VPN guard). pg_locks and
 -- the reachability rows are read once for all sites.
 WITH names AS (
@@ -230,7 +230,8 @@ SELECT n.name AS site, s.queue, l.application_name AS leader_backend,
        coalesce(u.devices, '[]')::text AS unreachable
 FROM names n
 LEFT JOIN agent.sites s ON s.name = n.name
-LEFT JOIN leaders l ON l.key = (hashtext(n.name)::bigint & 4294967295)
+LEFT JOIN agent.site_keys k ON k.site = n.name
+LEFT JOIN leaders l ON l.key = k.key
 LEFT JOIN unreachable u ON u.site = n.name
 WHERE $1::text IS NULL OR n.name = $1
 ORDER BY n.name;

@@ -13,6 +13,8 @@ GRANT USAGE ON SCHEMA agent TO agent_producer;
 GRANT EXECUTE ON FUNCTION agent.enqueue(text, text, text, text, timestamptz, jsonb, text, integer, text),
                           agent.request_sync(text, text, text, boolean, text, text) TO agent_producer;
 GRANT SELECT ON agent.service_state, agent.events, agent.devices TO agent_producer;
+GRANT SELECT ON agent.site_keys TO agent_producer, agent_worker;  -- which lock is whose site's leader
+GRANT EXECUTE ON FUNCTION agent.site_key(text) TO agent_worker;
 
 GRANT USAGE ON SCHEMA agent, pgmq TO agent_worker;
 GRANT EXECUTE ON FUNCTION agent.ensure_notify(text, integer),

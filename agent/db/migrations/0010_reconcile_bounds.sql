@@ -93,3 +93,26 @@ BEGIN
     PERFORM pg_notify('agent_sync', CASE WHEN n = 0 THEN run_id::text ELSE 'requested' END);
     RETURN run_id;
 END $$;
+
+-- * Leadership of a site is an advisory lock on the site's key here, not on hashtext(site): a 32-bit
+--   hash made site-15113 and site-59323 share one lock, and one of them never had a leader. A key is
+--   given to a site the first time one of its agents asks (agent.site_key) and never changes; the
+--   lock's class is new too (agent/reconcile/leader.py), so no key is mistaken for an old hash.
+CREATE TABLE agent.site_keys (
+    site text PRIMARY KEY CHECK (length(site) BETWEEN 1 AND 64 AND site !~ '[\x01-\x1f\x7f-\x9f]'),
+    key  integer GENERATED ALWAYS AS IDENTITY UNIQUE
+);
+
+-- The key of a site, made on first use. Looked up first: a standby asks every few seconds, and an
+-- insert that finds the row would still use up a number of the identity.
+CREATE FUNCTION agent.site_key(site text) RETURNS integer LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    k integer := (SELECT s.key FROM agent.site_keys s WHERE s.site = site_key.site);
+BEGIN
+    IF k IS NULL THEN
+        INSERT INTO agent.site_keys (site) VALUES (site_key.site) ON CONFLICT DO NOTHING;
+        k := (SELECT s.key FROM agent.site_keys s WHERE s.site = site_key.site);
+    END IF;
+    RETURN k;
+END $$;
