@@ -112,9 +112,9 @@ async def test_sites_whose_names_share_a_32_bit_hash_each_have_their_own_leader(
     for site, queue in ((a, "tasks_a"), (b, "tasks_b")):
         await asyncio.to_thread(agentctl, dsn, "db", "init", "--site", site, "--queue", queue)
     spawn_agentd(dsn, agent_id="ka", site=a, queue="tasks_a", reconcile_schedule="off", leader_check_interval=1)
-    await until(lambda: _is(leader_of(db, a), "ka"), timeout=15, what="site-15113 led")
+    await until(lambda: _is(leader_of(db, a), "ka"), timeout=30, what="site-15113 led")
     spawn_agentd(dsn, agent_id="kb", site=b, queue="tasks_b", reconcile_schedule="off", leader_check_interval=1)
-    await until(lambda: _is(leader_of(db, b), "kb"), timeout=15, what="site-59323 led by its own agent")
+    await until(lambda: _is(leader_of(db, b), "kb"), timeout=30, what="site-59323 led by its own agent")
     assert await leader_of(db, a) == "ka"
     fleet = json.loads((await asyncio.to_thread(agentctl, dsn, "status", "--fleet", "--all-sites", "--json")).stdout)
     assert {s["site"]: s["leader"] for s in fleet["sites"] if s["site"] != "default"} == {a: "ka", b: "kb"}
