@@ -157,21 +157,21 @@ async def test_a_paused_device_holds_up_no_scheduled_run_and_the_others_drift_is
     skipped = await until(lambda: db.fetchrow(
         "SELECT r.id, d.skipped FROM agent.sync_devices d JOIN agent.sync_runs r ON r.id = d.run "
         "WHERE d.device = 'r1' AND d.skipped IS NOT NULL AND r.finished_at IS NOT NULL ORDER BY r.id LIMIT 1"),
-        timeout=20, what="a scheduled run finished with the paused device reported not checked")
+        timeout=30, what="a scheduled run finished with the paused device reported not checked")
     assert skipped["skipped"] == "paused: firmware upgrade"
 
     edit_device(tmp_path, "r2", wifi="off")  # drift on the healthy device, after the paused one was met
-    await until(lambda: read_device(tmp_path, "r2") == {"wifi": "on"}, timeout=15,
+    await until(lambda: read_device(tmp_path, "r2") == {"wifi": "on"}, timeout=30,
                 what="the healthy device's drift repaired by a later scheduled run")
     repairing = await until(lambda: db.fetchrow(
         "SELECT * FROM agent.sync_runs WHERE kind = 'scheduled' AND repaired = 1 AND finished_at IS NOT NULL"),
-        timeout=10, what="the repairing run finished")
+        timeout=30, what="the repairing run finished")
     assert repairing["id"] > skipped["id"]
     # runs keep finishing while r1 stays paused, each reporting it not checked
     await until(lambda: db.fetchval(
         "SELECT count(*) >= 2 FROM agent.sync_runs r JOIN agent.sync_devices d ON d.run = r.id "
         "WHERE d.device = 'r1' AND r.id > $1 AND r.finished_at IS NOT NULL AND d.skipped LIKE 'paused: %'",
-        repairing["id"]), timeout=15, what="later scheduled runs finished too")
+        repairing["id"]), timeout=30, what="later scheduled runs finished too")
     assert read_device(tmp_path, "r1") == {"wifi": "on"}
     assert agent.poll() is None
 
