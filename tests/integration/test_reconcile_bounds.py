@@ -7,6 +7,7 @@ import time
 
 from agent.vpn.guard import Reach
 from tests.support.agents import running_agent
+from tests.support.cluster import as_user, login_role
 from tests.support.db import add_device
 from tests.support.devices import ScriptedDriver
 from tests.support.wait import until
@@ -86,3 +87,14 @@ async def test_scheduled_runs_leave_a_device_still_outstanding_to_its_run_and_ch
     assert all(r["devices"] == ["r2"] for r in runs[1:])  # r1 is left to the run that waits for it
     assert sum(r["finished_at"] is not None for r in runs[1:]) >= 3  # and they finish
     assert device.states[("r2", "wifi")] == "on"
+
+
+async def test_a_sites_agent_logged_in_as_its_sites_role_starts_scheduled_runs(db, dsn):
+    device = ScriptedDriver()
+    await setup(db, device)
+    async with login_role(dsn, "agent_worker_default") as name:
+        async with running_agent(as_user(dsn, name), device, reconcile_schedule="1") as agent:
+            await until(lambda: agent.leadership.leading, timeout=15, what="the site's leader")
+            await until(lambda: db.fetchval("SELECT count(*) > 0 FROM agent.sync_runs WHERE kind = 'scheduled' AND "
+                                            "checked = 1 AND finished_at IS NOT NULL"), timeout=20,
+                        what="a scheduled run by the site's role")

@@ -51,6 +51,12 @@ async def test_only_the_sites_agents_start_scheduled_runs(db, dsn, producer):
             await worker.close()
     assert await db.fetchval("SELECT kind || ' ' || requested_by FROM agent.sync_runs WHERE id = $1", run) == \
         f"scheduled {agent} (gw1)"
+    async with login_role(dsn, "agent_worker_default") as agent:  # a site's own role
+        worker = await asyncpg.connect(as_user(dsn, agent))
+        try:
+            await worker.fetchval("SELECT agent.request_sync('default', NULL, NULL, false, 'scheduled', 'gw1')")
+        finally:
+            await worker.close()
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -1,12 +1,12 @@
 -- 0010: reconciliation that a paused or unreachable device cannot wedge. Expand only: agents of
--- schema 7 keep working against it (min_agent_schema stays 5).
+-- schema 5 to 9 keep working against it (min_agent_schema stays 5).
 -- * agent.sync_devices.skipped: why a device of a run was not checked (paused, unreachable for longer
 --   than AGENT_RECONCILE_UNREACHABLE_WAIT, removed): the run finishes with it reported, not open forever.
 ALTER TABLE agent.sync_devices ADD COLUMN skipped text;
 -- * agent.request_sync checks what a producer may say. The run is recorded as asked for by the
 --   session's login role (a `requested_by` given is kept after it, in parentheses, as a label: at most
---   200 characters, none of them control); a `scheduled` run only from the site's agents (members of
---   agent_worker, or the schema's owner); the site must exist (agent.sites or a device of it), the
+--   200 characters, none of them control); a `scheduled` run only from the agents (members of
+--   agent_worker or agent_worker_common, or the schema's owner); the site must exist (agent.sites or a device of it), the
 --   service must be a valid service key, and a site holds at most 1000 unfinished runs.
 CREATE OR REPLACE FUNCTION agent.request_sync(
     site      text DEFAULT NULL,
@@ -44,9 +44,9 @@ BEGIN
     IF kind IS NULL OR kind NOT IN ('scheduled', 'manual') THEN
         RAISE EXCEPTION 'agent.request_sync: kind must be ''scheduled'' or ''manual''' USING ERRCODE = '22023';
     END IF;
-    IF kind = 'scheduled' AND NOT (pg_has_role(who, owner, 'MEMBER') OR CASE
-            WHEN EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = 'agent_worker')
-            THEN pg_has_role(who, 'agent_worker', 'MEMBER') ELSE false END) THEN
+    IF kind = 'scheduled' AND NOT (pg_has_role(who, owner, 'MEMBER') OR EXISTS (
+            SELECT 1 FROM pg_roles r WHERE r.rolname IN ('agent_worker', 'agent_worker_common')
+              AND pg_has_role(who, r.oid, 'MEMBER'))) THEN
         RAISE EXCEPTION 'agent.request_sync: only the site''s agents start scheduled runs'
             USING ERRCODE = '42501', HINT = 'ask for a manual run: kind => ''manual'' (the default)';
     END IF;
