@@ -192,20 +192,20 @@ class Executor:
         return outcomes
 
     async def _process_take(self, works: list[Work]) -> list[Outcome]:
-        """`set` commands for one device, one or many: superseded-in-take commands settle without the
-        device; the rest are accepted (in one flush) while the device is read once for all their
-        services, so the acceptance round trip overlaps the read; nothing is written before acceptance
-        says a command is the newest for its key; the services that differ are written (up to the
-        device's max_parallel at once); one more read verifies them all. Per command the rules stay:
-        newest wins, verified read-back, retries, parking, claims, the VPN guard's last word."""
+        """`set` commands for one device, one or many, judged in version order as if each ran alone:
+        an expired one settles at once; the rest are accepted (in one flush) while the device is read
+        once for all their services, so the acceptance round trip overlaps the read. The acceptance
+        finds the duplicates of a request_id and the newest accepted version per key; an older
+        command is superseded by that one only (never by a duplicate or an expired one), and
+        nothing is written before it answers. The services that differ are written (up to the
+        device's max_parallel at once); one more read verifies them all. Per command the rules
+        stay: newest wins, verified read-back, retries, parking, claims, the VPN guard's last word."""
         outcomes: dict[int, Outcome] = {}
         p = coalesce.plan(works)
-        for w, newer in p.superseded:
-            outcomes[id(w)] = self._skip(w, Verdict.SUPERSEDED, newer, None)
         for w in p.stale:
             outcomes[id(w)] = Outcome(w.delivery, "archive")  # fenced out: the newer delivery reports
         live: list[Work] = []
-        for w in p.live:
+        for w in p.commands:
             now = datetime.now(timezone.utc) + timedelta(seconds=w.delivery.skew)
             if (v := decide(w.command, w.delivery.version, KeyState(), None, now)) is Verdict.CONVERGE:
                 live.append(w)
