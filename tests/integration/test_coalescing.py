@@ -4,6 +4,8 @@ all; per command, the rules stay exactly as they are."""
 
 from __future__ import annotations
 
+import json
+
 from agent.errors import PermanentError, TransientError
 from tests.support.agents import running_agent
 from tests.support.db import add_device, archived, dlq, events, send, state
@@ -127,3 +129,21 @@ async def test_a_burst_spread_over_many_devices_is_taken_whole_per_device(db, ds
         await until(lambda: all_archived(db, ids), timeout=30, what="all settled")
     assert {dev: device.batch_reads(dev) for dev in devices} == dict.fromkeys(devices, 2)
     assert all(device.writes(dev, f"cust{n}") == ["on"] for dev in devices for n in range(20))
+
+
+async def test_a_replay_in_the_same_take_as_its_original_is_accepted_once_and_written_once(db, dsn):
+    """A DLQ replay keeps its original's version: with the original still waiting they are one
+    command twice, accepted as one (not two rows for one key in one statement) and written once."""
+    await add_device(db, "r1")
+    device = BatchDriver()
+    body = {"device": "r1", "service": "wifi", "state": "on", "request_id": "pay-7"}
+    original = await send(db, body)
+    replay = await db.fetchval("SELECT pgmq.send('device_tasks', $1::jsonb, $2::jsonb)", json.dumps(body),
+                               json.dumps({"origin_msg_id": original}))
+    async with running_agent(dsn, device, max_attempts=1):
+        await until(lambda: all_archived(db, [original, replay]), what="both settled")
+    assert await dlq(db) == []
+    assert await events(db, original) == await events(db, replay) == ["applied", "verified"]
+    assert device.writes("r1", "wifi") == ["on"]
+    row = await state(db, "r1", "wifi")
+    assert (row["desired"], row["desired_version"]) == ("on", original)
