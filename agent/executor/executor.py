@@ -25,7 +25,7 @@ from agent.errors import AgentError, NoAnswerError, PermanentError, TransientErr
 from agent.executor import coalesce
 from agent.executor.acceptor import Acceptor
 from agent.executor.claims import DeviceClaims
-from agent.executor.converge import Observation, VerifyError, apply_one, observe, observe_many
+from agent.executor.converge import Observation, VerifyError, apply_one, observe, observe_own
 from agent.executor.deadlines import Deadlines
 from agent.executor.policy import KeyState, ParkPolicy, RetryPolicy, Tuning, Verdict, decide
 from agent.executor.reports import Delivery, EventRow, Outcome, Reporter, StateUpdate
@@ -247,7 +247,7 @@ class Executor:
         started, began = time.monotonic(), time.time()
         try:
             driver = self._drivers.get(device.driver)  # a driver that fails to load fails these commands
-            before = await observe_many(driver, device, services, timeout, self.deadlines)
+            before = await observe_own(driver, device, services, timeout, self.deadlines)
         except AgentError as exc:
             err = exc
             said = await verdicts()
@@ -267,12 +267,10 @@ class Executor:
             if not await self._hold(device, timeout):
                 after = {svc: TransientError(f"{device.id}: claim ran short before the read-back") for svc in written}
             else:
-                try:
-                    after = await observe_many(driver, device, written, timeout, self.deadlines)
-                except AgentError as exc:
-                    after = {svc: exc for svc in written}
+                after = await observe_own(driver, device, written, timeout, self.deadlines)
         ms = _ms(started)
-        tunnel = await self._take_last_resort([(w, e) for w in going if (e := _silence(w, applied, after))], began)
+        tunnel = await self._take_last_resort([(w, e) for w in going if (e := _silence(w, before, applied, after))],
+                                              began)
         return [settle(w, said[id(w)], partial(self._take_outcome, w, before, applied, after, ms, tunnel.get(id(w))))
                 for w in live]
 
@@ -325,7 +323,7 @@ class Executor:
         svc, desired = w.command.service, w.command.state
         first = before[svc]
         if isinstance(first, AgentError):
-            return self._failed(w, first, ms)
+            return self._failed(w, first, ms, unproven)
         if first.observed == desired:
             return self._converge(w, Observation(first.observed, first.observed_at, None, first.observed_at), ms)
         wrote = applied.get(svc)
@@ -485,10 +483,10 @@ def call_timeout(device: Device, default: float) -> float:
     return max(default, own + 1.0) if own else default
 
 
-def _silence(w: Work, applied: Mapping[str, float | AgentError],
+def _silence(w: Work, before: Mapping[str, Observation | AgentError], applied: Mapping[str, float | AgentError],
              after: Mapping[str, Observation | AgentError]) -> NoAnswerError | None:
-    """The no-answer its write or read-back got, if one did."""
-    for e in (applied.get(w.command.service), after.get(w.command.service)):
+    """The no-answer its first read, write or read-back got, if one did."""
+    for e in (before.get(w.command.service), applied.get(w.command.service), after.get(w.command.service)):
         if isinstance(e, NoAnswerError):
             return e
     return None

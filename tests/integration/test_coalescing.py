@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from agent.errors import PermanentError, TransientError
+from agent.errors import NoAnswerError, PermanentError, TransientError
 from tests.support.agents import running_agent
 from tests.support.db import add_device, archived, dlq, events, send, state
 from tests.support.devices import BatchDriver, ScriptedDriver
@@ -49,16 +49,80 @@ async def test_a_service_that_fails_in_a_take_is_retried_alone(db, dsn):
     assert device.writes("r1", "wifi") == ["on"] and device.writes("r1", "tv") == ["on"]  # not again
 
 
-async def test_a_failed_batch_read_retries_every_command_of_the_take_and_loses_none(db, dsn):
+async def test_a_failed_batch_read_is_no_commands_failure_each_service_is_read_on_its_own(db, dsn):
+    """The take's shared read is nobody's own: when it fails (a reply cut short, "not JSON"), the
+    services are read one by one and the commands go on at their first attempt."""
+    await add_device(db, "r1")
+    device = BatchDriver()
+    device.fail_reads("r1", PermanentError("r1: GET /list: the reply is not JSON"))
+    ids = [await send(db, {"device": "r1", "service": s, "state": "on"}) for s in ("a", "b", "c")]
+    async with running_agent(dsn, device, max_attempts=1):
+        await until(lambda: all_archived(db, ids), what="all settled")
+    for msg in ids:
+        assert await events(db, msg) == ["applied", "verified"]
+    assert await dlq(db) == []
+    assert [(c.op, c.service) for c in device.calls[:4]] == [("read_many", "a,b,c"), ("read", "a"), ("read", "b"),
+                                                               ("read", "c")]
+
+
+async def test_after_a_failed_batch_read_only_a_command_whose_own_read_fails_fails(db, dsn):
     await add_device(db, "r1")
     device = BatchDriver()
     device.fail_reads("r1", TransientError("timeout talking to the router"))
-    ids = [await send(db, {"device": "r1", "service": s, "state": "on"}) for s in ("a", "b", "c")]
-    async with running_agent(dsn, device):
+    device.fail("r1", "gone", PermanentError("HTTP 404: no such secret"), on="read")
+    ids = [await send(db, {"device": "r1", "service": s, "state": "on"}) for s in ("a", "gone", "b")]
+    async with running_agent(dsn, device, max_attempts=1):
+        await until(lambda: all_archived(db, ids), what="all settled")
+    [entry] = await dlq(db)
+    assert entry["message"]["service"] == "gone" and "no such secret" in entry["headers"]["reason"]
+    assert await events(db, ids[0]) == ["applied", "verified"] and await events(db, ids[2]) == ["applied", "verified"]
+
+
+async def test_a_failed_batch_read_back_is_no_commands_failure_either(db, dsn):
+    """Written, then the shared read-back fails: each written service is read back on its own, and
+    the commands are verified instead of dead-lettered after they were applied."""
+    await add_device(db, "r1")
+    device = BatchDriver()
+    ids = [await send(db, {"device": "r1", "service": s, "state": "on"}) for s in ("a", "b")]
+    original = device.apply
+
+    async def apply_then_break_the_list(dev, service, state):
+        await original(dev, service, state)
+        if service == "b":
+            device.fail_reads("r1", PermanentError("r1: GET /list: the reply is not JSON"))
+
+    device.apply = apply_then_break_the_list  # type: ignore[method-assign]
+    async with running_agent(dsn, device, max_attempts=1):
         await until(lambda: all_archived(db, ids), what="all settled")
     for msg in ids:
-        assert await events(db, msg) == ["failed", "retried", "applied", "verified"]
-    assert await dlq(db) == []
+        assert await events(db, msg) == ["applied", "verified"]
+    assert [c.op for c in device.calls] == ["read_many", "apply", "apply", "read_many", "read", "read"]
+
+
+async def test_a_device_that_answers_neither_the_batch_read_nor_one_read_is_not_asked_for_the_rest(db, dsn):
+    """A silent device is not read service by service, a whole deadline each: after the first read
+    without answer the take stops asking, and on the last attempt the VPN guard has its last word."""
+    await add_device(db, "r1")
+    device = BatchDriver()
+    device.fail_reads("r1", NoAnswerError("read on r1 timed out (2s per call)"))
+    device.fail("r1", "a", NoAnswerError("read on r1 timed out (2s per call)"), on="read")
+    asked: list[str] = []
+
+    async def tunnel_unproven(dev, _since: float) -> str:
+        asked.append(dev.id)
+        return "tunnel_unproven: nothing heard from peer site-a since the attempt began"
+
+    async with running_agent(dsn, device, max_attempts=1) as agent:
+        agent.executor.confirm = tunnel_unproven
+        async with db.transaction():  # visible at once: one take
+            ids = [await send(db, {"device": "r1", "service": s, "state": "on"}) for s in ("a", "b", "c")]
+        await until(lambda: all_archived(db, ids), timeout=15, what="applied once the parked take came back")
+    assert [(c.op, c.service) for c in device.calls[:2]] == [("read_many", "a,b,c"), ("read", "a")]
+    assert device.calls[2].op == "read_many"  # b and c were not asked one by one: the next take reads again
+    assert asked == ["r1"] and await dlq(db) == []
+    for msg in ids:
+        kinds = await events(db, msg)
+        assert kinds[:2] == ["failed", "parked"] and kinds[-1] == "verified", kinds
 
 
 async def test_a_permanent_error_in_a_take_dead_letters_only_that_command(db, dsn):
