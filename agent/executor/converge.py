@@ -77,7 +77,7 @@ async def observe_many(driver: Driver, device: Device, services: list[str], time
     return result
 
 
-async def observe_own(driver: Driver, device: Device, services: list[str], timeout: float,
+async def observe_for_take(driver: Driver, device: Device, services: list[str], timeout: float,
                       deadlines: Deadlines) -> dict[str, Observation | AgentError]:
     """`observe_many` for commands taken together: a batch read is shared, so its failure is no one
     command's own. When it fails as a whole, or its answer for a service is unusable (no state, and

@@ -25,7 +25,7 @@ from agent.errors import AgentError, NoAnswerError, PermanentError, TransientErr
 from agent.executor import coalesce
 from agent.executor.acceptor import Acceptor
 from agent.executor.claims import DeviceClaims
-from agent.executor.converge import Observation, VerifyError, apply_one, observe, observe_own
+from agent.executor.converge import Observation, VerifyError, apply_one, observe, observe_for_take
 from agent.executor.deadlines import Deadlines
 from agent.executor.policy import KeyState, ParkPolicy, RetryPolicy, Tuning, Verdict, decide
 from agent.executor.reports import Delivery, EventRow, Outcome, Reporter, StateUpdate
@@ -247,7 +247,7 @@ class Executor:
         started, began = time.monotonic(), time.time()
         try:
             driver = self._drivers.get(device.driver)  # a driver that fails to load fails these commands
-            before = await observe_own(driver, device, services, timeout, self.deadlines)
+            before = await observe_for_take(driver, device, services, timeout, self.deadlines)
         except AgentError as exc:
             err = exc
             said = await verdicts()
@@ -267,7 +267,7 @@ class Executor:
             if not await self._hold(device, timeout):
                 after = {svc: TransientError(f"{device.id}: claim ran short before the read-back") for svc in written}
             else:
-                after = await observe_own(driver, device, written, timeout, self.deadlines)
+                after = await observe_for_take(driver, device, written, timeout, self.deadlines)
         ms = _ms(started)
         tunnel = await self._take_last_resort([(w, e) for w in going if (e := _silence(w, before, applied, after))],
                                               began)

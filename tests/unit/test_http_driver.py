@@ -10,7 +10,7 @@ import pytest
 from agent.drivers.base import CredentialStore, Device, DriverContext
 from agent.drivers.http import HttpDriver, classify_status, render_body, render_path, resolve_pointer, to_state
 from agent.errors import ConfigError, PermanentError, TransientError, UnreachableError
-from agent.executor.converge import observe_many, observe_own
+from agent.executor.converge import observe_for_take, observe_many
 from agent.executor.deadlines import Deadlines
 from tests.support.httpdevice import HttpDevice
 
@@ -206,7 +206,7 @@ async def test_a_list_reply_that_cannot_be_used_fails_no_command_each_service_is
     driver, deadlines = HttpDriver(), Deadlines(resolution=0.05)
     watcher = asyncio.create_task(deadlines.run())
     try:
-        got = await observe_own(driver, dev, ["alice", "bob", "carol"], 2.0, deadlines)
+        got = await observe_for_take(driver, dev, ["alice", "bob", "carol"], 2.0, deadlines)
     finally:
         watcher.cancel()
         await driver.close()
