@@ -235,8 +235,8 @@ class Executor:
 
         def settle(w: Work, said: tuple[Verdict, int, int | None] | TransientError,
                    go: Callable[[], Outcome]) -> Outcome:
-            if isinstance(said, TransientError):
-                return self._failed(w, said, 0.0)
+            if isinstance(said, TransientError):  # not judged: it may be a duplicate, or superseded
+                return self._failed(w, said, 0.0, judged=False)
             return go() if said[0] is Verdict.CONVERGE else self._skip(w, *said)
 
         if why := self.gate(device):
@@ -427,16 +427,20 @@ class Executor:
                             msg_id=d.msg_id, request_id=cmd.request_id)
         return Outcome(d, "archive", [self._event(w, "refreshed", observed=obs.observed, duration_ms=ms)], state)
 
-    def _failed(self, w: Work, exc: AgentError, ms: float, unproven: str | None = None) -> Outcome:
+    def _failed(self, w: Work, exc: AgentError, ms: float, unproven: str | None = None, *,
+                judged: bool = True) -> Outcome:
+        """A failed attempt: retried, parked or dead-lettered. Its desired state is recorded only if
+        its acceptance judged it (`judged`): a command whose acceptance did not answer may be a
+        duplicate or superseded, and its desire must not stand as the newest."""
         d, cmd = w.delivery, w.command
         attempt = d.attempt
         events = []
         if isinstance(exc, VerifyError):
             events.append(self._event(w, "applied"))
         events.append(self._event(w, "failed", error=str(exc), duration_ms=ms, observed=getattr(exc, "observed", None)))
-        state = StateUpdate(cmd.device, cmd.service, cmd.state if cmd.action == "set" else None,
-                            d.version if cmd.action == "set" else None, error=f"{exc.kind}: {exc}",
-                            msg_id=d.msg_id, request_id=cmd.request_id, meta=cmd.meta)
+        desire = cmd.action == "set" and judged
+        state = StateUpdate(cmd.device, cmd.service, cmd.state if desire else None, d.version if desire else None,
+                            error=f"{exc.kind}: {exc}", msg_id=d.msg_id, request_id=cmd.request_id, meta=cmd.meta)
         if isinstance(exc, VerifyError):
             state.observed, state.observed_at = exc.observed, time.time()
             state.applied_at = exc.applied_at
@@ -453,7 +457,7 @@ class Executor:
             return Outcome(d, "retry", events, state, retry_delay=delay)
         reason = str(exc) if isinstance(exc, PermanentError) else f"gave up after {attempt} attempts: {exc}"
         events.append(self._event(w, "dead_lettered", error=reason))
-        state.failed = cmd.action == "set"  # reconciliation must not apply it later
+        state.failed = desire  # reconciliation must not apply it later
         log.error("dead-lettered: %s", reason, extra=_fields(w, "dead_lettered", attempt=attempt))
         return Outcome(d, "dead_letter", events, state, reason=reason, error_kind=exc.kind)
 

@@ -211,3 +211,36 @@ async def test_a_replay_in_the_same_take_as_its_original_is_accepted_once_and_wr
     assert device.writes("r1", "wifi") == ["on"]
     row = await state(db, "r1", "wifi")
     assert (row["desired"], row["desired_version"]) == ("on", original)
+
+
+async def test_a_take_whose_acceptance_failed_records_no_desire_of_a_command_not_yet_judged(db, dsn):
+    """The database refused the take's acceptance once (a lock timeout): its commands are retried,
+    and their failure records no desired state, since none was judged. Else the resent suspend, a
+    duplicate, would stand as the newest desire and supersede the payment on the retry."""
+    await add_device(db, "r1")
+    device = BatchDriver()
+    async with running_agent(dsn, device) as agent:
+        suspend = await send(db, {"device": "r1", "service": "wifi", "state": "off", "request_id": "suspend-42"})
+        await until(lambda: archived(db, suspend), what="suspended")
+        await db.execute("""
+            CREATE SEQUENCE refusals;
+            CREATE FUNCTION refuse_once() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF nextval('refusals') = 1 THEN
+                    RAISE EXCEPTION 'canceling statement due to lock timeout' USING ERRCODE = '55P03';
+                END IF;
+                RETURN NULL;
+            END $$;
+            CREATE TRIGGER refuse_once BEFORE INSERT ON agent.requests
+                FOR EACH STATEMENT EXECUTE FUNCTION refuse_once();
+        """)
+        async with db.transaction():  # one take
+            paid = await send(db, {"device": "r1", "service": "wifi", "state": "on", "request_id": "paid-42"})
+            resent = await send(db, {"device": "r1", "service": "wifi", "state": "off", "request_id": "suspend-42"})
+        await until(lambda: all_archived(db, [paid, resent]), what="both settled")
+        assert agent.acceptor.flushes >= 3
+    assert await events(db, paid) == ["failed", "retried", "applied", "verified"]
+    assert await events(db, resent) == ["failed", "retried", "duplicate"]
+    assert device.states[("r1", "wifi")] == "on"
+    row = await state(db, "r1", "wifi")
+    assert (row["desired"], row["desired_version"], row["observed"]) == ("on", paid, "on")
