@@ -78,12 +78,11 @@ async def observe_many(driver: Driver, device: Device, services: list[str], time
 
 
 async def observe_for_take(driver: Driver, device: Device, services: list[str], timeout: float,
-                      deadlines: Deadlines) -> dict[str, Observation | AgentError]:
+                           deadlines: Deadlines) -> dict[str, Observation | AgentError]:
     """`observe_many` for commands taken together: a batch read is shared, so its failure is no one
     command's own. When it fails as a whole, or its answer for a service is unusable (no state, and
     no error of that service), those services are read one by one, each under its own deadline:
-    only a command whose own read fails fails. After a read that got no answer at all the device is
-    not asked for the rest (each would wait a whole deadline): they get that no-answer. Never raises."""
+    only a command whose own read fails fails. Never raises."""
     failed: AgentError | None = None
     try:
         result = await observe_many(driver, device, services, timeout, deadlines)
@@ -94,27 +93,44 @@ async def observe_for_take(driver: Driver, device: Device, services: list[str], 
         why = failed or result[again[0]]
         log.warning("batch read failed, reading %d service(s) one by one: %s", len(again), why,
                     extra={"action": "batch_read_failed", "device": device.id, "error": str(why)})
-        result.update(await _observe_each(driver, device, again, timeout, deadlines, stop_at_silence=True))
+        result.update(await _observe_each(driver, device, again, timeout, deadlines))
     return result
 
 
-async def _observe_each(driver: Driver, device: Device, services: list[str], timeout: float, deadlines: Deadlines,
-                        stop_at_silence: bool = False) -> dict[str, Observation | AgentError]:
+async def _observe_each(driver: Driver, device: Device, services: list[str], timeout: float,
+                        deadlines: Deadlines) -> dict[str, Observation | AgentError]:
+    """One read after another, each under its own deadline. A read without answer is followed by a
+    probe: a device that does not answer that either is not asked for the rest (each would wait a
+    whole deadline), they get its no-answer; one that answers it goes on, so a single service that
+    hangs never keeps the others from being read."""
     step = _Step()
     out: dict[str, Observation | AgentError] = {}
-    silence: NoAnswerError | None = None
+    silent: NoAnswerError | None = None
     for service in services:
-        if silence is not None:
-            out[service] = NoAnswerError(f"{service} not read: {silence}")
+        if silent is not None:
+            out[service] = NoAnswerError(f"{service} not read: {silent}")
             continue
         try:
             with deadlines.limit(timeout):
                 out[service] = await _observe(driver, device, service, step)
         except Exception as exc:
             out[service] = err = _translate(exc, step, device, timeout)
-            if stop_at_silence and isinstance(err, NoAnswerError):
-                silence = err
+            if isinstance(err, NoAnswerError) and service != services[-1]:
+                silent = await _silent(driver, device, timeout, deadlines)
     return out
+
+
+async def _silent(driver: Driver, device: Device, timeout: float, deadlines: Deadlines) -> NoAnswerError | None:
+    """The no-answer of a probe, or None when the device answered it (with an error or not)."""
+    step = _Step()
+    step.what = "probe"
+    try:
+        with deadlines.limit(timeout):
+            await driver.probe(device)
+    except Exception as exc:
+        err = _translate(exc, step, device, timeout)
+        return err if isinstance(err, NoAnswerError) else None
+    return None
 
 
 async def apply_one(driver: Driver, device: Device, service: str, desired: State, timeout: float,

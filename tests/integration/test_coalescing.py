@@ -99,13 +99,15 @@ async def test_a_failed_batch_read_back_is_no_commands_failure_either(db, dsn):
     assert [c.op for c in device.calls] == ["read_many", "apply", "apply", "read_many", "read", "read"]
 
 
-async def test_a_device_that_answers_neither_the_batch_read_nor_one_read_is_not_asked_for_the_rest(db, dsn):
-    """A silent device is not read service by service, a whole deadline each: after the first read
-    without answer the take stops asking, and on the last attempt the VPN guard has its last word."""
+async def test_a_device_silent_to_a_read_and_a_probe_is_not_asked_for_the_rest_of_the_take(db, dsn):
+    """A silent device is not read service by service, a whole deadline each: after a read and a
+    probe without answer the take stops asking, and on the last attempt the VPN guard has its word."""
     await add_device(db, "r1")
     device = BatchDriver()
-    device.fail_reads("r1", NoAnswerError("read on r1 timed out (2s per call)"))
-    device.fail("r1", "a", NoAnswerError("read on r1 timed out (2s per call)"), on="read")
+    silence = NoAnswerError("read on r1 timed out (2s per call)")
+    device.fail_reads("r1", silence)
+    device.fail("r1", "a", silence, on="read")
+    device.fail("r1", "", NoAnswerError("probe on r1 timed out (2s per call)"), on="probe")
     asked: list[str] = []
 
     async def tunnel_unproven(dev, _since: float) -> str:
@@ -117,12 +119,29 @@ async def test_a_device_that_answers_neither_the_batch_read_nor_one_read_is_not_
         async with db.transaction():  # visible at once: one take
             ids = [await send(db, {"device": "r1", "service": s, "state": "on"}) for s in ("a", "b", "c")]
         await until(lambda: all_archived(db, ids), timeout=15, what="applied once the parked take came back")
-    assert [(c.op, c.service) for c in device.calls[:2]] == [("read_many", "a,b,c"), ("read", "a")]
-    assert device.calls[2].op == "read_many"  # b and c were not asked one by one: the next take reads again
+    assert [(c.op, c.service) for c in device.calls[:3]] == [("read_many", "a,b,c"), ("read", "a"), ("probe", "")]
+    assert device.calls[3].op == "read_many"  # b and c were not asked one by one: the next take reads again
     assert asked == ["r1"] and await dlq(db) == []
     for msg in ids:
         kinds = await events(db, msg)
         assert kinds[:2] == ["failed", "parked"] and kinds[-1] == "verified", kinds
+
+
+async def test_one_service_that_hangs_does_not_keep_the_others_of_the_take_from_being_read(db, dsn):
+    """The device answers a probe after the read that hung: the others are read, written and
+    verified; only the hanging one is retried."""
+    await add_device(db, "r1")
+    device = BatchDriver()
+    device.fail_reads("r1", NoAnswerError("read on r1 timed out (2s per call)"))
+    device.fail("r1", "a", NoAnswerError("read on r1 timed out (2s per call)"), on="read")
+    async with running_agent(dsn, device):
+        async with db.transaction():
+            ids = [await send(db, {"device": "r1", "service": s, "state": "on"}) for s in ("a", "b", "c")]
+        await until(lambda: all_archived(db, ids), what="all settled")
+    assert [(c.op, c.service) for c in device.calls[:5]] == [("read_many", "a,b,c"), ("read", "a"), ("probe", ""),
+                                                               ("read", "b"), ("read", "c")]
+    assert await events(db, ids[0]) == ["failed", "retried", "applied", "verified"]
+    assert await events(db, ids[1]) == ["applied", "verified"] and await events(db, ids[2]) == ["applied", "verified"]
 
 
 async def test_a_permanent_error_in_a_take_dead_letters_only_that_command(db, dsn):
