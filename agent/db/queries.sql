@@ -550,9 +550,10 @@ FROM (VALUES
 
 -- name: accept
 -- Write-ahead of intent, before any device is touched, in one statement: each request_id is
--- recorded with the command that first carried it; commands whose request_id belongs to another
--- command go no further; for the rest the newest version wins. Returns ('r', request_id, owner
--- version) and ('d', device, service, version in force: ours if accepted, else a newer one).
+-- recorded with the command that first carried it (the lowest version); commands whose request_id
+-- belongs to another command go no further; of the rest, the newest version per key wins, also
+-- when a coalesced take brings several versions of one key at once. Returns ('r', request_id, owner
+-- version) and ('d', device, service, version in force: the newest accepted, ours or a newer one).
 WITH input AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
         AS x(device text, service text, desired text, version bigint, msg_id bigint, request_id text)
@@ -563,8 +564,9 @@ WITH input AS (
     ON CONFLICT (request_id) DO UPDATE SET request_id = r.request_id
     RETURNING request_id, version
 ), fresh AS (
-    SELECT i.* FROM input i LEFT JOIN req ON req.request_id = i.request_id
+    SELECT DISTINCT ON (i.device, i.service) i.* FROM input i LEFT JOIN req ON req.request_id = i.request_id
     WHERE i.request_id IS NULL OR req.version = i.version
+    ORDER BY i.device, i.service, i.version DESC, i.msg_id DESC
 ), acc AS (
     INSERT INTO agent.service_state AS s (device, service, desired, desired_version, desired_at, last_msg_id,
                                           last_request_id, updated_at)
