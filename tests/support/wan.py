@@ -78,7 +78,8 @@ class TcpProxy:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        """host:port to point a client at (an IPv6 host in brackets)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     async def start(self, host: str = "127.0.0.1") -> TcpProxy:
         self._server = await asyncio.start_server(self._accept, host, 0)
@@ -233,7 +234,8 @@ class UdpRelay:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        """host:port to point a client at (an IPv6 host in brackets)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     async def start(self, host: str = "127.0.0.1") -> UdpRelay:
         loop = asyncio.get_running_loop()
