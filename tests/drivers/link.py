@@ -33,6 +33,7 @@ OFF_THE_LINK = {"target_devices_pass_option_validation": "only checks options",
                 "slow_device_hits_its_timeout": "the slow device is not behind the link"}
 
 _relays: dict[str, UdpRelay] = {}
+_proxies: dict[str, TcpProxy] = {}
 
 _ENDPOINT = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*://)?(?P<host>\[[^\]]+\]|[^:/\[\]]+):(?P<port>\d+)(?P<rest>/.*)?$")
 
@@ -63,6 +64,8 @@ async def through_wan(target: Target) -> AsyncIterator[Target]:
     await link.start(upstream[0])
     if isinstance(link, UdpRelay):
         _relays[target.driver] = link
+    else:
+        _proxies[target.driver] = link
     bad = target.bad_credential
     try:
         yield dataclasses.replace(
@@ -72,7 +75,13 @@ async def through_wan(target: Target) -> AsyncIterator[Target]:
                                             f"{TCP if target.transport == 'tcp' else UDP}"})
     finally:
         _relays.pop(target.driver, None)
+        _proxies.pop(target.driver, None)
         await link.stop()
+
+
+def proxy(driver: str) -> TcpProxy | None:
+    """The TCP proxy in front of `driver`'s target in the WAN run (None: direct, or UDP)."""
+    return _proxies.get(driver)
 
 
 def reseed(driver: str, check: str) -> None:
