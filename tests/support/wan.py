@@ -30,7 +30,15 @@ twice with probability `duplicate` (the copy `dup_gap` seconds later). The rando
 from `random.Random(seed)`: a run can be repeated. `directions` limits the harm to "up" (client to
 device) or "down" (device to client); the default is both. Each client address gets its own
 socket towards the device, so replies find their way back. Both classes run on the running
-asyncio loop; start() binds to an ephemeral port on `host` (default 127.0.0.1).
+asyncio loop; start() binds to an ephemeral port on `host` (default 127.0.0.1), and both are also
+async context managers (`async with UdpRelay(...) as relay:`).
+
+The link works only while its loop runs: with agentd as a subprocess, wait for it with
+`await asyncio.to_thread(proc.communicate)` or `tests.support.wait.until`, never a blocking call on
+the test's loop. A synchronous test (or one that must block) runs the link in a thread of its own:
+
+    with in_thread(lambda: UdpRelay(("127.0.0.1", radius_port), drop=0.1, seed=3)) as relay:
+        ...  # relay.address, relay.stats; stopped at the end of the block
 """
 
 from __future__ import annotations
@@ -41,10 +49,12 @@ import functools
 import random
 import socket
 import struct
-from collections.abc import Awaitable, Callable
-from typing import Any, cast
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar, cast
 
 MTU_SEGMENT = 1380  # a WireGuard MTU of 1420 less IP and TCP headers
+Link = TypeVar("Link", "TcpProxy", "UdpRelay")
 
 
 def _abort_with_reset(writer: asyncio.StreamWriter) -> None:
@@ -318,3 +328,26 @@ class UdpRelay:
 
         timer = loop.call_later(wait, fire)
         self._timers.add(timer)
+
+
+@contextlib.contextmanager
+def in_thread(make: Callable[[], Link], host: str = "127.0.0.1") -> Iterator[Link]:
+    """A TcpProxy or UdpRelay (built by `make`) started on an event loop in a thread of its own, for
+    tests that block; stopped, and its thread ended, when the block ends."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="wan-link", daemon=True)
+    thread.start()
+
+    async def build() -> Link:
+        return await make().start(host)  # type: ignore[return-value]
+
+    try:
+        link = asyncio.run_coroutine_threadsafe(build(), loop).result(timeout=10)
+        try:
+            yield link
+        finally:
+            asyncio.run_coroutine_threadsafe(link.stop(), loop).result(timeout=10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
