@@ -24,7 +24,7 @@ from tests.drivers.target import Target
 from tests.support.wan import MTU_SEGMENT, TcpProxy, UdpRelay
 
 LINKS = ["direct", "wan"]
-TCP: dict[str, Any] = {"latency": 0.01, "segment": MTU_SEGMENT, "gap": 0.001}
+TCP: dict[str, Any] = {"latency": 0.005, "segment": MTU_SEGMENT, "gap": 0.001}
 UDP: dict[str, Any] = {"delay": 0.005, "jitter": 0.005, "drop": 0.03, "duplicate": 0.1}
 SEED = 19  # each check's relay is seeded with SEED and its name (reseed)
 # checks that only use the unreachable or slow devices (direct in both runs) are not run twice
