@@ -227,3 +227,15 @@ async def test_a_month_end_burst_suspends_every_subscriber_once(radius: Radius, 
     assert set(states.values()) == {"off"}
     assert all(len(radius.disconnects(u)) == 1 for u in users)
     assert [await radius.access(u) for u in users[:5]] == ["reject"] * 5
+
+
+async def test_a_suspended_row_that_sorts_after_the_plan_suspends_nobody_until_moved_first(
+        radius: Radius, drv: RadiusDriver) -> None:
+    user = await radius.subscriber()
+    await radius.fetch("INSERT INTO radusergroup (username, groupname, priority) VALUES ($1, 'suspended', 5)", user)
+    assert await radius.access(user) == "accept"  # rlm_sql walks groups by priority and stops at the plan
+    assert await drv.read(radius.device(), f"user/{user}") == "on"
+    await drv.apply(radius.device(), f"user/{user}", "off")
+    assert await radius.access(user) == "reject"
+    rows = await radius.fetch("SELECT priority FROM radusergroup WHERE username = $1 AND groupname = 'suspended'", user)
+    assert [r["priority"] for r in rows] == [0]
