@@ -11,6 +11,7 @@ not verify is ignored; the first verified reply ends the exchange, so later dupl
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import struct
 from collections import OrderedDict
@@ -126,6 +127,8 @@ async def exchange(target: Target, code: int, attributes: p.Attributes, what: st
                     raise UnreachableError(f"{where}: the NAS refuses Dynamic Authorization requests (ICMP port "
                                            f"unreachable): enable it there, e.g. MikroTik `/radius incoming set "
                                            f"accept=yes port={target.port}`") from None
+                if isinstance(item, OSError) and item.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    raise UnreachableError(f"{where}: no route: {clean(item.strerror or item, 200)}") from None
                 if isinstance(item, OSError):
                     raise TransientError(f"{where}: {clean(item.strerror or item, 200)}") from None
                 reply = judge(request, item)
