@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ class Radius:
     fr: FreeRadius
     dsn: str
     context: DriverContext
+    creds: Path
 
     def device(self, address: str | None = None, credential: str = "nas-secret", **options: object) -> Device:
         opts = {"policy_credential": "radius-db", "timeout": 3.0, "retries": 1, "settle": 3.0, **options}
@@ -64,7 +67,7 @@ async def radius(pg_admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) ->
     (creds / "radius-db").write_text(dsn)
     (creds / "bad-db").write_text(dsn.replace("postgresql://postgres", "postgresql://no_such_role"))
     try:
-        yield Radius(fr, dsn, DriverContext(device_timeout=5.0, credentials=CredentialStore(Path(creds))))
+        yield Radius(fr, dsn, DriverContext(device_timeout=5.0, credentials=CredentialStore(Path(creds))), creds)
     finally:
         await asyncio.to_thread(fr.close)
         await drop_database(pg_admin_dsn, dsn)
@@ -239,3 +242,36 @@ async def test_a_suspended_row_that_sorts_after_the_plan_suspends_nobody_until_m
     assert await radius.access(user) == "reject"
     rows = await radius.fetch("SELECT priority FROM radusergroup WHERE username = $1 AND groupname = 'suspended'", user)
     assert [r["priority"] for r in rows] == [0]
+
+
+def documented_grants(role: str) -> list[str]:
+    """The CREATE ROLE and GRANT statements docs/drivers.md gives the operator, for `role`."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "drivers.md").read_text()
+    section = text[text.index("## Built-in: `radius`"):text.index("## Built-in: `http`")]
+    lines = [line for line in section.splitlines() if re.match(r"(CREATE ROLE|GRANT) ", line)]
+    assert lines, "docs/drivers.md lost the radius grants"
+    return [line.replace("radius_agent", role).replace("PASSWORD '…'", "") for line in lines]
+
+
+async def test_the_grants_the_docs_give_are_enough(radius: Radius, drv: RadiusDriver) -> None:
+    role = f"radius_agent_{secrets.token_hex(4)}"
+    for statement in documented_grants(role):
+        await radius.fetch(statement)
+    try:
+        (radius.creds / "agent-db").write_text(radius.dsn.replace("postgresql://postgres", f"postgresql://{role}"))
+        device = radius.device(policy_credential="agent-db")
+        user = await radius.subscriber()
+        await radius.fr.start_session(user, f"sess-{user}", "10.9.0.11")
+        stale = await radius.subscriber()
+        await radius.fr.start_session(stale, f"sess-{stale}", "10.9.0.12")
+        await radius.fetch("DELETE FROM nas_sessions WHERE username = $1", stale)
+        await drv.probe(device)
+        for u in (user, stale):
+            await drv.apply(device, f"user/{u}", "off")
+            assert await drv.read(device, f"user/{u}") == "off"
+            await drv.apply(device, f"user/{u}", "on")
+            assert await drv.read(device, f"user/{u}") == "on"
+    finally:
+        await drv.close()
+        await radius.fetch(f'DROP OWNED BY "{role}"')
+        await radius.fetch(f'DROP ROLE "{role}"')
