@@ -23,6 +23,7 @@ from agent.text import clean
 
 T = TypeVar("T")
 SETTLE_POLL = 0.1   # seconds between looks at radacct while the NAS's Accounting-Stop is on its way
+MARGIN = 0.2        # seconds past an operation's timeout before the safety net cuts it
 
 
 class RadiusDriver:
@@ -76,8 +77,9 @@ class RadiusDriver:
         nas = self._nas(device, opts)
         store = await self._store(opts)
         what = f"{device.id}: {clean(service, 120)} {state}"
+        deadline = asyncio.get_running_loop().time() + opts.timeout
         await self._bounded(device, opts.timeout + opts.settle,
-                            lambda: self._apply(store, nas, opts, user, state, what))
+                            lambda: self._apply(store, nas, opts, user, state, what, deadline))
 
     async def probe(self, device: Device) -> None:
         """Both halves: the store answers and the suspended group holds a policy; the NAS answers a
@@ -86,6 +88,8 @@ class RadiusDriver:
         nas = self._nas(device, opts)
         store = await self._store(opts)
 
+        deadline = asyncio.get_running_loop().time() + opts.timeout
+
         async def both() -> None:
             if not await store.group_defined(opts.suspended_group, opts.timeout):
                 raise ConfigError(f"{device.id}: the group {opts.suspended_group!r} has no radgroupcheck or "
@@ -93,7 +97,7 @@ class RadiusDriver:
                                   f"Auth-Type := Reject in radgroupcheck)")
             what = f"{device.id}: probe (Disconnect-Request for {p.PROBE_USER})"
             reply = await das.exchange(nas, p.DISCONNECT_REQUEST,
-                                       p.session_attributes(p.PROBE_USER, opts.nas_ip, None), what)
+                                       p.session_attributes(p.PROBE_USER, opts.nas_ip, None), what, deadline)
             if (error := p.nak_error(reply.code, reply.causes, what)) is not None:
                 raise error
 
@@ -108,7 +112,7 @@ class RadiusDriver:
     # -- operations ----------------------------------------------------------------------
 
     async def _apply(self, store: PolicyStore, nas: das.Target, opts: p.Options, user: str, state: State,
-                     what: str) -> None:
+                     what: str, deadline: float) -> None:
         group = opts.suspended_group
         policy = (await store.read([user], opts.nas_ip, opts.accounting, opts.timeout))[user]
         if not policy.known:
@@ -129,14 +133,15 @@ class RadiusDriver:
                 return
             code, extra = ((p.DISCONNECT_REQUEST, ()) if opts.restore == "disconnect"
                            else (p.COA_REQUEST, opts.restore_coa_attributes))
-        await self._sessions(store, nas, opts, policy, code, extra, what)
+        await self._sessions(store, nas, opts, policy, (code, extra), what, deadline)
 
-    async def _sessions(self, store: PolicyStore, nas: das.Target, opts: p.Options, policy: p.Policy, code: int,
-                        extra: p.Attributes, what: str) -> None:
+    async def _sessions(self, store: PolicyStore, nas: das.Target, opts: p.Options, policy: p.Policy,
+                        request: tuple[int, p.Attributes], what: str, deadline: float) -> None:
         """End (or change) each open session; without accounting, or none known, the user's by User-Name."""
+        code, extra = request
         sessions: Sequence[p.Session | None] = policy.sessions or [None]
         replies = await asyncio.gather(*(
-            das.exchange(nas, code, p.session_attributes(policy.user, opts.nas_ip, s) + extra, what)
+            das.exchange(nas, code, p.session_attributes(policy.user, opts.nas_ip, s) + extra, what, deadline)
             for s in sessions))
         ended = []
         for session, reply in zip(sessions, replies, strict=True):
@@ -170,7 +175,7 @@ class RadiusDriver:
         if not device.credential or self._context.credentials is None:
             raise ConfigError(f"{device.id}: radius needs a credential (the NAS's shared secret) and a store")
         secret = p.shared_secret(self._context.credentials.get(device.credential), device.credential)
-        return das.Target(host, port, secret, device.credential, opts.attempt_timeout, opts.retries)
+        return das.Target(host, port, secret, device.credential, opts.timeout, opts.retries)
 
     async def _store(self, opts: p.Options) -> PolicyStore:
         """One store per policy credential, made again when the DSN in it changes."""
@@ -188,8 +193,10 @@ class RadiusDriver:
         return store
 
     async def _bounded(self, device: Device, seconds: float, op: Callable[[], Awaitable[T]]) -> T:
+        """The whole operation within `seconds` (and a little more, so that the exchange's own error, which
+        says what was silent, is the one raised when the NAS is)."""
         try:
-            async with asyncio.timeout(seconds):
+            async with asyncio.timeout(seconds + MARGIN):
                 return await op()
         except TimeoutError:
             raise NoAnswerError(f"{device.id}: no answer from the policy store or the NAS within {seconds:g}s") \

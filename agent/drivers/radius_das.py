@@ -44,13 +44,14 @@ class Reply:
 
 @dataclass(frozen=True)
 class Target:
-    """Where and how to ask: the NAS's DAS, its shared secret and the exchange's timing."""
+    """Where and how to ask: the NAS's DAS, its shared secret, and the exchange's timing: `timeout` seconds
+    for all tries (unless the caller's deadline says otherwise), shared by the first try and `retries`."""
 
     host: str
     port: int
     secret: bytes
     credential: str | None
-    attempt_timeout: float
+    timeout: float
     retries: int
 
 
@@ -103,8 +104,11 @@ class _Receiver(asyncio.DatagramProtocol):
             self.queue.put_nowait(exc)
 
 
-async def exchange(target: Target, code: int, attributes: p.Attributes, what: str) -> Reply:
-    """Send one request, retransmitted up to `retries` times, and return the first verified reply."""
+async def exchange(target: Target, code: int, attributes: p.Attributes, what: str,
+                   deadline: float | None = None) -> Reply:
+    """Send one request, retransmitted up to `retries` times, and return the first verified reply. Each try
+    waits an equal share of the time left until `deadline` (event-loop time; default: `timeout` from now),
+    so the exchange's own error, not a caller's timeout, is what a silent NAS ends in."""
     request = build(code, target.secret, attributes)
     raw = request.RequestPacket()
     loop = asyncio.get_running_loop()
@@ -113,12 +117,14 @@ async def exchange(target: Target, code: int, attributes: p.Attributes, what: st
         transport, receiver = await loop.create_datagram_endpoint(_Receiver, remote_addr=(target.host, target.port))
     except OSError as exc:
         raise UnreachableError(f"{where}: cannot send: {clean(exc.strerror or exc, 200)}") from None
+    end = deadline if deadline is not None else loop.time() + target.timeout
+    tries = target.retries + 1
     unverified = 0
     try:
-        for _ in range(target.retries + 1):
+        for n in range(tries):
             transport.sendto(raw)
-            deadline = loop.time() + target.attempt_timeout
-            while (left := deadline - loop.time()) > 0:
+            try_end = loop.time() + max(0.0, end - loop.time()) / (tries - n)
+            while (left := try_end - loop.time()) > 0:
                 try:
                     item = await asyncio.wait_for(receiver.queue.get(), left)
                 except TimeoutError:
@@ -141,4 +147,4 @@ async def exchange(target: Target, code: int, attributes: p.Attributes, what: st
         cred = f"credential {target.credential!r}" if target.credential else "the credential"
         raise ConfigError(f"{where}: the NAS answered, but no reply verifies with the shared secret in {cred}: "
                           f"the secrets differ")
-    raise NoAnswerError(p.no_answer(where, target.attempt_timeout * (target.retries + 1), target.credential))
+    raise NoAnswerError(p.no_answer(where, tries, target.credential))

@@ -66,15 +66,10 @@ class Options:
     coa_attributes: Attributes
     restore: str
     restore_coa_attributes: Attributes
-    timeout: float               # seconds for one whole operation: store, every try, the settle wait
-    retries: int
+    timeout: float               # seconds for one operation: the store's queries and every UDP try
+    retries: int                 # resends of an unanswered request; each try waits a share of the time left
     accounting: bool
     settle: float                # seconds to wait for the NAS's Accounting-Stop after a Disconnect-ACK
-
-    @property
-    def attempt_timeout(self) -> float:
-        """Seconds per UDP try: the exchange's share of the timeout split between the first try and retries."""
-        return self.timeout / (self.retries + 1)
 
 
 @dataclass(frozen=True)
@@ -251,8 +246,9 @@ def nak_error(code: int, causes: list[int], what: str) -> Exception | None:
     return TransientError(text) if cause in TRANSIENT_CAUSES else PermanentError(text)
 
 
-def no_answer(what: str, timeout: float, credential: str | None) -> str:
+def no_answer(what: str, tries: int, credential: str | None) -> str:
     cred = f"credential {credential!r}" if credential else "the credential"
-    return (f"{what}: no answer within {timeout:g}s: the NAS is down or drops the requests (a NAS drops a "
-            f"request signed with another shared secret without a word: check {cred}, and that the NAS accepts "
-            f"Dynamic Authorization from this host, e.g. MikroTik `/radius incoming set accept=yes`)")
+    return (f"{what}: no answer to {tries} {'try' if tries == 1 else 'tries'}: the NAS is down or drops the "
+            f"requests (a NAS drops a request signed with another shared secret without a word: check {cred}, "
+            f"and that the NAS accepts Dynamic Authorization from this host, e.g. MikroTik "
+            f"`/radius incoming set accept=yes`)")

@@ -16,6 +16,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from agent import devicetest
 from agent.drivers.base import CredentialStore, Device, DriverContext
 from agent.drivers.radius import RadiusDriver
 from agent.errors import ConfigError, NoAnswerError, PermanentError, UnreachableError
@@ -275,3 +276,14 @@ async def test_the_grants_the_docs_give_are_enough(radius: Radius, drv: RadiusDr
         await drv.close()
         await radius.fetch(f'DROP OWNED BY "{role}"')
         await radius.fetch(f'DROP ROLE "{role}"')
+
+
+async def test_device_test_checks_both_halves_and_says_which_failed(radius: Radius) -> None:
+    good = await devicetest.run(radius.device(), "nas-1", None, radius.context)
+    assert good.ok, devicetest.as_text(good)
+    empty = await devicetest.run(radius.device(suspended_group="nobody-defined-this"), "nas-1", None, radius.context)
+    probe = next(s for s in empty.steps if s.name == "probe")
+    assert not probe.ok and probe.kind == "config" and "suspends nobody" in probe.detail
+    wrong = await devicetest.run(radius.device(credential="wrong-secret", timeout=1.0), "nas-1", None, radius.context)
+    probe = next(s for s in wrong.steps if s.name == "probe")
+    assert not probe.ok and "wrong-secret" in probe.detail and "not-the-das-secret" not in devicetest.as_text(wrong)

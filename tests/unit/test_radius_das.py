@@ -57,7 +57,7 @@ async def nas() -> AsyncIterator[Callable[[Answer], Any]]:
             lambda: Nas(answer), local_addr=("127.0.0.1", 0))
         made.append(transport)
         port = transport.get_extra_info("sockname")[1]
-        return proto, das.Target("127.0.0.1", port, SECRET, "nas-secret", attempt_timeout=0.3, retries=2)
+        return proto, das.Target("127.0.0.1", port, SECRET, "nas-secret", timeout=0.9, retries=2)
 
     yield start
     for t in made:
@@ -114,7 +114,7 @@ async def test_silence_is_no_answer_naming_the_credential(nas: Any) -> None:
 
 
 async def test_a_closed_port_is_unreachable_with_the_hint_to_enable_it() -> None:
-    target = das.Target("127.0.0.1", closed_udp_port(), SECRET, "nas-secret", attempt_timeout=1.0, retries=0)
+    target = das.Target("127.0.0.1", closed_udp_port(), SECRET, "nas-secret", timeout=1.0, retries=0)
     with pytest.raises(UnreachableError, match="accept=yes"):
         await das.exchange(target, p.DISCONNECT_REQUEST, ATTRS, "t")
 

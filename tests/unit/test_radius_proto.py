@@ -22,7 +22,7 @@ def test_defaults_disconnect_on_suspend_and_restore_with_the_address_as_nas_ip()
     o = opts()
     assert (o.suspended_group, o.suspend, o.restore, o.nas_ip, o.accounting) == \
         ("suspended", "disconnect", "disconnect", "192.0.2.1", True)
-    assert o.attempt_timeout == pytest.approx(10 / 3)
+    assert (o.timeout, o.retries) == (10.0, 2)
 
 
 @pytest.mark.parametrize("extra", [{"policy_credential": None}, {"policy_credential": "../x"},
