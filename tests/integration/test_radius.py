@@ -16,15 +16,22 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from agent import devicetest
+from agent import admin, devicetest
 from agent.drivers.base import CredentialStore, Device, DriverContext
 from agent.drivers.radius import RadiusDriver
 from agent.errors import ConfigError, NoAnswerError, PermanentError, UnreachableError
+from tests.support.agents import running_agent
+from tests.support.db import archived, send
 from tests.support.freeradius import NAS_IP, FreeRadius, add_user, create_store, free_udp_port, freeradius_available
 from tests.support.pg import create_database, drop_database
+from tests.support.wait import until
 
 pytestmark = pytest.mark.skipif(freeradius_available() is not None, reason=str(freeradius_available()))
 _ids = itertools.count()
+
+
+async def all_archived(db: asyncpg.Connection, ids: list[int]) -> bool:
+    return all([await archived(db, i) for i in ids])
 
 
 @dataclass
@@ -287,3 +294,19 @@ async def test_device_test_checks_both_halves_and_says_which_failed(radius: Radi
     wrong = await devicetest.run(radius.device(credential="wrong-secret", timeout=1.0), "nas-1", None, radius.context)
     probe = next(s for s in wrong.steps if s.name == "probe")
     assert not probe.ok and "wrong-secret" in probe.detail and "not-the-das-secret" not in devicetest.as_text(wrong)
+
+
+async def test_month_end_through_the_agent_every_suspension_applied_once_and_verified(
+        radius: Radius, db: asyncpg.Connection, dsn: str) -> None:
+    users = [await radius.subscriber() for _ in range(60)]
+    for user in users[:20]:
+        await radius.fr.start_session(user, f"sess-{user}", "10.11.0.1")
+    device = radius.device(max_parallel=8)
+    await admin.upsert_devices(db, [device])
+    async with running_agent(dsn, RadiusDriver(radius.context), require_vpn=False):
+        ids = [await send(db, {"device": device.id, "service": f"user/{u}", "state": "off"}) for u in users]
+        await until(lambda: all_archived(db, ids), timeout=60, what="every suspension archived")
+    rows = await db.fetch("SELECT service, observed FROM agent.service_state WHERE device = $1", device.id)
+    assert {r["service"]: r["observed"] for r in rows} == {f"user/{u}": "off" for u in users}
+    assert all(len(radius.disconnects(u)) == 1 for u in users)  # each applied once
+    assert [await radius.access(u) for u in users[::15]] == ["reject"] * 4
