@@ -301,12 +301,30 @@ async def test_month_end_through_the_agent_every_suspension_applied_once_and_ver
     users = [await radius.subscriber() for _ in range(60)]
     for user in users[:20]:
         await radius.fr.start_session(user, f"sess-{user}", "10.11.0.1")
-    device = radius.device(max_parallel=8)
+    device = radius.device(max_parallel=8, timeout=10.0)
     await admin.upsert_devices(db, [device])
     async with running_agent(dsn, RadiusDriver(radius.context), require_vpn=False):
         ids = [await send(db, {"device": device.id, "service": f"user/{u}", "state": "off"}) for u in users]
-        await until(lambda: all_archived(db, ids), timeout=60, what="every suspension archived")
+        try:
+            await until(lambda: all_archived(db, ids), timeout=60, what="every suspension archived")
+        except AssertionError:
+            errors = await db.fetch("SELECT service, last_error FROM agent.service_state WHERE last_error IS NOT NULL")
+            raise AssertionError(f"not all archived; errors: {[tuple(r) for r in errors][:5]}") from None
     rows = await db.fetch("SELECT service, observed FROM agent.service_state WHERE device = $1", device.id)
     assert {r["service"]: r["observed"] for r in rows} == {f"user/{u}": "off" for u in users}
     assert all(len(radius.disconnects(u)) == 1 for u in users)  # each applied once
     assert [await radius.access(u) for u in users[::15]] == ["reject"] * 4
+
+
+async def test_a_lost_accounting_stop_is_seen_by_the_read_back_and_the_retry_closes_it(
+        radius: Radius, drv: RadiusDriver) -> None:
+    user = await radius.subscriber()
+    await radius.fr.start_session(user, f"sess-{user}", "10.9.0.13")
+    await radius.fetch("INSERT INTO nas_lost_stop VALUES ($1)", user)
+    device = radius.device(settle=0.3)
+    await drv.apply(device, f"user/{user}", "off")  # ACKed, but radacct still says the session is open
+    assert await drv.read(device, f"user/{user}") == "on"  # not verified: the executor retries
+    await drv.apply(device, f"user/{user}", "off")  # the NAS: no such session (503), so the row is stale
+    assert await drv.read(device, f"user/{user}") == "off"
+    [row] = await radius.fetch("SELECT acctterminatecause FROM radacct WHERE username = $1", user)
+    assert row["acctterminatecause"] == "Session-Context-Not-Found"

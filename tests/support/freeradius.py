@@ -35,9 +35,10 @@ TEMPLATE = Path(__file__).with_name("freeradius.conf.in")
 NAS_IP = "127.0.0.1"
 
 # The test store: FreeRADIUS's schema, a suspended group that rejects, a normal plan, and the NAS's live
-# sessions (what the fake NAS side knows; the radacct rows are what accounting made of them).
+# sessions (what the NAS side knows; the radacct rows are what accounting made of them).
 STORE = """
 CREATE TABLE nas_sessions (username text NOT NULL, acctsessionid text NOT NULL);
+CREATE TABLE nas_lost_stop (username text NOT NULL);  -- the NAS's Accounting-Stop for them never arrives
 INSERT INTO radgroupcheck (groupname, attribute, op, value) VALUES ('suspended', 'Auth-Type', ':=', 'Reject');
 INSERT INTO radgroupreply (groupname, attribute, op, value) VALUES ('plan', 'Framed-Pool', ':=', 'main');
 """
