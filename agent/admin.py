@@ -14,7 +14,7 @@ from agent.contract import DEVICE_PATTERN
 from agent.db.queries import Queries
 from agent.drivers.base import Device, DriverContext
 from agent.drivers.registry import load_driver
-from agent.errors import ConfigError, PermanentError
+from agent.errors import ConfigError, NotFoundError
 from agent.inventory import validate_with
 
 _DEVICE_RE = re.compile(DEVICE_PATTERN)
@@ -116,6 +116,22 @@ async def remove_device(conn: asyncpg.Connection, device_id: str) -> bool:
     return await conn.fetchval("DELETE FROM agent.devices WHERE id = $1 RETURNING true", device_id) or False
 
 
+async def forget_agent(conn: asyncpg.Connection, agent_id: str, stale_after: float) -> None:
+    """Remove an agent's row from agent.agents (and the fleet view), unless it is live: not stopped
+    and its heartbeat younger than `stale_after` seconds (ConfigError says how long to wait). An
+    agent that starts again under the id registers anew."""
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            "SELECT state, extract(epoch FROM now() - last_heartbeat)::float8 AS age FROM agent.agents "
+            "WHERE agent_id = $1 FOR UPDATE", agent_id)
+        if row is None:
+            raise NotFoundError(f"no agent {agent_id!r} in agent.agents (see agentctl status --fleet --all-sites)")
+        if row["state"] != "stopped" and row["age"] <= stale_after:
+            raise ConfigError(f"agent {agent_id!r} is live (state {row['state']}, heartbeat {row['age']:.0f} s ago): "
+                              f"stop it first, or wait until its heartbeat is older than {stale_after:.0f} s")
+        await conn.execute("DELETE FROM agent.agents WHERE agent_id = $1", agent_id)
+
+
 async def enqueue(conn: asyncpg.Connection, queue: str | None, device: str, service: str, state: str | None,
                   **kw: Any) -> int:
     """Through agent.enqueue, so operators get the same validation and routing as producers (queue
@@ -172,7 +188,8 @@ async def dlq_replay(conn: asyncpg.Connection, q: Queries, ids: list[int] | None
             moved.append((r["msg_id"], new_id))
         missing = set(ids) - {m[0] for m in moved}
         if missing:
-            raise PermanentError(f"no DLQ entries with id {', '.join(map(str, sorted(missing)))}")
+            raise NotFoundError(f"no DLQ entries with id {', '.join(map(str, sorted(missing)))} "
+                                "(see agentctl dlq list)")
     return moved
 
 

@@ -40,3 +40,10 @@ class ConfigError(AgentError):
     """The agent is set up wrongly: refuse to start and say which setting."""
 
     kind = "config"
+
+
+class NotFoundError(AgentError):
+    """What the caller named (a device, a DLQ entry, an agent, a run) does not exist: `agentctl`
+    exits 4 (EXIT_NOT_FOUND) for it, whatever the command."""
+
+    kind = "not_found"

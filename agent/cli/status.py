@@ -76,8 +76,8 @@ def render(s: dict[str, Any]) -> str:
 
 
 async def fleet(conn: asyncpg.Connection, settings: Settings, as_json: bool, all_sites: bool) -> int:
-    """Every site (or AGENT_SITE's) as the database sees it; exit 1 when an agent is not healthy or
-    none has reported."""
+    """Every site (or AGENT_SITE's) as the database sees it; exit 1 when an agent is not healthy, none
+    has reported, or a site holds devices and no live agent serves it."""
     rows = await conn.fetch(Queries(settings.queue).fleet, None if all_sites else settings.site)
     agents: list[dict[str, Any]] = []
     for r in rows:
@@ -87,12 +87,16 @@ async def fleet(conn: asyncpg.Connection, settings: Settings, as_json: bool, all
     bad = [a for a in agents if not _healthy(a) and a["state"] != "stopped"]
     q = Queries(settings.queue)
     sites = await site_views(conn, q, None if all_sites else settings.site, agents)
+    live = {a["site"] for a in agents if not a["stale"] and a["state"] != "stopped"}
+    unserved = [v["site"] for v in sites if v["devices"] and v["site"] not in live]
     tables = await table_stats(conn, q)
     if as_json:
         print(dumps({"sites": sites, "agents": agents, "tables": {t: {"bytes": b, "oldest_row_age_s": age}
                                                                   for t, (b, age) in tables.items()}}))
     else:
         print(f"{len(agents)} agent(s), {len(bad)} not healthy" if agents else "no agents have reported")
+        for name in unserved:
+            print(f"site {clean(name)} has devices and no live agent: its commands wait (start agentd for it)")
         for site in sites:
             print(render_site(site))
         print("agents:" + ("" if agents else " none"))
@@ -103,7 +107,7 @@ async def fleet(conn: asyncpg.Connection, settings: Settings, as_json: bool, all
         print("tables (size, oldest row):")
         for table, (nbytes, age) in tables.items():
             print(f"  {table:<12} {_size(nbytes):>9}  {_dur(age) if age is not None else 'empty'}")
-    return 1 if bad or not agents else 0
+    return 1 if bad or unserved or not agents else 0
 
 
 def _healthy(a: dict[str, Any]) -> bool:
@@ -131,6 +135,7 @@ async def site_views(conn: asyncpg.Connection, q: Queries, site: str | None,
             "dlq_depth": stats["dlq_depth"] if stats else None,
             "leader": _agent_of(r["leader_backend"]),
             "agents": [a["agent_id"] for a in mine], "healthy_agents": sum(_healthy(a) for a in mine),
+            "devices": r["devices"],
             "unreachable": json.loads(r["unreachable"])})
     return views
 

@@ -210,6 +210,12 @@ ON CONFLICT (agent_id) DO UPDATE SET
     instance = EXCLUDED.instance, host_id = EXCLUDED.host_id
 WHERE a.instance IS NULL OR a.instance = EXCLUDED.instance;
 
+-- name: agents_seen
+-- `agentctl db status`: the agents not stopped, with the release and the schema each was built for
+-- (recorded since schema 12: read so that it also answers against an older database).
+SELECT agent_id, site, version, (to_jsonb(a)->>'schema')::integer AS schema, state, last_heartbeat
+FROM agent.agents a WHERE state <> 'stopped' ORDER BY site, agent_id;
+
 -- name: agent_holder
 -- The process registered under agent id $1 (agent/identity.py): where it runs, how fresh its
 -- heartbeat is, and the row's version (xmin) for register_agent's compare and set.
@@ -219,14 +225,16 @@ FROM agent.agents WHERE agent_id = $1;
 
 -- name: register_agent
 -- Record this process ($7 instance, $8 host_id) under agent id $1, replacing the row only as
--- agent_holder read it ($9: its xmin; NULL: there was none). True when registered.
+-- agent_holder read it ($9: its xmin; NULL: there was none). $10: the schema version this agent was
+-- built for. True when registered.
 INSERT INTO agent.agents AS a (agent_id, site, queue, host, pid, version, started_at, last_heartbeat, state,
-                               instance, host_id)
-VALUES ($1, $2, $3, $4, $5, $6, now(), now(), 'starting', $7, $8)
+                               instance, host_id, schema)
+VALUES ($1, $2, $3, $4, $5, $6, now(), now(), 'starting', $7, $8, $10)
 ON CONFLICT (agent_id) DO UPDATE SET
     site = EXCLUDED.site, queue = EXCLUDED.queue, host = EXCLUDED.host, pid = EXCLUDED.pid,
     version = EXCLUDED.version, started_at = EXCLUDED.started_at, last_heartbeat = now(), state = 'starting',
-    status = NULL, stopped_at = NULL, instance = EXCLUDED.instance, host_id = EXCLUDED.host_id
+    status = NULL, stopped_at = NULL, instance = EXCLUDED.instance, host_id = EXCLUDED.host_id,
+    schema = EXCLUDED.schema
 WHERE a.xmin::text = $9::text
 RETURNING true;
 
@@ -253,8 +261,8 @@ FROM agent.agents WHERE $1::text IS NULL OR site = $1 ORDER BY site, agent_id;
 -- Every site ($1 NULL) or one: recorded (agent.sites), served by an agent, or holding devices. Its
 -- recorded queue; its leader: the backend holding the leadership advisory lock
 -- (agent/reconcile/leader.py: class $2, object the site's key), by its application_name; its
--- devices found unreachable (agent.reachability, written by the agents' VPN guard). pg_locks and
--- the reachability rows are read once for all sites.
+-- devices found unreachable (agent.reachability, written by the agents' VPN guard); how many devices
+-- it holds. pg_locks and the reachability rows are read once for all sites.
 WITH names AS (
     SELECT name FROM agent.sites
     UNION SELECT site FROM agent.agents
@@ -270,7 +278,8 @@ WITH names AS (
     WHERE NOT r.reachable GROUP BY d.site
 )
 SELECT n.name AS site, s.queue, l.application_name AS leader_backend,
-       coalesce(u.devices, '[]')::text AS unreachable
+       coalesce(u.devices, '[]')::text AS unreachable,
+       (SELECT count(*) FROM agent.devices d WHERE d.site = n.name) AS devices
 FROM names n
 LEFT JOIN agent.sites s ON s.name = n.name
 LEFT JOIN agent.site_keys k ON k.site = n.name
@@ -534,6 +543,13 @@ DELETE FROM agent.sync_runs WHERE id IN (
 
 -- name: due_sync_runs
 SELECT count(*) FROM agent.sync_runs WHERE finished_at < $1 AND ($2::text IS NULL OR site = $2);
+
+-- name: prune_agents
+-- Agents whose last heartbeat is older than the cutoff (stopped, or gone without a word).
+SELECT agent.prune_audit('agents', $1, $2);
+
+-- name: due_agents
+SELECT agent.prune_audit('agents', $1, 0, true);
 
 -- name: table_stats
 -- Size on disk (with indexes and TOAST) and the oldest row of each table that grows, found by index.

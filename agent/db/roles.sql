@@ -19,6 +19,7 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA agent FROM PUBLIC;
 GRANT USAGE ON SCHEMA agent TO agent_producer;
 GRANT EXECUTE ON FUNCTION agent.enqueue(text, text, text, text, timestamptz, jsonb, text, integer, text),
                           agent.request_sync(text, text, text, boolean, text, text) TO agent_producer;
+GRANT EXECUTE ON FUNCTION agent.forget(text, text, text) TO agent_producer;  -- retire a service key
 GRANT SELECT ON agent.service_state, agent.events, agent.devices TO agent_producer;
 GRANT SELECT ON agent.site_keys TO agent_producer;  -- which lock is whose site's leader
 

@@ -335,9 +335,8 @@ async def status(conn: asyncpg.Connection, q: Queries) -> dict[str, object]:
     row = await conn.fetchrow(q.schema_compat)
     applied = [dict(r) for r in await conn.fetch(q.applied_migrations)]
     done = {r["version"] for r in applied}
-    agents = [dict(r) for r in await conn.fetch(
-        "SELECT agent_id, site, version, state, last_heartbeat FROM agent.agents WHERE state <> 'stopped' "
-        "ORDER BY site, agent_id")] if await conn.fetchval("SELECT to_regclass('agent.agents') IS NOT NULL") else []
+    seen = await conn.fetchval("SELECT to_regclass('agent.agents') IS NOT NULL")
+    agents = [dict(r) for r in await conn.fetch(q.agents_seen)] if seen else []
     return {"version": row["version"], "applied": applied,
             "pending": [n for v, n, _s in migrations() if v not in done], "min_agent_schema": row["min_agent"],
             "this_release": {"version": __version__, "schema": SCHEMA_VERSION,

@@ -114,7 +114,7 @@ async def test_agentctl_inventory_round_trip(db, dsn, tmp_path):
     bad = agentctl(dsn, "device", "add", "r4", "--driver", "sim", "--option", "failure_rate=7", check=False)
     assert bad.returncode == 2 and "failure_rate" in bad.stderr
     bad = agentctl(dsn, "enqueue", "ghost", "wifi", "on", check=False)
-    assert bad.returncode == 1 and "unknown device 'ghost'" in bad.stderr
+    assert bad.returncode == 4 and "unknown device 'ghost'" in bad.stderr  # not found
 
 
 async def test_agentctl_dlq_list_and_replay(db, dsn):

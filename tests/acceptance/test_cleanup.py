@@ -1,0 +1,72 @@
+"""What grows is cleaned, through agentctl: agents that are gone, service keys that are retired, dead
+letters that are garbage; and one exit status (4) for "no such thing" across commands."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from agent.db.schema import SCHEMA_VERSION
+from tests.support.agents import agentctl, spawn_agentd
+from tests.support.wait import until
+
+pytestmark = pytest.mark.acceptance
+
+NOT_FOUND = 4
+FAST = {"heartbeat_interval": 1}  # an agent not heard of for 3 s is stale
+
+
+def fleet(dsn: str) -> tuple[int, str]:
+    proc = agentctl(dsn, "status", "--fleet", check=False, **FAST)
+    return proc.returncode, proc.stdout
+
+
+async def test_a_killed_agent_is_stale_until_forgotten_and_a_site_without_a_live_agent_fails(dsn, db):
+    agentctl(dsn, "device", "add", "r1", "--driver", "sim")
+    code, out = fleet(dsn)
+    assert code == 1 and "site default has devices and no live agent" in out
+
+    proc = spawn_agentd(dsn, **FAST)
+    try:
+        await until(lambda: fleet(dsn)[0] == 0, timeout=20, what="the site served by a ready agent")
+        [me] = [r["agent_id"] for r in await db.fetch("SELECT agent_id FROM agent.agents")]
+        refused = agentctl(dsn, "agent", "forget", me, check=False, **FAST)
+        assert refused.returncode == 2 and "is live" in refused.stderr
+        status = json.loads(agentctl(dsn, "db", "status", "--json").stdout)
+        assert [(a["agent_id"], a["schema"]) for a in status["agents"]] == [(me, SCHEMA_VERSION)]
+        assert f"schema {SCHEMA_VERSION}, ready" in agentctl(dsn, "db", "status").stdout
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=10)
+
+    await until(lambda: "STALE" in fleet(dsn)[1], timeout=20, what="the killed agent seen as stale")
+    code, out = fleet(dsn)
+    assert code == 1 and "has devices and no live agent" in out
+    assert f"agent {me} forgotten" in agentctl(dsn, "agent", "forget", me, **FAST).stdout
+    assert await db.fetchval("SELECT count(*) FROM agent.agents") == 0
+    assert agentctl(dsn, "agent", "forget", me, check=False).returncode == NOT_FOUND
+
+
+async def test_an_agent_keeps_its_default_id_across_restarts(dsn, db):
+    agentctl(dsn, "device", "add", "r1", "--driver", "sim")
+    for _ in range(2):
+        proc = spawn_agentd(dsn, "--once")
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+    ids = [r["agent_id"] for r in await db.fetch("SELECT agent_id FROM agent.agents")]
+    assert len(ids) == 1 and ids[0].endswith("-default")  # one row, not one per process
+
+
+@pytest.mark.parametrize("argv", [
+    ("enqueue", "ghost", "wifi", "on"),
+    ("device", "remove", "ghost"), ("device", "pause", "ghost"), ("device", "resume", "ghost"),
+    ("dlq", "replay", "999"),
+    ("sync", "--device", "ghost", "--no-wait"), ("sync", "--show", "999"),
+    ("agent", "forget", "ghost"),
+])
+def test_naming_something_that_does_not_exist_exits_4(dsn, argv):
+    proc = agentctl(dsn, *argv, check=False)
+    assert proc.returncode == NOT_FOUND, (proc.returncode, proc.stderr)
+    assert proc.stderr.startswith("agentctl: ") and "Traceback" not in proc.stderr
