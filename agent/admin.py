@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from agent.drivers.base import Device, DriverContext
 from agent.drivers.registry import load_driver
 from agent.errors import ConfigError, NotFoundError
 from agent.inventory import validate_with
+from agent.text import clean
 
 _DEVICE_RE = re.compile(DEVICE_PATTERN)
 
@@ -112,8 +116,32 @@ async def resume_device(conn: asyncpg.Connection, q: Queries, device_id: str) ->
     return bool(await conn.fetchval(q.resume_device, device_id))
 
 
-async def remove_device(conn: asyncpg.Connection, device_id: str) -> bool:
-    return await conn.fetchval("DELETE FROM agent.devices WHERE id = $1 RETURNING true", device_id) or False
+def operator(tool: str = "agentctl") -> str:
+    """Who acts, as recorded after the login role in events: the tool, the OS user and the host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (a container's arbitrary uid)
+        user = f"uid {os.getuid()}"
+    return clean(f"{tool} {user}@{socket.gethostname()}", 200)
+
+
+async def remove_device(conn: asyncpg.Connection, q: Queries, device_id: str, by: str) -> tuple[bool, int]:
+    """Remove the device and forget its service keys (reconciliation no longer enforces them; an
+    event `forgotten` each). (whether the device was there, keys forgotten)."""
+    row = await conn.fetchrow(q.remove_device, device_id, by)
+    return bool(row["removed"]), int(row["forgotten"])
+
+
+async def forget_service(conn: asyncpg.Connection, q: Queries, device: str, service: str, by: str) -> None:
+    """Retire a service key through agent.forget (the producers' function): NotFoundError when it
+    was not known, ConfigError for an id or key that is not valid."""
+    try:
+        known = await conn.fetchval(q.forget_service, device, service, by)
+    except asyncpg.InvalidParameterValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not known:
+        raise NotFoundError(f"no service {service!r} recorded for device {device!r} (see agentctl state --device "
+                            f"{device})")
 
 
 async def forget_agent(conn: asyncpg.Connection, agent_id: str, stale_after: float) -> None:

@@ -142,9 +142,17 @@ def _no_device(device_id: str) -> NotFoundError:
 
 
 async def device_remove(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
-    if not await admin.remove_device(conn, a.id):
+    removed, forgotten = await admin.remove_device(conn, Queries(s.queue), a.id, admin.operator())
+    if not removed and not forgotten:
         raise _no_device(a.id)
-    print(f"device {a.id} removed")
+    keys = f"{forgotten} service key(s) forgotten (recorded as `forgotten` events)"
+    print(f"device {a.id} removed; {keys}" if removed else f"device {a.id} was removed before; {keys}")
+    return 0
+
+
+async def service_forget(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    await admin.forget_service(conn, Queries(s.queue), a.device, a.service, admin.operator())
+    print(f"{a.device}/{a.service} forgotten: reconciliation no longer enforces it (nothing sent to the device)")
     return 0
 
 
@@ -284,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.add_argument("--all-sites", action="store_true")
     ls.set_defaults(func=device_list)
-    rm = dev.add_parser("remove", help="remove a device")
+    rm = dev.add_parser("remove", help="remove a device and forget its service keys")
     rm.add_argument("id")
     rm.set_defaults(func=device_remove)
     pau = dev.add_parser("pause", help="maintenance: commands for the device wait (parked, no attempts used)")
@@ -303,6 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     tst.add_argument("--service", help="also read this service's state")
     tst.add_argument("--json", action="store_true")
     tst.set_defaults(func=devicetest.cli)
+
+    svc = sub.add_parser("service", help="service keys in agent.service_state").add_subparsers(dest="cmd",
+                                                                                               required=True)
+    sfg = svc.add_parser("forget", help="retire a service key (a churned customer): reconciliation stops "
+                         "enforcing it; nothing is sent to the device")
+    sfg.add_argument("device")
+    sfg.add_argument("service")
+    sfg.set_defaults(func=service_forget)
 
     agt = sub.add_parser("agent", help="agents seen in agent.agents").add_subparsers(dest="cmd", required=True)
     fgt = agt.add_parser("forget", help="remove a stopped or stale agent from the fleet view (a live one is refused)")

@@ -74,6 +74,30 @@ WHERE id = $1 RETURNING id;
 UPDATE agent.devices SET paused_at = NULL, paused_reason = NULL, updated_at = now()
 WHERE id = $1 RETURNING id;
 
+-- name: remove_device
+-- `agentctl device remove`: device $1, its service keys (each recorded as `forgotten`, by the login
+-- role with the label $2) and its reachability row, in one statement. Keys left by a device removed
+-- before (by an older agentctl) are forgotten too. removed: whether the device was there.
+WITH gone AS (
+    DELETE FROM agent.service_state WHERE device = $1
+    RETURNING device, service, desired, desired_version, observed, last_request_id
+), recorded AS (
+    INSERT INTO agent.events (device, service, kind, version, request_id, desired, observed, error, meta)
+    SELECT g.device, g.service, 'forgotten', g.desired_version, g.last_request_id, g.desired, g.observed,
+           'forgotten by ' || session_user || ' (' || $2 || '): device removed',
+           jsonb_build_object('by', session_user || ' (' || $2 || ')', 'reason', 'device removed')
+    FROM gone g
+    RETURNING 1
+), reach AS (
+    DELETE FROM agent.reachability WHERE device = $1 RETURNING 1
+), dev AS (
+    DELETE FROM agent.devices WHERE id = $1 RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM dev) AS removed, (SELECT count(*) FROM recorded) AS forgotten;
+
+-- name: forget_service
+SELECT agent.forget($1::text, $2::text, $3::text);
+
 -- name: events
 -- The audit trail for the support desk, newest $4 rows first (the caller shows them oldest first).
 SELECT id, at, device, service, kind, msg_id, version, request_id, desired, observed, attempt,

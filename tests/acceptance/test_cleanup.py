@@ -70,3 +70,27 @@ def test_naming_something_that_does_not_exist_exits_4(dsn, argv):
     proc = agentctl(dsn, *argv, check=False)
     assert proc.returncode == NOT_FOUND, (proc.returncode, proc.stderr)
     assert proc.stderr.startswith("agentctl: ") and "Traceback" not in proc.stderr
+
+
+async def test_service_forget_and_device_remove_leave_no_state_behind(dsn, db):
+    agentctl(dsn, "device", "add", "r1", "--driver", "sim")
+    for service in ("pppoe:alice", "pppoe:bob", "pppoe:carol"):
+        agentctl(dsn, "enqueue", "r1", service, "on")
+    proc = spawn_agentd(dsn, "--once")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+
+    out = agentctl(dsn, "service", "forget", "r1", "pppoe:alice").stdout
+    assert "r1/pppoe:alice forgotten" in out
+    assert [r["service"] for r in json.loads(agentctl(dsn, "state", "--json").stdout)] == ["pppoe:bob", "pppoe:carol"]
+    assert agentctl(dsn, "service", "forget", "r1", "pppoe:alice", check=False).returncode == NOT_FOUND
+    bad = agentctl(dsn, "service", "forget", "r1", "no spaces", check=False)
+    assert bad.returncode == 2 and "not a valid service key" in bad.stderr
+
+    assert "device r1 removed; 2 service key(s) forgotten" in agentctl(dsn, "device", "remove", "r1").stdout
+    assert json.loads(agentctl(dsn, "state", "--device", "r1", "--json").stdout) == []
+    forgotten = [r for r in json.loads(agentctl(dsn, "events", "--device", "r1", "--json").stdout)
+                 if r["kind"] == "forgotten"]
+    assert [r["service"] for r in forgotten] == ["pppoe:alice", "pppoe:bob", "pppoe:carol"]
+    assert all(r["error"].startswith("forgotten by ") and "agentctl " in r["error"] for r in forgotten)
+    assert "device removed" in forgotten[-1]["error"]
