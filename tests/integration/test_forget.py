@@ -52,6 +52,6 @@ async def test_a_forgotten_key_is_no_longer_reconciled(db):
 ])
 async def test_what_is_not_a_valid_key_or_label_is_refused(db, args):
     await known_key(db)
-    with pytest.raises(asyncpg.InvalidParameterValueError, match="agent.forget: "):
+    with pytest.raises(asyncpg.InvalidParameterValueError, match=r"agent\.forget: "):
         await db.fetchval("SELECT agent.forget($1, $2, $3)", *args)
     assert await db.fetchval("SELECT count(*) FROM agent.service_state") == 2
