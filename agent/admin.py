@@ -198,8 +198,35 @@ async def dlq_list(conn: asyncpg.Connection, q: Queries, limit: int = 100) -> li
     return out
 
 
-async def dlq_replay(conn: asyncpg.Connection, q: Queries, ids: list[int] | None) -> list[tuple[int, int]]:
-    """Move DLQ entries back to the queue, keeping each command's original version.
+def command_fields(message: str | None) -> dict[str, Any]:
+    """device, service and request_id of a dead letter's body, which may be any JSON (pure): each only
+    when it is a string of a sane length, else None (a DLQ holds what could not be processed)."""
+    try:
+        doc: Any = json.loads(message) if message else None
+    except ValueError:
+        doc = None
+    doc = doc if isinstance(doc, dict) else {}
+    return {k: v if isinstance(v := doc.get(k), str) and 0 < len(v) <= 200 else None
+            for k in ("device", "service", "request_id")}
+
+
+async def _record(conn: asyncpg.Connection, kind: str, rows: list[dict[str, Any]]) -> None:
+    await conn.execute(
+        "INSERT INTO agent.events (device, service, kind, msg_id, version, request_id, error, meta) "
+        "SELECT x.device, x.service, $2, x.msg_id, x.version, x.request_id, x.error, x.meta "
+        "FROM jsonb_to_recordset($1::jsonb) AS x(device text, service text, msg_id bigint, version bigint, "
+        "request_id text, error text, meta jsonb)", json.dumps(rows), kind)
+
+
+async def _who(conn: asyncpg.Connection, by: str) -> str:
+    """Who acts, as events record it: the login role, then the tool's label."""
+    return str(await conn.fetchval("SELECT session_user || ' (' || $1 || ')'", by))
+
+
+async def dlq_replay(conn: asyncpg.Connection, q: Queries, ids: list[int] | None,
+                     by: str = "agentctl") -> list[tuple[int, int]]:
+    """Move DLQ entries back to the queue, keeping each command's original version, and record a
+    `replayed` event for each (who, the DLQ entry, the new message id).
 
     Returns (dlq_id, new msg_id) pairs. The DLQ entry is archived in the same transaction.
     """
@@ -207,18 +234,45 @@ async def dlq_replay(conn: asyncpg.Connection, q: Queries, ids: list[int] | None
         if ids is None:
             ids = [r[0] for r in await conn.fetch(q.dlq_ids)]
         rows = await conn.fetch(q.dlq_take, ids)
-        moved = []
+        who = await _who(conn, by)
+        moved, events = [], []
         for r in rows:
             fields = dead_letter_fields(r["headers"])
             keep = {"origin_msg_id": fields["origin_msg_id"], "replayed_from_dlq": r["msg_id"],
                     "previous_reason": fields["reason"]}
             new_id = await conn.fetchval(q.send, q.queue, r["message"], json.dumps(keep))
             moved.append((r["msg_id"], new_id))
-        missing = set(ids) - {m[0] for m in moved}
-        if missing:
-            raise NotFoundError(f"no DLQ entries with id {', '.join(map(str, sorted(missing)))} "
-                                "(see agentctl dlq list)")
+            events.append({**command_fields(r["message"]), "msg_id": new_id, "version": fields["origin_msg_id"],
+                           "error": f"replayed by {who} from DLQ entry {r['msg_id']} as message {new_id}",
+                           "meta": {"by": who, "dlq_id": r["msg_id"], "previous_reason": fields["reason"]}})
+        _refuse_missing(ids, [m[0] for m in moved])
+        await _record(conn, "replayed", events)
     return moved
+
+
+async def dlq_drop(conn: asyncpg.Connection, q: Queries, ids: list[int], reason: str,
+                   by: str = "agentctl") -> list[int]:
+    """Drop dead letters an operator decided to let go: each is moved to the DLQ's archive (pruned
+    after AGENT_RETAIN_ARCHIVE_DAYS) and a `dropped` event records who and why. All or nothing:
+    NotFoundError when an id is not in the DLQ. Returns the ids dropped."""
+    if not reason.strip() or len(reason) > 500:
+        raise ConfigError("--reason must say why, in 1 to 500 characters")
+    async with conn.transaction():
+        rows = await conn.fetch(q.dlq_take, ids)
+        _refuse_missing(ids, [r["msg_id"] for r in rows])
+        who, why = await _who(conn, by), clean(reason, 500)
+        await _record(conn, "dropped", [
+            {**command_fields(r["message"]), "msg_id": None,
+             "version": dead_letter_fields(r["headers"])["origin_msg_id"],
+             "error": f"dropped by {who}: {why}", "meta": {"by": who, "dlq_id": r["msg_id"], "reason": why}}
+            for r in rows])
+    return [r["msg_id"] for r in rows]
+
+
+def _refuse_missing(asked: list[int], found: list[int]) -> None:
+    if missing := set(asked) - set(found):
+        raise NotFoundError(f"no DLQ entries with id {', '.join(map(str, sorted(missing)))} "
+                            "(see agentctl dlq list)")
 
 
 async def states(conn: asyncpg.Connection, device: str | None = None) -> list[dict[str, Any]]:

@@ -213,11 +213,17 @@ async def dlq_replay(conn: asyncpg.Connection, s: Settings, a: argparse.Namespac
     if not a.ids and not a.all:
         print("agentctl: name DLQ ids to replay, or --all", file=sys.stderr)
         return 2
-    moved = await admin.dlq_replay(conn, Queries(s.queue), None if a.all else a.ids)
+    moved = await admin.dlq_replay(conn, Queries(s.queue), None if a.all else a.ids, admin.operator())
     for dlq_id, new_id in moved:
         print(f"replayed DLQ entry {dlq_id} as message {new_id}")
     if not moved:
         print("(nothing to replay)")
+    return 0
+
+
+async def dlq_drop(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    for dlq_id in await admin.dlq_drop(conn, Queries(s.queue), a.ids, a.reason, admin.operator()):
+        print(f"dropped DLQ entry {dlq_id} (archived; a `dropped` event records who and why)")
     return 0
 
 
@@ -346,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("ids", nargs="*", type=int)
     rp.add_argument("--all", action="store_true")
     rp.set_defaults(func=dlq_replay)
+    dr = dlq.add_parser("drop", help="let dead letters go: archived, never applied, an event records who and why")
+    dr.add_argument("ids", nargs="+", type=int)
+    dr.add_argument("--reason", required=True, help="why (kept in the `dropped` event)")
+    dr.set_defaults(func=dlq_drop)
 
     ev = sub.add_parser("events", help="the audit trail: what happened to a request, a device (oldest first)")
     ev.add_argument("--request-id", help="only this request_id (e.g. an invoice's)")

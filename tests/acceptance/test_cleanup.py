@@ -10,6 +10,7 @@ import pytest
 
 from agent.db.schema import SCHEMA_VERSION
 from tests.support.agents import agentctl, spawn_agentd
+from tests.support.db import send
 from tests.support.wait import until
 
 pytestmark = pytest.mark.acceptance
@@ -94,3 +95,31 @@ async def test_service_forget_and_device_remove_leave_no_state_behind(dsn, db):
     assert [r["service"] for r in forgotten] == ["pppoe:alice", "pppoe:bob", "pppoe:carol"]
     assert all(r["error"].startswith("forgotten by ") and "agentctl " in r["error"] for r in forgotten)
     assert "device removed" in forgotten[-1]["error"]
+
+
+async def test_a_dead_letter_is_dropped_with_a_reason_and_a_replay_is_recorded(dsn, db):
+    await send(db, '"just a string"', raw=True)
+    await send(db, {"device": "r9", "service": "wifi", "state": "on", "request_id": "pay-77"})
+    proc = spawn_agentd(dsn, "--once")
+    proc.communicate(timeout=60)
+    garbage, unknown = (e["dlq_id"] for e in json.loads(agentctl(dsn, "dlq", "list", "--json").stdout))
+
+    assert agentctl(dsn, "dlq", "drop", str(garbage), "--reason", "x", "999", check=False).returncode == 2  # usage
+    assert agentctl(dsn, "dlq", "drop", str(garbage), "999", "--reason", "junk", check=False).returncode == NOT_FOUND
+    out = agentctl(dsn, "dlq", "drop", str(garbage), "--reason", "not a command: junk from a test").stdout
+    assert f"dropped DLQ entry {garbage}" in out
+    assert [e["dlq_id"] for e in json.loads(agentctl(dsn, "dlq", "list", "--json").stdout)] == [unknown]
+    assert await db.fetchval("SELECT count(*) FROM pgmq.a_device_tasks_dlq WHERE msg_id = $1", garbage) == 1
+    dropped = await db.fetchrow("SELECT * FROM agent.events WHERE kind = 'dropped'")
+    meta = json.loads(dropped["meta"])
+    assert meta["reason"] == "not a command: junk from a test" and meta["dlq_id"] == garbage
+    assert "agentctl " in meta["by"] and dropped["error"].startswith("dropped by ")
+
+    agentctl(dsn, "device", "add", "r9", "--driver", "sim")
+    new_id = int(agentctl(dsn, "dlq", "replay", str(unknown)).stdout.split()[-1])
+    kinds = [(r["kind"], r["msg_id"]) for r in json.loads(agentctl(dsn, "events", "--request-id", "pay-77",
+                                                                   "--json").stdout)]
+    assert kinds[-1] == ("replayed", new_id) and ("dead_lettered", kinds[0][1]) in kinds
+    replayed = await db.fetchrow("SELECT * FROM agent.events WHERE kind = 'replayed'")
+    assert (replayed["device"], replayed["service"]) == ("r9", "wifi")
+    assert json.loads(replayed["meta"])["dlq_id"] == unknown and "replayed by " in replayed["error"]
