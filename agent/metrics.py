@@ -36,7 +36,8 @@ _WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 # commands_total counts each command once, by how it ended; command_attempts_total the deliveries
 # that did not end it (tried again later, parked for an unreachable device, moved to its site's queue).
 _OUTCOME_EVENTS = {"verified", "refreshed", "superseded", "duplicate", "expired", "dead_lettered"}
-_ATTEMPT_EVENTS = {"retried", "parked", "rerouted"}
+_ATTEMPT_EVENTS = {"retried", "rerouted"}  # events of attempts; parks are counted by finish (one event per reason)
+_ATTEMPTS = ("parked", "rerouted", "retried")
 _RECONCILE_RESULTS = ("in_sync", "drifted", "repaired", "unreadable", "failed", "parked")
 _WAKE_SOURCES = ("start", "notify", "poll", "connect", "unpark", "catchup")
 
@@ -166,7 +167,7 @@ class Metrics:
         for outcome in sorted(_OUTCOME_EVENTS):  # known in advance: 0 from the start, so increase() sees the first
             for driver in sorted({*available_drivers(), "none"}):
                 self.commands.labels(outcome, driver)
-        for outcome in sorted(_ATTEMPT_EVENTS):
+        for outcome in _ATTEMPTS:
             for driver in sorted({*available_drivers(), "none"}):
                 self.attempts.labels(outcome, driver)
         for result in _RECONCILE_RESULTS:
@@ -186,6 +187,8 @@ class Metrics:
             if o.reconcile:  # counted apart from commands
                 self._reconciled(o)
                 continue
+            if o.finish == "park" and not o.bounce:
+                attempts[("parked", driver)] += 1
             for ev in o.events:
                 if ev.kind in _OUTCOME_EVENTS:
                     counts[(ev.kind, driver)] += 1

@@ -323,7 +323,8 @@ SELECT queue_name FROM pgmq.meta;
 -- $1 [{id, rc, h, dest}]: archive; h = DLQ headers to dead-letter it; with `dest`, move it to that queue
 --    (another site's) instead, h merged into its headers there
 -- $2 DLQ name
--- $3 [{id, rc, delay, park, bounces}]: make visible again later (bounces: the new count, from the agent)
+-- $3 [{id, rc, delay, park, bounces, reason}]: make visible again later (bounces: the new count, from the
+--    agent; reason: the park reason code to keep as parked_reason, '' to clear it (a retry), NULL to keep it)
 -- $4 states  $5 events  $6 agent id  $7 reconcile results
 -- $8 keep settled messages in PGMQ's archive (false: AGENT_ARCHIVE=false, they are deleted; the audit is in events)
 -- $9 this queue's name (moves go through agent.move_message: an agent may send to no other queue)
@@ -352,9 +353,13 @@ WITH done AS (
            headers = CASE WHEN l.park
                           THEN CASE WHEN jsonb_typeof(m.headers) = 'object' THEN m.headers ELSE '{}'::jsonb END
                                || jsonb_build_object('bounces', l.bounces)
+                               || CASE WHEN l.reason <> '' THEN jsonb_build_object('parked_reason', l.reason)
+                                       ELSE '{}'::jsonb END
+                          WHEN l.reason = '' AND jsonb_typeof(m.headers) = 'object' AND m.headers ? 'parked_reason'
+                          THEN m.headers - 'parked_reason'
                           ELSE m.headers END
     FROM jsonb_to_recordset($3::jsonb)
-         AS l(id bigint, rc integer, delay double precision, park boolean, bounces integer)
+         AS l(id bigint, rc integer, delay double precision, park boolean, bounces integer, reason text)
     WHERE m.msg_id = l.id AND m.read_ct = l.rc
     RETURNING m.msg_id
 ), states AS (

@@ -22,7 +22,7 @@ from agent.contract import Command
 from agent.drivers.base import Device
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, NoAnswerError, PermanentError, TransientError
-from agent.executor import coalesce
+from agent.executor import coalesce, parklog
 from agent.executor.acceptor import Acceptor
 from agent.executor.claims import DeviceClaims
 from agent.executor.converge import Observation, VerifyError, apply_one, observe, observe_for_take
@@ -71,6 +71,7 @@ class Executor:
         self._top_up = top_up  # reads more of a device's waiting commands when its lane is served
         self._handlers = dict(handlers or {})  # type of lane item -> what runs it (reconcile messages)
         self._parking = parking or ParkPolicy()
+        self._parked = parklog.ParkSummary()  # the summary line of parks, every few minutes at most
         self.deadlines = deadlines or Deadlines()
         self._drivers = drivers
         self._reporter = reporter
@@ -376,11 +377,19 @@ class Executor:
         return self._skip(w, verdict, 0, None)
 
     def _park(self, w: Work, why: str) -> Outcome:
-        """The device is unreachable through the VPN: wait for it, without using up an attempt."""
-        delay = self._parking.delay(w.delivery.bounces)
-        log.info("parked for up to %.0fs: %s", delay, why, extra=_fields(w, "parked"))
+        """The device is unreachable through the VPN: wait for it, without using up an attempt. The
+        event and the INFO line only when the message was not parked for this kind of reason last."""
+        delay, code = self._parking.delay(w.delivery.bounces), parklog.reason_code(why)
+        first = parklog.record(parklog.last_parked(w.delivery.headers), why)
+        log.log(logging.INFO if first else logging.DEBUG, "parked for up to %.0fs: %s", delay, why,
+                extra=_fields(w, "parked"))
+        if line := self._parked.note(w.delivery.msg_id, w.command.device, code, time.monotonic()):
+            log.info(line, extra={"action": "parked_summary"})
         state = StateUpdate(w.command.device, w.command.service, error=f"parked: {why}", msg_id=w.delivery.msg_id)
-        return Outcome(w.delivery, "park", [self._event(w, "parked", error=why)], state, retry_delay=delay)
+        out = Outcome(w.delivery, "park", [self._event(w, "parked", error=why)] if first else [], state,
+                      retry_delay=delay)
+        out.parked_reason = code
+        return out
 
     def _skip(self, w: Work, verdict: Verdict, version: int, rid_version: int | None) -> Outcome:
         d, cmd = w.delivery, w.command
