@@ -386,10 +386,8 @@ class Executor:
         if line := self._parked.note(w.delivery.msg_id, w.command.device, code, time.monotonic()):
             log.info(line, extra={"action": "parked_summary"})
         state = StateUpdate(w.command.device, w.command.service, error=f"parked: {why}", msg_id=w.delivery.msg_id)
-        out = Outcome(w.delivery, "park", [self._event(w, "parked", error=why)] if first else [], state,
-                      retry_delay=delay)
-        out.parked_reason = code
-        return out
+        return Outcome(w.delivery, "park", [self._event(w, "parked", error=why)] if first else [], state,
+                       retry_delay=delay, parked_reason=code)
 
     def _skip(self, w: Work, verdict: Verdict, version: int, rid_version: int | None) -> Outcome:
         d, cmd = w.delivery, w.command

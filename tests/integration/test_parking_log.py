@@ -5,10 +5,12 @@ counted in a summary line now and then."""
 from __future__ import annotations
 
 import logging
+import time
 
 import asyncpg
 
 from agent.executor import parklog
+from agent.vpn.guard import Reach
 from tests.support.agents import running_agent
 from tests.support.db import add_device, archived, events, send
 from tests.support.devices import ScriptedDriver
@@ -63,6 +65,22 @@ async def test_re_parking_for_the_same_reason_records_nothing_new_even_after_a_r
     assert await events(db, msg) == ["parked", "parked", "applied", "verified"]
     lines = [r for r in caplog.records if getattr(r, "action", "") == "parked" and r.levelno == logging.INFO]
     assert len(lines) == 2  # one per reason; the other parks log at DEBUG
+
+
+async def test_a_reconcile_waiting_for_its_device_records_one_parked_event(db, dsn):
+    await add_device(db, "r1", "scripted")
+    await db.execute("INSERT INTO agent.service_state (device, service, desired, observed) VALUES ('r1', 'wifi', "
+                     "'on', 'on')")
+    async with running_agent(dsn, ScriptedDriver(), poll_interval=0.2, reconcile_unreachable_wait=600) as agent:
+        agent.vpn.reach["r1"] = Reach(False, "peer_down: abcdefgh: last handshake 200s ago", "abcdefgh", time.time())
+        await until(lambda: agent.leadership.leading, timeout=15, what="leader elected")
+        await db.fetchval("SELECT agent.request_sync('default', 'r1')")
+        msg = await until(lambda: db.fetchval("SELECT msg_id FROM agent.sync_devices WHERE msg_id IS NOT NULL"),
+                          what="the reconcile message sent")
+        await until(lambda: bounces(db, msg), timeout=15, what="the reconcile parked")
+        for _ in range(2):
+            await parked_again(db, msg)
+    assert await db.fetchval("SELECT count(*) FROM agent.events WHERE kind = 'parked' AND device = 'r1'") == 1
 
 
 def test_one_record_per_kind_of_reason():
