@@ -103,7 +103,9 @@ class Agent:
         self.queries = Queries(s.queue)
         self.instance = new_instance()  # this process: what holds device claims (agent/identity.py)
         self.host_id = host_identity()
-        self.drivers = drivers or Drivers(DriverContext(s.device_timeout, CredentialStore(s.credentials_dir)))
+        # the drivers read the device timeout live, from the tuning SIGHUP replaces
+        self.drivers = drivers or Drivers(DriverContext(lambda: self.tuning.device_timeout,
+                                                        CredentialStore(s.credentials_dir)))
         self.inventory = Inventory(pool, self.queries, s.site, self.drivers)
         self.reporter = Reporter(pool, self.queries, s.agent_id, self._committed,
                                  on_failed=self._report_failed, archive=s.archive)
