@@ -192,8 +192,9 @@ SELECT count(*) FROM pgmq.{q};
 SELECT msg_id FROM pgmq.{dq} ORDER BY msg_id;
 
 -- name: next_visible
-SELECT min(vt) - clock_timestamp() AS wait FROM pgmq.{q}
-WHERE vt > clock_timestamp() AND NOT (msg_id = ANY($1::bigint[]));
+-- How long until the next message not in flight ($1) is visible; zero or less when one already is
+-- (a retry that became visible after the last read and before this look: nothing notifies it).
+SELECT min(vt) - clock_timestamp() AS wait FROM pgmq.{q} WHERE NOT (msg_id = ANY($1::bigint[]));
 
 -- name: heartbeat
 -- $13 instance, $14 host_id: the row is this process's (agent_holder/register_agent); one another
