@@ -435,11 +435,16 @@ SELECT EXISTS (SELECT 1 FROM agent.sync_devices d WHERE d.run = $1 AND d.device 
 
 -- name: feed_sync
 -- The leader's feeder: send the next devices of open runs as reconcile messages, keeping at most
--- $3 outstanding, or $4 while commands are waiting in the queue (commands go first).
+-- $3 outstanding, or $4 while commands are waiting in the queue (commands go first). A message
+-- parked until later (its device unreachable or busy: it has a `bounces` header) holds no place, so
+-- devices that are off do not slow the reconciliation of the others down.
 WITH open AS (
     SELECT id, service, dry_run FROM agent.sync_runs WHERE site = $1 AND finished_at IS NULL
 ), outstanding AS (
-    SELECT count(*) AS n FROM agent.sync_devices d JOIN open o ON o.id = d.run WHERE d.state = 'sent'
+    SELECT count(*) AS n FROM agent.sync_devices d JOIN open o ON o.id = d.run
+    WHERE d.state = 'sent' AND NOT EXISTS (
+        SELECT 1 FROM pgmq.{q} m WHERE m.msg_id = d.msg_id AND m.vt > clock_timestamp()
+          AND jsonb_typeof(m.headers) = 'object' AND m.headers ? 'bounces')
 ), waiting AS (
     SELECT EXISTS (SELECT 1 FROM pgmq.{q} m WHERE m.vt <= clock_timestamp() AND NOT m.message ? 'reconcile') AS busy
 ), nxt AS (
