@@ -466,7 +466,7 @@ RETURNING d.run, d.device;
 SELECT EXISTS (SELECT 1 FROM agent.sync_runs WHERE site = $1 AND finished_at IS NULL);
 
 -- name: start_scheduled_run
--- The leader's scheduled run of site $1 (requested by $2, its agent id): every device of the site with
+-- The leader's scheduled run of site $1 (asked by its login and $2, its agent id): every device of the site with
 -- a desired state, except those still outstanding in an open run of the site, which that run checks.
 -- So a device that holds its run open (a slow one) never holds the others' reconciliation up. No run
 -- (run NULL) when every such device is outstanding; a finished empty run when the site has none.
@@ -480,7 +480,8 @@ WITH todo AS (
     SELECT device FROM todo EXCEPT SELECT device FROM busy
 ), run AS (
     INSERT INTO agent.sync_runs (site, kind, requested_by, devices, finished_at)
-    SELECT $1, 'scheduled', $2, count(*), CASE WHEN count(*) = 0 THEN now() END FROM fresh
+    SELECT $1, 'scheduled', session_user || ' (' || $2::text || ')', count(*), CASE WHEN count(*) = 0 THEN now() END
+    FROM fresh
     HAVING count(*) > 0 OR NOT EXISTS (SELECT 1 FROM busy)
     RETURNING id
 ), devs AS (

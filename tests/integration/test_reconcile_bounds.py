@@ -98,6 +98,8 @@ async def test_a_sites_agent_logged_in_as_its_sites_role_starts_scheduled_runs(d
             await until(lambda: db.fetchval("SELECT count(*) > 0 FROM agent.sync_runs WHERE kind = 'scheduled' AND "
                                             "checked = 1 AND finished_at IS NOT NULL"), timeout=20,
                         what="a scheduled run by the site's role")
+    who = await db.fetchval("SELECT requested_by FROM agent.sync_runs WHERE kind = 'scheduled' LIMIT 1")
+    assert who == f"{name} ({agent.settings.agent_id})"
 
 
 async def test_a_device_parked_in_a_run_holds_no_place_from_the_others(db, dsn):
