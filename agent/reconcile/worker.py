@@ -125,7 +125,9 @@ class SyncWorker:
             if skip := self._skip(w, p.why):
                 log.info("reconcile of %s not checked: %s", dev.id, skip, extra=_fields(w, "reconcile_not_checked"))
                 return unknown_device(d, req, f"not checked: {skip}", skipped=skip)
-            delay = self._parking.delay(d.bounces)
+            # back when the wait is over at the latest, to be reported then (not a whole backoff later)
+            left = self.tuning.unreachable_wait - waited(d, time.time())
+            delay = min(self._parking.delay(d.bounces), max(0.5, left))
             log.debug("reconcile parked for up to %.0fs: %s", delay, p.why, extra=_fields(w, "parked"))
             return Outcome(d, "park", [self._event(w, "parked", None, error=p.why)], retry_delay=delay,
                            reconcile=True)
@@ -275,11 +277,16 @@ class SyncWorker:
                         meta={"run": w.request.run, "dry_run": w.request.dry_run}, **kw)
 
 
+def waited(d: Delivery, now: float) -> float:
+    """Seconds since the message was fed, by the database's clock (as enqueued_at is); `now` is ours."""
+    return now + d.skew - d.enqueued_at.timestamp()
+
+
 def wait_over(d: Delivery, why: str, bound: float, now: float) -> str | None:
-    """Pure: once a reconcile message has waited `bound` seconds since it was fed (the database's
-    clock, as enqueued_at is), the reason it is not checked; before that None (it is parked)."""
-    waited = now + d.skew - d.enqueued_at.timestamp()
-    return f"unreachable for {waited:.0f}s: {why}" if waited >= bound else None
+    """Pure: once a reconcile message has waited `bound` seconds since it was fed, the reason it is
+    not checked; before that None (it is parked)."""
+    seconds = waited(d, now)
+    return f"unreachable for {seconds:.0f}s: {why}" if seconds >= bound else None
 
 
 def unknown_device(d: Delivery, req: SyncRequest, why: str, skipped: str | None = None) -> Outcome:
