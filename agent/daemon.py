@@ -203,6 +203,13 @@ class Agent:
             self.drivers.get(name)  # every driver the inventory needs loads now, not on first command
         await self.vpn.wait_for_tunnel(self.settings.vpn_grace, self.notifier.status)
 
+    async def unregister(self) -> None:
+        """Mark this process's row in agent.agents stopped, if it is not yet (`--once` done, or a start
+        that failed after registering): another process may take the agent id at once."""
+        with contextlib.suppress(*DB_ERRORS):
+            async with self.pool.acquire(timeout=5) as conn:
+                await conn.execute(self.queries.unregister_agent, self.settings.agent_id, self.instance, timeout=5)
+
     async def _check_session_url(self) -> None:
         """A separate AGENT_SESSION_DATABASE_URL that the server refuses (password, role, database,
         sslmode, a malformed URL) is a configuration error now, not a session retried forever.
@@ -370,6 +377,7 @@ async def run(settings: Settings, *, once: bool = False, drivers: Drivers | None
         log.info("stopped", extra={"action": "stopped"})
         return 130 if force.is_set() else 0
     finally:
+        await agent.unregister()
         await agent.drivers.close()
         await pool.close()
 
