@@ -191,10 +191,6 @@ class Agent:
         await self._check_session_url()
         async with self.pool.acquire() as conn:
             await check_ready(conn, self.settings.queue, self.settings.site)
-            s = self.settings
-            await register(conn, self.queries, s.agent_id, self.instance, self.host_id,
-                           {"site": s.site, "queue": s.queue, "host": socket.gethostname(), "pid": os.getpid(),
-                            "version": __version__}, STALE_FACTOR * s.heartbeat_interval)
             if await ensure_notify(conn, self.settings.queue, self.settings.notify_throttle_ms):
                 log.warning("PGMQ insert notifications were off (a Postgres crash empties their UNLOGGED "
                             "throttle table): re-enabled", extra={"action": "notify_reenabled"})
@@ -202,13 +198,11 @@ class Agent:
         for name in {d.driver for d in self.inventory.devices.values()}:
             self.drivers.get(name)  # every driver the inventory needs loads now, not on first command
         await self.vpn.wait_for_tunnel(self.settings.vpn_grace, self.notifier.status)
-
-    async def unregister(self) -> None:
-        """Mark this process's row in agent.agents stopped, if it is not yet (`--once` done, or a start
-        that failed after registering): another process may take the agent id at once."""
-        with contextlib.suppress(*DB_ERRORS):
-            async with self.pool.acquire(timeout=5) as conn:
-                await conn.execute(self.queries.unregister_agent, self.settings.agent_id, self.instance, timeout=5)
+        s = self.settings  # last: a start that fails before has not taken the agent id
+        async with self.pool.acquire() as conn:
+            await register(conn, self.queries, s.agent_id, self.instance, self.host_id,
+                           {"site": s.site, "queue": s.queue, "host": socket.gethostname(), "pid": os.getpid(),
+                            "version": __version__}, STALE_FACTOR * s.heartbeat_interval)
 
     async def _check_session_url(self) -> None:
         """A separate AGENT_SESSION_DATABASE_URL that the server refuses (password, role, database,
@@ -327,6 +321,13 @@ class Agent:
         with contextlib.suppress(*DB_ERRORS):
             await self.house.beat("stopped")
 
+    async def unregister(self) -> None:
+        """Mark this process's row in agent.agents stopped, if it is not yet (`agentd --once` done):
+        another process may take the agent id at once."""
+        with contextlib.suppress(*DB_ERRORS):
+            async with self.pool.acquire(timeout=5) as conn:
+                await conn.execute(self.queries.unregister_agent, self.settings.agent_id, self.instance, timeout=5)
+
     async def _drained(self) -> None:
         await self.executor.idle()
         await self.reporter.drained()
@@ -350,6 +351,7 @@ class Agent:
         o = self.consumer.outcomes
         async with self.pool.acquire() as conn:
             left = await conn.fetchval(self.queries.queue_depth)
+        await self.unregister()
         log.info("queue drained: %d done, %d retry later, %d dead-lettered; %d message(s) still queued "
                  "(delayed, retrying or leased elsewhere)", o["archive"], o["retry"], o["dead_letter"], left,
                  extra={"action": "drained"})
@@ -377,7 +379,6 @@ async def run(settings: Settings, *, once: bool = False, drivers: Drivers | None
         log.info("stopped", extra={"action": "stopped"})
         return 130 if force.is_set() else 0
     finally:
-        await agent.unregister()
         await agent.drivers.close()
         await pool.close()
 
