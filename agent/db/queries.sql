@@ -211,6 +211,11 @@ ON CONFLICT (agent_id) DO UPDATE SET
     instance = EXCLUDED.instance, host_id = EXCLUDED.host_id
 WHERE a.instance IS NULL OR a.instance = EXCLUDED.instance;
 
+-- name: unregister_agent
+-- This process ($2) is done (agentd --once, or a start that failed): its agent id is free at once.
+UPDATE agent.agents SET state = 'stopped', stopped_at = now()
+WHERE agent_id = $1 AND instance = $2 AND state <> 'stopped';
+
 -- name: agent_holder
 -- The process registered under agent id $1 (agent/identity.py): where it runs, how fresh its
 -- heartbeat is, and the row's version (xmin) for register_agent's compare and set.

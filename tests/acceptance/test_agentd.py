@@ -287,3 +287,4 @@ async def test_a_second_agentd_with_a_live_agent_id_exits_2_and_a_restart_of_a_d
     code, out = finish(spawn_agentd(dsn, "--once", agent_id="gw1"))
     assert code == 0, out
     assert json.loads(device_file.read_text()) == {"wifi": "off"}
+    assert await db.fetchval("SELECT state FROM agent.agents WHERE agent_id = 'gw1'") == "stopped"  # id free again
