@@ -182,8 +182,9 @@ async def _credential(device: Device, context: DriverContext) -> str:
 async def _probe(driver: Driver, device: Device, context: DriverContext) -> str:
     start = time.monotonic()
     async with asyncio.timeout(deadline(device, context.device_timeout)):
-        await driver.probe(device)
-    return f"answers ({time.monotonic() - start:.2f} s)"
+        found = await driver.probe(device)
+    what = f": {clean(found, 200)}" if isinstance(found, str) and found else ""
+    return f"answers ({time.monotonic() - start:.2f} s){what}"
 
 
 async def _read(driver: Driver, device: Device, service: str, context: DriverContext, result: Result) -> str:

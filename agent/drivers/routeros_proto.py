@@ -1,6 +1,8 @@
-"""RouterOS v7 REST, the pure part: service keys, requests, replies, plans and error mapping.
+"""RouterOS, the pure part: service keys, requests, replies, plans and error mapping, for REST and the API.
 
-No I/O here: routeros.py sends the requests this module builds and hands the replies back.
+No I/O here: routeros.py sends the requests this module builds and hands the replies back. Requests
+are written in REST's terms; `api_words` turns one into the same command for the binary API (the
+API's `?` query words are REST's `.query` words), so both protocols share every plan and state rule.
 Wire facts (MikroTik's REST API help page): every value in a reply is a string ("true"/"false");
 `POST /rest/<menu>/print` takes `.proplist` and `.query` (a stack of API query words, "#|" ORs the
 top two); `PATCH /rest/<menu>/<.id>` sets, `PUT /rest/<menu>` adds, `DELETE /rest/<menu>/<.id>`
@@ -125,6 +127,33 @@ def remove(menu: str, item_id: str, missing_ok: bool = False) -> Request:
     return Request("DELETE", f"/rest/{menu}/{item_id}", missing_ok=missing_ok)
 
 
+def api_words(req: Request) -> list[str]:
+    """The API sentence (without `.tag`) that does what the REST request does:
+    POST /rest/<menu>/print {.proplist, .query} -> /<menu>/print =.proplist=a,b ?word...;
+    PATCH /rest/<menu>/<.id> {f: v} -> /<menu>/set =.id=<.id> =f=v; PUT /rest/<menu> {f: v} ->
+    /<menu>/add =f=v; DELETE /rest/<menu>/<.id> -> /<menu>/remove =.id=<.id>; GET /rest/<menu> ->
+    /<menu>/print; POST /rest/<menu>/<command> {f: v} -> /<menu>/<command> =f=v."""
+    path = req.path.removeprefix("/rest/").strip("/")
+    body = dict(req.body or {})
+    head, _, last = path.rpartition("/")
+    if req.method in ("PATCH", "DELETE"):
+        if not _ID.match(last):
+            raise PermanentError(f"{req.method} {path}: no .id to {'set' if req.method == 'PATCH' else 'remove'}")
+        words = [f"/{head}/{'set' if req.method == 'PATCH' else 'remove'}", f"=.id={last}"]
+    elif req.method == "PUT":
+        words = [f"/{path}/add"]
+    elif req.method == "GET":
+        words = [f"/{path}/print"]
+    else:
+        words = [f"/{path}"]
+    proplist = body.pop(".proplist", None)
+    query = body.pop(".query", [])
+    if proplist:
+        words.append("=.proplist=" + (proplist if isinstance(proplist, str) else ",".join(proplist)))
+    words += [f"={k}={v}" for k, v in body.items()]
+    return words + [f"?{w}" for w in query]
+
+
 # -- replies -------------------------------------------------------------------------------
 
 def parse_rows(doc: Any, what: str) -> list[Row]:
@@ -229,6 +258,13 @@ def error_text(body: bytes) -> str:
     return clean(json.dumps(doc), 200)
 
 
+def no_rest_api(status: int, body: bytes) -> bool:
+    """A web server that is not RouterOS REST: WebFig's HTML, or a 404 without REST's JSON error
+    (RouterOS v6 has no /rest; a v7 router's /rest always answers JSON)."""
+    text = body.lstrip()[:1]
+    return (status < 300 and text == b"<") or (status == 404 and text != b"{")
+
+
 def classify(status: int, body: bytes, what: str, login: str, location: str | None = None) -> AgentError | None:
     """The error an HTTP status from RouterOS means (None for success). `login` names the user and
     the credential file, never the password."""
@@ -239,8 +275,7 @@ def classify(status: int, body: bytes, what: str, login: str, location: str | No
                               f"not followed: point the device address at the router's REST service")
     text = error_text(body)
     if status == 401:
-        return ConfigError(f"{what}: HTTP 401: the router refused {login}: check the password in that "
-                           f"credential file and the user name")
+        return ConfigError(f"{what}: HTTP 401: the router refused {login}: {REFUSED_LOGIN}")
     if status == 403:
         return ConfigError(f"{what}: HTTP 403 for {login}: give the user's group the rest-api, read and "
                            f"write policies ({text})")
@@ -249,3 +284,36 @@ def classify(status: int, body: bytes, what: str, login: str, location: str | No
     if status == 404:
         return PermanentError(f"{what}: not found on the router (HTTP 404: {text})")
     return PermanentError(f"{what}: HTTP {status}: {text}")
+
+
+REFUSED_LOGIN = ("check the password in that credential file, the user name, and the user's allowed addresses "
+                 "(`/user print` column ADDRESS; RouterOS refuses a login from anywhere else with the same "
+                 "message)")
+
+
+def is_missing(message: str) -> bool:
+    """An API `!trap` that says the item is gone (an `.id` that no longer exists)."""
+    return "no such item" in message
+
+
+def login_error(message: str, what: str, login: str) -> AgentError:
+    """A `!trap` to `/login`: the router refused the user (or its group lacks the `api` policy)."""
+    text = clean(message, 200)
+    if "permission" in message:
+        return ConfigError(f"{what}: the router refused {login}: give the user's group the api, read and write "
+                           f"policies ({text})")
+    return ConfigError(f"{what}: the router refused {login} ({text}): {REFUSED_LOGIN}; the user's group needs "
+                       f"the api policy")
+
+
+def trap_error(message: str, category: str | None, what: str) -> AgentError:
+    """The error an API `!trap` means. Categories (API documentation): 0 missing item or command,
+    1 bad argument value, 2 command interrupted, 3 scripting failure, 4 general failure, 5 API failure."""
+    text = clean(message, 200)
+    if "not enough permissions" in message:
+        return ConfigError(f"{what}: {text}: give the user's group the api, read and write policies")
+    if category == "2" or "interrupted" in message:
+        return TransientError(f"{what}: the router interrupted the command: {text}")
+    if is_missing(message):
+        return PermanentError(f"{what}: not found on the router ({text})")
+    return PermanentError(f"{what}: the router refused it: {text}")

@@ -209,7 +209,12 @@ async def test_wrong_password_is_a_config_error_naming_the_credential(router: Ro
     (web.json_response({"error": 503, "message": "Service Unavailable"}, status=503), TransientError, "503"),
     (web.Response(status=301, headers={"Location": "https://evil.example/rest"}), PermanentError, "evil.example"),
     (web.json_response([{"name": "x" * 4000}]), PermanentError, "max_reply_bytes"),
-    (web.Response(text="<html>login</html>"), PermanentError, "not JSON"),
+    (web.Response(text="garbage, not JSON"), PermanentError, "not JSON"),
+    # RouterOS v6 (no /rest): WebFig answers with its HTML page, or a 404 page
+    (web.Response(text="<!DOCTYPE html><html><title>RouterOS router configuration page</title>",
+                  content_type="text/html"), ConfigError, r"no REST API \(RouterOS v6\?\): use api://127.0.0.1"),
+    (web.Response(status=404, text="<html>Not Found</html>", content_type="text/html"), ConfigError,
+     "no REST API"),
 ])
 async def test_bad_answers_map_once(router: RouterOsFake, cert: Cert, driver: RouterOsDriver,
                                     canned: web.Response, kind: type, match: str) -> None:
