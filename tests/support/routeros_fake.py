@@ -178,6 +178,9 @@ class RouterOsFake:
         self.inject: list[tuple[str, web.Response]] = []  # (method or "*", canned reply)
         self.delay = 0.0
         self.boots = 0
+        self.version = "7.16 (stable)"
+        self.username, self.password = username, password
+        self.on_reboot: list[Any] = []  # callables run by reboot() (the API fake drops its connections)
         self._next = 1
         self._auth = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
         self.app = web.Application()
@@ -223,6 +226,8 @@ class RouterOsFake:
                 rows.clear()
             for row in rows:
                 row[".id"] = self._new_id()
+        for hook in self.on_reboot:
+            hook()
 
     def _new_id(self) -> str:
         self._next += 1
@@ -249,7 +254,7 @@ class RouterOsFake:
     def _dispatch(self, method: str, tail: str, body: Any, request: web.Request) -> web.StreamResponse:
         if tail in ("system/identity", "system/resource"):
             return web.json_response({"name": "MikroTik"} if tail.endswith("identity") else
-                                     {"version": "7.16 (stable)", "uptime": f"{self.boots}m", "platform": "MikroTik"})
+                                     {"version": self.version, "uptime": f"{self.boots}m", "platform": "MikroTik"})
         menu, _, last = tail.rpartition("/")
         if method in ("GET", "PUT") and tail in MENUS:
             return self._list(request) if method == "GET" else self._add(tail, body)
@@ -293,22 +298,33 @@ class RouterOsFake:
         raise BadRequest(404)
 
     def _set(self, menu: str, key: str, body: Any) -> web.Response:
+        return web.json_response(shown(self.set_item(menu, key, body), None))
+
+    def _add(self, menu: str, body: Any) -> web.Response:
+        return web.json_response(shown(self.add_item(menu, body), None))
+
+    # -- the model both protocols share (BadRequest says what went wrong) ---------------------
+
+    def set_item(self, menu: str, key: str, body: Any) -> Row:
         if "set" not in MENUS[menu][0]:
             raise BadRequest(406, "no such command or directory (set)")
         row = self._item(menu, key)
         row.update(self._fields(menu, body))
         if menu == "interface":
             row["running"] = "false" if row["disabled"] == "true" else "true"
-        return web.json_response(shown(row, None))
+        return row
 
-    def _add(self, menu: str, body: Any) -> web.Response:
+    def add_item(self, menu: str, body: Any) -> Row:
         if "add" not in MENUS[menu][0]:
             raise BadRequest(406, "no such command or directory (add)")
         fields = self._fields(menu, body)
         required = ("list", "address") if menu == "ip/firewall/address-list" else ("name",)
         if missing := [f for f in required if not fields.get(f)]:
             raise BadRequest(400, f"missing value(s) of argument(s) {' '.join(missing)}")
-        return web.json_response(shown(self.add(menu, **fields), None))
+        return self.add(menu, **fields)
+
+    def remove_item(self, menu: str, key: str) -> None:
+        self._remove(menu, key)
 
     def _remove(self, menu: str, key: str) -> None:
         if "remove" not in MENUS[menu][0]:
