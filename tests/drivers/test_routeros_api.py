@@ -260,3 +260,20 @@ def test_api_addresses_get_their_default_ports() -> None:
     assert parse_base("api-ssl://router.lan") == "api-ssl://router.lan:8729"
     assert parse_base("api://[2001:db8::1]") == "api://[2001:db8::1]:8728"
     assert parse_base("api://10.0.0.1:18728") == "api://10.0.0.1:18728"
+
+
+async def test_device_test_says_which_protocol_and_version_it_found(context: DriverContext, cert: Cert) -> None:
+    from agent.devicetest import as_text, run
+    router = await RouterOsFake(USER, PASSWORD).start(tls=cert)
+    api = await RouterOsApiFake(router).start()
+    try:
+        rest = Device("r1", "routeros", router.url, credential="router-1",
+                      options={"username": USER, "tls_fingerprint": cert.sha256})
+        text = as_text(await run(rest, "r1", None, context))
+        assert "PASS  probe: answers" in text and "RouterOS 7.16 (stable) over REST (https)" in text
+        router.version = "6.49.10 (long-term)"
+        text = as_text(await run(dev(api), "router-1", None, context))
+        assert "RouterOS 6.49.10 (long-term) over the API (api)" in text
+    finally:
+        await api.stop()
+        await router.stop()
