@@ -12,6 +12,7 @@ removes (204, no body); errors are `{"error": <status>, "message": ..., "detail"
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,7 +25,9 @@ from agent.text import clean
 
 Row = dict[str, str]
 LIST_MENU = "ip/firewall/address-list"
+LIST6_MENU = "ipv6/firewall/address-list"
 LIST_PREFIX = LIST_MENU + "/"
+LIST6_PREFIX = LIST6_MENU + "/"
 _ID = re.compile(r"^\*[0-9A-Fa-f]{1,16}$")
 _TEXT = re.compile(r"^[^\x00-\x1f\x7f]{1,255}$")
 _ADDRESS = re.compile(r"^[0-9A-Za-z.:/_-]{1,100}$")
@@ -50,8 +53,9 @@ KINDS = (Kind("ppp/secret/", "ppp/secret", "ppp/active", "name"),
 class Service:
     key: str
     kind: Kind | None   # None: an address-list entry
-    name: str           # the item's name, or the entry's address
+    name: str           # the item's name, or the entry's address (canonical: as RouterOS shows it)
     list: str = ""      # the address list (address-list entries only)
+    menu: str = ""      # the address-list menu: ip/firewall/address-list, or ipv6/... for an IPv6 address
 
     def __str__(self) -> str:
         return self.key
@@ -67,16 +71,69 @@ class Request:
 
 def parse_service(key: str) -> Service:
     """A service key, checked before any I/O; PermanentError says which syntax is expected."""
-    if key.startswith(LIST_PREFIX):
-        name, _, address = key[len(LIST_PREFIX):].partition("/")
-        if _TEXT.match(name) and _ADDRESS.match(address):
-            return Service(key, None, address, name)
+    for prefix in (LIST_PREFIX, LIST6_PREFIX):
+        if key.startswith(prefix):
+            name, _, address = key[len(prefix):].partition("/")
+            if _TEXT.match(name) and _ADDRESS.match(address):
+                canonical, v6 = canonical_address(address, key)
+                if prefix == LIST6_PREFIX and v6 is False:
+                    raise PermanentError(f"routeros: {clean(key, 100)!r}: an IPv4 address belongs in "
+                                         f"ip/firewall/address-list")
+                menu = LIST6_MENU if v6 or (v6 is None and prefix == LIST6_PREFIX) else LIST_MENU
+                return Service(key, None, canonical, name, menu)
     for kind in KINDS:
         if key.startswith(kind.prefix) and _TEXT.match(key[len(kind.prefix):]):
             return Service(key, kind, key[len(kind.prefix):])
     raise PermanentError(f"routeros: service key {clean(key, 100)!r} is not one of ppp/secret/<name>, "
                          f"ip/hotspot/user/<name>, interface/<name>, queue/simple/<name>, "
-                         f"ip/firewall/address-list/<list>/<address>")
+                         f"ip/firewall/address-list/<list>/<address>, ipv6/firewall/address-list/<list>/<address>")
+
+
+def canonical_address(text: str, key: str = "") -> tuple[str, bool | None]:
+    """An address-list address as RouterOS stores and prints it, and whether it is IPv6 (None: a DNS
+    name, which RouterOS resolves itself). IPv4: a bare address, `/32` dropped; IPv6 lower-case and
+    compressed, a bare address gets `/128`; ranges `a-b` of canonical ends. A network with host bits set
+    is refused rather than guessed at. Comparing and querying in this form finds the entry the router keeps."""
+    if "-" in text and not text.startswith("-") and not text.endswith("-"):
+        first, _, last = text.partition("-")
+        a, b = ip_or_none(first), ip_or_none(last)
+        if a is not None and b is not None:
+            if a.version != b.version or int(a) > int(b):
+                raise PermanentError(f"routeros: {clean(key or text, 100)!r}: the range {clean(text, 60)!r} "
+                                     f"must go from a lower to a higher address of one family")
+            return f"{a.compressed}-{b.compressed}", a.version == 6
+    try:
+        net = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        net = None
+    if net is not None and "/" in text and net.network_address != ipaddress.ip_address(text.partition("/")[0]):
+        raise PermanentError(f"routeros: {clean(key or text, 100)!r}: {clean(text, 60)!r} has host bits set: write "
+                             f"the network, {net.with_prefixlen}")
+    if net is None:
+        if any(c.isalpha() for c in text) and "." in text and ":" not in text and "/" not in text:
+            return text.lower(), None  # a DNS name
+        raise PermanentError(f"routeros: {clean(key or text, 100)!r}: {clean(text, 60)!r} is not an IP address, "
+                             f"network, range or DNS name")
+    if net.version == 4 and net.prefixlen == 32:
+        return str(net.network_address), False
+    return net.with_prefixlen, net.version == 6
+
+
+def ip_or_none(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def same_address(row_address: str | None, canonical: str) -> bool:
+    """Whether the router's printed address is `canonical` (tolerant of its other spellings)."""
+    if row_address is None:
+        return False
+    try:
+        return canonical_address(row_address)[0] == canonical
+    except PermanentError:
+        return row_address == canonical
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -100,11 +157,11 @@ def print_request(menu: str, proplist: Sequence[str], query: Sequence[str]) -> R
 def reads_for(services: Iterable[Service]) -> dict[str, Request]:
     """The prints that show the state of all `services`: one per menu, whatever their number."""
     names: dict[Kind, list[str]] = {}
-    pairs: list[tuple[str, str]] = []
+    pairs: dict[str, list[tuple[str, str]]] = {}
     for s in services:
         if s.kind is None:
-            if (s.list, s.name) not in pairs:
-                pairs.append((s.list, s.name))
+            if (s.list, s.name) not in pairs.setdefault(s.menu, []):
+                pairs[s.menu].append((s.list, s.name))
         elif s.name not in names.setdefault(s.kind, []):
             names[s.kind].append(s.name)
     reads = {}
@@ -113,14 +170,14 @@ def reads_for(services: Iterable[Service]) -> dict[str, Request]:
         if kind.sessions:
             reads[kind.sessions] = print_request(kind.sessions, [".id", kind.session_key],
                                                  any_of(kind.session_key, items))
-    if pairs:
-        reads[LIST_MENU] = print_request(LIST_MENU, [".id", "list", "address", "disabled", "comment"],
-                                         any_pair(pairs))
+    for menu, menu_pairs in pairs.items():
+        reads[menu] = print_request(menu, [".id", "list", "address", "disabled", "comment"], any_pair(menu_pairs))
     return reads
 
 
 def set_disabled(menu: str, item_id: str, disabled: bool) -> Request:
-    return Request("PATCH", f"/rest/{menu}/{item_id}", {"disabled": "true" if disabled else "false"})
+    """Written `yes`/`no`, as RouterOS's own console and the clients proven on routers write it."""
+    return Request("PATCH", f"/rest/{menu}/{item_id}", {"disabled": "yes" if disabled else "no"})
 
 
 def remove(menu: str, item_id: str, missing_ok: bool = False) -> Request:
@@ -197,8 +254,8 @@ def sessions(service: Service, replies: Mapping[str, list[Row]]) -> list[Row]:
 
 
 def entries(service: Service, replies: Mapping[str, list[Row]]) -> list[Row]:
-    return [r for r in replies[LIST_MENU]
-            if r.get("list") == service.list and r.get("address") == service.name and ".id" in r]
+    return [r for r in replies[service.menu]
+            if r.get("list") == service.list and same_address(r.get("address"), service.name) and ".id" in r]
 
 
 def state_of(service: Service, replies: Mapping[str, list[Row]]) -> State:
@@ -226,22 +283,36 @@ def plan(service: Service, replies: Mapping[str, list[Row]], state: State,
 
 def plan_entry(service: Service, found: list[Row], state: State, comment: str, manage_foreign: bool) -> list[Request]:
     """Address lists: off adds an entry marked with `comment`; on removes the marked ones (and,
-    only with manage_foreign_entries, the operator's own enabled entries)."""
+    only with manage_foreign_entries, the operator's own enabled entries).
+
+    RouterOS refuses a second entry for the same list and address even when the first is disabled
+    ("already have such entry"). So when only the operator's own *disabled* entry is there, off
+    enables it and appends ` [<comment>]` to its comment, and on disables it again and gives its
+    comment back: the entry is borrowed, not taken."""
+    menu = service.menu
+    mark = f"[{comment}]"
     ours = [e for e in found if e.get("comment") == comment]
+    borrowed = [e for e in found if e not in ours and e.get("comment", "").endswith(mark)]
     enabled = [e for e in found if not is_disabled(e, str(service))]
     if state == "off":
         if enabled:
             return []
         if ours:
-            return [set_disabled(LIST_MENU, ours[0][".id"], False)]
-        return [Request("PUT", f"/rest/{LIST_MENU}", {"list": service.list, "address": service.name,
-                                                     "comment": comment})]
-    foreign = [e for e in enabled if e not in ours]
+            return [set_disabled(menu, ours[0][".id"], False)]
+        if found:
+            lent = borrowed[0] if borrowed else found[0]
+            note = lent.get("comment", "") if lent in borrowed else f"{lent.get('comment', '')} {mark}".strip()
+            return [Request("PATCH", f"/rest/{menu}/{lent['.id']}", {"disabled": "no", "comment": note})]
+        return [Request("PUT", f"/rest/{menu}", {"list": service.list, "address": service.name, "comment": comment})]
+    foreign = [e for e in enabled if e not in ours and e not in borrowed]
     if foreign and not manage_foreign:
         raise PermanentError(f"{service}: {len(foreign)} enabled entr{'y' if len(foreign) == 1 else 'ies'} not "
                              f"added by the agent (comment {clean(foreign[0].get('comment', ''), 80)!r}); "
                              f"set manage_foreign_entries=true to let the agent remove them")
-    return [remove(LIST_MENU, e[".id"]) for e in ours + foreign]
+    give_back = [Request("PATCH", f"/rest/{menu}/{e['.id']}",
+                         {"disabled": "yes", "comment": e.get("comment", "")[:-len(mark)].rstrip()})
+                 for e in borrowed]
+    return [remove(menu, e[".id"]) for e in ours + foreign] + give_back
 
 
 # -- errors --------------------------------------------------------------------------------

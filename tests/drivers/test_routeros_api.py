@@ -277,3 +277,49 @@ async def test_device_test_says_which_protocol_and_version_it_found(context: Dri
     finally:
         await api.stop()
         await router.stop()
+
+
+# -- address lists as RouterOS keeps them, over both protocols --------------------------------
+
+@pytest.fixture(params=["rest", "api"])
+async def reached(request: pytest.FixtureRequest) -> AsyncIterator[tuple[RouterOsFake, Device]]:
+    """One router, and a device reaching it over REST or over the API."""
+    router = await RouterOsFake(USER, PASSWORD).start()
+    api = await RouterOsApiFake(router).start()
+    address = router.url if request.param == "rest" else api.address
+    yield router, Device("router-1", "routeros", address, credential="router-1",
+                         options={"username": USER, "timeout": 2.0})
+    await api.stop()
+    await router.stop()
+
+
+@pytest.mark.parametrize(("key", "menu", "stored"), [
+    ("ip/firewall/address-list/blocked/10.0.0.7/32", "ip/firewall/address-list", "10.0.0.7"),
+    ("ip/firewall/address-list/blocked/2001:DB8:0::7", "ipv6/firewall/address-list", "2001:db8::7/128"),
+    ("ipv6/firewall/address-list/blocked/2001:db8::8/128", "ipv6/firewall/address-list", "2001:db8::8/128"),
+])
+async def test_address_lists_find_the_entry_the_router_stores(reached: tuple[RouterOsFake, Device],
+                                                              driver: RouterOsDriver, key: str, menu: str,
+                                                              stored: str) -> None:
+    router, d = reached
+    for _ in range(2):  # the second off must find the first one's entry, not add another ("already have")
+        await driver.apply(d, key, "off")
+        assert [e["comment"] for e in router.find(menu, list="blocked", address=stored)] == [COMMENT]
+        assert await driver.read(d, key) == "off"
+    await driver.apply(d, key, "on")
+    assert router.find(menu, list="blocked") == [] and await driver.read(d, key) == "on"
+
+
+async def test_an_operators_disabled_entry_does_not_fail_the_suspension(reached: tuple[RouterOsFake, Device],
+                                                                        driver: RouterOsDriver) -> None:
+    router, d = reached
+    menu, key = "ip/firewall/address-list", "ip/firewall/address-list/blocked/10.0.0.7"
+    router.add(menu, list="blocked", address="10.0.0.7", comment="late payer 2024", disabled="true")
+    await driver.apply(d, key, "off")
+    [entry] = router.find(menu, list="blocked")
+    assert (entry["disabled"], entry["comment"]) == ("false", f"late payer 2024 [{COMMENT}]")
+    assert await driver.read(d, key) == "off"
+    await driver.apply(d, key, "on")
+    [entry] = router.find(menu, list="blocked")
+    assert (entry["disabled"], entry["comment"]) == ("true", "late payer 2024"), "given back as it was"
+    assert await driver.read(d, key) == "on"

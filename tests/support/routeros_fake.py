@@ -18,6 +18,9 @@ What it follows from the documentation:
   - Disabling a PPP secret or hotspot user does not end its live session in /ppp/active or
     /ip/hotspot/active.
   - reboot() renumbers every `.id` (and drops live sessions, as a real reboot does).
+  - address lists (/ip and /ipv6 firewall address-list) keep addresses in canonical form (IPv4 without
+    `/32`, IPv6 compressed, lower-case, `/128` on a bare address) and refuse a second entry for the
+    same list and address, even beside a disabled one: "failure: already have such entry".
 Guesses, not documented: the exact detail texts; whether an unknown directory is 400 or 406.
 
 Test knobs (plain Python, not REST): add(), connect(), find(), reboot(), `inject` (canned replies,
@@ -60,7 +63,23 @@ MENUS: dict[str, tuple[set[str], Row]] = {
     "ip/firewall/address-list": ({"add", "set", "remove"},
                                  {"list": "", "address": "", "disabled": "false", "dynamic": "false",
                                   "creation-time": "2026-01-01 00:00:00", "comment": ""}),
+    "ipv6/firewall/address-list": ({"add", "set", "remove"},
+                                   {"list": "", "address": "", "disabled": "false", "dynamic": "false",
+                                    "creation-time": "2026-01-01 00:00:00", "comment": ""}),
 }
+ADDRESS_LISTS = ("ip/firewall/address-list", "ipv6/firewall/address-list")
+
+
+def stored_address(menu: str, text: str) -> str:
+    """What RouterOS keeps for an address-list address: IPv4 without `/32`, IPv6 compressed and
+    lower-case with `/128` on a bare address; an IPv6 address refused in the IPv4 menu and back."""
+    try:
+        net = ipaddress.ip_network(text)
+    except ValueError:
+        return text  # a range or a DNS name: kept as written in this fake
+    if (net.version == 6) != (menu == "ipv6/firewall/address-list"):
+        raise BadRequest(400, f"failure: {text} is not a valid dns name")
+    return str(net.network_address) if net.version == 4 and net.prefixlen == 32 else net.with_prefixlen
 
 
 class BadRequest(Exception):
@@ -318,9 +337,13 @@ class RouterOsFake:
         if "add" not in MENUS[menu][0]:
             raise BadRequest(406, "no such command or directory (add)")
         fields = self._fields(menu, body)
-        required = ("list", "address") if menu == "ip/firewall/address-list" else ("name",)
+        required = ("list", "address") if menu in ADDRESS_LISTS else ("name",)
         if missing := [f for f in required if not fields.get(f)]:
             raise BadRequest(400, f"missing value(s) of argument(s) {' '.join(missing)}")
+        if menu in ADDRESS_LISTS:
+            fields["address"] = stored_address(menu, fields["address"])
+            if self.find(menu, list=fields["list"], address=fields["address"]):  # disabled ones count too
+                raise BadRequest(400, "failure: already have such entry")
         return self.add(menu, **fields)
 
     def remove_item(self, menu: str, key: str) -> None:
