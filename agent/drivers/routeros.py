@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import json
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,7 @@ from agent.drivers.routeros_proto import (
     api_words,
     classify,
     is_missing,
+    loads,
     login_error,
     no_rest_api,
     parse_rows,
@@ -307,7 +307,7 @@ class RouterOsDriver:
         if not body.strip():
             return None
         try:
-            return json.loads(body)
+            return loads(body)
         except ValueError:
             pass
         raise PermanentError(f"{what}: the reply is not JSON: {clean(body.decode('utf-8', 'replace'), 100)}")

@@ -317,10 +317,17 @@ def plan_entry(service: Service, found: list[Row], state: State, comment: str, m
 
 # -- errors --------------------------------------------------------------------------------
 
+def loads(body: bytes) -> Any:
+    """RouterOS's JSON as it really comes: raw control bytes inside strings and text that is not
+    UTF-8 (a comment typed in another encoding) are taken, decoded with replacement; the values are
+    escaped wherever they are shown. ValueError when it is not JSON at all."""
+    return json.loads(body.decode("utf-8", "replace"), strict=False)
+
+
 def error_text(body: bytes) -> str:
     """The router's `message: detail`, escaped and bounded; the raw text when it is not its JSON."""
     try:
-        doc = json.loads(body)
+        doc = loads(body)
     except ValueError:
         return clean(body.decode("utf-8", "replace").strip(), 200)
     if isinstance(doc, dict) and "message" in doc:

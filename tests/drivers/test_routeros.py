@@ -224,6 +224,14 @@ async def test_bad_answers_map_once(router: RouterOsFake, cert: Cert, driver: Ro
     assert len(router.requests) == 1, "a redirect is not followed"
 
 
+async def test_control_bytes_and_other_encodings_in_a_reply_are_read_not_refused(router: RouterOsFake, cert: Cert,
+                                                                                 driver: RouterOsDriver) -> None:
+    # RouterOS puts a comment's raw bytes into its JSON: control characters unescaped, Latin-1 as it was typed
+    raw = b'[{".id":"*1","name":"alice","disabled":"true","comment":"caf\xe9 \x01\x1b[2J\tcust"}]'
+    router.inject.append(("POST", web.Response(body=raw, content_type="application/json")))
+    assert await driver.read(pinned(router, cert), "ppp/secret/alice") == "off"
+
+
 async def test_fake_evaluates_the_documented_query_stack(router: RouterOsFake) -> None:
     for name, kind in (("ether1", "ether"), ("vlan10", "vlan"), ("br0", "bridge")):
         router.add("interface", name=name, type=kind)
