@@ -48,6 +48,7 @@ OPTIONS = {"username", "tls_fingerprint", "ca_file", "timeout", "manage_foreign_
            "max_reply_bytes"}
 COMMENT = "managed by pgmq-edge-agent"
 SCHEMES = {"https": 443, "http": 80, "api": 8728, "api-ssl": 8729}
+KEEPALIVE = 2.0  # seconds an idle REST connection may be reused: RouterOS may drop or answer stale on older ones
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,14 @@ def api_error(exc: BaseException, what: str, s: Settings, connecting: bool = Fal
     return TransientError(f"{what}: {type(exc).__name__}: {clean(exc, 200)}")
 
 
+class _Dropped(TransientError):
+    """The connection closed before any answer: a read may be sent once more."""
+
+    def __init__(self, error: AgentError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 API_FAILURES = (OSError, asyncio.IncompleteReadError, TimeoutError, Fatal, ProtocolError, ReplyTooLong)
 
 
@@ -274,6 +283,20 @@ class RouterOsDriver:
         return await self._rest_call(device, s, req, what)
 
     async def _rest_call(self, device: Device, s: Settings, req: Request, what: str) -> Any:
+        """One request; a read whose connection closed without an answer is sent once more (RouterOS
+        may close a kept-alive connection just as it is reused); a write is not (the caller re-reads)."""
+        is_read = req.method == "GET" or req.path.endswith("/print")
+        try:
+            return await self._rest_once(device, s, req, what)
+        except _Dropped as dropped:
+            if not is_read:
+                raise dropped.error from None
+        try:
+            return await self._rest_once(device, s, req, what)
+        except _Dropped as dropped:
+            raise dropped.error from None
+
+    async def _rest_once(self, device: Device, s: Settings, req: Request, what: str) -> Any:
         pair = f"{s.username}:{self._password(device, s)}".encode()
         kwargs: dict[str, Any] = {"headers": {"Authorization": "Basic " + base64.b64encode(pair).decode()},
                                   "timeout": aiohttp.ClientTimeout(total=s.timeout), "ssl": self._ssl(s),
@@ -287,6 +310,8 @@ class RouterOsDriver:
                 body = await read_capped(resp.content, s.max_reply)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             failure = transport_error(exc, what, s)
+            if isinstance(exc, aiohttp.ServerDisconnectedError):
+                failure = _Dropped(failure)
         if failure is not None:  # raised outside the handler: no library exception rides along as context
             raise failure
         return self._reply(req, status, location, body, what, s)
@@ -423,5 +448,5 @@ class RouterOsDriver:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE))
         return self._session

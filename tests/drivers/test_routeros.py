@@ -232,6 +232,25 @@ async def test_control_bytes_and_other_encodings_in_a_reply_are_read_not_refused
     assert await driver.read(pinned(router, cert), "ppp/secret/alice") == "off"
 
 
+async def test_a_read_whose_connection_closes_unanswered_is_sent_again_and_a_write_is_not(
+        router: RouterOsFake, cert: Cert, driver: RouterOsDriver, monkeypatch: pytest.MonkeyPatch) -> None:
+    router.add("ppp/secret", name="alice")
+    router.drop = 1  # RouterOS closes a kept-alive connection as it is reused
+    assert await driver.read(pinned(router, cert), "ppp/secret/alice") == "on"
+    assert [p for _, p, _ in router.requests].count("/rest/ppp/secret/print") == 2
+    dispatch = router._dispatch
+
+    def drop_after_reading(method: str, tail: str, body: Any, request: web.Request) -> web.StreamResponse:
+        if tail == "ppp/active/print":
+            router.drop = 1  # the request after the reads, the PATCH, goes unanswered
+        return dispatch(method, tail, body, request)
+
+    monkeypatch.setattr(router, "_dispatch", drop_after_reading)
+    with pytest.raises(TransientError):
+        await driver.apply(pinned(router, cert), "ppp/secret/alice", "off")
+    assert [m for m, _, _ in router.requests].count("PATCH") == 1, "a write is not sent twice"
+
+
 async def test_fake_evaluates_the_documented_query_stack(router: RouterOsFake) -> None:
     for name, kind in (("ether1", "ether"), ("vlan10", "vlan"), ("br0", "bridge")):
         router.add("interface", name=name, type=kind)

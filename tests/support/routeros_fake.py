@@ -24,7 +24,8 @@ What it follows from the documentation:
 Guesses, not documented: the exact detail texts; whether an unknown directory is 400 or 406.
 
 Test knobs (plain Python, not REST): add(), connect(), find(), reboot(), `inject` (canned replies,
-each served once to the next request with its method), `delay` (seconds before answering), `requests` (what was asked).
+each served once to the next request with its method), `delay` (seconds before answering), `drop` (close the
+connection of the next N requests without answering), `requests` (what was asked).
 """
 
 from __future__ import annotations
@@ -196,6 +197,7 @@ class RouterOsFake:
         self.requests: list[tuple[str, str, Any]] = []
         self.inject: list[tuple[str, web.Response]] = []  # (method or "*", canned reply)
         self.delay = 0.0
+        self.drop = 0  # the next `drop` requests get their connection closed without an answer
         self.boots = 0
         self.version = "7.16 (stable)"
         self.username, self.password = username, password
@@ -259,6 +261,11 @@ class RouterOsFake:
         self.requests.append((request.method, request.path, body))
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.drop:  # the connection closes without an answer, as RouterOS may do to a reused one
+            self.drop -= 1
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=500)
         if request.headers.get("Authorization") != self._auth:
             return error(401)
         for i, (method, canned) in enumerate(self.inject):
