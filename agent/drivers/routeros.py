@@ -3,12 +3,12 @@ routeros_api.py), verified by read-back. The address scheme chooses: https:// or
 api://host[:8728] the API over TCP, api-ssl://host[:8729] the API over TLS.
 
 Options: username (required), tls_fingerprint (SHA-256 of the router's certificate, hex, colons
-allowed) or ca_file, timeout (seconds per request), manage_foreign_entries (false), entry_comment,
-max_reply_bytes (1 MiB). The password is the file named by the device's `credential`.
-Service keys and what on/off mean: routeros_proto.py; both protocols run the same plans. Every
-operation looks its objects up by name first; `.id` values are never kept between operations (they
-change when the router reboots). The API keeps one logged-in connection per device and opens a new
-one when it fails.
+allowed) or ca_file (with tls_server_name, the name its certificate carries), timeout (seconds per
+request), manage_foreign_entries (false), entry_comment, max_reply_bytes (1 MiB). The password is
+the file named by the device's `credential`. Service keys and what on/off mean: routeros_proto.py;
+both protocols run the same plans. Every operation looks its objects up by name first; `.id` values
+are never kept between operations (they change when the router reboots). The API keeps one
+logged-in connection per device and opens a new one when it fails.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import re
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -44,10 +45,20 @@ from agent.drivers.routeros_proto import (
 from agent.errors import AgentError, ConfigError, NoAnswerError, PermanentError, TransientError, UnreachableError
 from agent.text import clean
 
-OPTIONS = {"username", "tls_fingerprint", "ca_file", "timeout", "manage_foreign_entries", "entry_comment",
-           "max_reply_bytes"}
+OPTIONS = {"username", "tls_fingerprint", "ca_file", "tls_server_name", "timeout", "manage_foreign_entries",
+           "entry_comment", "max_reply_bytes"}
 COMMENT = "managed by pgmq-edge-agent"
 SCHEMES = {"https": 443, "http": 80, "api": 8728, "api-ssl": 8729}
+NAME_HINT = ("; when the certificate names the router (e.g. its common name only) and the address is an IP, "
+             "set tls_server_name to that name")
+
+
+def name_hint(exc: BaseException) -> str:
+    """The tls_server_name hint, when a certificate was refused for the name it carries."""
+    text = str(exc).lower()
+    return NAME_HINT if "mismatch" in text and ("hostname" in text or "ip address" in text) else ""
+
+
 KEEPALIVE = 2.0  # seconds an idle REST connection may be reused: RouterOS may drop or answer stale on older ones
 
 
@@ -62,6 +73,7 @@ class Settings:
     manage_foreign: bool = False
     comment: str = COMMENT
     max_reply: int = 1 << 20
+    server_name: str | None = None  # the name the certificate must carry, when not the address's host
 
     @property
     def api(self) -> bool:
@@ -75,6 +87,9 @@ class Settings:
     def host_port(self) -> tuple[str, int]:
         parts = urlsplit(self.base)
         return parts.hostname or "", parts.port or SCHEMES[parts.scheme]
+
+
+_SERVER_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*$")
 
 
 def parse_fingerprint(text: Any) -> bytes:
@@ -136,8 +151,15 @@ def settings(device: Device, default_timeout: float) -> Settings:
     if not isinstance(o.get("manage_foreign_entries", False), bool):
         raise ConfigError("routeros: manage_foreign_entries must be true or false")
     fingerprint = parse_fingerprint(o["tls_fingerprint"]) if "tls_fingerprint" in o else None
+    name = o.get("tls_server_name")
+    if name is not None:
+        if not isinstance(name, str) or not _SERVER_NAME.match(name):
+            raise ConfigError("routeros: tls_server_name must be a DNS name, the one in the router's certificate")
+        if fingerprint is not None or base.startswith(("http:", "api:")):
+            raise ConfigError("routeros: tls_server_name is checked with ca_file (or the system's CAs) over https:// "
+                              "or api-ssl://; a pinned tls_fingerprint checks no name")
     return Settings(base, user, device.credential, timeout, fingerprint, o.get("ca_file"),
-                    o.get("manage_foreign_entries", False), comment, max_reply)
+                    o.get("manage_foreign_entries", False), comment, max_reply, name)
 
 
 def transport_error(exc: BaseException, what: str, s: Settings) -> AgentError:
@@ -147,7 +169,7 @@ def transport_error(exc: BaseException, what: str, s: Settings) -> AgentError:
                            f"pinned tls_fingerprint: make sure it is the right router, then update the option")
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError | ssl.SSLError):
         return ConfigError(f"{what}: TLS: {clean(exc, 200)}: pin the router's certificate with tls_fingerprint "
-                           f"or name its CA in ca_file")
+                           f"or name its CA in ca_file{name_hint(exc)}")
     if isinstance(exc, TimeoutError):
         return NoAnswerError(f"{what}: no answer within {s.timeout:g}s")
     if isinstance(exc, aiohttp.ClientConnectorError):
@@ -159,7 +181,8 @@ def api_error(exc: BaseException, what: str, s: Settings, connecting: bool = Fal
     """An API transport failure as one of our kinds (mapped here, once)."""
     if isinstance(exc, ssl.SSLError):
         return ConfigError(f"{what}: TLS: {clean(exc, 200)}: pin the router's certificate with tls_fingerprint or "
-                           f"name its CA in ca_file (and give the api-ssl service a certificate: without one "
+                           f"name its CA in ca_file{name_hint(exc)} (and give "
+                           f"the api-ssl service a certificate: without one "
                            f"RouterOS offers only anonymous ciphers)")
     if isinstance(exc, TimeoutError):
         return NoAnswerError(f"{what}: no answer within {s.timeout:g}s")
@@ -300,6 +323,7 @@ class RouterOsDriver:
         pair = f"{s.username}:{self._password(device, s)}".encode()
         kwargs: dict[str, Any] = {"headers": {"Authorization": "Basic " + base64.b64encode(pair).decode()},
                                   "timeout": aiohttp.ClientTimeout(total=s.timeout), "ssl": self._ssl(s),
+                                  **({"server_hostname": s.server_name} if s.server_name else {}),
                                   "allow_redirects": False}
         if req.body is not None:
             kwargs["json"] = req.body
@@ -385,7 +409,7 @@ class RouterOsDriver:
         try:
             async with asyncio.timeout(s.timeout):
                 try:
-                    conn = await Connection.open(host, port, tls, s.max_reply)
+                    conn = await Connection.open(host, port, tls, s.max_reply, s.server_name)
                 except OSError as exc:
                     if isinstance(exc, ssl.SSLError) or isinstance(exc, TimeoutError):
                         raise

@@ -323,3 +323,27 @@ async def test_an_operators_disabled_entry_does_not_fail_the_suspension(reached:
     [entry] = router.find(menu, list="blocked")
     assert (entry["disabled"], entry["comment"]) == ("true", "late payer 2024"), "given back as it was"
     assert await driver.read(d, key) == "on"
+
+
+@pytest.mark.parametrize("protocol", ["rest", "api"])
+async def test_a_certificate_with_only_the_routers_name_is_checked_against_tls_server_name(
+        context: DriverContext, driver: RouterOsDriver, tmp_path: Path, protocol: str) -> None:
+    cert = self_signed(tmp_path, "router.isp.example", host=None)  # common name only, no IP: RouterOS's usual
+    router = await RouterOsFake(USER, PASSWORD).start(tls=cert)
+    api = await RouterOsApiFake(router).start(tls=cert)
+    try:
+        router.add("interface", name="ether1")
+        address = router.url if protocol == "rest" else api.address
+
+        def trusted(**options: Any) -> Device:
+            return Device("r", "routeros", address, credential="router-1",
+                          options={"username": USER, "ca_file": str(cert.cert), "timeout": 2.0, **options})
+
+        with pytest.raises(ConfigError, match="set tls_server_name to that name"):
+            await driver.read(trusted(), "interface/ether1")
+        assert await driver.read(trusted(tls_server_name="router.isp.example"), "interface/ether1") == "on"
+        with pytest.raises(ConfigError, match="TLS"):
+            await driver.read(trusted(tls_server_name="other.isp.example"), "interface/ether1")
+    finally:
+        await api.stop()
+        await router.stop()

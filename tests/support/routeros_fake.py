@@ -166,8 +166,9 @@ class Cert:
         return ctx
 
 
-def self_signed(directory: Path, name: str = "router", host: str = "127.0.0.1") -> Cert:
-    """A throwaway self-signed certificate for `host`, as RouterOS makes for www-ssl."""
+def self_signed(directory: Path, name: str = "router", host: str | None = "127.0.0.1") -> Cert:
+    """A throwaway self-signed certificate for `host`, as RouterOS makes for www-ssl. With host=None it
+    carries only its common name, `name` (no subject alternative names), as RouterOS's usual ones do."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -179,12 +180,14 @@ def self_signed(directory: Path, name: str = "router", host: str = "127.0.0.1") 
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True))
+    if host is not None:
+        cert = cert.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]),
+                                  critical=False)
+    signed = cert.sign(key, hashes.SHA256())
     paths = Cert(directory / f"{name}.crt", directory / f"{name}.key",
-                 hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest())
-    paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+                 hashlib.sha256(signed.public_bytes(serialization.Encoding.DER)).hexdigest())
+    paths.cert.write_bytes(signed.public_bytes(serialization.Encoding.PEM))
     paths.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                             serialization.NoEncryption()))
     paths.sha256 = ":".join(paths.sha256[i:i + 2] for i in range(0, 64, 2)).upper()

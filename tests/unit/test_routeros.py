@@ -298,6 +298,8 @@ def test_address_forms() -> None:
     ({"username": "a", "timeout": 0}, "c", "timeout"),
     ({"username": "a", "manage_foreign_entries": "yes"}, "c", "manage_foreign_entries"),
     ({"username": "a", "entry_comment": ""}, "c", "entry_comment"),
+    ({"username": "a", "tls_server_name": "router isp"}, "c", "tls_server_name must be a DNS name"),
+    ({"username": "a", "tls_server_name": "router.isp", "tls_fingerprint": "00" * 32}, "c", "checks no name"),
 ])
 def test_options_that_cannot_work_are_config_errors(options: dict, credential: str | None, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -305,6 +307,9 @@ def test_options_that_cannot_work_are_config_errors(options: dict, credential: s
 
 
 def test_tls_options_need_https() -> None:
+    with pytest.raises(ConfigError, match="api-ssl"):
+        settings(Device("r", "routeros", "api://10.0.0.1", options={"username": "a", "ca_file": "/x"},
+                        credential="c"), 3.0)
     with pytest.raises(ConfigError, match="https"):
         settings(Device("r", "routeros", "http://10.0.0.1", options={"username": "a", "tls_fingerprint": "00" * 32},
                         credential="c"), 3.0)
