@@ -29,9 +29,13 @@ from agent.drivers.routeros_api import Connection, Fatal, ProtocolError, ReplyTo
 from agent.drivers.routeros_proto import (
     Request,
     Row,
+    Service,
     api_words,
     classify,
+    cuts_off,
+    ip_or_none,
     is_missing,
+    lifeline_reads,
     loads,
     login_error,
     no_rest_api,
@@ -264,8 +268,20 @@ class RouterOsDriver:
         svc = parse_service(service)
         s = self._settings(device)
         replies = await self._print(device, s, reads_for([svc]))
-        for req in plan(svc, replies, state, s.comment, s.manage_foreign):
-            await self._call(device, s, req, f"{device.id}: {svc}: {req.method} {req.path}")
+        writes = plan(svc, replies, state, s.comment, s.manage_foreign)
+        if writes and state == "off" and svc.kind is not None and svc.kind.menu == "interface":
+            await self._refuse_cutting_off(device, s, svc)
+        for req in writes:
+            await self._call(device, s, req, f"{device.id}: {svc}: {self._label(s, req)}")
+
+    async def _refuse_cutting_off(self, device: Device, s: Settings, svc: Service) -> None:
+        """PermanentError when the interface to disable carries the address the agent reaches the
+        router at (directly, as a bridge port, or under a VLAN). Only an IP address is checked."""
+        host = ip_or_none(s.host_port()[0].strip("[]"))
+        if host is not None:
+            replies = await self._print(device, s, lifeline_reads(svc.name, host.version))
+            if error := cuts_off(svc, host, replies):
+                raise error
 
     async def probe(self, device: Device) -> str:
         """What answers: the protocol and the RouterOS version (/system/resource)."""

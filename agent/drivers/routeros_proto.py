@@ -315,6 +315,38 @@ def plan_entry(service: Service, found: list[Row], state: State, comment: str, m
     return [remove(menu, e[".id"]) for e in ours + foreign] + give_back
 
 
+# -- the agent's own way in ----------------------------------------------------------------
+
+def lifeline_reads(name: str, version: int) -> dict[str, Request]:
+    """The prints that show which interfaces go down with interface `name` and which addresses they hold."""
+    addresses = "ip/address" if version == 4 else "ipv6/address"
+    return {addresses: print_request(addresses, ["address", "interface"], []),
+            "interface/bridge/port": print_request("interface/bridge/port", ["interface", "bridge"], []),
+            "interface/vlan": print_request("interface/vlan", ["name", "interface"], [])}
+
+
+def cuts_off(service: Service, host: ipaddress.IPv4Address | ipaddress.IPv6Address,
+             replies: Mapping[str, list[Row]]) -> PermanentError | None:
+    """Whether disabling `service`'s interface takes down the address the agent reaches the router at:
+    the interface itself, the bridge it is a port of, or a VLAN on either holds that address."""
+    down = {service.name} | {r.get("bridge", "") for r in replies["interface/bridge/port"]
+                             if r.get("interface") == service.name}
+    down |= {r.get("name", "") for r in replies["interface/vlan"] if r.get("interface") in down}
+    addresses = replies["ip/address" if host.version == 4 else "ipv6/address"]
+    for row in addresses:
+        try:
+            held = ipaddress.ip_interface(row.get("address", "")).ip
+        except ValueError:
+            continue
+        if held == host and row.get("interface") in down:
+            via = row.get("interface")
+            return PermanentError(f"{service}: would cut the agent off from the router: it reaches the router at "
+                                  f"{host}, which is on {clean(via, 60)!r}"
+                                  + ("" if via == service.name else f" (carried by {clean(service.name, 60)!r})")
+                                  + ": disable it from another way in, or reach the router at another address")
+    return None
+
+
 # -- errors --------------------------------------------------------------------------------
 
 def loads(body: bytes) -> Any:

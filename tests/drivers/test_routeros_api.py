@@ -347,3 +347,26 @@ async def test_a_certificate_with_only_the_routers_name_is_checked_against_tls_s
     finally:
         await api.stop()
         await router.stop()
+
+
+async def test_the_interface_the_agent_reaches_the_router_through_is_not_turned_off(
+        reached: tuple[RouterOsFake, Device], driver: RouterOsDriver) -> None:
+    router, d = reached  # the agent reaches the router at 127.0.0.1
+    for name in ("ether1", "ether2", "ether3", "ether4"):
+        router.add("interface", name=name)
+    router.add("ip/address", address="127.0.0.1/8", interface="ether1")
+    with pytest.raises(PermanentError, match="would cut the agent off from the router"):
+        await driver.apply(d, "interface/ether1", "off")
+    router.tables["ip/address"][0]["interface"] = "bridge1"
+    router.add("interface/bridge/port", interface="ether3", bridge="bridge1")
+    with pytest.raises(PermanentError, match=r"on 'bridge1' \(carried by 'ether3'\)"):
+        await driver.apply(d, "interface/ether3", "off")
+    router.tables["ip/address"][0]["interface"] = "vlan10"
+    router.add("interface/vlan", name="vlan10", interface="ether4")
+    with pytest.raises(PermanentError, match="would cut the agent off"):
+        await driver.apply(d, "interface/ether4", "off")
+    assert {r["name"]: r["disabled"] for r in router.tables["interface"]} == {
+        "ether1": "false", "ether2": "false", "ether3": "false", "ether4": "false"}
+    await driver.apply(d, "interface/ether2", "off")  # another port: nothing to do with the agent's way in
+    await driver.apply(d, "interface/ether1", "off")  # the address is on vlan10 over ether4 now
+    assert router.find("interface", name="ether2")[0]["disabled"] == "true"

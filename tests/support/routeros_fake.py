@@ -67,6 +67,14 @@ MENUS: dict[str, tuple[set[str], Row]] = {
     "ipv6/firewall/address-list": ({"add", "set", "remove"},
                                    {"list": "", "address": "", "disabled": "false", "dynamic": "false",
                                     "creation-time": "2026-01-01 00:00:00", "comment": ""}),
+    "ip/address": ({"add", "set", "remove"}, {"address": "", "network": "", "interface": "", "disabled": "false",
+                                               "comment": ""}),
+    "ipv6/address": ({"add", "set", "remove"}, {"address": "", "interface": "", "disabled": "false",
+                                                 "comment": ""}),
+    "interface/bridge/port": ({"add", "set", "remove"}, {"interface": "", "bridge": "", "disabled": "false",
+                                                         "comment": ""}),
+    "interface/vlan": ({"add", "set", "remove"}, {"name": "", "vlan-id": "1", "interface": "", "disabled": "false",
+                                                  "comment": ""}),
 }
 ADDRESS_LISTS = ("ip/firewall/address-list", "ipv6/firewall/address-list")
 
