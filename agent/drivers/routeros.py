@@ -18,6 +18,7 @@ import base64
 import hashlib
 import re
 import ssl
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -42,15 +43,18 @@ from agent.drivers.routeros_proto import (
     parse_rows,
     parse_service,
     plan,
+    policy_lists,
+    policy_reads,
     reads_for,
     state_of,
     trap_error,
+    unused_lists,
 )
 from agent.errors import AgentError, ConfigError, NoAnswerError, PermanentError, TransientError, UnreachableError
 from agent.text import clean
 
 OPTIONS = {"username", "tls_fingerprint", "ca_file", "tls_server_name", "timeout", "manage_foreign_entries",
-           "entry_comment", "max_reply_bytes"}
+           "entry_comment", "max_reply_bytes", "address_lists"}
 COMMENT = "managed by pgmq-edge-agent"
 SCHEMES = {"https": 443, "http": 80, "api": 8728, "api-ssl": 8729}
 NAME_HINT = ("; when the certificate names the router (e.g. its common name only) and the address is an IP, "
@@ -78,6 +82,7 @@ class Settings:
     comment: str = COMMENT
     max_reply: int = 1 << 20
     server_name: str | None = None  # the name the certificate must carry, when not the address's host
+    address_lists: tuple[str, ...] = ()  # lists a firewall rule must use (besides those of known services)
 
     @property
     def api(self) -> bool:
@@ -163,7 +168,20 @@ def settings(device: Device, default_timeout: float) -> Settings:
             raise ConfigError("routeros: tls_server_name is checked with ca_file (or the system's CAs) over https:// "
                               "or api-ssl://; a pinned tls_fingerprint checks no name")
     return Settings(base, user, device.credential, timeout, fingerprint, o.get("ca_file"),
-                    o.get("manage_foreign_entries", False), comment, max_reply, name)
+                    o.get("manage_foreign_entries", False), comment, max_reply, name,
+                    parse_lists(o.get("address_lists", ())))
+
+
+def parse_lists(value: Any) -> tuple[str, ...]:
+    """The `address_lists` option: a list of names, or one comma-separated string."""
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise ConfigError("routeros: address_lists must be a list of address-list names (or one string, "
+                          "comma-separated)")
+    names = [n.strip() for n in names if n.strip()]
+    if bad := [n for n in names if "/" in n or not n.isprintable() or len(n) > 255]:
+        raise ConfigError(f"routeros: address_lists: {clean(bad[0], 60)!r} is not an address-list name")
+    return tuple(dict.fromkeys(names))
 
 
 def transport_error(exc: BaseException, what: str, s: Settings) -> AgentError:
@@ -293,6 +311,16 @@ class RouterOsDriver:
         scheme = s.base.partition(":")[0]
         protocol = f"the API ({scheme}{', TLS' if s.tls else ''})" if s.api else f"REST ({scheme})"
         return f"RouterOS {clean(version or '(version not shown)', 60)} over {protocol}"
+
+    async def check_policy(self, device: Device, services: Iterable[str]) -> list[str]:
+        """Problems with the device's suspension policy, one sentence each: every address list named by
+        `services` (the device's known services) or by the address_lists option must be used by an
+        enabled firewall rule, or suspending through it blocks nobody. [] when all is well."""
+        s = self._settings(device)
+        lists = policy_lists(services, s.address_lists)
+        if not lists:
+            return []
+        return unused_lists(lists, await self._print(device, s, policy_reads(lists)))
 
     async def close(self) -> None:
         if self._session is not None:

@@ -315,6 +315,52 @@ def plan_entry(service: Service, found: list[Row], state: State, comment: str, m
     return [remove(menu, e[".id"]) for e in ours + foreign] + give_back
 
 
+# -- does a suspension through an address list block anyone? ----------------------------------
+
+RULES = {LIST_MENU: ("ip/firewall/filter", "ip/firewall/nat", "ip/firewall/mangle", "ip/firewall/raw"),
+         LIST6_MENU: ("ipv6/firewall/filter", "ipv6/firewall/mangle", "ipv6/firewall/raw")}
+
+
+def policy_lists(services: Iterable[str], option_lists: Iterable[str]) -> list[tuple[str, str]]:
+    """(address-list menu, list) for every list the known services use and the `address_lists` option
+    names (IPv4 lists), in order, once each. Keys that are not address-list services are passed over."""
+    out: list[tuple[str, str]] = []
+    for key in services:
+        try:
+            svc = parse_service(key)
+        except PermanentError:
+            continue
+        if svc.kind is None and (svc.menu, svc.list) not in out:
+            out.append((svc.menu, svc.list))
+    for name in option_lists:
+        if (LIST_MENU, name) not in out:
+            out.append((LIST_MENU, name))
+    return out
+
+
+def policy_reads(lists: Iterable[tuple[str, str]]) -> dict[str, Request]:
+    """The prints of every firewall rule table that could use the lists (IPv4 and/or IPv6)."""
+    menus = {menu for menu, _ in lists}
+    return {table: print_request(table, ["src-address-list", "dst-address-list", "disabled"], [])
+            for menu in (LIST_MENU, LIST6_MENU) if menu in menus for table in RULES[menu]}
+
+
+def unused_lists(lists: Iterable[tuple[str, str]], replies: Mapping[str, list[Row]]) -> list[str]:
+    """One sentence per list that no enabled rule (filter, nat, mangle, raw; source or destination,
+    negated or not) uses: a suspension through such a list blocks nobody."""
+    problems = []
+    for menu, name in lists:
+        used = {r.get(field, "").removeprefix("!") for table in RULES[menu] for r in replies.get(table, [])
+                if not is_disabled(r, table) for field in ("src-address-list", "dst-address-list")}
+        if name not in used:
+            family = "ipv6" if menu == LIST6_MENU else "ip"
+            problems.append(f"address list {clean(name, 100)!r} is used by no enabled /{family}/firewall rule "
+                            f"(filter, nat, mangle or raw; src-address-list or dst-address-list): a suspension "
+                            f"through it blocks nobody. Add one, e.g. `/{family} firewall filter add chain=forward "
+                            f"src-address-list={clean(name, 100)} action=drop`")
+    return problems
+
+
 # -- the agent's own way in ----------------------------------------------------------------
 
 def lifeline_reads(name: str, version: int) -> dict[str, Request]:

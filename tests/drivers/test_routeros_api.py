@@ -370,3 +370,35 @@ async def test_the_interface_the_agent_reaches_the_router_through_is_not_turned_
     await driver.apply(d, "interface/ether2", "off")  # another port: nothing to do with the agent's way in
     await driver.apply(d, "interface/ether1", "off")  # the address is on vlan10 over ether4 now
     assert router.find("interface", name="ether2")[0]["disabled"] == "true"
+
+
+async def test_address_lists_no_enabled_firewall_rule_uses_are_reported(reached: tuple[RouterOsFake, Device],
+                                                                       driver: RouterOsDriver) -> None:
+    router, d = reached
+    known = ["ip/firewall/address-list/blocked/10.0.0.7", "ip/firewall/address-list/late/10.0.0.8",
+             "ipv6/firewall/address-list/blocked6/2001:db8::7", "ppp/secret/alice"]
+    router.add("ip/firewall/filter", chain="forward", action="drop", src_address_list="blocked")
+    router.add("ip/firewall/nat", chain="dstnat", action="dst-nat", src_address_list="late", disabled="true")
+    router.add("ipv6/firewall/raw", chain="prerouting", action="drop", dst_address_list="!blocked6")
+    problems = await driver.check_policy(d, known)
+    assert len(problems) == 1 and "'late'" in problems[0] and "blocks nobody" in problems[0]
+    router.find("ip/firewall/nat", chain="dstnat")[0]["disabled"] = "false"
+    assert await driver.check_policy(d, known) == []
+    option = Device(d.id, d.driver, d.address, credential=d.credential,
+                    options={**d.options, "address_lists": "blocked, suspended"})
+    [problem] = await driver.check_policy(option, [])
+    assert "'suspended'" in problem
+
+
+async def test_device_test_fails_naming_a_list_no_rule_uses(reached: tuple[RouterOsFake, Device],
+                                                           context: DriverContext) -> None:
+    from agent.devicetest import POLICY, as_text, run
+    router, d = reached
+    known = ["ip/firewall/address-list/blocked/10.0.0.7"]
+    result = await run(d, d.id, None, context, known)
+    text = as_text(result)
+    assert not result.ok and f"FAIL  {POLICY}: config: address list 'blocked' is used by no enabled" in text
+    assert "fix: add an enabled firewall rule" in text
+    router.add("ip/firewall/raw", chain="prerouting", action="drop", src_address_list="blocked")
+    result = await run(d, d.id, None, context, known)
+    assert result.ok, as_text(result)

@@ -76,6 +76,10 @@ MENUS: dict[str, tuple[set[str], Row]] = {
     "interface/vlan": ({"add", "set", "remove"}, {"name": "", "vlan-id": "1", "interface": "", "disabled": "false",
                                                   "comment": ""}),
 }
+for _table in ("ip/firewall/filter", "ip/firewall/nat", "ip/firewall/mangle", "ip/firewall/raw",
+               "ipv6/firewall/filter", "ipv6/firewall/mangle", "ipv6/firewall/raw"):
+    MENUS[_table] = ({"add", "set", "remove"}, {"chain": "forward", "action": "accept", "src-address-list": "",
+                                                "dst-address-list": "", "disabled": "false", "comment": ""})
 ADDRESS_LISTS = ("ip/firewall/address-list", "ipv6/firewall/address-list")
 
 
