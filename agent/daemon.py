@@ -11,17 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import signal
+import socket
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 
-from agent import http
-from agent.db.connect import DB_ERRORS
+from agent import __version__, http
+from agent.db.connect import DB_ERRORS, reason
 from agent.db.connect import classify as classify_connect_error
+from agent.db.pooler import check_prepared_statements, check_session
 from agent.db.queries import Queries
 from agent.db.schema import check_ready, ensure_notify
 from agent.db.session import Session
@@ -34,6 +37,7 @@ from agent.executor.executor import Executor
 from agent.executor.parking import Parking
 from agent.executor.policy import RetryPolicy, Tuning
 from agent.executor.reports import Reporter
+from agent.identity import STALE_FACTOR, host_identity, new_instance, register
 from agent.inventory import Inventory
 from agent.lifecycle import Housekeeper
 from agent.metrics import Metrics
@@ -70,10 +74,11 @@ async def connect_pool(settings: Settings, attempts: int | None = None,
                 raise refused from None
             if attempts is not None and tried >= attempts:
                 raise
-            log.warning("database unreachable (%s); retrying in %.0fs", exc, delay,
+            why = reason(exc)
+            log.warning("database unreachable (%s); retrying in %.0fs", why, delay,
                         extra={"action": "db_unreachable"})
             if notifier:
-                notifier.status(f"starting: database unreachable ({exc})")
+                notifier.status(f"starting: database unreachable ({why})")
             await asyncio.sleep(delay * random.uniform(0.7, 1.0))
             delay = min(delay * 2, 30.0)
 
@@ -96,12 +101,14 @@ class Agent:
         self.pool = pool
         self.notifier = notifier or Notifier()
         self.queries = Queries(s.queue)
+        self.instance = new_instance()  # this process: what holds device claims (agent/identity.py)
+        self.host_id = host_identity()
         self.drivers = drivers or Drivers(DriverContext(s.device_timeout, CredentialStore(s.credentials_dir)))
         self.inventory = Inventory(pool, self.queries, s.site, self.drivers)
         self.reporter = Reporter(pool, self.queries, s.agent_id, self._committed,
                                  on_failed=self._report_failed, archive=s.archive)
         self.acceptor = Acceptor(pool, self.queries)
-        self.claims = DeviceClaims(pool, self.queries, s.agent_id)
+        self.claims = DeviceClaims(pool, self.queries, s.agent_id, host=self.host_id, instance=self.instance)
         self.parking = Parking(pool, self.queries)
         self.vpn = VpnGuard(s.require_vpn, s.wg_interface, s.vpn_stale_after, s.vpn_check_interval,
                             lambda: list(self.inventory.devices.values()), pool, s.agent_id, self.wake_parked,
@@ -112,7 +119,8 @@ class Agent:
         sync = SyncWorker(
             pool, self.queries, self.drivers, self.deadlines, self.vpn.gate,
             lambda: (tuning.policy, tuning.device_timeout),
-            ReconcileTuning(s.reconcile_confirm, s.reconcile_confirm_delay, s.reconcile_pace),
+            ReconcileTuning(s.reconcile_confirm, s.reconcile_confirm_delay, s.reconcile_pace,
+                            s.reconcile_unreachable_wait),
             may_operate=lambda dev: self.claims.fresh(dev.id, self.executor.op_bound(dev)))
         self.executor = Executor(self.acceptor, self.drivers, self.reporter, self.tuning, s.concurrency,
                                  gate=self.vpn.gate, on_unreachable=self.vpn.device_failed, confirm=self.vpn.confirm,
@@ -185,10 +193,16 @@ class Agent:
                         "throttle table): re-enabled", extra={"action": "notify_reenabled"})
             self.consumer.wake("connect")
 
-    async def start(self) -> None:
-        await self._check_session_url()
+    async def start(self, session: bool = True) -> None:
+        """Readiness checks, then the inventory and the tunnel. `session`: this run will use the session
+        connection (not `agentd --once`), so it must be a real session."""
+        await self._check_poolers(session)
         async with self.pool.acquire() as conn:
             await check_ready(conn, self.settings.queue, self.settings.site)
+            s = self.settings
+            await register(conn, self.queries, s.agent_id, self.instance, self.host_id,
+                           {"site": s.site, "queue": s.queue, "host": socket.gethostname(), "pid": os.getpid(),
+                            "version": __version__}, STALE_FACTOR * s.heartbeat_interval)
             if await ensure_notify(conn, self.settings.queue, self.settings.notify_throttle_ms):
                 log.warning("PGMQ insert notifications were off (a Postgres crash empties their UNLOGGED "
                             "throttle table): re-enabled", extra={"action": "notify_reenabled"})
@@ -197,20 +211,18 @@ class Agent:
             self.drivers.get(name)  # every driver the inventory needs loads now, not on first command
         await self.vpn.wait_for_tunnel(self.settings.vpn_grace, self.notifier.status)
 
-    async def _check_session_url(self) -> None:
-        """A separate AGENT_SESSION_DATABASE_URL that the server refuses (password, role, database,
-        sslmode, a malformed URL) is a configuration error now, not a session retried forever.
-        Unreachable is fine: the session connection retries that by itself."""
+    async def _check_poolers(self, session: bool) -> None:
+        """A pooler in between set up wrongly (PgBouncer in transaction mode for the session connection,
+        or keeping no prepared statements while asyncpg caches them) is a configuration error now, not
+        two leaders or a pool that limps. So is a separate AGENT_SESSION_DATABASE_URL that the server
+        refuses; unreachable is fine: the session connection retries that by itself."""
         s = self.settings
-        if not s.session_database_url or s.session_database_url == s.database_url:
-            return
-        try:
-            conn = await asyncpg.connect(s.session_database_url, timeout=10)
-        except (*DB_ERRORS, ValueError, ArithmeticError) as exc:
-            if refused := classify_connect_error(exc, s.session_database_url, "AGENT_SESSION_DATABASE_URL"):
-                raise refused from None
-            return
-        await conn.close()
+        separate = bool(s.session_database_url) and s.session_database_url != s.database_url
+        if session or separate:
+            await check_session(s.session_dsn, "AGENT_SESSION_DATABASE_URL" if separate else "AGENT_DATABASE_URL",
+                                is_pool_url=not separate, real_session=session)
+        if s.statement_cache_size > 0 and (separate or not session):  # else a real session was just proven
+            await check_prepared_statements(s.database_url)
 
     async def _probe(self, device: Device) -> None:
         async with asyncio.timeout(self.settings.device_timeout):
@@ -374,7 +386,7 @@ async def run(settings: Settings, *, once: bool = False, drivers: Drivers | None
         agent = Agent(settings, pool, drivers, notifier, force, Path(config_path) if config_path else None,
                       endpoint)
         try:
-            if (starting := await _until_stopped(agent.start(), stop)) is None:
+            if (starting := await _until_stopped(agent.start(session=not once), stop)) is None:
                 return 0
             starting.result()
             if once:

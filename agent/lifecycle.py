@@ -41,6 +41,8 @@ class Parts(Protocol):
     leadership: Any
     reconciler: Any
     metrics: Any
+    instance: str  # this process, under settings.agent_id (agent/identity.py)
+    host_id: str
 
 log = logging.getLogger("agent.lifecycle")
 _SAMPLE_TTL = 10.0
@@ -205,16 +207,21 @@ class Housekeeper:
                    "queue_depth": f.queue_depth, "listener_up": f.listener_up}
         try:
             async with a.pool.acquire() as conn:
-                await conn.execute(a.queries.heartbeat, a.settings.agent_id, a.settings.site, a.settings.queue,
-                                   socket.gethostname(), os.getpid(), __version__,
-                                   _ts(self._started_at), st, status_line(f),
-                                   _ts(a.consumer.last_cycle_wall), a.consumer.last_cycle_ms, json.dumps(figures))
+                done = await conn.execute(a.queries.heartbeat, a.settings.agent_id, a.settings.site, a.settings.queue,
+                                          socket.gethostname(), os.getpid(), __version__,
+                                          _ts(self._started_at), st, status_line(f),
+                                          _ts(a.consumer.last_cycle_wall), a.consumer.last_cycle_ms,
+                                          json.dumps(figures), a.instance, a.host_id)
         except DB_ERRORS as exc:
             self._db_error = str(exc) or type(exc).__name__
             log.warning("heartbeat failed: %s", exc, extra={"action": "heartbeat_failed"})
         else:
             self._db_error = None
             self.last_beat = time.time()
+            if done == "INSERT 0 0":  # another process registered under this agent id meanwhile
+                log.error("another process has registered as agent %s (this one's heartbeat was stale): its row "
+                          "in agent.agents is left to it; stop this one", a.settings.agent_id,
+                          extra={"action": "agent_id_taken"})
 
 
 def _ts(epoch: float | None):  # type: ignore[no-untyped-def]

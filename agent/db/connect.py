@@ -46,6 +46,19 @@ def redact(dsn: str) -> str:
         return "(unparseable URL)"
 
 
+def reason(exc: BaseException) -> str:
+    """Why a connection attempt or statement failed, never empty: a timeout or a connection cut
+    often carries no message, and "database unreachable ()" tells the operator nothing."""
+    text = str(exc).strip()
+    if text:
+        return text
+    if isinstance(exc, TimeoutError):
+        return "no answer in time (TimeoutError): is a pooler in between waiting for a server it cannot reach?"
+    if isinstance(exc, (ConnectionError, asyncpg.InterfaceError)):
+        return f"the connection was closed without a reason ({type(exc).__name__})"
+    return f"{type(exc).__name__} without a message"
+
+
 def _said(exc: BaseException, dsn: str) -> str:
     text = str(exc)
     password = _password(dsn)

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from agent.drivers.base import Device, DriverContext, State
+from agent.drivers.body import over_limit, read_body
 from agent.drivers.routeros_api import Connection, Fatal, ProtocolError, ReplyTooLong, Trap
 from agent.drivers.routeros_proto import (
     Request,
@@ -209,7 +210,7 @@ def api_error(exc: BaseException, what: str, s: Settings, connecting: bool = Fal
     if isinstance(exc, TimeoutError):
         return NoAnswerError(f"{what}: no answer within {s.timeout:g}s")
     if isinstance(exc, ReplyTooLong):
-        return PermanentError(f"{what}: the reply exceeds max_reply_bytes ({s.max_reply})")
+        return over_limit(what, s.max_reply)
     if isinstance(exc, ProtocolError):
         return ConfigError(f"{what}: the other end does not speak the RouterOS API ({clean(exc, 200)}): check the "
                            f"address's port (api 8728, api-ssl 8729)")
@@ -231,16 +232,6 @@ class _Dropped(TransientError):
 
 
 API_FAILURES = (OSError, asyncio.IncompleteReadError, TimeoutError, Fatal, ProtocolError, ReplyTooLong)
-
-
-async def read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
-    """The whole body, or None as soon as it exceeds `limit` bytes."""
-    data = bytearray()
-    while chunk := await stream.read(65536):
-        data += chunk
-        if len(data) > limit:
-            return None
-    return bytes(data)
 
 
 class RouterOsDriver:
@@ -375,7 +366,7 @@ class RouterOsDriver:
         try:
             async with self._client().request(req.method, s.base + req.path, **kwargs) as resp:
                 status, location = resp.status, resp.headers.get("Location")
-                body = await read_capped(resp.content, s.max_reply)
+                body = await read_body(resp, s.max_reply, what)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             failure = transport_error(exc, what, s)
             if isinstance(exc, aiohttp.ServerDisconnectedError):
@@ -384,10 +375,8 @@ class RouterOsDriver:
             raise failure
         return self._reply(req, status, location, body, what, s)
 
-    def _reply(self, req: Request, status: int, location: str | None, body: bytes | None, what: str,
+    def _reply(self, req: Request, status: int, location: str | None, body: bytes, what: str,
                s: Settings) -> Any:
-        if body is None:
-            raise PermanentError(f"{what}: the reply exceeds max_reply_bytes ({s.max_reply})")
         if no_rest_api(status, body):
             host, port = s.host_port()
             raise ConfigError(f"{what}: this router has no REST API (RouterOS v6?): use api://{host} (the api "
