@@ -2,7 +2,8 @@
 (tests/support/routeros_api_fake.py) in front of the documented router model the REST target uses.
 
 The service is a PPPoE secret with a live session, so "off" must also end the session. The slow
-device accepts TCP but never answers the login; the unreachable one refuses.
+device accepts TCP but never answers the login; the unreachable one refuses. The router holds 3,000
+more secrets, a tenth of them online, read together (thousands of `!re` sentences).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tests.support.routeros_fake import RouterOsFake
 from tests.support.slowserver import SlowServer, refusing_port
 
 USER, PASSWORD, WRONG = "agent", "pw-RouterOS-API-3e9b50", "pw-Wrong-API-81d2aa"
+CUSTOMERS = [f"customer-{n:05d}" for n in range(3000)]
 
 
 def device(address: str, options: dict[str, Any] | None = None, credential: str = "router-admin") -> Device:
@@ -37,12 +39,25 @@ async def target(tmp_path: Path) -> AsyncIterator[Target]:
     api = await RouterOsApiFake(router).start()
     router.add("ppp/secret", name="alice", password="customer-pw")
     router.connect("alice")
+    for n, name in enumerate(CUSTOMERS):
+        router.add("ppp/secret", name=name, password=f"pw-{n}", service="pppoe",
+                   disabled="true" if n % 7 == 0 else "false")
+        if n % 10 == 1 and n % 7:
+            router.connect(name)
     slow = await SlowServer().start()
 
     async def observe(service: str) -> str:
         name = service.removeprefix("ppp/secret/")
         disabled = all(r["disabled"] == "true" for r in router.find("ppp/secret", name=name))
         return "off" if disabled and not router.find("ppp/active", name=name) else "on"
+
+    async def observe_many(services: list[str]) -> dict[str, str]:
+        disabled: dict[str, bool] = {}
+        for row in router.tables["ppp/secret"]:
+            disabled[row["name"]] = disabled.get(row["name"], True) and row["disabled"] == "true"
+        online = {row["name"] for row in router.tables["ppp/active"]}
+        return {s: "off" if disabled.get(n, True) and n not in online else "on"
+                for s, n in ((s, s.removeprefix("ppp/secret/")) for s in services)}
 
     try:
         with refusing_port() as closed:
@@ -61,6 +76,9 @@ async def target(tmp_path: Path) -> AsyncIterator[Target]:
                 bad_credential=device(api.address, credential="router-wrong"),
                 notes={"server": "a fake RouterOS API written from MikroTik's API documentation (checked by "
                                  "librouteros), not RouterOS"},
+                transport="tcp",
+                bulk=[f"ppp/secret/{name}" for name in CUSTOMERS],
+                observe_many=observe_many,
             )
     finally:
         await slow.stop()

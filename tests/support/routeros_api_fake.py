@@ -36,7 +36,7 @@ import re
 import secrets
 from typing import Any
 
-from tests.support.routeros_fake import MENUS, BadRequest, Cert, RouterOsFake, matches, shown
+from tests.support.routeros_fake import MENUS, BadRequest, Cert, RouterOsFake, matches, one_of, shown
 
 Words = list[str]
 
@@ -209,7 +209,9 @@ class RouterOsApiFake:
             return trap("no such command prefix", "0")
         if verb == "print":
             proplist = attrs[".proplist"].split(",") if ".proplist" in attrs else None
-            rows = [shown(r, proplist) for r in self.router.tables[menu] if matches(r, query)]
+            any_of = one_of(query)  # many names at once: a set lookup, as the REST fake does
+            rows = [shown(r, proplist) for r in self.router.tables[menu]
+                    if (r.get(any_of[0]) in any_of[1] if any_of else matches(r, query))]
             if not rows and self._empty_reply():
                 return [["!empty"], ["!done"]]
             return [["!re", *(f"={k}={v}" for k, v in r.items())] for r in rows] + [["!done"]]
