@@ -28,9 +28,10 @@ _ROS_MISSING = (':if ([:len [/ppp secret find name={service}]] = 0) do={:error (
 
 PRESETS: dict[str, dict[str, Any]] = {
     # `systemctl is-active` answers "inactive" (3) for a unit that does not exist: check LoadState first.
+    # on = enabled and started, off = stopped and disabled: a suspended unit does not come back at reboot.
     "systemd": {
-        "on_command": "systemctl start -- {service}",
-        "off_command": "systemctl stop -- {service}",
+        "on_command": "systemctl enable --now -- {service}",
+        "off_command": "systemctl disable --now -- {service}",
         "status_command": 'state=$(systemctl show --property=LoadState --value -- {service}); '
                           '[ "$state" = loaded ] || { echo "unit "{service}" is not loaded: LoadState=$state" >&2; '
                           'exit 4; }; systemctl is-active -- {service}',
@@ -112,11 +113,13 @@ def parse_address(address: str | None) -> tuple[str, int]:
 
 
 def _regex(options: dict[str, Any], name: str) -> re.Pattern[str] | None:
+    """A pattern option; on_pattern, off_pattern and fail_pattern match per line (`^` and `$` at every
+    line, as if written with (?m)): a device may print a banner or a blank line first."""
     value = options.get(name)
     if value is None:
         return None
     try:
-        return re.compile(str(value))
+        return re.compile(str(value), re.MULTILINE if name != "service_pattern" else 0)
     except re.error as exc:
         raise ConfigError(f"ssh: {name} is not a valid regular expression: {exc}") from None
 
@@ -211,7 +214,8 @@ def command_for(opts: Options, service: str, state: State | None) -> str:
 
 def state_of(opts: Options, result: Result, what: str) -> State:
     """The state a status command reported; anything else is an error quoting what the device said."""
-    if result.exit_status is None or result.exit_status < 0:
+    no_status = result.exit_status is None or result.exit_status < 0
+    if no_status and (opts.on_pattern is None or not result.stdout.strip()):
         raise TransientError(f"{what}: the status command ended without an exit status (connection lost "
                              f"or killed by a signal)")
     if result.truncated:
@@ -223,6 +227,8 @@ def state_of(opts: Options, result: Result, what: str) -> State:
         if on != off:
             return "on" if on else "off"
         why = "both on_pattern and off_pattern" if on else "neither on_pattern nor off_pattern"
+        if no_status:  # RouterOS may send no exit status: only the output can tell, and it did not
+            raise TransientError(f"{what}: no exit status and the output matches {why}: {result.said()}")
         raise PermanentError(f"{what}: status output matches {why} (exit {result.exit_status}): {result.said()}")
     if result.exit_status == opts.status_on_exit:
         return "on"
@@ -235,6 +241,13 @@ def state_of(opts: Options, result: Result, what: str) -> State:
 def check_applied(opts: Options, result: Result, what: str) -> None:
     """Raise unless the on/off command succeeded: exit 0, and nothing matching fail_pattern."""
     status = result.exit_status
+    if (status is None or status < 0) and opts.fail_pattern is not None:
+        # RouterOS may close the channel without an exit status: its output says whether it failed, and
+        # the executor's read-back says whether it worked
+        text = (result.stdout + b"\n" + result.stderr).decode(errors="replace")
+        if opts.fail_pattern.search(text):
+            raise PermanentError(f"{what}: the device reported a failure: {clean(text.strip(), 200)}")
+        return
     if status is None or status < 0 or status in TRANSIENT_EXITS:
         ended = "without an exit status" if status is None or status < 0 else f"with exit {status}"
         raise TransientError(f"{what}: the command ended {ended}: {result.said()}")
@@ -244,6 +257,15 @@ def check_applied(opts: Options, result: Result, what: str) -> None:
         text = (result.stdout + b"\n" + result.stderr).decode(errors="replace")
         if opts.fail_pattern.search(text):
             raise PermanentError(f"{what}: the device reported a failure: {clean(text.strip(), 200)}")
+
+
+def refused_hint(opts: Options, password: bool) -> str:
+    """Why a RouterOS console may refuse a right password: once a user has an SSH public key imported,
+    RouterOS takes only that key (unless always-allow-password-login is set)."""
+    if not password or opts.quote != "routeros":
+        return ""
+    return ("; RouterOS refuses the password of a user who has an SSH public key imported (`/user ssh-keys print`): "
+            "use that key's private key as the credential, or `/ip ssh set always-allow-password-login=yes`")
 
 
 def is_private_key(secret: str) -> bool:

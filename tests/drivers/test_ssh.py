@@ -29,19 +29,23 @@ from tests.support.wait import until
 pytestmark = pytest.mark.skipif(sshd_available() is not None, reason=str(sshd_available()))
 
 FAKE_SYSTEMCTL = """#!/bin/sh
-# systemctl as far as the systemd preset uses it: units are files in $UNITS, active ones in $ACTIVE
-UNITS=@UNITS@; ACTIVE=@ACTIVE@
+# systemctl as far as the systemd preset uses it: units are files in $UNITS, active ones in $ACTIVE,
+# enabled ones (started at boot) in $ENABLED
+UNITS=@UNITS@; ACTIVE=@ACTIVE@; ENABLED=@ENABLED@
 cmd=$1; shift
+now=; [ "$1" = --now ] && now=1 && shift
 [ "$1" = --property=LoadState ] && shift && shift  # show --property=LoadState --value
 [ "$1" = -- ] && shift
 unit=$1
 case $cmd in
   show) [ -e "$UNITS/$unit" ] && echo loaded || echo not-found ;;
   is-active) [ -e "$ACTIVE/$unit" ] && { echo active; exit 0; }; echo inactive; exit 3 ;;
-  start) [ -e "$UNITS/$unit" ] || { echo "Failed to start $unit: Unit $unit not found." >&2; exit 5; }
-         touch "$ACTIVE/$unit" ;;
-  stop) [ -e "$UNITS/$unit" ] || { echo "Failed to stop $unit: Unit $unit not loaded." >&2; exit 5; }
-        rm -f "$ACTIVE/$unit" ;;
+  enable) [ -e "$UNITS/$unit" ] || { echo "Failed to enable unit: Unit file $unit.service does not exist." >&2
+                                     exit 1; }
+          touch "$ENABLED/$unit"; [ -n "$now" ] && touch "$ACTIVE/$unit"; exit 0 ;;
+  disable) [ -e "$UNITS/$unit" ] || { echo "Failed to disable unit: Unit file $unit.service does not exist." >&2
+                                      exit 1; }
+           rm -f "$ENABLED/$unit"; [ -n "$now" ] && rm -f "$ACTIVE/$unit"; exit 0 ;;
   *) echo "fake systemctl: $cmd not supported" >&2; exit 1 ;;
 esac
 """
@@ -277,24 +281,26 @@ async def test_close_ends_the_connection(box: Box) -> None:
 # -- presets -----------------------------------------------------------------------------
 
 async def test_systemd_preset_with_a_fake_systemctl(box: Box, tmp_path: Path) -> None:
-    units, active = tmp_path / "units", tmp_path / "active"
-    units.mkdir()
-    active.mkdir()
+    units, active, enabled = tmp_path / "units", tmp_path / "active", tmp_path / "enabled"
+    for d in (units, active, enabled):
+        d.mkdir()
     (units / "wifi").touch()
     script = box.bin / "systemctl"
-    script.write_text(FAKE_SYSTEMCTL.replace("@UNITS@", str(units)).replace("@ACTIVE@", str(active)))
+    script.write_text(FAKE_SYSTEMCTL.replace("@UNITS@", str(units)).replace("@ACTIVE@", str(active))
+                      .replace("@ENABLED@", str(enabled)))
     script.chmod(0o755)
     dev = Device("host", "ssh", box.sshd.address, credential="key",
                  options={"preset": "systemd", "username": "root", "host_key": box.sshd.host_key_line})
     await box.driver.probe(dev)
     assert await box.driver.read(dev, "wifi") == "off"
     await box.driver.apply(dev, "wifi", "on")
-    assert (active / "wifi").exists() and await box.driver.read(dev, "wifi") == "on"
+    assert (active / "wifi").exists() and (enabled / "wifi").exists() and await box.driver.read(dev, "wifi") == "on"
     await box.driver.apply(dev, "wifi", "off")
     assert not (active / "wifi").exists() and await box.driver.read(dev, "wifi") == "off"
+    assert not (enabled / "wifi").exists(), "a suspended unit must not start again at the next boot"
     with pytest.raises(PermanentError, match="not loaded: LoadState=not-found"):
         await box.driver.read(dev, "ghost")
-    with pytest.raises(PermanentError, match="exit 5: Failed to start ghost"):
+    with pytest.raises(PermanentError, match="exit 1: Failed to enable unit"):
         await box.driver.apply(dev, "ghost", "on")
 
 
