@@ -37,12 +37,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                           'exit 4; }; systemctl is-active -- {service}',
         "probe_command": "true",
     },
-    # on = enabled at boot and running now; off = disabled and stopped. procd init scripts only.
+    # on = enabled at boot and running now; off = disabled and stopped. Running is what procd says
+    # (`ubus call service list`: an instance with "running": true), not `/etc/init.d/X running`, which
+    # answers 0 for everything on 19.07 and older. A service without procd instances (the firewall only
+    # loads rules) is listed in no_instance_services: for it, on = enabled.
     "openwrt": {
         "on_command": _SCRIPT_MISSING + "/etc/init.d/{service} enable && /etc/init.d/{service} start",
         "off_command": _SCRIPT_MISSING + "/etc/init.d/{service} disable; /etc/init.d/{service} stop",
-        "status_command": _SCRIPT_MISSING + "/etc/init.d/{service} enabled && /etc/init.d/{service} running "
+        "status_command": _SCRIPT_MISSING + "/etc/init.d/{service} enabled || exit 3; n={service}; "
+                                            "ubus call service list \"{\\\"name\\\":\\\"$n\\\"}\" "
+                                            "| jsonfilter -e '@[*].instances[*].running' | grep -qx true "
                                             "&& exit 0; exit 3",
+        "enabled_status_command": _SCRIPT_MISSING + "/etc/init.d/{service} enabled && exit 0; exit 3",
         "probe_command": "true",
     },
     # on = the PPP secret enabled; off = disabled and its live session removed (disabling alone keeps it).
@@ -81,6 +87,8 @@ class Options:
     max_output_bytes: int = MAX_OUTPUT_BYTES
     known_hosts: str | None = None
     host_keys: tuple[str, ...] = ()
+    no_instance_services: frozenset[str] = frozenset()  # read with enabled_status_command instead
+    enabled_status_command: str | None = None
 
 
 @dataclass(frozen=True)
@@ -163,12 +171,19 @@ def parse_options(options: dict[str, Any], address: str | None, default_timeout:
     probe = o.get("probe_command")
     if probe is not None and not isinstance(probe, str):
         raise ConfigError("ssh: probe_command must be a command")
+    marked = o.get("no_instance_services", [])
+    if not isinstance(marked, list) or not all(isinstance(m, str) and m for m in marked):
+        raise ConfigError("ssh: no_instance_services must be a list of service keys")
+    enabled_status = o.get("enabled_status_command")
+    if marked and (not isinstance(enabled_status, str) or not enabled_status.strip()):
+        raise ConfigError("ssh: no_instance_services needs enabled_status_command (the openwrt preset has one)")
     return Options(host=host, port=port, username=o["username"], timeout=timeout, quote=o.get("quote", "posix"),
                    service_pattern=_regex(o, "service_pattern") or re.compile(DEFAULT_SERVICE_PATTERN),
                    status_on_exit=on_exit, status_off_exit=off_exit, on_pattern=on_pattern, off_pattern=off_pattern,
                    fail_pattern=_regex(o, "fail_pattern"), probe_command=probe or None,
                    max_output_bytes=_int(o, "max_output_bytes", MAX_OUTPUT_BYTES, 1),
-                   known_hosts=known_hosts, host_keys=host_keys, **commands)
+                   known_hosts=known_hosts, host_keys=host_keys, no_instance_services=frozenset(marked),
+                   enabled_status_command=enabled_status if marked else None, **commands)
 
 
 def _host_keys(o: dict[str, Any]) -> tuple[str | None, tuple[str, ...]]:
@@ -209,6 +224,8 @@ def command_for(opts: Options, service: str, state: State | None) -> str:
     """The command that puts `service` into `state`, or reads it (state None)."""
     check_service(opts, service)
     template = {"on": opts.on_command, "off": opts.off_command, None: opts.status_command}[state]
+    if state is None and service in opts.no_instance_services and opts.enabled_status_command:
+        template = opts.enabled_status_command
     return render(template, service, opts.quote)
 
 

@@ -152,8 +152,13 @@ def test_openwrt_preset_commands() -> None:
     guard = '[ -x /etc/init.d/wifi ] || { echo "no init script /etc/init.d/"wifi >&2; exit 4; }; '
     assert p.command_for(o, "wifi", "on") == guard + "/etc/init.d/wifi enable && /etc/init.d/wifi start"
     assert p.command_for(o, "wifi", "off") == guard + "/etc/init.d/wifi disable; /etc/init.d/wifi stop"
-    assert p.command_for(o, "wifi", None) == guard + ("/etc/init.d/wifi enabled && /etc/init.d/wifi running "
-                                                      "&& exit 0; exit 3")
+    status = p.command_for(o, "wifi", None)
+    assert status.startswith(guard + "/etc/init.d/wifi enabled || exit 3; n=wifi; ubus call service list ")
+    assert "running" not in status.replace(".running'", "")  # never `/etc/init.d/wifi running`
+    marked = preset("openwrt", no_instance_services=["firewall"])
+    assert p.command_for(marked, "firewall", None) == guard.replace("wifi", "firewall") + (
+        "/etc/init.d/firewall enabled && exit 0; exit 3")
+    assert p.command_for(marked, "wifi", None) == status
 
 
 def test_routeros_cli_preset_commands() -> None:
