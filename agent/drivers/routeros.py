@@ -421,18 +421,23 @@ class RouterOsDriver:
         raise AssertionError("unreachable")
 
     async def _api_connection(self, device: Device, s: Settings, what: str) -> tuple[Connection, bool]:
-        """The device's logged-in connection, and whether it was opened just now."""
+        """The device's logged-in connection, and whether it was opened just now. One per device: a
+        connection made with the device's earlier settings is closed."""
         key = (device.id, s)
         async with self._opening.setdefault(key, asyncio.Lock()):
             conn = self._conns.get(key)
             if conn is not None and conn.usable:
                 return conn, False
-            self._conns.pop(key, None)
+            for old in [k for k in self._conns if k[0] == device.id]:
+                self._conns.pop(old).close()
+            for old in [k for k in self._opening if k[0] == device.id and k != key]:
+                del self._opening[old]
             conn = await self._api_open(device, s, what)
             self._conns[key] = conn
             return conn, True
 
     async def _api_open(self, device: Device, s: Settings, what: str) -> Connection:
+        """Connect, check the pinned certificate, log in; a failure closes what was opened."""
         host, port = s.host_port()
         tls = self._api_tls(s)
         password = self._password(device, s)
@@ -444,7 +449,7 @@ class RouterOsDriver:
                 try:
                     conn = await Connection.open(host, port, tls, s.max_reply, s.server_name)
                 except OSError as exc:
-                    if isinstance(exc, ssl.SSLError) or isinstance(exc, TimeoutError):
+                    if isinstance(exc, ssl.SSLError | TimeoutError):
                         raise
                     failure = api_error(exc, what, s, connecting=True)
                 if conn is not None:
@@ -455,6 +460,10 @@ class RouterOsDriver:
             failure = login_error(trap.message, f"{what}: login", login)
         except API_FAILURES as exc:
             failure = api_error(exc, f"{what}: login" if conn is not None else what, s)
+        except BaseException:  # cancelled (the operation's deadline): leave no half-open session behind
+            if conn is not None:
+                conn.close()
+            raise
         if failure is not None or conn is None:
             if conn is not None:
                 await conn.aclose()

@@ -20,6 +20,7 @@ from agent.drivers.routeros import COMMENT, RouterOsDriver
 from agent.errors import ConfigError, PermanentError, TransientError
 from tests.support.routeros_api_fake import RouterOsApiFake
 from tests.support.routeros_fake import Cert, RouterOsFake, self_signed
+from tests.support.wait import until
 
 pytestmark = pytest.mark.fake_backed
 USER, PASSWORD = "agent", "pw-Api-7c31e8"
@@ -221,6 +222,7 @@ async def test_a_reply_past_max_reply_bytes_is_refused(api: RouterOsApiFake, dri
     with pytest.raises(PermanentError, match="max_reply_bytes"):
         await driver.read_many(dev(api, max_reply_bytes=2048), services)
     assert set((await driver.read_many(dev(api), services)).values()) == {"on"}
+    await until(lambda: api.open_connections == 1, timeout=5, what="one connection per device")
 
 
 async def test_what_rest_changed_the_api_sees(context: DriverContext, driver: RouterOsDriver) -> None:

@@ -102,6 +102,10 @@ class RouterOsApiFake:
             self._server.close()
             await self._server.wait_closed()
 
+    @property
+    def open_connections(self) -> int:
+        return len(self._writers)
+
     def drop(self) -> None:
         for writer in list(self._writers):
             writer.close()
