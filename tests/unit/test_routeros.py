@@ -255,6 +255,7 @@ def test_auth_redirect_and_server_errors() -> None:
     login = "user 'agent' (password file 'router-1')"
     refused = classify(401, b'{"error":401,"message":"Unauthorized"}', "w", login)
     assert isinstance(refused, ConfigError) and "'router-1'" in str(refused)
+    assert "allowed addresses" in str(refused), "RouterOS says 401 for a login from outside the user's addresses too"
     moved = classify(301, b"", "w", login, "https://elsewhere.example/\x1b[2J")
     assert isinstance(moved, PermanentError) and "elsewhere.example" in str(moved) and "\x1b" not in str(moved)
     assert type(classify(503, b"<html>busy</html>", "w", login)) is TransientError
