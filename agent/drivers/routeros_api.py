@@ -241,7 +241,14 @@ class Connection:
         rows: list[Attrs] = []
         trap: Trap | None = None
         while True:
-            sentence = parse_sentence(await read_sentence(self._reader, budget))
+            try:
+                words = await read_sentence(self._reader, budget)
+            except asyncio.IncompleteReadError:
+                if trap is None:
+                    raise
+                self._broken = True  # the router closed after refusing (a login, on some releases)
+                raise trap from None
+            sentence = parse_sentence(words)
             if sentence.reply == "!fatal":
                 raise Fatal(sentence.text)
             if sentence.tag is not None and sentence.tag != tag:

@@ -143,6 +143,9 @@ class Wire:
         self.sent.append(words)
         tag = next(w for w in words if w.startswith(".tag="))
         for sentence in self.answers.pop(0):
+            if sentence == ["<eof>"]:  # the router closes the connection here
+                self.reader.feed_eof()
+                continue
             own = sentence[0] == "!fatal" or any(w.startswith(".tag=") for w in sentence)
             self.reader.feed_data(encode_sentence(sentence if own else [*sentence, tag]))
 
@@ -200,6 +203,13 @@ async def test_fatal_and_a_too_long_reply_close_the_connection() -> None:
     with pytest.raises(ReplyTooLong):
         await small.call(["/ppp/secret/print"])
     assert not small.usable
+
+
+async def test_a_trap_the_router_closes_after_is_still_the_trap() -> None:
+    conn, _ = connection([[["!trap", "=message=invalid user name or password (6)"], ["<eof>"]]])  # no !done
+    with pytest.raises(Trap, match="invalid user name"):
+        await conn.login("agent", "wrong")
+    assert not conn.usable
 
 
 async def test_replies_to_another_tag_are_skipped() -> None:
