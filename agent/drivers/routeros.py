@@ -460,6 +460,10 @@ class RouterOsDriver:
             failure = login_error(trap.message, f"{what}: login", login)
         except API_FAILURES as exc:
             failure = api_error(exc, f"{what}: login" if conn is not None else what, s)
+            if conn is not None and isinstance(exc, asyncio.IncompleteReadError | ConnectionError):
+                failure = TransientError(f"{failure} before answering the login: if it keeps doing so, check that "
+                                         f"the router's {'api-ssl' if s.tls else 'api'} service allows this host "
+                                         f"(`/ip service print`, column ADDRESS)")
         except BaseException:  # cancelled (the operation's deadline): leave no half-open session behind
             if conn is not None:
                 conn.close()

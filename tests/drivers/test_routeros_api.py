@@ -404,3 +404,19 @@ async def test_device_test_fails_naming_a_list_no_rule_uses(reached: tuple[Route
     router.add("ip/firewall/raw", chain="prerouting", action="drop", src_address_list="blocked")
     result = await run(d, d.id, None, context, known)
     assert result.ok, as_text(result)
+
+
+async def test_a_service_that_closes_at_once_points_at_its_allowed_addresses(driver: RouterOsDriver) -> None:
+    import asyncio
+
+    async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()  # as RouterOS does when /ip service api address= leaves this host out
+
+    server = await asyncio.start_server(close_at_once, "127.0.0.1", 0)
+    try:
+        address = f"api://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        with pytest.raises(TransientError, match=r"api service allows this host \(`/ip service print`"):
+            await driver.probe(Device("r", "routeros", address, credential="router-1", options={"username": USER}))
+    finally:
+        server.close()
+        await server.wait_closed()
