@@ -66,8 +66,9 @@ class Driver(Protocol):
     async def apply(self, device: Device, service: str, state: State) -> None:
         """Ask the device to put `service` into `state`; the caller verifies by reading."""
 
-    async def probe(self, device: Device) -> None:
-        """Return when the device answers; raise UnreachableError/TransientError when not."""
+    async def probe(self, device: Device) -> str | None:
+        """Return when the device answers; raise UnreachableError/TransientError when not. May return
+        what answered (e.g. "RouterOS 7.16 over REST (https)"), which `agentctl device test` shows."""
 
     async def close(self) -> None: ...
 
