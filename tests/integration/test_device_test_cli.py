@@ -61,7 +61,8 @@ async def test_without_service_nothing_is_read(db, dsn, creds):
     await add(db, Device("sim-2", "sim"))
     proc = await device_test(dsn, creds, "sim-2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "read" not in proc.stdout and "PASS  credential: none named" in proc.stdout
+    assert "PASS  read" not in proc.stdout and "PASS  credential: none named" in proc.stdout
+    assert "no service was read: add --service KEY" in proc.stdout
 
 
 async def test_http_device_answers_with_the_state_and_nothing_is_written(db, dsn, creds, box):
