@@ -127,14 +127,30 @@ async def enqueue(conn: asyncpg.Connection, queue: str | None, device: str, serv
         json.dumps(kw["meta"]) if kw.get("meta") is not None else None, action, kw.get("delay", 0), queue)
 
 
+def dead_letter_fields(headers: str | None) -> dict[str, Any]:
+    """reason, origin_msg_id and attempts of a dead letter, from headers that may be any JSON (pure).
+
+    The agent writes an object; a dead letter of an older release whose message had array headers
+    carries the reason appended to the array as an object; anything else carries neither."""
+    doc: Any = json.loads(headers) if headers else None
+    found: dict[str, Any] = {}
+    for part in [doc] if isinstance(doc, dict) else doc if isinstance(doc, list) else []:
+        if isinstance(part, dict):
+            found.update(part)
+    origin = found.get("origin_msg_id")
+    reason = found.get("reason")
+    return {"reason": reason if isinstance(reason, str) else None,
+            "origin_msg_id": origin if isinstance(origin, int) and not isinstance(origin, bool) else None}
+
+
 async def dlq_list(conn: asyncpg.Connection, q: Queries, limit: int = 100) -> list[dict[str, Any]]:
     rows = await conn.fetch(q.dlq_list, limit)
     out = []
     for r in rows:
-        headers = json.loads(r["headers"]) if r["headers"] else {}
-        out.append({"dlq_id": r["msg_id"], "enqueued_at": r["enqueued_at"],
-                    "reason": headers.get("reason"), "origin_msg_id": headers.get("origin_msg_id"),
-                    "message": json.loads(r["message"]) if r["message"] else None, "headers": headers})
+        fields = dead_letter_fields(r["headers"])
+        out.append({"dlq_id": r["msg_id"], "enqueued_at": r["enqueued_at"], **fields,
+                    "message": json.loads(r["message"]) if r["message"] else None,
+                    "headers": json.loads(r["headers"]) if r["headers"] else {}})
     return out
 
 
@@ -149,9 +165,9 @@ async def dlq_replay(conn: asyncpg.Connection, q: Queries, ids: list[int] | None
         rows = await conn.fetch(q.dlq_take, ids)
         moved = []
         for r in rows:
-            headers = json.loads(r["headers"]) if r["headers"] else {}
-            keep = {"origin_msg_id": headers.get("origin_msg_id"), "replayed_from_dlq": r["msg_id"],
-                    "previous_reason": headers.get("reason")}
+            fields = dead_letter_fields(r["headers"])
+            keep = {"origin_msg_id": fields["origin_msg_id"], "replayed_from_dlq": r["msg_id"],
+                    "previous_reason": fields["reason"]}
             new_id = await conn.fetchval(q.send, q.queue, r["message"], json.dumps(keep))
             moved.append((r["msg_id"], new_id))
         missing = set(ids) - {m[0] for m in moved}

@@ -5,12 +5,13 @@
 
 -- name: read
 -- Bodies over $4 bytes (headers over 8 KiB) are not fetched: their size comes instead, and they are
--- dead-lettered without ever being held in the agent. last_id: the queue's newest real msg_id (a
--- row above it was forged by hand); db_now: the database's clock, the one not_after is judged by.
+-- dead-lettered without ever being held in the agent. last_id: the newest real msg_id (every agent
+-- queue takes its ids from agent.msg_id_seq; a row above it was forged by hand); db_now: the
+-- database's clock, the one not_after is judged by.
 SELECT r.msg_id, r.read_ct, r.enqueued_at,
        CASE WHEN octet_length(t.body) <= $4 THEN t.body END AS message, octet_length(t.body) AS size,
        CASE WHEN octet_length(t.head) <= 8192 THEN t.head END AS headers, octet_length(t.head) AS headers_size,
-       (SELECT last_value FROM pgmq.{qs}) AS last_id, clock_timestamp() AS db_now
+       (SELECT last_value FROM agent.msg_id_seq) AS last_id, clock_timestamp() AS db_now
 FROM pgmq.read($1::text, $2::integer, $3::integer) r, LATERAL (SELECT r.message::text, r.headers::text) AS t(body, head);
 
 -- name: read_device
@@ -32,7 +33,7 @@ WITH cte AS (
 SELECT r.msg_id, r.read_ct, r.enqueued_at,
        CASE WHEN octet_length(t.body) <= $4 THEN t.body END AS message, octet_length(t.body) AS size,
        CASE WHEN octet_length(t.head) <= 8192 THEN t.head END AS headers, octet_length(t.head) AS headers_size,
-       (SELECT last_value FROM pgmq.{qs}) AS last_id, clock_timestamp() AS db_now
+       (SELECT last_value FROM agent.msg_id_seq) AS last_id, clock_timestamp() AS db_now
 FROM r, LATERAL (SELECT r.message::text, r.headers::text) AS t(body, head)
 ORDER BY r.msg_id;
 
@@ -97,41 +98,51 @@ WHERE m.msg_id = x.id AND m.read_ct = x.rc;
 SELECT pgmq.acquire_queue_lock($1::text);
 
 -- name: claim_devices
--- Device claims are leases: $1 agent id, $2 devices to claim (distinct), $3 their lease seconds,
--- $4 devices to release, $5 host and $6 pid of this agent, $7 agents known dead (their leases are
--- void at once). A lease held by another agent is taken over only once it expired, so an agent
--- that lost its database connection mid-operation keeps the device until that operation surely
--- ended. Claiming a device this agent holds renews its lease. `holders`: who holds the others.
+-- Device claims are leases held by a process: $1 agent id, $8 this process's instance, $2 devices
+-- to claim (distinct), $3 their lease seconds, $4 devices to release, $5 host and $6 pid of this
+-- agent, $7 instances known dead (their leases are void at once). A lease held by another process
+-- (another agent, or one started with the same agent id) is taken over only once it expired, so an
+-- agent that lost its database connection mid-operation keeps the device until that operation
+-- surely ended. Claiming a device this process holds renews its lease. `holders`: who holds the others.
 WITH released AS (
-    DELETE FROM agent.device_claims c WHERE c.agent_id = $1 AND c.device = ANY($4::text[]) RETURNING c.device
+    DELETE FROM agent.device_claims c WHERE c.instance = $8 AND c.device = ANY($4::text[]) RETURNING c.device
 ), holders AS (
-    SELECT c.device, c.agent_id, c.host, c.pid FROM agent.device_claims c
-    WHERE c.device = ANY($2::text[]) AND c.agent_id <> $1
+    SELECT c.device, c.agent_id, c.instance, c.host, c.pid FROM agent.device_claims c
+    WHERE c.device = ANY($2::text[]) AND c.instance IS DISTINCT FROM $8
 ), claimed AS (
-    INSERT INTO agent.device_claims AS c (device, agent_id, host, pid, claimed_at, expires_at)
-    SELECT x.d, $1, $5, $6, clock_timestamp(), clock_timestamp() + make_interval(secs => x.ttl)
+    INSERT INTO agent.device_claims AS c (device, agent_id, instance, host, pid, claimed_at, expires_at)
+    SELECT x.d, $1, $8, $5, $6, clock_timestamp(), clock_timestamp() + make_interval(secs => x.ttl)
     FROM unnest($2::text[], $3::double precision[]) AS x(d, ttl)
-    ON CONFLICT (device) DO UPDATE SET agent_id = EXCLUDED.agent_id, host = EXCLUDED.host, pid = EXCLUDED.pid,
-        claimed_at = EXCLUDED.claimed_at, expires_at = EXCLUDED.expires_at
-    WHERE c.agent_id = EXCLUDED.agent_id OR c.expires_at < clock_timestamp() OR c.agent_id = ANY($7::text[])
+    ON CONFLICT (device) DO UPDATE SET agent_id = EXCLUDED.agent_id, instance = EXCLUDED.instance,
+        host = EXCLUDED.host, pid = EXCLUDED.pid, claimed_at = EXCLUDED.claimed_at, expires_at = EXCLUDED.expires_at
+    WHERE c.instance = EXCLUDED.instance OR c.expires_at < clock_timestamp() OR c.instance = ANY($7::text[])
     RETURNING c.device
 )
 SELECT array(SELECT device FROM claimed) AS claimed, (SELECT count(*) FROM released) AS released,
        (SELECT coalesce(jsonb_agg(h), '[]') FROM holders h)::text AS holders;
 
 -- name: renew_claims
+-- $1 agent id, $4 this process's instance: only its own leases are renewed.
 UPDATE agent.device_claims c SET expires_at = clock_timestamp() + make_interval(secs => x.ttl)
 FROM unnest($2::text[], $3::double precision[]) AS x(d, ttl)
-WHERE c.agent_id = $1 AND c.device = x.d RETURNING c.device;
+WHERE c.agent_id = $1 AND c.instance = $4 AND c.device = x.d RETURNING c.device;
 
 -- name: release_all_claims
-DELETE FROM agent.device_claims WHERE agent_id = $1;
+DELETE FROM agent.device_claims WHERE agent_id = $1 AND instance = $2;
 
 -- name: notify_enabled
 SELECT EXISTS (SELECT 1 FROM pgmq.notify_insert_throttle WHERE queue_name = $1::text)
    AND EXISTS (SELECT 1 FROM pg_trigger
                WHERE tgname = 'trigger_notify_queue_insert_listeners'
                  AND tgrelid = to_regclass(format('pgmq.%I', 'q_' || $1::text)));
+
+-- name: msg_ids_shared
+-- Whether queue $1 takes its msg_ids from agent.msg_id_seq (agent.share_msg_ids, run by db init).
+SELECT EXISTS (SELECT 1 FROM pg_trigger
+               WHERE tgname = 'agent_msg_id' AND tgrelid = to_regclass(format('pgmq.%I', 'q_' || $1::text)));
+
+-- name: share_msg_ids
+SELECT agent.share_msg_ids($1::text);
 
 -- name: enable_notify
 SELECT pgmq.enable_notify_insert($1::text, $2::integer);
@@ -151,6 +162,11 @@ SELECT version, name, applied_at FROM agent.schema_version ORDER BY version;
 
 -- name: queue_exists
 SELECT count(*) = 2 FROM pgmq.meta WHERE queue_name IN ($1::text, $2::text);
+
+-- name: may_consume
+-- Whether this login may read and settle the queue $1 and send to its DLQ $2 (checked at start).
+SELECT has_table_privilege(format('pgmq.%I', 'q_' || $1::text), 'SELECT, UPDATE, DELETE')
+   AND has_table_privilege(format('pgmq.%I', 'q_' || $2::text), 'INSERT');
 
 -- name: dlq_list
 SELECT msg_id, enqueued_at, read_ct, message::text AS message, headers::text AS headers
@@ -180,14 +196,39 @@ SELECT min(vt) - clock_timestamp() AS wait FROM pgmq.{q}
 WHERE vt > clock_timestamp() AND NOT (msg_id = ANY($1::bigint[]));
 
 -- name: heartbeat
+-- $13 instance, $14 host_id: the row is this process's (agent_holder/register_agent); one another
+-- process has registered since (this one's heartbeat went stale) is left to it.
 INSERT INTO agent.agents AS a (agent_id, site, queue, host, pid, version, started_at, last_heartbeat, state,
-                               status, last_cycle_at, last_cycle_ms, stopped_at, figures)
-VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, $9, $10, $11, CASE WHEN $8 = 'stopped' THEN now() END, $12::jsonb)
+                               status, last_cycle_at, last_cycle_ms, stopped_at, figures, instance, host_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, $9, $10, $11, CASE WHEN $8 = 'stopped' THEN now() END, $12::jsonb,
+        $13, $14)
 ON CONFLICT (agent_id) DO UPDATE SET
     site = EXCLUDED.site, queue = EXCLUDED.queue, host = EXCLUDED.host, pid = EXCLUDED.pid,
     version = EXCLUDED.version, started_at = EXCLUDED.started_at, last_heartbeat = now(),
     state = EXCLUDED.state, status = EXCLUDED.status, last_cycle_at = EXCLUDED.last_cycle_at,
-    last_cycle_ms = EXCLUDED.last_cycle_ms, stopped_at = EXCLUDED.stopped_at, figures = EXCLUDED.figures;
+    last_cycle_ms = EXCLUDED.last_cycle_ms, stopped_at = EXCLUDED.stopped_at, figures = EXCLUDED.figures,
+    instance = EXCLUDED.instance, host_id = EXCLUDED.host_id
+WHERE a.instance IS NULL OR a.instance = EXCLUDED.instance;
+
+-- name: agent_holder
+-- The process registered under agent id $1 (agent/identity.py): where it runs, how fresh its
+-- heartbeat is, and the row's version (xmin) for register_agent's compare and set.
+SELECT host, host_id, pid, state, version, extract(epoch FROM now() - last_heartbeat) AS heartbeat_age,
+       xmin::text AS token
+FROM agent.agents WHERE agent_id = $1;
+
+-- name: register_agent
+-- Record this process ($7 instance, $8 host_id) under agent id $1, replacing the row only as
+-- agent_holder read it ($9: its xmin; NULL: there was none). True when registered.
+INSERT INTO agent.agents AS a (agent_id, site, queue, host, pid, version, started_at, last_heartbeat, state,
+                               instance, host_id)
+VALUES ($1, $2, $3, $4, $5, $6, now(), now(), 'starting', $7, $8)
+ON CONFLICT (agent_id) DO UPDATE SET
+    site = EXCLUDED.site, queue = EXCLUDED.queue, host = EXCLUDED.host, pid = EXCLUDED.pid,
+    version = EXCLUDED.version, started_at = EXCLUDED.started_at, last_heartbeat = now(), state = 'starting',
+    status = NULL, stopped_at = NULL, instance = EXCLUDED.instance, host_id = EXCLUDED.host_id
+WHERE a.xmin::text = $9::text
+RETURNING true;
 
 -- name: queue_stats
 -- Cheap sample for metrics and status: counts are capped, the oldest message is found by msg_id.
@@ -197,9 +238,11 @@ SELECT (SELECT count(*) FROM (SELECT 1 FROM pgmq.{q} LIMIT $1) s) AS depth,
        (SELECT extract(epoch FROM clock_timestamp() - enqueued_at) FROM pgmq.{dq} ORDER BY msg_id LIMIT 1) AS dlq_oldest;
 
 -- name: drifted
--- desired_failed: its newest command was dead-lettered, so reconciliation leaves it as it is.
-SELECT device, service, desired, observed, desired_failed AS failed, last_error FROM agent.service_state
-WHERE desired IS NOT NULL AND desired IS DISTINCT FROM observed ORDER BY device, service LIMIT $1;
+-- The drift of one site's devices ($2), at most $1 rows. desired_failed: its newest command was
+-- dead-lettered, so reconciliation leaves it as it is.
+SELECT s.device, s.service, s.desired, s.observed, s.desired_failed AS failed, s.last_error
+FROM agent.service_state s JOIN agent.devices d ON d.id = s.device AND d.site = $2
+WHERE s.desired IS NOT NULL AND s.desired IS DISTINCT FROM s.observed ORDER BY s.device, s.service LIMIT $1;
 
 -- name: fleet
 SELECT agent_id, site, queue, host, pid, version, started_at, last_heartbeat, state, status,
@@ -209,7 +252,7 @@ FROM agent.agents WHERE $1::text IS NULL OR site = $1 ORDER BY site, agent_id;
 -- name: fleet_sites
 -- Every site ($1 NULL) or one: recorded (agent.sites), served by an agent, or holding devices. Its
 -- recorded queue; its leader: the backend holding the leadership advisory lock
--- (agent/reconcile/leader.py: class $2, object hashtext(site)), by its application_name; its
+-- (agent/reconcile/leader.py: class $2, object the site's key), by its application_name; its
 -- devices found unreachable (agent.reachability, written by the agents' VPN guard). pg_locks and
 -- the reachability rows are read once for all sites.
 WITH names AS (
@@ -230,7 +273,8 @@ SELECT n.name AS site, s.queue, l.application_name AS leader_backend,
        coalesce(u.devices, '[]')::text AS unreachable
 FROM names n
 LEFT JOIN agent.sites s ON s.name = n.name
-LEFT JOIN leaders l ON l.key = (hashtext(n.name)::bigint & 4294967295)
+LEFT JOIN agent.site_keys k ON k.site = n.name
+LEFT JOIN leaders l ON l.key = k.key
 LEFT JOIN unreachable u ON u.site = n.name
 WHERE $1::text IS NULL OR n.name = $1
 ORDER BY n.name;
@@ -249,22 +293,27 @@ SELECT queue_name FROM pgmq.meta;
 -- $3 [{id, rc, delay, park, bounces}]: make visible again later (bounces: the new count, from the agent)
 -- $4 states  $5 events  $6 agent id  $7 reconcile results
 -- $8 keep settled messages in PGMQ's archive (false: AGENT_ARCHIVE=false, they are deleted; the audit is in events)
+-- $9 this queue's name (moves go through agent.move_message: an agent may send to no other queue)
 WITH done AS (
     DELETE FROM pgmq.{q} m
     USING jsonb_to_recordset($1::jsonb) AS f(id bigint, rc integer, h jsonb, dest text)
-    WHERE m.msg_id = f.id AND m.read_ct = f.rc
-    RETURNING m.msg_id, m.vt, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers, f.h, f.dest
+    WHERE m.msg_id = f.id AND m.read_ct = f.rc AND f.dest IS NULL
+    RETURNING m.msg_id, m.vt, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers, f.h
 ), archived AS (
     INSERT INTO pgmq.{a} (msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers)
     SELECT msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers FROM done WHERE $8::boolean
     RETURNING msg_id
 ), dead AS (
-    SELECT pgmq.send($2::text, d.message, coalesce(d.headers, '{}'::jsonb) || d.h) AS dlq_id
-    FROM done d WHERE d.h IS NOT NULL AND d.dest IS NULL
+    -- headers that are not an object (a plain pgmq.send may put any JSON there) are kept whole under
+    -- original_headers: the reason is always a key of an object, never appended to an array
+    SELECT pgmq.send($2::text, d.message, CASE WHEN jsonb_typeof(d.headers) = 'object' THEN d.headers
+                                               WHEN coalesce(jsonb_typeof(d.headers), 'null') = 'null' THEN '{}'::jsonb
+                                               ELSE jsonb_build_object('original_headers', d.headers)
+                                          END || d.h) AS dlq_id
+    FROM done d WHERE d.h IS NOT NULL
 ), moved AS (   -- its version there is its new msg_id: this queue's origin_msg_id and bounces stay behind
-    SELECT pgmq.send(d.dest, d.message, (CASE WHEN jsonb_typeof(d.headers) = 'object' THEN d.headers
-                                              ELSE '{}'::jsonb END - 'origin_msg_id' - 'bounces') || d.h)
-    FROM done d WHERE d.dest IS NOT NULL
+    SELECT f.id AS msg_id FROM jsonb_to_recordset($1::jsonb) AS f(id bigint, rc integer, dest text)
+    WHERE f.dest IS NOT NULL AND agent.move_message($9::text, f.id, f.rc, f.dest, $8::boolean) IS NOT NULL
 ), later AS (
     UPDATE pgmq.{q} m SET vt = clock_timestamp() + make_interval(secs => l.delay),
            headers = CASE WHEN l.park
@@ -336,7 +385,7 @@ WITH done AS (
 ), synced AS (   -- $7: reconcile messages finished here, with what they found (only those archived now)
     SELECT x.* FROM jsonb_to_recordset($7::jsonb)
          AS x(msg_id bigint, run bigint, device text, items jsonb, in_sync integer, checked integer,
-              drifted integer, repaired integer, unreadable integer, failed integer)
+              drifted integer, repaired integer, unreadable integer, failed integer, skipped text)
     JOIN done ON done.msg_id = x.msg_id
     JOIN agent.sync_devices sd ON sd.run = x.run AND sd.device = x.device  -- a forged run id records nothing
 ), items AS (
@@ -347,7 +396,7 @@ WITH done AS (
         error = EXCLUDED.error, at = now()
     RETURNING 1
 ), devs AS (
-    UPDATE agent.sync_devices d SET state = 'done', done_at = now()
+    UPDATE agent.sync_devices d SET state = 'done', done_at = now(), skipped = left(s.skipped, 500)
     FROM synced s WHERE d.run = s.run AND d.device = s.device AND d.state <> 'done'
     RETURNING d.run, d.device
 ), runs AS (
@@ -363,7 +412,8 @@ WITH done AS (
     WHERE r.id = t.run
     RETURNING r.id, r.finished_at
 )
-SELECT array(SELECT msg_id FROM done) AS left_queue, (SELECT count(*) FROM archived) AS archived,
+SELECT array(SELECT msg_id FROM done UNION ALL SELECT msg_id FROM moved) AS left_queue,
+       (SELECT count(*) FROM archived) AS archived,
        (SELECT count(*) FROM dead) AS dead,
        (SELECT count(*) FROM moved) AS moved,
        (SELECT count(*) FROM later) AS later, (SELECT count(*) FROM states) AS states,
@@ -410,8 +460,28 @@ RETURNING d.run, d.device;
 -- name: open_runs
 SELECT EXISTS (SELECT 1 FROM agent.sync_runs WHERE site = $1 AND finished_at IS NULL);
 
--- name: scheduled_run_open
-SELECT id FROM agent.sync_runs WHERE site = $1 AND kind = 'scheduled' AND finished_at IS NULL LIMIT 1;
+-- name: start_scheduled_run
+-- The leader's scheduled run of site $1 (requested by $2, its agent id): every device of the site with
+-- a desired state, except those still outstanding in an open run of the site, which that run checks.
+-- So a device that holds its run open (a slow one) never holds the others' reconciliation up. No run
+-- (run NULL) when every such device is outstanding; a finished empty run when the site has none.
+WITH todo AS (
+    SELECT DISTINCT s.device FROM agent.service_state s JOIN agent.devices d ON d.id = s.device
+    WHERE d.site = $1 AND s.desired IS NOT NULL AND NOT s.desired_failed
+), busy AS (
+    SELECT DISTINCT o.device FROM agent.sync_devices o JOIN agent.sync_runs r ON r.id = o.run
+    WHERE r.site = $1 AND r.finished_at IS NULL AND o.state <> 'done'
+), fresh AS (
+    SELECT device FROM todo EXCEPT SELECT device FROM busy
+), run AS (
+    INSERT INTO agent.sync_runs (site, kind, requested_by, devices, finished_at)
+    SELECT $1, 'scheduled', $2, count(*), CASE WHEN count(*) = 0 THEN now() END FROM fresh
+    HAVING count(*) > 0 OR NOT EXISTS (SELECT 1 FROM busy)
+    RETURNING id
+), devs AS (
+    INSERT INTO agent.sync_devices (run, device) SELECT run.id, fresh.device FROM run, fresh RETURNING 1
+)
+SELECT (SELECT id FROM run) AS run, (SELECT count(*) FROM devs) AS devices, (SELECT count(*) FROM busy) AS outstanding;
 
 -- name: finished_runs
 -- Runs of the site finished after $2 (the leader logs one summary line for each).
@@ -480,9 +550,10 @@ FROM (VALUES
 
 -- name: accept
 -- Write-ahead of intent, before any device is touched, in one statement: each request_id is
--- recorded with the command that first carried it; commands whose request_id belongs to another
--- command go no further; for the rest the newest version wins. Returns ('r', request_id, owner
--- version) and ('d', device, service, version in force: ours if accepted, else a newer one).
+-- recorded with the command that first carried it (the lowest version); commands whose request_id
+-- belongs to another command go no further; of the rest, the newest version per key wins, also
+-- when a coalesced take brings several versions of one key at once. Returns ('r', request_id, owner
+-- version) and ('d', device, service, version in force: the newest accepted, ours or a newer one).
 WITH input AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
         AS x(device text, service text, desired text, version bigint, msg_id bigint, request_id text)
@@ -493,8 +564,9 @@ WITH input AS (
     ON CONFLICT (request_id) DO UPDATE SET request_id = r.request_id
     RETURNING request_id, version
 ), fresh AS (
-    SELECT i.* FROM input i LEFT JOIN req ON req.request_id = i.request_id
+    SELECT DISTINCT ON (i.device, i.service) i.* FROM input i LEFT JOIN req ON req.request_id = i.request_id
     WHERE i.request_id IS NULL OR req.version = i.version
+    ORDER BY i.device, i.service, i.version DESC, i.msg_id DESC
 ), acc AS (
     INSERT INTO agent.service_state AS s (device, service, desired, desired_version, desired_at, last_msg_id,
                                           last_request_id, updated_at)

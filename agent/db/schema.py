@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from importlib.resources import files
@@ -56,8 +57,9 @@ async def install_pgmq(conn: asyncpg.Connection) -> str:
 
 async def init_database(conn: asyncpg.Connection, queue: str, throttle_ms: int = 250,
                         site: str = "default") -> dict[str, object]:
-    """Bring the database to the current schema, create the queue, its DLQ and notifications, and
-    record the queue as the site's (producers' commands for the site's devices are sent there)."""
+    """Bring the database to the current schema, create the queue (its ids from the sequence all
+    agent queues share), its DLQ and notifications, and record the queue as the site's (producers'
+    commands for the site's devices are sent there)."""
     q = Queries(queue)
     await conn.execute("SELECT pg_advisory_lock(hashtext($1))", _LOCK)
     try:
@@ -67,6 +69,7 @@ async def init_database(conn: asyncpg.Connection, queue: str, throttle_ms: int =
             recorded = await record_site(conn, site, q.queue)
             for name in (q.queue, q.dlq):
                 await conn.execute("SELECT pgmq.create($1)", name)
+            await conn.execute(q.share_msg_ids, q.queue)
             await conn.execute(q.device_index)
             for table, options in storage_options(q).items():
                 await conn.execute(f"ALTER TABLE {table} SET ({options})")
@@ -76,11 +79,12 @@ async def init_database(conn: asyncpg.Connection, queue: str, throttle_ms: int =
                 "INSERT INTO agent.config (key, value) VALUES ('default_queue', $1) ON CONFLICT DO NOTHING",
                 q.queue,
             )
-        roles = await ensure_roles(conn, q)
+        roles = await ensure_roles(conn, q, site)
     finally:
         await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", _LOCK)
     return {"pgmq": pgmq, "migrations_applied": applied, "schema_version": SCHEMA_VERSION,
-            "queue": q.queue, "dlq": q.dlq, "roles": roles, "site": site, "site_recorded": recorded}
+            "queue": q.queue, "dlq": q.dlq, "roles": roles, "site": site, "site_recorded": recorded,
+            "worker_role": worker_role(site)}
 
 
 async def record_site(conn: asyncpg.Connection, site: str, queue: str) -> bool:
@@ -149,26 +153,52 @@ def storage_options(q: Queries) -> dict[str, str]:
             "agent.service_state": _UPDATED, "agent.device_claims": _UPDATED, "agent.agents": _UPDATED}
 
 
-ROLES = ("agent_producer", "agent_worker")
+ROLES = ("agent_producer", "agent_worker", "agent_worker_common")
+_ROLE_SAFE = re.compile(r"^[a-z0-9_]{1,49}$")
 
 
-def roles_sql(q: Queries) -> str:
-    """The grants of the two group roles for one queue (agent/db/roles.sql, identifiers filled in)."""
+def worker_role(site: str) -> str:
+    """The NOLOGIN role of one site's agents (pure): agent_worker_<site> for a site named in lower-case
+    letters, digits and _ (up to 49), else a slug of the name and 8 hex digits of its SHA-256, so
+    every site has its own role and every role name is a plain identifier of at most 62 characters."""
+    if _ROLE_SAFE.match(site) and site != "common":  # agent_worker_common is every site's
+        return f"agent_worker_{site}"
+    slug = re.sub(r"[^a-z0-9_]+", "_", site.lower()).strip("_")[:40]
+    return f"agent_worker_{slug + '_' if slug else ''}{hashlib.sha256(site.encode()).hexdigest()[:8]}"
+
+
+def _sections() -> dict[str, str]:
     text = files("agent.db").joinpath("roles.sql").read_text()
+    parts = re.split(r"^-- section: (\w+)\s*$", text, flags=re.M)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+def roles_sql(q: Queries, site: str = "default") -> str:
+    """The grants of the group roles for one queue and its site (agent/db/roles.sql, identifiers
+    filled in): agent_worker and the site's role get the queue, the site's role its site's rows."""
     idents = {"q": f"q_{q.queue}", "a": f"a_{q.queue}", "dq": f"q_{q.dlq}", "da": f"a_{q.dlq}",
               "qs": f"q_{q.queue}_msg_id_seq", "dqs": f"q_{q.dlq}_msg_id_seq"}
-    for key, name in idents.items():
-        text = text.replace("{" + key + "}", quote_ident(name))
-    return text.replace("{queue}", q.queue)
+    sections = _sections()
+
+    def fill(text: str, role: str) -> str:
+        for key, name in idents.items():
+            text = text.replace("{" + key + "}", quote_ident(name))
+        return text.replace("{role}", quote_ident(role)).replace("{site}", _literal(site))
+
+    mine = worker_role(site)
+    return "".join([sections["common"], fill(sections["queue"], "agent_worker"), fill(sections["queue"], mine),
+                    fill(sections["site"], mine)])
 
 
-async def ensure_roles(conn: asyncpg.Connection, q: Queries) -> str:
-    """Create the NOLOGIN group roles if missing and (re)apply their grants. Returns what was done;
-    without CREATEROLE the roles must be made by a superuser (the message says how)."""
-    missing = [r for r in ROLES if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", r)]
+async def ensure_roles(conn: asyncpg.Connection, q: Queries, site: str = "default") -> str:
+    """Create the NOLOGIN group roles if missing (the site's among them) and (re)apply their grants.
+    Returns what was done; without CREATEROLE the roles must be made by a superuser (the message
+    says how)."""
+    wanted = (*ROLES, worker_role(site))
+    missing = [r for r in wanted if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", r)]
     for role in missing:
         try:
-            await conn.execute(f"CREATE ROLE {role} NOLOGIN")
+            await conn.execute(f"CREATE ROLE {quote_ident(role)} NOLOGIN")
         except asyncpg.DuplicateObjectError:  # made meanwhile by a concurrent init
             pass
         except asyncpg.InsufficientPrivilegeError:
@@ -177,7 +207,7 @@ async def ensure_roles(conn: asyncpg.Connection, q: Queries) -> str:
                         extra={"action": "roles_missing"})
             return "missing: " + ", ".join(missing)
     async with conn.transaction():
-        await conn.execute(roles_sql(q))
+        await conn.execute(roles_sql(q, site))
     return "created " + ", ".join(missing) if missing else "present"
 
 
@@ -242,8 +272,19 @@ async def check_ready(conn: asyncpg.Connection, queue: str, site: str | None = N
     if not await conn.fetchval(q.queue_exists, q.queue, q.dlq):
         raise ConfigError(
             f"queue {q.queue!r} or {q.dlq!r} is missing: run `agentctl db init` with AGENT_QUEUE={q.queue}")
+    if not await conn.fetchval(q.msg_ids_shared, q.queue):
+        raise ConfigError(
+            f"queue {q.queue!r} does not take its ids from agent.msg_id_seq (it was created by an older "
+            f"agentctl), so its commands' versions cannot be compared with other queues': run `agentctl db init` "
+            f"of this release with AGENT_QUEUE={q.queue}")
     if site is not None:
         await check_site(conn, site, queue)
+        if not await conn.fetchval(q.may_consume, q.queue, q.dlq):
+            user = await conn.fetchval("SELECT current_user")
+            raise ConfigError(
+                f"role {user!r} may not read and settle queue {q.queue!r} (and its DLQ): run agentd as a member of "
+                f"the site's role, GRANT {quote_ident(worker_role(site))} TO {quote_ident(user)}; (made by "
+                f"`agentctl db init --site {site} --queue {q.queue}`, see docs/operations.md#security)")
 
 
 def init_sql(q: Queries, throttle_ms: int = 250, after: int = 0, site: str = "default") -> str:
@@ -265,14 +306,16 @@ def init_sql(q: Queries, throttle_ms: int = 250, after: int = 0, site: str = "de
     parts += ["\n-- the site's queue, dead-letter queue, insert notifications, storage parameters", "BEGIN;",
               f"SELECT agent.record_site({_literal(site)}, {lit});",
               f"SELECT pgmq.create({lit});", f"SELECT pgmq.create('{q.dlq}');",
+              f"SELECT agent.share_msg_ids({lit});",
               q.device_index + ";",
               *(f"ALTER TABLE {t} SET ({o});" for t, o in storage_options(q).items()),
               f"SELECT pgmq.enable_notify_insert({lit}, {int(throttle_ms)});",
               f"INSERT INTO agent.config (key, value) VALUES ('default_queue', {lit}) ON CONFLICT DO NOTHING;",
               "COMMIT;", "\n-- roles (see docs/operations.md#security)",
               "DO $$ BEGIN", *(f"  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{r}') THEN "
-                               f"CREATE ROLE {r} NOLOGIN; END IF;" for r in ROLES), "END $$;",
-              "BEGIN;", roles_sql(q).strip(), "COMMIT;"]
+                               f"CREATE ROLE {quote_ident(r)} NOLOGIN; END IF;" for r in (*ROLES, worker_role(site))),
+              "END $$;",
+              "BEGIN;", roles_sql(q, site).strip(), "COMMIT;"]
     return "\n".join(parts) + "\n"
 
 

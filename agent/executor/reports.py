@@ -96,7 +96,6 @@ class Outcome:
     extra_states: list[StateUpdate] = field(default_factory=list)  # a reconcile reports several services
     reconcile: bool = False            # the outcome of a reconcile message, not of a command
     move_to: str | None = None         # move: the queue the message belongs on (agent/queue/routing.py)
-    move_headers: dict[str, Any] | None = None  # move: merged into its headers there
 
 
 def merge_states(updates: Sequence[StateUpdate]) -> list[StateUpdate]:
@@ -136,15 +135,14 @@ async def write_batch(conn: asyncpg.Connection, q: Queries, agent_id: str, batch
                       archive: bool = True) -> set[int]:
     """Commit one batch in one statement; return the msg_ids whose lease was lost. `archive`: keep
     settled messages in PGMQ's archive (else they are deleted, the audit being agent.events)."""
-    args = report_args(q, agent_id, batch)
-    row = await conn.fetchrow(q.report, *args, archive)
+    row = await conn.fetchrow(q.report, *report_args(q, agent_id, batch), archive, q.queue)
     return {o.delivery.msg_id for o in batch if o.finish in _LEAVES} - set(row["left_queue"])
 
 
 def report_args(q: Queries, agent_id: str, batch: Sequence[Outcome]) -> tuple[Any, ...]:
     """The report statement's parameters. Raises ValueError for a value that cannot be JSON."""
     finish = [{"id": o.delivery.msg_id, "rc": o.delivery.read_ct, "dest": o.move_to,
-               "h": dlq_headers(o, q.queue, agent_id) if o.finish == "dead_letter" else o.move_headers}
+               "h": dlq_headers(o, q.queue, agent_id) if o.finish == "dead_letter" else None}
               for o in batch if o.finish in _LEAVES]
     later = [{"id": o.delivery.msg_id, "rc": o.delivery.read_ct, "delay": _delay(o.retry_delay),
               "park": o.finish == "park", "bounces": min(o.delivery.bounces + 1, MAX_BOUNCES)}
@@ -192,12 +190,18 @@ def _json_rows(rows: Sequence[Any]) -> str:
 
 
 class Reporter:
-    """Collects outcomes and commits them in batches on its own connection."""
+    """Collects outcomes and commits them in batches on its own connection.
+
+    A write the database cannot take right now (down, failing over, a row locked past lock_timeout:
+    `report_failure`) is retried, then its outcomes wait and are submitted again, for up to
+    `give_up_after` seconds: an applied and verified command is recorded as such once the database
+    is back, never dead-lettered for it. Only an outcome whose data the database refuses is
+    dead-lettered, once it stands alone and was refused a second time."""
 
     def __init__(self, pool: asyncpg.Pool, queries: Queries, agent_id: str,
                  on_committed: Callable[[list[Outcome], set[int]], None],
                  max_batch: int = 1000, on_failed: Callable[[str], None] | None = None,
-                 archive: bool = True) -> None:
+                 archive: bool = True, give_up_after: float = 60.0) -> None:
         self._pool = pool
         self._archive = archive  # AGENT_ARCHIVE
         self._q = queries
@@ -205,7 +209,10 @@ class Reporter:
         self._on_committed = on_committed
         self._on_failed = on_failed or (lambda _why: None)  # a report write failed: "unavailable" or "refused"
         self._max_batch = max_batch
+        self._give_up_after = give_up_after
         self._pending: list[Outcome] = []
+        self._waiting: dict[int, float] = {}  # id(outcome) -> when its report first found the database unavailable
+        self._deferred = 0  # outcomes waiting to be submitted again
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -227,33 +234,73 @@ class Reporter:
             self._wake.clear()
             while self._pending:
                 batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
-                async with self.settling:
-                    await self._commit(batch)
-            self._idle.set()
+                await self._commit(batch)
+            if not self._deferred:
+                self._idle.set()
 
     async def _commit(self, batch: list[Outcome]) -> None:
-        """Commit a batch; when Postgres rejects it, split it until the outcome it rejects stands
-        alone, so every other outcome commits and that one is dead-lettered with the reason."""
+        """Commit a batch. Unavailable: split it when one row of it may be the cause (a lock, a
+        refusal not for its data), so the others commit, else let it wait and try again. Refused
+        data: split it until the outcome refused stands alone, so every other one commits, and
+        dead-letter that one with the reason."""
         self.flushes += 1
         try:
-            lost = await self._write(batch)
+            await self._write(batch)
         except _Unavailable as exc:
-            log.error("reports given up: their messages will be redelivered after the visibility timeout",
-                      extra={"action": "report_given_up", "batch": len(batch), "error": clean(exc)})
-            self._on_committed(batch, {o.delivery.msg_id for o in batch})
-            return
+            if len(batch) > 1 and exc.split:
+                half = len(batch) // 2
+                await self._commit(batch[:half])
+                await self._commit(batch[half:])
+                return
+            await self._wait(batch, exc)
         except _Rejected as exc:
             if len(batch) > 1:
                 half = len(batch) // 2
                 await self._commit(batch[:half])
                 await self._commit(batch[half:])
                 return
-            await self._poisoned(batch[0], exc.reason)
-            return
-        if lost:
-            log.warning("lease lost: another reader took these messages",
-                        extra={"action": "lease_lost", "msg_ids": sorted(lost)})
-        self._on_committed(batch, lost)
+            await self._refused_alone(batch[0], exc)
+
+    async def _refused_alone(self, outcome: Outcome, first: _Rejected) -> None:
+        """One outcome whose data was refused: tried once more alone before it is dead-lettered."""
+        log.warning("outcome refused by the database: trying it once more alone", extra={
+            "action": "report_refused", "msg_id": outcome.delivery.msg_id, "error": clean(first.reason)})
+        try:
+            await self._write([outcome])
+        except _Unavailable as exc:
+            await self._wait([outcome], exc)
+        except _Rejected as exc:
+            await self._poisoned(outcome, exc.reason)
+
+    async def _wait(self, batch: list[Outcome], exc: _Unavailable) -> None:
+        """Outcomes the database could not take now: submitted again after a pause that grows with
+        how long they have waited; after give_up_after, given up (their messages are delivered again
+        once their lease runs out, and redone)."""
+        now = time.monotonic()
+        keep: list[Outcome] = []
+        expired: list[Outcome] = []
+        for o in batch:
+            since = self._waiting.setdefault(id(o), now)
+            (expired if now - since >= self._give_up_after else keep).append(o)
+        if expired:
+            for o in expired:
+                del self._waiting[id(o)]
+            log.error("reports given up: their messages will be redelivered after the visibility timeout",
+                      extra={"action": "report_given_up", "batch": len(expired), "error": clean(exc)})
+            async with self.settling:
+                self._on_committed(expired, {o.delivery.msg_id for o in expired})
+        if keep:
+            pause = min(5.0, max(0.5, now - min(self._waiting[id(o)] for o in keep)))
+            log.warning("reports wait for the database", extra={
+                "action": "report_waiting", "batch": len(keep), "retry_in": round(pause, 1), "error": clean(exc)})
+            self._deferred += len(keep)
+            asyncio.get_running_loop().call_later(pause, self._resubmit, keep)
+
+    def _resubmit(self, batch: list[Outcome]) -> None:
+        self._deferred -= len(batch)
+        self._pending.extend(batch)
+        self._idle.clear()
+        self._wake.set()
 
     async def _poisoned(self, outcome: Outcome, why: str) -> None:
         """An outcome Postgres refuses: dead-letter its message with the reason instead; if even that
@@ -266,41 +313,85 @@ class Reporter:
         dead = Outcome(d, "dead_letter", [ev], reason=reason, error_kind="permanent",
                        driver=outcome.driver, device=outcome.device, reconcile=outcome.reconcile)
         try:
-            lost = await self._write([dead])
+            await self._write([dead], forget=[outcome])
         except (_Unavailable, _Rejected) as exc:
             log.error("dead letter refused too: the message stays queued for a later attempt",
                       extra={"action": "report_given_up", "msg_id": d.msg_id, "error": clean(exc)})
-            self._on_committed([dead], {d.msg_id})
-            return
-        self._on_committed([dead], lost)
+            self._waiting.pop(id(outcome), None)
+            async with self.settling:
+                self._on_committed([dead], {d.msg_id})
 
-    async def _write(self, batch: list[Outcome]) -> set[int]:
-        """One batch, retried while the database is unavailable. Raises _Rejected when Postgres (or
-        the encoding before it) refuses the batch's content, _Unavailable after the retries."""
+    async def _write(self, batch: list[Outcome], forget: Sequence[Outcome] = ()) -> None:
+        """One batch, tried up to three times while the database is unavailable; once committed, its
+        callback (under `settling`, taken for each try and not across the pauses). Raises _Rejected
+        when Postgres (or the encoding before it) refuses the batch's data, _Unavailable otherwise."""
         delay = 0.2
-        for attempt in range(1, 6):
-            try:
-                async with self._pool.acquire() as conn:
-                    return await write_batch(conn, self._q, self._agent_id, batch, self._archive)
-            except UNAVAILABLE as exc:
-                self._on_failed("unavailable")
-                log.warning("report failed, will retry", extra={
-                    "action": "report_failed", "error": clean(exc), "attempt": attempt, "batch": len(batch)})
-                last: Exception = exc
-            except (asyncpg.PostgresError, ValueError, TypeError) as exc:
+        for attempt in range(1, 4):
+            async with self.settling:
+                try:
+                    async with self._pool.acquire() as conn:
+                        lost = await write_batch(conn, self._q, self._agent_id, batch, self._archive)
+                except Exception as exc:
+                    failed: Exception | None = exc
+                else:
+                    failed = None
+                    if lost:
+                        log.warning("lease lost: another reader took these messages",
+                                    extra={"action": "lease_lost", "msg_ids": sorted(lost)})
+                    for o in (*batch, *forget):
+                        self._waiting.pop(id(o), None)
+                    self._on_committed(batch, lost)
+            if failed is None:
+                return
+            kind = report_failure(failed)
+            if kind is None:
+                raise failed
+            said = f"{type(failed).__name__}: {failed}"
+            if kind == "data":
                 self._on_failed("refused")
-                raise _Rejected(f"{type(exc).__name__}: {exc}") from exc
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-        raise _Unavailable(str(last) or type(last).__name__)
+                raise _Rejected(said) from failed
+            self._on_failed(kind)
+            log.warning("report failed, will retry", extra={
+                "action": "report_failed", "error": clean(said), "attempt": attempt, "batch": len(batch)})
+            if isinstance(failed, asyncpg.ReadOnlySQLTransactionError):
+                await self._pool.expire_connections()  # a demoted primary: connect anew (to the new one)
+            if attempt < 3:
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise _Unavailable(said, kind == "refused" or (isinstance(failed, asyncpg.PostgresError)
+                                                      and failed.sqlstate in ROW_WAITS))
 
 
-# Errors that say the database is not there right now (retry the same batch), as opposed to a
-# batch whose content it refuses (split it).
-UNAVAILABLE = (TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.InternalClientError,
-               asyncpg.PostgresConnectionError,
-               asyncpg.CannotConnectNowError, asyncpg.exceptions.OperatorInterventionError,
-               asyncpg.exceptions.InsufficientResourcesError, asyncpg.exceptions.TransactionRollbackError)
+# What a failed report write says, by SQLSTATE class: the database is not available right now
+# (connection lost, failover, out of resources, a lock or statement timeout, a serialization
+# failure or deadlock), or it refuses the data (a value out of range, a constraint, a limit).
+UNAVAILABLE_CLASSES = ("08", "40", "53", "55", "57", "58")
+UNAVAILABLE_STATES = ("25006",)  # read_only_sql_transaction: a demoted primary, mid-failover
+DATA_CLASSES = ("22", "23", "54")
+# What one row of a batch can cause (as can a refusal: a row-level security policy, a trigger): split
+# the batch, so that the rest commits.
+ROW_WAITS = ("55P03", "57014", "40P01", "40001")
+
+
+def report_failure(exc: BaseException) -> Literal["unavailable", "data", "refused"] | None:
+    """What a failed report write means for its outcomes (pure). "unavailable": the database cannot
+    take them now, retry; "data": it refuses their content (or they cannot be encoded), find the one
+    refused and dead-letter it; "refused": another refusal (a privilege, a trigger), retry and never
+    dead-letter a command for it. None: not a database error (a bug: let it raise)."""
+    if isinstance(exc, asyncpg.exceptions._base.DataError):  # asyncpg could not encode a parameter
+        return "data"
+    if isinstance(exc, asyncpg.PostgresError):
+        state = exc.sqlstate or ""
+        if state[:2] in DATA_CLASSES:
+            return "data"
+        if state[:2] in UNAVAILABLE_CLASSES or state in UNAVAILABLE_STATES:
+            return "unavailable"
+        return "refused"
+    if isinstance(exc, (TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.InternalClientError)):
+        return "unavailable"
+    if isinstance(exc, (ValueError, TypeError)):
+        return "data"
+    return None
 
 
 class _Rejected(Exception):
@@ -310,4 +401,6 @@ class _Rejected(Exception):
 
 
 class _Unavailable(Exception):
-    pass
+    def __init__(self, reason: str, split: bool = False) -> None:
+        super().__init__(reason)
+        self.split = split  # one outcome of the batch may be the cause

@@ -1,11 +1,14 @@
 """Where a command goes when its device belongs to another site: moved once to that site's queue,
 dead-lettered with the reason otherwise. Pure decisions; the Reporter does the move.
 
-A move sends the same body to the right queue and removes it from this one in one statement (the
-Reporter's), marking the copy with `rerouted_from`. A marked message that is misrouted again is
-not moved a second time, so two agents that disagree about a device never pass it back and forth.
-The copy's version is its msg_id on the right queue (versions are per queue), so the agent's own
-`origin_msg_id` and `bounces` headers are not carried over.
+A move sends the same body to the right queue and removes it from this one in the Reporter's
+statement, through agent.move_message (an agent may send to no queue but its own: that function
+checks the target is the queue of the device's site), marking the copy with `rerouted_from`. A
+marked message that is misrouted again is not moved a second time, so two agents that disagree
+about a device never pass it back and forth. The copy keeps its version (`origin_msg_id`: every agent
+queue takes its ids from one sequence, so versions compare across queues, and a command moved late
+does not overtake one sent to the right queue meanwhile); its `bounces` stay behind, a count of this
+queue's deliveries.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from agent.contract import Command
 from agent.executor.reports import Delivery, EventRow, Outcome
 
 MARK = "rerouted_from"
-NOT_CARRIED = ("origin_msg_id", "bounces")  # dropped from the copy by the report statement
+NOT_CARRIED = ("origin_msg_id", "bounces")  # replaced on the copy by agent.move_message (the version kept)
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class Elsewhere:
 @dataclass(frozen=True)
 class Move:
     to: str
-    headers: dict[str, Any]  # merged into the message's headers on the target queue
+    headers: dict[str, Any]  # the mark the copy carries on the target queue (agent.move_message writes it)
 
 
 def route(d: Delivery, here: str, site: str, where: Elsewhere) -> Move | str:
@@ -77,4 +80,4 @@ def moved(d: Delivery, c: Command, move: Move, here: str, to_site: str) -> Outco
     ev = EventRow("rerouted", device=c.device, service=c.service, msg_id=d.msg_id, version=d.version,
                   request_id=c.request_id, attempt=d.attempt,
                   meta={"from_queue": here, "to_queue": move.to, "to_site": to_site})
-    return Outcome(d, "move", [ev], device=c.device, move_to=move.to, move_headers=move.headers)
+    return Outcome(d, "move", [ev], device=c.device, move_to=move.to)

@@ -133,6 +133,38 @@ async def test_agentctl_dlq_list_and_replay(db, dsn):
     assert json.loads(agentctl(dsn, "dlq", "list", "--json").stdout) == []
 
 
+async def test_a_dead_letter_whose_headers_are_not_an_object_is_listed_and_replayed_with_the_others(db, dsn):
+    """A plain pgmq.send may carry headers that are any JSON: the dead letter keeps them whole beside
+    its reason, and one such entry does not stop `dlq list` or `dlq replay --all` for every other."""
+    agentctl(dsn, "device", "add", "r1", "--driver", "sim")
+    odd = await db.fetchval("SELECT pgmq.send('device_tasks', $1::jsonb, $2::jsonb)",
+                            json.dumps({"device": "r1", "service": "a", "state": "on"}), '["trace-1"]')
+    await send(db, {"device": "r1", "service": "b", "state": "ON"})  # an ordinary bad message
+    assert (await finish_once(dsn))[0] == 1
+    first, _second = await dlq(db)
+    assert first["headers"]["original_headers"] == ["trace-1"]
+    assert first["headers"]["origin_msg_id"] == odd and "invalid headers" in first["headers"]["reason"]
+    listed = json.loads(agentctl(dsn, "dlq", "list", "--json").stdout)
+    assert len(listed) == 2 and listed[0]["origin_msg_id"] == odd
+    assert "invalid headers" in listed[0]["reason"] and "invalid command" in listed[1]["reason"]
+    assert "invalid headers" in agentctl(dsn, "dlq", "list").stdout
+    out = agentctl(dsn, "dlq", "replay", "--all").stdout
+    assert out.count("replayed DLQ entry") == 2
+    assert await dlq(db) == []
+
+
+async def test_dead_letters_of_an_older_release_with_array_headers_are_still_read(db, dsn):
+    """Before the fix the reason was appended to an array of headers: such entries stay readable."""
+    await db.fetchval("SELECT pgmq.send('device_tasks_dlq', $1::jsonb, $2::jsonb)",
+                      json.dumps({"device": "r1", "service": "a", "state": "on"}),
+                      json.dumps(["trace-1", {"reason": "invalid headers: must be a JSON object", "origin_msg_id": 7}]))
+    await db.fetchval("SELECT pgmq.send('device_tasks_dlq', '{}'::jsonb, '\"just text\"'::jsonb)")
+    listed = json.loads(agentctl(dsn, "dlq", "list", "--json").stdout)
+    assert [(e["reason"], e["origin_msg_id"]) for e in listed] == [
+        ("invalid headers: must be a JSON object", 7), (None, None)]
+    assert agentctl(dsn, "dlq", "replay", "--all").stdout.count("replayed DLQ entry") == 2
+
+
 async def test_older_command_replayed_after_a_crash_never_overrides_the_newer_one(db, dsn, tmp_path):
     """The newer command was written to the device but the daemon died before reporting it.
     Its intent was committed first, so the older command, replayed meanwhile, is superseded."""
@@ -219,3 +251,39 @@ async def test_http_device_end_to_end(db, dsn):
     assert (await state(db, "router-1", "bob"))["observed"] == "off"
     [entry] = await dlq(db)
     assert entry["message"]["service"] == "carol" and "HTTP 404" in entry["headers"]["reason"]
+
+
+async def registered(db, agent_id: str, pid: int) -> bool:  # type: ignore[no-untyped-def]
+    return await db.fetchval("SELECT pid = $2 AND state = 'ready' FROM agent.agents WHERE agent_id = $1",
+                             agent_id, pid) or False
+
+
+async def test_a_second_agentd_with_a_live_agent_id_exits_2_and_a_restart_of_a_dead_one_starts(db, dsn, tmp_path):
+    device_file = tmp_path / "r1.json"
+    agentctl(dsn, "device", "add", "r1", "--driver", "sim", "--option", f"state_file={device_file}")
+    first = spawn_agentd(dsn, agent_id="gw1", poll_interval=60)
+    try:
+        await until(lambda: registered(db, "gw1", first.pid), timeout=20, what="gw1 running")
+        code, out = finish(spawn_agentd(dsn, agent_id="gw1"))  # a copy of gw1's config, started again
+        assert code == 2, out
+        assert f"AGENT_AGENT_ID 'gw1' is in use by a running agent on this host (pid {first.pid}" in out, out
+        assert "Traceback" not in out
+        msg = int(agentctl(dsn, "enqueue", "r1", "wifi", "on").stdout)
+        await until(lambda: archived(db, msg), timeout=15, what="gw1 still at work")
+        first.send_signal(signal.SIGKILL)  # crashed: its heartbeat is fresh, its process is gone
+        first.wait(10)
+        restarted = spawn_agentd(dsn, agent_id="gw1", poll_interval=60)
+        await until(lambda: registered(db, "gw1", restarted.pid), timeout=20, what="gw1 restarted")
+        msg = int(agentctl(dsn, "enqueue", "r1", "wifi", "off").stdout)
+        await until(lambda: archived(db, msg), timeout=15, what="the restarted gw1 at work")
+        restarted.send_signal(signal.SIGKILL)
+        restarted.wait(10)
+    finally:
+        first.kill()
+        first.communicate()
+    # gone from a host this one cannot look into: it may start once the heartbeat is stale
+    await db.execute("UPDATE agent.agents SET host_id = 'gw-old/boot:x/pidns:1', last_heartbeat = now() - "
+                     "interval '1 hour' WHERE agent_id = 'gw1'")
+    code, out = finish(spawn_agentd(dsn, "--once", agent_id="gw1"))
+    assert code == 0, out
+    assert json.loads(device_file.read_text()) == {"wifi": "off"}

@@ -15,6 +15,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from agent.reconcile.leader import current_leader
 from tests.support.agents import agentctl, spawn_agentd
 from tests.support.cluster import CrashableCluster, as_user, login_role
 from tests.support.db import archived, dlq, events, state
@@ -66,7 +67,7 @@ def cluster() -> Iterator[CrashableCluster]:
 
 async def test_agentd_logged_in_as_a_worker_applies_what_a_producer_enqueued(db, dsn, worker_dsn):
     agentctl(dsn, "device", "add", "r1", "--driver", "sim")
-    proc = spawn_agentd(worker_dsn, poll_interval=60)
+    proc = spawn_agentd(worker_dsn, poll_interval=60, reconcile_schedule="1")
     try:
         await until(lambda: ready(db), timeout=15, what="agentd (agent_worker member) ready")
         async with login_role(dsn, "agent_producer") as webhook:
@@ -74,6 +75,10 @@ async def test_agentd_logged_in_as_a_worker_applies_what_a_producer_enqueued(db,
             msg = await producer.fetchval("SELECT agent.enqueue('r1', 'wifi', 'on', request_id => 'pay-1')")
             await producer.close()
         await until(lambda: archived(db, msg), timeout=15, what="command applied by agentd as agent_worker")
+        await until(lambda: current_leader(db, "default"), timeout=30, what="agentd as agent_worker leads its site")
+        await until(lambda: db.fetchval("SELECT count(*) > 0 FROM agent.sync_runs WHERE kind = 'scheduled' AND "
+                                        "checked = 1 AND finished_at IS NOT NULL"), timeout=30,
+                    what="a scheduled reconcile run by agentd as agent_worker")
     finally:
         code, out = stop(proc)
     assert code == 0, out
@@ -86,9 +91,13 @@ async def test_a_forged_queue_id_is_dead_lettered_and_never_freezes_the_key(db, 
     """A msg_id far above the queue's sequence would make every later command "superseded"."""
     r1 = tmp_path / "r1.json"
     agentctl(dsn, "device", "add", "r1", "--driver", "sim", "--option", "initial=on", "--option", f"state_file={r1}")
-    await db.execute("INSERT INTO pgmq.q_device_tasks (msg_id, vt, message) OVERRIDING SYSTEM VALUE "
-                     "VALUES ($1, now(), $2::jsonb)",
-                     FORGED_ID, json.dumps({"device": "r1", "service": "wifi", "state": "on"}))
+    forge = ("INSERT INTO pgmq.q_device_tasks (msg_id, vt, message) OVERRIDING SYSTEM VALUE "
+             "VALUES ($1, now(), $2::jsonb) RETURNING msg_id")
+    body = json.dumps({"device": "r1", "service": "refresh-only", "action": "refresh"})
+    assert await db.fetchval(forge, FORGED_ID, body) < FORGED_ID  # the insert is given an id of the sequence
+    async with db.transaction():  # past the trigger, as only a superuser can: caught when read
+        await db.execute("SET LOCAL session_replication_role = replica")
+        await db.fetchval(forge, FORGED_ID, json.dumps({"device": "r1", "service": "wifi", "state": "on"}))
     proc = spawn_agentd(dsn, poll_interval=1)
     try:
         [entry] = await until(lambda: dlq(db), timeout=15, what="forged message dead-lettered")
@@ -173,3 +182,48 @@ async def test_agentd_keeps_running_when_an_inventory_look_up_fails(db, dsn, wor
         code, out = stop(proc)
     assert code == 0, out
     assert (await state(db, "r2", "wifi"))["observed"] == "on"
+
+
+async def report_failures(port: int) -> float:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        text = await resp.text()
+    found = re.search(r"^pgmq_edge_agent_report_failures_total (\S+)$", text, re.M)
+    return float(found[1]) if found else 0.0
+
+
+async def test_a_command_whose_state_row_is_locked_past_lock_timeout_is_verified_once_the_lock_goes(
+        db, dsn, tmp_path):
+    """The agent's role has lock_timeout (as DBAs set it); an operator's transaction holds the
+    command's state row while the agent reports it. The command was applied and verified: it is
+    recorded as such once the row is free, with its events, and never dead-lettered."""
+    sim = tmp_path / "s1.json"
+    agentctl(dsn, "device", "add", "s1", "--driver", "sim", "--option", "latency=0.5",
+             "--option", f"state_file={sim}")
+    async with login_role(dsn, "agent_worker") as name:
+        await db.execute(f'ALTER ROLE "{name}" SET lock_timeout = \'200ms\'')
+        port = free_port()
+        proc = spawn_agentd(as_user(dsn, name), poll_interval=60, http_listen=f"127.0.0.1:{port}")
+        locker = await asyncpg.connect(dsn)
+        try:
+            await until(lambda: ready(db), timeout=15, what="agentd ready")
+            msg = await db.fetchval("SELECT agent.enqueue('s1', 'wifi', 'on', request_id => 'locked-1')")
+            # accepted (desired written ahead of the device), the device not yet written (0.5 s a call)
+            await until(lambda: db.fetchval("SELECT desired = 'on' FROM agent.service_state WHERE device = 's1'"),
+                        timeout=10, interval=0.005, what="the command accepted")
+            held = locker.transaction()
+            await held.start()
+            await locker.execute("SELECT 1 FROM agent.service_state WHERE device = 's1' FOR UPDATE")
+            try:
+                await until(lambda: report_failures(port), timeout=20, what="the report refused by the lock")
+                assert device_file(sim) == {"wifi": "on"} and not await archived(db, msg)
+            finally:
+                await held.rollback()
+            await until(lambda: archived(db, msg), timeout=30, what="the outcome recorded once the lock went")
+        finally:
+            await locker.close()
+            code, out = stop(proc)
+    assert code == 0, out
+    assert await dlq(db) == [], out
+    assert await events(db, msg) == ["applied", "verified"], out
+    row = await state(db, "s1", "wifi")
+    assert (row["observed"], row["desired_failed"]) == ("on", False)

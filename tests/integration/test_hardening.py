@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import asyncpg
 
@@ -77,6 +78,99 @@ async def test_an_outcome_whose_dead_letter_is_refused_too_is_left_for_a_later_d
     assert not await archived(db, msg)
     assert await db.fetchval('SELECT count(*) FROM pgmq."q_device_tasks" WHERE msg_id = $1', msg) == 1
     assert settled == [(settled[0][0], {msg})]  # given up: its room is freed, nothing else is blocked
+
+
+async def report(dsn: str, outcomes: list[Outcome], *, while_submitted: Any = None,
+                 **server_settings: str) -> tuple[list[tuple[list[Outcome], set[int]]], list[str]]:
+    """Submit outcomes to a Reporter on its own pool (with these server settings); await
+    `while_submitted(failures)` meanwhile, then until every outcome is settled."""
+    settled: list[tuple[list[Outcome], set[int]]] = []
+    failures: list[str] = []
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2, server_settings=server_settings)
+    try:
+        reporter = Reporter(pool, Q, "test-agent", lambda o, lost: settled.append((o, lost)),
+                            on_failed=failures.append)
+        task = asyncio.create_task(reporter.run())
+        for o in outcomes:
+            reporter.submit(o)
+        if while_submitted is not None:
+            await while_submitted(failures)
+        await asyncio.wait_for(reporter.drained(), 30)
+        task.cancel()
+    finally:
+        await pool.close()
+    return settled, failures
+
+
+async def test_a_report_that_waits_on_a_locked_row_is_recorded_once_the_lock_goes_not_dead_lettered(db, dsn):
+    """lock_timeout (as DBAs set it for the agent's role) while an operator's transaction holds one
+    state row: the other outcomes of the batch commit, and the blocked one, applied and verified,
+    is recorded as such once the lock is released."""
+    ids = [await send(db, {"device": "r1", "service": f"s{i}", "state": "on"}) for i in range(3)]
+    batch = [verified(d, f"s{i}") for i, d in enumerate(await read(db))]
+    await db.execute("INSERT INTO agent.service_state (device, service) VALUES ('r1', 's1')")
+    locker = await asyncpg.connect(dsn)
+    held = locker.transaction()
+    await held.start()
+    await locker.execute("SELECT 1 FROM agent.service_state WHERE device = 'r1' AND service = 's1' FOR UPDATE")
+
+    async def then_release(failures: list[str]) -> None:
+        try:
+            await until(lambda: db.fetchval('SELECT count(*) = 2 FROM pgmq."a_device_tasks" WHERE msg_id = ANY($1)',
+                                            [ids[0], ids[2]]),
+                        timeout=20, what="the outcomes of the rows not locked recorded")
+            assert "unavailable" in failures and not await archived(db, ids[1])
+        finally:
+            await held.rollback()
+            await locker.close()
+
+    settled, failures = await report(dsn, batch, while_submitted=then_release, lock_timeout="100ms")
+    assert [await archived(db, i) for i in ids] == [True, True, True]
+    assert await dlq(db) == []
+    assert (await state(db, "r1", "s1"))["observed"] == "on"
+    assert await db.fetchval("SELECT count(*) FROM agent.events WHERE kind = 'verified' AND msg_id = $1", ids[1]) == 1
+    assert sum(len(o) for o, lost in settled if not lost) == 3 and "refused" not in failures
+
+
+async def test_a_report_refused_by_a_read_only_database_is_recorded_once_it_takes_writes(db, dsn, pg_admin_dsn):
+    """Mid-failover the pool's connections reach a server that is read-only (SQLSTATE 25006): the
+    report waits, on new connections, and lands once writes are taken again."""
+    [msg] = [await send(db, {"device": "r1", "service": "s", "state": "on"})]
+    [d] = await read(db)
+    name = await db.fetchval("SELECT current_database()")
+    admin = await asyncpg.connect(pg_admin_dsn)
+    await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+
+    async def then_writable(failures: list[str]) -> None:
+        try:
+            await until(lambda: "unavailable" in failures, timeout=20, what="the report refused as read-only")
+        finally:
+            await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+            await admin.close()
+
+    settled, failures = await report(dsn, [verified(d, "s")], while_submitted=then_writable)
+    assert await archived(db, msg) and await dlq(db) == []
+    assert settled == [(settled[-1][0], set())] and "refused" not in failures
+
+
+async def test_an_outcome_refused_once_for_its_data_is_tried_again_alone_before_a_dead_letter(db, dsn):
+    """A data error (class 23) that does not come back on the second try alone is no dead letter."""
+    [msg] = [await send(db, {"device": "r1", "service": "s", "state": "on"})]
+    [d] = await read(db)
+    await db.execute("""
+        CREATE SEQUENCE agent.refusals;
+        CREATE FUNCTION agent.refuse_once() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF nextval('agent.refusals') = 1 THEN
+                RAISE EXCEPTION 'refused once' USING ERRCODE = 'check_violation';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_once BEFORE INSERT ON agent.events FOR EACH ROW EXECUTE FUNCTION agent.refuse_once();
+    """)
+    settled, failures = await report(dsn, [verified(d, "s")])
+    assert await archived(db, msg) and await dlq(db) == []
+    assert failures == ["refused"] and settled == [(settled[0][0], set())]
 
 
 async def test_a_late_report_never_moves_state_backwards(db):

@@ -4,11 +4,12 @@ import json
 import random
 from datetime import datetime, timedelta, timezone
 
+import asyncpg
 import pytest
 
 from agent.contract import Command
 from agent.executor.policy import KeyState, RetryPolicy, Verdict, command_version, decide
-from agent.executor.reports import StateUpdate, merge_states
+from agent.executor.reports import StateUpdate, merge_states, report_failure
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 
@@ -74,3 +75,30 @@ def test_merged_state_keeps_the_newest_desired_and_the_latest_observation():
     wifi = by_key[("r1", "wifi")]
     assert (wifi.desired, wifi.version, wifi.observed, wifi.observed_at, wifi.error) == ("on", 5, "off", t2, "x")
     assert len(merged) == 2
+
+
+@pytest.mark.parametrize(("error", "meaning"), [
+    (asyncpg.LockNotAvailableError("canceling statement due to lock timeout"), "unavailable"),  # 55P03
+    (asyncpg.ReadOnlySQLTransactionError("cannot execute INSERT in a read-only transaction"), "unavailable"),
+    (asyncpg.AdminShutdownError("terminating connection"), "unavailable"),  # 57P01
+    (asyncpg.QueryCanceledError("canceling statement due to statement timeout"), "unavailable"),
+    (asyncpg.ConnectionDoesNotExistError("connection was closed"), "unavailable"),  # 08003
+    (asyncpg.TooManyConnectionsError("too many"), "unavailable"),  # 53300
+    (asyncpg.SerializationError("could not serialize"), "unavailable"),
+    (asyncpg.DeadlockDetectedError("deadlock"), "unavailable"),
+    (asyncpg.InterfaceError("connection is closed"), "unavailable"),
+    (ConnectionResetError(), "unavailable"),
+    (TimeoutError(), "unavailable"),
+    (asyncpg.CheckViolationError("violates check constraint"), "data"),  # 23514
+    (asyncpg.UntranslatableCharacterError("\\u0000 cannot be converted"), "data"),  # 22P05
+    (asyncpg.ProgramLimitExceededError("total size of jsonb array elements exceeds the maximum"), "data"),
+    (asyncpg.exceptions._base.DataError("invalid input for query argument $1"), "data"),
+    (ValueError("Out of range float values are not JSON compliant"), "data"),
+    (asyncpg.InsufficientPrivilegeError("permission denied for table service_state"), "refused"),
+    (asyncpg.RaiseError("a trigger said no"), "refused"),
+    (RuntimeError("a bug"), None),
+])
+def test_a_failed_report_is_retried_unless_the_database_refuses_its_data(error, meaning):
+    """Lock timeouts, read-only transactions mid-failover, shutdowns and lost connections are
+    unavailability (retry the same outcomes); only classes 22, 23 and 54 say the data is refused."""
+    assert report_failure(error) == meaning

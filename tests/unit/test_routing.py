@@ -23,6 +23,7 @@ def delivery(headers: dict | None = None) -> Delivery:  # type: ignore[type-arg]
 def test_a_command_for_another_sites_device_moves_to_its_queue_marked_with_where_it_came_from():
     decision = route(delivery(), HERE, "default", Elsewhere("n1", "north", "north_tasks"))
     assert decision == Move("north_tasks", {"rerouted_from": {"queue": HERE, "site": "default", "msg_id": 41}})
+    # (the copy's version, origin_msg_id, is written by agent.move_message: tests/integration/test_sites.py)
 
 
 def test_a_message_moved_once_is_not_moved_again():
