@@ -304,8 +304,8 @@ async def test_month_end_through_the_agent_every_suspension_applied_once_and_ver
         await radius.fr.start_session(user, f"sess-{user}", "10.11.0.1")
     device = radius.device(max_parallel=8, timeout=10.0)
     await admin.upsert_devices(db, [device])
-    # poll_interval: a burst's last sends can miss their wake-up under load (seen with any driver); the
-    # poll brings them, and this test is about the driver.
+    # poll_interval: on a loaded machine a burst's last sends were seen to miss their wake-up (with any
+    # driver, before main's consumer changes of 2026-12-02); the poll brings them: this test is about the driver.
     async with running_agent(dsn, RadiusDriver(radius.context), require_vpn=False, poll_interval=2.0):
         ids = [await send(db, {"device": device.id, "service": f"user/{u}", "state": "off"}) for u in users]
         try:
