@@ -164,6 +164,7 @@ async def test_a_command_moved_to_its_sites_queue_is_followed_there(producer, ds
         got = await until(lambda: _having(status(producer, msg), "queued", queue="site_north"),
                           what="moved to north's queue")
     assert got["version"] == msg and got["last_msg_id"] != msg and got["device"] == "n1"
+    assert (await status(producer, got["last_msg_id"]))["version"] == msg  # the copy's id leads to it too
 
 
 async def test_an_unknown_id_is_unknown(producer):
