@@ -104,3 +104,12 @@ async def test_acceptance_of_several_versions_of_one_key_keeps_the_first_owner_a
     assert results == [(12, 11), (12, 12), (12, 11)]  # (version in force, owner of its request_id)
     row = await db.fetchrow("SELECT desired, desired_version, last_request_id FROM agent.service_state")
     assert tuple(row) == ("off", 12, "refund-1")
+
+
+async def test_a_migration_adds_event_kinds_keeping_every_kind_allowed_before(db):
+    await db.execute("SELECT agent.allow_event_kinds('x_first')")
+    await db.execute("SELECT agent.allow_event_kinds('x_second')")  # written beside the first: keeps it
+    for kind in ("verified", "rerouted", "policy_missing", "x_first", "x_second"):
+        await db.execute("INSERT INTO agent.events (kind) VALUES ($1)", kind)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await db.execute("INSERT INTO agent.events (kind) VALUES ('bogus')")
