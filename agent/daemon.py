@@ -11,17 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import signal
+import socket
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
-from agent import http
-from agent.db.connect import DB_ERRORS
+from agent import __version__, http
+from agent.db.connect import DB_ERRORS, reason
 from agent.db.connect import classify as classify_connect_error
+from agent.db.pooler import check_prepared_statements, check_session
 from agent.db.queries import Queries
 from agent.db.schema import check_ready, ensure_notify
 from agent.db.session import Session
@@ -34,6 +37,7 @@ from agent.executor.executor import Executor
 from agent.executor.parking import Parking
 from agent.executor.policy import RetryPolicy, Tuning
 from agent.executor.reports import Reporter
+from agent.identity import STALE_FACTOR, host_identity, new_instance, register
 from agent.inventory import Inventory
 from agent.lifecycle import Housekeeper
 from agent.metrics import Metrics
@@ -48,6 +52,7 @@ from agent.systemd import Notifier
 from agent.vpn.guard import VpnGuard
 
 log = logging.getLogger("agent.daemon")
+T = TypeVar("T")
 
 
 async def connect_pool(settings: Settings, attempts: int | None = None,
@@ -69,10 +74,11 @@ async def connect_pool(settings: Settings, attempts: int | None = None,
                 raise refused from None
             if attempts is not None and tried >= attempts:
                 raise
-            log.warning("database unreachable (%s); retrying in %.0fs", exc, delay,
+            why = reason(exc)
+            log.warning("database unreachable (%s); retrying in %.0fs", why, delay,
                         extra={"action": "db_unreachable"})
             if notifier:
-                notifier.status(f"starting: database unreachable ({exc})")
+                notifier.status(f"starting: database unreachable ({why})")
             await asyncio.sleep(delay * random.uniform(0.7, 1.0))
             delay = min(delay * 2, 30.0)
 
@@ -87,19 +93,22 @@ class Agent:
 
     def __init__(self, settings: Settings, pool: asyncpg.Pool, drivers: Drivers | None = None,
                  notifier: Notifier | None = None, force_stop: asyncio.Event | None = None,
-                 settings_path: Path | None = None) -> None:
+                 settings_path: Path | None = None, endpoint: http.Endpoint | None = None) -> None:
         s = self.settings = settings
+        self.endpoint = endpoint  # the HTTP endpoint run() serves from the first second, if any
         self.settings_path = settings_path  # what SIGHUP re-reads
         self.force_stop = force_stop or asyncio.Event()  # a second SIGTERM/SIGINT: skip the drain
         self.pool = pool
         self.notifier = notifier or Notifier()
         self.queries = Queries(s.queue)
+        self.instance = new_instance()  # this process: what holds device claims (agent/identity.py)
+        self.host_id = host_identity()
         self.drivers = drivers or Drivers(DriverContext(s.device_timeout, CredentialStore(s.credentials_dir)))
         self.inventory = Inventory(pool, self.queries, s.site, self.drivers)
         self.reporter = Reporter(pool, self.queries, s.agent_id, self._committed,
                                  on_failed=self._report_failed, archive=s.archive)
         self.acceptor = Acceptor(pool, self.queries)
-        self.claims = DeviceClaims(pool, self.queries, s.agent_id)
+        self.claims = DeviceClaims(pool, self.queries, s.agent_id, host=self.host_id, instance=self.instance)
         self.parking = Parking(pool, self.queries)
         self.vpn = VpnGuard(s.require_vpn, s.wg_interface, s.vpn_stale_after, s.vpn_check_interval,
                             lambda: list(self.inventory.devices.values()), pool, s.agent_id, self.wake_parked,
@@ -154,6 +163,7 @@ class Agent:
 
     def _report_failed(self, _why: str) -> None:
         self.metrics.report_failures.inc()
+        self.consumer.progressed()  # an attempt: the database is failing, not the agent
 
     def _committed(self, outcomes, lost) -> None:  # type: ignore[no-untyped-def]
         self.consumer.committed(outcomes, lost)
@@ -182,10 +192,16 @@ class Agent:
                         "throttle table): re-enabled", extra={"action": "notify_reenabled"})
             self.consumer.wake("connect")
 
-    async def start(self) -> None:
-        await self._check_session_url()
+    async def start(self, session: bool = True) -> None:
+        """Readiness checks, then the inventory and the tunnel. `session`: this run will use the session
+        connection (not `agentd --once`), so it must be a real session."""
+        await self._check_poolers(session)
         async with self.pool.acquire() as conn:
             await check_ready(conn, self.settings.queue, self.settings.site)
+            s = self.settings
+            await register(conn, self.queries, s.agent_id, self.instance, self.host_id,
+                           {"site": s.site, "queue": s.queue, "host": socket.gethostname(), "pid": os.getpid(),
+                            "version": __version__}, STALE_FACTOR * s.heartbeat_interval)
             if await ensure_notify(conn, self.settings.queue, self.settings.notify_throttle_ms):
                 log.warning("PGMQ insert notifications were off (a Postgres crash empties their UNLOGGED "
                             "throttle table): re-enabled", extra={"action": "notify_reenabled"})
@@ -194,20 +210,18 @@ class Agent:
             self.drivers.get(name)  # every driver the inventory needs loads now, not on first command
         await self.vpn.wait_for_tunnel(self.settings.vpn_grace, self.notifier.status)
 
-    async def _check_session_url(self) -> None:
-        """A separate AGENT_SESSION_DATABASE_URL that the server refuses (password, role, database,
-        sslmode, a malformed URL) is a configuration error now, not a session retried forever.
-        Unreachable is fine: the session connection retries that by itself."""
+    async def _check_poolers(self, session: bool) -> None:
+        """A pooler in between set up wrongly (PgBouncer in transaction mode for the session connection,
+        or keeping no prepared statements while asyncpg caches them) is a configuration error now, not
+        two leaders or a pool that limps. So is a separate AGENT_SESSION_DATABASE_URL that the server
+        refuses; unreachable is fine: the session connection retries that by itself."""
         s = self.settings
-        if not s.session_database_url or s.session_database_url == s.database_url:
-            return
-        try:
-            conn = await asyncpg.connect(s.session_database_url, timeout=10)
-        except (*DB_ERRORS, ValueError, ArithmeticError) as exc:
-            if refused := classify_connect_error(exc, s.session_database_url, "AGENT_SESSION_DATABASE_URL"):
-                raise refused from None
-            return
-        await conn.close()
+        separate = bool(s.session_database_url) and s.session_database_url != s.database_url
+        if session or separate:
+            await check_session(s.session_dsn, "AGENT_SESSION_DATABASE_URL" if separate else "AGENT_DATABASE_URL",
+                                is_pool_url=not separate, real_session=session)
+        if s.statement_cache_size > 0 and (separate or not session):  # else a real session was just proven
+            await check_prepared_statements(s.database_url)
 
     async def _probe(self, device: Device) -> None:
         async with asyncio.timeout(self.settings.device_timeout):
@@ -220,6 +234,8 @@ class Agent:
             "claims": self.claims.run(), "leader": self.leadership.run(self.reconciler.lead)}
         if self.settings.consume:
             services |= {"consumer": self.consumer.run(), "leases": self.consumer.keep_leases()}
+        if self.notifier.watchdog_interval:
+            services["watchdog"] = self.house.watch()
         tasks: dict[asyncio.Task[None], str] = {
             asyncio.create_task(coro, name=name): name for name, coro in services.items()}
         runner = await self._serve_http()
@@ -253,11 +269,18 @@ class Agent:
             await self.reload()
 
     async def _serve_http(self):  # type: ignore[no-untyped-def]
+        """Publish the running agent's figures on the endpoint run() started (or, for an Agent built
+        without one, start it now); returns what to clean up, if this started it."""
         hp = self.settings.http_host_port
         if hp is None:
             return None
-        return await http.start(*hp, ready=self.house.ready, status=self.house.snapshot,
-                                registry=self.metrics.registry, before_scrape=self.house.sample_queue)
+        endpoint, runner = self.endpoint, None
+        if endpoint is None:
+            endpoint = http.Endpoint(lambda: "starting")
+            runner = await endpoint.start(*hp)
+        endpoint.serve(ready=self.house.ready, status=self.house.snapshot,
+                       registry=self.metrics.registry, before_scrape=self.house.sample_queue)
+        return runner
 
     async def reload(self) -> None:
         """SIGHUP: re-read settings and inventory; settings that need a restart are named."""
@@ -349,20 +372,33 @@ async def run(settings: Settings, *, once: bool = False, drivers: Drivers | None
     loop.add_signal_handler(signal.SIGHUP, reload.set)
     notifier = Notifier()
     notifier.status("starting: connecting to the database")
-    pool = await _until_stopped(connect_pool(settings, attempts=3 if once else None, notifier=notifier), stop)
-    if pool is None:
-        return 0
-    agent = Agent(settings, pool, drivers, notifier, force, Path(config_path) if config_path else None)
+    endpoint = runner = None
+    if not once and (hp := settings.http_host_port) is not None:  # /readyz and /status from the first second
+        endpoint = http.Endpoint(lambda: notifier.last_status)
+        runner = await endpoint.start(*hp)
     try:
-        await agent.start()
-        if once:
-            return await agent.drain_once(stop)
-        await agent.run_forever(stop, reload)
-        log.info("stopped", extra={"action": "stopped"})
-        return 130 if force.is_set() else 0
+        connecting = await _until_stopped(connect_pool(settings, attempts=3 if once else None, notifier=notifier),
+                                          stop)
+        if connecting is None:
+            return 0
+        pool = connecting.result()
+        agent = Agent(settings, pool, drivers, notifier, force, Path(config_path) if config_path else None,
+                      endpoint)
+        try:
+            if (starting := await _until_stopped(agent.start(session=not once), stop)) is None:
+                return 0
+            starting.result()
+            if once:
+                return await agent.drain_once(stop)
+            await agent.run_forever(stop, reload)
+            log.info("stopped", extra={"action": "stopped"})
+            return 130 if force.is_set() else 0
+        finally:
+            await agent.drivers.close()
+            await pool.close()
     finally:
-        await agent.drivers.close()
-        await pool.close()
+        if runner is not None:
+            await runner.cleanup()
 
 
 def _on_signal(stop: asyncio.Event, force: asyncio.Event) -> None:
@@ -372,13 +408,16 @@ def _on_signal(stop: asyncio.Event, force: asyncio.Event) -> None:
     stop.set()
 
 
-async def _until_stopped(coro: Coroutine[Any, Any, asyncpg.Pool], stop: asyncio.Event) -> asyncpg.Pool | None:
-    """Connecting may wait for the database a long time: a signal meanwhile ends it cleanly."""
+async def _until_stopped(coro: Coroutine[Any, Any, T], stop: asyncio.Event) -> asyncio.Task[T] | None:
+    """Start-up may wait long (for the database, for the tunnel): a signal meanwhile ends it cleanly.
+    The finished task (its result or exception), or None when a signal came first."""
     task = asyncio.create_task(coro)
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
     stopper.cancel()
     if task.done():
-        return task.result()
+        return task
     task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
     return None

@@ -101,6 +101,9 @@ def as_text(result: Result) -> str:
             lines.append(f"      fix: {s.fix}")
     dev = clean(result.device, 200)
     lines.append(f"device {dev} can be driven" if result.ok else f"device {dev}: test failed")
+    if result.ok and result.service is None:
+        lines.append(f"no service was read: add --service KEY to read one (e.g. `agentctl device test {dev} "
+                     "--service <key>`)")
     return "\n".join(lines)
 
 

@@ -1,7 +1,9 @@
 """The device inventory of this agent's site, cached in memory and reloaded on change.
 
 A trigger on agent.devices NOTIFYs `agent_inventory`; the listener calls `changed()`, and the
-listener's every (re)connect reloads too, so a running daemon sees edits at once. The first load
+listener's every (re)connect reloads too, so a running daemon sees edits at once. Any role may send
+that NOTIFY, as often as it likes: reloads are debounced to one per RELOAD_EVERY seconds, and a change
+notified during a reload or its window gets one more reload after it, so none is missed. The first load
 also checks that this agent's queue is its site's (agent.sites): a wrong pairing refuses to start.
 """
 
@@ -15,14 +17,16 @@ from dataclasses import replace
 
 import asyncpg
 
-from agent.db.connect import DB_ERRORS
+from agent.db.connect import DB_ERRORS, reason
 from agent.db.queries import Queries
+from agent.debounce import Debounced
 from agent.drivers.base import Device, Driver
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, ConfigError
 from agent.queue.routing import Elsewhere
 
 log = logging.getLogger("agent.inventory")
+RELOAD_EVERY = 1.0  # seconds: a full reload of a site of thousands of devices costs tens of ms
 
 
 def device_from_row(row: asyncpg.Record) -> Device:
@@ -47,7 +51,8 @@ def validate_with(driver: Driver, dev: Device) -> None:
 
 
 class Inventory:
-    def __init__(self, pool: asyncpg.Pool, queries: Queries, site: str, drivers: Drivers) -> None:
+    def __init__(self, pool: asyncpg.Pool, queries: Queries, site: str, drivers: Drivers,
+                 reload_every: float = RELOAD_EVERY) -> None:
         self._pool = pool
         self._q = queries
         self._site = site
@@ -55,7 +60,7 @@ class Inventory:
         self.devices: dict[str, Device] = {}
         self.broken: dict[str, str] = {}  # device id -> why its options cannot work
         self._loaded_at = 0.0
-        self._reload: asyncio.Task[None] | None = None
+        self._reloads = Debounced(self._load_quietly, reload_every)
         self._lock = asyncio.Lock()
 
     def get(self, device_id: str) -> Device | None:
@@ -73,13 +78,12 @@ class Inventory:
             log.info("inventory loaded: %d devices (%d added, %d removed, %d misconfigured)",
                      len(devices), len(added), len(removed), len(broken),
                      extra={"action": "inventory_loaded", "site": self._site})
-        for reason in broken.values():
-            log.error(reason, extra={"action": "device_misconfigured"})
+        for why in broken.values():
+            log.error(why, extra={"action": "device_misconfigured"})
 
     def changed(self) -> None:
-        """A NOTIFY said the table changed: reload soon, coalescing bursts."""
-        if self._reload is None or self._reload.done():
-            self._reload = asyncio.create_task(self._load_quietly())
+        """A NOTIFY said the table changed: reload now, or at the end of this reload's window."""
+        self._reloads.poke()
 
     async def look_up(self, device_ids: list[str]) -> dict[str, Elsewhere]:
         """Devices a message named that the cache does not hold: they may have been added just
@@ -111,7 +115,7 @@ class Inventory:
         try:
             await self.load()
         except DB_ERRORS as exc:
-            log.warning("inventory reload failed: %s", exc, extra={"action": "inventory_failed"})
+            log.warning("inventory reload failed: %s", reason(exc), extra={"action": "inventory_failed"})
 
     def why_unknown(self, device_id: str) -> str:
         return self.broken.get(device_id) or (

@@ -1,8 +1,8 @@
 """The housekeeper: readiness, systemd STATUS and watchdog, the heartbeat row, the status snapshot.
 
-The watchdog is fed only while the consumer loop makes progress (it cycles at least every few
-seconds, also while the database is down), so an outage changes STATUS and readiness but never
-gets the agent killed; a hung loop does.
+The watchdog is fed unless the agent is stalled (agent.watchdog): an outage or a long backlog
+changes STATUS and readiness but never gets the agent killed; work that nothing moves does. The
+pings have a loop of their own that waits on nothing else, so a slow database cannot delay them.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from agent.executor.reports import Outcome
 from agent.metrics import Live
 from agent.status import Figures, healthy, snapshot, state, status_line
 from agent.text import rfc3339
+from agent.watchdog import stalled
 
 
 class Parts(Protocol):
@@ -40,6 +41,8 @@ class Parts(Protocol):
     leadership: Any
     reconciler: Any
     metrics: Any
+    instance: str  # this process, under settings.agent_id (agent/identity.py)
+    host_id: str
 
 log = logging.getLogger("agent.lifecycle")
 _SAMPLE_TTL = 10.0
@@ -144,7 +147,8 @@ class Housekeeper:
                     database_up=a.session.connected.is_set() and not self._database_error(),
                     inflight=len(a.consumer.inflight), parked=a.parking.count, queues=queues,
                     reachable={d: r.reachable for d, r in a.vpn.reach.items()}, peers=peers,
-                    leader=a.leadership.leading, last_heartbeat=self.last_beat, tables=a.reconciler.tables)
+                    leader=a.leadership.leading, last_heartbeat=self.last_beat, tables=a.reconciler.tables,
+                    pruned_at=a.reconciler.pruned_at)
 
     async def sample_queue(self, max_age: float = _SAMPLE_TTL) -> None:
         """Refresh the queue figures unless a sample younger than `max_age` exists (one statement)."""
@@ -167,34 +171,34 @@ class Housekeeper:
         f = self.figures()
         with contextlib.suppress(*DB_ERRORS):
             async with self._a.pool.acquire() as conn:
-                f.drifted = [dict(r) for r in await conn.fetch(self._a.queries.drifted, 20)]
+                f.drifted = [dict(r) for r in await conn.fetch(self._a.queries.drifted, 20, self._a.settings.site)]
         return snapshot(f)
 
     # -- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        every = self._a.notifier.watchdog_interval  # half of WATCHDOG_USEC, or None
-        tick = min(1.0, every) if every else 1.0
-        next_beat = next_ping = 0.0
+        next_beat = 0.0
         while True:
             now = time.monotonic()
-            if every and now >= next_ping:
-                next_ping = now + every
-                if self._progressing(now):
-                    self._a.notifier.watchdog()
-                else:
-                    log.error("consumer loop made no progress: watchdog not fed", extra={"action": "stalled"})
             if now >= next_beat:
                 next_beat = now + self._a.settings.heartbeat_interval
                 await self.sample_queue(max_age=self._a.settings.heartbeat_interval * 2)
                 await self.beat(None)
             self._a.notifier.status(self.status_line())
-            await asyncio.sleep(tick)
+            await asyncio.sleep(1.0)
 
-    def _progressing(self, now: float) -> bool:
-        if not self._a.settings.consume:
-            return True
-        return now - self._a.consumer.last_cycle < self._a.settings.watchdog_stall
+    async def watch(self) -> None:
+        """WATCHDOG=1 at half of WATCHDOG_USEC (the notifier's interval) unless the agent is stalled."""
+        every = self._a.notifier.watchdog_interval or 1.0
+        while True:
+            consumer = self._a.consumer
+            stall = self._a.settings.watchdog_stall
+            if not stalled(time.monotonic(), consumer.last_progress, consumer.work_waits, stall):
+                self._a.notifier.watchdog()
+            else:
+                log.error("stalled: work waits and nothing progressed for %.0f s: watchdog not fed", stall,
+                          extra={"action": "stalled", "inflight": len(consumer.inflight)})
+            await asyncio.sleep(every)
 
     async def beat(self, override: str | None) -> None:
         a, f = self._a, self.figures()
@@ -203,16 +207,21 @@ class Housekeeper:
                    "queue_depth": f.queue_depth, "listener_up": f.listener_up}
         try:
             async with a.pool.acquire() as conn:
-                await conn.execute(a.queries.heartbeat, a.settings.agent_id, a.settings.site, a.settings.queue,
-                                   socket.gethostname(), os.getpid(), __version__,
-                                   _ts(self._started_at), st, status_line(f),
-                                   _ts(a.consumer.last_cycle_wall), a.consumer.last_cycle_ms, json.dumps(figures))
+                done = await conn.execute(a.queries.heartbeat, a.settings.agent_id, a.settings.site, a.settings.queue,
+                                          socket.gethostname(), os.getpid(), __version__,
+                                          _ts(self._started_at), st, status_line(f),
+                                          _ts(a.consumer.last_cycle_wall), a.consumer.last_cycle_ms,
+                                          json.dumps(figures), a.instance, a.host_id)
         except DB_ERRORS as exc:
             self._db_error = str(exc) or type(exc).__name__
             log.warning("heartbeat failed: %s", exc, extra={"action": "heartbeat_failed"})
         else:
             self._db_error = None
             self.last_beat = time.time()
+            if done == "INSERT 0 0":  # another process registered under this agent id meanwhile
+                log.error("another process has registered as agent %s (this one's heartbeat was stale): its row "
+                          "in agent.agents is left to it; stop this one", a.settings.agent_id,
+                          extra={"action": "agent_id_taken"})
 
 
 def _ts(epoch: float | None):  # type: ignore[no-untyped-def]

@@ -75,7 +75,18 @@ def _journal() -> logging.Handler | None:
     except ImportError:
         return None
     handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="agentd")
+    handler.addFilter(JournalFields())
     return handler
+
+
+class JournalFields(logging.Filter):
+    """journald keeps only upper-case field names (it drops `action=`): each of our fields goes as
+    ACTION=, DEVICE=, MSG_ID=, ..., text escaped as in the plain format."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in _extra(record).items():
+            setattr(record, key.upper(), clean(value, 1000))
+        return True
 
 
 class PoolOutageFilter(logging.Filter):

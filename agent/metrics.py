@@ -33,8 +33,10 @@ _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 _WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
 # event kinds that end or move a delivery, as counted in pgmq_edge_agent_commands_total{outcome}
-_OUTCOME_EVENTS = {"verified", "refreshed", "superseded", "duplicate", "expired", "retried", "dead_lettered",
-                   "parked", "rerouted"}
+# commands_total counts each command once, by how it ended; command_attempts_total the deliveries
+# that did not end it (tried again later, parked for an unreachable device, moved to its site's queue).
+_OUTCOME_EVENTS = {"verified", "refreshed", "superseded", "duplicate", "expired", "dead_lettered"}
+_ATTEMPT_EVENTS = {"retried", "parked", "rerouted"}
 _RECONCILE_RESULTS = ("in_sync", "drifted", "repaired", "unreadable", "failed", "parked")
 _WAKE_SOURCES = ("start", "notify", "poll", "connect", "unpark", "catchup")
 
@@ -53,6 +55,7 @@ class Live:
     peers: dict[str, tuple[float | None, int, int, bool]] = field(default_factory=dict)  # age, rx, tx, up
     leader: bool = False
     last_heartbeat: float | None = None  # unix time of the last heartbeat row written
+    pruned_at: float | None = None       # unix time of the leader's last successful retention pass
     tables: dict[str, tuple[int, float | None]] = field(default_factory=dict)  # table -> bytes, oldest row age
 
 
@@ -81,6 +84,12 @@ class _LiveCollector:
         if live.last_heartbeat is not None:
             beat.add_metric([self._site], live.last_heartbeat)
         yield beat
+        pruned = GaugeMetricFamily(P + "retention_last_success_timestamp_seconds",
+                                   "When the site's leader last completed a retention pass (unix time; only the "
+                                   "leader exports it).", labels=["site"])
+        if live.pruned_at is not None:
+            pruned.add_metric([self._site], live.pruned_at)
+        yield pruned
         yield GaugeMetricFamily(P + "inflight_messages", "Messages read and not yet settled.", value=live.inflight)
         yield GaugeMetricFamily(P + "parked_messages", "Messages waiting for their device to be reachable.",
                                 value=live.parked)
@@ -137,7 +146,10 @@ class Metrics:
             r.register(standard)
         Info(P + "build", "Version of the running agent.", registry=r).info(
             {"version": __version__, "site": site, "queue": queue})
-        self.commands = Counter(P + "commands_total", "Deliveries by outcome and driver.",
+        self.commands = Counter(P + "commands_total", "Commands by how they ended (each command once) and driver.",
+                                ["outcome", "driver"], registry=r)
+        self.attempts = Counter(P + "command_attempts_total", "Deliveries that did not end their command: "
+                                "retried, parked (device unreachable), rerouted (moved to its site's queue).",
                                 ["outcome", "driver"], registry=r)
         self.duration = Histogram(P + "command_duration_seconds", "Device work per delivery (read, apply, verify).",
                                   ["driver"], buckets=_DURATION_BUCKETS, registry=r)
@@ -154,6 +166,9 @@ class Metrics:
         for outcome in sorted(_OUTCOME_EVENTS):  # known in advance: 0 from the start, so increase() sees the first
             for driver in sorted({*available_drivers(), "none"}):
                 self.commands.labels(outcome, driver)
+        for outcome in sorted(_ATTEMPT_EVENTS):
+            for driver in sorted({*available_drivers(), "none"}):
+                self.attempts.labels(outcome, driver)
         for result in _RECONCILE_RESULTS:
             self.reconcile.labels(result)
         self.ready = Gauge(P + "ready", "1 when the agent is ready to work.", registry=r)
@@ -164,6 +179,7 @@ class Metrics:
 
     def committed(self, outcomes: Iterable[Outcome], lost: int) -> None:
         counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        attempts: collections.Counter[tuple[str, str]] = collections.Counter()
         verified = False
         for o in outcomes:
             driver = o.driver or "none"
@@ -174,10 +190,14 @@ class Metrics:
                 if ev.kind in _OUTCOME_EVENTS:
                     counts[(ev.kind, driver)] += 1
                     verified = verified or ev.kind == "verified"
+                elif ev.kind in _ATTEMPT_EVENTS:
+                    attempts[(ev.kind, driver)] += 1
                 if ev.duration_ms is not None and ev.kind in ("verified", "refreshed", "failed"):
                     self.duration.labels(driver).observe(ev.duration_ms / 1000)
         for (kind, driver), n in counts.items():
             self.commands.labels(kind, driver).inc(n)
+        for (kind, driver), n in attempts.items():
+            self.attempts.labels(kind, driver).inc(n)
         if verified:
             self.last_success.set(time.time())
         if lost:

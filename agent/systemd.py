@@ -30,6 +30,11 @@ class Notifier:
         self._last_status = ""
 
     @property
+    def last_status(self) -> str:
+        """The last STATUS= line (also what /status says while the agent starts)."""
+        return self._last_status
+
+    @property
     def enabled(self) -> bool:
         return bool(self.socket_path)
 

@@ -25,7 +25,7 @@ from agent.db.queries import Queries, quote_ident
 from agent.db.schema import init_database, init_sql
 from agent.db.schema import status as schema_status
 from agent.drivers.base import Device
-from agent.errors import AgentError
+from agent.errors import AgentError, ConfigError
 from agent.retention import Retention
 from agent.settings import CONFIG_ENV, DEFAULT_CONFIG, Settings, config_path, load_settings
 from agent.text import clean, dumps, local_time
@@ -65,7 +65,13 @@ async def db_init(conn: asyncpg.Connection | None, s: Settings, a: argparse.Name
         print(init_sql(Queries(queue), s.notify_throttle_ms, a.after, site), end="")
         return 0
     assert conn is not None
-    result = await init_database(conn, queue, s.notify_throttle_ms, site)
+    try:
+        result = await init_database(conn, queue, s.notify_throttle_ms, site)
+    except asyncpg.InsufficientPrivilegeError as exc:
+        user = await conn.fetchval("SELECT current_user")
+        raise ConfigError(f"db init must run as the database owner, not as {user!r} ({exc}): run it with an "
+                          "AGENT_DATABASE_URL of the role that owns the database, or give a DBA its SQL: "
+                          "`agentctl db init --print-sql`") from None
     applied = ", ".join(result["migrations_applied"]) or "none (already current)"  # type: ignore[arg-type]
     print(f"PGMQ: {result['pgmq']}; migrations applied: {applied}; schema version {result['schema_version']}")
     print(f"queue {result['queue']} and dead-letter queue {result['dlq']} ready, insert notifications on")
@@ -407,7 +413,13 @@ def main(argv: list[str] | None = None) -> int:
     except asyncpg.PostgresError as exc:
         print(f"agentctl: {exc}", file=sys.stderr)
         return 1
-    except (OSError, asyncpg.InterfaceError, TimeoutError, asyncpg.InternalClientError) as exc:
+    except OSError as exc:
+        if exc.filename is not None:  # a file named on the command line, not the database connection
+            print(f"agentctl: cannot read {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        print(f"agentctl: database connection lost: {exc or type(exc).__name__}", file=sys.stderr)
+        return 1
+    except (asyncpg.InterfaceError, TimeoutError, asyncpg.InternalClientError) as exc:
         print(f"agentctl: database connection lost: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
 

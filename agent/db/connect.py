@@ -29,6 +29,8 @@ _REMEDIES: tuple[tuple[type[BaseException], str], ...] = (
      "the role may not log in (unknown role, NOLOGIN, or no pg_hba.conf entry for it): check the user in"),
     (asyncpg.InsufficientPrivilegeError, "the role lacks the CONNECT privilege on the database named in"),
     (asyncpg.ClientConfigurationError, "a connection parameter is invalid in"),
+    # asyncpg hands a query parameter it does not know (a typo: ?sslmod=...) to the server as a setting
+    (asyncpg.UndefinedObjectError, "the server does not know a parameter (a mistyped query parameter?) in"),
 )
 
 
@@ -42,6 +44,19 @@ def redact(dsn: str) -> str:
         return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
     except ValueError:
         return "(unparseable URL)"
+
+
+def reason(exc: BaseException) -> str:
+    """Why a connection attempt or statement failed, never empty: a timeout or a connection cut
+    often carries no message, and "database unreachable ()" tells the operator nothing."""
+    text = str(exc).strip()
+    if text:
+        return text
+    if isinstance(exc, TimeoutError):
+        return "no answer in time (TimeoutError): is a pooler in between waiting for a server it cannot reach?"
+    if isinstance(exc, (ConnectionError, asyncpg.InterfaceError)):
+        return f"the connection was closed without a reason ({type(exc).__name__})"
+    return f"{type(exc).__name__} without a message"
 
 
 def _said(exc: BaseException, dsn: str) -> str:

@@ -5,12 +5,13 @@
 
 -- name: read
 -- Bodies over $4 bytes (headers over 8 KiB) are not fetched: their size comes instead, and they are
--- dead-lettered without ever being held in the agent. last_id: the queue's newest real msg_id (a
--- row above it was forged by hand); db_now: the database's clock, the one not_after is judged by.
+-- dead-lettered without ever being held in the agent. last_id: the newest real msg_id (every agent
+-- queue takes its ids from agent.msg_id_seq; a row above it was forged by hand); db_now: the
+-- database's clock, the one not_after is judged by.
 SELECT r.msg_id, r.read_ct, r.enqueued_at,
        CASE WHEN octet_length(t.body) <= $4 THEN t.body END AS message, octet_length(t.body) AS size,
        CASE WHEN octet_length(t.head) <= 8192 THEN t.head END AS headers, octet_length(t.head) AS headers_size,
-       (SELECT last_value FROM pgmq.{qs}) AS last_id, clock_timestamp() AS db_now
+       (SELECT last_value FROM agent.msg_id_seq) AS last_id, clock_timestamp() AS db_now
 FROM pgmq.read($1::text, $2::integer, $3::integer) r, LATERAL (SELECT r.message::text, r.headers::text) AS t(body, head);
 
 -- name: read_device
@@ -32,7 +33,7 @@ WITH cte AS (
 SELECT r.msg_id, r.read_ct, r.enqueued_at,
        CASE WHEN octet_length(t.body) <= $4 THEN t.body END AS message, octet_length(t.body) AS size,
        CASE WHEN octet_length(t.head) <= 8192 THEN t.head END AS headers, octet_length(t.head) AS headers_size,
-       (SELECT last_value FROM pgmq.{qs}) AS last_id, clock_timestamp() AS db_now
+       (SELECT last_value FROM agent.msg_id_seq) AS last_id, clock_timestamp() AS db_now
 FROM r, LATERAL (SELECT r.message::text, r.headers::text) AS t(body, head)
 ORDER BY r.msg_id;
 
@@ -97,41 +98,51 @@ WHERE m.msg_id = x.id AND m.read_ct = x.rc;
 SELECT pgmq.acquire_queue_lock($1::text);
 
 -- name: claim_devices
--- Device claims are leases: $1 agent id, $2 devices to claim (distinct), $3 their lease seconds,
--- $4 devices to release, $5 host and $6 pid of this agent, $7 agents known dead (their leases are
--- void at once). A lease held by another agent is taken over only once it expired, so an agent
--- that lost its database connection mid-operation keeps the device until that operation surely
--- ended. Claiming a device this agent holds renews its lease. `holders`: who holds the others.
+-- Device claims are leases held by a process: $1 agent id, $8 this process's instance, $2 devices
+-- to claim (distinct), $3 their lease seconds, $4 devices to release, $5 host and $6 pid of this
+-- agent, $7 instances known dead (their leases are void at once). A lease held by another process
+-- (another agent, or one started with the same agent id) is taken over only once it expired, so an
+-- agent that lost its database connection mid-operation keeps the device until that operation
+-- surely ended. Claiming a device this process holds renews its lease. `holders`: who holds the others.
 WITH released AS (
-    DELETE FROM agent.device_claims c WHERE c.agent_id = $1 AND c.device = ANY($4::text[]) RETURNING c.device
+    DELETE FROM agent.device_claims c WHERE c.instance = $8 AND c.device = ANY($4::text[]) RETURNING c.device
 ), holders AS (
-    SELECT c.device, c.agent_id, c.host, c.pid FROM agent.device_claims c
-    WHERE c.device = ANY($2::text[]) AND c.agent_id <> $1
+    SELECT c.device, c.agent_id, c.instance, c.host, c.pid FROM agent.device_claims c
+    WHERE c.device = ANY($2::text[]) AND c.instance IS DISTINCT FROM $8
 ), claimed AS (
-    INSERT INTO agent.device_claims AS c (device, agent_id, host, pid, claimed_at, expires_at)
-    SELECT x.d, $1, $5, $6, clock_timestamp(), clock_timestamp() + make_interval(secs => x.ttl)
+    INSERT INTO agent.device_claims AS c (device, agent_id, instance, host, pid, claimed_at, expires_at)
+    SELECT x.d, $1, $8, $5, $6, clock_timestamp(), clock_timestamp() + make_interval(secs => x.ttl)
     FROM unnest($2::text[], $3::double precision[]) AS x(d, ttl)
-    ON CONFLICT (device) DO UPDATE SET agent_id = EXCLUDED.agent_id, host = EXCLUDED.host, pid = EXCLUDED.pid,
-        claimed_at = EXCLUDED.claimed_at, expires_at = EXCLUDED.expires_at
-    WHERE c.agent_id = EXCLUDED.agent_id OR c.expires_at < clock_timestamp() OR c.agent_id = ANY($7::text[])
+    ON CONFLICT (device) DO UPDATE SET agent_id = EXCLUDED.agent_id, instance = EXCLUDED.instance,
+        host = EXCLUDED.host, pid = EXCLUDED.pid, claimed_at = EXCLUDED.claimed_at, expires_at = EXCLUDED.expires_at
+    WHERE c.instance = EXCLUDED.instance OR c.expires_at < clock_timestamp() OR c.instance = ANY($7::text[])
     RETURNING c.device
 )
 SELECT array(SELECT device FROM claimed) AS claimed, (SELECT count(*) FROM released) AS released,
        (SELECT coalesce(jsonb_agg(h), '[]') FROM holders h)::text AS holders;
 
 -- name: renew_claims
+-- $1 agent id, $4 this process's instance: only its own leases are renewed.
 UPDATE agent.device_claims c SET expires_at = clock_timestamp() + make_interval(secs => x.ttl)
 FROM unnest($2::text[], $3::double precision[]) AS x(d, ttl)
-WHERE c.agent_id = $1 AND c.device = x.d RETURNING c.device;
+WHERE c.agent_id = $1 AND c.instance = $4 AND c.device = x.d RETURNING c.device;
 
 -- name: release_all_claims
-DELETE FROM agent.device_claims WHERE agent_id = $1;
+DELETE FROM agent.device_claims WHERE agent_id = $1 AND instance = $2;
 
 -- name: notify_enabled
 SELECT EXISTS (SELECT 1 FROM pgmq.notify_insert_throttle WHERE queue_name = $1::text)
    AND EXISTS (SELECT 1 FROM pg_trigger
                WHERE tgname = 'trigger_notify_queue_insert_listeners'
                  AND tgrelid = to_regclass(format('pgmq.%I', 'q_' || $1::text)));
+
+-- name: msg_ids_shared
+-- Whether queue $1 takes its msg_ids from agent.msg_id_seq (agent.share_msg_ids, run by db init).
+SELECT EXISTS (SELECT 1 FROM pg_trigger
+               WHERE tgname = 'agent_msg_id' AND tgrelid = to_regclass(format('pgmq.%I', 'q_' || $1::text)));
+
+-- name: share_msg_ids
+SELECT agent.share_msg_ids($1::text);
 
 -- name: enable_notify
 SELECT pgmq.enable_notify_insert($1::text, $2::integer);
@@ -185,14 +196,39 @@ SELECT min(vt) - clock_timestamp() AS wait FROM pgmq.{q}
 WHERE vt > clock_timestamp() AND NOT (msg_id = ANY($1::bigint[]));
 
 -- name: heartbeat
+-- $13 instance, $14 host_id: the row is this process's (agent_holder/register_agent); one another
+-- process has registered since (this one's heartbeat went stale) is left to it.
 INSERT INTO agent.agents AS a (agent_id, site, queue, host, pid, version, started_at, last_heartbeat, state,
-                               status, last_cycle_at, last_cycle_ms, stopped_at, figures)
-VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, $9, $10, $11, CASE WHEN $8 = 'stopped' THEN now() END, $12::jsonb)
+                               status, last_cycle_at, last_cycle_ms, stopped_at, figures, instance, host_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8, $9, $10, $11, CASE WHEN $8 = 'stopped' THEN now() END, $12::jsonb,
+        $13, $14)
 ON CONFLICT (agent_id) DO UPDATE SET
     site = EXCLUDED.site, queue = EXCLUDED.queue, host = EXCLUDED.host, pid = EXCLUDED.pid,
     version = EXCLUDED.version, started_at = EXCLUDED.started_at, last_heartbeat = now(),
     state = EXCLUDED.state, status = EXCLUDED.status, last_cycle_at = EXCLUDED.last_cycle_at,
-    last_cycle_ms = EXCLUDED.last_cycle_ms, stopped_at = EXCLUDED.stopped_at, figures = EXCLUDED.figures;
+    last_cycle_ms = EXCLUDED.last_cycle_ms, stopped_at = EXCLUDED.stopped_at, figures = EXCLUDED.figures,
+    instance = EXCLUDED.instance, host_id = EXCLUDED.host_id
+WHERE a.instance IS NULL OR a.instance = EXCLUDED.instance;
+
+-- name: agent_holder
+-- The process registered under agent id $1 (agent/identity.py): where it runs, how fresh its
+-- heartbeat is, and the row's version (xmin) for register_agent's compare and set.
+SELECT host, host_id, pid, state, version, extract(epoch FROM now() - last_heartbeat) AS heartbeat_age,
+       xmin::text AS token
+FROM agent.agents WHERE agent_id = $1;
+
+-- name: register_agent
+-- Record this process ($7 instance, $8 host_id) under agent id $1, replacing the row only as
+-- agent_holder read it ($9: its xmin; NULL: there was none). True when registered.
+INSERT INTO agent.agents AS a (agent_id, site, queue, host, pid, version, started_at, last_heartbeat, state,
+                               instance, host_id)
+VALUES ($1, $2, $3, $4, $5, $6, now(), now(), 'starting', $7, $8)
+ON CONFLICT (agent_id) DO UPDATE SET
+    site = EXCLUDED.site, queue = EXCLUDED.queue, host = EXCLUDED.host, pid = EXCLUDED.pid,
+    version = EXCLUDED.version, started_at = EXCLUDED.started_at, last_heartbeat = now(), state = 'starting',
+    status = NULL, stopped_at = NULL, instance = EXCLUDED.instance, host_id = EXCLUDED.host_id
+WHERE a.xmin::text = $9::text
+RETURNING true;
 
 -- name: queue_stats
 -- Cheap sample for metrics and status: counts are capped, the oldest message is found by msg_id.
@@ -202,9 +238,11 @@ SELECT (SELECT count(*) FROM (SELECT 1 FROM pgmq.{q} LIMIT $1) s) AS depth,
        (SELECT extract(epoch FROM clock_timestamp() - enqueued_at) FROM pgmq.{dq} ORDER BY msg_id LIMIT 1) AS dlq_oldest;
 
 -- name: drifted
--- desired_failed: its newest command was dead-lettered, so reconciliation leaves it as it is.
-SELECT device, service, desired, observed, desired_failed AS failed, last_error FROM agent.service_state
-WHERE desired IS NOT NULL AND desired IS DISTINCT FROM observed ORDER BY device, service LIMIT $1;
+-- The drift of one site's devices ($2), at most $1 rows. desired_failed: its newest command was
+-- dead-lettered, so reconciliation leaves it as it is.
+SELECT s.device, s.service, s.desired, s.observed, s.desired_failed AS failed, s.last_error
+FROM agent.service_state s JOIN agent.devices d ON d.id = s.device AND d.site = $2
+WHERE s.desired IS NOT NULL AND s.desired IS DISTINCT FROM s.observed ORDER BY s.device, s.service LIMIT $1;
 
 -- name: fleet
 SELECT agent_id, site, queue, host, pid, version, started_at, last_heartbeat, state, status,

@@ -34,6 +34,7 @@ GRANT SELECT, INSERT, UPDATE ON agent.requests, agent.agents, agent.reachability
 GRANT SELECT, INSERT, UPDATE, DELETE ON agent.sync_runs, agent.sync_items TO agent_worker, agent_worker_common;
 GRANT SELECT, INSERT ON agent.events TO agent_worker, agent_worker_common;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA agent TO agent_worker, agent_worker_common;
+GRANT SELECT ON SEQUENCE agent.msg_id_seq TO agent_worker, agent_worker_common;   -- the newest msg_id of every agent queue
 -- rows of every device for agent_worker; a site's role gets them with its site's policies
 GRANT SELECT, INSERT, UPDATE ON agent.service_state TO agent_worker;
 GRANT SELECT, INSERT, UPDATE, DELETE ON agent.device_claims TO agent_worker;

@@ -57,8 +57,9 @@ async def install_pgmq(conn: asyncpg.Connection) -> str:
 
 async def init_database(conn: asyncpg.Connection, queue: str, throttle_ms: int = 250,
                         site: str = "default") -> dict[str, object]:
-    """Bring the database to the current schema, create the queue, its DLQ and notifications, and
-    record the queue as the site's (producers' commands for the site's devices are sent there)."""
+    """Bring the database to the current schema, create the queue (its ids from the sequence all
+    agent queues share), its DLQ and notifications, and record the queue as the site's (producers'
+    commands for the site's devices are sent there)."""
     q = Queries(queue)
     await conn.execute("SELECT pg_advisory_lock(hashtext($1))", _LOCK)
     try:
@@ -68,6 +69,7 @@ async def init_database(conn: asyncpg.Connection, queue: str, throttle_ms: int =
             recorded = await record_site(conn, site, q.queue)
             for name in (q.queue, q.dlq):
                 await conn.execute("SELECT pgmq.create($1)", name)
+            await conn.execute(q.share_msg_ids, q.queue)
             await conn.execute(q.device_index)
             for table, options in storage_options(q).items():
                 await conn.execute(f"ALTER TABLE {table} SET ({options})")
@@ -270,6 +272,11 @@ async def check_ready(conn: asyncpg.Connection, queue: str, site: str | None = N
     if not await conn.fetchval(q.queue_exists, q.queue, q.dlq):
         raise ConfigError(
             f"queue {q.queue!r} or {q.dlq!r} is missing: run `agentctl db init` with AGENT_QUEUE={q.queue}")
+    if not await conn.fetchval(q.msg_ids_shared, q.queue):
+        raise ConfigError(
+            f"queue {q.queue!r} does not take its ids from agent.msg_id_seq (it was created by an older "
+            f"agentctl), so its commands' versions cannot be compared with other queues': run `agentctl db init` "
+            f"of this release with AGENT_QUEUE={q.queue}")
     if site is not None:
         await check_site(conn, site, queue)
         if not await conn.fetchval(q.may_consume, q.queue, q.dlq):
@@ -299,6 +306,7 @@ def init_sql(q: Queries, throttle_ms: int = 250, after: int = 0, site: str = "de
     parts += ["\n-- the site's queue, dead-letter queue, insert notifications, storage parameters", "BEGIN;",
               f"SELECT agent.record_site({_literal(site)}, {lit});",
               f"SELECT pgmq.create({lit});", f"SELECT pgmq.create('{q.dlq}');",
+              f"SELECT agent.share_msg_ids({lit});",
               q.device_index + ";",
               *(f"ALTER TABLE {t} SET ({o});" for t, o in storage_options(q).items()),
               f"SELECT pgmq.enable_notify_insert({lit}, {int(throttle_ms)});",

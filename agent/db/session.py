@@ -26,7 +26,7 @@ from typing import Any
 
 import asyncpg
 
-from agent.db.connect import DB_ERRORS
+from agent.db.connect import DB_ERRORS, reason
 
 log = logging.getLogger("agent.session")
 KEEPALIVE = (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))  # a dead peer found in ~25 s
@@ -126,7 +126,7 @@ class Session:
                 delay = 0.5
                 await self._watch(conn)
             except DB_ERRORS as exc:
-                why = str(exc) or type(exc).__name__
+                why = reason(exc)
                 if self.error is None:  # one line per state change, not one per attempt
                     log.warning("session connection lost: %s; reconnecting", why, extra={"action": "listener_lost"})
                 else:

@@ -79,8 +79,12 @@ class CredentialStore:
             raise ConfigError(f"credential name {name!r} is not a plain file name")
         for d in self._dirs:
             path = d / name
-            if path.is_file():
-                return path.read_text().rstrip("\n")
+            try:
+                if path.is_file():
+                    return path.read_text().rstrip("\n")
+            except PermissionError:  # a configuration problem like a missing credential, not a passing one
+                raise ConfigError(f"credential {name!r}: cannot read {path} (permission denied): make the directory "
+                                  "and the file readable by the agent's user") from None
         where = ", ".join(str(d) for d in self._dirs) or "no credentials directory configured"
         raise ConfigError(f"credential {name!r} not found ({where})")
 

@@ -15,6 +15,8 @@ instead of waiting for a claim round trip. A device claimed elsewhere is not wai
 its work goes back to the queue for a moment (a bounce, not an attempt). A stopping agent releases
 its devices at once; a killed agent's devices are free once its leases expire, or at once for an
 agent on the same host whose process is gone (the usual restart by systemd or a container runtime).
+Leases are held by the process (its instance, agent/identity.py), not by the agent id: two processes
+started with one AGENT_AGENT_ID never hold one device together.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import json
 import logging
 import os
 import random
-import socket
 import time
 from typing import Any
 
@@ -33,6 +34,7 @@ import asyncpg
 
 from agent.db.connect import DB_ERRORS
 from agent.db.queries import Queries
+from agent.identity import alive, host_identity, new_instance
 
 log = logging.getLogger("agent.claims")
 
@@ -43,13 +45,14 @@ SLACK = 3 * RENEW  # a lease outlasts the operation bound by this much: renewals
 
 class DeviceClaims:
     def __init__(self, pool: asyncpg.Pool, queries: Queries, agent_id: str,
-                 host: str | None = None, pid: int | None = None) -> None:
+                 host: str | None = None, pid: int | None = None, instance: str | None = None) -> None:
         self._pool = pool
         self._q = queries
         self._agent_id = agent_id
+        self._instance = instance or new_instance()
         self._host = host or host_identity()
         self._pid = pid or os.getpid()
-        self._dead: set[str] = set()              # agents on this host whose process is gone
+        self._dead: set[str] = set()              # instances on this host whose process is gone
         self._ttl: dict[str, float] = {}          # held device -> lease length asked for
         self._until: dict[str, float] = {}        # held device -> monotonic time its lease surely runs to
         self._claims: list[tuple[str, float, asyncio.Future[bool]]] = []
@@ -123,7 +126,7 @@ class DeviceClaims:
             async with self._pool.acquire() as conn:
                 row = await conn.fetchrow(self._q.claim_devices, self._agent_id, list(wanted),
                                           list(wanted.values()), releases, self._host, self._pid,
-                                          sorted(self._dead), timeout=10)
+                                          sorted(self._dead), self._instance, timeout=10)
         except DB_ERRORS as exc:
             log.warning("device claims failed (%s): work will be tried again shortly", exc,
                         extra={"action": "claims_failed"})
@@ -149,13 +152,15 @@ class DeviceClaims:
                 fut.set_result(ok)
 
     def _dead_holders(self, holders: list[dict[str, Any]], got: set[str]) -> set[str]:
-        """Devices held by an agent of this host whose process no longer exists: claim them again."""
+        """Devices held by a process of this host that no longer exists (or by an earlier instance
+        of this one): claim them again. A lease without an instance (an agent before schema 8) runs out."""
         retry = set()
         for h in holders:
-            if h["device"] in got or h["agent_id"] in self._dead or h.get("host") != self._host:
+            instance = h.get("instance")
+            if h["device"] in got or not instance or instance in self._dead or h.get("host") != self._host:
                 continue
-            if h.get("pid") == self._pid or not _alive(h.get("pid")):
-                self._dead.add(h["agent_id"])
+            if h.get("pid") == self._pid or not alive(h.get("pid")):
+                self._dead.add(instance)
                 retry.add(h["device"])
         return retry
 
@@ -167,7 +172,7 @@ class DeviceClaims:
         try:
             async with self._pool.acquire() as conn:
                 rows = await conn.fetch(self._q.renew_claims, self._agent_id, devices,
-                                        [self._ttl[d] for d in devices], timeout=RENEW)
+                                        [self._ttl[d] for d in devices], self._instance, timeout=RENEW)
             kept = {r["device"] for r in rows}
         except DB_ERRORS as exc:  # the leases run on; work stops starting once they run short
             log.warning("device claims could not be renewed: %s", exc, extra={"action": "claims_failed"})
@@ -188,28 +193,7 @@ class DeviceClaims:
         self._until.clear()
         try:
             async with self._pool.acquire() as conn:
-                await conn.execute(self._q.release_all_claims, self._agent_id, timeout=5)
+                await conn.execute(self._q.release_all_claims, self._agent_id, self._instance, timeout=5)
         except (*DB_ERRORS, asyncio.CancelledError):  # they expire by themselves
             pass
 
-
-def host_identity() -> str:
-    """This host and PID namespace: only there does a pid name the same process."""
-    try:
-        ns = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        ns = 0
-    return f"{socket.gethostname()}/pidns:{ns}"
-
-
-def _alive(pid: int | None) -> bool:
-    """Is there a process with this pid here? (A reused pid counts as alive: the lease then runs out.)"""
-    if not pid or pid <= 0:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -33,7 +33,8 @@ class KeyState:
 def parse_headers(msg_id: int, headers: str | None) -> tuple[int, int]:
     """(version, bounces) from a message's headers.
 
-    version: the command's place in enqueue order, its first msg_id, kept across DLQ replays.
+    version: the command's place in enqueue order, its first msg_id, kept across DLQ replays and
+    moves to another site's queue (all agent queues take their ids from one sequence).
     bounces: deliveries that were parked (device unreachable) and do not count as attempts.
     """
     try:

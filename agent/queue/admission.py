@@ -1,8 +1,9 @@
 """What a read row must be before anything else looks at it: pure checks on untrusted input.
 
 The body's size was measured in SQL (bodies over the limit are not even fetched); the agent's own
-headers (`origin_msg_id`, `bounces`, `rerouted_from`) are validated like a command; a msg_id above the queue's
-sequence was forged by hand (a real one never is) and would make every later command "superseded".
+headers (`origin_msg_id`, `bounces`, `rerouted_from`) are validated like a command; a msg_id above the
+sequence every agent queue draws from (agent.msg_id_seq) was forged past its trigger (a real one never is) and
+would make every later command "superseded".
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def admit(row: Any, max_bytes: int) -> None:
         raise PermanentError(f"headers are {row['headers_size']} bytes, over the {MAX_HEADER_BYTES}-byte limit")
     last_id = row["last_id"]
     if last_id is not None and row["msg_id"] > last_id:
-        raise PermanentError(f"msg_id {row['msg_id']} is above the queue's newest id {last_id}: "
+        raise PermanentError(f"msg_id {row['msg_id']} is above the newest queue id {last_id}: "
                              "not a real queue id (inserted by hand)")
     if problem := header_problem(row["msg_id"], row["headers"]):
         raise PermanentError(f"invalid headers: {problem}")

@@ -29,7 +29,6 @@ from agent.reconcile.worker import SyncWork, unknown_device
 from agent.settings import Settings
 
 log = logging.getLogger("agent.consumer")
-TICK = 2.0
 
 
 class Consumer:
@@ -52,7 +51,8 @@ class Consumer:
         self.stopping = False
         self.on_read = on_read
         self.db_error: str | None = None
-        self.last_cycle = time.monotonic()   # the watchdog's measure of progress
+        self.last_progress = time.monotonic()  # the last read, dispatch or outcome: see agent.watchdog
+        self._cycling = False  # a read cycle is under way
         self.last_cycle_wall: float | None = None
         self.last_cycle_ms: float | None = None
         self.backlog = False  # the last read was full (or prefetch held reading back): more is waiting
@@ -64,15 +64,19 @@ class Consumer:
         self._wake.set()
         # PGMQ sends nothing for inserts later in a throttle window. After a notification, and after a
         # (re)connect (the window's notification may have gone to nobody), read again when it closes.
+        # A notification opens a new window: its catch-up replaces the one still due for the window
+        # before (that one closes earlier, and this wake reads what it would have read).
         if source in ("notify", "connect") and self._s.notify_throttle_ms:
-            self.wake_later((self._s.notify_throttle_ms + 20) / 1000, "catchup")
+            self.wake_later((self._s.notify_throttle_ms + 20) / 1000, "catchup", latest=True)
 
-    def wake_later(self, delay: float, source: str) -> None:
-        """Wake after `delay` seconds, unless a wake of this source is already due sooner."""
+    def wake_later(self, delay: float, source: str, latest: bool = False) -> None:
+        """Wake after `delay` seconds, unless a wake of this source is already due sooner (or, with
+        `latest`, replacing one due sooner: the wake must come after the last window closes)."""
         loop = asyncio.get_running_loop()
         when = loop.time() + delay
         timer = self._timers.get(source)
-        if timer is not None and not timer.cancelled() and loop.time() < timer.when() <= when:
+        if (timer is not None and not timer.cancelled() and loop.time() < timer.when()
+                and (timer.when() >= when if latest else timer.when() <= when)):
             return
         if timer is not None:
             timer.cancel()
@@ -84,12 +88,9 @@ class Consumer:
         loop = asyncio.get_running_loop()
         next_poll = loop.time() + self._s.poll_interval
         while not self.stopping:
-            self.last_cycle = time.monotonic()
-            try:  # wake at least every TICK s so that progress is visible to the watchdog
-                await asyncio.wait_for(self._wake.wait(), max(0.0, min(next_poll - loop.time(), TICK)))
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(0.0, next_poll - loop.time()))
             except TimeoutError:
-                if loop.time() < next_poll:
-                    continue
                 self._source = "poll"
             self._wake.clear()
             if self.stopping:
@@ -97,9 +98,23 @@ class Consumer:
             next_poll = loop.time() + self._s.poll_interval
             self.wakeups[self._source] += 1
             started = time.monotonic()
-            await self.read_until_short()
-            await self._wake_when_next_visible()
+            self._cycling = True
+            self.progressed()
+            try:
+                await self.read_until_short()
+                await self._wake_when_next_visible()
+            finally:
+                self._cycling = False
             self.last_cycle_wall, self.last_cycle_ms = time.time(), round((time.monotonic() - started) * 1000, 2)
+
+    def progressed(self) -> None:
+        """Something moved: a read (also a failed one), a dispatch, an outcome committed or tried."""
+        self.last_progress = time.monotonic()
+
+    @property
+    def work_waits(self) -> bool:
+        """Messages in flight, a backlog to read, or a read cycle under way: a stall would be noticed."""
+        return self._cycling or bool(self.inflight) or self.backlog
 
     async def read_until_short(self) -> int:
         """Read batches until one comes back short; return how many messages were taken."""
@@ -117,11 +132,13 @@ class Consumer:
                     rows = await conn.fetch(self._q.read, self._q.queue, self._s.visibility_timeout, room,
                                             self._s.max_message_bytes)
             except DB_ERRORS as exc:
+                self.progressed()  # the database is down, not the agent
                 if self.db_error is None:
                     log.warning("read failed: %s", exc, extra={"action": "read_failed"})
                 self.db_error = str(exc) or type(exc).__name__
                 self.wake_later(min(5.0, self._s.poll_interval), "retry")
                 return taken
+            self.progressed()
             self.db_error = None
             taken += len(rows)
             self.backlog = len(rows) >= room
@@ -148,6 +165,7 @@ class Consumer:
         except DB_ERRORS as exc:  # the reads in queue order bring them later
             log.debug("device read failed: %s", exc, extra={"action": "read_failed", "device": device})
             return
+        self.progressed()
         if rows:
             await self._dispatch(rows, read_at)
 
@@ -206,6 +224,7 @@ class Consumer:
                 self._executor.settle(unknown_device(d, r, why))
             else:
                 self._executor.submit_item(SyncWork(d, r, device))
+        self.progressed()
 
     def _reroute(self, d: Delivery, c: Command, where: Elsewhere) -> None:
         """A command for another site's device: moved to that site's queue once, else dead-lettered."""
@@ -235,6 +254,7 @@ class Consumer:
                 soonest = o.retry_delay if soonest is None else min(soonest, o.retry_delay)
         if soonest is not None:
             self.wake_later(soonest + 0.05, "retry")
+        self.progressed()
         self._room.set()
 
     async def keep_leases(self) -> None:

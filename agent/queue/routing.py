@@ -5,8 +5,10 @@ A move sends the same body to the right queue and removes it from this one in th
 statement, through agent.move_message (an agent may send to no queue but its own: that function
 checks the target is the queue of the device's site), marking the copy with `rerouted_from`. A
 marked message that is misrouted again is not moved a second time, so two agents that disagree
-about a device never pass it back and forth. The copy's version is its msg_id on the right queue
-(versions are per queue), so the agent's own `origin_msg_id` and `bounces` headers are not carried over.
+about a device never pass it back and forth. The copy keeps its version (`origin_msg_id`: every agent
+queue takes its ids from one sequence, so versions compare across queues, and a command moved late
+does not overtake one sent to the right queue meanwhile); its `bounces` stay behind, a count of this
+queue's deliveries.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from agent.contract import Command
 from agent.executor.reports import Delivery, EventRow, Outcome
 
 MARK = "rerouted_from"
-NOT_CARRIED = ("origin_msg_id", "bounces")  # dropped from the copy by the report statement
+NOT_CARRIED = ("origin_msg_id", "bounces")  # replaced on the copy by agent.move_message (the version kept)
 
 
 @dataclass(frozen=True)

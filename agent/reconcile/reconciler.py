@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -37,6 +38,7 @@ class Reconciler:
         # an int: only sync runs are pruned, kept that many days (the other tables kept forever)
         self._retention = retention if isinstance(retention, Retention) else Retention(0, 0, 0, 0, retention)
         self.tables: dict[str, tuple[int, float | None]] = {}  # table -> (bytes, oldest row age), after a pass
+        self.pruned_at: float | None = None  # unix time of the last pass that completed, while leading
         self.next_run: datetime | None = None
 
     async def lead(self, conn: LeaderConnection) -> None:
@@ -49,7 +51,7 @@ class Reconciler:
             pruner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pruner
-            self.tables = {}
+            self.tables, self.pruned_at = {}, None
 
     async def _pruning(self, conn: LeaderConnection) -> None:
         """Retention, off the hot path: on the leader's own connection, in small batches, every
@@ -58,6 +60,7 @@ class Reconciler:
             try:
                 await prune(conn, self._q, self._retention, self._site)
                 self.tables = await table_stats(conn, self._q)
+                self.pruned_at = time.time()
             except DB_ERRORS as exc:
                 log.warning("pruning failed: %s", exc, extra={"action": "prune_failed"})
             await asyncio.sleep(self._retention.interval)

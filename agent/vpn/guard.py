@@ -21,7 +21,7 @@ from agent.drivers.base import Device
 from agent.errors import AgentError
 from agent.vpn.health import GateVerdict, VpnSnapshot, gate, peer_for
 from agent.vpn.monitor import VpnMonitor
-from agent.vpn.resolve import HostResolver
+from agent.vpn.resolve import HostResolver, address_host
 
 log = logging.getLogger("agent.vpn")
 
@@ -43,17 +43,12 @@ class Reach:
 
 
 def start_problem(snap: VpnSnapshot, hosts: dict[str, str]) -> str | None:
-    """Why this namespace cannot reach the devices through WireGuard, or None (pure)."""
-    if not hosts:
+    """Why this namespace cannot reach any device through WireGuard, or None (pure). Only the
+    absence of a WireGuard interface holds the agent back: a device whose own route leaves by
+    another interface is parked (`route_not_via_tunnel`) while the others are worked on."""
+    if not hosts or snap.interface is not None:
         return None
-    if snap.interface is None:
-        return snap.problem or "no WireGuard interface"
-    astray = sorted(d for d, h in hosts.items() if snap.routes.get(h) != snap.interface)
-    if astray:
-        first = hosts[astray[0]]
-        return (f"the route to {astray[0]} ({first}) leaves by {snap.routes.get(first) or 'no interface'}, "
-                f"not {snap.interface}" + (f" (and {len(astray) - 1} more devices)" if len(astray) > 1 else ""))
-    return None
+    return snap.problem or "no WireGuard interface"
 
 
 class VpnGuard:
@@ -88,6 +83,8 @@ class VpnGuard:
     def verdict(self, device: Device, snap: VpnSnapshot | None = None) -> GateVerdict:
         snap = snap or self.monitor.last
         host = self.hosts().get(device.id) if device.address else None
+        if host is None and (name := address_host(device.address)) is not None:  # a name not (yet) resolved
+            return GateVerdict(False, f"unresolved: {name} does not resolve (yet); check its DNS name")
         if host is not None and not self.required and snap.routes.get(host) != snap.interface:
             return GateVerdict(True, "directly attached (AGENT_REQUIRE_VPN=false)")
         return gate(device, host, snap)
@@ -238,22 +235,27 @@ class VpnGuard:
             self._kick.clear()
 
     async def wait_for_tunnel(self, grace: float, say: Callable[[str], None]) -> None:
-        """Start-up self-check: return once the devices route through WireGuard, or raise after `grace`."""
-        from agent.errors import ConfigError
-
-        deadline = time.monotonic() + grace
-        told = False
+        """Start-up self-check: return once a WireGuard interface is there (or nothing needs one).
+        Until then the agent is not ready and says why (STATUS=, /readyz, /status); it waits, since
+        a tunnel that comes up late at boot must not leave the site without an agent. After `grace`
+        the wait is logged as an error, and again every ten minutes, so that it is noticed."""
+        told, loud_at = False, time.monotonic() + grace
         self.resolver.kick(d.address for d in self._devices())  # names resolve meanwhile, never awaited here
         while True:
             snap = await self.check()
             problem = start_problem(snap, self.hosts()) if self.required else None
             if problem is None:
+                if told:
+                    log.info("WireGuard interface %s is there: starting", snap.interface,
+                             extra={"action": "vpn_found"})
                 return
             if not told:
-                log.error("not in the VPN's network namespace: %s; %s", problem, REMEDY,
-                          extra={"action": "vpn_missing"})
+                log.warning("not in the VPN's network namespace (yet): %s; waiting for it. %s", problem, REMEDY,
+                            extra={"action": "vpn_missing"})
                 say(f"not ready: {problem}")
                 told = True
-            if time.monotonic() >= deadline:
-                raise ConfigError(f"not in the VPN's network namespace after {grace:g} s: {problem}; {REMEDY}")
-            await asyncio.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+            if time.monotonic() >= loud_at:
+                log.error("still not in the VPN's network namespace: %s; %s", problem, REMEDY,
+                          extra={"action": "vpn_missing"})
+                loud_at = time.monotonic() + 600
+            await asyncio.sleep(2.0)

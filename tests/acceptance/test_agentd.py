@@ -251,3 +251,39 @@ async def test_http_device_end_to_end(db, dsn):
     assert (await state(db, "router-1", "bob"))["observed"] == "off"
     [entry] = await dlq(db)
     assert entry["message"]["service"] == "carol" and "HTTP 404" in entry["headers"]["reason"]
+
+
+async def registered(db, agent_id: str, pid: int) -> bool:  # type: ignore[no-untyped-def]
+    return await db.fetchval("SELECT pid = $2 AND state = 'ready' FROM agent.agents WHERE agent_id = $1",
+                             agent_id, pid) or False
+
+
+async def test_a_second_agentd_with_a_live_agent_id_exits_2_and_a_restart_of_a_dead_one_starts(db, dsn, tmp_path):
+    device_file = tmp_path / "r1.json"
+    agentctl(dsn, "device", "add", "r1", "--driver", "sim", "--option", f"state_file={device_file}")
+    first = spawn_agentd(dsn, agent_id="gw1", poll_interval=60)
+    try:
+        await until(lambda: registered(db, "gw1", first.pid), timeout=20, what="gw1 running")
+        code, out = finish(spawn_agentd(dsn, agent_id="gw1"))  # a copy of gw1's config, started again
+        assert code == 2, out
+        assert f"AGENT_AGENT_ID 'gw1' is in use by a running agent on this host (pid {first.pid}" in out, out
+        assert "Traceback" not in out
+        msg = int(agentctl(dsn, "enqueue", "r1", "wifi", "on").stdout)
+        await until(lambda: archived(db, msg), timeout=15, what="gw1 still at work")
+        first.send_signal(signal.SIGKILL)  # crashed: its heartbeat is fresh, its process is gone
+        first.wait(10)
+        restarted = spawn_agentd(dsn, agent_id="gw1", poll_interval=60)
+        await until(lambda: registered(db, "gw1", restarted.pid), timeout=20, what="gw1 restarted")
+        msg = int(agentctl(dsn, "enqueue", "r1", "wifi", "off").stdout)
+        await until(lambda: archived(db, msg), timeout=15, what="the restarted gw1 at work")
+        restarted.send_signal(signal.SIGKILL)
+        restarted.wait(10)
+    finally:
+        first.kill()
+        first.communicate()
+    # gone from a host this one cannot look into: it may start once the heartbeat is stale
+    await db.execute("UPDATE agent.agents SET host_id = 'gw-old/boot:x/pidns:1', last_heartbeat = now() - "
+                     "interval '1 hour' WHERE agent_id = 'gw1'")
+    code, out = finish(spawn_agentd(dsn, "--once", agent_id="gw1"))
+    assert code == 0, out
+    assert json.loads(device_file.read_text()) == {"wifi": "off"}

@@ -86,9 +86,13 @@ async def test_a_forged_queue_id_is_dead_lettered_and_never_freezes_the_key(db, 
     """A msg_id far above the queue's sequence would make every later command "superseded"."""
     r1 = tmp_path / "r1.json"
     agentctl(dsn, "device", "add", "r1", "--driver", "sim", "--option", "initial=on", "--option", f"state_file={r1}")
-    await db.execute("INSERT INTO pgmq.q_device_tasks (msg_id, vt, message) OVERRIDING SYSTEM VALUE "
-                     "VALUES ($1, now(), $2::jsonb)",
-                     FORGED_ID, json.dumps({"device": "r1", "service": "wifi", "state": "on"}))
+    forge = ("INSERT INTO pgmq.q_device_tasks (msg_id, vt, message) OVERRIDING SYSTEM VALUE "
+             "VALUES ($1, now(), $2::jsonb) RETURNING msg_id")
+    body = json.dumps({"device": "r1", "service": "refresh-only", "action": "refresh"})
+    assert await db.fetchval(forge, FORGED_ID, body) < FORGED_ID  # the insert is given an id of the sequence
+    async with db.transaction():  # past the trigger, as only a superuser can: caught when read
+        await db.execute("SET LOCAL session_replication_role = replica")
+        await db.fetchval(forge, FORGED_ID, json.dumps({"device": "r1", "service": "wifi", "state": "on"}))
     proc = spawn_agentd(dsn, poll_interval=1)
     try:
         [entry] = await until(lambda: dlq(db), timeout=15, what="forged message dead-lettered")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import signal
@@ -95,6 +96,37 @@ async def test_watchdog_keeps_being_fed_through_a_database_outage(dsn, pg_admin_
     finally:
         code, out = stop(proc)
     assert code == 0, out
+
+
+async def test_watchdog_is_fed_through_a_backlog_that_outlasts_it(dsn, db, notify):
+    """Month-end under systemd: a backlog that takes several watchdog timeouts to drain. The agent
+    verifies commands the whole time, so WATCHDOG=1 never pauses longer than WATCHDOG_USEC (systemd
+    would kill it then); only a stalled agent stops the pings."""
+    timeout_s, commands = 2.0, 120
+    for i in range(3):
+        agentctl(dsn, "device", "add", f"w{i}", "--driver", "sim", "--option", "latency=0.1")
+    for i in range(commands):
+        await db.fetchval("SELECT agent.enqueue($1, $2, 'on')", f"w{i % 3}", f"svc{i}")
+    verified = "SELECT count(*) FROM agent.events WHERE kind = 'verified'"
+    proc = spawn_agentd(dsn, NOTIFY_SOCKET=notify.path, WATCHDOG_USEC=str(int(timeout_s * 1e6)), watchdog_stall=5,
+                        coalesce=1, batch_size=10, prefetch=10, concurrency=3, log_level="WARNING")
+    try:
+        await until(lambda: notify.with_key("READY", "1"), timeout=15, what="READY=1")
+        started = notify.with_key("READY", "1")[0][0]
+        await until(lambda: db.fetchval(verified + " HAVING count(*) = $1", commands), timeout=90, what="all verified")
+        done = time.monotonic()
+        assert done - started > 3 * timeout_s, "the backlog must outlast several watchdog timeouts"
+        await until(lambda: [t for t, _ in notify.with_key("WATCHDOG", "1") if t > done], timeout=2 * timeout_s,
+                    what="a ping after the backlog")
+        assert proc.poll() is None
+    finally:
+        code, out = stop(proc)
+    assert code == 0, out
+    pings = [started] + [t for t, _ in notify.with_key("WATCHDOG", "1") if t > started]
+    pings = pings[: next(i for i, t in enumerate(pings) if t > done) + 1]
+    gaps = [round(b - a, 2) for a, b in itertools.pairwise(pings)]
+    assert max(gaps) < timeout_s, f"WATCHDOG=1 paused {max(gaps)} s during the backlog (gaps: {gaps}); {out}"
+    assert "watchdog not fed" not in out
 
 
 async def test_sigterm_with_slow_work_in_flight_loses_nothing(dsn, db):

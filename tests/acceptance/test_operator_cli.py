@@ -160,3 +160,10 @@ def test_agentd_refuses_a_wrong_session_database_url_at_once_with_exit_2(dsn, ca
     assert code == 2, out
     assert time.monotonic() - started < 10
     assert "AGENT_SESSION_DATABASE_URL" in out and "hunter2" not in out and "Traceback" not in out
+
+
+async def test_a_file_that_cannot_be_read_is_named_not_blamed_on_the_database(dsn, tmp_path):
+    missing = agentctl(dsn, "device", "import", str(tmp_path / "nosuch.toml"), check=False)
+    assert missing.returncode == 2
+    assert f"cannot read {tmp_path / 'nosuch.toml'}: No such file or directory" in missing.stderr
+    assert "database" not in missing.stderr

@@ -1,11 +1,13 @@
 """A real PgBouncer in transaction mode between agentd's pool and Postgres, for a whole scenario:
 commands, retries, a crash, reconciliation. The session connections (LISTEN, the leader's lock)
-bypass it through AGENT_SESSION_DATABASE_URL; the pool keeps no prepared statements."""
+bypass it through AGENT_SESSION_DATABASE_URL (or go through a PgBouncer in session mode); the pool
+keeps no prepared statements. Set up otherwise, agentd refuses to start and names the setting."""
 
 from __future__ import annotations
 
 import json
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,23 @@ def bouncer(pg_admin_dsn):
     b = pgbouncer.PgBouncer(pg_admin_dsn).start()
     yield b
     b.stop()
+
+
+@pytest.fixture
+def session_bouncer(pg_admin_dsn):
+    b = pgbouncer.PgBouncer(pg_admin_dsn, pool_mode="session").start()
+    yield b
+    b.stop()
+
+
+def exited(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate(timeout=10)
+        raise AssertionError(f"agentd kept running: {out[-3000:]}") from None
+    return proc.returncode, out
 
 
 def _file(path: Path) -> dict[str, str]:
@@ -75,3 +94,44 @@ async def test_the_whole_scenario_runs_through_pgbouncer_in_transaction_mode(db,
     retried = await db.fetchval("SELECT count(*) FROM agent.events WHERE kind = 'retried'")
     repaired = await db.fetchval("SELECT count(*) FROM agent.events WHERE kind = 'repaired'")
     assert retried > 0 and repaired == 1
+
+
+def test_agentd_refuses_to_start_when_its_session_connection_goes_through_transaction_pooling(dsn, bouncer):
+    """No AGENT_SESSION_DATABASE_URL: the session connection (the leader's lock, LISTEN) would take
+    AGENT_DATABASE_URL, through PgBouncer in transaction mode: two leaders, lost wake-ups."""
+    code, out = exited(spawn_agentd(dsn, AGENT_DATABASE_URL=bouncer.dsn(dsn), statement_cache_size=0))
+    assert code == 2, out
+    assert "not a real session" in out and "AGENT_SESSION_DATABASE_URL" in out and "pool_mode=session" in out, out
+    assert "Traceback" not in out
+
+
+def test_agentd_refuses_a_session_url_that_reaches_pgbouncer_in_transaction_mode(dsn, bouncer):
+    code, out = exited(spawn_agentd(dsn, session_database_url=bouncer.dsn(dsn)))
+    assert code == 2, out
+    assert "AGENT_SESSION_DATABASE_URL" in out and "pool_mode=session" in out and "Traceback" not in out, out
+
+
+def test_agentd_refuses_a_statement_cache_that_transaction_pooling_cannot_keep(dsn, bouncer):
+    """asyncpg's statement cache on (the default), the pool through PgBouncer without prepared statement
+    support: every pooled statement would fail with "prepared statement ... already exists"."""
+    code, out = exited(spawn_agentd(dsn, AGENT_DATABASE_URL=bouncer.dsn(dsn), session_database_url=dsn))
+    assert code == 2, out
+    assert "prepared statements do not survive" in out and "AGENT_STATEMENT_CACHE_SIZE=0" in out, out
+    assert "max_prepared_statements" in out and "Traceback" not in out
+
+
+async def test_a_session_through_pgbouncer_in_session_mode_is_a_real_session_and_leads(db, dsn, bouncer,
+                                                                                       session_bouncer, tmp_path):
+    await add_device(db, "r1", "sim", {"state_file": str(tmp_path / "r1.json")})
+    agent = spawn_agentd(dsn, AGENT_DATABASE_URL=bouncer.dsn(dsn), session_database_url=session_bouncer.dsn(dsn),
+                         statement_cache_size=0, reconcile_schedule="60")
+    try:
+        agentctl(dsn, "enqueue", "r1", "wifi", "on")
+        await until(lambda: settled(tmp_path / "r1.json", {"wifi": "on"}), timeout=30, what="the command applied")
+        await until(lambda: db.fetchval("SELECT count(*) > 0 FROM pg_locks WHERE locktype = 'advisory' AND granted"),
+                    timeout=30, what="the leader's lock, held on the session through PgBouncer")
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        out, _ = agent.communicate(timeout=30)
+    assert agent.returncode == 0, out
+    assert "leading reconciliation" in out, out

@@ -76,6 +76,50 @@ async def test_a_command_on_the_wrong_sites_queue_is_moved_and_verified_by_the_r
     assert leaders == {"default": "gw-default", "north": "gw-north"}
 
 
+def once(dsn: str, **settings: str) -> str:
+    """`agentd --once`: drain the queue and exit 0."""
+    proc = spawn_agentd(dsn, "--once", **settings)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    return out
+
+
+async def move_r1_to_north(dsn: str, state_file: Path) -> dict[str, str]:
+    """The operator moves r1 to site north, which has a queue of its own (operations.md, Sites)."""
+    agentctl(dsn, "db", "init", "--site", "north", "--queue", NORTH)
+    agentctl(dsn, "device", "add", "r1", "--driver", "sim", "--site", "north", "--option", f"state_file={state_file}")
+    return {"site": "north", "queue": NORTH}
+
+
+async def give_the_site_a_new_queue(dsn: str, db: asyncpg.Connection) -> dict[str, str]:
+    """operations.md "To give a site another queue": drained, its row deleted, db init with the new queue."""
+    await db.execute("DELETE FROM agent.sites WHERE name = 'default'")
+    agentctl(dsn, "db", "init", "--site", "default", "--queue", "tasks_2")
+    return {"site": "default", "queue": "tasks_2"}
+
+
+@pytest.mark.parametrize("change", ["device moved to another site", "site given another queue"])
+async def test_a_newer_command_through_a_younger_queue_is_applied_not_superseded(db, dsn, tmp_path, change):
+    state_file = tmp_path / "r1.json"
+    agentctl(dsn, "device", "add", "r1", "--driver", "sim", "--option", f"state_file={state_file}")
+    for i in range(30):  # the site's queue has been busy: its ids run ahead of a queue made later
+        await db.fetchval("SELECT agent.enqueue('r1', $1, 'on')", f"svc{i}")
+    await db.fetchval("SELECT agent.enqueue('r1', 'pppoe:bob', 'on', request_id => 'on-1')")
+    once(dsn)
+    assert read(state_file).get("pppoe:bob") == "on"
+    where = await (move_r1_to_north(dsn, state_file) if change.startswith("device")
+                   else give_the_site_a_new_queue(dsn, db))
+    off = await db.fetchval("SELECT agent.enqueue('r1', 'pppoe:bob', 'off', request_id => 'off-1')")
+    assert await queue_len(db, where["queue"]) == 1  # routed by agent.enqueue to the new queue
+    once(dsn, **where)
+    kinds = [r["kind"] for r in await db.fetch("SELECT kind FROM agent.events WHERE request_id = 'off-1' ORDER BY id")]
+    assert "superseded" not in kinds and kinds[-1] == "verified", kinds
+    assert read(state_file).get("pppoe:bob") == "off"
+    row = await db.fetchrow("SELECT desired, desired_version FROM agent.service_state "
+                            "WHERE device = 'r1' AND service = 'pppoe:bob'")
+    assert (row["desired"], row["desired_version"]) == ("off", off)
+
+
 async def test_each_sites_agent_logged_in_as_its_sites_role_does_its_work_and_moves_strays(db, dsn, tmp_path):
     """agentd of each site runs as a member of its site's role only (agent_worker_<site>): commands
     reach their device, and one put on the wrong site's queue is moved to the right one (through

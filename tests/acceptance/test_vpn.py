@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -78,18 +79,61 @@ async def test_doctor_passes_inside_the_tunnel_namespace_and_names_the_fix_outsi
     assert by_name["probe r1"]["skipped"]  # not tried: it cannot be reached from here
 
 
-async def test_agent_outside_the_vpn_says_so_is_never_ready_and_exits_non_zero(dsn, site, tmp_path):
+async def test_agent_outside_the_vpn_waits_not_ready_saying_why_and_stops_cleanly(dsn, site, tmp_path):
+    """A tunnel that comes up late at boot must not leave the site without an agent: past
+    AGENT_VPN_GRACE the agent logs an error and goes on waiting (not ready, the reason in STATUS=,
+    /readyz and /status) instead of exiting for good."""
     notify = NotifySocket(tmp_path)
     try:
-        proc = spawn_agentd(dsn, netns=site.outside, vpn_grace=2, require_vpn="true", NOTIFY_SOCKET=notify.path)
+        proc = spawn_agentd(dsn, netns=site.outside, vpn_grace=0, require_vpn="true", NOTIFY_SOCKET=notify.path,
+                            http_listen="127.0.0.1:9477")  # the namespace is the test's own: the port is free
+        await until(lambda: any(s.startswith("not ready: no WireGuard interface") for s in notify.statuses()),
+                    timeout=30, what="the reason in STATUS=")
+        assert await asyncio.to_thread(http_get, site.outside, "http://127.0.0.1:9477/readyz") == \
+            (503, {"ready": False})
+        code, status = await asyncio.to_thread(http_get, site.outside, "http://127.0.0.1:9477/status")
+        assert code == 200 and status["state"] == "starting" and "no WireGuard interface" in status["status"]
+        assert proc.poll() is None, "the agent waits on past AGENT_VPN_GRACE"
+        proc.terminate()
         out, _ = await asyncio.to_thread(proc.communicate, timeout=30)
     finally:
         notify.close()
-    assert proc.returncode == 2, out
-    said = [ln for ln in out.splitlines() if "not in the VPN's network namespace" in ln]
+    assert proc.returncode == 0, out
+    said = [ln for ln in out.splitlines() if "still not in the VPN's network namespace" in ln]
     assert said and 'network_mode: "service:wireguard"' in said[0] and "no WireGuard interface" in said[0]
     assert not notify.with_key("READY")
-    assert any(s.startswith("not ready: no WireGuard interface") for s in notify.statuses())
+
+
+def http_get(netns: str, url: str) -> tuple[int, dict]:
+    """GET from inside a namespace: (status, JSON body)."""
+    script = ("import json, sys, urllib.request, urllib.error\n"
+              "try:\n    r = urllib.request.urlopen(sys.argv[1], timeout=10); code, body = r.status, r.read()\n"
+              "except urllib.error.HTTPError as e:\n    code, body = e.code, e.read()\n"
+              "print(json.dumps([code, json.loads(body)]))")
+    done = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", script, url], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    code, body = json.loads(done.stdout)
+    return code, body
+
+
+async def test_one_device_routed_outside_the_tunnel_is_parked_and_the_others_work(db, dsn, site):
+    agentctl(dsn, "device", "add", "stray", "--driver", "http", "--address", "http://192.0.2.9:8728",
+             "--option", "read_path=/x/{service}", "--option", "state_pointer=/s")
+    spawn_agentd(dsn, netns=site.a, **FAST)
+    agentctl(dsn, "enqueue", "stray", "alice", "off")
+    agentctl(dsn, "enqueue", "r1", "alice", "on")
+    await until(lambda: _observed(db, [("r1", "alice", "on")]), timeout=20, what="r1 worked on through the tunnel")
+    stray = await until(lambda: _unreachable(db, "stray"), timeout=20, what="the stray device seen unreachable")
+    assert stray["reason"].startswith("route_not_via_tunnel"), stray["reason"]
+    parked = await until(lambda: _event(db, "stray", "parked"), timeout=20, what="its command parked")
+    assert "route_not_via_tunnel" in parked["error"]
+    assert await db.fetchval("SELECT count(*) FROM pgmq.q_device_tasks_dlq") == 0
+
+
+async def _event(db, device: str, kind: str):
+    return await db.fetchrow("SELECT * FROM agent.events WHERE device = $1 AND kind = $2 ORDER BY id DESC LIMIT 1",
+                             device, kind)
 
 
 async def test_commands_are_applied_through_the_tunnel(db, dsn, site):

@@ -64,3 +64,23 @@ async def test_a_released_device_is_let_go_after_the_linger(db, dsn):
 
 async def _free(db: asyncpg.Connection, device: str) -> bool:
     return await holder(db, device) is None
+
+
+async def test_two_processes_with_one_agent_id_never_hold_one_device_together(db, dsn):
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    first = DeviceClaims(pool, Queries("device_tasks"), "gw1", instance="first")
+    second = DeviceClaims(pool, Queries("device_tasks"), "gw1", instance="second", host="another-host")
+    tasks = [asyncio.create_task(c.run()) for c in (first, second)]
+    try:
+        assert await first.claim("r1", 10.0)
+        assert not await second.claim("r1", 10.0)  # the same agent id is not the same holder
+        first.release("r1")
+        await until(lambda: _free(db, "r1"), timeout=LINGER + 5, what="the first let go")
+        assert await second.claim("r1", 10.0)
+        assert await db.fetchval("SELECT instance FROM agent.device_claims WHERE device = 'r1'") == "second"
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await pool.close()
+    assert await _free(db, "r1")  # each released its own, at stop

@@ -134,3 +134,13 @@ async def test_enqueue_refuses_what_the_agent_could_not_handle(db, producer, arg
     with pytest.raises(asyncpg.InvalidParameterValueError, match=message):
         await producer.fetchval(f"SELECT agent.enqueue('r1', 'wifi', 'on', {args})")
     assert await queue_len(db) == 0 and await dlq(db) == []
+
+
+async def test_db_init_as_the_worker_says_to_run_it_as_the_owner(dsn: str) -> None:
+    from tests.support.agents import agentctl
+
+    async with login_role(dsn, "agent_worker") as name:
+        refused = agentctl(as_user(dsn, name), "db", "init", check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert f"db init must run as the database owner, not as '{name}'" in refused.stderr
+    assert "agentctl db init --print-sql" in refused.stderr

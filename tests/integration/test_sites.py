@@ -159,11 +159,33 @@ async def test_a_command_for_another_sites_device_is_moved_once_with_one_event(d
     assert await queue_len(db) == 0 and await archived(db, msg) and await dlq(db) == []
     [head] = await headers(db, NORTH)
     assert head["rerouted_from"] == {"queue": "device_tasks", "site": "default", "msg_id": msg}
+    assert head["origin_msg_id"] == msg  # its version goes with it
     ev = await db.fetchrow("SELECT kind, device, request_id, meta::text AS meta FROM agent.events WHERE msg_id = $1",
                            msg)
     assert (ev["kind"], ev["device"], ev["request_id"]) == ("rerouted", "n1", "pay-7")
     assert json.loads(ev["meta"]) == {"from_queue": "device_tasks", "to_queue": NORTH, "to_site": "north"}
     assert device.calls == []  # this site's agent never touched it
+
+
+async def test_a_command_moved_late_keeps_its_version_and_does_not_overtake_a_newer_one(db, dsn, north):
+    await send(db, {"device": "n1", "service": "wifi", "state": "on", "request_id": "late-on"})  # the wrong queue
+    await db.fetchval("SELECT agent.enqueue('n1', 'wifi', 'off', request_id => 'new-off')")  # north's, and newer
+    device = ScriptedDriver()
+    device.states[("n1", "wifi")] = "on"
+    async with running_agent(dsn, device, site="north", queue=NORTH):
+        await until(lambda: kind_of(db, "new-off", "verified"), what="the newer command verified")
+    async with running_agent(dsn, ScriptedDriver()):
+        await until(lambda: queue_len(db, NORTH), what="the older command moved to north")
+    async with running_agent(dsn, device, site="north", queue=NORTH):
+        await until(lambda: kind_of(db, "late-on", "superseded"), what="the older command superseded")
+    assert device.states[("n1", "wifi")] == "off"
+    row = await db.fetchrow("SELECT desired, desired_version FROM agent.service_state WHERE device = 'n1'")
+    assert row["desired"] == "off"
+
+
+async def kind_of(db: asyncpg.Connection, request_id: str, kind: str) -> bool:
+    return await db.fetchval("SELECT EXISTS (SELECT 1 FROM agent.events WHERE request_id = $1 AND kind = $2)",
+                             request_id, kind)
 
 
 async def test_a_moved_command_misrouted_again_is_dead_lettered_not_moved_back(db, dsn, north):
@@ -274,3 +296,12 @@ async def test_an_agent_reloads_its_inventory_for_its_own_site_only(db, dsn, nor
         await until(lambda: reloads, what="its own site's change heard")
         await agent.session.fetchval("SELECT 1")  # the north notification came first, if at all
     assert reloads == [1]
+
+
+async def test_an_agents_status_shows_the_drift_of_its_own_site_only(db, dsn, north):
+    for device in ("r1", "n1"):
+        await db.execute("INSERT INTO agent.service_state (device, service, desired, desired_version, observed) "
+                         "VALUES ($1, 'wifi', 'on', 1, 'off')", device)
+    async with running_agent(dsn) as agent:  # site `default`
+        drifted = (await agent.house.snapshot())["drifted"]
+    assert [(d["device"], d["service"]) for d in drifted] == [("r1", "wifi")]

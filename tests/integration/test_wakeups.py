@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 
 from tests.support.agents import running_agent
 from tests.support.db import add_device, archived, send
@@ -93,3 +94,37 @@ async def test_start_reenables_notifications_lost_in_a_crash(db, dsn):
         msg = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
         await until(lambda: archived(db, msg), timeout=3)
         assert agent.consumer.wakeups["notify"] >= 1
+
+
+async def test_insert_in_a_window_opened_while_the_last_windows_catch_up_was_pending_is_caught_up(db, dsn):
+    """A stream of inserts opens a new throttle window as soon as one closes, so the new window's
+    notification arrives while the catch-up read of the one before is still due. That catch-up
+    closes the old window, not the new one: a straggler inserted after it, inside the new window,
+    must still be read when the new window closes (seen as a command sent 0.1 s after a batch of
+    90 waiting for the safety poll). The second window is opened here by moving the first one into
+    the past, so that the straggler lands well inside it whatever the machine's speed."""
+    window = 3000
+    await add_device(db, "r1")
+    await db.execute("UPDATE pgmq.notify_insert_throttle SET throttle_interval_ms = $1", window)
+    opened = "SELECT last_notified_at FROM pgmq.notify_insert_throttle WHERE queue_name = 'device_tasks'"
+    async with running_agent(dsn, ScriptedDriver(), notify_throttle_ms=window) as agent:  # poll: 60 s
+        await until(lambda: agent.consumer.wakeups["catchup"] == 1, timeout=10, what="the start-up catch-up")
+        first = await send(db, {"device": "r1", "service": "a", "state": "on"})  # opens window 1
+        await until(lambda: agent.consumer.wakeups["notify"] == 1, what="window 1's notification")
+        await until(lambda: archived(db, first), timeout=3)
+        first_opened = await db.fetchval(opened)
+        await until(lambda: db.fetchval("SELECT clock_timestamp() - $1::timestamptz > interval '1.5 s'", first_opened),
+                    timeout=3, what="window 1 half over")
+        await db.execute("UPDATE pgmq.notify_insert_throttle SET last_notified_at = last_notified_at - $1::interval",
+                         timedelta(milliseconds=window))  # window 1 is over: the next insert opens window 2
+        second = await send(db, {"device": "r1", "service": "b", "state": "on"})
+        await until(lambda: agent.consumer.wakeups["notify"] == 2, what="window 2's notification")
+        await until(lambda: archived(db, second), timeout=3)
+        second_opened = await db.fetchval(opened)
+        await until(lambda: db.fetchval("SELECT clock_timestamp() - $1::timestamptz > $2::interval", first_opened,
+                                        timedelta(milliseconds=window + 500)),
+                    timeout=5, what="window 1's catch-up read done (window 2 still open)")
+        straggler = await send(db, {"device": "r1", "service": "c", "state": "on"})
+        assert await db.fetchval(opened) == second_opened, "the straggler must land inside window 2 (no notification)"
+        await until(lambda: archived(db, straggler), timeout=10, what="the straggler read when window 2 closed")
+        assert agent.consumer.wakeups["poll"] == 0

@@ -204,6 +204,30 @@ async def test_installed_agentd_started_as_the_unit_does_reaches_ready_and_appli
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def test_the_installed_agent_logs_to_the_journal_with_priorities_and_fields(installed: list[str]) -> None:
+    """systemd-python is built into the package: under systemd a warning reaches journald at
+    priority 4 with the record's fields (journalctl -p warning, ACTION=...), not as a plain line."""
+    python = f"/usr/lib/{PKG}/bin/python"
+    script = ("import logging; from agent import log; log.setup(); "
+              "logging.getLogger('agent.executor').warning('r1 unreachable: %s', 'peer_down', "
+              "extra={'action': 'unreachable', 'device': 'r1'})")
+    out = run("unshare", "--mount", "--propagation", "private", "/usr/bin/python3",
+              Path(__file__).with_name("journal.py"), "--", python, "-c", script)
+    caught = json.loads(out.stdout)
+    assert caught["returncode"] == 0, caught
+    warning = next(e for e in caught["entries"] if e.get("MESSAGE") == "r1 unreachable: peer_down")
+    assert warning["PRIORITY"] == "4" and warning["ACTION"] == "unreachable" and warning["DEVICE"] == "r1"
+    assert warning["SYSLOG_IDENTIFIER"] == "agentd"
+    assert caught["stdout"] == "", "nothing goes to stdout when the journal takes the records"
+
+
+def test_the_alert_rules_their_tests_and_the_dashboard_are_shipped_as_examples(installed: list[str]) -> None:
+    examples = Path(f"/usr/share/doc/{PKG}/examples")
+    for name in ("agent-alerts.yml", "agent-alerts.test.yml", "pgmq-edge-agent.json"):
+        shipped = examples / name if (examples / name).exists() else examples / f"{name}.gz"
+        assert shipped.exists(), f"{name} is not under {examples}"
+
+
 def test_purge_removes_every_file_it_installed(installed: list[str]) -> None:
     # Run as root with byte-code writing on: removal must clean up what Python writes beside the modules.
     run("agentctl", "--help", env={"PATH": "/usr/bin:/bin"})

@@ -33,6 +33,42 @@ def test_grafana_dashboard_uses_only_exported_metrics() -> None:
     assert not unknown, f"dashboard queries metrics agent/metrics.py does not export: {sorted(unknown)}"
 
 
+def test_grafana_dashboard_has_a_site_variable_that_narrows_the_agents() -> None:
+    dashboard = json.loads((ROOT / "etc" / "grafana" / "pgmq-edge-agent.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["site"]["definition"] == "label_values(pgmq_edge_agent_build_info, site)"
+    assert 'site=~"$site"' in variables["instance"]["definition"]
+    assert "pgmq_edge_agent_build" in exported_metric_names()  # exported as pgmq_edge_agent_build_info
+
+
+# Directives both units must set alike (the Debian unit adds its user, paths and condition).
+SHARED = ("Type", "NotifyAccess", "ExecReload", "Restart", "RestartSec", "RestartPreventExitStatus",
+          "TimeoutStartSec", "WatchdogSec", "TimeoutStopSec", "KillMode", "NoNewPrivileges", "ProtectSystem",
+          "ProtectHome", "PrivateTmp", "PrivateDevices", "RestrictAddressFamilies", "RestrictNamespaces",
+          "SystemCallFilter", "CapabilityBoundingSet", "AmbientCapabilities", "UMask")
+
+
+def unit_settings(path: Path) -> dict[str, str]:
+    """The [Service] directives of a unit file (comments and other sections left out)."""
+    section, out = "", {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            out[key] = value
+    return out
+
+
+def test_the_generic_and_the_debian_systemd_units_agree_on_what_matters() -> None:
+    generic = unit_settings(ROOT / "etc" / "systemd" / "agentd.service")
+    debian = unit_settings(ROOT / "packaging" / "deb" / "debian" / "pgmq-edge-agent.service")
+    differ = {k: (generic.get(k), debian.get(k)) for k in SHARED if generic.get(k) != debian.get(k)}
+    assert not differ, f"the two units differ (generic, debian): {differ}"
+    assert generic["RestartPreventExitStatus"] == "2" and "LoadCredential" not in generic
+
+
 def test_compose_file_names_shipped_files_and_pins_images() -> None:
     """Text checks (PyYAML is not a test dependency; the container tests run the file for real)."""
     text = (ROOT / "compose.yml").read_text()
@@ -61,4 +97,7 @@ def test_man_pages_generate_from_the_parsers(tmp_path: Path, prog: str) -> None:
     assert gen_man.main(["--man-dir", str(tmp_path), "--completion-dir", str(tmp_path), "--date", "2026-01-01"]) == 0
     page = (tmp_path / f"{prog}.8").read_text()
     assert page.startswith(f".TH {prog.upper()} 8") and "\\-\\-config" in page
+    for section in (".SH EXIT STATUS", ".SH ENVIRONMENT", ".SH FILES"):
+        assert section in page
+    assert ".B 2\n" in page
     assert f"complete -F _{prog} {prog}" in (tmp_path / prog).read_text()

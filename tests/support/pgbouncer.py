@@ -1,13 +1,18 @@
-"""A real PgBouncer (Debian `pgbouncer`) in transaction mode in front of the test Postgres.
+"""A real PgBouncer (Debian `pgbouncer`) in front of the test Postgres, in transaction mode unless asked
+for another `pool_mode`.
 
 It listens on a free loopback port and reaches Postgres on the cluster's Unix socket. As root it
-runs as the user Postgres runs as (PgBouncer refuses to run as root). `dsn(db_dsn)` turns a test database's DSN into
+runs as the user who owns that socket's directory, the test cluster's data directory (PgBouncer refuses
+to run as root, and the directory is private to its owner): not whichever `postgres` process `ps` lists
+first, which may be another cluster's. `dsn(db_dsn)` turns a test database's DSN into
 the same database through PgBouncer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -23,10 +28,16 @@ def available() -> bool:
     return Path(BINARY).exists()
 
 
-def _postgres_user() -> str:
-    """PgBouncer refuses root; it runs as the user Postgres runs as, who may open its socket."""
-    out = subprocess.run(["ps", "-o", "user=", "-C", "postgres"], capture_output=True, text=True).stdout.split()
-    return out[0] if out else "nobody"
+def _socket_owner(host: str, port: int) -> str:
+    """The user who may open the cluster's Unix socket: the owner of its directory (pgserver's data
+    directory), or of the socket itself in a shared directory such as /tmp. Over TCP anyone may."""
+    if not host.startswith("/"):
+        return "nobody"
+    for path in (Path(host), Path(host) / f".s.PGSQL.{port}"):
+        with contextlib.suppress(OSError, KeyError):
+            if (uid := path.stat().st_uid) != 0:
+                return pwd.getpwuid(uid).pw_name
+    return "nobody"
 
 
 def _free_port() -> int:
@@ -36,7 +47,8 @@ def _free_port() -> int:
 
 
 class PgBouncer:
-    def __init__(self, admin_dsn: str) -> None:
+    def __init__(self, admin_dsn: str, pool_mode: str = "transaction") -> None:
+        self.pool_mode = pool_mode
         parts = urlsplit(admin_dsn)
         query = parse_qs(parts.query)
         self.pg_host = query.get("host", [parts.hostname or "127.0.0.1"])[0]
@@ -58,16 +70,16 @@ listen_addr = 127.0.0.1
 listen_port = {self.port}
 unix_socket_dir =
 auth_type = any
-pool_mode = transaction
+pool_mode = {self.pool_mode}
 max_prepared_statements = 0
 default_pool_size = 20
 max_client_conn = 500
-server_reset_query =
+server_reset_query = {"DISCARD ALL" if self.pool_mode == "session" else ""}
 ignore_startup_parameters = extra_float_digits,application_name
 logfile = {self.log}
 pidfile = {self.root / "pgbouncer.pid"}
 """.replace("max_prepared_statements = 0\n", ""))  # 1.18 has no such key; transaction mode keeps none
-        user = ["-u", _postgres_user()] if os.geteuid() == 0 else []
+        user = ["-u", _socket_owner(self.pg_host, self.pg_port)] if os.geteuid() == 0 else []
         self.proc = subprocess.Popen([BINARY, *user, str(ini)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -81,3 +81,11 @@ def test_json_output_carries_ok_state_and_steps():
 
 def test_a_service_key_with_control_characters_is_escaped_in_the_step_name():
     assert step_names("a\nb")[-1] == "read a\\nb"
+
+
+def test_a_test_without_a_service_says_that_it_read_nothing():
+    probed = Result("r1", None, [Step("probe", True, "answered")])
+    assert as_text(probed).splitlines()[-1] == (
+        "no service was read: add --service KEY to read one (e.g. `agentctl device test r1 --service <key>`)")
+    read = Result("r1", "pppoe:alice", [Step("probe", True, "answered"), Step("read pppoe:alice", True, "on")])
+    assert "no service was read" not in as_text(read)

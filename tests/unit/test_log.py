@@ -70,11 +70,11 @@ def test_under_journald_records_go_to_systemds_journal_handler_with_fields_and_t
         logging.getLogger("agent.executor").warning("retry in %.1fs", 2.0, exc_info=exc, extra=FIELDS)
     [(msg, fields)] = sent
     assert msg.startswith("retry in 2.0s") and "Traceback" in msg and "ValueError: boom" in msg
-    upper = {k.upper(): v for k, v in fields.items()}
-    assert upper["PRIORITY"] == "4" and upper["SYSLOG_IDENTIFIER"] == "agentd"
-    assert (upper["DEVICE"], upper["SERVICE"], upper["MSG_ID"], upper["REQUEST_ID"], upper["ACTION"]) == (
-        "r1", "wifi", 7, "pay-1", "retried")
-    assert upper["CODE_FILE"] == __file__ and upper["CODE_FUNC"].startswith("test_under_journald")
+    assert fields["PRIORITY"] == "4" and fields["SYSLOG_IDENTIFIER"] == "agentd"
+    # journald keeps only upper-case field names: ours must be sent as such, not as `device=`
+    assert (fields["DEVICE"], fields["SERVICE"], fields["MSG_ID"], fields["REQUEST_ID"], fields["ACTION"]) == (
+        "r1", "wifi", "7", "pay-1", "retried")
+    assert fields["CODE_FILE"] == __file__ and fields["CODE_FUNC"].startswith("test_under_journald")
 
 
 def test_output_never_vanishes_when_stderr_is_not_the_journal(journal_stream, monkeypatch, tmp_path):

@@ -40,12 +40,41 @@ def test_process_and_python_collectors_are_on_the_registry():
 
 def test_outcomes_known_in_advance_start_at_zero():
     text = scrape()
-    for outcome in ("dead_lettered", "verified", "retried", "parked", "expired"):
+    for outcome in ("dead_lettered", "verified", "expired", "superseded"):
         for driver in ("sim", "http", "none"):
             assert f'pgmq_edge_agent_commands_total{{driver="{driver}",outcome="{outcome}"}} 0.0' in text
+    for outcome in ("retried", "parked", "rerouted"):
+        assert f'pgmq_edge_agent_command_attempts_total{{driver="sim",outcome="{outcome}"}} 0.0' in text
     assert 'pgmq_edge_agent_reconcile_services_total{result="failed"} 0.0' in text
     assert 'pgmq_edge_agent_wakeups_total{source="notify"} 0.0' in text
     assert "pgmq_edge_agent_report_failures_total 0.0" in text
+
+
+def test_commands_total_counts_each_command_once_by_how_it_ended_and_attempts_apart():
+    from datetime import datetime, timezone
+
+    from agent.executor.reports import Delivery, EventRow, Outcome
+
+    m = Metrics("north", "device_tasks", Live)
+
+    def outcome(msg_id: int, *kinds: str) -> Outcome:
+        delivery = Delivery(msg_id, 1, datetime.now(timezone.utc), "{}", None, msg_id)
+        return Outcome(delivery, "archive", [EventRow(kind, "r1", "wifi", msg_id) for kind in kinds], driver="sim")
+
+    m.committed([outcome(1, "failed", "retried"), outcome(1, "parked")], 0)   # two deliveries, no end yet
+    m.committed([outcome(1, "applied", "verified"), outcome(2, "dead_lettered")], 0)
+    text = generate_latest(m.registry).decode()
+    assert 'pgmq_edge_agent_commands_total{driver="sim",outcome="verified"} 1.0' in text
+    assert 'pgmq_edge_agent_commands_total{driver="sim",outcome="dead_lettered"} 1.0' in text
+    assert 'pgmq_edge_agent_commands_total{driver="sim",outcome="retried"}' not in text
+    assert 'pgmq_edge_agent_command_attempts_total{driver="sim",outcome="retried"} 1.0' in text
+    assert 'pgmq_edge_agent_command_attempts_total{driver="sim",outcome="parked"} 1.0' in text
+
+
+def test_the_leaders_last_retention_pass_is_exported_for_the_alert():
+    assert 'pgmq_edge_agent_retention_last_success_timestamp_seconds{site="north"} 1234.5' in \
+        scrape(Live(leader=True, pruned_at=1234.5))
+    assert "pgmq_edge_agent_retention_last_success_timestamp_seconds{" not in scrape(Live())  # not the leader
 
 
 def test_site_labels_where_an_operator_of_many_sites_needs_them():

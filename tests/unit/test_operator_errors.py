@@ -9,9 +9,10 @@ from datetime import datetime, timedelta, timezone
 import asyncpg
 import pytest
 
+from agent import daemon
 from agent.cli import args as argtypes
 from agent.cli.agentctl import build_parser
-from agent.db.connect import classify, redact
+from agent.db.connect import classify, reason, redact
 from agent.drivers.base import Device
 from agent.settings import DEFAULT_CONFIG, config_path, load_settings
 from agent.text import json_default, rfc3339
@@ -33,6 +34,7 @@ def clean_env(monkeypatch):
     (asyncpg.InvalidCatalogNameError("database \"agent\" does not exist"), "database does not exist"),
     (asyncpg.InsufficientPrivilegeError("permission denied for database"), "CONNECT"),
     (asyncpg.ClientConfigurationError("`sslmode` parameter must be one of: disable, ..."), "parameter"),
+    (asyncpg.UndefinedObjectError('unrecognized configuration parameter "sslmod"'), "mistyped query parameter"),
     (ConnectionError("PostgreSQL server at \"db:5432\" rejected SSL upgrade"), "sslmode"),
     (ValueError("invalid literal for int() with base 10: 'abc'"), "not a valid connection URL"),
     (OverflowError("connect(): port must be 0-65535."), "not a valid connection URL"),
@@ -49,6 +51,26 @@ def test_refusals_that_retrying_cannot_heal_name_the_setting_not_the_password(ex
 ])
 def test_an_unreachable_or_busy_server_is_worth_a_retry(exc):
     assert classify(exc, DSN) is None
+
+
+@pytest.mark.parametrize("exc, words", [
+    (TimeoutError(), "TimeoutError"), (ConnectionResetError(), "ConnectionResetError"),
+    (asyncpg.ConnectionDoesNotExistError(""), "ConnectionDoesNotExistError"), (RuntimeError(), "RuntimeError"),
+    (OSError(113, "No route to host"), "No route to host"),
+])
+def test_a_failure_without_a_message_still_says_why(exc, words):
+    assert words in reason(exc)
+
+
+async def test_waiting_for_the_database_says_why_it_is_unreachable(monkeypatch, caplog):
+    async def silent_pooler(*_args, **_kwargs):
+        raise TimeoutError()  # what a PgBouncer that cannot reach Postgres gives asyncpg: no message
+    monkeypatch.setattr(daemon.asyncpg, "create_pool", silent_pooler)
+    monkeypatch.setattr(daemon.random, "uniform", lambda _a, _b: 0.0)  # no backoff wait in a unit test
+    with pytest.raises(TimeoutError):
+        await daemon.connect_pool(load_settings(None, database_url=DSN), attempts=2)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("database unreachable")]
+    assert said and "()" not in said[0] and "TimeoutError" in said[0]
 
 
 def test_a_password_echoed_by_the_server_is_masked():

@@ -41,3 +41,25 @@ def test_systemd_unit_verifies(tmp_path):
     out = subprocess.run([analyze, "verify", str(tmp_path / "agentd.service")], capture_output=True, text=True)
     assert out.returncode == 0 and "agentd.service" not in out.stdout + out.stderr, out.stdout + out.stderr
     assert "Type=notify" in unit and "WatchdogSec=" in unit and "NoNewPrivileges=yes" in unit
+
+
+def test_ci_installs_every_program_the_compose_tests_run_and_checks_for_them_first():
+    from tests.packaging import tools
+
+    root = ETC.parent
+    for script in (".ci/packaging", ".ci/run"):
+        text = (root / script).read_text()
+        assert not [p for p in tools.COMPOSE.values() if f" {p} " not in text.replace("\\\n", " ")], script
+    packaging = (root / ".ci/packaging").read_text()
+    assert packaging.index("tests/packaging/tools.py") < packaging.index("./scripts/test"), "checked up front"
+
+
+def test_a_missing_compose_program_is_named_with_its_package():
+    from tests.packaging import tools
+
+    absent = tools.missing({"sh": "dash", "no-such-netavark": "netavark-pkg"})
+    assert absent == {"no-such-netavark": "netavark-pkg"}
+    assert "no-such-netavark" in tools.message(absent) and "install -y --no-install-recommends netavark-pkg" in \
+        tools.message(absent)
+    assert tools.verdict(absent) == "fail"  # podman there without what it runs: compose up would hang
+    assert tools.verdict({"podman": "podman", **absent}) == "skip" and tools.verdict({}) is None

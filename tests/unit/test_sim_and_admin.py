@@ -82,6 +82,15 @@ def test_credentials_are_read_by_name_from_the_credentials_directory(tmp_path, m
         store.get("../etc/passwd")
 
 
+def test_an_unreadable_credentials_directory_is_a_configuration_error_not_a_passing_one(tmp_path, monkeypatch):
+    def denied(path):  # what a 0700 directory of another user gives (root, who runs the tests, is never denied)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(type(tmp_path), "is_file", denied)
+    with pytest.raises(ConfigError, match=r"credential 'router-admin': cannot read .*permission denied.*agent's user"):
+        CredentialStore(tmp_path).get("router-admin")
+
+
 def test_doctor_checks_each_devices_credential_without_showing_it(tmp_path):
     from agent.doctor import credential_checks
     from agent.drivers.base import CredentialStore, Device

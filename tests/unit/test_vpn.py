@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from agent.drivers.base import Device
-from agent.vpn.guard import start_problem
+from agent.vpn.guard import VpnGuard, start_problem
 from agent.vpn.health import VpnSnapshot, gate, judge_peer, peer_for
 from agent.vpn.monitor import device_host
 from agent.vpn.wg import WgPeer, parse_dump
@@ -97,13 +97,27 @@ def test_gate_parks_behind_a_dead_peer_and_never_for_devices_without_address():
     assert gate(Device("s1", "sim"), None, dead).reachable
 
 
-def test_start_problem_names_the_route_that_leaves_elsewhere():
+def test_only_a_missing_interface_holds_the_start_back_not_one_device_routed_elsewhere():
     assert start_problem(snapshot(), {"r1": "10.88.0.5"}) is None
-    assert start_problem(snapshot(routes={"10.88.0.5": "eth0"}), {"r1": "10.88.0.5"}).startswith(
-        "the route to r1 (10.88.0.5) leaves by eth0")
+    astray = snapshot(routes={"10.88.0.5": "eth0"})
+    assert start_problem(astray, {"r1": "10.88.0.5", "r2": "10.88.0.6"}) is None
+    assert gate(DEV, "10.88.0.5", astray).reason.startswith("route_not_via_tunnel: 10.88.0.5 leaves by eth0")
     assert start_problem(VpnSnapshot(None, problem="no WireGuard interface"), {"r1": "10.88.0.5"}) == \
         "no WireGuard interface"
     assert start_problem(VpnSnapshot(None), {}) is None  # only simulated devices: nothing needs the tunnel
+
+
+async def _never(_devices: list[str]) -> None:
+    raise AssertionError("nothing becomes reachable here")
+
+
+@pytest.mark.parametrize("required", [True, False])
+def test_a_device_whose_name_does_not_resolve_is_parked_not_let_through(required):
+    named = Device("r9", "http", "https://router-9.invalid/rest")
+    guard = VpnGuard(required, "wg0", 180, 1, lambda: [named], None, "a1", _never)  # type: ignore[arg-type]
+    verdict = guard.verdict(named, snapshot())
+    assert not verdict.reachable and verdict.reason.startswith("unresolved: router-9.invalid does not resolve")
+    assert guard.verdict(Device("s1", "sim"), snapshot()).reachable  # no address: needs no tunnel
 
 
 @pytest.mark.parametrize("address, host", [("10.88.0.5", "10.88.0.5"), ("10.88.0.5:8080", "10.88.0.5"),

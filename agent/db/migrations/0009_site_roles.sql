@@ -16,8 +16,8 @@ CREATE POLICY agent_all ON agent.device_claims AS PERMISSIVE FOR ALL TO PUBLIC U
 -- Move message `id` (fenced by its read_ct `rc`) from queue `src` to queue `dest`, which must be the
 -- queue recorded for the site of the message's device, and not `src`. The caller must be allowed to
 -- take messages from `src` (DELETE on its table): it cannot move another site's messages. The copy
--- keeps the body and the headers but the version headers of `src` (`origin_msg_id`, `bounces`:
--- its version there is its new msg_id), and is marked `rerouted_from`, so it is never moved twice.
+-- keeps the body, the headers and its version (`origin_msg_id`; its `bounces` in `src` stay behind),
+-- and is marked `rerouted_from`, so it is never moved twice.
 -- With `archive` the original is kept in the archive of `src`. Returns the new msg_id, or NULL when
 -- nothing was moved: the message was taken by another reader since, or its device is no longer of
 -- the site of `dest` (it stays, and comes back to be routed anew once its lease ends).
@@ -30,6 +30,7 @@ DECLARE
     m      record;
     target text;
     n      integer;
+    version bigint;
 BEGIN
     IF src IS NULL OR src ~ '_dlq$' OR NOT EXISTS (SELECT 1 FROM pgmq.meta q WHERE q.queue_name = src) THEN
         RAISE EXCEPTION 'agent.move_message: % is not an agent queue', quote_nullable(src) USING ERRCODE = '22023';
@@ -56,9 +57,15 @@ BEGIN
                        'VALUES ($1, $2, $3, $4, $5, $6, $7)', 'a_' || src)
             USING m.msg_id, m.vt, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers;
     END IF;
+    -- the command's version, as the agent reads it (agent/executor/policy.py: parse_headers): a valid
+    -- origin_msg_id, else its msg_id here; every agent queue takes its ids from one sequence (0008)
+    version := CASE WHEN jsonb_typeof(m.headers) = 'object' AND jsonb_typeof(m.headers->'origin_msg_id') = 'number'
+                         AND (m.headers->>'origin_msg_id') ~ '^[0-9]+$'
+                         AND (m.headers->>'origin_msg_id')::numeric BETWEEN 1 AND m.msg_id
+                    THEN (m.headers->>'origin_msg_id')::bigint ELSE m.msg_id END;
     RETURN (SELECT pgmq.send(dest, m.message,
         (CASE WHEN jsonb_typeof(m.headers) = 'object' THEN m.headers ELSE '{}'::jsonb END - 'origin_msg_id' - 'bounces')
-        || jsonb_build_object('rerouted_from', jsonb_build_object(
+        || jsonb_build_object('origin_msg_id', version, 'rerouted_from', jsonb_build_object(
                'queue', src, 'site', (SELECT s.name FROM agent.sites s WHERE s.queue = src), 'msg_id', id))));
 END $$;
 REVOKE ALL ON FUNCTION agent.move_message(text, bigint, integer, text, boolean) FROM PUBLIC;
