@@ -135,7 +135,7 @@ async def test_a_sites_worker_does_its_own_work(db, north, default_worker):
     mine = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
     stray = await send(db, {"device": "n1", "service": "lan", "state": "on"})
     d_mine, d_stray = [delivery(r, time.time()) for r in await w.fetch(HERE.read, HERE.queue, 30, 10, 65536)]
-    claimed = await w.fetchrow(HERE.claim_devices, "gw-default", ["r1"], [60.0], [], "host", 1, [])
+    claimed = await w.fetchrow(HERE.claim_devices, "gw-default", ["r1"], [60.0], [], "host", 1, [], "instance-1")
     assert claimed["claimed"] == ["r1"]
     now = time.time()
     done = Outcome(d_mine, "archive", [EventRow("verified", "r1", "wifi", mine, d_mine.version)],
@@ -147,7 +147,7 @@ async def test_a_sites_worker_does_its_own_work(db, north, default_worker):
     head = await db.fetchval("SELECT headers->>'rerouted_from' FROM pgmq.q_north_tasks "
                              "WHERE message->>'service' = 'lan'")
     assert head is not None and await queue_len(db, NORTH) == 2
-    assert await w.execute(HERE.release_all_claims, "gw-default") == "DELETE 1"
+    assert await w.execute(HERE.release_all_claims, "gw-default", "instance-1") == "DELETE 1"
 
 
 async def test_a_move_to_a_queue_not_the_devices_sites_moves_nothing(db, north, default_worker):
