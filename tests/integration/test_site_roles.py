@@ -5,6 +5,7 @@ of the device's site. agent_worker keeps serving every site (installs made befor
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -18,7 +19,7 @@ from agent.errors import ConfigError
 from agent.executor.reports import EventRow, Outcome, StateUpdate, write_batch
 from agent.queue.admission import delivery
 from agent.queue.routing import Move, moved
-from tests.support.agents import running_agent
+from tests.support.agents import agentctl, running_agent
 from tests.support.cluster import as_user, login_role
 from tests.support.db import add_device, archived, queue_len, send
 from tests.support.devices import ScriptedDriver
@@ -197,3 +198,17 @@ async def test_an_agent_logged_in_with_another_sites_role_refuses_to_start_namin
                                               rf'GRANT "agent_worker_north" TO "{name}";'):
             async with running_agent(as_user(dsn, name), ScriptedDriver(), site="north", queue=NORTH):
                 pass
+
+
+async def test_fleet_status_from_a_sites_login_shows_other_sites_without_their_queues(dsn, north):
+    """`agentctl status --fleet --all-sites` on an edge host, with its agent's login: its own queue's
+    figures, and the other site listed with its queue not readable (not reported missing)."""
+    async with login_role(dsn, "agent_worker_default") as name:
+        proc = agentctl(as_user(dsn, name), "status", "--fleet", "--all-sites", "--json", check=False)
+        text = agentctl(as_user(dsn, name), "status", "--fleet", "--all-sites", check=False)
+    assert "Traceback" not in proc.stderr + text.stderr, proc.stderr + text.stderr
+    sites = {s["site"]: s for s in json.loads(proc.stdout)["sites"]}
+    assert (sites["default"]["queue_depth"], sites["default"]["queue_hidden"]) == (0, False)
+    assert (sites["north"]["queue_depth"], sites["north"]["queue_missing"], sites["north"]["queue_hidden"]) == (
+        None, False, True)
+    assert "queue north_tasks (not readable by this login" in text.stdout
