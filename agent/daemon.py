@@ -119,7 +119,8 @@ class Agent:
         sync = SyncWorker(
             pool, self.queries, self.drivers, self.deadlines, self.vpn.gate,
             lambda: (tuning.policy, tuning.device_timeout),
-            ReconcileTuning(s.reconcile_confirm, s.reconcile_confirm_delay, s.reconcile_pace),
+            ReconcileTuning(s.reconcile_confirm, s.reconcile_confirm_delay, s.reconcile_pace,
+                            s.reconcile_unreachable_wait),
             may_operate=lambda dev: self.claims.fresh(dev.id, self.executor.op_bound(dev)))
         self.executor = Executor(self.acceptor, self.drivers, self.reporter, self.tuning, s.concurrency,
                                  gate=self.vpn.gate, on_unreachable=self.vpn.device_failed, confirm=self.vpn.confirm,

@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     reconcile_confirm_delay: float = Field(2.0, ge=0, le=300, description="Seconds between those readings.")
     reconcile_pace: float = Field(0.2, ge=0, le=60, description="Seconds between a device's reconcile calls.")
     reconcile_batch: int = Field(8, ge=1, le=1000, description="Devices of a run in the queue at once.")
+    reconcile_unreachable_wait: float = Field(120.0, ge=0, le=86400, description="Seconds a reconcile waits for an "
+                                              "unreachable device before the run reports it not checked.")
     reconcile_retention_days: int = Field(7, ge=1, le=3650, description="Days finished runs are kept.")
     archive: bool = Field(True, description="Keep settled messages in PGMQ's archive; false deletes them when "
                           "settled (fewer rows written; the audit stays in agent.events).")

@@ -18,7 +18,7 @@ import asyncpg
 
 from agent.reconcile.leader import current_leader
 from agent.settings import Settings
-from agent.text import dumps
+from agent.text import clean, dumps
 
 RUN = """SELECT id, site, kind, device, service, dry_run, requested_by, requested_at, finished_at, devices,
                 checked, in_sync, drifted, repaired, unreadable, failed
@@ -32,7 +32,8 @@ async def request(conn: asyncpg.Connection, s: Settings, device: str | None, ser
     try:
         run = await conn.fetchval("SELECT agent.request_sync($1, $2, $3, $4, 'manual', $5)", s.site, device,
                                   service, dry_run, f"agentctl@{socket.gethostname()}")
-    except asyncpg.InvalidParameterValueError as exc:  # agent.request_sync refused the scope
+    except (asyncpg.InvalidParameterValueError, asyncpg.InsufficientPrivilegeError,
+            asyncpg.ProgramLimitExceededError) as exc:  # agent.request_sync refused the request
         hint = getattr(exc, "hint", None)
         print(f"agentctl: {exc.args[0] if exc.args else exc}" + (f" ({hint})" if hint else ""), file=sys.stderr)
         return 2
@@ -66,18 +67,26 @@ async def show(conn: asyncpg.Connection, run_id: int, as_json: bool) -> int:
 
 
 def render(r: dict[str, Any], items: list[dict[str, Any]]) -> str:
-    scope = ", ".join(f"{k} {r[k]}" for k in ("device", "service") if r[k]) or f"site {r['site']}"
+    """What a person reads. Every text that came from a producer (scope, who asked) or a device (what
+    was found, errors) is one escaped line: it can neither forge a line nor drive the terminal."""
+    scope = ", ".join(f"{k} {clean(r[k], 200)}" for k in ("device", "service") if r[k]) or \
+        f"site {clean(r['site'], 64)}"
     what = "dry run: drift is shown, not repaired" if r["dry_run"] else "drift repaired"
     state = "finished" if r["finished_at"] else "still running"
-    lines = [f"sync run {r['id']} ({scope}; {what}) {state}: {r['devices']} device(s), {r['checked']} service(s) "
-             f"checked: {r['in_sync']} in sync, {r['drifted']} drifted, {r['repaired']} repaired, "
-             f"{r['unreadable']} unreadable, {r['failed']} failed"]
+    by = f", asked by {clean(r['requested_by'], 300)}" if r.get("requested_by") else ""
+    lines = [f"sync run {r['id']} ({r['kind']}{by}; {scope}; {what}) {state}: {r['devices']} device(s), "
+             f"{r['checked']} service(s) checked: {r['in_sync']} in sync, {r['drifted']} drifted, "
+             f"{r['repaired']} repaired, {r['unreadable']} unreadable, {r['failed']} failed"]
     for i in items:
         if i["result"] == "in_sync":
             continue
-        found = f"expected {i['expected']}, found {i['found'] or '?'}"
-        lines.append(f"  {i['device']}/{i['service']}: {i['result']} ({found})" + (f": {i['error']}" if i["error"]
-                                                                                    else ""))
+        device, error = clean(i["device"], 200), clean(i["error"]) if i["error"] else ""
+        if i["service"] == "*":  # the device as a whole was not checked (paused, unreachable, removed)
+            lines.append(f"  {device}: " + (error if error.startswith("not checked") else f"{i['result']}: {error}"))
+            continue
+        found = f"expected {clean(i['expected'], 20)}, found {clean(i['found'], 20) if i['found'] else '?'}"
+        lines.append(f"  {device}/{clean(i['service'], 200)}: {i['result']} ({found})" + (f": {error}" if error
+                                                                                          else ""))
     return "\n".join(lines)
 
 

@@ -252,7 +252,7 @@ FROM agent.agents WHERE $1::text IS NULL OR site = $1 ORDER BY site, agent_id;
 -- name: fleet_sites
 -- Every site ($1 NULL) or one: recorded (agent.sites), served by an agent, or holding devices. Its
 -- recorded queue; its leader: the backend holding the leadership advisory lock
--- (agent/reconcile/leader.py: class $2, object hashtext(site)), by its application_name; its
+-- (agent/reconcile/leader.py: class $2, object the site's key), by its application_name; its
 -- devices found unreachable (agent.reachability, written by the agents' VPN guard). pg_locks and
 -- the reachability rows are read once for all sites.
 WITH names AS (
@@ -273,7 +273,8 @@ SELECT n.name AS site, s.queue, l.application_name AS leader_backend,
        coalesce(u.devices, '[]')::text AS unreachable
 FROM names n
 LEFT JOIN agent.sites s ON s.name = n.name
-LEFT JOIN leaders l ON l.key = (hashtext(n.name)::bigint & 4294967295)
+LEFT JOIN agent.site_keys k ON k.site = n.name
+LEFT JOIN leaders l ON l.key = k.key
 LEFT JOIN unreachable u ON u.site = n.name
 WHERE $1::text IS NULL OR n.name = $1
 ORDER BY n.name;
@@ -384,7 +385,7 @@ WITH done AS (
 ), synced AS (   -- $7: reconcile messages finished here, with what they found (only those archived now)
     SELECT x.* FROM jsonb_to_recordset($7::jsonb)
          AS x(msg_id bigint, run bigint, device text, items jsonb, in_sync integer, checked integer,
-              drifted integer, repaired integer, unreadable integer, failed integer)
+              drifted integer, repaired integer, unreadable integer, failed integer, skipped text)
     JOIN done ON done.msg_id = x.msg_id
     JOIN agent.sync_devices sd ON sd.run = x.run AND sd.device = x.device  -- a forged run id records nothing
 ), items AS (
@@ -395,7 +396,7 @@ WITH done AS (
         error = EXCLUDED.error, at = now()
     RETURNING 1
 ), devs AS (
-    UPDATE agent.sync_devices d SET state = 'done', done_at = now()
+    UPDATE agent.sync_devices d SET state = 'done', done_at = now(), skipped = left(s.skipped, 500)
     FROM synced s WHERE d.run = s.run AND d.device = s.device AND d.state <> 'done'
     RETURNING d.run, d.device
 ), runs AS (
@@ -459,8 +460,28 @@ RETURNING d.run, d.device;
 -- name: open_runs
 SELECT EXISTS (SELECT 1 FROM agent.sync_runs WHERE site = $1 AND finished_at IS NULL);
 
--- name: scheduled_run_open
-SELECT id FROM agent.sync_runs WHERE site = $1 AND kind = 'scheduled' AND finished_at IS NULL LIMIT 1;
+-- name: start_scheduled_run
+-- The leader's scheduled run of site $1 (requested by $2, its agent id): every device of the site with
+-- a desired state, except those still outstanding in an open run of the site, which that run checks.
+-- So a device that holds its run open (a slow one) never holds the others' reconciliation up. No run
+-- (run NULL) when every such device is outstanding; a finished empty run when the site has none.
+WITH todo AS (
+    SELECT DISTINCT s.device FROM agent.service_state s JOIN agent.devices d ON d.id = s.device
+    WHERE d.site = $1 AND s.desired IS NOT NULL AND NOT s.desired_failed
+), busy AS (
+    SELECT DISTINCT o.device FROM agent.sync_devices o JOIN agent.sync_runs r ON r.id = o.run
+    WHERE r.site = $1 AND r.finished_at IS NULL AND o.state <> 'done'
+), fresh AS (
+    SELECT device FROM todo EXCEPT SELECT device FROM busy
+), run AS (
+    INSERT INTO agent.sync_runs (site, kind, requested_by, devices, finished_at)
+    SELECT $1, 'scheduled', $2, count(*), CASE WHEN count(*) = 0 THEN now() END FROM fresh
+    HAVING count(*) > 0 OR NOT EXISTS (SELECT 1 FROM busy)
+    RETURNING id
+), devs AS (
+    INSERT INTO agent.sync_devices (run, device) SELECT run.id, fresh.device FROM run, fresh RETURNING 1
+)
+SELECT (SELECT id FROM run) AS run, (SELECT count(*) FROM devs) AS devices, (SELECT count(*) FROM busy) AS outstanding;
 
 -- name: finished_runs
 -- Runs of the site finished after $2 (the leader logs one summary line for each).
@@ -529,9 +550,10 @@ FROM (VALUES
 
 -- name: accept
 -- Write-ahead of intent, before any device is touched, in one statement: each request_id is
--- recorded with the command that first carried it; commands whose request_id belongs to another
--- command go no further; for the rest the newest version wins. Returns ('r', request_id, owner
--- version) and ('d', device, service, version in force: ours if accepted, else a newer one).
+-- recorded with the command that first carried it (the lowest version); commands whose request_id
+-- belongs to another command go no further; of the rest, the newest version per key wins, also
+-- when a coalesced take brings several versions of one key at once. Returns ('r', request_id, owner
+-- version) and ('d', device, service, version in force: the newest accepted, ours or a newer one).
 WITH input AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
         AS x(device text, service text, desired text, version bigint, msg_id bigint, request_id text)
@@ -542,8 +564,9 @@ WITH input AS (
     ON CONFLICT (request_id) DO UPDATE SET request_id = r.request_id
     RETURNING request_id, version
 ), fresh AS (
-    SELECT i.* FROM input i LEFT JOIN req ON req.request_id = i.request_id
+    SELECT DISTINCT ON (i.device, i.service) i.* FROM input i LEFT JOIN req ON req.request_id = i.request_id
     WHERE i.request_id IS NULL OR req.version = i.version
+    ORDER BY i.device, i.service, i.version DESC, i.msg_id DESC
 ), acc AS (
     INSERT INTO agent.service_state AS s (device, service, desired, desired_version, desired_at, last_msg_id,
                                           last_request_id, updated_at)

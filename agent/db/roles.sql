@@ -20,13 +20,15 @@ GRANT USAGE ON SCHEMA agent TO agent_producer;
 GRANT EXECUTE ON FUNCTION agent.enqueue(text, text, text, text, timestamptz, jsonb, text, integer, text),
                           agent.request_sync(text, text, text, boolean, text, text) TO agent_producer;
 GRANT SELECT ON agent.service_state, agent.events, agent.devices TO agent_producer;
+GRANT SELECT ON agent.site_keys TO agent_producer;  -- which lock is whose site's leader
 
 GRANT USAGE ON SCHEMA agent, pgmq TO agent_worker, agent_worker_common;
 GRANT EXECUTE ON FUNCTION agent.ensure_notify(text, integer),
                           agent.request_sync(text, text, text, boolean, text, text),
                           agent.prune_audit(text, timestamptz, integer, boolean),
-                          agent.move_message(text, bigint, integer, text, boolean) TO agent_worker, agent_worker_common;
-GRANT SELECT ON agent.config, agent.devices, agent.sites, agent.schema_version, pgmq.meta
+                          agent.move_message(text, bigint, integer, text, boolean),
+                          agent.site_key(text) TO agent_worker, agent_worker_common;
+GRANT SELECT ON agent.config, agent.devices, agent.sites, agent.site_keys, agent.schema_version, pgmq.meta
     TO agent_worker, agent_worker_common;
 GRANT SELECT, UPDATE ON pgmq.notify_insert_throttle TO agent_worker, agent_worker_common;
 GRANT SELECT, INSERT, UPDATE ON agent.requests, agent.agents, agent.reachability, agent.sync_devices

@@ -34,6 +34,7 @@ import aiohttp
 
 from agent.contract import SERVICE_PATTERN
 from agent.drivers.base import Device, DriverContext, State
+from agent.drivers.body import read_body
 from agent.errors import AgentError, ConfigError, NoAnswerError, PermanentError, TransientError, UnreachableError
 from agent.text import clean
 
@@ -111,13 +112,8 @@ def classify_status(status: int, what: str, body: str, location: str | None = No
 
 
 async def _bounded_text(resp: aiohttp.ClientResponse, limit: int, what: str) -> str:
-    """The reply body, read no further than `limit` bytes: a device cannot make the agent hold more."""
-    declared = resp.content_length
-    if declared is not None and declared > limit:
-        raise PermanentError(f"{what}: reply of {declared} bytes is over the {limit}-byte limit (max_reply_bytes)")
-    body = await resp.content.read(limit + 1)
-    if len(body) > limit:
-        raise PermanentError(f"{what}: reply is over the {limit}-byte limit (max_reply_bytes)")
+    """The whole reply body as text, read no further than `limit` bytes: a device cannot make the agent hold more."""
+    body = await read_body(resp, limit, what)
     try:
         return body.decode(resp.charset or "utf-8", errors="replace")
     except LookupError:  # a charset Python does not know

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from agent.drivers.base import Device, DriverContext, State
+from agent.drivers.body import read_body
 from agent.drivers.routeros_proto import Request, Row, classify, parse_rows, parse_service, plan, reads_for, state_of
 from agent.errors import AgentError, ConfigError, NoAnswerError, PermanentError, TransientError, UnreachableError
 from agent.text import clean
@@ -114,16 +115,6 @@ def transport_error(exc: BaseException, what: str, s: Settings) -> AgentError:
     return TransientError(f"{what}: {type(exc).__name__}: {clean(exc, 200)}")
 
 
-async def read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
-    """The whole body, or None as soon as it exceeds `limit` bytes."""
-    data = bytearray()
-    while chunk := await stream.read(65536):
-        data += chunk
-        if len(data) > limit:
-            return None
-    return bytes(data)
-
-
 class RouterOsDriver:
     name = "routeros"
 
@@ -197,17 +188,15 @@ class RouterOsDriver:
         try:
             async with self._client().request(req.method, s.base + req.path, **kwargs) as resp:
                 status, location = resp.status, resp.headers.get("Location")
-                body = await read_capped(resp.content, s.max_reply)
+                body = await read_body(resp, s.max_reply, what)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             failure = transport_error(exc, what, s)
         if failure is not None:  # raised outside the handler: no library exception rides along as context
             raise failure
         return self._reply(req, status, location, body, what, s)
 
-    def _reply(self, req: Request, status: int, location: str | None, body: bytes | None, what: str,
+    def _reply(self, req: Request, status: int, location: str | None, body: bytes, what: str,
                s: Settings) -> Any:
-        if body is None:
-            raise PermanentError(f"{what}: the reply exceeds max_reply_bytes ({s.max_reply})")
         if status == 404 and req.missing_ok:
             return None
         if error := classify(status, body, what, f"user {s.username!r} (password file {s.credential!r})", location):

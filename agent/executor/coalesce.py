@@ -1,10 +1,13 @@
-"""Coalescing a device's lane (pure): which commands are taken together, and which of them are
-superseded inside the take without touching the device.
+"""Coalescing a device's lane (pure): which commands are taken together, and in which order they
+are judged.
 
 A take is the run of `set` commands at the head of a lane, up to a bound; a refresh or a reconcile
-message ends it (they run on their own, in order). Within a take, for each service only the newest
-version goes to the device; older ones are recorded as superseded. The same message delivered
-twice (a redelivery while the first is still in the lane) is kept once, as its newest delivery.
+message ends it (they run on their own, in order). The same message delivered twice (a redelivery
+while the first is still in the lane) is kept once, as its newest delivery. Every other command of
+the take is judged as if it ran alone, in version order: expired or not, then accepted or a
+duplicate of its request_id; only then is an older command superseded, and only by the newest
+version *accepted* for its key (the acceptance decides that, see acceptor.py). A newest command
+that turns out expired or a duplicate therefore supersedes nothing.
 """
 
 from __future__ import annotations
@@ -30,9 +33,8 @@ C = TypeVar("C", bound=CommandItem)
 
 @dataclass(frozen=True)
 class Plan(Generic[C]):
-    live: list[C]                       # newest per service: these go to the device
-    superseded: list[tuple[C, int]]     # (item, the newer version in the take)
-    stale: list[C]                      # older deliveries of a message delivered again
+    commands: list[C]   # one per message, in version order (then msg_id): each is judged
+    stale: list[C]      # older deliveries of a message delivered again: fenced out, nothing to report
 
 
 def head(lane: Iterable[Item], bound: int, is_set: type) -> int:
@@ -52,16 +54,5 @@ def plan(items: Sequence[C]) -> Plan[C]:
         if prev is None or it.delivery.read_ct > prev.delivery.read_ct:
             newest_delivery[it.delivery.msg_id] = it
     stale = [it for it in items if newest_delivery[it.delivery.msg_id] is not it]
-    unique = [it for it in items if newest_delivery[it.delivery.msg_id] is it]
-    newest: dict[str, int] = {}
-    for it in unique:
-        newest[it.command.service] = max(newest.get(it.command.service, 0), it.delivery.version)
-    live: list[C] = []
-    superseded: list[tuple[C, int]] = []
-    for it in unique:
-        top = newest[it.command.service]
-        if it.delivery.version < top:
-            superseded.append((it, top))
-        else:
-            live.append(it)  # (a replay beside its original has the same version: both go, one device write)
-    return Plan(live, superseded, stale)
+    commands = sorted(newest_delivery.values(), key=lambda it: (it.delivery.version, it.delivery.msg_id))
+    return Plan(commands, stale)

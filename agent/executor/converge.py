@@ -6,6 +6,7 @@ proof: success means a read-back that matches.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ class Observation:
 
 
 _now = time.time
+log = logging.getLogger("agent.executor")
 
 
 async def observe(driver: Driver, device: Device, service: str, timeout: float,
@@ -52,18 +54,11 @@ async def observe_many(driver: Driver, device: Device, services: list[str], time
     """Read many services of one device: one request where the driver can (`batch_reader`), else
     one read after another, all within `timeout` per device call. A service that cannot be read is
     an error in the result; raises (one of our kinds) only when the whole read failed."""
-    step = _Step()
     batch = batch_reader(driver, device)
+    if batch is None:
+        return await _observe_each(driver, device, services, timeout, deadlines)
+    step = _Step()
     try:
-        if batch is None:
-            out: dict[str, Observation | AgentError] = {}
-            for service in services:
-                try:
-                    with deadlines.limit(timeout):
-                        out[service] = await _observe(driver, device, service, step)
-                except Exception as exc:
-                    out[service] = _translate(exc, step, device, timeout)
-            return out
         with deadlines.limit(timeout):
             states = await batch(device, services)
     except Exception as exc:
@@ -77,9 +72,65 @@ async def observe_many(driver: Driver, device: Device, services: list[str], time
         elif value in ("on", "off"):
             result[service] = Observation(observed=value, observed_at=at)
         else:
-            result[service] = PermanentError(f"driver {device.driver!r} returned {value!r} for {service} "
-                                             f"on {device.id}")
+            result[service] = UnusableReply(f"driver {device.driver!r} returned {value!r} for {service} "
+                                            f"on {device.id}")
     return result
+
+
+async def observe_for_take(driver: Driver, device: Device, services: list[str], timeout: float,
+                           deadlines: Deadlines) -> dict[str, Observation | AgentError]:
+    """`observe_many` for commands taken together: a batch read is shared, so its failure is no one
+    command's own. When it fails as a whole, or its answer for a service is unusable (no state, and
+    no error of that service), those services are read one by one, each under its own deadline:
+    only a command whose own read fails fails. Never raises."""
+    failed: AgentError | None = None
+    try:
+        result = await observe_many(driver, device, services, timeout, deadlines)
+    except AgentError as exc:
+        result, failed = {}, exc
+    again = services if failed else [service for service in services if isinstance(result[service], UnusableReply)]
+    if again:
+        why = failed or result[again[0]]
+        log.warning("batch read failed, reading %d service(s) one by one: %s", len(again), why,
+                    extra={"action": "batch_read_failed", "device": device.id, "error": str(why)})
+        result.update(await _observe_each(driver, device, again, timeout, deadlines))
+    return result
+
+
+async def _observe_each(driver: Driver, device: Device, services: list[str], timeout: float,
+                        deadlines: Deadlines) -> dict[str, Observation | AgentError]:
+    """One read after another, each under its own deadline. A read without answer is followed by a
+    probe: a device that does not answer that either is not asked for the rest (each would wait a
+    whole deadline), they get its no-answer; one that answers it goes on, so a single service that
+    hangs never keeps the others from being read."""
+    step = _Step()
+    out: dict[str, Observation | AgentError] = {}
+    silent: NoAnswerError | None = None
+    for service in services:
+        if silent is not None:
+            out[service] = NoAnswerError(f"{service} not read: {silent}")
+            continue
+        try:
+            with deadlines.limit(timeout):
+                out[service] = await _observe(driver, device, service, step)
+        except Exception as exc:
+            out[service] = err = _translate(exc, step, device, timeout)
+            if isinstance(err, NoAnswerError) and service != services[-1]:
+                silent = await _silent(driver, device, timeout, deadlines)
+    return out
+
+
+async def _silent(driver: Driver, device: Device, timeout: float, deadlines: Deadlines) -> NoAnswerError | None:
+    """The no-answer of a probe, or None when the device answered it (with an error or not)."""
+    step = _Step()
+    step.what = "probe"
+    try:
+        with deadlines.limit(timeout):
+            await driver.probe(device)
+    except Exception as exc:
+        err = _translate(exc, step, device, timeout)
+        return err if isinstance(err, NoAnswerError) else None
+    return None
 
 
 async def apply_one(driver: Driver, device: Device, service: str, desired: State, timeout: float,
@@ -132,6 +183,10 @@ class VerifyError(TransientError):
         super().__init__(message)
         self.applied_at = applied_at
         self.observed = observed
+
+
+class UnusableReply(PermanentError):
+    """A batch read's answer for one service that is neither a state nor that service's own error."""
 
 
 class _Step:

@@ -25,7 +25,7 @@ from agent.errors import AgentError, NoAnswerError, PermanentError, TransientErr
 from agent.executor import coalesce
 from agent.executor.acceptor import Acceptor
 from agent.executor.claims import DeviceClaims
-from agent.executor.converge import Observation, VerifyError, apply_one, observe, observe_many
+from agent.executor.converge import Observation, VerifyError, apply_one, observe, observe_for_take
 from agent.executor.deadlines import Deadlines
 from agent.executor.policy import KeyState, ParkPolicy, RetryPolicy, Tuning, Verdict, decide
 from agent.executor.reports import Delivery, EventRow, Outcome, Reporter, StateUpdate
@@ -192,20 +192,20 @@ class Executor:
         return outcomes
 
     async def _process_take(self, works: list[Work]) -> list[Outcome]:
-        """`set` commands for one device, one or many: superseded-in-take commands settle without the
-        device; the rest are accepted (in one flush) while the device is read once for all their
-        services, so the acceptance round trip overlaps the read; nothing is written before acceptance
-        says a command is the newest for its key; the services that differ are written (up to the
-        device's max_parallel at once); one more read verifies them all. Per command the rules stay:
-        newest wins, verified read-back, retries, parking, claims, the VPN guard's last word."""
+        """`set` commands for one device, one or many, judged in version order as if each ran alone:
+        an expired one settles at once; the rest are accepted (in one flush) while the device is read
+        once for all their services, so the acceptance round trip overlaps the read. The acceptance
+        finds the duplicates of a request_id and the newest accepted version per key; an older
+        command is superseded by that one only (never by a duplicate or an expired one), and
+        nothing is written before it answers. The services that differ are written (up to the
+        device's max_parallel at once); one more read verifies them all. Per command the rules
+        stay: newest wins, verified read-back, retries, parking, claims, the VPN guard's last word."""
         outcomes: dict[int, Outcome] = {}
         p = coalesce.plan(works)
-        for w, newer in p.superseded:
-            outcomes[id(w)] = self._skip(w, Verdict.SUPERSEDED, newer, None)
         for w in p.stale:
             outcomes[id(w)] = Outcome(w.delivery, "archive")  # fenced out: the newer delivery reports
         live: list[Work] = []
-        for w in p.live:
+        for w in p.commands:
             now = datetime.now(timezone.utc) + timedelta(seconds=w.delivery.skew)
             if (v := decide(w.command, w.delivery.version, KeyState(), None, now)) is Verdict.CONVERGE:
                 live.append(w)
@@ -235,8 +235,8 @@ class Executor:
 
         def settle(w: Work, said: tuple[Verdict, int, int | None] | TransientError,
                    go: Callable[[], Outcome]) -> Outcome:
-            if isinstance(said, TransientError):
-                return self._failed(w, said, 0.0)
+            if isinstance(said, TransientError):  # not judged: it may be a duplicate, or superseded
+                return self._failed(w, said, 0.0, judged=False)
             return go() if said[0] is Verdict.CONVERGE else self._skip(w, *said)
 
         if why := self.gate(device):
@@ -247,7 +247,7 @@ class Executor:
         started, began = time.monotonic(), time.time()
         try:
             driver = self._drivers.get(device.driver)  # a driver that fails to load fails these commands
-            before = await observe_many(driver, device, services, timeout, self.deadlines)
+            before = await observe_for_take(driver, device, services, timeout, self.deadlines)
         except AgentError as exc:
             err = exc
             said = await verdicts()
@@ -267,12 +267,10 @@ class Executor:
             if not await self._hold(device, timeout):
                 after = {svc: TransientError(f"{device.id}: claim ran short before the read-back") for svc in written}
             else:
-                try:
-                    after = await observe_many(driver, device, written, timeout, self.deadlines)
-                except AgentError as exc:
-                    after = {svc: exc for svc in written}
+                after = await observe_for_take(driver, device, written, timeout, self.deadlines)
         ms = _ms(started)
-        tunnel = await self._take_last_resort([(w, e) for w in going if (e := _silence(w, applied, after))], began)
+        tunnel = await self._take_last_resort([(w, e) for w in going if (e := _silence(w, before, applied, after))],
+                                              began)
         return [settle(w, said[id(w)], partial(self._take_outcome, w, before, applied, after, ms, tunnel.get(id(w))))
                 for w in live]
 
@@ -325,7 +323,7 @@ class Executor:
         svc, desired = w.command.service, w.command.state
         first = before[svc]
         if isinstance(first, AgentError):
-            return self._failed(w, first, ms)
+            return self._failed(w, first, ms, unproven)
         if first.observed == desired:
             return self._converge(w, Observation(first.observed, first.observed_at, None, first.observed_at), ms)
         wrote = applied.get(svc)
@@ -429,16 +427,20 @@ class Executor:
                             msg_id=d.msg_id, request_id=cmd.request_id)
         return Outcome(d, "archive", [self._event(w, "refreshed", observed=obs.observed, duration_ms=ms)], state)
 
-    def _failed(self, w: Work, exc: AgentError, ms: float, unproven: str | None = None) -> Outcome:
+    def _failed(self, w: Work, exc: AgentError, ms: float, unproven: str | None = None, *,
+                judged: bool = True) -> Outcome:
+        """A failed attempt: retried, parked or dead-lettered. Its desired state is recorded only if
+        its acceptance judged it (`judged`): a command whose acceptance did not answer may be a
+        duplicate or superseded, and its desire must not stand as the newest."""
         d, cmd = w.delivery, w.command
         attempt = d.attempt
         events = []
         if isinstance(exc, VerifyError):
             events.append(self._event(w, "applied"))
         events.append(self._event(w, "failed", error=str(exc), duration_ms=ms, observed=getattr(exc, "observed", None)))
-        state = StateUpdate(cmd.device, cmd.service, cmd.state if cmd.action == "set" else None,
-                            d.version if cmd.action == "set" else None, error=f"{exc.kind}: {exc}",
-                            msg_id=d.msg_id, request_id=cmd.request_id, meta=cmd.meta)
+        desire = cmd.action == "set" and judged
+        state = StateUpdate(cmd.device, cmd.service, cmd.state if desire else None, d.version if desire else None,
+                            error=f"{exc.kind}: {exc}", msg_id=d.msg_id, request_id=cmd.request_id, meta=cmd.meta)
         if isinstance(exc, VerifyError):
             state.observed, state.observed_at = exc.observed, time.time()
             state.applied_at = exc.applied_at
@@ -455,7 +457,7 @@ class Executor:
             return Outcome(d, "retry", events, state, retry_delay=delay)
         reason = str(exc) if isinstance(exc, PermanentError) else f"gave up after {attempt} attempts: {exc}"
         events.append(self._event(w, "dead_lettered", error=reason))
-        state.failed = cmd.action == "set"  # reconciliation must not apply it later
+        state.failed = desire  # reconciliation must not apply it later
         log.error("dead-lettered: %s", reason, extra=_fields(w, "dead_lettered", attempt=attempt))
         return Outcome(d, "dead_letter", events, state, reason=reason, error_kind=exc.kind)
 
@@ -485,10 +487,10 @@ def call_timeout(device: Device, default: float) -> float:
     return max(default, own + 1.0) if own else default
 
 
-def _silence(w: Work, applied: Mapping[str, float | AgentError],
+def _silence(w: Work, before: Mapping[str, Observation | AgentError], applied: Mapping[str, float | AgentError],
              after: Mapping[str, Observation | AgentError]) -> NoAnswerError | None:
-    """The no-answer its write or read-back got, if one did."""
-    for e in (applied.get(w.command.service), after.get(w.command.service)):
+    """The no-answer its first read, write or read-back got, if one did."""
+    for e in (before.get(w.command.service), applied.get(w.command.service), after.get(w.command.service)):
         if isinstance(e, NoAnswerError):
             return e
     return None

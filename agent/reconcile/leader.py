@@ -32,16 +32,19 @@ from agent.db.session import DB_ERRORS, Session, SessionLost
 
 log = logging.getLogger("agent.leader")
 
-LEADER_LOCK_CLASS = 0x61676E75  # advisory lock class of leadership (object id: hashtext(site))
+# Advisory lock class of leadership; the object id is the site's key (agent.site_key): one per site,
+# never shared, unlike the 32-bit hashtext(site) of releases before schema 10 (class 0x61676E75).
+LEADER_LOCK_CLASS = 0x61676E6C
 CHANNEL = "agent_leader"        # payload: the site whose leader stepped down
-TRY_LOCK = "SELECT pg_try_advisory_lock($1, hashtext($2))"
-UNLOCK = "SELECT pg_advisory_unlock($1, hashtext($2)), pg_notify('agent_leader', $2)"
+TRY_LOCK = "SELECT pg_try_advisory_lock($1, agent.site_key($2))"
+UNLOCK = """SELECT pg_advisory_unlock($1, k.key), pg_notify('agent_leader', $2)
+            FROM agent.site_keys k WHERE k.site = $2"""
 
 LEADER_QUERY = """
 SELECT a.application_name, a.client_addr::text AS client_addr, a.backend_start
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-  AND l.classid::bigint = $1::bigint AND l.objid::bigint = (hashtext($2)::bigint & 4294967295)
+  AND l.classid::bigint = $1::bigint AND l.objid::bigint = (SELECT k.key FROM agent.site_keys k WHERE k.site = $2)
 """
 
 

@@ -98,14 +98,17 @@ class Reconciler:
         return since
 
     async def _start_run(self, conn: LeaderConnection) -> None:
-        running = await conn.fetchval(self._q.scheduled_run_open, self._site)
-        if running is not None:
-            log.warning("scheduled reconcile skipped: run %d is still going", running,
-                        extra={"action": "reconcile_skipped", "run": running})
+        """A scheduled run of the site's devices, but for those an open run has not checked yet: one
+        slow, paused or unreachable device holds up none of the others' reconciliation."""
+        row = (await conn.fetch(self._q.start_scheduled_run, self._site, self._agent_id))[0]
+        left = f"; {row['outstanding']} device(s) still outstanding in earlier runs are left to them" \
+            if row["outstanding"] else ""
+        if row["run"] is None:
+            log.warning("scheduled reconcile skipped: all %d device(s) are still outstanding in earlier runs",
+                        row["outstanding"], extra={"action": "reconcile_skipped"})
             return
-        run = await conn.fetchval("SELECT agent.request_sync($1, NULL, NULL, false, 'scheduled', $2)",
-                                  self._site, self._agent_id)
-        log.info("scheduled reconcile run %d started", run, extra={"action": "reconcile_started", "run": run})
+        log.info("scheduled reconcile run %d started: %d device(s)%s", row["run"], row["devices"], left,
+                 extra={"action": "reconcile_started", "run": row["run"]})
 
 
 def run_summary(r: dict[str, Any]) -> tuple[int, str]:

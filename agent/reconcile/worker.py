@@ -2,10 +2,15 @@
 state, and repair what drifted with the same converge operation commands use.
 
 Same rules as commands: one operation at a time per device (the lane, and the device claim across
-agents), the VPN gate (unreachable: the whole message is parked), bounded retries with the retry
-policy's backoff (capped at a few seconds, since the lane waits), and nothing guessed: a service
-that cannot be read is reported unreadable. Between device calls it keeps a pace, so a
-reconcile never floods a device.
+agents), the VPN gate, bounded retries with the retry policy's backoff (capped at a few seconds,
+since the lane waits), and nothing guessed: a service that cannot be read is reported unreadable.
+Between device calls it keeps a pace, so a reconcile never floods a device.
+
+Unlike a command, a reconcile message does not wait for its device without end, or its run would
+never finish (and the leader's next scheduled runs would find the device still outstanding): a
+paused device is reported at once as not checked, and a device behind the gate (unreachable) is
+parked until AGENT_RECONCILE_UNREACHABLE_WAIT seconds after the message was fed, then reported as
+not checked, with the reason, in agent.sync_devices.skipped. The next run checks it again.
 
 A driver that reads many services in one request (`read_many`: RouterOS, SNMP, http with a
 `list_path`, sim) is read in requests of up to READ_BATCH services: a router with thousands of
@@ -56,6 +61,7 @@ class ReconcileTuning:
     confirm: int = 1            # readings that must differ before drift is repaired
     confirm_delay: float = 2.0  # seconds between them
     pace: float = 0.2           # seconds between a device's reconcile calls
+    unreachable_wait: float = 120.0  # seconds a message waits for a device behind the gate, then it is skipped
 
 
 class _Forged(Exception):
@@ -116,6 +122,9 @@ class SyncWorker:
                 findings.append(await self._check(w, driver, row["service"], row["desired"], events, states,
                                                   pacer, first.get(row["service"])))
         except _Parked as p:
+            if skip := self._skip(w, p.why):
+                log.info("reconcile of %s not checked: %s", dev.id, skip, extra=_fields(w, "reconcile_not_checked"))
+                return unknown_device(d, req, f"not checked: {skip}", skipped=skip)
             delay = self._parking.delay(d.bounces)
             log.debug("reconcile parked for up to %.0fs: %s", delay, p.why, extra=_fields(w, "parked"))
             return Outcome(d, "park", [self._event(w, "parked", None, error=p.why)], retry_delay=delay,
@@ -142,6 +151,12 @@ class SyncWorker:
                  result["drifted"], result["repaired"], result["unreadable"], extra=_fields(w, "reconciled"))
         return Outcome(d, "archive", events, sync={"run": req.run, "device": dev.id, **result}, extra_states=states,
                        reconcile=True)
+
+    def _skip(self, w: SyncWork, why: str) -> str | None:
+        """Whether a reconcile the gate keeps from its device stops waiting (and why), or is parked."""
+        if w.device.paused is not None:
+            return why  # "paused: <the operator's reason>"; nothing to wait for until the operator resumes it
+        return wait_over(w.delivery, why, self.tuning.unreachable_wait, time.time())
 
     async def _read_all(self, driver: Driver, dev: Device, services: list[str],
                         pacer: _Pacer) -> dict[str, Observation | AgentError]:
@@ -260,11 +275,19 @@ class SyncWorker:
                         meta={"run": w.request.run, "dry_run": w.request.dry_run}, **kw)
 
 
-def unknown_device(d: Delivery, req: SyncRequest, why: str) -> Outcome:
+def wait_over(d: Delivery, why: str, bound: float, now: float) -> str | None:
+    """Pure: once a reconcile message has waited `bound` seconds since it was fed (the database's
+    clock, as enqueued_at is), the reason it is not checked; before that None (it is parked)."""
+    waited = now + d.skew - d.enqueued_at.timestamp()
+    return f"unreachable for {waited:.0f}s: {why}" if waited >= bound else None
+
+
+def unknown_device(d: Delivery, req: SyncRequest, why: str, skipped: str | None = None) -> Outcome:
     """A device that cannot be worked on at all (removed since the run was asked for, its driver
-    gone): reported as unreadable, and the run goes on."""
+    gone, paused, unreachable for too long): reported as unreadable, and the run goes on."""
     finding = Finding("*", None, None, "unreadable", why)
-    return Outcome(d, "archive", sync={"run": req.run, "device": req.device, **summary([finding])}, reconcile=True)
+    sync = {"run": req.run, "device": req.device, **summary([finding]), "skipped": skipped or why}
+    return Outcome(d, "archive", sync=sync, reconcile=True)
 
 
 def _fields(w: SyncWork, action: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from agent.reconcile.leader import current_leader
 from tests.support.agents import agentctl, spawn_agentd
 from tests.support.cluster import CrashableCluster, as_user, login_role
 from tests.support.db import archived, dlq, events, state
@@ -66,7 +67,7 @@ def cluster() -> Iterator[CrashableCluster]:
 
 async def test_agentd_logged_in_as_a_worker_applies_what_a_producer_enqueued(db, dsn, worker_dsn):
     agentctl(dsn, "device", "add", "r1", "--driver", "sim")
-    proc = spawn_agentd(worker_dsn, poll_interval=60)
+    proc = spawn_agentd(worker_dsn, poll_interval=60, reconcile_schedule="1")
     try:
         await until(lambda: ready(db), timeout=15, what="agentd (agent_worker member) ready")
         async with login_role(dsn, "agent_producer") as webhook:
@@ -74,6 +75,10 @@ async def test_agentd_logged_in_as_a_worker_applies_what_a_producer_enqueued(db,
             msg = await producer.fetchval("SELECT agent.enqueue('r1', 'wifi', 'on', request_id => 'pay-1')")
             await producer.close()
         await until(lambda: archived(db, msg), timeout=15, what="command applied by agentd as agent_worker")
+        await until(lambda: current_leader(db, "default"), timeout=30, what="agentd as agent_worker leads its site")
+        await until(lambda: db.fetchval("SELECT count(*) > 0 FROM agent.sync_runs WHERE kind = 'scheduled' AND "
+                                        "checked = 1 AND finished_at IS NOT NULL"), timeout=30,
+                    what="a scheduled reconcile run by agentd as agent_worker")
     finally:
         code, out = stop(proc)
     assert code == 0, out

@@ -106,6 +106,20 @@ async def test_a_leader_whose_connection_is_cut_stops_leading_and_another_takes_
     assert await leader_of(db) == "a2"
 
 
+async def test_sites_whose_names_share_a_32_bit_hash_each_have_their_own_leader(db, dsn):
+    a, b = "site-15113", "site-59323"  # hashtext() gives both the same number
+    assert await db.fetchval("SELECT hashtext($1) = hashtext($2)", a, b)
+    for site, queue in ((a, "tasks_a"), (b, "tasks_b")):
+        await asyncio.to_thread(agentctl, dsn, "db", "init", "--site", site, "--queue", queue)
+    spawn_agentd(dsn, agent_id="ka", site=a, queue="tasks_a", reconcile_schedule="off", leader_check_interval=1)
+    await until(lambda: _is(leader_of(db, a), "ka"), timeout=30, what="site-15113 led")
+    spawn_agentd(dsn, agent_id="kb", site=b, queue="tasks_b", reconcile_schedule="off", leader_check_interval=1)
+    await until(lambda: _is(leader_of(db, b), "kb"), timeout=30, what="site-59323 led by its own agent")
+    assert await leader_of(db, a) == "ka"
+    fleet = json.loads((await asyncio.to_thread(agentctl, dsn, "status", "--fleet", "--all-sites", "--json")).stdout)
+    assert {s["site"]: s["leader"] for s in fleet["sites"] if s["site"] != "default"} == {a: "ka", b: "kb"}
+
+
 async def test_drift_made_behind_the_agents_back_is_repaired_within_one_cycle(db, dsn, tmp_path):
     await setup_device(db, tmp_path, wifi="on", voip="off")
     spawn_agentd(dsn, reconcile_schedule="2")  # a cycle every 2 s
@@ -129,6 +143,37 @@ async def test_drift_made_behind_the_agents_back_is_repaired_within_one_cycle(db
                                           "IS NOT NULL"), timeout=5, what="the run recorded")
     assert (run["kind"], run["checked"], run["drifted"], run["repaired"]) == ("scheduled", 2, 2, 2)
     assert await verified(db, "r1", "wifi", "on") and await verified(db, "r1", "voip", "off")
+
+
+async def test_a_paused_device_holds_up_no_scheduled_run_and_the_others_drift_is_still_repaired(db, dsn, tmp_path):
+    """In a fleet some device is nearly always off: its site's scheduled runs must go on finishing."""
+    await setup_device(db, tmp_path, "r1", wifi="on")
+    await setup_device(db, tmp_path, "r2", wifi="on")
+    agent = spawn_agentd(dsn, reconcile_schedule="2", vpn_check_interval=0.5)
+    await until(lambda: verified(db, "r1", "wifi", "on"), timeout=15, what="commands applied")
+    await until(lambda: verified(db, "r2", "wifi", "on"), timeout=15, what="commands applied")
+
+    await asyncio.to_thread(agentctl, dsn, "device", "pause", "r1", "--reason", "firmware upgrade")
+    skipped = await until(lambda: db.fetchrow(
+        "SELECT r.id, d.skipped FROM agent.sync_devices d JOIN agent.sync_runs r ON r.id = d.run "
+        "WHERE d.device = 'r1' AND d.skipped IS NOT NULL AND r.finished_at IS NOT NULL ORDER BY r.id LIMIT 1"),
+        timeout=30, what="a scheduled run finished with the paused device reported not checked")
+    assert skipped["skipped"] == "paused: firmware upgrade"
+
+    edit_device(tmp_path, "r2", wifi="off")  # drift on the healthy device, after the paused one was met
+    await until(lambda: read_device(tmp_path, "r2") == {"wifi": "on"}, timeout=30,
+                what="the healthy device's drift repaired by a later scheduled run")
+    repairing = await until(lambda: db.fetchrow(
+        "SELECT * FROM agent.sync_runs WHERE kind = 'scheduled' AND repaired = 1 AND finished_at IS NOT NULL"),
+        timeout=30, what="the repairing run finished")
+    assert repairing["id"] > skipped["id"]
+    # runs keep finishing while r1 stays paused, each reporting it not checked
+    await until(lambda: db.fetchval(
+        "SELECT count(*) >= 2 FROM agent.sync_runs r JOIN agent.sync_devices d ON d.run = r.id "
+        "WHERE d.device = 'r1' AND r.id > $1 AND r.finished_at IS NOT NULL AND d.skipped LIKE 'paused: %'",
+        repairing["id"]), timeout=30, what="later scheduled runs finished too")
+    assert read_device(tmp_path, "r1") == {"wifi": "on"}
+    assert agent.poll() is None
 
 
 async def test_manual_sync_dry_run_shows_drift_and_sync_repairs_it(db, dsn, tmp_path):

@@ -6,6 +6,8 @@ driver named in $AGENT_CONTRACT_TARGETS. Each driver's target module (see target
     separated), where spec is a dotted module name or the path of a .py file; otherwise
   - tests.drivers.target_<name>, when that module exists.
 A driver without a target module is skipped with a reason that names the module to write.
+Every check runs twice per driver: "direct" on loopback, and "wan" through a WAN-like link in front
+of the target's device (tests/drivers/link.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytest
 
 from agent.drivers.base import Driver
 from agent.drivers.registry import available, load_driver
+from tests.drivers.link import LINKS, through_wan
 from tests.drivers.target import Target
 
 ENV = "AGENT_CONTRACT_TARGETS"
@@ -66,10 +69,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "driver_name" in metafunc.fixturenames:
         names = driver_names()
         metafunc.parametrize("driver_name", names, ids=names, scope="module")
+    if "link" in metafunc.fixturenames:
+        metafunc.parametrize("link", LINKS, ids=LINKS, scope="module")
 
 
 @pytest.fixture(scope="module")
-async def target(driver_name: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Target]:
+async def target(driver_name: str, link: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Target]:
     if driver_name not in available():
         pytest.fail(f"driver {driver_name!r} is named in {ENV} but not installed in the entry-point "
                     f"group agent.drivers (pip install your plugin into this environment)")
@@ -79,7 +84,11 @@ async def target(driver_name: str, tmp_path_factory: pytest.TempPathFactory) -> 
     async with module.target(tmp_path_factory.mktemp(f"contract-{driver_name}")) as t:
         assert isinstance(t, Target), f"{module.__name__}.target() must yield a tests.drivers.target.Target"
         assert t.driver == driver_name, f"{module.__name__} yields a target for {t.driver!r}, not {driver_name!r}"
-        yield t
+        if link == "direct":
+            yield t
+        else:
+            async with through_wan(t) as far:
+                yield far
 
 
 @pytest.fixture

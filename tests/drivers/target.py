@@ -14,6 +14,16 @@ Optional fields (defaults keep older target modules working):
   skip            check name -> why this target cannot express the check (e.g. sim has no network)
   known_gaps      check name -> why the driver does not pass it yet; the check runs and must fail
                   (strict xfail), so a fixed gap shows up as XPASS until it is removed from here
+  transport       "tcp" or "udp": how the driver reaches `device`. The suite runs every check twice, once
+                  direct and once through a WAN-like link (tests/support/wan.py) put in front of `device`
+                  (and of `bad_credential` when it has the same address): a TCP proxy that delivers late
+                  and in MTU-sized segments, or a UDP relay that delays, drops and duplicates. None (no
+                  network, or not said) skips the WAN run with that reason
+  bulk            many existing services (a router with thousands of customers): the suite reads them
+                  all at once (read_many where the driver has it) and compares each with `observe`, so
+                  replies have a realistic size; empty skips that check
+  observe_many    the real states of many services in one look (optional; without it `observe` is asked
+                  for each, which is slow for a fake that scans its tables)
 Check names are the contract test names without `test_` (test_contract.CHECKS lists them).
 """
 
@@ -42,3 +52,6 @@ class Target:
     bad_credential: Device | None = None
     skip: dict[str, str] = field(default_factory=dict)
     known_gaps: dict[str, str] = field(default_factory=dict)
+    transport: str | None = None
+    bulk: list[str] = field(default_factory=list)
+    observe_many: Callable[[list[str]], Awaitable[dict[str, str]]] | None = None

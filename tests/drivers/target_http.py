@@ -2,7 +2,8 @@
 
 The device here checks HTTP Basic credentials (the plain test device records them but accepts any),
 so a wrong credential can be tried; the slow device is a TCP server that never answers, and the
-unreachable one a loopback port that refuses connections.
+unreachable one a loopback port that refuses connections. The device holds 3,000 PPP secrets besides
+the test's own, listed at `list_path` (~550 KB: many segments through the WAN-like link).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from tests.support.slowserver import SlowServer, refusing_port
 
 USER, PASSWORD, WRONG = "admin", "pw-Contract-7f3c9e", "pw-Wrong-41d0aa"
 OPTIONS = {"read_path": "/rest/ppp/secret/{service}", "set_method": "PATCH", "state_pointer": "/disabled",
-           "on_value": "false", "off_value": "true", "set_body": {"disabled": "{value}"}, "timeout": 1.0}
+           "on_value": "false", "off_value": "true", "set_body": {"disabled": "{value}"}, "timeout": 1.0,
+           "list_path": "/rest/ppp/secret"}
+CUSTOMERS = [f"customer-{n:05d}" for n in range(3000)]
 
 
 def basic(user: str, password: str) -> str:
@@ -53,14 +56,14 @@ async def target(tmp_path: Path) -> AsyncIterator[Target]:
     (creds / "box-admin").write_text(json.dumps({"username": USER, "password": PASSWORD}))
     (creds / "box-wrong").write_text(json.dumps({"username": USER, "password": WRONG}))
     box = await CheckedHttpDevice(USER, PASSWORD).start()
-    box.secrets = {"alice": "true"}
+    box.secrets = {"alice": "true", **{name: "true" if n % 7 == 0 else "false" for n, name in enumerate(CUSTOMERS)}}
     slow = await SlowServer().start()
 
     async def observe(service: str) -> str:
         return "off" if box.secrets[service] == "true" else "on"
 
-    def device(address: str, credential: str = "box-admin") -> Device:
-        return Device("box", "http", address, options=OPTIONS, credential=credential)
+    def device(address: str, credential: str = "box-admin", timeout: float = 5.0) -> Device:
+        return Device("box", "http", address, options={**OPTIONS, "timeout": timeout}, credential=credential)
 
     try:
         with refusing_port() as closed:
@@ -71,11 +74,13 @@ async def target(tmp_path: Path) -> AsyncIterator[Target]:
                 service="alice",
                 missing_service="nobody",
                 invalid_service="../secret",
-                unreachable=device(f"127.0.0.1:{closed}"),
-                slow=device(f"127.0.0.1:{slow.port}"),
+                unreachable=device(f"127.0.0.1:{closed}", timeout=1.0),
+                slow=device(f"127.0.0.1:{slow.port}", timeout=1.0),
                 secrets=[PASSWORD, basic(USER, PASSWORD), WRONG, basic(USER, WRONG)],
                 observe=observe,
                 bad_credential=device(f"127.0.0.1:{box.port}", "box-wrong"),
+                transport="tcp",
+                bulk=CUSTOMERS,
             )
     finally:
         await slow.stop()

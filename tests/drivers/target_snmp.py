@@ -54,6 +54,8 @@ async def target(tmp_path: Path) -> AsyncIterator[Target]:
                 observe=observe,
                 bad_credential=device(snmpd.address, "sw-wrong"),
                 notes={"unreachable": UDP_NOTE},
+                transport="udp",
+                bulk=["if:swp1", "if:swp2"],
             )
     finally:
         await asyncio.to_thread(snmpd.close)

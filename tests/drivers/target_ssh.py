@@ -39,6 +39,11 @@ async def target(tmp_path: Path) -> AsyncIterator[Target]:
     keypair(creds / "box-wrong-key")
     state = tmp_path / "state"
     (state / "alice").mkdir(parents=True)
+    bulk = [f"cust-{n:02d}" for n in range(5)]  # one command each: a few show the reads are right
+    for n, name in enumerate(bulk):
+        (state / name).mkdir()
+        if n % 3 == 0:
+            (state / name / "on").touch()
     sshd = await asyncio.to_thread(Sshd(tmp_path / "sshd", [public_line(key)]).start)
     slow = await SlowServer().start()
     options = {"username": "root", "host_key": sshd.host_key_line, "timeout": 5.0, **file_commands(state)}
@@ -65,6 +70,8 @@ async def target(tmp_path: Path) -> AsyncIterator[Target]:
                 secrets=secrets,
                 observe=observe,
                 bad_credential=device(sshd.address, "box-wrong-key"),
+                transport="tcp",
+                bulk=bulk,
             )
     finally:
         await slow.stop()

@@ -3,6 +3,7 @@
 Parametrised over every installed driver (conftest.py says where each one's target module comes
 from). A check a target cannot express is skipped with its reason (Target.skip); a check its driver
 does not pass yet is a strict xfail (Target.known_gaps), so the suite says when the gap closes.
+Every check runs direct and through a WAN-like link ([...-direct] and [...-wan], see link.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any
 import pytest
 
 from agent.drivers.base import Device, Driver, DriverContext, State
-from agent.errors import ConfigError, NoAnswerError, PermanentError, UnreachableError
+from agent.drivers.registry import load_driver
+from agent.errors import ConfigError, NoAnswerError, PermanentError, TransientError, UnreachableError
+from tests.drivers.link import OFF_THE_LINK, proxy, reseed
 from tests.drivers.target import Target
 
 Call = Callable[[], Awaitable[Any]]
@@ -73,7 +76,7 @@ def record_text(record: logging.LogRecord) -> str:
 
 
 @pytest.fixture(autouse=True)
-def contract_rules(request: pytest.FixtureRequest, target: Target) -> None:
+def contract_rules(request: pytest.FixtureRequest, target: Target, link: str) -> None:
     """Apply the target's skips and known gaps to this check, after checking their names."""
     checks = {name.removeprefix("test_") for name in globals() if name.startswith("test_")}
     unknown = (set(target.skip) | set(target.known_gaps)) - checks
@@ -82,6 +85,9 @@ def contract_rules(request: pytest.FixtureRequest, target: Target) -> None:
     if target.fake_backed:
         request.node.add_marker(pytest.mark.fake_backed)
     check = request.node.originalname.removeprefix("test_")
+    if link != "direct" and check in OFF_THE_LINK:
+        pytest.skip(f"{target.driver}: run direct only: {OFF_THE_LINK[check]}")
+    reseed(target.driver, check)
     if check in target.skip:
         pytest.skip(f"{target.driver}: {target.skip[check]}")
     if check in target.known_gaps:
@@ -109,6 +115,71 @@ async def test_read_after_apply_matches(target: Target, driver: Driver) -> None:
         await driver.apply(dev, service, state)
         assert await target.observe(service) == state, f"apply {state!r} answered OK but the device did not change"
         assert await driver.read(dev, service) == state, f"read after apply {state!r} disagrees"
+
+
+async def test_many_services_read_at_once_agree_with_the_device(target: Target, driver: Driver) -> None:
+    """A router with thousands of customers: many services read together (read_many where the driver
+    has it, as a take or a reconcile does) each give their real state, however large the reply."""
+    if not target.bulk:
+        pytest.skip(f"target for {target.driver} lists no bulk services (Target.bulk)")
+    dev = target.device
+    many = getattr(driver, "read_many", None)
+    async with asyncio.timeout(guard(target, dev) + 0.05 * len(target.bulk)):
+        if many is not None and getattr(driver, "can_read_many", lambda _d: True)(dev):
+            got = await many(dev, list(target.bulk))
+        else:
+            got = {service: await driver.read(dev, service) for service in target.bulk}
+    if target.observe_many is not None:
+        real = await target.observe_many(list(target.bulk))
+    else:
+        real = {service: await target.observe(service) for service in target.bulk}
+    wrong = {s: (described(got[s]) if isinstance(got.get(s), Exception) else got.get(s), real[s])
+             for s in target.bulk if got.get(s) != real[s]}
+    assert not wrong, f"{len(wrong)} of {len(target.bulk)} services read wrong (got, real), e.g. " \
+                      f"{dict(list(wrong.items())[:3])}"
+
+
+async def test_a_connection_reset_mid_reply_is_a_transient_failure(target: Target) -> None:
+    """A VPN drops a connection in the middle of a reply: the driver reports a failure to try again
+    (TransientError and its kinds), never a permanent one or a configuration problem, and never a
+    state read from the part that arrived."""
+    link = proxy(target.driver)
+    if link is None:
+        pytest.skip(f"{target.driver}: only through the WAN-like TCP link, which can reset a connection")
+    dev = target.device
+    services = list(target.bulk) or [target.service]
+    limit = guard(target, dev) + 0.05 * len(services)
+    cuts = 0
+    for after in (20000, 4000, 1000):  # mid-reply for a large reply, in the handshake for a small one
+        driver = load_driver(target.driver, target.context)  # a fresh connection for each cut
+        resets, link.reset_after = link.resets, after
+        got: dict[str, Any] = {}
+        try:
+            async with asyncio.timeout(limit):
+                if (many := getattr(driver, "read_many", None)) is not None:
+                    got = await many(dev, services)
+                else:
+                    got = {services[0]: await driver.read(dev, services[0])}
+        except TimeoutError:
+            raise AssertionError(f"no answer from the driver within {limit:g}s: it must time out on its own") from None
+        except Exception as exc:
+            got = dict.fromkeys(services, exc)
+        finally:
+            link.reset_after = None
+            await driver.close()
+        if link.resets == resets:
+            continue  # the whole exchange was shorter than `after`
+        cuts += 1
+        for service, said in got.items():
+            if isinstance(said, Exception):
+                assert isinstance(said, TransientError), \
+                    f"{service}: a connection reset after {after} bytes: expected TransientError, got {described(said)}"
+        read = {service: said for service, said in got.items() if not isinstance(said, Exception)}
+        if read:  # the driver tried again on its own: what it read must be whole
+            real = await target.observe_many(list(read)) if target.observe_many is not None else \
+                {service: await target.observe(service) for service in read}
+            assert read == real, f"states read from a reply cut after {after} bytes disagree with the device"
+    assert cuts, "no exchange with the device was long enough to be cut"
 
 
 async def test_apply_is_idempotent(target: Target, driver: Driver) -> None:

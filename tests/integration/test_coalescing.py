@@ -4,7 +4,9 @@ all; per command, the rules stay exactly as they are."""
 
 from __future__ import annotations
 
-from agent.errors import PermanentError, TransientError
+import json
+
+from agent.errors import NoAnswerError, PermanentError, TransientError
 from tests.support.agents import running_agent
 from tests.support.db import add_device, archived, dlq, events, send, state
 from tests.support.devices import BatchDriver, ScriptedDriver
@@ -47,16 +49,99 @@ async def test_a_service_that_fails_in_a_take_is_retried_alone(db, dsn):
     assert device.writes("r1", "wifi") == ["on"] and device.writes("r1", "tv") == ["on"]  # not again
 
 
-async def test_a_failed_batch_read_retries_every_command_of_the_take_and_loses_none(db, dsn):
+async def test_a_failed_batch_read_is_no_commands_failure_each_service_is_read_on_its_own(db, dsn):
+    """The take's shared read is nobody's own: when it fails (a reply cut short, "not JSON"), the
+    services are read one by one and the commands go on at their first attempt."""
+    await add_device(db, "r1")
+    device = BatchDriver()
+    device.fail_reads("r1", PermanentError("r1: GET /list: the reply is not JSON"))
+    ids = [await send(db, {"device": "r1", "service": s, "state": "on"}) for s in ("a", "b", "c")]
+    async with running_agent(dsn, device, max_attempts=1):
+        await until(lambda: all_archived(db, ids), what="all settled")
+    for msg in ids:
+        assert await events(db, msg) == ["applied", "verified"]
+    assert await dlq(db) == []
+    assert [(c.op, c.service) for c in device.calls[:4]] == [("read_many", "a,b,c"), ("read", "a"), ("read", "b"),
+                                                               ("read", "c")]
+
+
+async def test_after_a_failed_batch_read_only_a_command_whose_own_read_fails_fails(db, dsn):
     await add_device(db, "r1")
     device = BatchDriver()
     device.fail_reads("r1", TransientError("timeout talking to the router"))
-    ids = [await send(db, {"device": "r1", "service": s, "state": "on"}) for s in ("a", "b", "c")]
-    async with running_agent(dsn, device):
+    device.fail("r1", "gone", PermanentError("HTTP 404: no such secret"), on="read")
+    ids = [await send(db, {"device": "r1", "service": s, "state": "on"}) for s in ("a", "gone", "b")]
+    async with running_agent(dsn, device, max_attempts=1):
+        await until(lambda: all_archived(db, ids), what="all settled")
+    [entry] = await dlq(db)
+    assert entry["message"]["service"] == "gone" and "no such secret" in entry["headers"]["reason"]
+    assert await events(db, ids[0]) == ["applied", "verified"] and await events(db, ids[2]) == ["applied", "verified"]
+
+
+async def test_a_failed_batch_read_back_is_no_commands_failure_either(db, dsn):
+    """Written, then the shared read-back fails: each written service is read back on its own, and
+    the commands are verified instead of dead-lettered after they were applied."""
+    await add_device(db, "r1")
+    device = BatchDriver()
+    ids = [await send(db, {"device": "r1", "service": s, "state": "on"}) for s in ("a", "b")]
+    original = device.apply
+
+    async def apply_then_break_the_list(dev, service, state):
+        await original(dev, service, state)
+        if service == "b":
+            device.fail_reads("r1", PermanentError("r1: GET /list: the reply is not JSON"))
+
+    device.apply = apply_then_break_the_list  # type: ignore[method-assign]
+    async with running_agent(dsn, device, max_attempts=1):
         await until(lambda: all_archived(db, ids), what="all settled")
     for msg in ids:
-        assert await events(db, msg) == ["failed", "retried", "applied", "verified"]
-    assert await dlq(db) == []
+        assert await events(db, msg) == ["applied", "verified"]
+    assert [c.op for c in device.calls] == ["read_many", "apply", "apply", "read_many", "read", "read"]
+
+
+async def test_a_device_silent_to_a_read_and_a_probe_is_not_asked_for_the_rest_of_the_take(db, dsn):
+    """A silent device is not read service by service, a whole deadline each: after a read and a
+    probe without answer the take stops asking, and on the last attempt the VPN guard has its word."""
+    await add_device(db, "r1")
+    device = BatchDriver()
+    silence = NoAnswerError("read on r1 timed out (2s per call)")
+    device.fail_reads("r1", silence)
+    device.fail("r1", "a", silence, on="read")
+    device.fail("r1", "", NoAnswerError("probe on r1 timed out (2s per call)"), on="probe")
+    asked: list[str] = []
+
+    async def tunnel_unproven(dev, _since: float) -> str:
+        asked.append(dev.id)
+        return "tunnel_unproven: nothing heard from peer site-a since the attempt began"
+
+    async with running_agent(dsn, device, max_attempts=1) as agent:
+        agent.executor.confirm = tunnel_unproven
+        async with db.transaction():  # visible at once: one take
+            ids = [await send(db, {"device": "r1", "service": s, "state": "on"}) for s in ("a", "b", "c")]
+        await until(lambda: all_archived(db, ids), timeout=15, what="applied once the parked take came back")
+    assert [(c.op, c.service) for c in device.calls[:3]] == [("read_many", "a,b,c"), ("read", "a"), ("probe", "")]
+    assert device.calls[3].op == "read_many"  # b and c were not asked one by one: the next take reads again
+    assert asked == ["r1"] and await dlq(db) == []
+    for msg in ids:
+        kinds = await events(db, msg)
+        assert kinds[:2] == ["failed", "parked"] and kinds[-1] == "verified", kinds
+
+
+async def test_one_service_that_hangs_does_not_keep_the_others_of_the_take_from_being_read(db, dsn):
+    """The device answers a probe after the read that hung: the others are read, written and
+    verified; only the hanging one is retried."""
+    await add_device(db, "r1")
+    device = BatchDriver()
+    device.fail_reads("r1", NoAnswerError("read on r1 timed out (2s per call)"))
+    device.fail("r1", "a", NoAnswerError("read on r1 timed out (2s per call)"), on="read")
+    async with running_agent(dsn, device):
+        async with db.transaction():
+            ids = [await send(db, {"device": "r1", "service": s, "state": "on"}) for s in ("a", "b", "c")]
+        await until(lambda: all_archived(db, ids), what="all settled")
+    assert [(c.op, c.service) for c in device.calls[:5]] == [("read_many", "a,b,c"), ("read", "a"), ("probe", ""),
+                                                               ("read", "b"), ("read", "c")]
+    assert await events(db, ids[0]) == ["failed", "retried", "applied", "verified"]
+    assert await events(db, ids[1]) == ["applied", "verified"] and await events(db, ids[2]) == ["applied", "verified"]
 
 
 async def test_a_permanent_error_in_a_take_dead_letters_only_that_command(db, dsn):
@@ -127,3 +212,54 @@ async def test_a_burst_spread_over_many_devices_is_taken_whole_per_device(db, ds
         await until(lambda: all_archived(db, ids), timeout=30, what="all settled")
     assert {dev: device.batch_reads(dev) for dev in devices} == dict.fromkeys(devices, 2)
     assert all(device.writes(dev, f"cust{n}") == ["on"] for dev in devices for n in range(20))
+
+
+async def test_a_replay_in_the_same_take_as_its_original_is_accepted_once_and_written_once(db, dsn):
+    """A DLQ replay keeps its original's version: with the original still waiting they are one
+    command twice, accepted as one (not two rows for one key in one statement) and written once."""
+    await add_device(db, "r1")
+    device = BatchDriver()
+    body = {"device": "r1", "service": "wifi", "state": "on", "request_id": "pay-7"}
+    original = await send(db, body)
+    replay = await db.fetchval("SELECT pgmq.send('device_tasks', $1::jsonb, $2::jsonb)", json.dumps(body),
+                               json.dumps({"origin_msg_id": original}))
+    async with running_agent(dsn, device, max_attempts=1):
+        await until(lambda: all_archived(db, [original, replay]), what="both settled")
+    assert await dlq(db) == []
+    assert await events(db, original) == await events(db, replay) == ["applied", "verified"]
+    assert device.writes("r1", "wifi") == ["on"]
+    row = await state(db, "r1", "wifi")
+    assert (row["desired"], row["desired_version"]) == ("on", original)
+
+
+async def test_a_take_whose_acceptance_failed_records_no_desire_of_a_command_not_yet_judged(db, dsn):
+    """The database refused the take's acceptance once (a lock timeout): its commands are retried,
+    and their failure records no desired state, since none was judged. Else the resent suspend, a
+    duplicate, would stand as the newest desire and supersede the payment on the retry."""
+    await add_device(db, "r1")
+    device = BatchDriver()
+    async with running_agent(dsn, device) as agent:
+        suspend = await send(db, {"device": "r1", "service": "wifi", "state": "off", "request_id": "suspend-42"})
+        await until(lambda: archived(db, suspend), what="suspended")
+        await db.execute("""
+            CREATE SEQUENCE refusals;
+            CREATE FUNCTION refuse_once() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF nextval('refusals') = 1 THEN
+                    RAISE EXCEPTION 'canceling statement due to lock timeout' USING ERRCODE = '55P03';
+                END IF;
+                RETURN NULL;
+            END $$;
+            CREATE TRIGGER refuse_once BEFORE INSERT ON agent.requests
+                FOR EACH STATEMENT EXECUTE FUNCTION refuse_once();
+        """)
+        async with db.transaction():  # one take
+            paid = await send(db, {"device": "r1", "service": "wifi", "state": "on", "request_id": "paid-42"})
+            resent = await send(db, {"device": "r1", "service": "wifi", "state": "off", "request_id": "suspend-42"})
+        await until(lambda: all_archived(db, [paid, resent]), what="both settled")
+        assert agent.acceptor.flushes >= 3
+    assert await events(db, paid) == ["failed", "retried", "applied", "verified"]
+    assert await events(db, resent) == ["failed", "retried", "duplicate"]
+    assert device.states[("r1", "wifi")] == "on"
+    row = await state(db, "r1", "wifi")
+    assert (row["desired"], row["desired_version"], row["observed"]) == ("on", paid, "on")

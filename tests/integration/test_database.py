@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import datetime, timedelta, timezone
 
 import asyncpg
 import pytest
 
+from agent.contract import Command
+from agent.db.queries import Queries
 from agent.db.schema import SCHEMA_VERSION, check_ready, init_database
 from agent.errors import ConfigError
+from agent.executor.acceptor import Acceptor
 from tests.support.db import add_device
 
 
@@ -82,3 +86,25 @@ async def test_events_are_append_only(db):
     await db.execute("INSERT INTO agent.events (kind) VALUES ('verified')")
     with pytest.raises(asyncpg.RaiseError, match="append-only"):
         await db.execute("UPDATE agent.events SET kind = 'failed'")
+
+
+async def test_acceptance_of_several_versions_of_one_key_keeps_the_first_owner_and_the_newest_accepted(db, dsn):
+    """One statement for a whole take: on (pay-1), off (refund-1), pay-1 resent. The resend is a
+    duplicate; of the others the newest is in force, and each learns it."""
+    def cmd(state: str, rid: str) -> Command:
+        return Command(device="r1", service="wifi", state=state, request_id=rid)
+
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    acceptor = Acceptor(pool, Queries("device_tasks"))
+    batch = [acceptor.submit(cmd("on", "pay-1"), 11, 11), acceptor.submit(cmd("off", "refund-1"), 12, 12),
+             acceptor.submit(cmd("on", "pay-1"), 13, 13)]
+    flushing = asyncio.create_task(acceptor.run())
+    try:
+        results = await asyncio.gather(*batch)
+    finally:
+        flushing.cancel()
+        await pool.close()
+    assert acceptor.flushes == 1
+    assert results == [(12, 11), (12, 12), (12, 11)]  # (version in force, owner of its request_id)
+    row = await db.fetchrow("SELECT desired, desired_version, last_request_id FROM agent.service_state")
+    assert tuple(row) == ("off", 12, "refund-1")

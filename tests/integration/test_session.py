@@ -10,7 +10,7 @@ import contextlib
 import pytest
 
 from agent.db.session import Session, SessionLost
-from agent.reconcile.leader import LEADER_LOCK_CLASS, LeaderConnection, Leadership, current_leader
+from agent.reconcile.leader import LEADER_LOCK_CLASS, TRY_LOCK, LeaderConnection, Leadership, current_leader
 from tests.support.agents import running_agent
 from tests.support.db import add_device, archived, send
 from tests.support.devices import ScriptedDriver
@@ -66,8 +66,8 @@ async def test_a_statement_bound_to_a_lost_connection_never_runs_on_the_next(db,
     async with session(dsn, check_interval=0.2) as s:
         first = await asyncio.wait_for(s.connection(), 10)
         leader = LeaderConnection(s, first)
-        assert await s.fetchval(
-            "SELECT pg_try_advisory_lock($1, hashtext('site-a'))", LEADER_LOCK_CLASS, generation=first)
+        assert await s.fetchval(TRY_LOCK, LEADER_LOCK_CLASS, "site-a", generation=first)
+        assert await current_leader(db, "site-a") is not None
         await db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                          "WHERE application_name = 'agentd session test'")
         second = await until(lambda: _next_generation(s, first), timeout=10, what="reconnected")

@@ -22,7 +22,8 @@ class Call:
 class ScriptedDriver:
     """Devices whose next failures, latency and lies a test scripts ahead.
 
-    `fail(dev, svc, TransientError("x"), times=2)` fails the next two calls on that key;
+    `fail(dev, svc, TransientError("x"), times=2)` fails the next two writes on that key (`on="read"`:
+    its next reads of that service alone);
     `lie(dev, svc)` makes the next apply answer OK without changing anything.
     """
 
@@ -30,7 +31,7 @@ class ScriptedDriver:
     states: dict[tuple[str, str], State] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
     latency: dict[str, float] = field(default_factory=dict)
-    _failures: dict[tuple[str, str], deque[AgentError]] = field(default_factory=lambda: defaultdict(deque))
+    _failures: dict[tuple[str, str, str], deque[AgentError]] = field(default_factory=lambda: defaultdict(deque))
     _lies: set[tuple[str, str]] = field(default_factory=set)
     active: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     max_active: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -38,8 +39,8 @@ class ScriptedDriver:
     def __call__(self, context: DriverContext | None = None) -> ScriptedDriver:
         return self
 
-    def fail(self, device: str, service: str, error: AgentError, times: int = 1) -> None:
-        self._failures[(device, service)].extend([error] * times)
+    def fail(self, device: str, service: str, error: AgentError, times: int = 1, on: str = "apply") -> None:
+        self._failures[(device, service, on)].extend([error] * times)
 
     def lie(self, device: str, service: str) -> None:
         self._lies.add((device, service))
@@ -74,8 +75,8 @@ class ScriptedDriver:
             self.calls.append(Call(op, device.id, service, state))
             if self.latency.get(device.id):
                 await asyncio.sleep(self.latency[device.id])
-            queue = self._failures.get((device.id, service))
-            if op == "apply" and queue:
+            queue = self._failures.get((device.id, service, op))
+            if queue:
                 raise queue.popleft()
         finally:
             self.active[device.id] -= 1

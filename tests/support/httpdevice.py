@@ -1,6 +1,8 @@
 """A simulated HTTP device (the far edge): RouterOS-like REST with string values.
 
     GET   /rest/ppp/secret/<name>   -> {"name": ..., "disabled": "true" | "false"}
+    GET   /rest/ppp/secret          -> every secret, as RouterOS lists them ([{".id", "name", "disabled",
+                                       "service", "profile", "comment", ...}]: ~150 bytes an entry)
     PATCH /rest/ppp/secret/<name>   {"disabled": "true" | "false"} -> the object
     POST  /_control                 {"fail": [503, 503], "delay": 0.5, "lie": true, "set": {"name": "true"}}
     GET   /_control                 -> {"secrets": {...}, "requests": [...], "auth": [...]}
@@ -26,6 +28,7 @@ class HttpDevice:
         self.delay = 0.0
         self.lie = False
         self.app = web.Application()
+        self.app.router.add_route("GET", "/rest/ppp/secret", self._list)
         self.app.router.add_route("GET", "/rest/ppp/secret/{name}", self._get)
         self.app.router.add_route("PATCH", "/rest/ppp/secret/{name}", self._patch)
         self.app.router.add_route("POST", "/_control", self._control)
@@ -62,6 +65,14 @@ class HttpDevice:
         if name not in self.secrets:
             return web.json_response({"error": 404, "message": "no such item"}, status=404)
         return web.json_response({"name": name, "disabled": self.secrets[name]})
+
+    async def _list(self, request: web.Request) -> web.Response:
+        if (early := await self._common(request)) is not None:
+            return early
+        return web.json_response([{".id": f"*{n:X}", "name": name, "service": "pppoe", "profile": "default",
+                                   "local-address": "10.0.0.1", "comment": "managed by billing",
+                                   "last-logged-out": "2026-11-30 23:59:59", "disabled": disabled}
+                                  for n, (name, disabled) in enumerate(self.secrets.items(), 1)])
 
     async def _patch(self, request: web.Request) -> web.Response:
         if (early := await self._common(request)) is not None:

@@ -105,6 +105,19 @@ def matches(row: Row, words: list[str]) -> bool:
     return all(stack)
 
 
+def one_of(words: list[str]) -> tuple[str, set[str]] | None:
+    """(field, values) when `words` are exactly `f=v1 ... f=vN #|...|` (one field equal to any of N values,
+    as a driver asks for many items at once), evaluated as a set lookup: the stack machine would cost
+    N steps a row, and a router with thousands of customers is asked for thousands of them."""
+    if len(words) < 3 or words[-1] != "#" + "|" * (len(words) - 2):
+        return None
+    pairs = [w.removeprefix("=").partition("=") for w in words[:-1]]
+    fields = {name for name, eq, _ in pairs}
+    if len(fields) != 1 or any(not eq or not name or name[0] in "#-<>" for name, eq, _ in pairs):
+        return None
+    return fields.pop(), {value for _, _, value in pairs}
+
+
 def operate(stack: list[bool], ops: str, pop: Any) -> None:
     i = 0
     while i < len(ops):
@@ -279,7 +292,11 @@ class RouterOsFake:
             proplist = body.get(".proplist")
             if isinstance(proplist, str):
                 proplist = proplist.split(",")
-            rows = [r for r in self.tables[menu] if matches(r, list(body.get(".query", [])))]
+            words = list(body.get(".query", []))
+            if (any_of := one_of(words)) is not None:
+                rows = [r for r in self.tables[menu] if r.get(any_of[0]) in any_of[1]]
+            else:
+                rows = [r for r in self.tables[menu] if matches(r, words)]
             return web.json_response([shown(r, proplist) for r in rows])
         if command == "remove" and "remove" in MENUS[menu][0]:
             self._remove(menu, str(body.get(".id", "")))

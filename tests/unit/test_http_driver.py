@@ -10,7 +10,7 @@ import pytest
 from agent.drivers.base import CredentialStore, Device, DriverContext
 from agent.drivers.http import HttpDriver, classify_status, render_body, render_path, resolve_pointer, to_state
 from agent.errors import ConfigError, PermanentError, TransientError, UnreachableError
-from agent.executor.converge import observe_many
+from agent.executor.converge import observe_for_take, observe_many
 from agent.executor.deadlines import Deadlines
 from tests.support.httpdevice import HttpDevice
 
@@ -176,6 +176,43 @@ async def test_list_path_reads_many_services_in_one_request(aiohttp_server):
     assert (got["alice"], got["bob"]) == ("on", "off")
     assert isinstance(got["carol"], PermanentError) and "no item for carol" in str(got["carol"])
     assert isinstance(got["eve"], PermanentError) and isinstance(got["../x"], PermanentError)
+
+
+async def test_a_list_reply_that_cannot_be_used_fails_no_command_each_service_is_read_on_its_own(aiohttp_server):
+    """The list is shared by the commands of a take: when its reply is unusable (here cut short, not
+    JSON), the agent reads each service on its own, and only a service whose own read fails fails."""
+    from aiohttp import web
+
+    hits: list[str] = []
+    secrets = {"alice": "false", "bob": "true"}
+
+    async def cut(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(text='[{"name": "alice", "disabled": "fal', content_type="application/json")
+
+    async def one(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        name = request.match_info["name"]
+        if name not in secrets:
+            return web.json_response({"error": 404, "message": "no such item"}, status=404)
+        return web.json_response({"name": name, "disabled": secrets[name]})
+
+    app = web.Application()
+    app.router.add_get("/rest/ppp/secret", cut)
+    app.router.add_get("/rest/ppp/secret/{name}", one)
+    server = await aiohttp_server(app)
+    dev = Device("r1", "http", f"127.0.0.1:{server.port}", options={**ROUTEROS, "list_path": "/rest/ppp/secret",
+                                                                   "list_key": "/name"})
+    driver, deadlines = HttpDriver(), Deadlines(resolution=0.05)
+    watcher = asyncio.create_task(deadlines.run())
+    try:
+        got = await observe_for_take(driver, dev, ["alice", "bob", "carol"], 2.0, deadlines)
+    finally:
+        watcher.cancel()
+        await driver.close()
+    assert hits == ["/rest/ppp/secret", "/rest/ppp/secret/alice", "/rest/ppp/secret/bob", "/rest/ppp/secret/carol"]
+    assert (got["alice"].observed, got["bob"].observed) == ("on", "off")  # type: ignore[union-attr]
+    assert isinstance(got["carol"], PermanentError) and "404" in str(got["carol"])
 
 
 async def test_without_a_list_path_each_service_is_read_under_its_own_deadline(box, driver):

@@ -39,3 +39,13 @@ def test_summary_counts_drift_repairs_and_unreadable_apart():
                  Finding("e", "on", "off", "failed", "HTTP 500")])
     assert (s["checked"], s["in_sync"], s["drifted"], s["repaired"], s["unreadable"], s["failed"]) == (5, 1, 3, 1, 1, 1)
     assert [i["service"] for i in s["items"]] == ["a", "b", "c", "d", "e"]
+
+
+def test_a_reconcile_waits_for_an_unreachable_device_until_the_bound_by_the_databases_clock():
+    from agent.executor.reports import Delivery
+    from agent.reconcile.worker import wait_over
+
+    fed = Delivery(1, 3, T0, "{}", None, 1, bounces=2, skew=-30.0)  # our clock is 30 s ahead of the database's
+    now = T0.timestamp() + 30 + 119
+    assert wait_over(fed, "peer down", 120, now) is None  # 119 s by the database's clock: parked again
+    assert wait_over(fed, "peer down", 120, now + 1) == "unreachable for 120s: peer down"
