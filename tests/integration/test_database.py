@@ -26,7 +26,7 @@ async def test_init_installs_pgmq_from_the_bundled_sql_and_is_idempotent(empty_d
         assert first["migrations_applied"] == ["0001_init.sql", "0002_agents.sql", "0003_parking.sql",
                                            "0004_reconcile.sql", "0005_hardening.sql",
                                            "0006_operations.sql", "0007_sites.sql", "0008_versions.sql",
-                                           "0009_site_roles.sql"]
+                                           "0009_site_roles.sql", "0010_reconcile_bounds.sql"]
         assert second["migrations_applied"] == []
         assert await conn.fetchval("SELECT max(version) FROM agent.schema_version") == SCHEMA_VERSION
         queues = {r[0] for r in await conn.fetch("SELECT queue_name FROM pgmq.meta")}
