@@ -149,7 +149,7 @@ def enqueue_refusal(exc: asyncpg.PostgresError) -> AgentError | None:
 
 
 def dead_letter_fields(headers: str | None) -> dict[str, Any]:
-    """reason, origin_msg_id and attempts of a dead letter, from headers that may be any JSON (pure).
+    """The reason and origin_msg_id of a dead letter, from headers that may be any JSON (pure).
 
     The agent writes an object; a dead letter of an older release whose message had array headers
     carries the reason appended to the array as an object; anything else carries neither."""

@@ -10,7 +10,8 @@
 --                      the per-site roles): granted every site's queue, every device's rows.
 -- All are NOLOGIN groups: GRANT agent_producer TO webhook;  GRANT agent_worker_north TO agentd_north;
 -- Sections: `common` once; `queue` for the queue `db init` is run for, with {role} agent_worker and
--- the site's role; `site` for the site's role. {q} {a} {dq} {da}: the queue's PGMQ tables; {qs}
+-- the site's role; `member` and `site` for the site's role (`db init` grants the membership itself,
+-- only when missing: it needs the ADMIN option on agent_worker_common). {q} {a} {dq} {da}: the queue's PGMQ tables; {qs}
 -- {dqs}: their msg_id sequences; {role}: a quoted role name; {site}: the site's name, a literal.
 -- section: common
 REVOKE ALL ON SCHEMA agent FROM PUBLIC;
@@ -45,8 +46,9 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON agent.device_claims TO agent_worker;
 -- section: queue
 GRANT SELECT, INSERT, UPDATE, DELETE ON pgmq.{q}, pgmq.{a}, pgmq.{dq}, pgmq.{da} TO {role};
 GRANT USAGE, SELECT ON SEQUENCE pgmq.{qs}, pgmq.{dqs} TO {role};
--- section: site
+-- section: member
 GRANT agent_worker_common TO {role};
+-- section: site
 GRANT SELECT, INSERT, UPDATE ON agent.service_state TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON agent.device_claims TO {role};
 -- Restrictive: whatever other policy or role lets a member of the site's role see or write, only
