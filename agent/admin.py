@@ -17,7 +17,7 @@ from agent.contract import DEVICE_PATTERN
 from agent.db.queries import Queries
 from agent.drivers.base import Device, DriverContext
 from agent.drivers.registry import load_driver
-from agent.errors import ConfigError, NotFoundError
+from agent.errors import AgentError, ConfigError, NotFoundError, PermanentError
 from agent.inventory import validate_with
 from agent.text import clean
 
@@ -165,14 +165,36 @@ async def enqueue(conn: asyncpg.Connection, queue: str | None, device: str, serv
     """Through agent.enqueue, so operators get the same validation and routing as producers (queue
     None: the queue of the device's site)."""
     action = "refresh" if state == "refresh" else "set"
-    return await conn.fetchval(
-        "SELECT agent.enqueue($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9)",
-        device, service, None if action == "refresh" else state, kw.get("request_id"), kw.get("not_after"),
-        json.dumps(kw["meta"]) if kw.get("meta") is not None else None, action, kw.get("delay", 0), queue)
+    try:
+        return await conn.fetchval(
+            "SELECT agent.enqueue($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9)",
+            device, service, None if action == "refresh" else state, kw.get("request_id"), kw.get("not_after"),
+            json.dumps(kw["meta"]) if kw.get("meta") is not None else None, action, kw.get("delay", 0), queue)
+    except asyncpg.PostgresError as exc:
+        refusal = enqueue_refusal(exc)
+        if refusal is None:
+            raise
+        raise refusal from None
+
+
+def enqueue_refusal(exc: asyncpg.PostgresError) -> AgentError | None:
+    """What agent.enqueue's SQLSTATE says to do, as our error (pure): 22023 fix the command, P0002
+    drop it (unknown device: NotFoundError), 55000 an operator's set-up is missing. None: not a
+    refusal of enqueue's."""
+    said = str(exc.args[0] if exc.args else exc).removeprefix("agent.enqueue: ")
+    hint = getattr(exc, "hint", None)
+    if exc.sqlstate == "P0002":  # agentctl exits 4 for it, as for everything named that does not exist
+        return NotFoundError(f"{said}: add it first (agentctl device add), or check the id "
+                             "(agentctl device list --all-sites)")
+    if exc.sqlstate == "55000":
+        return ConfigError(said + (f" ({hint})" if hint else ""))
+    if exc.sqlstate == "22023":
+        return PermanentError(said + (f" ({hint})" if hint else ""))
+    return None
 
 
 def dead_letter_fields(headers: str | None) -> dict[str, Any]:
-    """reason, origin_msg_id and attempts of a dead letter, from headers that may be any JSON (pure).
+    """The reason and origin_msg_id of a dead letter, from headers that may be any JSON (pure).
 
     The agent writes an object; a dead letter of an older release whose message had array headers
     carries the reason appended to the array as an object; anything else carries neither."""

@@ -103,7 +103,9 @@ class Agent:
         self.queries = Queries(s.queue)
         self.instance = new_instance()  # this process: what holds device claims (agent/identity.py)
         self.host_id = host_identity()
-        self.drivers = drivers or Drivers(DriverContext(s.device_timeout, CredentialStore(s.credentials_dir)))
+        # the drivers read the device timeout live, from the tuning SIGHUP replaces
+        self.drivers = drivers or Drivers(DriverContext(lambda: self.tuning.device_timeout,
+                                                        CredentialStore(s.credentials_dir)))
         self.inventory = Inventory(pool, self.queries, s.site, self.drivers)
         self.reporter = Reporter(pool, self.queries, s.agent_id, self._committed,
                                  on_failed=self._report_failed, archive=s.archive)
@@ -199,10 +201,6 @@ class Agent:
         await self._check_poolers(session)
         async with self.pool.acquire() as conn:
             await check_ready(conn, self.settings.queue, self.settings.site)
-            s = self.settings
-            await register(conn, self.queries, s.agent_id, self.instance, self.host_id,
-                           {"site": s.site, "queue": s.queue, "host": socket.gethostname(), "pid": os.getpid(),
-                            "version": __version__}, STALE_FACTOR * s.heartbeat_interval)
             if await ensure_notify(conn, self.settings.queue, self.settings.notify_throttle_ms):
                 log.warning("PGMQ insert notifications were off (a Postgres crash empties their UNLOGGED "
                             "throttle table): re-enabled", extra={"action": "notify_reenabled"})
@@ -210,6 +208,11 @@ class Agent:
         for name in {d.driver for d in self.inventory.devices.values()}:
             self.drivers.get(name)  # every driver the inventory needs loads now, not on first command
         await self.vpn.wait_for_tunnel(self.settings.vpn_grace, self.notifier.status)
+        s = self.settings  # last: a start that fails before has not taken the agent id
+        async with self.pool.acquire() as conn:
+            await register(conn, self.queries, s.agent_id, self.instance, self.host_id,
+                           {"site": s.site, "queue": s.queue, "host": socket.gethostname(), "pid": os.getpid(),
+                            "version": __version__}, STALE_FACTOR * s.heartbeat_interval)
 
     async def _check_poolers(self, session: bool) -> None:
         """A pooler in between set up wrongly (PgBouncer in transaction mode for the session connection,
@@ -335,6 +338,13 @@ class Agent:
         with contextlib.suppress(*DB_ERRORS):
             await self.house.beat("stopped")
 
+    async def unregister(self) -> None:
+        """Mark this process's row in agent.agents stopped, if it is not yet (`agentd --once` done):
+        another process may take the agent id at once."""
+        with contextlib.suppress(*DB_ERRORS):
+            async with self.pool.acquire(timeout=5) as conn:
+                await conn.execute(self.queries.unregister_agent, self.settings.agent_id, self.instance, timeout=5)
+
     async def _drained(self) -> None:
         await self.executor.idle()
         await self.reporter.drained()
@@ -358,6 +368,7 @@ class Agent:
         o = self.consumer.outcomes
         async with self.pool.acquire() as conn:
             left = await conn.fetchval(self.queries.queue_depth)
+        await self.unregister()
         log.info("queue drained: %d done, %d retry later, %d dead-lettered; %d message(s) still queued "
                  "(delayed, retrying or leased elsewhere)", o["archive"], o["retry"], o["dead_letter"], left,
                  extra={"action": "drained"})

@@ -1,9 +1,11 @@
 """`agentctl device test ID [--service S]`: can the agent drive this device? Changes nothing.
 
 Steps, in order, each ending in what was found or the exact error and its fix: the inventory entry,
-the driver, the device's options, its credential (present; the value is never shown), a probe, and
-with --service a read of that service. A step after a failed one is not run. Nothing here calls
-`apply`. The judging and formatting are pure; `run` and `cli` do the I/O.
+the driver, the device's options, its credential (present; the value is never shown), a probe,
+with --service a read of that service, and for a driver that can check it (routeros) the suspension
+policy: every address list of the device's known services is used by an enabled firewall rule. A
+step after a failed one is not run. Nothing here calls `apply`. The judging and formatting are pure;
+`run` and `cli` do the I/O.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,6 +28,8 @@ from agent.settings import Settings
 from agent.text import clean
 
 DEVICE = "SELECT id, driver, address, site, options::text AS options, credential FROM agent.devices WHERE id = $1"
+KNOWN = "SELECT service FROM agent.service_state WHERE device = $1 ORDER BY service"
+POLICY = "suspension policy"
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,9 @@ class Result:
 def fix_for(exc: BaseException, device: Device | None, service: str | None) -> str:
     """What the operator should do about an error from the named device."""
     dev = device.id if device else "the device"
+    if isinstance(exc, PolicyError):
+        return ("add an enabled firewall rule that uses each list named (filter, nat, mangle or raw), or stop "
+                "suspending through it; `agentctl doctor` checks this for every device")
     if isinstance(exc, ConfigError):
         return (f"fix the option or credential it names: `agentctl device add {dev} --driver ... --option KEY=VALUE "
                 f"--credential NAME` (a credential is a file of that name in $CREDENTIALS_DIRECTORY or "
@@ -130,8 +138,10 @@ def read_step(service: str) -> str:
 # -- I/O ---------------------------------------------------------------------------------------
 
 
-async def run(device: Device | None, device_id: str, service: str | None, context: DriverContext) -> Result:
-    """Every step against `device` (None: not in the inventory); never writes to the device."""
+async def run(device: Device | None, device_id: str, service: str | None, context: DriverContext,
+              known: Sequence[str] = ()) -> Result:
+    """Every step against `device` (None: not in the inventory); never writes to the device. `known`:
+    the device's services the agent has state for (agent.service_state), for the policy check."""
     result = Result(device_id, service)
     names = step_names(service)
     if device is None:
@@ -146,19 +156,22 @@ async def run(device: Device | None, device_id: str, service: str | None, contex
         result.steps.append(failed("driver", exc, device, service))
         return skip_rest(result, names)
     try:
-        await _drive(driver, device, service, context, result)
+        await _drive(driver, device, service, context, result, [*known, *([service] if service else [])])
     finally:
         await driver.close()
     return skip_rest(result, names)
 
 
 async def _drive(driver: Driver, device: Device, service: str | None, context: DriverContext,
-                 result: Result) -> None:
+                 result: Result, known: list[str]) -> None:
     result.steps.append(Step("driver", True, f"{driver.name} ({type(driver).__module__})"))
     steps = [("options", lambda: _validate(driver, device)), ("credential", lambda: _credential(device, context)),
              ("probe", lambda: _probe(driver, device, context))]
     if service:
         steps.append((read_step(service), lambda: _read(driver, device, service, context, result)))
+    check = getattr(driver, "check_policy", None)
+    if check is not None:
+        steps.append((POLICY, lambda: _policy(check, device, known, context)))
     for name, step in steps:
         try:
             detail = await step()
@@ -185,8 +198,9 @@ async def _credential(device: Device, context: DriverContext) -> str:
 async def _probe(driver: Driver, device: Device, context: DriverContext) -> str:
     start = time.monotonic()
     async with asyncio.timeout(deadline(device, context.device_timeout)):
-        await driver.probe(device)
-    return f"answers ({time.monotonic() - start:.2f} s)"
+        found = await driver.probe(device)
+    what = f": {clean(found, 200)}" if isinstance(found, str) and found else ""
+    return f"answers ({time.monotonic() - start:.2f} s){what}"
 
 
 async def _read(driver: Driver, device: Device, service: str, context: DriverContext, result: Result) -> str:
@@ -196,10 +210,23 @@ async def _read(driver: Driver, device: Device, service: str, context: DriverCon
     return result.state
 
 
+class PolicyError(ConfigError):
+    """The device can be driven, but a suspension through it would block nobody."""
+
+
+async def _policy(check: Any, device: Device, known: list[str], context: DriverContext) -> str:
+    async with asyncio.timeout(4 * deadline(device, context.device_timeout)):  # a print per rule table
+        problems = await check(device, known)
+    if problems:
+        raise PolicyError("; ".join(clean(p, 400) for p in problems))
+    return "every address list in use is used by an enabled firewall rule"
+
+
 async def cli(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
     """agentctl handler: load the device as agentd does, test it, print; exit 1 when a step failed."""
     row = await conn.fetchrow(DEVICE, a.id)
     context = DriverContext(s.device_timeout, CredentialStore(s.credentials_dir))
-    result = await run(device_from_row(row) if row else None, a.id, a.service, context)
+    known = [r["service"] for r in await conn.fetch(KNOWN, a.id)] if row else []
+    result = await run(device_from_row(row) if row else None, a.id, a.service, context, known)
     print(as_json(result) if a.json else as_text(result))
     return 0 if result.ok else 1

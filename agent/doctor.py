@@ -71,23 +71,28 @@ class Report:
         return "\n".join(lines)
 
 
+KNOWN = "SELECT device, service FROM agent.service_state WHERE device = ANY($1::text[]) ORDER BY device, service"
+
+
 async def run(settings: Settings, drivers: Drivers | None = None) -> Report:
     checks: list[Check] = []
-    devices = await _database_checks(settings, checks)
+    known: dict[str, list[str]] = {}
+    devices = await _database_checks(settings, checks, known)
     vpn = await tunnel_checks(settings, devices, checks.append)
     own = drivers is None
     drivers = drivers or Drivers(DriverContext(settings.device_timeout, CredentialStore(settings.credentials_dir)))
     checks.extend(credential_checks(devices, CredentialStore(settings.credentials_dir)))
     try:
-        await _probe_checks(settings, devices, vpn, drivers, checks)
+        await _probe_checks(settings, devices, vpn, drivers, checks, known)
     finally:
         if own:
             await drivers.close()
     return Report(checks)
 
 
-async def _database_checks(s: Settings, checks: list[Check]) -> list[Device] | None:
-    """Database, PGMQ, schema, queues, notifications; the site's devices when they can be read."""
+async def _database_checks(s: Settings, checks: list[Check], known: dict[str, list[str]]) -> list[Device] | None:
+    """Database, PGMQ, schema, queues, notifications; the site's devices when they can be read, and
+    into `known` the services the agent has state for on each (for the suspension-policy check)."""
     q = Queries(s.queue)
     try:
         conn = await asyncpg.connect(s.database_url, timeout=10, server_settings={"application_name": "agentctl"})
@@ -126,6 +131,8 @@ async def _database_checks(s: Settings, checks: list[Check]) -> list[Device] | N
             return None
         rows = await conn.fetch(q.load_devices, s.site)
         devices = [device_from_row(r) for r in rows]
+        for row in await conn.fetch(KNOWN, [d.id for d in devices]):
+            known.setdefault(row["device"], []).append(row["service"])
         checks.append(Check("inventory", True, f"{len(devices)} device(s) in site {s.site}") if devices else
                       Check("inventory", True, f"no devices in site {s.site} (add some with `agentctl device add`)"))
         return devices
@@ -221,7 +228,7 @@ def credential_checks(devices: list[Device] | None, store: CredentialStore) -> l
 
 
 async def _probe_checks(s: Settings, devices: list[Device] | None, vpn: TunnelFacts, drivers: Drivers,
-                        checks: list[Check]) -> None:
+                        checks: list[Check], known: dict[str, list[str]] | None = None) -> None:
     async def probe(dev: Device) -> Check:
         name = f"probe {dev.id}"
         try:
@@ -242,5 +249,27 @@ async def _probe_checks(s: Settings, devices: list[Device] | None, vpn: TunnelFa
                          "the tunnel is up but the device does not answer: check the device and its firewall")
         return Check(name, True, f"answers ({dev.driver}{', ' + dev.address if dev.address else ''})")
 
-    checks.extend(await asyncio.gather(*(probe(d) for d in devices or [])))
+    probes = await asyncio.gather(*(probe(d) for d in devices or []))
+    checks.extend(probes)
+    answered = [d for d, c in zip(devices or [], probes, strict=True) if c.ok]
+    checks.extend(c for c in await asyncio.gather(*(policy_check(s, d, drivers, (known or {}).get(d.id, []))
+                                                    for d in answered)) if c is not None)
+
+
+async def policy_check(s: Settings, dev: Device, drivers: Drivers, known: list[str]) -> Check | None:
+    """A driver that can tell (routeros): does a suspension through the device's address lists block
+    anyone, i.e. does an enabled firewall rule use each of them? None for drivers that cannot tell."""
+    check = getattr(drivers.get(dev.driver), "check_policy", None)
+    if check is None:
+        return None
+    name = f"suspension policy {dev.id}"
+    try:
+        async with asyncio.timeout(4 * (s.device_timeout + 1)):
+            problems = await check(dev, known)
+    except (AgentError, TimeoutError) as exc:
+        return Check(name, False, str(exc) or "no answer", "check the device with `agentctl device test`")
+    if problems:
+        return Check(name, False, "; ".join(problems), "add an enabled firewall rule that uses each list named "
+                     "(filter, nat, mangle or raw), or stop suspending through it")
+    return Check(name, True, "every address list in use is used by an enabled firewall rule")
 

@@ -42,8 +42,8 @@ class ConfigError(AgentError):
     kind = "config"
 
 
-class NotFoundError(AgentError):
-    """What the caller named (a device, a DLQ entry, an agent, a run) does not exist: `agentctl`
-    exits 4 (EXIT_NOT_FOUND) for it, whatever the command."""
+class NotFoundError(PermanentError):
+    """What the caller named (a device, a DLQ entry, an agent, a run) does not exist: retrying cannot
+    help, and `agentctl` exits 4 for it, whatever the command (agent/cli/exits.py)."""
 
     kind = "not_found"

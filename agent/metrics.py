@@ -164,6 +164,9 @@ class Metrics:
                                  "was found: in_sync, drifted, repaired, unreadable, failed (repair failed); parked "
                                  "counts devices put off by the VPN gate.", ["result"], registry=r)
         self.reconcile_devices = Counter(P + "reconcile_devices_total", "Devices reconciled.", registry=r)
+        self.policy_missing = Counter(P + "reconcile_policy_missing_total", "Suspension policies found blocking "
+                                      "nobody by reconciliation (an address list no enabled firewall rule uses, "
+                                      "...), one per device and problem each run.", registry=r)
         for outcome in sorted(_OUTCOME_EVENTS):  # known in advance: 0 from the start, so increase() sees the first
             for driver in sorted({*available_drivers(), "none"}):
                 self.commands.labels(outcome, driver)
@@ -207,6 +210,8 @@ class Metrics:
             self.lease_lost.inc(lost)
 
     def _reconciled(self, o: Outcome) -> None:
+        if missing := sum(ev.kind == "policy_missing" for ev in o.events):
+            self.policy_missing.inc(missing)
         if o.sync is not None:
             for result in ("in_sync", "drifted", "repaired", "unreadable", "failed"):
                 if n := o.sync.get(result):

@@ -192,13 +192,8 @@ async def device_import(conn: asyncpg.Connection, s: Settings, a: argparse.Names
 
 
 async def enqueue(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
-    try:
-        msg_id = await admin.enqueue(conn, a.queue, a.device, a.service, a.state, request_id=a.request_id,
-                                     not_after=a.not_after, meta=a.meta, delay=a.delay)
-    except asyncpg.PostgresError as exc:
-        if exits.names_nothing(exc):
-            raise NotFoundError(str(exc)) from None
-        raise
+    msg_id = await admin.enqueue(conn, a.queue, a.device, a.service, a.state, request_id=a.request_id,
+                                 not_after=a.not_after, meta=a.meta, delay=a.delay)  # unknown device: exit 4
     print(msg_id)
     return 0
 

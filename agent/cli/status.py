@@ -124,12 +124,15 @@ async def site_views(conn: asyncpg.Connection, q: Queries, site: str | None,
     for r in await conn.fetch(q.fleet_sites, site, LEADER_LOCK_CLASS):
         mine = [a for a in agents if a["site"] == r["site"]]
         queue = r["queue"] or next((a["queue"] for a in mine if a["state"] != "stopped"), None)
-        stats = None
+        stats, hidden = None, False
         if queue is not None and {queue, f"{queue}_dlq"} <= existing:
-            stats = await conn.fetchrow(Queries(queue).queue_stats, QUEUE_CAP)
+            try:
+                stats = await conn.fetchrow(Queries(queue).queue_stats, QUEUE_CAP)
+            except asyncpg.InsufficientPrivilegeError:  # another site's queue, seen from a site's worker role
+                hidden = True
         views.append({
             "site": r["site"], "queue": queue, "queue_recorded": r["queue"] is not None,
-            "queue_missing": queue is not None and stats is None,
+            "queue_missing": queue is not None and stats is None and not hidden, "queue_hidden": hidden,
             "queue_depth": stats["depth"] if stats else None,
             "queue_oldest_s": _float(stats["oldest"]) if stats else None,
             "dlq_depth": stats["dlq_depth"] if stats else None,
@@ -157,6 +160,8 @@ def render_site(v: dict[str, Any]) -> str:
         queue = "no queue recorded (agentctl db init --site ...)"
     elif v["queue_missing"]:
         queue = f"queue {v['queue']} MISSING (agentctl db init --site {v['site']} --queue {v['queue']})"
+    elif v.get("queue_hidden"):
+        queue = f"queue {v['queue']} (not readable by this login: another site's)"
     else:
         queue = (f"queue {v['queue']}{'' if v['queue_recorded'] else ' (not recorded)'}: {v['queue_depth']} "
                  f"messages, oldest {_dur(v['queue_oldest_s'])}; DLQ {v['dlq_depth']}")

@@ -33,7 +33,7 @@ async def request(conn: asyncpg.Connection, s: Settings, device: str | None, ser
                   dry_run: bool, as_json: bool, timeout: float, wait: bool) -> int:
     try:
         run = await conn.fetchval("SELECT agent.request_sync($1, $2, $3, $4, 'manual', $5)", s.site, device,
-                                  service, dry_run, f"agentctl@{socket.gethostname()}")
+                                  service, dry_run, f"agentctl@{socket.gethostname()}"[:200])
     except (asyncpg.InvalidParameterValueError, asyncpg.InsufficientPrivilegeError,
             asyncpg.ProgramLimitExceededError) as exc:  # agent.request_sync refused the request
         hint = getattr(exc, "hint", None)

@@ -41,7 +41,6 @@ class Queries:
             "a": quote_ident(f"a_{queue}"),
             "dq": quote_ident(f"q_{dlq}"),
             "da": quote_ident(f"a_{dlq}"),
-            "qs": quote_ident(f"q_{queue}_msg_id_seq"),
             "qdev": quote_ident(f"q_{queue}_device_idx"),
         }
         self.queue = queue

@@ -216,8 +216,9 @@ SELECT count(*) FROM pgmq.{q};
 SELECT msg_id FROM pgmq.{dq} ORDER BY msg_id;
 
 -- name: next_visible
-SELECT min(vt) - clock_timestamp() AS wait FROM pgmq.{q}
-WHERE vt > clock_timestamp() AND NOT (msg_id = ANY($1::bigint[]));
+-- How long until the next message not in flight ($1) is visible; zero or less when one already is
+-- (a retry that became visible after the last read and before this look: nothing notifies it).
+SELECT min(vt) - clock_timestamp() AS wait FROM pgmq.{q} WHERE NOT (msg_id = ANY($1::bigint[]));
 
 -- name: heartbeat
 -- $13 instance, $14 host_id: the row is this process's (agent_holder/register_agent); one another
@@ -239,6 +240,11 @@ WHERE a.instance IS NULL OR a.instance = EXCLUDED.instance;
 -- (recorded since schema 12: read so that it also answers against an older database).
 SELECT agent_id, site, version, (to_jsonb(a)->>'schema')::integer AS schema, state, last_heartbeat
 FROM agent.agents a WHERE state <> 'stopped' ORDER BY site, agent_id;
+
+-- name: unregister_agent
+-- This process ($2) is done (agentd --once, or a start that failed): its agent id is free at once.
+UPDATE agent.agents SET state = 'stopped', stopped_at = now()
+WHERE agent_id = $1 AND instance = $2 AND state <> 'stopped';
 
 -- name: agent_holder
 -- The process registered under agent id $1 (agent/identity.py): where it runs, how fresh its
@@ -473,11 +479,16 @@ SELECT EXISTS (SELECT 1 FROM agent.sync_devices d WHERE d.run = $1 AND d.device 
 
 -- name: feed_sync
 -- The leader's feeder: send the next devices of open runs as reconcile messages, keeping at most
--- $3 outstanding, or $4 while commands are waiting in the queue (commands go first).
+-- $3 outstanding, or $4 while commands are waiting in the queue (commands go first). A message
+-- parked until later (its device unreachable or busy: it has a `bounces` header) holds no place, so
+-- devices that are off do not slow the reconciliation of the others down.
 WITH open AS (
     SELECT id, service, dry_run FROM agent.sync_runs WHERE site = $1 AND finished_at IS NULL
 ), outstanding AS (
-    SELECT count(*) AS n FROM agent.sync_devices d JOIN open o ON o.id = d.run WHERE d.state = 'sent'
+    SELECT count(*) AS n FROM agent.sync_devices d JOIN open o ON o.id = d.run
+    WHERE d.state = 'sent' AND NOT EXISTS (
+        SELECT 1 FROM pgmq.{q} m WHERE m.msg_id = d.msg_id AND m.vt > clock_timestamp()
+          AND jsonb_typeof(m.headers) = 'object' AND m.headers ? 'bounces')
 ), waiting AS (
     SELECT EXISTS (SELECT 1 FROM pgmq.{q} m WHERE m.vt <= clock_timestamp() AND NOT m.message ? 'reconcile') AS busy
 ), nxt AS (
@@ -499,7 +510,7 @@ RETURNING d.run, d.device;
 SELECT EXISTS (SELECT 1 FROM agent.sync_runs WHERE site = $1 AND finished_at IS NULL);
 
 -- name: start_scheduled_run
--- The leader's scheduled run of site $1 (requested by $2, its agent id): every device of the site with
+-- The leader's scheduled run of site $1 (asked by its login and $2, its agent id): every device of the site with
 -- a desired state, except those still outstanding in an open run of the site, which that run checks.
 -- So a device that holds its run open (a slow one) never holds the others' reconciliation up. No run
 -- (run NULL) when every such device is outstanding; a finished empty run when the site has none.
@@ -513,7 +524,8 @@ WITH todo AS (
     SELECT device FROM todo EXCEPT SELECT device FROM busy
 ), run AS (
     INSERT INTO agent.sync_runs (site, kind, requested_by, devices, finished_at)
-    SELECT $1, 'scheduled', $2, count(*), CASE WHEN count(*) = 0 THEN now() END FROM fresh
+    SELECT $1, 'scheduled', session_user || ' (' || $2::text || ')', count(*), CASE WHEN count(*) = 0 THEN now() END
+    FROM fresh
     HAVING count(*) > 0 OR NOT EXISTS (SELECT 1 FROM busy)
     RETURNING id
 ), devs AS (

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -36,12 +37,20 @@ class Device:
         return hash(self.id)
 
 
-@dataclass(frozen=True)
 class DriverContext:
-    """What a driver may use from the agent: timeouts and the credential store."""
+    """What a driver may use from the agent: the device timeout and the credential store.
 
-    device_timeout: float = 10.0
-    credentials: CredentialStore | None = None
+    The timeout is live: `device_timeout` is read at each use, from a source the daemon swaps on
+    SIGHUP (AGENT_DEVICE_TIMEOUT changes without a restart), or a fixed number."""
+
+    def __init__(self, device_timeout: float | Callable[[], float] = 10.0,
+                 credentials: CredentialStore | None = None) -> None:
+        self._timeout = device_timeout if callable(device_timeout) else (lambda: float(device_timeout))
+        self.credentials = credentials
+
+    @property
+    def device_timeout(self) -> float:
+        return self._timeout()
 
 
 @runtime_checkable
@@ -57,8 +66,9 @@ class Driver(Protocol):
     async def apply(self, device: Device, service: str, state: State) -> None:
         """Ask the device to put `service` into `state`; the caller verifies by reading."""
 
-    async def probe(self, device: Device) -> None:
-        """Return when the device answers; raise UnreachableError/TransientError when not."""
+    async def probe(self, device: Device) -> str | None:
+        """Return when the device answers; raise UnreachableError/TransientError when not. May return
+        what answered (e.g. "RouterOS 7.16 over REST (https)"), which `agentctl device test` shows."""
 
     async def close(self) -> None: ...
 

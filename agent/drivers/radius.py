@@ -78,8 +78,7 @@ class RadiusDriver:
         store = await self._store(opts)
         what = f"{device.id}: {clean(service, 120)} {state}"
         deadline = asyncio.get_running_loop().time() + opts.timeout
-        await self._bounded(device, opts.timeout + opts.settle,
-                            lambda: self._apply(store, nas, opts, user, state, what, deadline))
+        await self._bounded(device, opts.timeout, lambda: self._apply(store, nas, opts, user, state, what, deadline))
 
     async def probe(self, device: Device) -> None:
         """Both halves: the store answers and the suspended group holds a policy; the NAS answers a
@@ -154,15 +153,15 @@ class RadiusDriver:
             elif code == p.DISCONNECT_REQUEST:
                 ended.append(session.radacct_id)
         if ended and opts.settle:
-            await self._settle(store, opts, ended)
+            await self._settle(store, opts, ended, deadline)
 
-    async def _settle(self, store: PolicyStore, opts: p.Options, radacct_ids: list[int]) -> None:
-        """Wait (at most `settle` seconds) for the NAS's Accounting-Stop of the sessions it ended, so that
-        the read-back sees them closed; past that the read-back says so and the command is retried."""
-        deadline = asyncio.get_running_loop().time() + opts.settle
-        while await store.still_open(radacct_ids, opts.timeout):
-            if asyncio.get_running_loop().time() >= deadline:
-                return
+    async def _settle(self, store: PolicyStore, opts: p.Options, radacct_ids: list[int], deadline: float) -> None:
+        """Wait (at most `settle` seconds, and within the operation's timeout) for the NAS's Accounting-Stop
+        of the sessions it ended, so that the read-back sees them closed; past that the read-back says so
+        and the command is retried (the NAS then answers 503 and the driver closes the stale rows)."""
+        loop = asyncio.get_running_loop()
+        end = min(loop.time() + opts.settle, deadline - SETTLE_POLL)
+        while loop.time() < end and await store.still_open(radacct_ids, opts.timeout):
             await asyncio.sleep(SETTLE_POLL)
 
     # -- set-up --------------------------------------------------------------------------

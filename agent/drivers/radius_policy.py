@@ -124,8 +124,9 @@ class PolicyStore:
             return NoAnswerError(f"{what}: no answer within {timeout:g}s")
         if isinstance(exc, OSError):
             return UnreachableError(f"{what}: cannot connect: {clean(exc.strerror or exc, 200)}")
-        if isinstance(exc, ValueError | asyncpg.InterfaceError) and state is None:
-            return ConfigError(f"{what}: the DSN cannot be used: {type(exc).__name__}")
+        if isinstance(exc, ValueError):  # the DSN does not parse (its text, which may hold a password, is not shown)
+            return ConfigError(f"{what}: the DSN cannot be used ({type(exc).__name__}): it must be a PostgreSQL "
+                               f"DSN, postgresql://user:password@host:port/database")
         return TransientError(f"{what}: {type(exc).__name__}: {clean(exc, 200)}")
 
 

@@ -3,7 +3,7 @@
 Service keys: `if:<ifName or ifDescr>` (resolved to an ifIndex by walking ifName and ifDescr; the
 mapping is cached per device, checked against the interface's name on every use and walked again
 when it no longer fits) and `ifindex:<n>`. on = ifAdminStatus up(1), off = down(2).
-Options: version (2c | 3), timeout (seconds for a whole operation, retries included), retries;
+Options: version (1 | 2c | 3), timeout (seconds for a whole operation, retries included), retries;
 for v3 user, auth_protocol, priv_protocol. The credential is the write community (v2c) or
 {"auth_key", "priv_key"} (v3). Errors are mapped once, in snmp_proto.raise_for.
 """
@@ -50,9 +50,14 @@ def plain(value: Any) -> p.Value:
     return p.Unexpected(type(value).__name__)
 
 
-async def _bulk(*args: Any, **options: Any) -> Any:
-    """GETBULK of the varbinds in args[4:], 25 rows at a time (no non-repeaters)."""
-    return await hl.bulk_cmd(*args[:4], 0, 25, *args[4:], **options)
+MAX_REPETITIONS = 25  # rows asked for by one GETBULK; halved on every tooBig answer
+
+
+def _bulk(repetitions: int) -> Any:
+    """GETBULK of the varbinds in args[4:], `repetitions` rows at a time (no non-repeaters)."""
+    async def command(*args: Any, **options: Any) -> Any:
+        return await hl.bulk_cmd(*args[:4], 0, repetitions, *args[4:], **options)
+    return command
 
 
 def oid_of(name: Any) -> p.Oid:
@@ -75,11 +80,27 @@ class Session:
                          f"{label}: SET {p.dotted(oid)}={value}")
 
     async def column(self, base: p.Oid) -> dict[int, str]:
-        """Walk one table column with GETBULK; ifIndex -> text."""
+        """Walk one table column with GETBULK (GETNEXT in SNMPv1, which has no GETBULK); ifIndex -> text.
+        A tooBig answer halves the rows asked for, down to one, instead of asking the same again."""
         rows: dict[int, str] = {}
         at: p.Oid | None = base
+        repetitions = MAX_REPETITIONS
         while at is not None:
-            reply = await self._call(_bulk, [self._vb(at)], f"GETBULK {p.dotted(base)}")
+            try:
+                if self.opts.version == "1":
+                    reply = await self._call(hl.next_cmd, [self._vb(at)], f"GETNEXT {p.dotted(base)}")
+                else:
+                    reply = await self._call(_bulk(repetitions), [self._vb(at)],
+                                             f"GETBULK {p.dotted(base)} x{repetitions}")
+            except p.TooBig:
+                if repetitions == 1 or self.opts.version == "1":
+                    raise
+                repetitions //= 2
+                continue
+            except p.MissingInterface:
+                if self.opts.version == "1":  # v1 says noSuchName at the end of the MIB view
+                    break
+                raise
             page, at = p.column_rows(base, [(oid_of(vb[0]), plain(vb[1])) for vb in reply])
             rows.update(page)
             if len(rows) > p.MAX_ROWS:
@@ -212,8 +233,9 @@ class SnmpDriver:
         secret = self._context.credentials.get_json(device.credential)
         digest = hashlib.sha256(json.dumps([device.address, device.options, secret], sort_keys=True,
                                            default=str).encode()).hexdigest()
-        if opts.version == "2c":
-            return hl.CommunityData(p.community(secret, device.credential), mpModel=1), digest
+        if opts.version in ("1", "2c"):
+            return hl.CommunityData(p.community(secret, device.credential),
+                                    mpModel=0 if opts.version == "1" else 1), digest
         auth_key, priv_key = p.v3_keys(secret, device.credential, opts.priv_protocol)
         return hl.UsmUserData(opts.user, auth_key, priv_key, authProtocol=AUTH[opts.auth_protocol],
                               privProtocol=PRIV[opts.priv_protocol]), digest

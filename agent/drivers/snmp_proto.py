@@ -29,10 +29,10 @@ AUTH_PROTOCOLS = ("md5", "sha", "sha224", "sha256", "sha384", "sha512")
 # aes192/aes256 are the Blumenthal key extension (net-snmp's AES-192/AES-256); the -c forms are the
 # Reeder ("Cisco") extension that many switches use under the same name.
 PRIV_PROTOCOLS = ("des", "3des", "aes", "aes128", "aes192", "aes256", "aes192c", "aes256c", "none")
-VERSIONS = ("2c", "3")
+VERSIONS = ("1", "2c", "3")
 
 # SNMP PDU error-status names (RFC 3416) by what the caller must do.
-CONFIG_STATUSES = {"noAccess", "notWritable", "authorizationError", "readOnly"}
+CONFIG_STATUSES = {"noAccess", "authorizationError", "readOnly"}
 MISSING_STATUSES = {"noSuchName", "noCreation", "inconsistentName"}
 TRANSIENT_STATUSES = {"tooBig", "genErr", "resourceUnavailable", "commitFailed", "undoFailed"}
 # Report PDUs / USM failures: the v3 user, its keys or its protocols are wrong.
@@ -129,10 +129,10 @@ def parse_options(options: dict[str, object], default_timeout: float) -> Options
     """Check and normalise the device's options; ConfigError names the bad one."""
     version = str(options.get("version", "2c"))
     if version not in VERSIONS:
-        raise ConfigError(f"snmp: version must be 2c or 3, not {clean(version, 20)!r}")
+        raise ConfigError(f"snmp: version must be 1, 2c or 3, not {clean(version, 20)!r}")
     timeout = _number(options.get("timeout", default_timeout), "timeout", float)
     retries = int(_number(options.get("retries", 1), "retries", int, allow_zero=True))
-    if version == "2c":
+    if version in ("1", "2c"):
         return Options(version, timeout, retries)
     user = options.get("user")
     if not isinstance(user, str) or not user or len(user) > 32:
@@ -260,9 +260,14 @@ def raise_for(indication: str | None, status: str | None, what: str, credential:
         raise TransientError(f"{what}: {clean(indication, 80)}")
     if not status or status == "noError":
         return
+    if status == "notWritable":  # the agent lets no one write it: not a question of the credential
+        raise PermanentError(f"{what}: notWritable: this device does not let ifAdminStatus of this interface be "
+                             f"written (some switches keep it read-only, or only for some ports)")
     if status in CONFIG_STATUSES:
-        access = "write community" if version == "2c" else "v3 user"
+        access = "v3 user" if version == "3" else "write community"
         raise ConfigError(f"{what}: {status}: the {access} in {cred} may not do this (read-only?)")
+    if status == "tooBig":
+        raise TooBig(f"{what}: the device answered tooBig (the reply would not fit in one message)")
     if status in MISSING_STATUSES:
         raise MissingInterface(f"{what}: no such interface ({status})")
     if status in TRANSIENT_STATUSES:
@@ -270,8 +275,12 @@ def raise_for(indication: str | None, status: str | None, what: str, credential:
     raise PermanentError(f"{what}: the device refused the request ({clean(status, 40)})")
 
 
+class TooBig(TransientError):
+    """The reply would be larger than the agent can send: ask for less."""
+
+
 def timed_out(what: str, timeout: float, version: str) -> str:
-    hint = " (an SNMPv2c agent also stays silent when the community is wrong)" if version == "2c" else ""
+    hint = f" (an SNMPv{version} agent also stays silent when the community is wrong)" if version != "3" else ""
     return f"{what}: no answer within {timeout:g}s{hint}"
 
 

@@ -158,12 +158,12 @@ class SshDriver:
 
     async def _connect(self, device: Device, opts: p.Options) -> asyncssh.SSHClientConnection:
         where = f"{device.id}: {opts.host}:{opts.port}"
+        auth = self._auth(device)
         try:
             return await asyncssh.connect(
                 opts.host, opts.port, username=opts.username, known_hosts=_trusted_keys(device, opts),
                 config=None, agent_path=None, gss_host=None, host_based_auth=False, x509_trusted_certs=None,
-                keepalive_interval=KEEPALIVE_SECONDS, keepalive_count_max=3,
-                **self._auth(device))
+                keepalive_interval=KEEPALIVE_SECONDS, keepalive_count_max=3, **auth)
         except asyncssh.HostKeyNotVerifiable:
             raise ConfigError(f"{where}: the host key does not match {_key_source(opts)}: refused (if the device "
                               f"was reinstalled, check its new key out of band and update the option)") from None
@@ -172,7 +172,8 @@ class SshDriver:
                               f"than the one in {_key_source(opts)} is one cause") from None
         except asyncssh.PermissionDenied:
             raise ConfigError(f"{where}: user {opts.username!r} was refused with credential "
-                              f"{device.credential!r}: fix that credential or the device's authorised keys") from None
+                              f"{device.credential!r}: fix that credential or the device's authorised keys"
+                              f"{p.refused_hint(opts, auth['password'] is not None)}") from None
         except asyncssh.DisconnectError as exc:
             raise TransientError(f"{where}: {type(exc).__name__}: {clean(exc.reason, 200)}") from None
         except TimeoutError:

@@ -28,20 +28,27 @@ _ROS_MISSING = (':if ([:len [/ppp secret find name={service}]] = 0) do={:error (
 
 PRESETS: dict[str, dict[str, Any]] = {
     # `systemctl is-active` answers "inactive" (3) for a unit that does not exist: check LoadState first.
+    # on = enabled and started, off = stopped and disabled: a suspended unit does not come back at reboot.
     "systemd": {
-        "on_command": "systemctl start -- {service}",
-        "off_command": "systemctl stop -- {service}",
+        "on_command": "systemctl enable --now -- {service}",
+        "off_command": "systemctl disable --now -- {service}",
         "status_command": 'state=$(systemctl show --property=LoadState --value -- {service}); '
                           '[ "$state" = loaded ] || { echo "unit "{service}" is not loaded: LoadState=$state" >&2; '
                           'exit 4; }; systemctl is-active -- {service}',
         "probe_command": "true",
     },
-    # on = enabled at boot and running now; off = disabled and stopped. procd init scripts only.
+    # on = enabled at boot and running now; off = disabled and stopped. Running is what procd says
+    # (`ubus call service list`: an instance with "running": true), not `/etc/init.d/X running`, which
+    # answers 0 for everything on 19.07 and older. A service without procd instances (the firewall only
+    # loads rules) is listed in no_instance_services: for it, on = enabled.
     "openwrt": {
         "on_command": _SCRIPT_MISSING + "/etc/init.d/{service} enable && /etc/init.d/{service} start",
         "off_command": _SCRIPT_MISSING + "/etc/init.d/{service} disable; /etc/init.d/{service} stop",
-        "status_command": _SCRIPT_MISSING + "/etc/init.d/{service} enabled && /etc/init.d/{service} running "
+        "status_command": _SCRIPT_MISSING + "/etc/init.d/{service} enabled || exit 3; n={service}; "
+                                            "ubus call service list \"{\\\"name\\\":\\\"$n\\\"}\" "
+                                            "| jsonfilter -e '@[*].instances[*].running' | grep -qx true "
                                             "&& exit 0; exit 3",
+        "enabled_status_command": _SCRIPT_MISSING + "/etc/init.d/{service} enabled && exit 0; exit 3",
         "probe_command": "true",
     },
     # on = the PPP secret enabled; off = disabled and its live session removed (disabling alone keeps it).
@@ -80,6 +87,8 @@ class Options:
     max_output_bytes: int = MAX_OUTPUT_BYTES
     known_hosts: str | None = None
     host_keys: tuple[str, ...] = ()
+    no_instance_services: frozenset[str] = frozenset()  # read with enabled_status_command instead
+    enabled_status_command: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,11 +121,13 @@ def parse_address(address: str | None) -> tuple[str, int]:
 
 
 def _regex(options: dict[str, Any], name: str) -> re.Pattern[str] | None:
+    """A pattern option; on_pattern, off_pattern and fail_pattern match per line (`^` and `$` at every
+    line, as if written with (?m)): a device may print a banner or a blank line first."""
     value = options.get(name)
     if value is None:
         return None
     try:
-        return re.compile(str(value))
+        return re.compile(str(value), re.MULTILINE if name != "service_pattern" else 0)
     except re.error as exc:
         raise ConfigError(f"ssh: {name} is not a valid regular expression: {exc}") from None
 
@@ -160,12 +171,19 @@ def parse_options(options: dict[str, Any], address: str | None, default_timeout:
     probe = o.get("probe_command")
     if probe is not None and not isinstance(probe, str):
         raise ConfigError("ssh: probe_command must be a command")
+    marked = o.get("no_instance_services", [])
+    if not isinstance(marked, list) or not all(isinstance(m, str) and m for m in marked):
+        raise ConfigError("ssh: no_instance_services must be a list of service keys")
+    enabled_status = o.get("enabled_status_command")
+    if marked and (not isinstance(enabled_status, str) or not enabled_status.strip()):
+        raise ConfigError("ssh: no_instance_services needs enabled_status_command (the openwrt preset has one)")
     return Options(host=host, port=port, username=o["username"], timeout=timeout, quote=o.get("quote", "posix"),
                    service_pattern=_regex(o, "service_pattern") or re.compile(DEFAULT_SERVICE_PATTERN),
                    status_on_exit=on_exit, status_off_exit=off_exit, on_pattern=on_pattern, off_pattern=off_pattern,
                    fail_pattern=_regex(o, "fail_pattern"), probe_command=probe or None,
                    max_output_bytes=_int(o, "max_output_bytes", MAX_OUTPUT_BYTES, 1),
-                   known_hosts=known_hosts, host_keys=host_keys, **commands)
+                   known_hosts=known_hosts, host_keys=host_keys, no_instance_services=frozenset(marked),
+                   enabled_status_command=enabled_status if marked else None, **commands)
 
 
 def _host_keys(o: dict[str, Any]) -> tuple[str | None, tuple[str, ...]]:
@@ -206,12 +224,15 @@ def command_for(opts: Options, service: str, state: State | None) -> str:
     """The command that puts `service` into `state`, or reads it (state None)."""
     check_service(opts, service)
     template = {"on": opts.on_command, "off": opts.off_command, None: opts.status_command}[state]
+    if state is None and service in opts.no_instance_services and opts.enabled_status_command:
+        template = opts.enabled_status_command
     return render(template, service, opts.quote)
 
 
 def state_of(opts: Options, result: Result, what: str) -> State:
     """The state a status command reported; anything else is an error quoting what the device said."""
-    if result.exit_status is None or result.exit_status < 0:
+    no_status = result.exit_status is None or result.exit_status < 0
+    if no_status and (opts.on_pattern is None or not result.stdout.strip()):
         raise TransientError(f"{what}: the status command ended without an exit status (connection lost "
                              f"or killed by a signal)")
     if result.truncated:
@@ -223,6 +244,8 @@ def state_of(opts: Options, result: Result, what: str) -> State:
         if on != off:
             return "on" if on else "off"
         why = "both on_pattern and off_pattern" if on else "neither on_pattern nor off_pattern"
+        if no_status:  # RouterOS may send no exit status: only the output can tell, and it did not
+            raise TransientError(f"{what}: no exit status and the output matches {why}: {result.said()}")
         raise PermanentError(f"{what}: status output matches {why} (exit {result.exit_status}): {result.said()}")
     if result.exit_status == opts.status_on_exit:
         return "on"
@@ -235,6 +258,13 @@ def state_of(opts: Options, result: Result, what: str) -> State:
 def check_applied(opts: Options, result: Result, what: str) -> None:
     """Raise unless the on/off command succeeded: exit 0, and nothing matching fail_pattern."""
     status = result.exit_status
+    if (status is None or status < 0) and opts.fail_pattern is not None:
+        # RouterOS may close the channel without an exit status: its output says whether it failed, and
+        # the executor's read-back says whether it worked
+        text = (result.stdout + b"\n" + result.stderr).decode(errors="replace")
+        if opts.fail_pattern.search(text):
+            raise PermanentError(f"{what}: the device reported a failure: {clean(text.strip(), 200)}")
+        return
     if status is None or status < 0 or status in TRANSIENT_EXITS:
         ended = "without an exit status" if status is None or status < 0 else f"with exit {status}"
         raise TransientError(f"{what}: the command ended {ended}: {result.said()}")
@@ -244,6 +274,15 @@ def check_applied(opts: Options, result: Result, what: str) -> None:
         text = (result.stdout + b"\n" + result.stderr).decode(errors="replace")
         if opts.fail_pattern.search(text):
             raise PermanentError(f"{what}: the device reported a failure: {clean(text.strip(), 200)}")
+
+
+def refused_hint(opts: Options, password: bool) -> str:
+    """Why a RouterOS console may refuse a right password: once a user has an SSH public key imported,
+    RouterOS takes only that key (unless always-allow-password-login is set)."""
+    if not password or opts.quote != "routeros":
+        return ""
+    return ("; RouterOS refuses the password of a user who has an SSH public key imported (`/user ssh-keys print`): "
+            "use that key's private key as the credential, or `/ip ssh set always-allow-password-login=yes`")
 
 
 def is_private_key(secret: str) -> bool:

@@ -29,6 +29,7 @@ from agent.reconcile.worker import SyncWork, unknown_device
 from agent.settings import Settings
 
 log = logging.getLogger("agent.consumer")
+MIN_REREAD = 0.05  # seconds: the soonest a look at the queue is repeated for a visible message
 
 
 class Consumer:
@@ -170,14 +171,17 @@ class Consumer:
             await self._dispatch(rows, read_at)
 
     async def _wake_when_next_visible(self) -> None:
-        """Delayed sends and expired leases get no notification: wake when the next one is due."""
+        """Delayed sends, retries and expired leases get no notification: wake when the next one is
+        due, or at once for one that became visible since the last read."""
         try:
             async with self._pool.acquire() as conn:
                 wait = await conn.fetchval(self._q.next_visible, list(self.inflight))
         except DB_ERRORS:
             return
         if wait is not None and wait.total_seconds() < self._s.poll_interval:
-            self.wake_later(max(0.0, wait.total_seconds()) + 0.01, "delayed")
+            # one already visible is read at once; the floor keeps a message another reader holds
+            # locked (pgmq.read skips it) from making a busy loop
+            self.wake_later(max(MIN_REREAD, wait.total_seconds() + 0.01), "delayed")
 
     async def _dispatch(self, rows: list[asyncpg.Record], read_at: float) -> None:
         parsed = []

@@ -43,6 +43,7 @@ from agent.executor.policy import ParkPolicy, RetryPolicy
 from agent.executor.reports import Delivery, EventRow, Outcome, StateUpdate
 from agent.reconcile.judge import Finding, needs_repair, summary
 from agent.reconcile.request import SyncRequest
+from agent.text import clean
 
 log = logging.getLogger("agent.reconcile")
 INLINE_DELAY_CAP = 5.0
@@ -126,7 +127,9 @@ class SyncWorker:
             if skip := self._skip(w, p.why):
                 log.info("reconcile of %s not checked: %s", dev.id, skip, extra=_fields(w, "reconcile_not_checked"))
                 return unknown_device(d, req, f"not checked: {skip}", skipped=skip)
-            delay = self._parking.delay(d.bounces)
+            # back when the wait is over at the latest, to be reported then (not a whole backoff later)
+            left = self.tuning.unreachable_wait - waited(d, time.time())
+            delay = min(self._parking.delay(d.bounces), max(0.5, left))
             log.debug("reconcile parked for up to %.0fs: %s", delay, p.why, extra=_fields(w, "parked"))
             new = parklog.record(parklog.last_parked(d.headers), p.why)  # one event per reason, not per park
             return Outcome(d, "park", [self._event(w, "parked", None, error=p.why)] if new else [],
@@ -148,11 +151,31 @@ class SyncWorker:
                         extra=_fields(w, "retried"))
             return Outcome(d, "retry", [self._event(w, "retried", None, error=str(exc))], retry_delay=delay,
                            reconcile=True)
+        events += await self._policy_problems(w, driver, [r["service"] for r in rows])
         result = summary(findings)
         log.debug("reconciled %s: %d checked, %d drifted, %d repaired, %d unreadable", dev.id, result["checked"],
                  result["drifted"], result["repaired"], result["unreadable"], extra=_fields(w, "reconciled"))
         return Outcome(d, "archive", events, sync={"run": req.run, "device": dev.id, **result}, extra_states=states,
                        reconcile=True)
+
+    async def _policy_problems(self, w: SyncWork, driver: Driver, services: list[str]) -> list[EventRow]:
+        """A `policy_missing` event for each way the device's suspension policy blocks nobody (an
+        address list no enabled firewall rule uses, ...), where the driver can tell. A check that
+        fails is logged and left for the next run: it never fails the reconcile."""
+        check = getattr(driver, "check_policy", None)
+        if check is None or w.request.service is not None or not self._may_operate(w.device):
+            return []  # (a run for one service checks that service only)
+        _, timeout = self._policy()
+        try:
+            async with asyncio.timeout(timeout):
+                problems: list[str] = await check(w.device, services)
+        except (AgentError, TimeoutError) as exc:
+            log.warning("suspension policy of %s not checked: %s", w.device.id, exc,
+                        extra=_fields(w, "policy_unchecked"))
+            return []
+        for problem in problems:
+            log.warning("%s: %s", w.device.id, clean(problem, 500), extra=_fields(w, "policy_missing"))
+        return [self._event(w, "policy_missing", None, error=clean(problem, 1000)) for problem in problems]
 
     def _skip(self, w: SyncWork, why: str) -> str | None:
         """Whether a reconcile the gate keeps from its device stops waiting (and why), or is parked."""
@@ -277,11 +300,16 @@ class SyncWorker:
                         meta={"run": w.request.run, "dry_run": w.request.dry_run}, **kw)
 
 
+def waited(d: Delivery, now: float) -> float:
+    """Seconds since the message was fed, by the database's clock (as enqueued_at is); `now` is ours."""
+    return now + d.skew - d.enqueued_at.timestamp()
+
+
 def wait_over(d: Delivery, why: str, bound: float, now: float) -> str | None:
-    """Pure: once a reconcile message has waited `bound` seconds since it was fed (the database's
-    clock, as enqueued_at is), the reason it is not checked; before that None (it is parked)."""
-    waited = now + d.skew - d.enqueued_at.timestamp()
-    return f"unreachable for {waited:.0f}s: {why}" if waited >= bound else None
+    """Pure: once a reconcile message has waited `bound` seconds since it was fed, the reason it is
+    not checked; before that None (it is parked)."""
+    seconds = waited(d, now)
+    return f"unreachable for {seconds:.0f}s: {why}" if seconds >= bound else None
 
 
 def unknown_device(d: Delivery, req: SyncRequest, why: str, skipped: str | None = None) -> Outcome:

@@ -114,7 +114,12 @@ async def test_agentctl_inventory_round_trip(db, dsn, tmp_path):
     bad = agentctl(dsn, "device", "add", "r4", "--driver", "sim", "--option", "failure_rate=7", check=False)
     assert bad.returncode == 2 and "failure_rate" in bad.stderr
     bad = agentctl(dsn, "enqueue", "ghost", "wifi", "on", check=False)
-    assert bad.returncode == 4 and "unknown device 'ghost'" in bad.stderr  # not found
+    assert bad.returncode == 4, bad.stderr  # not found, as for every command
+    assert "agentctl: unknown device 'ghost': add it first (agentctl device add)" in bad.stderr
+    bad = agentctl(dsn, "enqueue", "r2", "wifi", "maybe", check=False)
+    assert bad.returncode == 2 and "invalid choice: 'maybe'" in bad.stderr
+    bad = agentctl(dsn, "enqueue", "r2", "wifi", "on", "--request-id", "", check=False)
+    assert bad.returncode == 2 and "agentctl: request_id must be 1 to 200 characters" in bad.stderr
 
 
 async def test_agentctl_dlq_list_and_replay(db, dsn):
@@ -287,3 +292,4 @@ async def test_a_second_agentd_with_a_live_agent_id_exits_2_and_a_restart_of_a_d
     code, out = finish(spawn_agentd(dsn, "--once", agent_id="gw1"))
     assert code == 0, out
     assert json.loads(device_file.read_text()) == {"wifi": "off"}
+    assert await db.fetchval("SELECT state FROM agent.agents WHERE agent_id = 'gw1'") == "stopped"  # id free again

@@ -159,6 +159,8 @@ async def test_a_paused_device_holds_up_no_scheduled_run_and_the_others_drift_is
         "WHERE d.device = 'r1' AND d.skipped IS NOT NULL AND r.finished_at IS NOT NULL ORDER BY r.id LIMIT 1"),
         timeout=30, what="a scheduled run finished with the paused device reported not checked")
     assert skipped["skipped"] == "paused: firmware upgrade"
+    shown = await asyncio.to_thread(agentctl, dsn, "sync", "--show", str(skipped["id"]), check=False)
+    assert shown.returncode == 1 and "  r1: not checked: paused: firmware upgrade" in shown.stdout.splitlines()
 
     edit_device(tmp_path, "r2", wifi="off")  # drift on the healthy device, after the paused one was met
     await until(lambda: read_device(tmp_path, "r2") == {"wifi": "on"}, timeout=30,

@@ -64,3 +64,36 @@ async def test_a_busy_http_port_is_a_configuration_error_naming_the_setting(dsn)
     assert proc.returncode == 2, out
     assert f"cannot listen on AGENT_HTTP_LISTEN 127.0.0.1:{port}: the port is in use" in out
     assert "database" not in out and "Traceback" not in out
+
+
+async def test_a_device_timeout_raised_by_sighup_reaches_the_drivers(db, dsn, tmp_path):
+    """AGENT_DEVICE_TIMEOUT is live: after SIGHUP the driver's own transport timeout is the new one,
+    not the one it was built with (a device slower than the old timeout then succeeds)."""
+    import signal
+
+    from tests.support.agents import agentctl
+    from tests.support.httpdevice import HttpDevice
+
+    box = await HttpDevice().start()
+    box.secrets, box.delay = {"alice": "true"}, 1.5  # every request answered after 1.5 s
+    config = tmp_path / "agent.toml"
+    config.write_text("device_timeout = 0.5\n")
+    try:
+        agentctl(dsn, "device", "add", "router-1", "--driver", "http", "--address", f"127.0.0.1:{box.port}",
+                 "--option", "read_path=/rest/ppp/secret/{service}", "--option", "set_method=PATCH",
+                 "--option", "state_pointer=/disabled", "--option", 'on_value="false"',
+                 "--option", 'off_value="true"', "--option", 'set_body={"disabled": "{value}"}')
+        proc = spawn_agentd(dsn, "--config", str(config), max_attempts=1000, retry_base=0.2, retry_max=0.5)
+        agentctl(dsn, "enqueue", "router-1", "alice", "on", "--request-id", "slow-1")
+        await until(lambda: _kinds(db, "slow-1", "retried"), timeout=30, what="a try given up at the 0.5 s timeout")
+        config.write_text("device_timeout = 5\n")
+        proc.send_signal(signal.SIGHUP)
+        await until(lambda: _kinds(db, "slow-1", "verified"), timeout=60, what="the command verified after SIGHUP")
+        assert box.secrets == {"alice": "false"}
+    finally:
+        await box.stop()
+
+
+async def _kinds(db, request_id: str, kind: str) -> bool:
+    return await db.fetchval("SELECT count(*) > 0 FROM agent.events WHERE request_id = $1 AND kind = $2",
+                             request_id, kind)

@@ -6,6 +6,9 @@ driver named in $AGENT_CONTRACT_TARGETS. Each driver's target module (see target
     separated), where spec is a dotted module name or the path of a .py file; otherwise
   - tests.drivers.target_<name>, when that module exists.
 A driver without a target module is skipped with a reason that names the module to write.
+A driver reached in more than one way has a target module per way: tests.drivers.target_<name>_<way>
+(e.g. target_routeros_api, the routeros driver over the binary API) runs the suite once more, as
+"<name>_<way>", with a Target for driver <name>.
 Every check runs twice per driver: "direct" on loopback, and "wan" through a WAN-like link in front
 of the target's device (tests/drivers/link.py).
 """
@@ -44,7 +47,17 @@ def configured_targets(text: str) -> dict[str, str]:
 
 
 def driver_names() -> list[str]:
-    return sorted(set(available()) | set(configured_targets(os.environ.get(ENV, ""))))
+    """The targets to run: every driver, and every other way to one (target_<driver>_<way>.py)."""
+    drivers = set(available()) | set(configured_targets(os.environ.get(ENV, "")))
+    ways = {p.stem.removeprefix("target_") for p in Path(__file__).parent.glob("target_*_*.py")}
+    return sorted(drivers | {w for w in ways if driver_of(w, drivers) != w})
+
+
+def driver_of(name: str, drivers: set[str] | None = None) -> str:
+    """The driver a target name is for: itself, or the driver whose name it extends with `_<way>`."""
+    known = drivers if drivers is not None else set(available())
+    return name if name in known else next((d for d in sorted(known, key=len, reverse=True)
+                                            if name.startswith(d + "_")), name)
 
 
 def load_target_module(name: str) -> ModuleType | str:
@@ -75,7 +88,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture(scope="module")
 async def target(driver_name: str, link: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Target]:
-    if driver_name not in available():
+    driver = driver_of(driver_name)
+    if driver not in available():
         pytest.fail(f"driver {driver_name!r} is named in {ENV} but not installed in the entry-point "
                     f"group agent.drivers (pip install your plugin into this environment)")
     module = load_target_module(driver_name)
@@ -83,7 +97,7 @@ async def target(driver_name: str, link: str, tmp_path_factory: pytest.TempPathF
         pytest.skip(module)
     async with module.target(tmp_path_factory.mktemp(f"contract-{driver_name}")) as t:
         assert isinstance(t, Target), f"{module.__name__}.target() must yield a tests.drivers.target.Target"
-        assert t.driver == driver_name, f"{module.__name__} yields a target for {t.driver!r}, not {driver_name!r}"
+        assert t.driver == driver, f"{module.__name__} yields a target for {t.driver!r}, not {driver!r}"
         if link == "direct":
             yield t
         else:

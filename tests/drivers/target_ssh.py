@@ -18,13 +18,15 @@ from tests.support.slowserver import SlowServer, refusing_port
 from tests.support.sshd import Sshd, keypair, public_line, sshd_available
 
 
-def file_commands(state_dir: Path) -> dict[str, Any]:
-    """Options whose commands toggle `<state_dir>/<service>/on`; exit 4 names a missing service."""
+def file_commands(state_dir: Path, listing: Path | None = None) -> dict[str, Any]:
+    """Options whose commands toggle `<state_dir>/<service>/on`; exit 4 names a missing service. With a
+    `listing`, the status command prints it first, as a router's status commands print whole tables."""
     d = str(state_dir)
     exists = f'test -d {d}/{{service}} || {{ echo "no such service: "{{service}} >&2; exit 4; }}; '
+    show = f"cat {listing}; " if listing is not None else ""
     return {"on_command": exists + f"touch {d}/{{service}}/on",
             "off_command": exists + f"rm -f {d}/{{service}}/on",
-            "status_command": exists + f"test -e {d}/{{service}}/on",
+            "status_command": exists + show + f"test -e {d}/{{service}}/on",
             "status_off_exit": 1, "probe_command": "true"}
 
 
@@ -46,7 +48,10 @@ async def target(tmp_path: Path) -> AsyncIterator[Target]:
             (state / name / "on").touch()
     sshd = await asyncio.to_thread(Sshd(tmp_path / "sshd", [public_line(key)]).start)
     slow = await SlowServer().start()
-    options = {"username": "root", "host_key": sshd.host_key_line, "timeout": 5.0, **file_commands(state)}
+    listing = tmp_path / "listing"  # ~50 KB, under the driver's 64 KiB max_output_bytes: many segments on a WAN
+    listing.write_text("".join(f"{n:5d}: customer-{n:05d} pppoe 10.64.{n // 250}.{n % 250} up\n" for n in range(1200)))
+    options = {"username": "root", "host_key": sshd.host_key_line, "timeout": 5.0,
+               **file_commands(state, listing)}
 
     async def observe(service: str) -> str:
         return "on" if (state / service / "on").exists() else "off"

@@ -209,7 +209,12 @@ async def test_wrong_password_is_a_config_error_naming_the_credential(router: Ro
     (web.json_response({"error": 503, "message": "Service Unavailable"}, status=503), TransientError, "503"),
     (web.Response(status=301, headers={"Location": "https://evil.example/rest"}), PermanentError, "evil.example"),
     (web.json_response([{"name": "x" * 4000}]), PermanentError, "max_reply_bytes"),
-    (web.Response(text="<html>login</html>"), PermanentError, "not JSON"),
+    (web.Response(text="garbage, not JSON"), PermanentError, "not JSON"),
+    # RouterOS v6 (no /rest): WebFig answers with its HTML page, or a 404 page
+    (web.Response(text="<!DOCTYPE html><html><title>RouterOS router configuration page</title>",
+                  content_type="text/html"), ConfigError, r"no REST API \(RouterOS v6\?\): use api://127.0.0.1"),
+    (web.Response(status=404, text="<html>Not Found</html>", content_type="text/html"), ConfigError,
+     "no REST API"),
 ])
 async def test_bad_answers_map_once(router: RouterOsFake, cert: Cert, driver: RouterOsDriver,
                                     canned: web.Response, kind: type, match: str) -> None:
@@ -217,6 +222,33 @@ async def test_bad_answers_map_once(router: RouterOsFake, cert: Cert, driver: Ro
     with pytest.raises(kind, match=match):
         await driver.read(pinned(router, cert, max_reply_bytes=2048), "ppp/secret/alice")
     assert len(router.requests) == 1, "a redirect is not followed"
+
+
+async def test_control_bytes_and_other_encodings_in_a_reply_are_read_not_refused(router: RouterOsFake, cert: Cert,
+                                                                                 driver: RouterOsDriver) -> None:
+    # RouterOS puts a comment's raw bytes into its JSON: control characters unescaped, Latin-1 as it was typed
+    raw = b'[{".id":"*1","name":"alice","disabled":"true","comment":"caf\xe9 \x01\x1b[2J\tcust"}]'
+    router.inject.append(("POST", web.Response(body=raw, content_type="application/json")))
+    assert await driver.read(pinned(router, cert), "ppp/secret/alice") == "off"
+
+
+async def test_a_read_whose_connection_closes_unanswered_is_sent_again_and_a_write_is_not(
+        router: RouterOsFake, cert: Cert, driver: RouterOsDriver, monkeypatch: pytest.MonkeyPatch) -> None:
+    router.add("ppp/secret", name="alice")
+    router.drop = 1  # RouterOS closes a kept-alive connection as it is reused
+    assert await driver.read(pinned(router, cert), "ppp/secret/alice") == "on"
+    assert [p for _, p, _ in router.requests].count("/rest/ppp/secret/print") == 2
+    dispatch = router._dispatch
+
+    def drop_after_reading(method: str, tail: str, body: Any, request: web.Request) -> web.StreamResponse:
+        if tail == "ppp/active/print":
+            router.drop = 1  # the request after the reads, the PATCH, goes unanswered
+        return dispatch(method, tail, body, request)
+
+    monkeypatch.setattr(router, "_dispatch", drop_after_reading)
+    with pytest.raises(TransientError):
+        await driver.apply(pinned(router, cert), "ppp/secret/alice", "off")
+    assert [m for m, _, _ in router.requests].count("PATCH") == 1, "a write is not sent twice"
 
 
 async def test_fake_evaluates_the_documented_query_stack(router: RouterOsFake) -> None:

@@ -78,6 +78,10 @@ async def test_v2c_write_community_turns_a_port_off_and_on(driver: SnmpDriver, s
     await toggles(driver, snmpd, v2c(snmpd), "if:swp1", "swp1")
 
 
+async def test_v1_for_old_cpes_turns_a_port_off_and_on(driver: SnmpDriver, snmpd: Snmpd) -> None:
+    await toggles(driver, snmpd, v2c(snmpd, version="1"), "if:swp1", "swp1")  # the walk uses GETNEXT
+
+
 async def test_v3_authpriv_sha_aes_turns_a_port_off_and_on(driver: SnmpDriver, snmpd: Snmpd) -> None:
     await toggles(driver, snmpd, v3(snmpd), "if:swp2", "swp2")
 

@@ -29,35 +29,59 @@ from tests.support.wait import until
 pytestmark = pytest.mark.skipif(sshd_available() is not None, reason=str(sshd_available()))
 
 FAKE_SYSTEMCTL = """#!/bin/sh
-# systemctl as far as the systemd preset uses it: units are files in $UNITS, active ones in $ACTIVE
-UNITS=@UNITS@; ACTIVE=@ACTIVE@
+# systemctl as far as the systemd preset uses it: units are files in $UNITS, active ones in $ACTIVE,
+# enabled ones (started at boot) in $ENABLED
+UNITS=@UNITS@; ACTIVE=@ACTIVE@; ENABLED=@ENABLED@
 cmd=$1; shift
+now=; [ "$1" = --now ] && now=1 && shift
 [ "$1" = --property=LoadState ] && shift && shift  # show --property=LoadState --value
 [ "$1" = -- ] && shift
 unit=$1
 case $cmd in
   show) [ -e "$UNITS/$unit" ] && echo loaded || echo not-found ;;
   is-active) [ -e "$ACTIVE/$unit" ] && { echo active; exit 0; }; echo inactive; exit 3 ;;
-  start) [ -e "$UNITS/$unit" ] || { echo "Failed to start $unit: Unit $unit not found." >&2; exit 5; }
-         touch "$ACTIVE/$unit" ;;
-  stop) [ -e "$UNITS/$unit" ] || { echo "Failed to stop $unit: Unit $unit not loaded." >&2; exit 5; }
-        rm -f "$ACTIVE/$unit" ;;
+  enable) [ -e "$UNITS/$unit" ] || { echo "Failed to enable unit: Unit file $unit.service does not exist." >&2
+                                     exit 1; }
+          touch "$ENABLED/$unit"; [ -n "$now" ] && touch "$ACTIVE/$unit"; exit 0 ;;
+  disable) [ -e "$UNITS/$unit" ] || { echo "Failed to disable unit: Unit file $unit.service does not exist." >&2
+                                      exit 1; }
+           rm -f "$ENABLED/$unit"; [ -n "$now" ] && rm -f "$ACTIVE/$unit"; exit 0 ;;
   *) echo "fake systemctl: $cmd not supported" >&2; exit 1 ;;
 esac
 """
 
 FAKE_INIT_SCRIPT = """#!/bin/sh
-# an OpenWrt procd init script as far as the openwrt preset uses it; state files in $S
-S=@STATE@
+# an OpenWrt procd init script as far as the openwrt preset uses it; state files in $S. A service with
+# INSTANCE=1 runs a procd instance when started; the firewall (INSTANCE=0) only loads rules.
+S=@STATE@; INSTANCE=@INSTANCE@; name=$(basename "$0")
 case $1 in
-  enable) touch $S/enabled ;;
-  disable) rm -f $S/enabled ;;
-  enabled) [ -e $S/enabled ] ;;
-  start) touch $S/running ;;
-  stop) rm -f $S/running ;;
-  running) [ -e $S/running ] ;;
+  enable) touch $S/$name.enabled ;;
+  disable) rm -f $S/$name.enabled ;;
+  enabled) [ -e $S/$name.enabled ] ;;
+  start) [ $INSTANCE = 1 ] && touch $S/$name.running || touch $S/$name.loaded ;;
+  stop) rm -f $S/$name.running $S/$name.loaded ;;
+  running) exit 0 ;;  # what 19.07 and older answer for every service, whatever it does
   *) exit 1 ;;
 esac
+"""
+
+# ubus as far as `ubus call service list '{"name":"<svc>"}'` goes: procd's instances of the service
+FAKE_UBUS = """#!/usr/bin/env python3
+import json, os, sys
+name = json.loads(sys.argv[4])["name"]
+running = os.path.exists(os.path.join("@STATE@", name + ".running"))
+instances = {"instance1": {"running": True, "pid": 1234}} if running else {}
+print(json.dumps({name: {"instances": instances} if instances else {}}))
+"""
+
+# OpenWrt's jsonfilter, for the one expression the preset uses: @[*].instances[*].running
+FAKE_JSONFILTER = """#!/usr/bin/env python3
+import json, sys
+assert sys.argv[1:] == ["-e", "@[*].instances[*].running"], sys.argv
+for service in json.load(sys.stdin).values():
+    for instance in service.get("instances", {}).values():
+        if "running" in instance:
+            print(json.dumps(instance["running"]))
 """
 
 
@@ -277,44 +301,58 @@ async def test_close_ends_the_connection(box: Box) -> None:
 # -- presets -----------------------------------------------------------------------------
 
 async def test_systemd_preset_with_a_fake_systemctl(box: Box, tmp_path: Path) -> None:
-    units, active = tmp_path / "units", tmp_path / "active"
-    units.mkdir()
-    active.mkdir()
+    units, active, enabled = tmp_path / "units", tmp_path / "active", tmp_path / "enabled"
+    for d in (units, active, enabled):
+        d.mkdir()
     (units / "wifi").touch()
     script = box.bin / "systemctl"
-    script.write_text(FAKE_SYSTEMCTL.replace("@UNITS@", str(units)).replace("@ACTIVE@", str(active)))
+    script.write_text(FAKE_SYSTEMCTL.replace("@UNITS@", str(units)).replace("@ACTIVE@", str(active))
+                      .replace("@ENABLED@", str(enabled)))
     script.chmod(0o755)
     dev = Device("host", "ssh", box.sshd.address, credential="key",
                  options={"preset": "systemd", "username": "root", "host_key": box.sshd.host_key_line})
     await box.driver.probe(dev)
     assert await box.driver.read(dev, "wifi") == "off"
     await box.driver.apply(dev, "wifi", "on")
-    assert (active / "wifi").exists() and await box.driver.read(dev, "wifi") == "on"
+    assert (active / "wifi").exists() and (enabled / "wifi").exists() and await box.driver.read(dev, "wifi") == "on"
     await box.driver.apply(dev, "wifi", "off")
     assert not (active / "wifi").exists() and await box.driver.read(dev, "wifi") == "off"
+    assert not (enabled / "wifi").exists(), "a suspended unit must not start again at the next boot"
     with pytest.raises(PermanentError, match="not loaded: LoadState=not-found"):
         await box.driver.read(dev, "ghost")
-    with pytest.raises(PermanentError, match="exit 5: Failed to start ghost"):
+    with pytest.raises(PermanentError, match="exit 1: Failed to enable unit"):
         await box.driver.apply(dev, "ghost", "on")
 
 
 async def test_openwrt_preset_commands_in_a_real_shell(box: Box, tmp_path: Path) -> None:
-    """The preset's shell logic, run by sh on the host with /etc/init.d swapped for a test directory."""
-    init, state = tmp_path / "init.d", tmp_path / "wifi-state"
+    """The preset's shell logic, run by sh on the host with /etc/init.d swapped for a test directory
+    and ubus/jsonfilter standing in for procd's view of the services."""
+    init, state = tmp_path / "init.d", tmp_path / "svc-state"
     init.mkdir()
     state.mkdir()
-    (init / "wifi").write_text(FAKE_INIT_SCRIPT.replace("@STATE@", str(state)))
-    (init / "wifi").chmod(0o755)
-    commands = {k: v.replace("/etc/init.d", str(init)) for k, v in ssh_proto.PRESETS["openwrt"].items()}
+    for name, instance in (("wifi", "1"), ("firewall", "0")):
+        (init / name).write_text(FAKE_INIT_SCRIPT.replace("@STATE@", str(state)).replace("@INSTANCE@", instance))
+        (init / name).chmod(0o755)
+    for name, text in (("ubus", FAKE_UBUS.replace("@STATE@", str(state))), ("jsonfilter", FAKE_JSONFILTER)):
+        (box.bin / name).write_text(text)
+        (box.bin / name).chmod(0o755)
+    commands = {k: v.replace("/etc/init.d", str(init)) for k, v in ssh_proto.PRESETS["openwrt"].items()
+                if k.endswith("_command")}
     dev = Device("cpe", "ssh", box.sshd.address, credential="key",
-                 options={"username": "root", "host_key": box.sshd.host_key_line, **commands})
-    assert await box.driver.read(dev, "wifi") == "off"
+                 options={"username": "root", "host_key": box.sshd.host_key_line, **commands,
+                          "no_instance_services": ["firewall"]})
+    assert await box.driver.read(dev, "wifi") == "off"  # `running` would say 0 here: it is not asked
     await box.driver.apply(dev, "wifi", "on")
-    assert {p.name for p in state.iterdir()} == {"enabled", "running"}
+    assert {p.name for p in state.iterdir()} == {"wifi.enabled", "wifi.running"}
     assert await box.driver.read(dev, "wifi") == "on"
-    (state / "running").unlink()  # crashed: enabled but not running is not on
+    (state / "wifi.running").unlink()  # crashed: enabled but not running is not on
     assert await box.driver.read(dev, "wifi") == "off"
     await box.driver.apply(dev, "wifi", "off")
     assert not list(state.iterdir()) and await box.driver.read(dev, "wifi") == "off"
+    # the firewall has no procd instance: marked in no_instance_services, on = enabled
+    await box.driver.apply(dev, "firewall", "on")
+    assert await box.driver.read(dev, "firewall") == "on"
+    await box.driver.apply(dev, "firewall", "off")
+    assert await box.driver.read(dev, "firewall") == "off"
     with pytest.raises(PermanentError, match="no init script"):
         await box.driver.apply(dev, "ghost", "on")

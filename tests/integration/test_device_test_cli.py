@@ -61,7 +61,8 @@ async def test_without_service_nothing_is_read(db, dsn, creds):
     await add(db, Device("sim-2", "sim"))
     proc = await device_test(dsn, creds, "sim-2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "read" not in proc.stdout and "PASS  credential: none named" in proc.stdout
+    assert "PASS  read" not in proc.stdout and "PASS  credential: none named" in proc.stdout
+    assert "no service was read: add --service KEY" in proc.stdout
 
 
 async def test_http_device_answers_with_the_state_and_nothing_is_written(db, dsn, creds, box):
@@ -110,3 +111,49 @@ async def test_unknown_device_says_how_to_find_it(dsn, creds):
     proc = await device_test(dsn, creds, "nope")
     assert proc.returncode == 1
     assert "FAIL  inventory: no device 'nope'" in proc.stdout and "agentctl device list" in proc.stdout
+
+
+@pytest.mark.fake_backed
+async def test_a_routeros_list_no_firewall_rule_uses_fails_the_test_naming_it(db, dsn, creds):
+    from tests.support.routeros_api_fake import RouterOsApiFake
+    from tests.support.routeros_fake import RouterOsFake
+    router = RouterOsFake("agent", "pw-Mt-51c0")
+    router.version = "6.49.10 (long-term)"
+    api = await RouterOsApiFake(router).start()
+    try:
+        (creds / "mt-agent").write_text("pw-Mt-51c0\n")
+        await add(db, Device("mt-1", "routeros", api.address, options={"username": "agent"}, credential="mt-agent"))
+        await db.execute("INSERT INTO agent.service_state (device, service) VALUES ($1, $2)",
+                         "mt-1", "ip/firewall/address-list/blocked/10.0.0.7")
+        proc = await device_test(dsn, creds, "mt-1")
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "RouterOS 6.49.10 (long-term) over the API (api)" in proc.stdout
+        assert "FAIL  suspension policy: config: address list 'blocked' is used by no enabled" in proc.stdout
+        router.add("ip/firewall/filter", chain="forward", action="drop", src_address_list="blocked")
+        proc = await device_test(dsn, creds, "mt-1")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert not [c for c in api.commands if not c[0].endswith(("/print", "/login"))], "nothing is written"
+    finally:
+        await api.stop()
+
+
+@pytest.mark.fake_backed
+async def test_doctor_names_a_routeros_list_no_firewall_rule_uses(db, dsn, creds):
+    from tests.support.agents import agentctl as run_agentctl
+    from tests.support.routeros_api_fake import RouterOsApiFake
+    from tests.support.routeros_fake import RouterOsFake
+    router = RouterOsFake("agent", "pw-Mt-77a2")
+    api = await RouterOsApiFake(router).start()
+    try:
+        (creds / "mt-agent").write_text("pw-Mt-77a2\n")
+        await add(db, Device("mt-2", "routeros", api.address, credential="mt-agent",
+                             options={"username": "agent", "address_lists": ["suspended"]}))
+        await db.execute("INSERT INTO agent.service_state (device, service) VALUES ($1, $2)",
+                         "mt-2", "ip/firewall/address-list/blocked/10.0.0.7")
+        router.add("ip/firewall/filter", chain="forward", action="drop", src_address_list="blocked")
+        proc = await asyncio.to_thread(run_agentctl, dsn, "doctor", check=False, credentials_dir=creds)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        [line] = [ln for ln in proc.stdout.splitlines() if "suspension policy mt-2" in ln]
+        assert "address list 'suspended' is used by no enabled" in line and "'blocked'" not in line
+    finally:
+        await api.stop()

@@ -98,3 +98,25 @@ async def test_a_sites_agent_logged_in_as_its_sites_role_starts_scheduled_runs(d
             await until(lambda: db.fetchval("SELECT count(*) > 0 FROM agent.sync_runs WHERE kind = 'scheduled' AND "
                                             "checked = 1 AND finished_at IS NOT NULL"), timeout=20,
                         what="a scheduled run by the site's role")
+    who = await db.fetchval("SELECT requested_by FROM agent.sync_runs WHERE kind = 'scheduled' LIMIT 1")
+    assert who == f"{name} ({agent.settings.agent_id})"
+
+
+async def test_a_device_parked_in_a_run_holds_no_place_from_the_others(db, dsn):
+    """With one device of a run fed at a time, an unreachable one waiting for its tunnel does not
+    keep the next from being fed and checked."""
+    device = ScriptedDriver()
+    await setup(db, device)
+    await add_device(db, "r2", "scripted")
+    await db.execute("INSERT INTO agent.service_state (device, service, desired, observed) VALUES ('r2', 'wifi', "
+                     "'on', 'on')")
+    device.states[("r2", "wifi")] = "off"  # drifted
+    async with running_agent(dsn, device, vpn_check_interval=300, reconcile_unreachable_wait=600,
+                             reconcile_batch=1) as agent:
+        tunnel_down(agent)
+        await until(lambda: agent.leadership.leading, timeout=15, what="leader elected")
+        run = await db.fetchval("SELECT agent.request_sync('default')")  # r1 is fed first, and parks
+        await until(lambda: db.fetchval("SELECT state = 'done' FROM agent.sync_devices WHERE run = $1 AND "
+                                        "device = 'r2'", run), timeout=30, what="r2 checked while r1 waits")
+        assert await db.fetchval("SELECT state FROM agent.sync_devices WHERE run = $1 AND device = 'r1'", run) == "sent"
+    assert device.states[("r2", "wifi")] == "on"

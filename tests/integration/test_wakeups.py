@@ -128,3 +128,19 @@ async def test_insert_in_a_window_opened_while_the_last_windows_catch_up_was_pen
         assert await db.fetchval(opened) == second_opened, "the straggler must land inside window 2 (no notification)"
         await until(lambda: archived(db, straggler), timeout=10, what="the straggler read when window 2 closed")
         assert agent.consumer.wakeups["poll"] == 0
+
+
+async def test_a_retry_that_became_visible_between_the_read_and_the_look_ahead_is_read_at_once(db, dsn):
+    """Found by the WAN burst: a retried message whose lease ran out after the read and before the
+    consumer looked for the next one due was neither read nor waited for: it waited for the poll."""
+    await add_device(db, "r1")
+    async with running_agent(dsn, ScriptedDriver(), notify_throttle_ms=0) as agent:  # no catch-up reads
+        await until(lambda: agent.consumer.wakeups["connect"], what="first read after LISTEN")
+        msg = await send(db, {"device": "r1", "service": "wifi", "state": "on"}, delay=3600)
+        await until(lambda: agent.consumer.wakeups["notify"] and not agent.consumer.work_waits,
+                    what="the read its notification caused, done (the message was not visible yet)")
+        await db.execute("UPDATE pgmq.q_device_tasks SET vt = clock_timestamp() - interval '1 second' "
+                         "WHERE msg_id = $1", msg)  # visible now; nothing notifies that
+        await agent.consumer._wake_when_next_visible()  # the look ahead at the end of a read cycle
+        await until(lambda: archived(db, msg), timeout=5, what="read at once, not at the 60 s poll")
+        assert agent.consumer.wakeups["poll"] == 0

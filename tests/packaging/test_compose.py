@@ -85,8 +85,12 @@ class Stack:
         return json.loads(out.stdout) if out.returncode == 0 else {}
 
     def enqueue(self, service: str, state: str, request_id: str) -> None:
+        """As the producer login the stack makes (`webhook`, a member of agent_producer)."""
         sql = f"SELECT agent.enqueue('router-1', '{service}', '{state}', request_id => '{request_id}')"
-        self.exec("postgres", "psql", "-U", "agent", "-d", "agent", "-v", "ON_ERROR_STOP=1", "-tAc", sql)
+        self.exec("postgres", "psql", "-U", "webhook", "-d", "agent", "-v", "ON_ERROR_STOP=1", "-tAc", sql)
+
+    def sql(self, query: str) -> str:
+        return self.exec("postgres", "psql", "-U", "agent", "-d", "agent", "-tAc", query).stdout.strip()
 
 
 def wait_for(cond, timeout: float, what: str):  # type: ignore[no-untyped-def]
@@ -135,17 +139,22 @@ def _write_configs(tmp: Path) -> dict[str, str]:
         os.chmod(tmp / conf, 0o600)
     secrets_dir = tmp / "secrets"
     secrets_dir.mkdir(mode=0o700)
-    password = secrets.token_urlsafe(18)
-    _secret_file(secrets_dir / "postgres_password", password)
-    os.chmod(secrets_dir / "postgres_password", 0o644)  # read by the postgres entrypoint before it drops root
-    _secret_file(secrets_dir / "pgpass", f"postgres:5432:agent:agent:{password}\n", uid=10001)
-    _secret_file(secrets_dir / "router-1-admin", secrets.token_urlsafe(18) + "\n")
-    os.chmod(secrets_dir / "router-1-admin", 0o644)  # the site's device reads it as root, the agent as 10001
+    owner, agentd, webhook = (secrets.token_urlsafe(18) for _ in range(3))
+    for name, password in (("postgres_password", owner), ("agentd_password", agentd), ("webhook_password", webhook)):
+        _secret_file(secrets_dir / name, password)
+        os.chmod(secrets_dir / name, 0o644)  # read by the postgres entrypoint and its init scripts
+    _secret_file(secrets_dir / "owner_pgpass", f"postgres:5432:agent:agent:{owner}\n", uid=10001)
+    _secret_file(secrets_dir / "pgpass", f"postgres:5432:agent:agentd:{agentd}\n", uid=10001)
+    devices = secrets_dir / "devices"
+    devices.mkdir()
+    _secret_file(devices / "router-1-admin", secrets.token_urlsafe(18) + "\n")
+    os.chmod(devices / "router-1-admin", 0o644)  # the site's device reads it as root, the agent as 10001
     os.chmod(secrets_dir, 0o755)
     return {
         "WG_CONF": str(tmp / "gateway.conf"),
         "SITE_WG_CONF": str(tmp / "site.conf"),
         "SECRETS_DIR": str(secrets_dir),
+        "CREDENTIALS_DIR": str(devices),
     }
 
 
@@ -215,9 +224,12 @@ def test_migrate_runs_db_init_once_before_the_agent(stack: Stack) -> None:
 
 
 def test_command_from_psql_reaches_the_device_through_the_tunnel(stack: Stack) -> None:
-    stack.exec(
-        "agent",
-        "agentctl",
+    # as the database's owner, through the migrate service (the agent's own login may not change the inventory)
+    stack.compose(
+        "run",
+        "--rm",
+        "--no-deps",
+        "migrate",
         "device",
         "add",
         "router-1",
@@ -275,9 +287,19 @@ def test_recreating_wireguard_recreates_the_agent_which_recovers(stack: Stack) -
     wait_for(lambda: stack.device_state() == {"wifi": False}, 60, "the device switched off after recovery")
 
 
+def test_the_agent_logs_in_as_its_worker_role_not_as_a_superuser(stack: Stack) -> None:
+    wait_for(lambda: stack.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'agentd'") != "0",
+             60, "the agent connected")
+    logins = stack.sql("SELECT DISTINCT a.usename || ' ' || u.usesuper FROM pg_stat_activity a JOIN pg_user u "
+                       "ON u.usename = a.usename WHERE a.application_name = 'agentd'")
+    assert logins == "agentd false"
+    assert stack.sql("SELECT pg_has_role('agentd', 'agent_worker', 'member')") == "t"
+    assert stack.sql("SELECT pg_has_role('webhook', 'agent_producer', 'member')") == "t"
+
+
 def test_no_secret_in_the_image_or_container_config(stack: Stack) -> None:
     password = (Path(stack.env["SECRETS_DIR"]) / "postgres_password").read_text().strip()
-    token = (Path(stack.env["SECRETS_DIR"]) / "router-1-admin").read_text().strip()
+    token = (Path(stack.env["CREDENTIALS_DIR"]) / "router-1-admin").read_text().strip()
     for service in ("agent", "migrate", "wireguard", "postgres"):
         config = json.dumps(stack.podman.inspect(stack.container(service)))
         assert password not in config and token not in config, service
@@ -285,3 +307,19 @@ def test_no_secret_in_the_image_or_container_config(stack: Stack) -> None:
     assert password not in history and token not in history
     logs = stack.podman.run("logs", stack.container("agent")).stdout
     assert password not in logs and token not in logs
+
+
+def test_the_agent_is_created_and_ready_while_the_remote_site_is_down(stack: Stack) -> None:
+    """The wireguard service is healthy once its interface is up, handshake or not: with the far side
+    down at `up`, the agent is still created and parks the site's work until the tunnel answers."""
+    stack.exec("site", "ip", "link", "set", "wg0", "down")  # the far side stops answering (its name still resolves)
+    before = stack.podman.inspect(stack.container("agent"))["Id"]
+    stack.compose("up", "-d", "--force-recreate", "--no-deps", "wireguard")
+    stack.podman.wait_healthy(stack.container("wireguard"), 90)  # no peer has ever answered this one
+    agent = stack.container("agent")
+    assert stack.podman.inspect(agent)["Id"] != before
+    stack.podman.wait_healthy(agent, 120)
+    stack.enqueue("wifi", "on", "compose-down-1")
+    wait_for(lambda: "parked" in stack.sql("SELECT string_agg(kind, ' ') FROM agent.events "
+                                           "WHERE request_id = 'compose-down-1'") or "", 120,
+             "the command parked while the site is down")

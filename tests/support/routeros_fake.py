@@ -18,10 +18,14 @@ What it follows from the documentation:
   - Disabling a PPP secret or hotspot user does not end its live session in /ppp/active or
     /ip/hotspot/active.
   - reboot() renumbers every `.id` (and drops live sessions, as a real reboot does).
+  - address lists (/ip and /ipv6 firewall address-list) keep addresses in canonical form (IPv4 without
+    `/32`, IPv6 compressed, lower-case, `/128` on a bare address) and refuse a second entry for the
+    same list and address, even beside a disabled one: "failure: already have such entry".
 Guesses, not documented: the exact detail texts; whether an unknown directory is 400 or 406.
 
 Test knobs (plain Python, not REST): add(), connect(), find(), reboot(), `inject` (canned replies,
-each served once to the next request with its method), `delay` (seconds before answering), `requests` (what was asked).
+each served once to the next request with its method), `delay` (seconds before answering), `drop` (close the
+connection of the next N requests without answering), `requests` (what was asked).
 """
 
 from __future__ import annotations
@@ -60,7 +64,35 @@ MENUS: dict[str, tuple[set[str], Row]] = {
     "ip/firewall/address-list": ({"add", "set", "remove"},
                                  {"list": "", "address": "", "disabled": "false", "dynamic": "false",
                                   "creation-time": "2026-01-01 00:00:00", "comment": ""}),
+    "ipv6/firewall/address-list": ({"add", "set", "remove"},
+                                   {"list": "", "address": "", "disabled": "false", "dynamic": "false",
+                                    "creation-time": "2026-01-01 00:00:00", "comment": ""}),
+    "ip/address": ({"add", "set", "remove"}, {"address": "", "network": "", "interface": "", "disabled": "false",
+                                               "comment": ""}),
+    "ipv6/address": ({"add", "set", "remove"}, {"address": "", "interface": "", "disabled": "false",
+                                                 "comment": ""}),
+    "interface/bridge/port": ({"add", "set", "remove"}, {"interface": "", "bridge": "", "disabled": "false",
+                                                         "comment": ""}),
+    "interface/vlan": ({"add", "set", "remove"}, {"name": "", "vlan-id": "1", "interface": "", "disabled": "false",
+                                                  "comment": ""}),
 }
+for _table in ("ip/firewall/filter", "ip/firewall/nat", "ip/firewall/mangle", "ip/firewall/raw",
+               "ipv6/firewall/filter", "ipv6/firewall/mangle", "ipv6/firewall/raw"):
+    MENUS[_table] = ({"add", "set", "remove"}, {"chain": "forward", "action": "accept", "src-address-list": "",
+                                                "dst-address-list": "", "disabled": "false", "comment": ""})
+ADDRESS_LISTS = ("ip/firewall/address-list", "ipv6/firewall/address-list")
+
+
+def stored_address(menu: str, text: str) -> str:
+    """What RouterOS keeps for an address-list address: IPv4 without `/32`, IPv6 compressed and
+    lower-case with `/128` on a bare address; an IPv6 address refused in the IPv4 menu and back."""
+    try:
+        net = ipaddress.ip_network(text)
+    except ValueError:
+        return text  # a range or a DNS name: kept as written in this fake
+    if (net.version == 6) != (menu == "ipv6/firewall/address-list"):
+        raise BadRequest(400, f"failure: {text} is not a valid dns name")
+    return str(net.network_address) if net.version == 4 and net.prefixlen == 32 else net.with_prefixlen
 
 
 class BadRequest(Exception):
@@ -159,8 +191,9 @@ class Cert:
         return ctx
 
 
-def self_signed(directory: Path, name: str = "router", host: str = "127.0.0.1") -> Cert:
-    """A throwaway self-signed certificate for `host`, as RouterOS makes for www-ssl."""
+def self_signed(directory: Path, name: str = "router", host: str | None = "127.0.0.1") -> Cert:
+    """A throwaway self-signed certificate for `host`, as RouterOS makes for www-ssl. With host=None it
+    carries only its common name, `name` (no subject alternative names), as RouterOS's usual ones do."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -172,12 +205,14 @@ def self_signed(directory: Path, name: str = "router", host: str = "127.0.0.1") 
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True))
+    if host is not None:
+        cert = cert.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]),
+                                  critical=False)
+    signed = cert.sign(key, hashes.SHA256())
     paths = Cert(directory / f"{name}.crt", directory / f"{name}.key",
-                 hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest())
-    paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+                 hashlib.sha256(signed.public_bytes(serialization.Encoding.DER)).hexdigest())
+    paths.cert.write_bytes(signed.public_bytes(serialization.Encoding.PEM))
     paths.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                             serialization.NoEncryption()))
     paths.sha256 = ":".join(paths.sha256[i:i + 2] for i in range(0, 64, 2)).upper()
@@ -190,7 +225,11 @@ class RouterOsFake:
         self.requests: list[tuple[str, str, Any]] = []
         self.inject: list[tuple[str, web.Response]] = []  # (method or "*", canned reply)
         self.delay = 0.0
+        self.drop = 0  # the next `drop` requests get their connection closed without an answer
         self.boots = 0
+        self.version = "7.16 (stable)"
+        self.username, self.password = username, password
+        self.on_reboot: list[Any] = []  # callables run by reboot() (the API fake drops its connections)
         self._next = 1
         self._auth = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
         self.app = web.Application()
@@ -236,6 +275,8 @@ class RouterOsFake:
                 rows.clear()
             for row in rows:
                 row[".id"] = self._new_id()
+        for hook in self.on_reboot:
+            hook()
 
     def _new_id(self) -> str:
         self._next += 1
@@ -248,6 +289,11 @@ class RouterOsFake:
         self.requests.append((request.method, request.path, body))
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.drop:  # the connection closes without an answer, as RouterOS may do to a reused one
+            self.drop -= 1
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=500)
         if request.headers.get("Authorization") != self._auth:
             return error(401)
         for i, (method, canned) in enumerate(self.inject):
@@ -262,7 +308,7 @@ class RouterOsFake:
     def _dispatch(self, method: str, tail: str, body: Any, request: web.Request) -> web.StreamResponse:
         if tail in ("system/identity", "system/resource"):
             return web.json_response({"name": "MikroTik"} if tail.endswith("identity") else
-                                     {"version": "7.16 (stable)", "uptime": f"{self.boots}m", "platform": "MikroTik"})
+                                     {"version": self.version, "uptime": f"{self.boots}m", "platform": "MikroTik"})
         menu, _, last = tail.rpartition("/")
         if method in ("GET", "PUT") and tail in MENUS:
             return self._list(request) if method == "GET" else self._add(tail, body)
@@ -310,22 +356,37 @@ class RouterOsFake:
         raise BadRequest(404)
 
     def _set(self, menu: str, key: str, body: Any) -> web.Response:
+        return web.json_response(shown(self.set_item(menu, key, body), None))
+
+    def _add(self, menu: str, body: Any) -> web.Response:
+        return web.json_response(shown(self.add_item(menu, body), None))
+
+    # -- the model both protocols share (BadRequest says what went wrong) ---------------------
+
+    def set_item(self, menu: str, key: str, body: Any) -> Row:
         if "set" not in MENUS[menu][0]:
             raise BadRequest(406, "no such command or directory (set)")
         row = self._item(menu, key)
         row.update(self._fields(menu, body))
         if menu == "interface":
             row["running"] = "false" if row["disabled"] == "true" else "true"
-        return web.json_response(shown(row, None))
+        return row
 
-    def _add(self, menu: str, body: Any) -> web.Response:
+    def add_item(self, menu: str, body: Any) -> Row:
         if "add" not in MENUS[menu][0]:
             raise BadRequest(406, "no such command or directory (add)")
         fields = self._fields(menu, body)
-        required = ("list", "address") if menu == "ip/firewall/address-list" else ("name",)
+        required = ("list", "address") if menu in ADDRESS_LISTS else ("name",)
         if missing := [f for f in required if not fields.get(f)]:
             raise BadRequest(400, f"missing value(s) of argument(s) {' '.join(missing)}")
-        return web.json_response(shown(self.add(menu, **fields), None))
+        if menu in ADDRESS_LISTS:
+            fields["address"] = stored_address(menu, fields["address"])
+            if self.find(menu, list=fields["list"], address=fields["address"]):  # disabled ones count too
+                raise BadRequest(400, "failure: already have such entry")
+        return self.add(menu, **fields)
+
+    def remove_item(self, menu: str, key: str) -> None:
+        self._remove(menu, key)
 
     def _remove(self, menu: str, key: str) -> None:
         if "remove" not in MENUS[menu][0]:

@@ -49,3 +49,36 @@ def test_a_reconcile_waits_for_an_unreachable_device_until_the_bound_by_the_data
     now = T0.timestamp() + 30 + 119
     assert wait_over(fed, "peer down", 120, now) is None  # 119 s by the database's clock: parked again
     assert wait_over(fed, "peer down", 120, now + 1) == "unreachable for 120s: peer down"
+
+
+def _gated(reason: str, waited_s: float, paused: str | None = None):  # type: ignore[no-untyped-def]
+    """What the worker does with a reconcile message the gate keeps from its device (it touches no
+    database on that path), fed `waited_s` seconds ago with nine parks behind it."""
+    import asyncio
+    from datetime import timedelta
+
+    from agent.drivers.base import Device
+    from agent.executor.policy import RetryPolicy
+    from agent.executor.reports import Delivery
+    from agent.reconcile.request import SyncRequest
+    from agent.reconcile.worker import ReconcileTuning, SyncWork, SyncWorker
+
+    now = datetime.now(timezone.utc)
+    d = Delivery(7, 10, now - timedelta(seconds=waited_s), "{}", None, 7, bounces=9)
+    worker = SyncWorker(None, None, None, None, lambda _dev: reason,  # type: ignore[arg-type]
+                        lambda: (RetryPolicy(3, 1, 5), 10.0), ReconcileTuning(unreachable_wait=120))
+    work = SyncWork(d, SyncRequest(run=1, device="r1"), Device("r1", "sim", paused=paused))
+    return asyncio.run(worker.handle(work))
+
+
+def test_an_unreachable_devices_reconcile_is_parked_no_longer_than_its_wait_has_left():
+    out = _gated("peer down", 110)
+    assert out.finish == "park" and out.retry_delay <= 10.5  # not the 30 to 60 s its ninth park would wait
+    out = _gated("peer down", 121)
+    assert out.finish == "archive" and out.sync["skipped"].startswith("unreachable for 12")
+    assert out.sync["unreadable"] == 1 and out.sync["items"][0]["error"] == f"not checked: {out.sync['skipped']}"
+
+
+def test_a_paused_devices_reconcile_is_reported_not_checked_at_once():
+    out = _gated("paused: firmware upgrade", 0, paused="firmware upgrade")
+    assert out.finish == "archive" and out.sync["skipped"] == "paused: firmware upgrade"

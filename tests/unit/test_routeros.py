@@ -13,10 +13,12 @@ import pytest
 from agent.drivers.base import Device
 from agent.drivers.routeros import parse_base, parse_fingerprint, settings, transport_error
 from agent.drivers.routeros_proto import (
+    LIST6_MENU,
     LIST_MENU,
     Request,
     any_of,
     any_pair,
+    canonical_address,
     classify,
     parse_rows,
     parse_service,
@@ -38,7 +40,7 @@ DOC_ADDRESSES = (b'[{".id":"*1","actual-interface":"ether2","address":"10.0.0.11
 
 def replies(**tables: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
     base = {"ppp/secret": [], "ppp/active": [], "ip/hotspot/user": [], "ip/hotspot/active": [],
-            "interface": [], "queue/simple": [], LIST_MENU: []}
+            "interface": [], "queue/simple": [], LIST_MENU: [], LIST6_MENU: []}
     return base | {k.replace("__", "/").replace("_", "-"): v for k, v in tables.items()}
 
 
@@ -51,7 +53,7 @@ def replies(**tables: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
     ("queue/simple/cust-42", "queue/simple", "cust-42", ""),
     ("ip/firewall/address-list/blocked/10.1.2.3", None, "10.1.2.3", "blocked"),
     ("ip/firewall/address-list/blocked/10.9.0.0/24", None, "10.9.0.0/24", "blocked"),
-    ("ip/firewall/address-list/v6/2001:db8::1", None, "2001:db8::1", "v6"),
+    ("ip/firewall/address-list/v6/2001:db8::1", None, "2001:db8::1/128", "v6"),
 ])
 def test_service_keys_name_the_menu_and_item(key: str, menu: str | None, name: str, lst: str) -> None:
     svc = parse_service(key)
@@ -136,7 +138,7 @@ def test_off_disables_the_secret_and_ends_every_session() -> None:
     now = replies(ppp__secret=[{".id": "*1A", "name": "alice", "disabled": "false"}],
                   ppp__active=[{".id": "*5", "name": "alice"}, {".id": "*6", "name": "alice"}])
     assert plan(svc, now, "off", COMMENT, False) == [
-        Request("PATCH", "/rest/ppp/secret/*1A", {"disabled": "true"}),
+        Request("PATCH", "/rest/ppp/secret/*1A", {"disabled": "yes"}),
         Request("DELETE", "/rest/ppp/active/*5", missing_ok=True),
         Request("DELETE", "/rest/ppp/active/*6", missing_ok=True)]
 
@@ -145,7 +147,7 @@ def test_on_enables_only_when_disabled_and_a_done_off_needs_nothing() -> None:
     svc = parse_service("ip/hotspot/user/u1")
     disabled = replies(ip__hotspot__user=[{".id": "*3", "name": "u1", "disabled": "true"}])
     assert plan(svc, disabled, "on", COMMENT, False) == [Request("PATCH", "/rest/ip/hotspot/user/*3",
-                                                                 {"disabled": "false"})]
+                                                                 {"disabled": "no"})]
     assert plan(svc, disabled, "off", COMMENT, False) == []
     enabled = replies(ip__hotspot__user=[{".id": "*3", "name": "u1", "disabled": "false"}])
     assert plan(svc, enabled, "on", COMMENT, False) == []
@@ -166,7 +168,7 @@ def test_address_list_off_adds_a_marked_entry_unless_one_is_enabled() -> None:
     ours_disabled = replies(ip__firewall__address_list=[entry("*8", COMMENT, "true")])
     assert state_of(svc, ours_disabled) == "on"
     assert plan(svc, ours_disabled, "off", COMMENT, False) == [
-        Request("PATCH", f"/rest/{LIST_MENU}/*8", {"disabled": "false"})]
+        Request("PATCH", f"/rest/{LIST_MENU}/*8", {"disabled": "no"})]
 
 
 def test_address_list_on_removes_only_the_agents_entries() -> None:
@@ -179,6 +181,58 @@ def test_address_list_on_removes_only_the_agents_entries() -> None:
                                                    Request("DELETE", f"/rest/{LIST_MENU}/*7")]
     ours = replies(ip__firewall__address_list=[entry("*8", COMMENT), entry("*6", "operator", "true")])
     assert plan(svc, ours, "on", COMMENT, False) == [Request("DELETE", f"/rest/{LIST_MENU}/*8")]
+
+
+def test_an_operators_disabled_entry_is_borrowed_for_off_and_given_back_on() -> None:
+    # RouterOS refuses a second entry for the same list and address, even beside a disabled one
+    svc = parse_service("ip/firewall/address-list/blocked/10.0.0.7")
+    theirs = replies(ip__firewall__address_list=[entry("*6", "late payer 2024", "true")])
+    assert plan(svc, theirs, "off", COMMENT, False) == [
+        Request("PATCH", f"/rest/{LIST_MENU}/*6", {"disabled": "no", "comment": f"late payer 2024 [{COMMENT}]"})]
+    lent = replies(ip__firewall__address_list=[entry("*6", f"late payer 2024 [{COMMENT}]")])
+    assert state_of(svc, lent) == "off" and plan(svc, lent, "off", COMMENT, False) == []
+    assert plan(svc, lent, "on", COMMENT, False) == [
+        Request("PATCH", f"/rest/{LIST_MENU}/*6", {"disabled": "yes", "comment": "late payer 2024"})]
+    bare = replies(ip__firewall__address_list=[entry("*6", None, "true")])
+    assert plan(svc, bare, "off", COMMENT, False)[0].body == {"disabled": "no", "comment": f"[{COMMENT}]"}
+
+
+@pytest.mark.parametrize(("given", "stored", "v6"), [
+    ("10.0.0.7", "10.0.0.7", False),
+    ("10.0.0.7/32", "10.0.0.7", False),
+    ("10.9.0.0/24", "10.9.0.0/24", False),
+    ("10.0.0.1-10.0.0.9", "10.0.0.1-10.0.0.9", False),
+    ("2001:DB8:0:0::1", "2001:db8::1/128", True),
+    ("2001:db8::1/128", "2001:db8::1/128", True),
+    ("2001:0db8:0001::/48", "2001:db8:1::/48", True),
+    ("Portal.Example.COM", "portal.example.com", None),
+])
+def test_addresses_are_canonical_as_routeros_prints_them(given: str, stored: str, v6: bool | None) -> None:
+    assert canonical_address(given) == (stored, v6)
+
+
+def test_ipv6_entries_live_in_the_ipv6_menu_under_either_key() -> None:
+    for key in ("ip/firewall/address-list/blocked/2001:DB8::7", "ipv6/firewall/address-list/blocked/2001:db8::7"):
+        svc = parse_service(key)
+        assert (svc.menu, svc.name, svc.list) == (LIST6_MENU, "2001:db8::7/128", "blocked")
+    assert parse_service("ip/firewall/address-list/blocked/10.0.0.7/32").menu == LIST_MENU
+    with pytest.raises(PermanentError, match="belongs in ip/firewall/address-list"):
+        parse_service("ipv6/firewall/address-list/blocked/10.0.0.7")
+    for bad in ("ip/firewall/address-list/blocked/10.0.0.300", "ip/firewall/address-list/blocked/10.0.0.9-10.0.0.1",
+                "ip/firewall/address-list/blocked/10.9.0.5/24"):
+        with pytest.raises(PermanentError):
+            parse_service(bad)
+    reads = reads_for([parse_service("ip/firewall/address-list/b/10.0.0.7"),
+                       parse_service("ip/firewall/address-list/b/2001:db8::7")])
+    assert reads[LIST6_MENU].path == f"/rest/{LIST6_MENU}/print"
+    assert reads[LIST6_MENU].body[".query"] == ["list=b", "address=2001:db8::7/128", "#&"]
+    assert reads[LIST_MENU].body[".query"] == ["list=b", "address=10.0.0.7", "#&"]
+
+
+def test_an_entry_printed_in_another_spelling_is_still_found() -> None:
+    svc = parse_service("ip/firewall/address-list/blocked/2001:db8::7")
+    row = {".id": "*1", "list": "blocked", "address": "2001:DB8:0::7", "disabled": "false"}
+    assert state_of(svc, replies(ipv6__firewall__address_list=[row])) == "off"
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -201,6 +255,7 @@ def test_auth_redirect_and_server_errors() -> None:
     login = "user 'agent' (password file 'router-1')"
     refused = classify(401, b'{"error":401,"message":"Unauthorized"}', "w", login)
     assert isinstance(refused, ConfigError) and "'router-1'" in str(refused)
+    assert "allowed addresses" in str(refused), "RouterOS says 401 for a login from outside the user's addresses too"
     moved = classify(301, b"", "w", login, "https://elsewhere.example/\x1b[2J")
     assert isinstance(moved, PermanentError) and "elsewhere.example" in str(moved) and "\x1b" not in str(moved)
     assert type(classify(503, b"<html>busy</html>", "w", login)) is TransientError
@@ -244,6 +299,8 @@ def test_address_forms() -> None:
     ({"username": "a", "timeout": 0}, "c", "timeout"),
     ({"username": "a", "manage_foreign_entries": "yes"}, "c", "manage_foreign_entries"),
     ({"username": "a", "entry_comment": ""}, "c", "entry_comment"),
+    ({"username": "a", "tls_server_name": "router isp"}, "c", "tls_server_name must be a DNS name"),
+    ({"username": "a", "tls_server_name": "router.isp", "tls_fingerprint": "00" * 32}, "c", "checks no name"),
 ])
 def test_options_that_cannot_work_are_config_errors(options: dict, credential: str | None, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -251,6 +308,9 @@ def test_options_that_cannot_work_are_config_errors(options: dict, credential: s
 
 
 def test_tls_options_need_https() -> None:
+    with pytest.raises(ConfigError, match="api-ssl"):
+        settings(Device("r", "routeros", "api://10.0.0.1", options={"username": "a", "ca_file": "/x"},
+                        credential="c"), 3.0)
     with pytest.raises(ConfigError, match="https"):
         settings(Device("r", "routeros", "http://10.0.0.1", options={"username": "a", "tls_fingerprint": "00" * 32},
                         credential="c"), 3.0)

@@ -53,7 +53,7 @@ def test_options_defaults_and_v3() -> None:
     assert o.attempt_timeout == 1.0
 
 
-@pytest.mark.parametrize("options", [{"version": "1"}, {"version": "3"}, {"version": "3", "user": ""},
+@pytest.mark.parametrize("options", [{"version": "2"}, {"version": "3"}, {"version": "3", "user": ""},
                                      {"version": "3", "user": "u", "auth_protocol": "sha1024"},
                                      {"version": "3", "user": "u", "priv_protocol": "rot13"},
                                      {"timeout": 0}, {"timeout": "soon"}, {"timeout": True}, {"retries": -1},
@@ -121,7 +121,8 @@ def test_interface_names_prefer_ifname_and_refuse_ambiguity() -> None:
     ("WrongDigest", None, ConfigError), ("UnknownUserName", None, ConfigError),
     ("UnsupportedSecurityLevel", None, ConfigError), ("DecryptionError", None, ConfigError),
     ("SomethingElse", None, TransientError),
-    (None, "noAccess", ConfigError), (None, "notWritable", ConfigError), (None, "authorizationError", ConfigError),
+    (None, "noAccess", ConfigError), (None, "notWritable", PermanentError), (None, "authorizationError", ConfigError),
+    (None, "tooBig", p.TooBig),
     (None, "readOnly", ConfigError), (None, "noSuchName", p.MissingInterface), (None, "noCreation", p.MissingInterface),
     (None, "genErr", TransientError), (None, "resourceUnavailable", TransientError),
     (None, "wrongValue", PermanentError), (None, "badValue", PermanentError)])
@@ -131,6 +132,37 @@ def test_error_mapping(indication: str | None, status: str | None, kind: type[Ex
     assert type(err.value) is kind
     if kind is ConfigError:
         assert "sw-cred" in str(err.value)
+
+
+def test_not_writable_names_the_device_not_the_credential() -> None:
+    with pytest.raises(PermanentError, match="does not let ifAdminStatus of this interface be written") as err:
+        p.raise_for(None, "notWritable", "sw: if:swp1", "sw-cred", "2c")
+    assert "read-only?" not in str(err.value) and "sw-cred" not in str(err.value)
+
+
+async def test_too_big_halves_the_rows_asked_for_instead_of_asking_again() -> None:
+    from pyasn1.type import univ
+
+    from agent.drivers.snmp import Session
+    asked: list[str] = []
+    column = (1, 3, 6, 1, 2, 1, 31, 1, 1, 1, 1)
+
+    async def call(command: Any, varbinds: list[Any], what: str) -> list[Any]:
+        asked.append(what.rpartition(" ")[2])
+        if int(what.rpartition("x")[2]) > 6:
+            raise p.TooBig("sw: tooBig")
+        return [((*column, 1), univ.OctetString(b"swp1")), ((*column, 2), univ.OctetString(b"swp2")),
+                ((1, 3, 6, 1, 2, 1, 31, 1, 1, 1, 2, 1), univ.OctetString(b"past the column"))]
+
+    s = Session(None, None, None, Device("sw", "snmp", "10.0.0.2"), p.parse_options({}, 5.0))
+    s._call = call  # type: ignore[method-assign]
+    assert await s.column(column) == {1: "swp1", 2: "swp2"}
+    assert asked == ["x25", "x12", "x6"]
+
+
+def test_snmpv1_for_old_cpes() -> None:
+    assert p.parse_options({"version": "1"}, 5.0).version == "1"
+    assert "SNMPv1 agent also stays silent" in p.timed_out("sw", 2, "1")
 
 
 def test_no_error_passes_and_timeouts_explain_v2c_silence() -> None:

@@ -79,7 +79,7 @@ def test_options_that_cannot_work(change: dict[str, Any], message: str) -> None:
 def test_preset_fills_commands_and_options_override_it() -> None:
     o = p.parse_options({"preset": "systemd", "username": "ops", "known_hosts": "/k", "off_command": "true"},
                         "h", 5.0)
-    assert o.on_command == "systemctl start -- {service}" and o.off_command == "true"
+    assert o.on_command == "systemctl enable --now -- {service}" and o.off_command == "true"
     assert (o.status_on_exit, o.status_off_exit, o.known_hosts, o.host_keys) == (0, 3, "/k", ())
 
 
@@ -138,8 +138,9 @@ def preset(name: str, **options: Any) -> p.Options:
 
 def test_systemd_preset_commands() -> None:
     o = preset("systemd")
-    assert p.command_for(o, "wifi", "on") == "systemctl start -- wifi"
-    assert p.command_for(o, "wifi", "off") == "systemctl stop -- wifi"
+    # off also disables, so a suspended service does not come back at the next boot; on enables again
+    assert p.command_for(o, "wifi", "on") == "systemctl enable --now -- wifi"
+    assert p.command_for(o, "wifi", "off") == "systemctl disable --now -- wifi"
     status = p.command_for(o, "wifi", None)
     assert "systemctl show --property=LoadState --value -- wifi" in status
     assert status.endswith("systemctl is-active -- wifi") and "exit 4" in status
@@ -151,8 +152,13 @@ def test_openwrt_preset_commands() -> None:
     guard = '[ -x /etc/init.d/wifi ] || { echo "no init script /etc/init.d/"wifi >&2; exit 4; }; '
     assert p.command_for(o, "wifi", "on") == guard + "/etc/init.d/wifi enable && /etc/init.d/wifi start"
     assert p.command_for(o, "wifi", "off") == guard + "/etc/init.d/wifi disable; /etc/init.d/wifi stop"
-    assert p.command_for(o, "wifi", None) == guard + ("/etc/init.d/wifi enabled && /etc/init.d/wifi running "
-                                                      "&& exit 0; exit 3")
+    status = p.command_for(o, "wifi", None)
+    assert status.startswith(guard + "/etc/init.d/wifi enabled || exit 3; n=wifi; ubus call service list ")
+    assert "running" not in status.replace(".running'", "")  # never `/etc/init.d/wifi running`
+    marked = preset("openwrt", no_instance_services=["firewall"])
+    assert p.command_for(marked, "firewall", None) == guard.replace("wifi", "firewall") + (
+        "/etc/init.d/firewall enabled && exit 0; exit 3")
+    assert p.command_for(marked, "wifi", None) == status
 
 
 def test_routeros_cli_preset_commands() -> None:
@@ -169,6 +175,30 @@ def test_routeros_cli_preset_commands() -> None:
         p.state_of(o, result(0, b"disabled=true sessions=1\r\n"), "r")
     with pytest.raises(PermanentError, match="no such item"):
         p.check_applied(o, result(0, b"no such item: ppp secret alice\r\n"), "r")
+
+
+def test_routeros_cli_without_an_exit_status_reads_its_output_line_by_line() -> None:
+    o = preset("routeros-cli")  # RouterOS may close the channel without an exit status, and print a blank line first
+    assert p.state_of(o, result(None, b"\r\ndisabled=false sessions=1\r\n"), "r") == "on"
+    assert p.state_of(o, result(None, b"disabled=true sessions=0\r\n"), "r") == "off"
+    with pytest.raises(TransientError, match="without an exit status"):
+        p.state_of(o, result(None, b""), "r")  # nothing came back: the connection was lost
+    with pytest.raises(TransientError, match="no exit status and the output matches neither"):
+        p.state_of(o, result(None, b"disabled=tr"), "r")  # cut short
+    p.check_applied(o, result(None, b""), "r")  # silent success; the executor's read-back verifies it
+    with pytest.raises(PermanentError, match="no such item"):
+        p.check_applied(o, result(None, b"no such item: ppp secret alice\r\n"), "r")
+
+
+def test_on_and_off_patterns_match_per_line() -> None:
+    o = opts(on_pattern=r"^active$", off_pattern=r"^inactive$")
+    assert p.state_of(o, result(0, b"Welcome to the box\nactive\n"), "r") == "on"
+
+
+def test_a_refused_routeros_password_mentions_an_imported_public_key() -> None:
+    assert "ssh-keys" in p.refused_hint(preset("routeros-cli"), password=True)
+    assert p.refused_hint(preset("routeros-cli"), password=False) == ""
+    assert p.refused_hint(preset("systemd"), password=True) == ""
 
 
 def test_routeros_cli_escapes_a_wider_key() -> None:
