@@ -25,7 +25,7 @@ from agent.errors import AgentError, NoAnswerError, PermanentError, TransientErr
 from agent.executor import coalesce, parklog
 from agent.executor.acceptor import Acceptor
 from agent.executor.claims import DeviceClaims
-from agent.executor.converge import Observation, VerifyError, apply_one, observe, observe_for_take
+from agent.executor.converge import Observation, VerifyError, apply_many, apply_one, observe, observe_for_take
 from agent.executor.deadlines import Deadlines
 from agent.executor.policy import KeyState, ParkPolicy, RetryPolicy, Tuning, Verdict, decide
 from agent.executor.reports import Delivery, EventRow, Outcome, Reporter, StateUpdate
@@ -294,6 +294,13 @@ class Executor:
         One at a time (the default) they are awaited in turn: no task and no semaphore hand-over per
         write, which in a busy loop cost a few milliseconds each."""
         out: dict[str, float | AgentError] = {}
+        parallel = max_parallel(device)
+        if len(services) > 1 and getattr(driver, "apply_many", None) is not None:  # one call for the take
+            bound = timeout * -(-len(services) // parallel)  # what the writes one by one would have had
+            if not await self._hold(device, bound):
+                return dict.fromkeys(services, TransientError(f"{device.id}: claim ran short before the write"))
+            return await apply_many(driver, device, {s: want[s] for s in services}, bound,  # type: ignore[misc]
+                                    self.deadlines)
 
         async def one(svc: str) -> None:
             if not await self._hold(device, timeout):
@@ -304,7 +311,6 @@ class Executor:
             except AgentError as exc:
                 out[svc] = exc
 
-        parallel = max_parallel(device)
         if parallel == 1:
             for svc in services:
                 await one(svc)

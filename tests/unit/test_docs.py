@@ -47,7 +47,8 @@ def test_every_event_kind_is_documented_in_the_contract():
 
     from agent.db.schema import migrations
 
-    kinds: set[str] = set()  # what the migrations allow, in order: a list restated, or kinds added (0013 on)
+    # what the migrations allow, in order: a list stated whole, then kinds added (allow_event_kinds, 0012's ARRAY)
+    kinds: set[str] = set()
     for _v, _n, sql in migrations():
         for restated in re.findall(r"events_kind_check CHECK \(kind IN \(([^)]*)\)\)", sql):
             if listed := set(re.findall(r"'(\w+)'", restated)):
