@@ -128,7 +128,22 @@ async def device_add(conn: asyncpg.Connection, s: Settings, a: argparse.Namespac
     await admin.check_sites(conn, Queries(s.queue), {dev.site})
     await admin.upsert_devices(conn, [dev])
     print(f"device {dev.id} saved (driver {dev.driver}, site {dev.site})")
+    if s.require_vpn and dev.address:
+        await _warn_route(s, dev)
     return 0
+
+
+async def _warn_route(s: Settings, dev: Device) -> None:
+    """A device whose address is not routed through the tunnel (a typo, a missing AllowedIPs) is
+    parked by the agent (`route_not_via_tunnel`): say so now, as seen from where agentctl runs."""
+    from agent.doctor import tunnel_checks
+
+    found: list[Any] = []
+    await tunnel_checks(s, [dev], found.append)
+    for check in found:
+        if check.name == f"route to {dev.id}" and not check.ok:
+            print(f"agentctl: warning: {check.detail} (as seen from this host): the agent parks this device's work "
+                  f"until its route goes through the tunnel; {check.remedy or ''}".rstrip("; "), file=sys.stderr)
 
 
 async def device_list(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
