@@ -12,6 +12,7 @@ def test_each_table_has_its_own_cutoff():
     got = cutoffs(Retention(archive_days=14, dlq_days=90, events_days=180, requests_days=30, sync_runs_days=7), NOW)
     assert got == {"archive": NOW - timedelta(days=14), "dlq_archive": NOW - timedelta(days=14),
                    "dlq": NOW - timedelta(days=90), "events": NOW - timedelta(days=180),
+                   "batches": NOW - timedelta(days=180),
                    "requests": NOW - timedelta(days=30), "sync_runs": NOW - timedelta(days=7)}
 
 
