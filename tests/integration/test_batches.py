@@ -154,8 +154,9 @@ async def test_a_replayed_dead_letter_counts_again_once_it_settles(producer, ann
 
 
 async def record(conn: asyncpg.Connection, kind: str, version: int) -> None:
-    await conn.execute("INSERT INTO agent.events (device, service, kind, msg_id, version) VALUES ('r1', 's', $1, $2, $2)",
-                       kind, version)
+    """An event of the command, as an agent records it."""
+    await conn.execute("INSERT INTO agent.events (device, service, kind, msg_id, version) "
+                       "VALUES ('r1', 's', $1, $2, $2)", kind, version)
 
 
 async def test_held_and_discarded_commands_count_and_a_held_one_pends_again_when_released(producer, announced, db):
