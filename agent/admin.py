@@ -123,14 +123,22 @@ async def enqueue(conn: asyncpg.Connection, queue: str | None, device: str, serv
     action = "refresh" if state == "refresh" else "set"
     try:
         return await conn.fetchval(
-            "SELECT agent.enqueue($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9)",
+            "SELECT agent.enqueue($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11)",
             device, service, None if action == "refresh" else state, kw.get("request_id"), kw.get("not_after"),
-            json.dumps(kw["meta"]) if kw.get("meta") is not None else None, action, kw.get("delay", 0), queue)
+            json.dumps(kw["meta"]) if kw.get("meta") is not None else None, action, kw.get("delay", 0), queue,
+            kw.get("priority"), kw.get("batch"))
     except asyncpg.PostgresError as exc:
         refusal = enqueue_refusal(exc)
         if refusal is None:
             raise
         raise refusal from None
+
+
+async def batch_status(conn: asyncpg.Connection, name: str) -> dict[str, Any] | None:
+    """agent.batch_status(name): the batch's commands counted by outcome; None: no such batch (never
+    enqueued, or pruned by retention)."""
+    row = await conn.fetchrow("SELECT * FROM agent.batch_status($1)", name)
+    return dict(row) if row else None
 
 
 def enqueue_refusal(exc: asyncpg.PostgresError) -> AgentError | None:

@@ -15,7 +15,7 @@ import pytest
 from agent import admin
 from agent.db.queries import Queries
 from agent.errors import PermanentError
-from tests.support.agents import running_agent
+from tests.support.agents import agentctl, running_agent
 from tests.support.cluster import as_user, login_role
 from tests.support.db import add_device
 from tests.support.devices import ScriptedDriver
@@ -206,3 +206,22 @@ async def test_of_two_agents_settling_the_last_two_commands_at_once_one_announce
 
 async def test_an_unknown_batch_has_no_row(producer):
     assert await producer.fetch("SELECT * FROM agent.batch_status('never-sent')") == []
+
+
+async def test_agentctl_enqueues_into_a_batch_and_shows_it(producer, dsn, db):
+    agentctl(dsn, "enqueue", "r1", "wifi", "off", "--batch", BATCH)
+    agentctl(dsn, "enqueue", "r1", "lan", "on", "--batch", BATCH, "--priority", "normal")
+    sent = await db.fetch("SELECT msg_id FROM pgmq.q_device_tasks ORDER BY msg_id")
+    assert [await headers(db, m["msg_id"]) for m in sent] == [{"priority": "normal", "batch": BATCH}] * 2
+    text = agentctl(dsn, "batch", "show", BATCH).stdout
+    shown_text = dict((k, v.strip()) for k, v in (line.split(":", 1) for line in text.splitlines()))
+    assert {k: shown_text[k] for k in ("batch", "total", "pending", "verified", "last settled at")} == \
+        {"batch": BATCH, "total": "2", "pending": "2", "verified": "0", "last settled at": "-"}
+    shown = json.loads(agentctl(dsn, "batch", "show", BATCH, "--json").stdout)
+    assert {k: shown[k] for k in ("batch", "total", "pending", "verified", "last_settled_at")} == \
+        {"batch": BATCH, "total": 2, "pending": 2, "verified": 0, "last_settled_at": None}
+    assert shown["first_enqueued_at"].endswith("Z") or shown["first_enqueued_at"].endswith("+00:00")
+    unknown = agentctl(dsn, "batch", "show", "never-sent", check=False)
+    assert unknown.returncode == 1 and "no batch 'never-sent'" in unknown.stderr
+    refused = agentctl(dsn, "enqueue", "r1", "wifi", "on", "--batch", "month end", check=False)
+    assert refused.returncode != 0 and "not a valid batch name" in refused.stderr
