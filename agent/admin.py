@@ -172,6 +172,22 @@ def dead_letter_fields(headers: str | None) -> dict[str, Any]:
             "origin_msg_id": origin if isinstance(origin, int) and not isinstance(origin, bool) else None}
 
 
+_BATCH_NAME = re.compile(r"[A-Za-z0-9._:-]{1,100}")
+
+
+def enqueue_headers(headers: str | None) -> dict[str, str]:
+    """The headers agent.enqueue gave a command, `priority` and `batch`, as a dead letter still
+    carries them (pure): a replay keeps them. Values agent.enqueue would refuse are left out."""
+    doc: Any = json.loads(headers) if headers else None
+    doc = doc if isinstance(doc, dict) else {}
+    kept = {}
+    if doc.get("priority") in ("high", "normal"):
+        kept["priority"] = doc["priority"]
+    if isinstance(doc.get("batch"), str) and _BATCH_NAME.fullmatch(doc["batch"]):
+        kept["batch"] = doc["batch"]
+    return kept
+
+
 async def dlq_list(conn: asyncpg.Connection, q: Queries, limit: int = 100) -> list[dict[str, Any]]:
     rows = await conn.fetch(q.dlq_list, limit)
     out = []
@@ -196,7 +212,7 @@ async def dlq_replay(conn: asyncpg.Connection, q: Queries, ids: list[int] | None
         for r in rows:
             fields = dead_letter_fields(r["headers"])
             keep = {"origin_msg_id": fields["origin_msg_id"], "replayed_from_dlq": r["msg_id"],
-                    "previous_reason": fields["reason"]}
+                    "previous_reason": fields["reason"], **enqueue_headers(r["headers"])}
             new_id = await conn.fetchval(q.send, q.queue, r["message"], json.dumps(keep))
             moved.append((r["msg_id"], new_id))
         missing = set(ids) - {m[0] for m in moved}

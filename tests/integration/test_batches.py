@@ -143,9 +143,12 @@ async def test_a_replayed_dead_letter_counts_again_once_it_settles(producer, ann
     await enqueue(producer, "wifi", batch=BATCH)
     async with running_agent(dsn, device):
         await until(lambda: announced.payloads, what="the batch announced")
-        assert counts(await batch_status(producer))["failed"] == 1
-        [dlq_id] = [r["dlq_id"] for r in await admin.dlq_list(db, Queries("device_tasks"))]
-        await admin.dlq_replay(db, Queries("device_tasks"), [dlq_id])
+    assert counts(await batch_status(producer))["failed"] == 1
+    [dlq_id] = [r["dlq_id"] for r in await admin.dlq_list(db, Queries("device_tasks"))]
+    [(_, copy)] = await admin.dlq_replay(db, Queries("device_tasks"), [dlq_id])
+    replayed = await headers(db, copy)
+    assert (replayed["priority"], replayed["batch"]) == ("high", BATCH)  # a replayed restore still goes first
+    async with running_agent(dsn, device):
         await until(lambda: len(announced.payloads) == 2, what="the batch announced again")
     assert counts(await batch_status(producer)) == {"total": 1, "verified": 1, "superseded": 0, "failed": 0,
                                                     "held": 0, "discarded": 0, "duplicate": 0, "expired": 0,
@@ -225,3 +228,11 @@ async def test_agentctl_enqueues_into_a_batch_and_shows_it(producer, dsn, db):
     assert unknown.returncode == 1 and "no batch 'never-sent'" in unknown.stderr
     refused = agentctl(dsn, "enqueue", "r1", "wifi", "on", "--batch", "month end", check=False)
     assert refused.returncode != 0 and "not a valid batch name" in refused.stderr
+
+
+def test_a_replay_keeps_only_the_enqueue_headers_agent_enqueue_would_accept():
+    assert admin.enqueue_headers('{"priority": "normal", "batch": "b-1", "reason": "x"}') == \
+        {"priority": "normal", "batch": "b-1"}
+    assert admin.enqueue_headers('{"priority": "urgent", "batch": "a b"}') == {}
+    assert admin.enqueue_headers('{"priority": 1, "batch": ["x"]}') == {}
+    assert admin.enqueue_headers("[1]") == admin.enqueue_headers(None) == {}
