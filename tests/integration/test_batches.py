@@ -183,28 +183,35 @@ async def test_held_and_discarded_commands_count_and_a_held_one_pends_again_when
                                                                                         (0, 1, 1)]
 
 
-async def test_of_two_agents_settling_the_last_two_commands_at_once_one_announces(producer, announced, dsn):
+async def test_of_two_agents_settling_the_last_two_commands_at_once_one_announces(producer, announced, dsn, db):
     first, second = await enqueue(producer, "wifi", batch=BATCH), await enqueue(producer, "lan", batch=BATCH)
-    a, b = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+    async with login_role(dsn, "agent_worker") as worker:  # what an agent may do is enough
+        a, b = await asyncpg.connect(as_user(dsn, worker)), await asyncpg.connect(as_user(dsn, worker))
+        await settle_at_once(a, b, first, second, db)
+    await until(lambda: announced.payloads, what="the batch announced")
+    assert await producer.fetchval("SELECT pending FROM agent.batch_status($1)", BATCH) == 0
+    await producer.execute("SELECT pg_notify('agent_batch', '{\"batch\": \"marker\"}')")  # all before it arrived
+    await until(lambda: announced.payloads[-1]["batch"] == "marker", what="the marker")
+    assert [p["batch"] for p in announced.payloads] == [BATCH, "marker"]
+
+
+async def settle_at_once(a: asyncpg.Connection, b: asyncpg.Connection, first: int, second: int,
+                         watch: asyncpg.Connection) -> None:
+    """`a` settles `first` and `b` `second`, each in a transaction, `b` while `a`'s is still open."""
     try:
         ta, tb = a.transaction(), b.transaction()
         await ta.start()
         await tb.start()
         await record(a, "verified", first)
         settling = asyncio.ensure_future(record(b, "verified", second))  # waits for the batch's row
-        await until(lambda: a.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event_type "
-                                       "= 'Lock'", b.get_server_pid()), what="the second waiting for the first")
+        await until(lambda: watch.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event_type "
+                                           "= 'Lock'", b.get_server_pid()), what="the second waiting for the first")
         await ta.commit()
         await settling
         await tb.commit()
     finally:
         await a.close()
         await b.close()
-    await until(lambda: announced.payloads, what="the batch announced")
-    assert await producer.fetchval("SELECT pending FROM agent.batch_status($1)", BATCH) == 0
-    await producer.execute("SELECT pg_notify('agent_batch', '{\"batch\": \"marker\"}')")  # all before it arrived
-    await until(lambda: announced.payloads[-1]["batch"] == "marker", what="the marker")
-    assert [p["batch"] for p in announced.payloads] == [BATCH, "marker"]
 
 
 async def test_an_unknown_batch_has_no_row(producer):
