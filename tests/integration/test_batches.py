@@ -14,6 +14,7 @@ import pytest
 
 from agent import admin
 from agent.db.queries import Queries
+from agent.db.schema import init_database
 from agent.errors import PermanentError
 from tests.support.agents import agentctl, running_agent
 from tests.support.cluster import as_user, login_role
@@ -154,6 +155,28 @@ async def test_a_replayed_dead_letter_counts_again_once_it_settles(producer, ann
                                                     "held": 0, "discarded": 0, "duplicate": 0, "expired": 0,
                                                     "pending": 0}
     assert [(p["failed"], p["verified"]) for p in announced.payloads] == [(1, 0), (0, 1)]
+
+
+async def test_a_command_moved_to_its_sites_queue_still_counts_in_its_batch(producer, announced, dsn, db):
+    north = await asyncpg.connect(dsn)
+    try:
+        await init_database(north, "site_north", site="north")
+    finally:
+        await north.close()
+    await add_device(db, "n1", site="north")
+    msg = await producer.fetchval("SELECT agent.enqueue('n1', 'wifi', 'on', queue => 'device_tasks', batch => $1)",
+                                  BATCH)
+    async with running_agent(dsn, ScriptedDriver()):  # the default site's agent moves it
+        await until(lambda: db.fetchval("SELECT count(*) FROM pgmq.q_site_north WHERE "
+                                        "(headers->>'origin_msg_id')::bigint = $1", msg), what="moved to north's queue")
+    moved = await db.fetchval("SELECT headers::text FROM pgmq.q_site_north")
+    assert (json.loads(moved)["batch"], json.loads(moved)["priority"]) == (BATCH, "high")
+    assert counts(await batch_status(producer))["pending"] == 1 and announced.payloads == []
+    async with running_agent(dsn, ScriptedDriver(), queue="site_north", site="north"):
+        await until(lambda: announced.payloads, what="the batch announced")
+    assert counts(await batch_status(producer)) == {"total": 1, "verified": 1, "superseded": 0, "failed": 0,
+                                                    "held": 0, "discarded": 0, "duplicate": 0, "expired": 0,
+                                                    "pending": 0}
 
 
 async def record(conn: asyncpg.Connection, kind: str, version: int) -> None:
