@@ -103,7 +103,9 @@ DROP FUNCTION agent.enqueue(text, text, text, text, timestamptz, jsonb, text, in
 
 -- Errors by what the producer should do (contract.md, "Errors"): 22023 the call is wrong (fix it),
 -- P0002 the device is unknown (drop the command, or add the device first), 55000 the queue of the
--- device's site is missing (an operator runs `agentctl db init --site`; retry later). The rest as in 0007.
+-- device's site is missing (an operator runs `agentctl db init --site`; retry later). New in 0015:
+-- `priority` and `batch`, validated (22023), sent as the message's headers, and the batch's command
+-- recorded in the same transaction. The rest as in 0011.
 CREATE FUNCTION agent.enqueue(
     device     text,
     service    text,
