@@ -167,14 +167,22 @@ async def enqueue(conn: asyncpg.Connection, queue: str | None, device: str, serv
     action = "refresh" if state == "refresh" else "set"
     try:
         return await conn.fetchval(
-            "SELECT agent.enqueue($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9)",
+            "SELECT agent.enqueue($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11)",
             device, service, None if action == "refresh" else state, kw.get("request_id"), kw.get("not_after"),
-            json.dumps(kw["meta"]) if kw.get("meta") is not None else None, action, kw.get("delay", 0), queue)
+            json.dumps(kw["meta"]) if kw.get("meta") is not None else None, action, kw.get("delay", 0), queue,
+            kw.get("priority"), kw.get("batch"))
     except asyncpg.PostgresError as exc:
         refusal = enqueue_refusal(exc)
         if refusal is None:
             raise
         raise refusal from None
+
+
+async def batch_status(conn: asyncpg.Connection, name: str) -> dict[str, Any] | None:
+    """agent.batch_status(name): the batch's commands counted by outcome; None: no such batch (never
+    enqueued, or pruned by retention)."""
+    row = await conn.fetchrow("SELECT * FROM agent.batch_status($1)", name)
+    return dict(row) if row else None
 
 
 def enqueue_refusal(exc: asyncpg.PostgresError) -> AgentError | None:
@@ -207,6 +215,22 @@ def dead_letter_fields(headers: str | None) -> dict[str, Any]:
     reason = found.get("reason")
     return {"reason": reason if isinstance(reason, str) else None,
             "origin_msg_id": origin if isinstance(origin, int) and not isinstance(origin, bool) else None}
+
+
+_BATCH_NAME = re.compile(r"[A-Za-z0-9._:-]{1,100}")
+
+
+def enqueue_headers(headers: str | None) -> dict[str, str]:
+    """The headers agent.enqueue gave a command, `priority` and `batch`, as a dead letter still
+    carries them (pure): a replay keeps them. Values agent.enqueue would refuse are left out."""
+    doc: Any = json.loads(headers) if headers else None
+    doc = doc if isinstance(doc, dict) else {}
+    kept = {}
+    if doc.get("priority") in ("high", "normal"):
+        kept["priority"] = doc["priority"]
+    if isinstance(doc.get("batch"), str) and _BATCH_NAME.fullmatch(doc["batch"]):
+        kept["batch"] = doc["batch"]
+    return kept
 
 
 async def dlq_list(conn: asyncpg.Connection, q: Queries, limit: int = 100) -> list[dict[str, Any]]:
@@ -261,7 +285,7 @@ async def dlq_replay(conn: asyncpg.Connection, q: Queries, ids: list[int] | None
         for r in rows:
             fields = dead_letter_fields(r["headers"])
             keep = {"origin_msg_id": fields["origin_msg_id"], "replayed_from_dlq": r["msg_id"],
-                    "previous_reason": fields["reason"]}
+                    "previous_reason": fields["reason"], **enqueue_headers(r["headers"])}
             new_id = await conn.fetchval(q.send, q.queue, r["message"], json.dumps(keep))
             moved.append((r["msg_id"], new_id))
             events.append({**command_fields(r["message"]), "msg_id": new_id, "version": fields["origin_msg_id"],

@@ -22,7 +22,8 @@ log = logging.getLogger("agent.retention")
 
 # Pruned tables, in the order of a pass. The live queue is never pruned: only what is settled.
 # `agents`: rows of agents that stopped or went silent (agent.agents), by their last heartbeat.
-TABLES = ("archive", "dlq_archive", "dlq", "events", "requests", "sync_runs", "agents")
+# Batches (agent.batch_commands) go with the events, at the events' retention.
+TABLES = ("archive", "dlq_archive", "dlq", "events", "batches", "requests", "sync_runs", "agents")
 MAX_BATCHES = 50
 PAUSE = 0.05  # seconds between statements: other work on the database goes first
 
@@ -52,7 +53,7 @@ class Retention:
 
     def days(self, table: str) -> int:
         return {"archive": self.archive_days, "dlq_archive": self.archive_days, "dlq": self.dlq_days,
-                "events": self.events_days, "requests": self.requests_days,
+                "events": self.events_days, "batches": self.events_days, "requests": self.requests_days,
                 "sync_runs": self.sync_runs_days, "agents": self.agents_days}[table]
 
 
@@ -76,7 +77,7 @@ def _deleted(status: Any) -> int:
 async def _batch(conn: Conn, q: Queries, table: str, cutoff: datetime, batch: int, site: str | None) -> int:
     sql = getattr(q, f"prune_{table}")
     args: tuple[Any, ...] = (cutoff, batch, site) if table == "sync_runs" else (cutoff, batch)
-    if table in ("events", "requests", "agents"):
+    if table in ("events", "batches", "requests", "agents"):
         return _deleted(await conn.fetchval(sql, *args))
     return _deleted(await conn.execute(sql, *args))
 

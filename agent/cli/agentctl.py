@@ -208,8 +208,27 @@ async def device_import(conn: asyncpg.Connection, s: Settings, a: argparse.Names
 
 async def enqueue(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
     msg_id = await admin.enqueue(conn, a.queue, a.device, a.service, a.state, request_id=a.request_id,
-                                 not_after=a.not_after, meta=a.meta, delay=a.delay)  # unknown device: exit 4
+                                 not_after=a.not_after, meta=a.meta, delay=a.delay, priority=a.priority,
+                                 batch=a.batch)  # unknown device: exit 4
     print(msg_id)
+    return 0
+
+
+BATCH_FIELDS = ["batch", "total", "verified", "superseded", "failed", "held", "discarded", "duplicate", "expired",
+                "pending", "first_enqueued_at", "last_settled_at"]
+
+
+async def batch_show(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    st = await admin.batch_status(conn, a.name)
+    if st is None:
+        print(f"agentctl: no batch {clean(a.name, 200)!r} (never enqueued, or pruned by retention)", file=sys.stderr)
+        return 1
+    if a.json:
+        print(dumps(st))
+        return 0
+    width = max(map(len, BATCH_FIELDS))
+    for k in BATCH_FIELDS:
+        print(f"{k.replace('_', ' ')}:".ljust(width + 2) + _cell(st[k]))
     return 0
 
 
@@ -351,7 +370,18 @@ def build_parser() -> argparse.ArgumentParser:
     enq.add_argument("--delay", type=int, default=0, help="seconds before it becomes visible")
     enq.add_argument("--queue", type=argtypes.queue_name,
                      help="send to this queue (default: the queue of the device's site, as for producers)")
+    enq.add_argument("--priority", choices=["high", "normal"],
+                     help="default: high for a restore (on), normal for the rest")
+    enq.add_argument("--batch", help="count it in this batch (agentctl batch show NAME)")
     enq.set_defaults(func=enqueue)
+
+    bat = sub.add_parser("batch", help="batches of commands (agent.enqueue(..., batch => NAME))").add_subparsers(
+        dest="cmd", required=True)
+    bsh = bat.add_parser("show", help="a batch's commands counted by outcome (pending 0: nothing left to happen "
+                         "but what an operator decides for held ones)")
+    bsh.add_argument("name")
+    bsh.add_argument("--json", action="store_true")
+    bsh.set_defaults(func=batch_show)
 
     dlq = sub.add_parser("dlq", help="dead-letter queue").add_subparsers(dest="cmd", required=True)
     dl = dlq.add_parser("list", help="dead-lettered messages with their reasons")

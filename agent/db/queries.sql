@@ -570,6 +570,12 @@ SELECT agent.prune_audit('events', $1, $2);
 -- name: due_events
 SELECT agent.prune_audit('events', $1, 0, true);
 
+-- name: prune_batches
+SELECT agent.prune_audit('batches', $1, $2);
+
+-- name: due_batches
+SELECT agent.prune_audit('batches', $1, 0, true);
+
 -- name: prune_requests
 SELECT agent.prune_audit('requests', $1, $2);
 

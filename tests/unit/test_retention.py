@@ -13,6 +13,7 @@ def test_each_table_has_its_own_cutoff():
                             agents_days=3), NOW)
     assert got == {"archive": NOW - timedelta(days=14), "dlq_archive": NOW - timedelta(days=14),
                    "dlq": NOW - timedelta(days=90), "events": NOW - timedelta(days=180),
+                   "batches": NOW - timedelta(days=180),
                    "requests": NOW - timedelta(days=30), "sync_runs": NOW - timedelta(days=7),
                    "agents": NOW - timedelta(days=3)}
 
