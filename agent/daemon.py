@@ -114,7 +114,7 @@ class Agent:
         self.claims = DeviceClaims(pool, self.queries, s.agent_id, host=self.host_id, instance=self.instance)
         self.parking = Parking(pool, self.queries)
         self.vpn = VpnGuard(s.require_vpn, s.wg_interface, s.vpn_stale_after, s.vpn_check_interval,
-                            lambda: list(self.inventory.devices.values()), pool, s.agent_id, self.wake_parked,
+                            lambda: list(self.inventory.devices.values()), pool, s.agent_id, self._reachable,
                             self._probe, s.vpn_probe_interval)
         self.tuning = Tuning(RetryPolicy(s.max_attempts, s.retry_base, s.retry_max), s.device_timeout)
         self.deadlines = Deadlines()
@@ -163,6 +163,12 @@ class Agent:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _reachable(self, devices: list[str]) -> None:
+        """The VPN guard sees these devices reachable again (or resumed): their breakers forget the
+        tunnel's timeouts, their parked work goes now."""
+        self.budgets.reachable(devices)
+        await self.wake_parked(devices)
 
     async def wake_parked(self, devices) -> None:  # type: ignore[no-untyped-def]
         """The devices are reachable again: their parked work becomes visible now."""

@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agent.drivers.base import Device, Driver
-from agent.errors import AgentError, NoAnswerError, TransientError
-from agent.executor.budget import Breaker, TokenBucket, breaker_options, max_rate
+from agent.errors import AgentError, NoAnswerError, TransientError, UnreachableError
+from agent.executor.budget import OPEN, Breaker, TokenBucket, breaker_options, max_rate
 from agent.executor.deadlines import Deadlines
 from agent.text import rfc3339
 
@@ -95,6 +95,9 @@ class DeviceBudgets:
             if self._deadlines.expired():
                 self._timed_out(device)
             raise
+        except UnreachableError:  # refused, no route: the host answered (the VPN guard judges routes)
+            self._answered(device)
+            raise
         except (TimeoutError, NoAnswerError):
             self._timed_out(device)
             raise
@@ -123,6 +126,19 @@ class DeviceBudgets:
 
     # -- cool-down and probe --------------------------------------------------------------
 
+    def reachable(self, device_ids: list[str]) -> None:
+        """The VPN guard sees these devices reachable again after an outage: the timeouts they had
+        were the tunnel's, not theirs. A closed breaker forgets them; an open one probes now."""
+        for device_id in device_ids:
+            b = self.breakers.get(device_id)
+            if b is None:
+                continue
+            if b.closed:
+                b.timeouts = 0
+            elif b.state == OPEN:
+                b.until = self._clock()
+                self._kick.set()
+
     async def run(self) -> None:
         """Probe each device whose breaker's cool-down is over."""
         try:
@@ -132,7 +148,7 @@ class DeviceBudgets:
                     if b.due(now):
                         b.probing()
                         self._spawn(self._probe(device_id, b))
-                ends = [b.until for b in self.breakers.values() if b.state == "open"]
+                ends = [b.until for b in self.breakers.values() if b.state == OPEN]
                 self._kick.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._kick.wait(), max(0.0, min(ends) - now) + 0.01 if ends else None)
@@ -154,7 +170,7 @@ class DeviceBudgets:
             pass  # _watch judged it
         except Exception:  # a driver bug answers nothing: _watch counted it as an answer
             log.exception("%s: the breaker's probe failed", device_id, extra={"action": "internal_error"})
-        if b.state == "open":
+        if b.state == OPEN:
             log.warning("%s: no answer to the breaker's probe: its work parks until %s", device_id,
                         self._wall(b.until), extra={"action": "breaker_open", "device": device_id})
 

@@ -182,3 +182,35 @@ async def test_a_rate_limit_wait_does_not_count_against_the_call_deadline():
 def test_the_budgeted_driver_reads_many_only_where_the_driver_does():
     budgets = DeviceBudgets(Deadlines(), lambda _d: 1.0, dict, lambda _ids: asyncio.sleep(0))
     assert not hasattr(budgets.wrap(Router()), "read_many")  # type: ignore[arg-type]
+
+
+async def test_a_refused_connection_is_an_answer_not_a_timeout():
+    from agent.errors import UnreachableError
+
+    class Refusing(Router):
+        async def read(self, device: Device, service: str) -> str:
+            raise UnreachableError(f"{device.id}: cannot connect: connection refused")
+
+    dev = Device("r1", "fake", options={"trip_after": 1})
+    budgets = DeviceBudgets(Deadlines(), lambda _d: 1.0, lambda: {"r1": dev}, lambda _ids: asyncio.sleep(0))
+    driver = budgets.wrap(Refusing())  # type: ignore[arg-type]
+    for _ in range(3):
+        with pytest.raises(UnreachableError):
+            await driver.read(dev, "wifi")
+    assert budgets.gate(dev) is None
+
+
+async def test_timeouts_during_a_tunnel_outage_are_forgotten_when_the_tunnel_is_back():
+    dev = Device("r1", "fake", options={"trip_after": 3, "trip_cooldown": 3600})
+    other = Device("r2", "fake", options={"trip_after": 1, "trip_cooldown": 3600})
+    router = Router()
+    budgets = DeviceBudgets(Deadlines(), lambda _d: 1.0, lambda: {"r1": dev, "r2": other},
+                            lambda _ids: asyncio.sleep(0))
+    driver = budgets.wrap(router)  # type: ignore[arg-type]
+    for d in (dev, dev, other):
+        with pytest.raises(NoAnswerError):
+            await driver.read(d, "wifi")
+    assert budgets.gate(other) is not None
+    budgets.reachable(["r1", "r2"])  # the VPN guard: reachable again
+    assert budgets.breakers["r1"].timeouts == 0  # two more timeouts do not trip it
+    assert budgets.breakers["r2"].due(budgets._clock())  # an open one is probed now, not in an hour
