@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -85,6 +86,9 @@ async def test_a_device_that_times_out_trips_its_breaker_its_work_parks_and_resu
         async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as resp:
             metrics = await resp.text()
         assert 'pgmq_edge_agent_device_breaker_open{device="r1"} 1.0' in metrics
+        if promtool := shutil.which("promtool"):
+            lint = subprocess.run([promtool, "check", "metrics"], input=metrics, capture_output=True, text=True)
+            assert lint.returncode == 0, lint.stdout + lint.stderr
         box.delay = 0.0  # the router recovers: the probe after the cool-down finds it answering
         for msg in ids:
             await until(lambda msg=msg: archived(db, msg), timeout=30, what="the parked work resumed")
