@@ -214,3 +214,18 @@ async def test_timeouts_during_a_tunnel_outage_are_forgotten_when_the_tunnel_is_
     budgets.reachable(["r1", "r2"])  # the VPN guard: reachable again
     assert budgets.breakers["r1"].timeouts == 0  # two more timeouts do not trip it
     assert budgets.breakers["r2"].due(budgets._clock())  # an open one is probed now, not in an hour
+
+
+def test_status_shows_the_rate_limit_and_an_open_breaker():
+    from agent.cli.status import budget_line
+    from agent.status import Figures, status_line
+
+    opened = {"device": "r1", "max_rate": 20.0, "rate_waits": 153, "rate_wait_s": 4.07, "breaker": "open",
+              "timeouts": 5, "trips": 1, "retry_after": "2026-12-31T23:59:30.000Z"}
+    assert budget_line(opened) == ("r1: max_rate 20/s, 153 waits (4.1s); breaker open: 5 timeouts in a row, "
+                                   "retry after 2026-12-31T23:59:30.000Z")
+    calm = {**opened, "max_rate": None, "breaker": "closed", "trips": 2}
+    assert budget_line(calm) == "r1: breaker closed (opened 2 times)"
+    f = Figures("a1", "default", "device_tasks", "1", started=True, listener_up=True, queue_depth=0,
+                budgets=[opened])
+    assert "1 breaker open" in status_line(f)
