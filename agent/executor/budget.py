@@ -15,13 +15,17 @@ TRIP_AFTER = 5          # consecutive timeouts that open the breaker (0: never)
 TRIP_COOLDOWN = 30.0    # seconds an open breaker parks the device's work before one probe decides
 
 
+HEADROOM = 0.95  # the pace is a little under max_rate: network jitter must not put more into one second
+
+
 class TokenBucket:
-    """Device operations start at least 1/rate seconds apart (a bucket of one token, refilled at
-    `rate` a second): never more than `rate` of them in any one-second window."""
+    """Device operations start at least 1/(HEADROOM * rate) seconds apart (a bucket of one token):
+    never more than `rate` of them in any one-second window, also where the device sees them, their
+    arrival shifted by network jitter of up to 5 % of a second."""
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
-        self.interval = 1.0 / rate
+        self.interval = 1.0 / (rate * HEADROOM)
         self._next = float("-inf")  # the earliest start of the next operation
 
     def reserve(self, now: float) -> float:

@@ -65,7 +65,10 @@ async def test_a_device_with_max_rate_never_sees_more_than_that_in_any_second_of
         box.communicate(timeout=10)
     assert set(seen["secrets"].values()) == {"false"}  # every secret enabled
     assert len(seen["times"]) >= 90
-    assert most_in_one_second(seen["times"]) <= 20
+    times = seen["times"]
+    tightest = min(b - a for a, b in zip(times, times[20:]))  # the shortest span of 21 operations
+    assert most_in_one_second(times) <= 20, f"21 operations within {tightest:.3f}s"
+    print(f"tightest span of 21 operations: {tightest:.3f}s")
 
 
 async def test_a_device_that_times_out_trips_its_breaker_its_work_parks_and_resumes_after_the_cool_down(db, dsn):
