@@ -85,6 +85,12 @@ def max_rate(device: Device) -> float | None:
     return float(value) if isinstance(value, int | float) and _number(value) and value > 0 else None
 
 
+def pace(device: Device) -> float:
+    """Seconds between two operations on the device under its max_rate; 0 without one."""
+    rate = max_rate(device)
+    return 1.0 / (rate * HEADROOM) if rate else 0.0
+
+
 def breaker_options(device: Device) -> tuple[int, float]:
     """(`trip_after`, `trip_cooldown`) of the device, the defaults where it has none."""
     after, cooldown = device.options.get("trip_after", TRIP_AFTER), device.options.get("trip_cooldown", TRIP_COOLDOWN)

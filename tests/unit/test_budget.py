@@ -229,3 +229,10 @@ def test_status_shows_the_rate_limit_and_an_open_breaker():
     f = Figures("a1", "default", "device_tasks", "1", started=True, listener_up=True, queue_depth=0,
                 budgets=[opened])
     assert "1 breaker open" in status_line(f)
+
+
+def test_the_pace_of_a_device_is_what_a_claim_must_cover_beyond_its_calls():
+    from agent.executor.budget import pace
+
+    assert pace(Device("r1", "sim")) == 0.0
+    assert pace(Device("r1", "sim", options={"max_rate": 0.5})) == pytest.approx(2 / HEADROOM)
