@@ -36,7 +36,7 @@ class Endpoint:
         self._starting_line = starting
 
     async def _starting(self) -> dict[str, Any]:
-        return {"state": "starting", "status": self._starting_line() or "starting"}
+        return {"state": "starting", "healthy": False, "status": self._starting_line() or "starting"}
 
     def serve(self, *, ready: Callable[[], bool], status: Callable[[], Awaitable[dict[str, Any]]],
               registry: CollectorRegistry, before_scrape: Callable[[], Awaitable[None]]) -> None:

@@ -36,7 +36,8 @@ _WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 # commands_total counts each command once, by how it ended; command_attempts_total the deliveries
 # that did not end it (tried again later, parked for an unreachable device, moved to its site's queue).
 _OUTCOME_EVENTS = {"verified", "refreshed", "superseded", "duplicate", "expired", "dead_lettered"}
-_ATTEMPT_EVENTS = {"retried", "parked", "rerouted"}
+_ATTEMPT_EVENTS = {"retried", "rerouted"}  # events of attempts; parks are counted by finish (one event per reason)
+_ATTEMPTS = ("parked", "rerouted", "retried")
 _RECONCILE_RESULTS = ("in_sync", "drifted", "repaired", "unreadable", "failed", "parked")
 _WAKE_SOURCES = ("start", "notify", "poll", "connect", "unpark", "catchup")
 
@@ -186,10 +187,13 @@ class Metrics:
                                  "was found: in_sync, drifted, repaired, unreadable, failed (repair failed); parked "
                                  "counts devices put off by the VPN gate.", ["result"], registry=r)
         self.reconcile_devices = Counter(P + "reconcile_devices_total", "Devices reconciled.", registry=r)
+        self.policy_missing = Counter(P + "reconcile_policy_missing_total", "Suspension policies found blocking "
+                                      "nobody by reconciliation (an address list no enabled firewall rule uses, "
+                                      "...), one per device and problem each run.", registry=r)
         for outcome in sorted(_OUTCOME_EVENTS):  # known in advance: 0 from the start, so increase() sees the first
             for driver in sorted({*available_drivers(), "none"}):
                 self.commands.labels(outcome, driver)
-        for outcome in sorted(_ATTEMPT_EVENTS):
+        for outcome in _ATTEMPTS:
             for driver in sorted({*available_drivers(), "none"}):
                 self.attempts.labels(outcome, driver)
         for result in _RECONCILE_RESULTS:
@@ -209,6 +213,8 @@ class Metrics:
             if o.reconcile:  # counted apart from commands
                 self._reconciled(o)
                 continue
+            if o.finish == "park" and not o.bounce:
+                attempts[("parked", driver)] += 1
             for ev in o.events:
                 if ev.kind in _OUTCOME_EVENTS:
                     counts[(ev.kind, driver)] += 1
@@ -227,6 +233,8 @@ class Metrics:
             self.lease_lost.inc(lost)
 
     def _reconciled(self, o: Outcome) -> None:
+        if missing := sum(ev.kind == "policy_missing" for ev in o.events):
+            self.policy_missing.inc(missing)
         if o.sync is not None:
             for result in ("in_sync", "drifted", "repaired", "unreadable", "failed"):
                 if n := o.sync.get(result):

@@ -92,8 +92,8 @@ def budget_line(b: dict[str, Any]) -> str:
 
 
 async def fleet(conn: asyncpg.Connection, settings: Settings, as_json: bool, all_sites: bool) -> int:
-    """Every site (or AGENT_SITE's) as the database sees it; exit 1 when an agent is not healthy or
-    none has reported."""
+    """Every site (or AGENT_SITE's) as the database sees it; exit 1 when an agent is not healthy, none
+    has reported, or a site holds devices and no live agent serves it."""
     rows = await conn.fetch(Queries(settings.queue).fleet, None if all_sites else settings.site)
     agents: list[dict[str, Any]] = []
     for r in rows:
@@ -103,12 +103,16 @@ async def fleet(conn: asyncpg.Connection, settings: Settings, as_json: bool, all
     bad = [a for a in agents if not _healthy(a) and a["state"] != "stopped"]
     q = Queries(settings.queue)
     sites = await site_views(conn, q, None if all_sites else settings.site, agents)
+    live = {a["site"] for a in agents if not a["stale"] and a["state"] != "stopped"}
+    unserved = [v["site"] for v in sites if v["devices"] and v["site"] not in live]
     tables = await table_stats(conn, q)
     if as_json:
         print(dumps({"sites": sites, "agents": agents, "tables": {t: {"bytes": b, "oldest_row_age_s": age}
                                                                   for t, (b, age) in tables.items()}}))
     else:
         print(f"{len(agents)} agent(s), {len(bad)} not healthy" if agents else "no agents have reported")
+        for name in unserved:
+            print(f"site {clean(name)} has devices and no live agent: its commands wait (start agentd for it)")
         for site in sites:
             print(render_site(site))
         print("agents:" + ("" if agents else " none"))
@@ -119,7 +123,7 @@ async def fleet(conn: asyncpg.Connection, settings: Settings, as_json: bool, all
         print("tables (size, oldest row):")
         for table, (nbytes, age) in tables.items():
             print(f"  {table:<12} {_size(nbytes):>9}  {_dur(age) if age is not None else 'empty'}")
-    return 1 if bad or not agents else 0
+    return 1 if bad or unserved or not agents else 0
 
 
 def _healthy(a: dict[str, Any]) -> bool:
@@ -136,17 +140,21 @@ async def site_views(conn: asyncpg.Connection, q: Queries, site: str | None,
     for r in await conn.fetch(q.fleet_sites, site, LEADER_LOCK_CLASS):
         mine = [a for a in agents if a["site"] == r["site"]]
         queue = r["queue"] or next((a["queue"] for a in mine if a["state"] != "stopped"), None)
-        stats = None
+        stats, hidden = None, False
         if queue is not None and {queue, f"{queue}_dlq"} <= existing:
-            stats = await conn.fetchrow(Queries(queue).queue_stats, QUEUE_CAP)
+            try:
+                stats = await conn.fetchrow(Queries(queue).queue_stats, QUEUE_CAP)
+            except asyncpg.InsufficientPrivilegeError:  # another site's queue, seen from a site's worker role
+                hidden = True
         views.append({
             "site": r["site"], "queue": queue, "queue_recorded": r["queue"] is not None,
-            "queue_missing": queue is not None and stats is None,
+            "queue_missing": queue is not None and stats is None and not hidden, "queue_hidden": hidden,
             "queue_depth": stats["depth"] if stats else None,
             "queue_oldest_s": _float(stats["oldest"]) if stats else None,
             "dlq_depth": stats["dlq_depth"] if stats else None,
             "leader": _agent_of(r["leader_backend"]),
             "agents": [a["agent_id"] for a in mine], "healthy_agents": sum(_healthy(a) for a in mine),
+            "devices": r["devices"],
             "unreachable": json.loads(r["unreachable"])})
     return views
 
@@ -168,6 +176,8 @@ def render_site(v: dict[str, Any]) -> str:
         queue = "no queue recorded (agentctl db init --site ...)"
     elif v["queue_missing"]:
         queue = f"queue {v['queue']} MISSING (agentctl db init --site {v['site']} --queue {v['queue']})"
+    elif v.get("queue_hidden"):
+        queue = f"queue {v['queue']} (not readable by this login: another site's)"
     else:
         queue = (f"queue {v['queue']}{'' if v['queue_recorded'] else ' (not recorded)'}: {v['queue_depth']} "
                  f"messages, oldest {_dur(v['queue_oldest_s'])}; DLQ {v['dlq_depth']}")

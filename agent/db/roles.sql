@@ -1,6 +1,7 @@
 -- Least privilege, applied by `agentctl db init` on every run (idempotent; new tables included).
--- agent_producer:      enqueue commands and ask for syncs through the SECURITY DEFINER API, read
---                      state and the audit log, LISTEN (needs no grant). No access to PGMQ at all.
+-- agent_producer:      enqueue commands, follow them (agent.command_status) and ask for syncs through
+--                      the SECURITY DEFINER API, read state and the audit log, LISTEN (needs no
+--                      grant). No access to PGMQ at all.
 -- agent_worker_<site>: what the agents of one site need (`db init --site S` creates it; its name is
 --                      worker_role() in agent/db/schema.py): its site's queue and DLQ, the state
 --                      and claims of its site's devices (row-level security), and, as a member of
@@ -9,7 +10,8 @@
 --                      the per-site roles): granted every site's queue, every device's rows.
 -- All are NOLOGIN groups: GRANT agent_producer TO webhook;  GRANT agent_worker_north TO agentd_north;
 -- Sections: `common` once; `queue` for the queue `db init` is run for, with {role} agent_worker and
--- the site's role; `site` for the site's role. {q} {a} {dq} {da}: the queue's PGMQ tables; {qs}
+-- the site's role; `member` and `site` for the site's role (`db init` grants the membership itself,
+-- only when missing: it needs the ADMIN option on agent_worker_common). {q} {a} {dq} {da}: the queue's PGMQ tables; {qs}
 -- {dqs}: their msg_id sequences; {role}: a quoted role name; {site}: the site's name, a literal.
 -- section: common
 REVOKE ALL ON SCHEMA agent FROM PUBLIC;
@@ -18,7 +20,9 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA agent FROM PUBLIC;
 
 GRANT USAGE ON SCHEMA agent TO agent_producer;
 GRANT EXECUTE ON FUNCTION agent.enqueue(text, text, text, text, timestamptz, jsonb, text, integer, text),
-                          agent.request_sync(text, text, text, boolean, text, text) TO agent_producer;
+                          agent.request_sync(text, text, text, boolean, text, text),
+                          agent.command_status(bigint), agent.final_kind(text) TO agent_producer;
+GRANT EXECUTE ON FUNCTION agent.forget(text, text, text) TO agent_producer;  -- retire a service key
 GRANT SELECT ON agent.service_state, agent.events, agent.devices TO agent_producer;
 GRANT SELECT ON agent.site_keys TO agent_producer;  -- which lock is whose site's leader
 
@@ -43,8 +47,9 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON agent.device_claims TO agent_worker;
 -- section: queue
 GRANT SELECT, INSERT, UPDATE, DELETE ON pgmq.{q}, pgmq.{a}, pgmq.{dq}, pgmq.{da} TO {role};
 GRANT USAGE, SELECT ON SEQUENCE pgmq.{qs}, pgmq.{dqs} TO {role};
--- section: site
+-- section: member
 GRANT agent_worker_common TO {role};
+-- section: site
 GRANT SELECT, INSERT, UPDATE ON agent.service_state TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON agent.device_claims TO {role};
 -- Restrictive: whatever other policy or role lets a member of the site's role see or write, only

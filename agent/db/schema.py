@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Collection
 from importlib.resources import files
 
 import asyncpg
@@ -173,9 +174,11 @@ def _sections() -> dict[str, str]:
     return {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
 
 
-def roles_sql(q: Queries, site: str = "default") -> str:
+def roles_sql(q: Queries, site: str = "default", without: Collection[str] = (), member: bool = True) -> str:
     """The grants of the group roles for one queue and its site (agent/db/roles.sql, identifiers
-    filled in): agent_worker and the site's role get the queue, the site's role its site's rows."""
+    filled in): agent_worker and the site's role get the queue, the site's role its site's rows.
+    `without`: roles missing (an owner without CREATEROLE could not make them), whose grants are left
+    out so that the others' still apply; `member`: grant the site's role agent_worker_common."""
     idents = {"q": f"q_{q.queue}", "a": f"a_{q.queue}", "dq": f"q_{q.dlq}", "da": f"a_{q.dlq}",
               "qs": f"q_{q.queue}_msg_id_seq", "dqs": f"q_{q.dlq}_msg_id_seq"}
     sections = _sections()
@@ -186,28 +189,52 @@ def roles_sql(q: Queries, site: str = "default") -> str:
         return text.replace("{role}", quote_ident(role)).replace("{site}", _literal(site))
 
     mine = worker_role(site)
-    return "".join([sections["common"], fill(sections["queue"], "agent_worker"), fill(sections["queue"], mine),
-                    fill(sections["site"], mine)])
+    common = sections["common"]
+    if "agent_worker_common" in without:
+        common = common.replace(", agent_worker_common", "")
+    parts = [common, fill(sections["queue"], "agent_worker")]
+    if mine not in without and "agent_worker_common" not in without:
+        parts += [fill(sections["queue"], mine), *([fill(sections["member"], mine)] if member else []),
+                  fill(sections["site"], mine)]
+    return "".join(parts)
 
 
 async def ensure_roles(conn: asyncpg.Connection, q: Queries, site: str = "default") -> str:
     """Create the NOLOGIN group roles if missing (the site's among them) and (re)apply their grants.
-    Returns what was done; without CREATEROLE the roles must be made by a superuser (the message
-    says how)."""
-    wanted = (*ROLES, worker_role(site))
+    Returns what was done. Without CREATEROLE the roles must be made by a superuser (the message
+    says how); the grants of those that exist are applied meanwhile, so an upgrade never leaves
+    agent_worker without what the new release needs."""
+    mine = worker_role(site)
+    wanted = (*ROLES, mine)
     missing = [r for r in wanted if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", r)]
+    cannot = []
     for role in missing:
         try:
             await conn.execute(f"CREATE ROLE {quote_ident(role)} NOLOGIN")
         except asyncpg.DuplicateObjectError:  # made meanwhile by a concurrent init
             pass
         except asyncpg.InsufficientPrivilegeError:
-            log.warning("cannot create role %s (no CREATEROLE): ask a superuser to run "
-                        "CREATE ROLE %s NOLOGIN; then run agentctl db init again", role, role,
+            cannot.append(role)
+    if cannot:
+        log.warning("cannot create role(s) %s (no CREATEROLE): ask a superuser to run %s; then run agentctl "
+                    "db init again", ", ".join(cannot), " ".join(f"CREATE ROLE {quote_ident(r)} NOLOGIN;"
+                                                              for r in cannot),
+                    extra={"action": "roles_missing"})
+    if {"agent_producer", "agent_worker"} & set(cannot):
+        return "missing: " + ", ".join(cannot)
+    grant = f"GRANT agent_worker_common TO {quote_ident(mine)}"
+    if not cannot and not await conn.fetchval("SELECT pg_has_role($1, 'agent_worker_common', 'MEMBER')", mine):
+        try:
+            await conn.execute(grant)
+        except asyncpg.InsufficientPrivilegeError:
+            log.warning("cannot make role %s a member of agent_worker_common (no ADMIN option on it): ask a "
+                        "superuser to run %s; then run agentctl db init again", mine, grant,
                         extra={"action": "roles_missing"})
-            return "missing: " + ", ".join(missing)
+            cannot.append(f"{mine} in agent_worker_common")
     async with conn.transaction():
-        await conn.execute(roles_sql(q, site))
+        await conn.execute(roles_sql(q, site, without=cannot, member=False))
+    if cannot:
+        return "missing: " + ", ".join(cannot)
     return "created " + ", ".join(missing) if missing else "present"
 
 
@@ -216,13 +243,15 @@ _VERSION_TABLE = ("CREATE TABLE IF NOT EXISTS agent.schema_version ("
 
 
 async def _migrate(conn: asyncpg.Connection, upto: int | None = None) -> list[str]:
-    """Apply the migrations not applied yet (up to `upto`: tests pin an older schema with it)."""
+    """Apply the migrations not applied yet, in order (up to `upto`: tests pin an older schema with
+    it). Not applied means not recorded: a migration numbered below one applied already (written
+    beside it, merged after it) is applied too, as `db status` lists it pending."""
     await conn.execute("CREATE SCHEMA IF NOT EXISTS agent")
     await conn.execute(_VERSION_TABLE)
-    current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM agent.schema_version")
+    done = {r[0] for r in await conn.fetch("SELECT version FROM agent.schema_version")}
     applied = []
     for version, name, sql in migrations():
-        if version <= current or (upto is not None and version > upto):
+        if version in done or (upto is not None and version > upto):
             continue
         async with conn.transaction():
             await conn.execute(sql)
@@ -335,9 +364,8 @@ async def status(conn: asyncpg.Connection, q: Queries) -> dict[str, object]:
     row = await conn.fetchrow(q.schema_compat)
     applied = [dict(r) for r in await conn.fetch(q.applied_migrations)]
     done = {r["version"] for r in applied}
-    agents = [dict(r) for r in await conn.fetch(
-        "SELECT agent_id, site, version, state, last_heartbeat FROM agent.agents WHERE state <> 'stopped' "
-        "ORDER BY site, agent_id")] if await conn.fetchval("SELECT to_regclass('agent.agents') IS NOT NULL") else []
+    seen = await conn.fetchval("SELECT to_regclass('agent.agents') IS NOT NULL")
+    agents = [dict(r) for r in await conn.fetch(q.agents_seen)] if seen else []
     return {"version": row["version"], "applied": applied,
             "pending": [n for v, n, _s in migrations() if v not in done], "min_agent_schema": row["min_agent"],
             "this_release": {"version": __version__, "schema": SCHEMA_VERSION,

@@ -226,7 +226,8 @@ def session_attributes(user: str, nas_ip: str, session: Session | None) -> Attri
     attrs: list[tuple[str, str]] = [("NAS-IP-Address" if ":" not in nas_ip else "NAS-IPv6-Address", nas_ip),
                                     ("User-Name", user)]
     if session is not None:
-        attrs.append(("Acct-Session-Id", session.acct_session_id))
+        if 0 < len(session.acct_session_id.encode()) <= MAX_USER:  # radacct is not ours: what cannot go, stays
+            attrs.append(("Acct-Session-Id", session.acct_session_id))
         if session.framed_ip and ":" not in session.framed_ip:
             attrs.append(("Framed-IP-Address", session.framed_ip))
     return tuple(attrs)

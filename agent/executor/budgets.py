@@ -219,10 +219,10 @@ class Budgeted:
         return await self._budgets.call(device, self.inner.probe, device)  # type: ignore[no-any-return]
 
     def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.inner, name)  # AttributeError where the driver has none (read_many)
-        if name != "read_many":
+        attr = getattr(self.inner, name)  # AttributeError where the driver has none (read_many, apply_many)
+        if name not in ("read_many", "apply_many"):
             return attr
 
-        async def read_many(device: Device, services: list[str]) -> Any:
+        async def many(device: Device, services: Any) -> Any:  # one call for many services: one operation
             return await self._budgets.call(device, attr, device, services)
-        return read_many
+        return many

@@ -22,10 +22,10 @@ from agent.contract import Command
 from agent.drivers.base import Device
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, NoAnswerError, PermanentError, TransientError
-from agent.executor import budget, coalesce
+from agent.executor import budget, coalesce, parklog
 from agent.executor.acceptor import Acceptor
 from agent.executor.claims import DeviceClaims
-from agent.executor.converge import Observation, VerifyError, apply_one, observe, observe_for_take
+from agent.executor.converge import Observation, VerifyError, apply_many, apply_one, observe, observe_for_take
 from agent.executor.deadlines import Deadlines
 from agent.executor.policy import KeyState, ParkPolicy, RetryPolicy, Tuning, Verdict, decide
 from agent.executor.reports import Delivery, EventRow, Outcome, Reporter, StateUpdate
@@ -71,6 +71,7 @@ class Executor:
         self._top_up = top_up  # reads more of a device's waiting commands when its lane is served
         self._handlers = dict(handlers or {})  # type of lane item -> what runs it (reconcile messages)
         self._parking = parking or ParkPolicy()
+        self._parked = parklog.ParkSummary()  # the summary line of parks, every few minutes at most
         self.deadlines = deadlines or Deadlines()
         self._drivers = drivers
         self._reporter = reporter
@@ -295,6 +296,13 @@ class Executor:
         One at a time (the default) they are awaited in turn: no task and no semaphore hand-over per
         write, which in a busy loop cost a few milliseconds each."""
         out: dict[str, float | AgentError] = {}
+        parallel = max_parallel(device)
+        if len(services) > 1 and getattr(driver, "apply_many", None) is not None:  # one call for the take
+            bound = timeout * -(-len(services) // parallel)  # what the writes one by one would have had
+            if not await self._hold(device, bound):
+                return dict.fromkeys(services, TransientError(f"{device.id}: claim ran short before the write"))
+            return await apply_many(driver, device, {s: want[s] for s in services}, bound,  # type: ignore[misc]
+                                    self.deadlines)
 
         async def one(svc: str) -> None:
             if not await self._hold(device, timeout):
@@ -305,7 +313,6 @@ class Executor:
             except AgentError as exc:
                 out[svc] = exc
 
-        parallel = max_parallel(device)
         if parallel == 1:
             for svc in services:
                 await one(svc)
@@ -378,11 +385,17 @@ class Executor:
         return self._skip(w, verdict, 0, None)
 
     def _park(self, w: Work, why: str) -> Outcome:
-        """The device is unreachable through the VPN: wait for it, without using up an attempt."""
-        delay = self._parking.delay(w.delivery.bounces)
-        log.info("parked for up to %.0fs: %s", delay, why, extra=_fields(w, "parked"))
+        """The device is unreachable through the VPN: wait for it, without using up an attempt. The
+        event and the INFO line only when the message was not parked for this kind of reason last."""
+        delay, code = self._parking.delay(w.delivery.bounces), parklog.reason_code(why)
+        first = parklog.record(parklog.last_parked(w.delivery.headers), why)
+        log.log(logging.INFO if first else logging.DEBUG, "parked for up to %.0fs: %s", delay, why,
+                extra=_fields(w, "parked"))
+        if line := self._parked.note(w.delivery.msg_id, w.command.device, code, time.monotonic()):
+            log.info(line, extra={"action": "parked_summary"})
         state = StateUpdate(w.command.device, w.command.service, error=f"parked: {why}", msg_id=w.delivery.msg_id)
-        return Outcome(w.delivery, "park", [self._event(w, "parked", error=why)], state, retry_delay=delay)
+        return Outcome(w.delivery, "park", [self._event(w, "parked", error=why)] if first else [], state,
+                       retry_delay=delay, parked_reason=code)
 
     def _skip(self, w: Work, verdict: Verdict, version: int, rid_version: int | None) -> Outcome:
         d, cmd = w.delivery, w.command

@@ -36,12 +36,14 @@ from agent.db.queries import Queries
 from agent.drivers.base import Device, Driver
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, ConfigError, PermanentError, TransientError
+from agent.executor import parklog
 from agent.executor.converge import Observation, batch_reader, converge, observe, observe_many
 from agent.executor.deadlines import Deadlines
 from agent.executor.policy import ParkPolicy, RetryPolicy
 from agent.executor.reports import Delivery, EventRow, Outcome, StateUpdate
 from agent.reconcile.judge import Finding, needs_repair, summary
 from agent.reconcile.request import SyncRequest
+from agent.text import clean
 
 log = logging.getLogger("agent.reconcile")
 INLINE_DELAY_CAP = 5.0
@@ -129,8 +131,9 @@ class SyncWorker:
             left = self.tuning.unreachable_wait - waited(d, time.time())
             delay = min(self._parking.delay(d.bounces), max(0.5, left))
             log.debug("reconcile parked for up to %.0fs: %s", delay, p.why, extra=_fields(w, "parked"))
-            return Outcome(d, "park", [self._event(w, "parked", None, error=p.why)], retry_delay=delay,
-                           reconcile=True)
+            new = parklog.record(parklog.last_parked(d.headers), p.why)  # one event per reason, not per park
+            return Outcome(d, "park", [self._event(w, "parked", None, error=p.why)] if new else [],
+                           retry_delay=delay, reconcile=True, parked_reason=parklog.reason_code(p.why))
         except _Forged as exc:
             log.warning("dead-lettered: %s", exc, extra=_fields(w, "dead_lettered"))
             return Outcome(d, "dead_letter", [self._event(w, "dead_lettered", None, error=str(exc))],
@@ -148,11 +151,31 @@ class SyncWorker:
                         extra=_fields(w, "retried"))
             return Outcome(d, "retry", [self._event(w, "retried", None, error=str(exc))], retry_delay=delay,
                            reconcile=True)
+        events += await self._policy_problems(w, driver, [r["service"] for r in rows])
         result = summary(findings)
         log.debug("reconciled %s: %d checked, %d drifted, %d repaired, %d unreadable", dev.id, result["checked"],
                  result["drifted"], result["repaired"], result["unreadable"], extra=_fields(w, "reconciled"))
         return Outcome(d, "archive", events, sync={"run": req.run, "device": dev.id, **result}, extra_states=states,
                        reconcile=True)
+
+    async def _policy_problems(self, w: SyncWork, driver: Driver, services: list[str]) -> list[EventRow]:
+        """A `policy_missing` event for each way the device's suspension policy blocks nobody (an
+        address list no enabled firewall rule uses, ...), where the driver can tell. A check that
+        fails is logged and left for the next run: it never fails the reconcile."""
+        check = getattr(driver, "check_policy", None)
+        if check is None or w.request.service is not None or not self._may_operate(w.device):
+            return []  # (a run for one service checks that service only)
+        _, timeout = self._policy()
+        try:
+            async with asyncio.timeout(timeout):
+                problems: list[str] = await check(w.device, services)
+        except (AgentError, TimeoutError) as exc:
+            log.warning("suspension policy of %s not checked: %s", w.device.id, exc,
+                        extra=_fields(w, "policy_unchecked"))
+            return []
+        for problem in problems:
+            log.warning("%s: %s", w.device.id, clean(problem, 500), extra=_fields(w, "policy_missing"))
+        return [self._event(w, "policy_missing", None, error=clean(problem, 1000)) for problem in problems]
 
     def _skip(self, w: SyncWork, why: str) -> str | None:
         """Whether a reconcile the gate keeps from its device stops waiting (and why), or is parked."""

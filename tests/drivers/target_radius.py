@@ -17,12 +17,13 @@ from pathlib import Path
 
 from agent.drivers.base import CredentialStore, Device, DriverContext
 from tests.drivers.target import Target
-from tests.support.freeradius import NAS_IP, FreeRadius, add_user, create_store, freeradius_available
+from tests.support.freeradius import NAS_IP, FreeRadius, add_user, add_users, create_store, freeradius_available
 from tests.support.pg import create_database, drop_database, start_cluster
 from tests.support.slowserver import SlowServer, refusing_port
 from tests.support.snmpd import closed_udp_port, silent_udp
 
 WRONG = "wrong-Secret-5c2e"
+BULK = 300  # subscribers of one NAS read at once, a third of them suspended
 UDP_NOTE = ("RADIUS Dynamic Authorization runs over UDP: a NAS that is down and one that drops requests signed "
             "with another secret look the same (no answer); a closed port (ICMP) is an UnreachableError")
 
@@ -36,6 +37,8 @@ async def target(tmp_path: Path) -> AsyncIterator[Target]:
     dsn = await create_database(admin)
     await create_store(dsn)
     await add_user(dsn, "contract-sub", "pw-contract")
+    bulk = [f"bulk-{i}@isp" for i in range(BULK)]
+    await add_users(dsn, bulk, "pw-contract", suspended=set(bulk[::3]))
     fr = await asyncio.to_thread(FreeRadius, dsn)
     slow = await SlowServer().start()
     creds = tmp_path / "credentials"
@@ -69,6 +72,8 @@ async def target(tmp_path: Path) -> AsyncIterator[Target]:
                 observe=observe,
                 bad_credential=device(fr.das_address, "nas-wrong", "radius-db-wrong"),
                 notes={"unreachable": UDP_NOTE},
+                transport="udp",
+                bulk=[f"user/{name}" for name in bulk],
             )
     finally:
         await slow.stop()

@@ -11,7 +11,7 @@ import pytest
 
 from agent.contract import Command
 from agent.db.queries import Queries
-from agent.db.schema import SCHEMA_VERSION, check_ready, init_database
+from agent.db.schema import SCHEMA_VERSION, check_ready, init_database, migrations
 from agent.errors import ConfigError
 from agent.executor.acceptor import Acceptor
 from tests.support.db import add_device
@@ -23,10 +23,7 @@ async def test_init_installs_pgmq_from_the_bundled_sql_and_is_idempotent(empty_d
         first = await init_database(conn, "device_tasks")
         second = await init_database(conn, "device_tasks")
         assert first["pgmq"] in ("sql", "extension") and second["pgmq"] == "present"
-        assert first["migrations_applied"] == ["0001_init.sql", "0002_agents.sql", "0003_parking.sql",
-                                           "0004_reconcile.sql", "0005_hardening.sql",
-                                           "0006_operations.sql", "0007_sites.sql", "0008_versions.sql",
-                                           "0009_site_roles.sql"]
+        assert first["migrations_applied"] == [name for _v, name, _sql in migrations()]  # every one, in order
         assert second["migrations_applied"] == []
         assert await conn.fetchval("SELECT max(version) FROM agent.schema_version") == SCHEMA_VERSION
         queues = {r[0] for r in await conn.fetch("SELECT queue_name FROM pgmq.meta")}
@@ -65,7 +62,6 @@ async def test_enqueue_function_sends_a_contract_message(db):
 
 
 @pytest.mark.parametrize("call, message", [
-    ("agent.enqueue('ghost', 'wifi', 'on')", "unknown device 'ghost'"),
     ("agent.enqueue('r1', 'wifi', 'maybe')", "state must be 'on' or 'off'"),
     ("agent.enqueue('r1', 'wifi', NULL)", "state must be 'on' or 'off'"),
     ("agent.enqueue('r1', 'has space', 'on')", "not a valid service key"),
@@ -108,3 +104,12 @@ async def test_acceptance_of_several_versions_of_one_key_keeps_the_first_owner_a
     assert results == [(12, 11), (12, 12), (12, 11)]  # (version in force, owner of its request_id)
     row = await db.fetchrow("SELECT desired, desired_version, last_request_id FROM agent.service_state")
     assert tuple(row) == ("off", 12, "refund-1")
+
+
+async def test_a_migration_adds_event_kinds_keeping_every_kind_allowed_before(db):
+    await db.execute("SELECT agent.allow_event_kinds('x_first')")
+    await db.execute("SELECT agent.allow_event_kinds('x_second')")  # written beside the first: keeps it
+    for kind in ("verified", "rerouted", "policy_missing", "x_first", "x_second"):
+        await db.execute("INSERT INTO agent.events (kind) VALUES ($1)", kind)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await db.execute("INSERT INTO agent.events (kind) VALUES ('bogus')")

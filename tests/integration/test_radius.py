@@ -25,6 +25,7 @@ from tests.support.db import archived, send
 from tests.support.freeradius import NAS_IP, FreeRadius, add_user, create_store, free_udp_port, freeradius_available
 from tests.support.pg import create_database, drop_database
 from tests.support.wait import until
+from tests.support.wan import UdpRelay
 
 pytestmark = pytest.mark.skipif(freeradius_available() is not None, reason=str(freeradius_available()))
 _ids = itertools.count()
@@ -62,6 +63,9 @@ class Radius:
             return await conn.fetch(query, *args)
         finally:
             await conn.close()
+
+    async def fetchval(self, query: str, *args: object) -> object:
+        return (await self.fetch(query, *args))[0][0]
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +244,27 @@ async def test_a_month_end_burst_suspends_every_subscriber_once(radius: Radius, 
     assert [await radius.access(u) for u in users[:5]] == ["reject"] * 5
 
 
+async def test_a_take_writes_every_suspension_in_one_statement_then_ends_the_sessions(
+        radius: Radius, drv: RadiusDriver) -> None:
+    users = [await radius.subscriber() for _ in range(120)]
+    for user in users[::3]:
+        await radius.fr.start_session(user, f"sess-{user}", "10.12.0.1")
+    device = radius.device(timeout=10.0, max_parallel=16)
+    wanted = {f"user/{u}": "off" for u in users} | {"user/nobody-such@isp": "off", "user/": "off"}
+    found = await drv.apply_many(device, wanted)  # type: ignore[arg-type]
+    assert {s for s, e in found.items() if e is None} == {f"user/{u}" for u in users}
+    assert "no such subscriber" in str(found["user/nobody-such@isp"]) and found["user/"] is not None
+    # one statement, one transaction: every suspended row carries the same xmin
+    assert await radius.fetchval("SELECT count(DISTINCT xmin::text) FROM radusergroup WHERE groupname = 'suspended' "
+                                 "AND username = ANY($1::text[])", users) == 1
+    assert all(len(radius.disconnects(u)) == 1 for u in users)
+    states = await drv.read_many(device, [f"user/{u}" for u in users])
+    assert set(states.values()) == {"off"}
+    restored = await drv.apply_many(device, {f"user/{u}": "on" for u in users[:30]})  # type: ignore[arg-type]
+    assert set(restored.values()) == {None}
+    assert [await radius.access(u) for u in (users[0], users[40])] == ["accept", "reject"]
+
+
 async def test_a_suspended_row_that_sorts_after_the_plan_suspends_nobody_until_moved_first(
         radius: Radius, drv: RadiusDriver) -> None:
     user = await radius.subscriber()
@@ -314,6 +339,10 @@ async def test_month_end_through_the_agent_every_suspension_applied_once_and_ver
     assert {r["service"]: r["observed"] for r in rows} == {f"user/{u}": "off" for u in users}
     assert all(len(radius.disconnects(u)) == 1 for u in users)  # each applied once
     assert [await radius.access(u) for u in users[::15]] == ["reject"] * 4
+    # a take is one policy statement: far fewer transactions wrote the rows than there were suspensions
+    writes = await radius.fetchval("SELECT count(DISTINCT xmin::text) FROM radusergroup WHERE groupname = "
+                                   "'suspended' AND username = ANY($1::text[])", users)
+    assert writes < len(users) // 4, writes
 
 
 async def test_a_lost_accounting_stop_is_seen_by_the_read_back_and_the_retry_closes_it(
@@ -328,3 +357,27 @@ async def test_a_lost_accounting_stop_is_seen_by_the_read_back_and_the_retry_clo
     assert await drv.read(device, f"user/{user}") == "off"
     [row] = await radius.fetch("SELECT acctterminatecause FROM radacct WHERE username = $1", user)
     assert row["acctterminatecause"] == "Session-Context-Not-Found"
+
+
+async def test_through_a_lossy_link_every_suspension_is_acted_on_once(radius: Radius, drv: RadiusDriver) -> None:
+    """A VPN that loses and duplicates datagrams: a lost request or reply is sent again as the same packet,
+    which the NAS recognises as a retransmission (FreeRADIUS keeps its answer for cleanup_delay, as NASes
+    do), and a duplicated reply is ignored: every subscriber is suspended, and the NAS acted once each."""
+    users = [await radius.subscriber() for _ in range(60)]
+    for user in users[::2]:
+        await radius.fr.start_session(user, f"sess-{user}", "10.12.0.1")
+    async with UdpRelay(("127.0.0.1", radius.fr.das_port), delay=0.005, jitter=0.01, drop=0.1, duplicate=0.3,
+                        seed=5) as relay:
+        # every try within FreeRADIUS's cleanup_delay (5 s); 7 tries all lost: ~1e-5 per request
+        device = radius.device(relay.address, nas_ip=NAS_IP, timeout=4.0, retries=6)
+        gate = asyncio.Semaphore(8)
+
+        async def off(user: str) -> None:
+            async with gate:
+                await drv.apply(device, f"user/{user}", "off")
+
+        await asyncio.gather(*(off(u) for u in users))
+    assert relay.stats["dropped"] and relay.stats["duplicated"]
+    states = await drv.read_many(radius.device(), [f"user/{u}" for u in users])
+    assert set(states.values()) == {"off"}
+    assert [u for u in users if len(radius.disconnects(u)) != 1] == []

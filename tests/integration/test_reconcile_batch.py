@@ -73,3 +73,35 @@ async def test_a_batch_reading_that_keeps_failing_leaves_every_service_unreadabl
     assert [c.op for c in device.calls] == ["read_many", "read_many"]  # its retries, no call per service
     errors = await db.fetch("SELECT DISTINCT error FROM agent.events WHERE kind = 'unreadable'")
     assert [r["error"] for r in errors] == ["r1: connection refused"]
+
+
+class PolicyDriver(ScriptedDriver):
+    """A device whose suspension policy is half missing: the list of the `blocked:` services is used
+    by no enabled firewall rule (as the routeros driver's check_policy would find)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="policied")
+        self.asked: list[list[str]] = []
+
+    async def check_policy(self, device, services):  # type: ignore[no-untyped-def]
+        self.asked.append(sorted(services))
+        return [f"address list {s.split(':', 1)[1]!r} is used by no enabled firewall rule: suspending "
+                "through it blocks nobody" for s in sorted(services) if s.startswith("blocked:")]
+
+
+async def test_a_reconcile_run_records_each_suspension_policy_that_blocks_nobody(db, dsn):
+    device = PolicyDriver()
+    await add_device(db, "r1", "policied")
+    await db.executemany("INSERT INTO agent.service_state (device, service, desired, observed) "
+                         "VALUES ('r1', $1, 'off', 'off')", [("blocked:unpaid",), ("blocked:late",), ("wifi",)])
+    for s in ("blocked:unpaid", "blocked:late", "wifi"):
+        device.states[("r1", s)] = "off"
+    async with running_agent(dsn, device) as agent:
+        found = await reconcile(db, agent, "r1")
+        counted = agent.metrics.policy_missing._value.get()  # type: ignore[attr-defined]
+    assert found["in_sync"] == 3
+    assert device.asked == [["blocked:late", "blocked:unpaid", "wifi"]]
+    rows = await db.fetch("SELECT device, service, error FROM agent.events WHERE kind = 'policy_missing' ORDER BY id")
+    assert [(r["device"], r["service"]) for r in rows] == [("r1", None), ("r1", None)]
+    assert ["'late'" in rows[0]["error"], "'unpaid'" in rows[1]["error"]] == [True, True]
+    assert counted == 2

@@ -5,7 +5,9 @@ of the device's site. agent_worker keeps serving every site (installs made befor
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -18,7 +20,7 @@ from agent.errors import ConfigError
 from agent.executor.reports import EventRow, Outcome, StateUpdate, write_batch
 from agent.queue.admission import delivery
 from agent.queue.routing import Move, moved
-from tests.support.agents import running_agent
+from tests.support.agents import agentctl, running_agent
 from tests.support.cluster import as_user, login_role
 from tests.support.db import add_device, archived, queue_len, send
 from tests.support.devices import ScriptedDriver
@@ -198,3 +200,47 @@ async def test_an_agent_logged_in_with_another_sites_role_refuses_to_start_namin
                                               rf'GRANT "agent_worker_north" TO "{name}";'):
             async with running_agent(as_user(dsn, name), ScriptedDriver(), site="north", queue=NORTH):
                 pass
+
+
+async def test_fleet_status_from_a_sites_login_shows_other_sites_without_their_queues(dsn, north):
+    """`agentctl status --fleet --all-sites` on an edge host, with its agent's login: its own queue's
+    figures, and the other site listed with its queue not readable (not reported missing)."""
+    async with login_role(dsn, "agent_worker_default") as name:
+        proc = agentctl(as_user(dsn, name), "status", "--fleet", "--all-sites", "--json", check=False)
+        text = agentctl(as_user(dsn, name), "status", "--fleet", "--all-sites", check=False)
+    assert "Traceback" not in proc.stderr + text.stderr, proc.stderr + text.stderr
+    sites = {s["site"]: s for s in json.loads(proc.stdout)["sites"]}
+    assert (sites["default"]["queue_depth"], sites["default"]["queue_hidden"]) == (0, False)
+    assert (sites["north"]["queue_depth"], sites["north"]["queue_missing"], sites["north"]["queue_hidden"]) == (
+        None, False, True)
+    assert "queue north_tasks (not readable by this login" in text.stdout
+
+
+async def test_db_init_by_an_owner_without_createrole_still_grants_the_roles_that_exist(empty_dsn, caplog):
+    """The roles were made by a superuser before this release; the owner may not create the site's
+    new role: db init says which CREATE ROLE to ask for, and agent_worker gets what this release
+    needs all the same (an upgrade never leaves the agents without their grants)."""
+    site = f"nocreate_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(empty_dsn)
+    try:
+        for role in ("agent_producer", "agent_worker", "agent_worker_common"):  # made by a superuser
+            await admin.execute(f"DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') "
+                                f"THEN CREATE ROLE {role} NOLOGIN; END IF; END $$")
+        name = await admin.fetchval("SELECT current_database()")
+        async with login_role(empty_dsn) as owner:
+            await admin.execute(f'ALTER DATABASE "{name}" OWNER TO "{owner}"')
+            conn = await asyncpg.connect(as_user(empty_dsn, owner))
+            try:
+                result = await init_database(conn, "nc_tasks", site=site)
+            finally:
+                await conn.close()
+                await admin.execute(f'ALTER DATABASE "{name}" OWNER TO CURRENT_USER')
+            granted = await admin.fetchrow(
+                "SELECT has_table_privilege('agent_worker', 'pgmq.q_nc_tasks', 'SELECT, UPDATE, DELETE') AS queue, "
+                "has_function_privilege('agent_worker', 'agent.move_message(text, bigint, integer, text, boolean)', "
+                "'EXECUTE') AS move, has_table_privilege('agent_worker_common', 'agent.events', 'INSERT') AS common")
+            assert dict(granted) == {"queue": True, "move": True, "common": True}
+            assert result["roles"] == f"missing: {worker_role(site)}"
+            assert f"CREATE ROLE \"{worker_role(site)}\" NOLOGIN;" in caplog.text
+    finally:
+        await admin.close()

@@ -42,6 +42,24 @@ async def pinned_database(dsn: str, upto: int) -> None:
         await conn.close()
 
 
+async def test_a_migration_merged_after_a_higher_one_is_applied_and_drops_no_event_kind(empty_dsn):
+    """0012 and 0013 were written side by side; a database that got 0013 first gets 0012 from the next
+    db init, and keeps 0013's event kind (0012 adds its kinds, it does not restate the list)."""
+    [(_v, name13, sql13)] = [m for m in schema.migrations() if m[0] == 13]
+    await pinned_database(empty_dsn, 11)
+    conn = await asyncpg.connect(empty_dsn)
+    try:
+        await conn.execute(sql13)
+        await conn.execute("INSERT INTO agent.schema_version (version, name) VALUES (13, $1)", name13)
+        assert (await schema.status(conn, Q))["pending"][0] == "0012_forget.sql"
+        assert (await schema._migrate(conn))[0] == "0012_forget.sql"
+        assert (await schema.status(conn, Q))["pending"] == []
+        for kind in ("policy_missing", "dropped", "forgotten", "verified"):
+            await conn.execute("INSERT INTO agent.events (kind) VALUES ($1)", kind)
+    finally:
+        await conn.close()
+
+
 async def test_an_agent_of_the_previous_schema_runs_against_the_new_one(db, dsn, monkeypatch, caplog):
     monkeypatch.setattr(schema, "SCHEMA_VERSION", PREVIOUS)  # an agent built from the previous migration set
     await add_device(db, "r1")

@@ -92,6 +92,18 @@ async def add_user(dsn: str, name: str, password: str, group: str = "plan", prio
         await conn.close()
 
 
+async def add_users(dsn: str, names: list[str], password: str, suspended: set[str] = frozenset()) -> None:
+    """Many subscribers in the plan at once; those in `suspended` also in the suspended group, sorting first."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.executemany("INSERT INTO radcheck (username, attribute, op, value) "
+                               "VALUES ($1, 'Cleartext-Password', ':=', $2)", [(n, password) for n in names])
+        await conn.executemany("INSERT INTO radusergroup (username, groupname, priority) VALUES ($1, $2, $3)",
+                               [(n, "plan", 1) for n in names] + [(n, "suspended", 0) for n in suspended])
+    finally:
+        await conn.close()
+
+
 @dataclass(frozen=True)
 class DasRequest:
     kind: str                     # Disconnect-Request or CoA-Request

@@ -182,6 +182,21 @@ async def test_a_rate_limit_wait_does_not_count_against_the_call_deadline():
 def test_the_budgeted_driver_reads_many_only_where_the_driver_does():
     budgets = DeviceBudgets(Deadlines(), lambda _d: 1.0, dict, lambda _ids: asyncio.sleep(0))
     assert not hasattr(budgets.wrap(Router()), "read_many")  # type: ignore[arg-type]
+    assert not hasattr(budgets.wrap(Router()), "apply_many")  # type: ignore[arg-type]
+
+
+async def test_a_write_of_many_services_in_one_call_is_one_paced_operation():
+    dev = Device("r1", "fake", options={"max_rate": 1000, "trip_after": 1})
+
+    class Many(Router):
+        async def apply_many(self, device: Device, want: dict[str, str]) -> dict[str, None]:
+            raise NoAnswerError("no answer")
+
+    budgets = DeviceBudgets(Deadlines(), lambda _d: 1.0, lambda: {"r1": dev}, lambda _ids: asyncio.sleep(0))
+    driver = budgets.wrap(Many())  # type: ignore[arg-type]
+    with pytest.raises(NoAnswerError):
+        await driver.apply_many(dev, {"a": "on", "b": "on"})
+    assert budgets.gate(dev) is not None  # its silence counts like any call's
 
 
 async def test_a_refused_connection_is_an_answer_not_a_timeout():

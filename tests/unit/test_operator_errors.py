@@ -182,3 +182,24 @@ def test_a_pause_that_ended_is_reported_once():
 def test_argparse_errors_are_usage_errors():
     with pytest.raises(argparse.ArgumentTypeError):
         argtypes.json_object("{bad")
+
+
+@pytest.mark.parametrize(("error", "kind", "said"), [
+    (asyncpg.NoDataFoundError("agent.enqueue: unknown device 'r9'"), "not_found",  # a permanent error: exit 4
+     "unknown device 'r9': add it first (agentctl device add)"),
+    (asyncpg.ObjectNotInPrerequisiteStateError("agent.enqueue: queue 'q_n' of the device's site does not exist"),
+     "config", "queue 'q_n' of the device's site does not exist"),
+    (asyncpg.InvalidParameterValueError("agent.enqueue: state must be 'on' or 'off', got 'x'"), "permanent",
+     "state must be 'on' or 'off', got 'x'"),
+])
+def test_enqueue_refusals_are_sorted_by_what_to_do(error, kind, said):
+    from agent.admin import enqueue_refusal
+
+    refusal = enqueue_refusal(error)
+    assert refusal is not None and refusal.kind == kind and str(refusal).startswith(said)
+
+
+def test_other_database_errors_are_not_enqueue_refusals():
+    from agent.admin import enqueue_refusal
+
+    assert enqueue_refusal(asyncpg.SerializationError("could not serialize")) is None

@@ -30,5 +30,7 @@ def test_no_connection_is_unreachable_and_no_answer_is_a_timeout() -> None:
 
 
 def test_anything_else_is_retried() -> None:
-    err = STORE._mapped(asyncpg.SerializationError("could not serialize access"), 5.0)
-    assert type(err) is TransientError
+    for exc in (asyncpg.SerializationError("could not serialize access"),
+                asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+                asyncpg.InterfaceError("cannot perform operation: another operation is in progress")):
+        assert type(STORE._mapped(exc, 5.0)) is TransientError

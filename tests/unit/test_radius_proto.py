@@ -102,6 +102,8 @@ def test_session_attributes_name_the_session_as_radacct_has_it() -> None:
         ("Framed-IP-Address", "10.0.0.2"))
     assert p.session_attributes("alice", "2001:db8::1", None) == (("NAS-IPv6-Address", "2001:db8::1"),
                                                                  ("User-Name", "alice"))
+    odd = p.Session(8, "x" * 300, None)  # radacct holds what the NAS sent; an attribute holds 253 octets
+    assert p.session_attributes("alice", "192.0.2.1", odd) == (("NAS-IP-Address", "192.0.2.1"), ("User-Name", "alice"))
 
 
 def test_nak_meanings() -> None:
