@@ -58,6 +58,8 @@ class Live:
     last_heartbeat: float | None = None  # unix time of the last heartbeat row written
     pruned_at: float | None = None       # unix time of the leader's last successful retention pass
     tables: dict[str, tuple[int, float | None]] = field(default_factory=dict)  # table -> bytes, oldest row age
+    breakers: dict[str, tuple[bool, int]] = field(default_factory=dict)    # device -> (open, trips)
+    rate_waits: dict[str, tuple[int, float]] = field(default_factory=dict)  # device -> (waits, seconds waited)
 
 
 class _LiveCollector:
@@ -109,6 +111,27 @@ class _LiveCollector:
         yield reach
         yield from _peer_families(live)
         yield from _table_families(live)
+        yield from _budget_families(live)
+
+
+def _budget_families(live: Live) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """The device budget (agent/executor/budgets.py): breakers of devices that ever timed out, and
+    the pacing of devices with a max_rate."""
+    opened = GaugeMetricFamily(P + "device_breaker_open", "1 while the device's breaker is open (too many "
+                               "timeouts in a row: its work parks until a probe answers).", labels=["device"])
+    trips = CounterMetricFamily(P + "device_breaker_trips", "Times the device's breaker opened (trips and "
+                                "failed probes).", labels=["device"])
+    for device, (is_open, n) in sorted(live.breakers.items()):
+        opened.add_metric([device], 1.0 if is_open else 0.0)
+        trips.add_metric([device], n)
+    waits = CounterMetricFamily(P + "device_rate_limit_waits", "Device calls that waited for the device's "
+                                "max_rate.", labels=["device"])
+    waited = CounterMetricFamily(P + "device_rate_limit_wait_seconds", "Time device calls waited for the "
+                                 "device's max_rate.", labels=["device"])
+    for device, (n, seconds) in sorted(live.rate_waits.items()):
+        waits.add_metric([device], n)
+        waited.add_metric([device], seconds)
+    yield from (opened, trips, waits, waited)
 
 
 def _table_families(live: Live) -> Iterator[GaugeMetricFamily]:

@@ -68,11 +68,27 @@ def render(s: dict[str, Any]) -> str:
         lines.append(f"  {when} msg {f['msg_id']} {f['device']}/{f['service']} {f['finish']}: {clean(f['error'])}")
     lines.append("unreachable devices:" + ("" if s["unreachable"] else " none"))
     lines += [f"  {u['device']}: {clean(u['reason'])}" for u in s["unreachable"]]
+    if s.get("budgets"):
+        lines.append("device budgets:")
+        lines += [f"  {budget_line(b)}" for b in s["budgets"]]
     lines.append("drifted (desired != observed):" + ("" if s["drifted"] else " none"))
     lines += [f"  {d['device']}/{d['service']}: desired {d['desired']}, observed {d['observed']}"
               + (" [last command failed: not reconciled until replayed or superseded]" if d.get("failed") else "")
               + (f" ({clean(d['last_error'])})" if d.get("last_error") else "") for d in s["drifted"]]
     return "\n".join(lines)
+
+
+def budget_line(b: dict[str, Any]) -> str:
+    """One device's budget: its rate limit and how often it waited, its breaker if not closed."""
+    parts = []
+    if b.get("max_rate"):
+        parts.append(f"max_rate {b['max_rate']:g}/s, {b['rate_waits']} waits ({b['rate_wait_s']:.1f}s)")
+    if b.get("breaker") and b["breaker"] != "closed":
+        parts.append(f"breaker {b['breaker'].replace('_', '-')}: {b['timeouts']} timeouts in a row, "
+                     f"retry after {b['retry_after']}")
+    elif b.get("trips"):
+        parts.append(f"breaker closed (opened {b['trips']} times)")
+    return f"{clean(b['device'])}: " + ("; ".join(parts) or "no limit")
 
 
 async def fleet(conn: asyncpg.Connection, settings: Settings, as_json: bool, all_sites: bool) -> int:

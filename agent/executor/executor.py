@@ -22,7 +22,7 @@ from agent.contract import Command
 from agent.drivers.base import Device
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, NoAnswerError, PermanentError, TransientError
-from agent.executor import coalesce, parklog
+from agent.executor import budget, coalesce, parklog
 from agent.executor.acceptor import Acceptor
 from agent.executor.claims import DeviceClaims
 from agent.executor.converge import Observation, VerifyError, apply_many, apply_one, observe, observe_for_take
@@ -111,8 +111,9 @@ class Executor:
         self._reporter.submit(out)
 
     def op_bound(self, device: Device) -> float:
-        """The longest one work item may operate the device: three calls, each under its deadline."""
-        return 3 * call_timeout(device, self._timeout) + 2.0
+        """The longest one work item may operate the device: three calls, each under its deadline
+        after its turn in the device's max_rate."""
+        return 3 * (call_timeout(device, self._timeout) + budget.pace(device)) + 2.0
 
     def settle(self, outcome: Outcome) -> None:
         """An outcome decided without a device operation goes straight to the reporter."""
@@ -286,7 +287,8 @@ class Executor:
 
     async def _hold(self, device: Device, timeout: float) -> bool:
         """Before another device call of a take: the claim still covers it (renewed if it ran short)."""
-        return self.claims is None or await self.claims.claim(device.id, timeout + 2.0)
+        turn = budget.pace(device) * max_parallel(device)  # the wait for its turn in the device's max_rate
+        return self.claims is None or await self.claims.claim(device.id, timeout + turn + 2.0)
 
     async def _write_take(self, driver, device: Device, services: list[str],  # type: ignore[no-untyped-def]
                           want: Mapping[str, str | None], timeout: float) -> dict[str, float | AgentError]:
