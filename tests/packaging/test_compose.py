@@ -320,6 +320,10 @@ def test_the_agent_is_created_and_ready_while_the_remote_site_is_down(stack: Sta
     assert stack.podman.inspect(agent)["Id"] != before
     stack.podman.wait_healthy(agent, 120)
     stack.enqueue("wifi", "on", "compose-down-1")
-    wait_for(lambda: "parked" in stack.sql("SELECT string_agg(kind, ' ') FROM agent.events "
-                                           "WHERE request_id = 'compose-down-1'") or "", 120,
-             "the command parked while the site is down")
+    try:
+        wait_for(lambda: "parked" in stack.sql("SELECT string_agg(kind, ' ') FROM agent.events "
+                                               "WHERE request_id = 'compose-down-1'"), 120,
+                 "the command parked while the site is down")
+    except AssertionError as exc:
+        logs = stack.podman.run("logs", "--tail", "40", agent).stdout
+        raise AssertionError(f"{exc}\nagent log:\n{logs}") from None
