@@ -30,7 +30,7 @@ from agent.db.schema import check_ready, ensure_notify
 from agent.db.session import Session
 from agent.drivers.base import CredentialStore, Device, DriverContext
 from agent.drivers.registry import Drivers
-from agent.executor.acceptor import Acceptor
+from agent.executor.acceptor import Acceptor, GuardLimits
 from agent.executor.claims import DeviceClaims
 from agent.executor.deadlines import Deadlines
 from agent.executor.executor import Executor
@@ -109,7 +109,7 @@ class Agent:
         self.inventory = Inventory(pool, self.queries, s.site, self.drivers)
         self.reporter = Reporter(pool, self.queries, s.agent_id, self._committed,
                                  on_failed=self._report_failed, archive=s.archive)
-        self.acceptor = Acceptor(pool, self.queries)
+        self.acceptor = Acceptor(pool, self.queries, guard_limits(s))
         self.claims = DeviceClaims(pool, self.queries, s.agent_id, host=self.host_id, instance=self.instance)
         self.parking = Parking(pool, self.queries)
         self.vpn = VpnGuard(s.require_vpn, s.wg_interface, s.vpn_stale_after, s.vpn_check_interval,
@@ -302,7 +302,7 @@ class Agent:
 
     def _apply(self, new: Settings) -> None:
         live = {"log_level", "poll_interval", "max_attempts", "retry_base", "retry_max", "device_timeout",
-                "heartbeat_interval", "watchdog_stall"}
+                "heartbeat_interval", "watchdog_stall", "guard_window", "guard_off_min", "guard_off_percent"}
         old = self.settings
         changed = {k for k in Settings.model_fields if getattr(old, k) != getattr(new, k)} - {"agent_id"}
         if restart := sorted(changed - live):
@@ -313,6 +313,7 @@ class Agent:
         logging.getLogger().setLevel(old.log_level)
         self.tuning.policy = RetryPolicy(old.max_attempts, old.retry_base, old.retry_max)
         self.tuning.device_timeout = old.device_timeout
+        self.acceptor.guard = guard_limits(old)
 
     async def shutdown(self, tasks: dict[asyncio.Task[None], str], died: list[asyncio.Task[None]]) -> None:
         self.house.stopping()
@@ -433,3 +434,7 @@ async def _until_stopped(coro: Coroutine[Any, Any, T], stop: asyncio.Event) -> a
     with contextlib.suppress(asyncio.CancelledError):
         await task
     return None
+
+
+def guard_limits(s: Settings) -> GuardLimits:
+    return GuardLimits(s.site, s.guard_off_min, s.guard_off_percent, s.guard_window)

@@ -148,7 +148,7 @@ class Housekeeper:
                     inflight=len(a.consumer.inflight), parked=a.parking.count, queues=queues,
                     reachable={d: r.reachable for d, r in a.vpn.reach.items()}, peers=peers,
                     leader=a.leadership.leading, last_heartbeat=self.last_beat, tables=a.reconciler.tables,
-                    pruned_at=a.reconciler.pruned_at)
+                    pruned_at=a.reconciler.pruned_at, held=q.get("held"))
 
     async def sample_queue(self, max_age: float = _SAMPLE_TTL) -> None:
         """Refresh the queue figures unless a sample younger than `max_age` exists (one statement)."""

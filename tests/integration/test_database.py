@@ -26,7 +26,7 @@ async def test_init_installs_pgmq_from_the_bundled_sql_and_is_idempotent(empty_d
         assert first["migrations_applied"] == ["0001_init.sql", "0002_agents.sql", "0003_parking.sql",
                                            "0004_reconcile.sql", "0005_hardening.sql",
                                            "0006_operations.sql", "0007_sites.sql", "0008_versions.sql",
-                                           "0009_site_roles.sql"]
+                                           "0009_site_roles.sql", "0010_reconcile_bounds.sql", "0014_guard.sql"]
         assert second["migrations_applied"] == []
         assert await conn.fetchval("SELECT max(version) FROM agent.schema_version") == SCHEMA_VERSION
         queues = {r[0] for r in await conn.fetch("SELECT queue_name FROM pgmq.meta")}
@@ -105,6 +105,6 @@ async def test_acceptance_of_several_versions_of_one_key_keeps_the_first_owner_a
         flushing.cancel()
         await pool.close()
     assert acceptor.flushes == 1
-    assert results == [(12, 11), (12, 12), (12, 11)]  # (version in force, owner of its request_id)
+    assert results == [(12, 11, False), (12, 12, False), (12, 11, False)]  # (in force, request_id owner, held)
     row = await db.fetchrow("SELECT desired, desired_version, last_request_id FROM agent.service_state")
     assert tuple(row) == ("off", 12, "refund-1")
