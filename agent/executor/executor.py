@@ -388,7 +388,7 @@ class Executor:
     def _held(self, w: Work) -> Outcome:
         """One `off` too many for the guard: kept in the queue, invisible, until an operator releases or
         discards it (`agentctl guard`); not an attempt, never retried or dead-lettered meanwhile."""
-        log.warning("held: the guard against mass suspension holds this off", extra=_fields(w, "held"))
+        log.info("held: the guard against mass suspension holds this off", extra=_fields(w, "held"))
         note = "held by the guard against mass suspension: agentctl guard status"
         return Outcome(w.delivery, "hold", [self._event(w, "held", error=note)])
 
