@@ -123,7 +123,8 @@ class Agent:
             lambda: (tuning.policy, tuning.device_timeout),
             ReconcileTuning(s.reconcile_confirm, s.reconcile_confirm_delay, s.reconcile_pace,
                             s.reconcile_unreachable_wait),
-            may_operate=lambda dev: self.claims.fresh(dev.id, self.executor.op_bound(dev)))
+            may_operate=lambda dev: self.claims.fresh(dev.id, self.executor.op_bound(dev)),
+            may_turn_off=self._may_turn_off)
         self.executor = Executor(self.acceptor, self.drivers, self.reporter, self.tuning, s.concurrency,
                                  gate=self.vpn.gate, on_unreachable=self.vpn.device_failed, confirm=self.vpn.confirm,
                                  claims=self.claims, deadlines=self.deadlines, handlers={SyncWork: sync.handle},
@@ -299,6 +300,12 @@ class Agent:
         with contextlib.suppress(*DB_ERRORS):
             await self.inventory.load()
         self.notifier.ready(self.house.status_line())
+
+    async def _may_turn_off(self, device: str, service: str) -> bool:
+        """Whether the guard against mass suspension lets reconciliation turn this service off."""
+        site, off_min, percent, window = self.acceptor.guard.args()
+        async with self.pool.acquire() as conn:
+            return bool(await conn.fetchval(self.queries.guard_repair, site, device, service, off_min, percent, window))
 
     def _apply(self, new: Settings) -> None:
         live = {"log_level", "poll_interval", "max_attempts", "retry_base", "retry_max", "device_timeout",

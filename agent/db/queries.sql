@@ -623,6 +623,14 @@ SELECT 'h', device, service, in_force, version FROM held;
 
 -- The guard against mass suspension, for `agentctl guard` (agent/cli/guard.py). A held command is
 -- in its site's queue, invisible for a century, with the header guard = held.
+-- name: guard_repair
+-- Whether the guard lets reconciliation turn off one service of site $1 that drifted on ($2 device,
+-- $3 service): the repair counts like a command's `off` ($4 AGENT_GUARD_OFF_MIN, NULL when the
+-- guard is off, $5 percent, $6 window). True: go ahead.
+SELECT NOT EXISTS (SELECT 1 FROM agent.guard_admit($1::text, CASE WHEN $4::integer IS NOT NULL THEN
+    jsonb_build_array(jsonb_build_object('device', $2::text, 'service', $3::text, 'version', 0, 'repair', true))
+    END, $4::integer, $5::double precision, $6::double precision));
+
 -- name: guard_held
 -- The held commands by device: how many, since when, and how many of them a newer command for their
 -- key has superseded since (released, those end as superseded).

@@ -78,3 +78,31 @@ async def test_a_released_command_and_a_lifted_limit_pass(db, dsn):
         await pool.close()
     assert (lifted[2], released[2], held[2]) == (False, False, True)
     assert await db.fetchval("SELECT count(*) FROM agent.guard_offs") == 2
+
+
+async def test_reconciliation_repairs_no_more_suspensions_than_the_guard_allows(db, dsn):
+    """A router reset turned 30 suspended services back on: repairing them is turning 30 services
+    off, and the guard counts it like commands. With a limit of 10, ten are repaired, twenty are
+    left as drift (event `held`) for the operator, for a later run once the limit allows (or is lifted)."""
+    from tests.support.agents import running_agent
+    from tests.support.devices import BatchDriver
+    from tests.support.wait import until
+
+    device = BatchDriver(name="batch")
+    await add_device(db, "r1", "batch")
+    services = [f"s{i:02}" for i in range(30)]
+    await db.executemany("INSERT INTO agent.service_state (device, service, desired, desired_version, observed) "
+                         "VALUES ('r1', $1, 'off', 1, 'off')", [(s,) for s in services])
+    await db.executemany("INSERT INTO agent.service_state (device, service, desired, observed) "
+                         "VALUES ('r1', $1, 'on', 'on')", [(f"x{i:02}",) for i in range(70)])
+    for s in [*services, *(f"x{i:02}" for i in range(70))]:
+        device.states[("r1", s)] = "on"  # the reset
+    async with running_agent(dsn, device, reconcile_pace=0, guard_off_min=10, guard_off_percent=0) as agent:
+        await until(lambda: agent.leadership.leading, timeout=15, what="leader elected")
+        run = await db.fetchval("SELECT agent.request_sync('default', 'r1')")
+        await until(lambda: db.fetchval("SELECT finished_at IS NOT NULL FROM agent.sync_runs WHERE id = $1", run),
+                    timeout=20, what="the reconcile run finished")
+    found = dict(await db.fetchrow("SELECT drifted, repaired FROM agent.sync_runs WHERE id = $1", run))
+    assert found == {"drifted": 30, "repaired": 10}
+    assert sum(device.states[("r1", s)] == "off" for s in services) == 10
+    assert await db.fetchval("SELECT count(*) FROM agent.events WHERE kind = 'held'") == 20

@@ -29,9 +29,10 @@ ALTER TABLE agent.events ADD CONSTRAINT events_kind_check CHECK (kind IN (
     'held', 'released', 'discarded')) NOT VALID;
 
 -- Which of these `off` commands of site `site` the guard holds. keys: [{device, service, version,
--- released}], at most one per (device, service), the newest of its take. Only a turn-off counts: a key
+-- released, repair}], at most one per (device, service), the newest of its take. Only a turn-off counts: a key
 -- whose desired state in force is already `off`, or newer than the command (it is superseded), is
--- never held; nor is a key already turned off within the window (it adds nothing to the count), a
+-- never held, unless it is a reconciliation's repair (`repair`: the device has it on, the repair
+-- turns it off); nor is a key already turned off within the window (it adds nothing to the count), a
 -- command an operator released, or any command while the site's limit is lifted. The others are
 -- admitted in version order while the site's count of distinct services turned off since
 -- now - window_s stays within greatest(off_min, off_percent % of the site's services on), where a
@@ -44,9 +45,10 @@ CREATE FUNCTION agent.guard_candidates(keys jsonb, cutoff timestamptz)
 RETURNS TABLE (device text, service text, version bigint, released boolean, in_force bigint)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT k.device, k.service, k.version, coalesce(k.released, false), coalesce(s.desired_version, 0)
-    FROM jsonb_to_recordset(keys) AS k(device text, service text, version bigint, released boolean)
+    FROM jsonb_to_recordset(keys) AS k(device text, service text, version bigint, released boolean, repair boolean)
     LEFT JOIN agent.service_state s ON s.device = k.device AND s.service = k.service
-    WHERE coalesce(s.desired_version, 0) <= k.version AND s.desired IS DISTINCT FROM 'off'
+    WHERE (coalesce(k.repair, false)
+           OR coalesce(s.desired_version, 0) <= k.version AND s.desired IS DISTINCT FROM 'off')
       AND NOT EXISTS (SELECT 1 FROM agent.guard_offs o
                       WHERE o.device = k.device AND o.service = k.service AND o.at >= cutoff)
 $$;
