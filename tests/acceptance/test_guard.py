@@ -68,6 +68,9 @@ async def test_a_mass_suspension_is_held_past_the_limit_until_an_operator_releas
         status = json.loads(agentctl(dsn, "guard", "status", "--json", check=False).stdout)
         assert (status["held"], status["turned_off"], status["limit"]) == (1300, 200, 200)
         assert sum(d["held"] for d in status["devices"]) == 1300 and status["oldest_held_since"] is not None
+        said = agentctl(dsn, "guard", "status", check=False)
+        assert said.returncode == 1 and "1300 command(s) held" in said.stdout
+        assert "limit 200 (of 2000 on)" in said.stdout
 
         # customers pay meanwhile: restores are never held, whether their suspension was applied or held
         applied = sorted(_offs(tmp_path))[:5]
