@@ -304,6 +304,8 @@ class Agent:
     async def _may_turn_off(self, device: str, service: str) -> bool:
         """Whether the guard against mass suspension lets reconciliation turn this service off."""
         site, off_min, percent, window = self.acceptor.guard.args()
+        if off_min is None:  # no guard
+            return True
         async with self.pool.acquire() as conn:
             return bool(await conn.fetchval(self.queries.guard_repair, site, device, service, off_min, percent, window))
 
