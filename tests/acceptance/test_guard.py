@@ -6,8 +6,11 @@ pipe the test reads only at the end.)"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
+import socket
+import urllib.request
 from pathlib import Path
 
 import asyncpg
@@ -46,6 +49,23 @@ async def _settled(db: asyncpg.Connection) -> bool:
                              "WHERE coalesce(headers->>'guard', '') <> 'held'") == 0
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _held_gauge(listen: str) -> float | None:
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://{listen}/metrics", timeout=5) as resp:
+            return resp.read().decode()
+
+    for line in (await asyncio.to_thread(scrape)).splitlines():
+        if line.startswith('pgmq_edge_agent_guard_held_commands{site="default"} '):
+            return float(line.rpartition(" ")[2])
+    return None
+
+
 async def _kinds(db: asyncpg.Connection, kind: str, state: str | None = None) -> int:
     return await db.fetchval("SELECT count(*) FROM agent.events WHERE kind = $1 AND ($2::text IS NULL OR desired = $2)",
                              kind, state)
@@ -58,7 +78,8 @@ async def test_a_mass_suspension_is_held_past_the_limit_until_an_operator_releas
                      "SELECT x.d, x.s, 'on', 'on' FROM unnest($1::text[], $2::text[]) AS x(d, s)",
                      [d for d, _ in SERVICES], [s for _, s in SERVICES])  # a site in steady state: 2,000 on
     first, second = SERVICES[:1500], SERVICES[1500:]
-    proc = spawn_agentd(dsn, poll_interval=1, log_level="WARNING")
+    listen = f"127.0.0.1:{_free_port()}"
+    proc = spawn_agentd(dsn, poll_interval=1, log_level="WARNING", http_listen=listen)
     try:
         await _send(db, first, "off")  # the billing bug: 1,500 of 2,000 unpaid
         await until(lambda: _settled(db), timeout=60, what="the suspensions applied or held")
@@ -71,6 +92,10 @@ async def test_a_mass_suspension_is_held_past_the_limit_until_an_operator_releas
         said = agentctl(dsn, "guard", "status", check=False)
         assert said.returncode == 1 and "1300 command(s) held" in said.stdout
         assert "limit 200 (of 2000 on)" in said.stdout
+        async def gauge_says_1300() -> bool:  # sampled every 10 s at most
+            return await _held_gauge(listen) == 1300
+
+        await until(gauge_says_1300, timeout=30, interval=0.5, what="pgmq_edge_agent_guard_held_commands 1300")
 
         # customers pay meanwhile: restores are never held, whether their suspension was applied or held
         applied = sorted(_offs(tmp_path))[:5]
