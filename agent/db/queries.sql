@@ -575,8 +575,10 @@ FROM (VALUES
 -- when a coalesced take brings several versions of one key at once. An `off` that would turn one
 -- service too many of site $2 off is held by the guard (agent.guard_admit; $3 AGENT_GUARD_OFF_MIN,
 -- NULL when the guard is off, $4 AGENT_GUARD_OFF_PERCENT, $5 AGENT_GUARD_WINDOW): it is not
--- accepted. Returns ('r', request_id, owner version), ('d', device, service, version in force: the
--- newest accepted, ours or a newer one) and ('h', device, service, version in force, the held version).
+-- accepted; a held command that a newer accepted command supersedes is made visible, to be read and
+-- recorded as superseded. Returns ('r', request_id, owner version), ('d', device, service, version
+-- in force: the newest accepted, ours or a newer one) and ('h', device, service, version in force,
+-- the held version).
 WITH input AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
         AS x(device text, service text, desired text, version bigint, msg_id bigint, request_id text,
@@ -614,6 +616,15 @@ WITH input AS (
         desired_version = greatest(s.desired_version, EXCLUDED.desired_version),
         updated_at      = now()
     RETURNING device, service, desired_version
+), unheld AS (   -- a held command a newer accepted one supersedes goes now, to end as superseded
+    UPDATE pgmq.{q} m SET vt = clock_timestamp(), headers = m.headers || '{"guard": "superseded"}'::jsonb
+    FROM acc
+    WHERE EXISTS (SELECT 1 FROM pgmq.{q} h WHERE h.vt > clock_timestamp() + interval '50 years')
+      AND m.vt > clock_timestamp() + interval '50 years' AND m.headers->>'guard' = 'held'
+      AND (m.message->>'device') = acc.device AND m.message->>'service' = acc.service
+      AND acc.desired_version > CASE WHEN m.headers->>'origin_msg_id' ~ '^[0-9]{1,18}$'
+                                     THEN (m.headers->>'origin_msg_id')::bigint ELSE m.msg_id END
+    RETURNING 1
 )
 SELECT 'r' AS kind, request_id AS a, NULL::text AS b, version, NULL::bigint AS held FROM req
 UNION ALL

@@ -66,6 +66,10 @@ async def _held_gauge(listen: str) -> float | None:
     return None
 
 
+async def _held_is(db: asyncpg.Connection, n: int) -> bool:
+    return await db.fetchval(HELD) == n and await _settled(db)
+
+
 async def _kinds(db: asyncpg.Connection, kind: str, state: str | None = None) -> int:
     return await db.fetchval("SELECT count(*) FROM agent.events WHERE kind = $1 AND ($2::text IS NULL OR desired = $2)",
                              kind, state)
@@ -104,22 +108,25 @@ async def test_a_mass_suspension_is_held_past_the_limit_until_an_operator_releas
         await until(lambda: _settled(db), timeout=30, what="the restores")
         assert not set(applied + held) & _offs(tmp_path)
         assert await _kinds(db, "verified", "on") == 10
+        # newest wins: the 5 held suspensions the restores superseded end as such, no longer held
+        await until(lambda: _held_is(db, 1295), timeout=30, what="the superseded held commands settled")
+        assert await _kinds(db, "superseded") == 5
 
         proc.send_signal(signal.SIGTERM)  # a restart loses nothing: held commands wait in the queue
         assert proc.wait(30) == 0
         proc = spawn_agentd(dsn, poll_interval=1, log_level="WARNING")
-        assert await db.fetchval(HELD) == 1300
+        assert await db.fetchval(HELD) == 1295
 
         out = agentctl(dsn, "guard", "release").stdout
-        assert "released 1300 held command(s)" in out
+        assert "released 1295 held command(s)" in out
         await until(lambda: db.fetchval("SELECT count(*) = 0 FROM pgmq.q_device_tasks"), timeout=60,
                     what="the released commands settled")
         # every released command still newest is applied; the 5 whose customer paid meanwhile are not
         assert _offs(tmp_path) == set(first) - set(applied + held)
-        assert await _kinds(db, "superseded") == 5
+        assert await _kinds(db, "superseded") == 5  # none more
         who = [r["error"] for r in await db.fetch("SELECT DISTINCT error FROM agent.events WHERE kind = 'released'")]
         assert len(who) == 1 and who[0].startswith("released by ") and "(os user " in who[0]
-        assert await _kinds(db, "released") == 1300
+        assert await _kinds(db, "released") == 1295
 
         # an hour later (the window and the lift are over): a second round, which the operator discards
         await db.execute("UPDATE agent.guard_offs SET at = at - interval '2 hours'")
