@@ -10,6 +10,7 @@ from __future__ import annotations
 import getpass
 import math
 import sys
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -56,10 +57,10 @@ async def status(conn: asyncpg.Connection, s: Settings, site: str, as_json: bool
     if not devices:
         print("no command held")
         return 0
-    print(f"{doc['held']} command(s) held, the oldest since {clean(doc['oldest_held_since'] or '-')}:")
+    print(f"{doc['held']} command(s) held, the oldest since {_when(doc['oldest_held_since'])}:")
     for d in devices:
         note = f" ({d['superseded']} superseded by a newer command)" if d["superseded"] else ""
-        print(f"  {clean(d['device'] or '-'):<24} {d['held']:>6} held since {clean(d['held_since'] or '-')}{note}")
+        print(f"  {clean(d['device'] or '-'):<24} {d['held']:>6} held since {_when(d['held_since'])}{note}")
     print("decide: agentctl guard release (they proceed) or agentctl guard discard (none is applied)")
     return 1
 
@@ -87,6 +88,14 @@ async def run(conn: asyncpg.Connection, s: Settings, action: str, site: str | No
     except LookupError as exc:
         print(f"agentctl: {exc}", file=sys.stderr)
         return 2
+
+
+def _when(stamp: str | None) -> str:
+    """A held_at header (ISO 8601, written by the agent's report) in the reader's time zone."""
+    try:
+        return local_time(datetime.fromisoformat(stamp)) if stamp else "-"
+    except (TypeError, ValueError):
+        return clean(stamp or "-")
 
 
 def _os_user() -> str:
