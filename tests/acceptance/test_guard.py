@@ -100,6 +100,7 @@ async def test_a_mass_suspension_is_held_past_the_limit_until_an_operator_releas
             return await _held_gauge(listen) == 1300
 
         await until(gauge_says_1300, timeout=30, interval=0.5, what="pgmq_edge_agent_guard_held_commands 1300")
+        assert "1300 HELD by the guard" in agentctl(dsn, "status", "--fleet", check=False).stdout
 
         # customers pay meanwhile: restores are never held, whether their suspension was applied or held
         applied = sorted(_offs(tmp_path))[:5]
