@@ -30,7 +30,7 @@ from agent.db.schema import check_ready, ensure_notify
 from agent.db.session import Session
 from agent.drivers.base import CredentialStore, Device, DriverContext
 from agent.drivers.registry import Drivers
-from agent.executor.acceptor import Acceptor
+from agent.executor.acceptor import Acceptor, GuardLimits
 from agent.executor.budgets import DeviceBudgets
 from agent.executor.claims import DeviceClaims
 from agent.executor.deadlines import Deadlines
@@ -110,7 +110,7 @@ class Agent:
         self.inventory = Inventory(pool, self.queries, s.site, self.drivers)
         self.reporter = Reporter(pool, self.queries, s.agent_id, self._committed,
                                  on_failed=self._report_failed, archive=s.archive)
-        self.acceptor = Acceptor(pool, self.queries)
+        self.acceptor = Acceptor(pool, self.queries, guard_limits(s))
         self.claims = DeviceClaims(pool, self.queries, s.agent_id, host=self.host_id, instance=self.instance)
         self.parking = Parking(pool, self.queries)
         self.vpn = VpnGuard(s.require_vpn, s.wg_interface, s.vpn_stale_after, s.vpn_check_interval,
@@ -128,7 +128,8 @@ class Agent:
             lambda: (tuning.policy, tuning.device_timeout),
             ReconcileTuning(s.reconcile_confirm, s.reconcile_confirm_delay, s.reconcile_pace,
                             s.reconcile_unreachable_wait),
-            may_operate=lambda dev: self.claims.fresh(dev.id, self.executor.op_bound(dev)))
+            may_operate=lambda dev: self.claims.fresh(dev.id, self.executor.op_bound(dev)),
+            may_turn_off=self._may_turn_off)
         self.executor = Executor(self.acceptor, self.drivers, self.reporter, self.tuning, s.concurrency,
                                  gate=self.gate, on_unreachable=self.vpn.device_failed, confirm=self.vpn.confirm,
                                  claims=self.claims, deadlines=self.deadlines, handlers={SyncWork: sync.handle},
@@ -317,9 +318,17 @@ class Agent:
             await self.inventory.load()
         self.notifier.ready(self.house.status_line())
 
+    async def _may_turn_off(self, device: str, service: str) -> bool:
+        """Whether the guard against mass suspension lets reconciliation turn this service off."""
+        site, off_min, percent, window = self.acceptor.guard.args()
+        if off_min is None:  # no guard
+            return True
+        async with self.pool.acquire() as conn:
+            return bool(await conn.fetchval(self.queries.guard_repair, site, device, service, off_min, percent, window))
+
     def _apply(self, new: Settings) -> None:
         live = {"log_level", "poll_interval", "max_attempts", "retry_base", "retry_max", "device_timeout",
-                "heartbeat_interval", "watchdog_stall"}
+                "heartbeat_interval", "watchdog_stall", "guard_window", "guard_off_min", "guard_off_percent"}
         old = self.settings
         changed = {k for k in Settings.model_fields if getattr(old, k) != getattr(new, k)} - {"agent_id"}
         if restart := sorted(changed - live):
@@ -330,6 +339,7 @@ class Agent:
         logging.getLogger().setLevel(old.log_level)
         self.tuning.policy = RetryPolicy(old.max_attempts, old.retry_base, old.retry_max)
         self.tuning.device_timeout = old.device_timeout
+        self.acceptor.guard = guard_limits(old)
 
     async def shutdown(self, tasks: dict[asyncio.Task[None], str], died: list[asyncio.Task[None]]) -> None:
         self.house.stopping()
@@ -450,3 +460,7 @@ async def _until_stopped(coro: Coroutine[Any, Any, T], stop: asyncio.Event) -> a
     with contextlib.suppress(asyncio.CancelledError):
         await task
     return None
+
+
+def guard_limits(s: Settings) -> GuardLimits:
+    return GuardLimits(s.site, s.guard_off_min, s.guard_off_percent, s.guard_window)

@@ -149,7 +149,7 @@ class Housekeeper:
                     inflight=len(a.consumer.inflight), parked=a.parking.count, queues=queues,
                     reachable={d: r.reachable for d, r in a.vpn.reach.items()}, peers=peers,
                     leader=a.leadership.leading, last_heartbeat=self.last_beat, tables=a.reconciler.tables,
-                    pruned_at=a.reconciler.pruned_at,
+                    pruned_at=a.reconciler.pruned_at, held=q.get("held"),
                     breakers={d: (not b.closed, b.trips) for d, b in a.budgets.breakers.items()},
                     rate_waits={d: (int(n), s) for d, (n, s) in a.budgets.waits.items()})
 

@@ -36,8 +36,8 @@ _WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 # commands_total counts each command once, by how it ended; command_attempts_total the deliveries
 # that did not end it (tried again later, parked for an unreachable device, moved to its site's queue).
 _OUTCOME_EVENTS = {"verified", "refreshed", "superseded", "duplicate", "expired", "dead_lettered"}
-_ATTEMPT_EVENTS = {"retried", "rerouted"}  # events of attempts; parks are counted by finish (one event per reason)
-_ATTEMPTS = ("parked", "rerouted", "retried")
+_ATTEMPT_EVENTS = {"retried", "rerouted", "held"}  # events of attempts; parks are counted by finish (one event per reason)
+_ATTEMPTS = ("held", "parked", "rerouted", "retried")
 _RECONCILE_RESULTS = ("in_sync", "drifted", "repaired", "unreadable", "failed", "parked")
 _WAKE_SOURCES = ("start", "notify", "poll", "connect", "unpark", "catchup")
 
@@ -60,6 +60,7 @@ class Live:
     tables: dict[str, tuple[int, float | None]] = field(default_factory=dict)  # table -> bytes, oldest row age
     breakers: dict[str, tuple[bool, int]] = field(default_factory=dict)    # device -> (open, trips)
     rate_waits: dict[str, tuple[int, float]] = field(default_factory=dict)  # device -> (waits, seconds waited)
+    held: int | None = None              # commands of the site's queue held by the guard (sampled)
 
 
 class _LiveCollector:
@@ -105,6 +106,12 @@ class _LiveCollector:
             oldest.add_metric([queue], age or 0.0)
         yield depth
         yield oldest
+        held = GaugeMetricFamily(P + "guard_held_commands", "Commands of the site's queue held by the guard against "
+                                 "mass suspension, waiting for `agentctl guard release` or `discard` (sampled).",
+                                 labels=["site"])
+        if live.held is not None:
+            held.add_metric([self._site], live.held)
+        yield held
         reach = GaugeMetricFamily(P + "device_reachable", "1 if the device is reachable.", labels=["device"])
         for device, ok in sorted(live.reachable.items()):
             reach.add_metric([device], 1.0 if ok else 0.0)
@@ -173,7 +180,8 @@ class Metrics:
         self.commands = Counter(P + "commands_total", "Commands by how they ended (each command once) and driver.",
                                 ["outcome", "driver"], registry=r)
         self.attempts = Counter(P + "command_attempts_total", "Deliveries that did not end their command: "
-                                "retried, parked (device unreachable), rerouted (moved to its site's queue).",
+                                "retried, parked (device unreachable), rerouted (moved to its site's queue), held "
+                                "(by the guard against mass suspension).",
                                 ["outcome", "driver"], registry=r)
         self.duration = Histogram(P + "command_duration_seconds", "Device work per delivery (read, apply, verify).",
                                   ["driver"], buckets=_DURATION_BUCKETS, registry=r)

@@ -100,6 +100,12 @@ class Settings(BaseSettings):
     prune_batch: int = Field(1000, ge=1, le=100000, description="Rows removed per statement when pruning.")
     leader_check_interval: float = Field(30.0, gt=0, le=300,
                                          description="Seconds between a standby's tries for leadership.")
+    guard_window: float = Field(3600.0, gt=0, le=30 * 86400, description="The guard against mass suspension: "
+                                "seconds of the sliding window in which turned-off services are counted.")
+    guard_off_min: int = Field(100, ge=0, le=10_000_000, description="Services a site may turn off within the window "
+                               "whatever its size; more than this and the percentage are held.")
+    guard_off_percent: float = Field(10.0, ge=0, le=100, description="Percent of a site's services on that may be "
+                                     "turned off within the window (when above AGENT_GUARD_OFF_MIN); 100: no guard.")
 
     @model_validator(mode="after")
     def _default_agent_id(self) -> Settings:

@@ -156,8 +156,9 @@ async def wake_latency(admin_dsn: str, samples: int) -> dict[str, float]:
     await conn.execute("INSERT INTO agent.devices (id, driver) VALUES ('w1', 'bench')")
     # isolated commands and nothing else: no scheduled reconcile crossing the run (the recording
     # device reads one service at a time, so a run would hold the lane for a pace per service)
+    # and no guard against mass suspension: half the commands are offs of distinct services
     settings = load_settings(None, database_url=dsn, http_listen="", poll_interval=60, log_level="WARNING",
-                             reconcile_schedule="off")
+                             reconcile_schedule="off", guard_off_percent=100)
     rec = Recorder()
     pool = await connect_pool(settings, attempts=1)
     agent = Agent(settings, pool, Drivers(DriverContext(), {"bench": rec}))

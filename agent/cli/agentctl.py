@@ -17,6 +17,7 @@ import asyncpg
 from agent import __version__, admin, devicetest, retention
 from agent.cli import args as argtypes
 from agent.cli import exits
+from agent.cli import guard as guard_cli
 from agent.cli import status as status_cli
 from agent.cli import sync as sync_cli
 from agent.contract import json_schema
@@ -275,6 +276,10 @@ async def sync(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> 
     return await sync_cli.request(conn, s, a.device, a.service, a.dry_run, a.json, a.timeout, not a.no_wait)
 
 
+async def guard(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    return await guard_cli.run(conn, s, a.cmd, a.site, getattr(a, "json", False))
+
+
 async def doctor(conn: asyncpg.Connection | None, s: Settings, a: argparse.Namespace) -> int:
     from agent import doctor as checks
 
@@ -427,6 +432,18 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--no-wait", action="store_true", help="print the run id and return")
     syn.add_argument("--show", type=int, metavar="RUN", help="show an earlier run instead")
     syn.set_defaults(func=sync)
+
+    grd = sub.add_parser("guard", help="commands held by the guard against mass suspension").add_subparsers(
+        dest="cmd", required=True)
+    gst = grd.add_parser("status", help="held commands by device, the oldest, the window's count and limit "
+                         "(exit 1 when some are held)")
+    gst.add_argument("--json", action="store_true")
+    grl = grd.add_parser("release", help="the held commands proceed (each still newest is applied), and the "
+                         "limit is lifted for AGENT_GUARD_WINDOW")
+    gds = grd.add_parser("discard", help="each held command ends as discarded, never applied")
+    for g in (gst, grl, gds):
+        g.add_argument("--site", help="default: AGENT_SITE")
+        g.set_defaults(func=guard)
 
     doc = sub.add_parser("doctor", help="check database, queue, tunnel, routes and devices, in order, with fixes "
                          "(exit 1 when any fails)")

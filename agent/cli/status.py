@@ -152,6 +152,7 @@ async def site_views(conn: asyncpg.Connection, q: Queries, site: str | None,
             "queue_depth": stats["depth"] if stats else None,
             "queue_oldest_s": _float(stats["oldest"]) if stats else None,
             "dlq_depth": stats["dlq_depth"] if stats else None,
+            "guard_held": stats["held"] if stats else None,
             "leader": _agent_of(r["leader_backend"]),
             "agents": [a["agent_id"] for a in mine], "healthy_agents": sum(_healthy(a) for a in mine),
             "devices": r["devices"],
@@ -180,7 +181,9 @@ def render_site(v: dict[str, Any]) -> str:
         queue = f"queue {v['queue']} (not readable by this login: another site's)"
     else:
         queue = (f"queue {v['queue']}{'' if v['queue_recorded'] else ' (not recorded)'}: {v['queue_depth']} "
-                 f"messages, oldest {_dur(v['queue_oldest_s'])}; DLQ {v['dlq_depth']}")
+                 f"messages, oldest {_dur(v['queue_oldest_s'])}; DLQ {v['dlq_depth']}"
+                 + (f"; {v['guard_held']} HELD by the guard (agentctl guard status --site {clean(v['site'])})"
+                    if v.get("guard_held") else ""))
     lines = [f"site {clean(v['site'])}: {queue}",
              f"  leader {clean(v['leader']) if v['leader'] else 'none'}; agents {v['healthy_agents']} healthy of "
              f"{len(v['agents'])}" + (f" ({', '.join(clean(a) for a in v['agents'])})" if v["agents"] else ""),

@@ -270,8 +270,13 @@ RETURNING true;
 
 -- name: queue_stats
 -- Cheap sample for metrics and status: counts are capped, the oldest message is found by msg_id.
+-- Commands held by the guard (invisible for a century: found by PGMQ's vt index) are counted apart
+-- and are not the oldest message: they wait for an operator, whom their own alert calls.
 SELECT (SELECT count(*) FROM (SELECT 1 FROM pgmq.{q} LIMIT $1) s) AS depth,
-       (SELECT extract(epoch FROM clock_timestamp() - enqueued_at) FROM pgmq.{q} ORDER BY msg_id LIMIT 1) AS oldest,
+       (SELECT extract(epoch FROM clock_timestamp() - enqueued_at) FROM pgmq.{q}
+        WHERE vt < clock_timestamp() + interval '50 years' ORDER BY msg_id LIMIT 1) AS oldest,
+       (SELECT count(*) FROM (SELECT 1 FROM pgmq.{q} WHERE vt > clock_timestamp() + interval '50 years' LIMIT $1) s)
+           AS held,
        (SELECT count(*) FROM (SELECT 1 FROM pgmq.{dq} LIMIT $1) s) AS dlq_depth,
        (SELECT extract(epoch FROM clock_timestamp() - enqueued_at) FROM pgmq.{dq} ORDER BY msg_id LIMIT 1) AS dlq_oldest;
 
@@ -354,18 +359,21 @@ WITH done AS (
 ), moved AS (   -- its version there is its new msg_id: this queue's origin_msg_id and bounces stay behind
     SELECT f.id AS msg_id FROM jsonb_to_recordset($1::jsonb) AS f(id bigint, rc integer, dest text)
     WHERE f.dest IS NOT NULL AND agent.move_message($9::text, f.id, f.rc, f.dest, $8::boolean) IS NOT NULL
-), later AS (
-    UPDATE pgmq.{q} m SET vt = clock_timestamp() + make_interval(secs => l.delay),
+), later AS (   -- held (the guard): invisible for a century, until `agentctl guard` releases or discards it
+    UPDATE pgmq.{q} m SET vt = clock_timestamp() + CASE WHEN l.hold THEN interval '100 years'
+                                                        ELSE make_interval(secs => l.delay) END,
            headers = CASE WHEN l.park
                           THEN CASE WHEN jsonb_typeof(m.headers) = 'object' THEN m.headers ELSE '{}'::jsonb END
                                || jsonb_build_object('bounces', l.bounces)
                                || CASE WHEN l.reason <> '' THEN jsonb_build_object('parked_reason', l.reason)
                                        ELSE '{}'::jsonb END
+                               || CASE WHEN l.hold THEN jsonb_build_object('guard', 'held', 'held_at', now())
+                                       ELSE '{}'::jsonb END
                           WHEN l.reason = '' AND jsonb_typeof(m.headers) = 'object' AND m.headers ? 'parked_reason'
                           THEN m.headers - 'parked_reason'
                           ELSE m.headers END
     FROM jsonb_to_recordset($3::jsonb)
-         AS l(id bigint, rc integer, delay double precision, park boolean, bounces integer, reason text)
+         AS l(id bigint, rc integer, delay double precision, park boolean, bounces integer, reason text, hold boolean)
     WHERE m.msg_id = l.id AND m.read_ct = l.rc
     RETURNING m.msg_id
 ), states AS (
@@ -615,11 +623,17 @@ FROM (VALUES
 -- Write-ahead of intent, before any device is touched, in one statement: each request_id is
 -- recorded with the command that first carried it (the lowest version); commands whose request_id
 -- belongs to another command go no further; of the rest, the newest version per key wins, also
--- when a coalesced take brings several versions of one key at once. Returns ('r', request_id, owner
--- version) and ('d', device, service, version in force: the newest accepted, ours or a newer one).
+-- when a coalesced take brings several versions of one key at once. An `off` that would turn one
+-- service too many of site $2 off is held by the guard (agent.guard_admit; $3 AGENT_GUARD_OFF_MIN,
+-- NULL when the guard is off, $4 AGENT_GUARD_OFF_PERCENT, $5 AGENT_GUARD_WINDOW): it is not
+-- accepted; a held command that a newer accepted command supersedes is made visible, to be read and
+-- recorded as superseded. Returns ('r', request_id, owner version), ('d', device, service, version
+-- in force: the newest accepted, ours or a newer one) and ('h', device, service, version in force,
+-- the held version).
 WITH input AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
-        AS x(device text, service text, desired text, version bigint, msg_id bigint, request_id text)
+        AS x(device text, service text, desired text, version bigint, msg_id bigint, request_id text,
+             released boolean)
 ), req AS (
     INSERT INTO agent.requests AS r (request_id, version, device, service)
     SELECT DISTINCT ON (request_id) request_id, version, device, service FROM input
@@ -630,10 +644,16 @@ WITH input AS (
     SELECT DISTINCT ON (i.device, i.service) i.* FROM input i LEFT JOIN req ON req.request_id = i.request_id
     WHERE i.request_id IS NULL OR req.version = i.version
     ORDER BY i.device, i.service, i.version DESC, i.msg_id DESC
+), held AS (
+    SELECT g.device, g.service, g.version, g.in_force FROM agent.guard_admit($2::text, CASE WHEN $3::integer IS NOT NULL
+        THEN (SELECT jsonb_agg(jsonb_build_object('device', f.device, 'service', f.service, 'version', f.version,
+                                                  'released', f.released))
+              FROM fresh f WHERE f.desired = 'off') END, $3::integer, $4::double precision, $5::double precision) g
 ), acc AS (
     INSERT INTO agent.service_state AS s (device, service, desired, desired_version, desired_at, last_msg_id,
                                           last_request_id, updated_at)
-    SELECT device, service, desired, version, now(), msg_id, request_id, now() FROM fresh
+    SELECT f.device, f.service, f.desired, f.version, now(), f.msg_id, f.request_id, now() FROM fresh f
+    WHERE NOT EXISTS (SELECT 1 FROM held h WHERE h.device = f.device AND h.service = f.service)
     ON CONFLICT (device, service) DO UPDATE SET
         desired         = CASE WHEN EXCLUDED.desired_version >= s.desired_version THEN EXCLUDED.desired
                                ELSE s.desired END,
@@ -647,7 +667,110 @@ WITH input AS (
         desired_version = greatest(s.desired_version, EXCLUDED.desired_version),
         updated_at      = now()
     RETURNING device, service, desired_version
+), unheld AS (   -- a held command a newer accepted one supersedes goes now, to end as superseded
+    UPDATE pgmq.{q} m SET vt = clock_timestamp(), headers = m.headers || '{"guard": "superseded"}'::jsonb
+    FROM acc
+    WHERE EXISTS (SELECT 1 FROM pgmq.{q} h WHERE h.vt > clock_timestamp() + interval '50 years')
+      AND m.vt > clock_timestamp() + interval '50 years' AND m.headers->>'guard' = 'held'
+      AND (m.message->>'device') = acc.device AND m.message->>'service' = acc.service
+      AND acc.desired_version > CASE WHEN m.headers->>'origin_msg_id' ~ '^[0-9]{1,18}$'
+                                     THEN (m.headers->>'origin_msg_id')::bigint ELSE m.msg_id END
+    RETURNING 1
 )
-SELECT 'r' AS kind, request_id AS a, NULL::text AS b, version FROM req
+SELECT 'r' AS kind, request_id AS a, NULL::text AS b, version, NULL::bigint AS held FROM req
 UNION ALL
-SELECT 'd', device, service, desired_version FROM acc;
+SELECT 'd', device, service, desired_version, NULL FROM acc
+UNION ALL
+SELECT 'h', device, service, in_force, version FROM held;
+
+-- The guard against mass suspension, for `agentctl guard` (agent/cli/guard.py). A held command is
+-- in its site's queue, invisible for a century, with the header guard = held.
+-- name: guard_repair
+-- Whether the guard lets reconciliation turn off one service of site $1 that drifted on ($2 device,
+-- $3 service): the repair counts like a command's `off` ($4 AGENT_GUARD_OFF_MIN, NULL when the
+-- guard is off, $5 percent, $6 window). True: go ahead.
+SELECT NOT EXISTS (SELECT 1 FROM agent.guard_admit($1::text, CASE WHEN $4::integer IS NOT NULL THEN
+    jsonb_build_array(jsonb_build_object('device', $2::text, 'service', $3::text, 'version', 0, 'repair', true))
+    END, $4::integer, $5::double precision, $6::double precision));
+
+-- name: guard_held
+-- The held commands by device: how many, since when, and how many of them a newer command for their
+-- key has superseded since (released, those end as superseded).
+SELECT m.message->>'device' AS device, count(*) AS held, min(m.headers->>'held_at') AS held_since,
+       min(m.enqueued_at) AS oldest_enqueued,
+       count(*) FILTER (WHERE s.desired_version > CASE WHEN m.headers->>'origin_msg_id' ~ '^[0-9]{1,18}$'
+                                                       THEN (m.headers->>'origin_msg_id')::bigint
+                                                       ELSE m.msg_id END) AS superseded
+FROM pgmq.{q} m
+LEFT JOIN agent.service_state s ON s.device = m.message->>'device' AND s.service = m.message->>'service'
+WHERE m.vt > clock_timestamp() + interval '50 years' AND m.headers->>'guard' = 'held'
+GROUP BY 1 ORDER BY 1;
+
+-- name: guard_window
+-- Site $1 within the last $2 seconds: services turned off (the count the guard holds to its limit),
+-- services on (what the percentage is of), and whether `guard release` lifted the limit.
+SELECT (SELECT count(*) FROM agent.guard_offs o
+        WHERE o.site = $1 AND o.at >= clock_timestamp() - make_interval(secs => $2)) AS turned_off,
+       (SELECT count(*) FROM agent.service_state s JOIN agent.devices d ON d.id = s.device
+        WHERE d.site = $1 AND (s.desired = 'on' OR s.observed = 'on' OR EXISTS (
+            SELECT 1 FROM agent.guard_offs o WHERE o.device = s.device AND o.service = s.service
+              AND o.at >= clock_timestamp() - make_interval(secs => $2)))) AS services_on,
+       (SELECT g.lifted_until FROM agent.guard_sites g WHERE g.site = $1 AND g.lifted_until > clock_timestamp())
+           AS lifted_until,
+       (SELECT g.lifted_by FROM agent.guard_sites g WHERE g.site = $1 AND g.lifted_until > clock_timestamp())
+           AS lifted_by;
+
+-- name: guard_release
+-- `agentctl guard release`: every held command of the queue is visible now (marked released, so the
+-- guard lets it pass), the site's ($1) limit is lifted for the next $2 seconds, each release is
+-- audited with who did it ($3: the OS user of agentctl, after the login role), and the site's agents
+-- are woken ($4: the queue's insert channel).
+WITH who AS (
+    SELECT session_user || ' (os user ' || left($3::text, 64) || ')' AS name
+), lift AS (
+    INSERT INTO agent.guard_sites AS g (site, lifted_until, lifted_by)
+    SELECT $1, clock_timestamp() + make_interval(secs => $2), who.name FROM who
+    ON CONFLICT (site) DO UPDATE SET lifted_until = EXCLUDED.lifted_until, lifted_by = EXCLUDED.lifted_by
+    RETURNING g.lifted_until
+), go AS (
+    UPDATE pgmq.{q} m SET vt = clock_timestamp(), headers = m.headers || '{"guard": "released"}'::jsonb
+    WHERE m.vt > clock_timestamp() + interval '50 years' AND m.headers->>'guard' = 'held'
+    RETURNING m.msg_id, m.message, m.headers
+), ev AS (
+    INSERT INTO agent.events (device, service, kind, msg_id, version, request_id, desired, error, agent_id, meta)
+    SELECT left(g.message->>'device', 200), left(g.message->>'service', 200), 'released', g.msg_id,
+           CASE WHEN g.headers->>'origin_msg_id' ~ '^[0-9]{1,18}$' THEN (g.headers->>'origin_msg_id')::bigint
+                ELSE g.msg_id END,
+           left(g.message->>'request_id', 200), left(g.message->>'state', 10), 'released by ' || who.name,
+           'agentctl', jsonb_build_object('by', who.name)
+    FROM go g, who
+    RETURNING 1
+)
+SELECT (SELECT lifted_until FROM lift) AS lifted_until, (SELECT count(*) FROM ev) AS released,
+       (SELECT name FROM who) AS who,
+       (SELECT count(*) FROM (SELECT pg_notify($4::text, '')) n) AS notified;
+
+-- name: guard_discard
+-- `agentctl guard discard`: every held command of the queue ends here, never applied: archived (or
+-- deleted, $2 false: AGENT_ARCHIVE=false) with a `discarded` event naming who did it ($1: the OS user).
+WITH who AS (
+    SELECT session_user || ' (os user ' || left($1::text, 64) || ')' AS name
+), gone AS (
+    DELETE FROM pgmq.{q} m
+    WHERE m.vt > clock_timestamp() + interval '50 years' AND m.headers->>'guard' = 'held'
+    RETURNING m.msg_id, m.vt, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers
+), kept AS (
+    INSERT INTO pgmq.{a} (msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers)
+    SELECT msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers FROM gone WHERE $2::boolean
+    RETURNING 1
+), ev AS (
+    INSERT INTO agent.events (device, service, kind, msg_id, version, request_id, desired, error, agent_id, meta)
+    SELECT left(g.message->>'device', 200), left(g.message->>'service', 200), 'discarded', g.msg_id,
+           CASE WHEN g.headers->>'origin_msg_id' ~ '^[0-9]{1,18}$' THEN (g.headers->>'origin_msg_id')::bigint
+                ELSE g.msg_id END,
+           left(g.message->>'request_id', 200), left(g.message->>'state', 10), 'discarded by ' || who.name,
+           'agentctl', jsonb_build_object('by', who.name)
+    FROM gone g, who
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM ev) AS discarded, (SELECT count(*) FROM kept) AS archived, (SELECT name FROM who) AS who;

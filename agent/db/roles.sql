@@ -26,13 +26,17 @@ GRANT EXECUTE ON FUNCTION agent.enqueue(text, text, text, text, timestamptz, jso
 GRANT EXECUTE ON FUNCTION agent.forget(text, text, text) TO agent_producer;  -- retire a service key
 GRANT SELECT ON agent.service_state, agent.events, agent.devices TO agent_producer;
 GRANT SELECT ON agent.site_keys TO agent_producer;  -- which lock is whose site's leader
+GRANT SELECT ON agent.guard_sites TO agent_producer;  -- whether the guard's limit is lifted
 
 GRANT USAGE ON SCHEMA agent, pgmq TO agent_worker, agent_worker_common;
 GRANT EXECUTE ON FUNCTION agent.ensure_notify(text, integer),
                           agent.request_sync(text, text, text, boolean, text, text),
                           agent.prune_audit(text, timestamptz, integer, boolean),
                           agent.move_message(text, bigint, integer, text, boolean),
-                          agent.site_key(text) TO agent_worker, agent_worker_common;
+                          agent.site_key(text),
+                          agent.guard_admit(text, jsonb, integer, double precision, double precision),
+                          agent.guard_candidates(jsonb, timestamptz) TO agent_worker, agent_worker_common;
+GRANT SELECT, INSERT, UPDATE ON agent.guard_sites, agent.guard_offs TO agent_worker, agent_worker_common;
 GRANT SELECT ON agent.config, agent.devices, agent.sites, agent.site_keys, agent.schema_version, pgmq.meta
     TO agent_worker, agent_worker_common;
 GRANT SELECT, UPDATE ON pgmq.notify_insert_throttle TO agent_worker, agent_worker_common;

@@ -19,35 +19,55 @@ from agent.db.connect import DB_ERRORS
 from agent.db.queries import Queries
 from agent.errors import TransientError
 
+Accepted = tuple[int, int | None, bool]  # (version in force, version owning the request_id, held by the guard)
+
+
+@dataclass(frozen=True)
+class GuardLimits:
+    """The guard against mass suspension (AGENT_GUARD_*), as the acceptance statement takes it."""
+
+    site: str
+    off_min: int = 100
+    off_percent: float = 10.0
+    window: float = 3600.0
+
+    def args(self) -> tuple[str, int | None, float, float]:
+        """$2..$5 of `accept`: off_min NULL turns the guard off (percent 100)."""
+        return self.site, (self.off_min if self.off_percent < 100 else None), self.off_percent, self.window
+
 
 @dataclass
 class _Pending:
     command: Command
     version: int
     msg_id: int
-    done: asyncio.Future[tuple[int, int | None]]
+    done: asyncio.Future[Accepted]
+    released: bool = False
 
 
 class Acceptor:
-    def __init__(self, pool: asyncpg.Pool, queries: Queries) -> None:
+    def __init__(self, pool: asyncpg.Pool, queries: Queries, guard: GuardLimits | None = None) -> None:
         self._pool = pool
         self._q = queries
+        self.guard = guard or GuardLimits("default", off_percent=100.0)  # live: SIGHUP may replace it
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
         self.flushes = 0
 
-    def submit(self, command: Command, version: int, msg_id: int) -> asyncio.Future[tuple[int, int | None]]:
-        """A future of (version in force for the key, version owning the request_id or None).
+    def submit(self, command: Command, version: int, msg_id: int, released: bool = False) -> asyncio.Future[Accepted]:
+        """A future of (version in force for the key, version owning the request_id or None, held).
+        held: the guard against mass suspension holds this `off` (it was not accepted); `released`:
+        an operator released it, the guard lets it pass.
 
         The caller may read the device meanwhile; it must not write before the future resolves.
         """
-        fut: asyncio.Future[tuple[int, int | None]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(command, version, msg_id, fut))
+        fut: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(command, version, msg_id, fut, released))
         self._wake.set()
         return fut
 
-    async def accept(self, command: Command, version: int, msg_id: int) -> tuple[int, int | None]:
-        return await self.submit(command, version, msg_id)
+    async def accept(self, command: Command, version: int, msg_id: int, released: bool = False) -> Accepted:
+        return await self.submit(command, version, msg_id, released)
 
     async def run(self) -> None:
         while True:
@@ -69,16 +89,24 @@ class Acceptor:
                 if not p.done.done():
                     p.done.set_result(result)
 
-    async def _write(self, conn: asyncpg.Connection, batch: list[_Pending]) -> list[tuple[int, int | None]]:
+    async def _write(self, conn: asyncpg.Connection, batch: list[_Pending]) -> list[Accepted]:
         rows = json.dumps([{"device": p.command.device, "service": p.command.service, "desired": p.command.state,
-                            "version": p.version, "msg_id": p.msg_id, "request_id": p.command.request_id}
+                            "version": p.version, "msg_id": p.msg_id, "request_id": p.command.request_id,
+                            "released": p.released}
                            for p in batch])
         owners: dict[str, int] = {}
         versions: dict[tuple[str, str], int] = {}
-        for r in await conn.fetch(self._q.accept, rows):
+        held: dict[tuple[str, str], int] = {}
+        for r in await conn.fetch(self._q.accept, rows, *self.guard.args()):
             if r["kind"] == "r":
                 owners[r["a"]] = r["version"]
             else:
                 versions[(r["a"], r["b"])] = r["version"]
-        return [(versions.get((p.command.device, p.command.service), 0),
-                 owners.get(p.command.request_id) if p.command.request_id else None) for p in batch]
+                if r["kind"] == "h":
+                    held[(r["a"], r["b"])] = r["held"]
+        out: list[Accepted] = []
+        for p in batch:
+            key = (p.command.device, p.command.service)
+            out.append((versions.get(key, 0), owners.get(p.command.request_id) if p.command.request_id else None,
+                        held.get(key) == p.version))
+        return out

@@ -27,7 +27,7 @@ from agent.executor.acceptor import Acceptor
 from agent.executor.claims import DeviceClaims
 from agent.executor.converge import Observation, VerifyError, apply_many, apply_one, observe, observe_for_take
 from agent.executor.deadlines import Deadlines
-from agent.executor.policy import KeyState, ParkPolicy, RetryPolicy, Tuning, Verdict, decide
+from agent.executor.policy import KeyState, ParkPolicy, RetryPolicy, Tuning, Verdict, decide, released
 from agent.executor.reports import Delivery, EventRow, Outcome, Reporter, StateUpdate
 
 log = logging.getLogger("agent.executor")
@@ -220,25 +220,28 @@ class Executor:
 
     async def _converge_take(self, live: list[Work]) -> list[Outcome]:
         device = live[0].device
-        accepted = {id(w): self._acceptor.submit(w.command, w.delivery.version, w.delivery.msg_id) for w in live}
+        accepted = {id(w): self._acceptor.submit(w.command, w.delivery.version, w.delivery.msg_id,
+                                                 released(w.delivery.headers)) for w in live}
 
         async def verdicts() -> dict[int, tuple[Verdict, int, int | None] | TransientError]:
             out: dict[int, tuple[Verdict, int, int | None] | TransientError] = {}
             for w in live:
                 try:
-                    version, rid = await accepted[id(w)]
+                    version, rid, held = await accepted[id(w)]
                 except TransientError as exc:
                     out[id(w)] = exc
                     continue
                 now = datetime.now(timezone.utc) + timedelta(seconds=w.delivery.skew)
-                out[id(w)] = (decide(w.command, w.delivery.version, KeyState(version, w.command.state), rid, now),
-                              version, rid)
+                out[id(w)] = (decide(w.command, w.delivery.version, KeyState(version, w.command.state), rid, now,
+                                     held), version, rid)
             return out
 
         def settle(w: Work, said: tuple[Verdict, int, int | None] | TransientError,
                    go: Callable[[], Outcome]) -> Outcome:
             if isinstance(said, TransientError):  # not judged: it may be a duplicate, or superseded
                 return self._failed(w, said, 0.0, judged=False)
+            if said[0] is Verdict.HELD:
+                return self._held(w)
             return go() if said[0] is Verdict.CONVERGE else self._skip(w, *said)
 
         if why := self.gate(device):
@@ -396,6 +399,13 @@ class Executor:
         state = StateUpdate(w.command.device, w.command.service, error=f"parked: {why}", msg_id=w.delivery.msg_id)
         return Outcome(w.delivery, "park", [self._event(w, "parked", error=why)] if first else [], state,
                        retry_delay=delay, parked_reason=code)
+
+    def _held(self, w: Work) -> Outcome:
+        """One `off` too many for the guard: kept in the queue, invisible, until an operator releases or
+        discards it (`agentctl guard`); not an attempt, never retried or dead-lettered meanwhile."""
+        log.info("held: the guard against mass suspension holds this off", extra=_fields(w, "held"))
+        note = "held by the guard against mass suspension: agentctl guard status"
+        return Outcome(w.delivery, "hold", [self._event(w, "held", error=note)])
 
     def _skip(self, w: Work, verdict: Verdict, version: int, rid_version: int | None) -> Outcome:
         d, cmd = w.delivery, w.command

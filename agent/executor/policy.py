@@ -20,6 +20,7 @@ class Verdict(enum.Enum):
     SUPERSEDED = "superseded"  # a newer command for this (device, service) was already accepted
     DUPLICATE = "duplicate"    # this request_id was already carried by another command
     EXPIRED = "expired"        # not_after passed before the command could run
+    HELD = "held"              # an `off` the guard against mass suspension holds until an operator decides
 
 
 @dataclass
@@ -48,12 +49,25 @@ def parse_headers(msg_id: int, headers: str | None) -> tuple[int, int]:
     return version, min(bounces, 1_000_000) if isinstance(bounces, int) and bounces > 0 else 0
 
 
+def released(headers: str | None) -> bool:
+    """Whether an operator released this held command (`agentctl guard release`): the guard lets it pass."""
+    if not headers or '"guard"' not in headers:
+        return False
+    try:
+        doc = json.loads(headers)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and doc.get("guard") == "released"
+
+
 def command_version(msg_id: int, headers: str | None) -> int:
     return parse_headers(msg_id, headers)[0]
 
 
-def decide(cmd: Command, version: int, key: KeyState, request_version: int | None, now: datetime) -> Verdict:
-    """The verdict for one delivery, given the newest version accepted for its key."""
+def decide(cmd: Command, version: int, key: KeyState, request_version: int | None, now: datetime,
+           held: bool = False) -> Verdict:
+    """The verdict for one delivery, given the newest version accepted for its key (and whether the
+    acceptance held it: an `off` one too many for the guard against mass suspension)."""
     if cmd.request_id is not None and request_version is not None and request_version != version:
         return Verdict.DUPLICATE
     if cmd.expired(now):
@@ -62,6 +76,8 @@ def decide(cmd: Command, version: int, key: KeyState, request_version: int | Non
         return Verdict.REFRESH
     if version < key.version:
         return Verdict.SUPERSEDED
+    if held:
+        return Verdict.HELD
     return Verdict.CONVERGE
 
 

@@ -24,7 +24,7 @@ from agent.text import clean, clean_opt, safe_json
 
 log = logging.getLogger("agent.reporter")
 
-Finish = Literal["archive", "retry", "park", "dead_letter", "move"]
+Finish = Literal["archive", "retry", "park", "dead_letter", "move", "hold"]
 _LEAVES = ("archive", "dead_letter", "move")  # finishes that take the message off this queue
 
 
@@ -146,9 +146,10 @@ def report_args(q: Queries, agent_id: str, batch: Sequence[Outcome]) -> tuple[An
                "h": dlq_headers(o, q.queue, agent_id) if o.finish == "dead_letter" else None}
               for o in batch if o.finish in _LEAVES]
     later = [{"id": o.delivery.msg_id, "rc": o.delivery.read_ct, "delay": _delay(o.retry_delay),
-              "park": o.finish == "park", "bounces": min(o.delivery.bounces + 1, MAX_BOUNCES),
+              "park": o.finish in ("park", "hold"), "hold": o.finish == "hold",
+              "bounces": min(o.delivery.bounces + 1, MAX_BOUNCES),
               "reason": o.parked_reason if o.finish == "park" else ""}  # a retry clears it; None keeps it
-             for o in batch if o.finish in ("retry", "park")]
+             for o in batch if o.finish in ("retry", "park", "hold")]
     states = merge_states([s for o in batch for s in ([o.state] if o.state else []) + o.extra_states])
     events = [e for o in batch for e in o.events]
     synced = [{"msg_id": o.delivery.msg_id, **o.sync} for o in batch if o.sync is not None and o.finish == "archive"]

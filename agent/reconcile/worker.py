@@ -92,7 +92,8 @@ class SyncWorker:
     def __init__(self, pool: asyncpg.Pool, queries: Queries, drivers: Drivers, deadlines: Deadlines,
                  gate: Callable[[Device], str | None], policy: Callable[[], tuple[RetryPolicy, float]],
                  tuning: ReconcileTuning, parking: ParkPolicy | None = None,
-                 may_operate: Callable[[Device], bool] | None = None) -> None:
+                 may_operate: Callable[[Device], bool] | None = None,
+                 may_turn_off: Callable[[str, str], Awaitable[bool]] | None = None) -> None:
         self._pool = pool
         self._q = queries
         self._drivers = drivers
@@ -102,6 +103,7 @@ class SyncWorker:
         self.tuning = tuning
         self._parking = parking or ParkPolicy()
         self._may_operate = may_operate or (lambda _d: True)  # the device claim still has room for a call
+        self._may_turn_off = may_turn_off or _always  # the guard against mass suspension admits this repair
 
     async def handle(self, w: SyncWork) -> Outcome:
         d, req, dev = w.delivery, w.request, w.device
@@ -246,6 +248,10 @@ class SyncWorker:
                     extra={**_fields(w, "drift"), "service": service})
         if dry:
             return Finding(service, expected, found, "drift")
+        if expected == "off" and not await self._may_turn_off(dev.id, service):
+            why = "held by the guard against mass suspension: not repaired (agentctl guard status)"
+            events.append(self._event(w, "held", service, desired=expected, observed=found, error=why))
+            return Finding(service, expected, found, "drift", why)
         started = time.monotonic()
         try:
             await pacer.next_call()
@@ -298,6 +304,10 @@ class SyncWorker:
     def _event(self, w: SyncWork, kind: str, service: str | None, **kw: Any) -> EventRow:
         return EventRow(kind, w.device.id, service, w.delivery.msg_id, attempt=w.delivery.attempt,
                         meta={"run": w.request.run, "dry_run": w.request.dry_run}, **kw)
+
+
+async def _always(_device: str, _service: str) -> bool:
+    return True
 
 
 def waited(d: Delivery, now: float) -> float:

@@ -101,7 +101,7 @@ async def test_acceptance_of_several_versions_of_one_key_keeps_the_first_owner_a
         flushing.cancel()
         await pool.close()
     assert acceptor.flushes == 1
-    assert results == [(12, 11), (12, 12), (12, 11)]  # (version in force, owner of its request_id)
+    assert results == [(12, 11, False), (12, 12, False), (12, 11, False)]  # (in force, request_id owner, held)
     row = await db.fetchrow("SELECT desired, desired_version, last_request_id FROM agent.service_state")
     assert tuple(row) == ("off", 12, "refund-1")
 

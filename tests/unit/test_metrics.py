@@ -106,3 +106,8 @@ def test_every_alert_links_its_runbook_section_and_is_tested():
         assert url.startswith("docs/operations.md#") and url.partition("#")[2] in anchors, rule["alert"]
         assert f"alertname: {rule['alert']}\n" in tests, rule["alert"]
         assert re.search(r"pgmq_edge_agent_|^up\{", rule["expr"]) and not re.search(r"(?<![a-z_])agent_", rule["expr"])
+
+
+def test_the_guards_held_commands_are_a_gauge_by_site():
+    assert "pgmq_edge_agent_guard_held_commands{" not in scrape()  # not sampled yet: no value
+    assert 'pgmq_edge_agent_guard_held_commands{site="north"} 1300.0' in scrape(Live(held=1300))

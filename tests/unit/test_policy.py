@@ -102,3 +102,25 @@ def test_a_failed_report_is_retried_unless_the_database_refuses_its_data(error, 
     """Lock timeouts, read-only transactions mid-failover, shutdowns and lost connections are
     unavailability (retry the same outcomes); only classes 22, 23 and 54 say the data is refused."""
     assert report_failure(error) == meaning
+
+
+def test_an_off_the_guard_holds_is_held_unless_a_newer_command_supersedes_it():
+    off = cmd(state="off")
+    assert decide(off, 10, KeyState(5, "on"), None, NOW, held=True) is Verdict.HELD
+    assert decide(off, 4, KeyState(10, "on"), None, NOW, held=True) is Verdict.SUPERSEDED
+    assert decide(off, 10, KeyState(5, "on"), None, NOW) is Verdict.CONVERGE
+
+
+def test_only_a_command_an_operator_released_passes_the_guard():
+    from agent.executor.policy import released
+
+    assert released('{"guard": "released", "bounces": 1}')
+    assert not released('{"guard": "held"}') and not released(None) and not released('["guard"]')
+    assert not released('{"guard": "released"')  # not JSON
+
+
+def test_percent_100_turns_the_guard_off():
+    from agent.executor.acceptor import GuardLimits
+
+    assert GuardLimits("north", 100, 10.0, 3600.0).args() == ("north", 100, 10.0, 3600.0)
+    assert GuardLimits("north", 100, 100.0, 3600.0).args()[1] is None
