@@ -36,7 +36,8 @@ _WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 # commands_total counts each command once, by how it ended; command_attempts_total the deliveries
 # that did not end it (tried again later, parked for an unreachable device, moved to its site's queue).
 _OUTCOME_EVENTS = {"verified", "refreshed", "superseded", "duplicate", "expired", "dead_lettered"}
-_ATTEMPT_EVENTS = {"retried", "rerouted", "held"}  # events of attempts; parks are counted by finish (one event per reason)
+# events of attempts (parks are counted by finish: one event per reason)
+_ATTEMPT_EVENTS = {"retried", "rerouted", "held"}
 _ATTEMPTS = ("held", "parked", "rerouted", "retried")
 _RECONCILE_RESULTS = ("in_sync", "drifted", "repaired", "unreadable", "failed", "parked")
 _WAKE_SOURCES = ("start", "notify", "poll", "connect", "unpark", "catchup")
