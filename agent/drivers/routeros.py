@@ -241,6 +241,9 @@ class RouterOsDriver:
         self._context = context or DriverContext()
         self._session: aiohttp.ClientSession | None = None
         self._ca: dict[str, ssl.SSLContext] = {}
+        # one Fingerprint per digest: aiohttp keys its pooled connections by this object, so a new one
+        # per request would open (and TLS-handshake) a new connection for every request
+        self._pins: dict[bytes, aiohttp.Fingerprint] = {}
         self._conns: dict[tuple[str, Settings], Connection] = {}   # the API: one connection per device
         self._opening: dict[tuple[str, Settings], asyncio.Lock] = {}
 
@@ -502,8 +505,8 @@ class RouterOsDriver:
         return self._context.credentials.get(s.credential)
 
     def _ssl(self, s: Settings) -> ssl.SSLContext | aiohttp.Fingerprint | bool:
-        if s.fingerprint is not None:
-            return aiohttp.Fingerprint(s.fingerprint)  # the digest is checked; the CA chain is not
+        if s.fingerprint is not None:  # the digest is checked; the CA chain is not
+            return self._pins.setdefault(s.fingerprint, aiohttp.Fingerprint(s.fingerprint))
         if s.ca_file is None:
             return True
         if s.ca_file not in self._ca:

@@ -263,3 +263,27 @@ async def test_fake_evaluates_the_documented_query_stack(router: RouterOsFake) -
                                headers=AUTH) as resp:
             assert await resp.json() == {"error": 406, "message": "Not Acceptable",
                                          "detail": "no such command or directory (remove)"}
+
+
+async def test_rest_reuses_a_fresh_connection_but_not_one_idle_past_the_keepalive_limit(
+        router: RouterOsFake, cert: Cert, context: DriverContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One TLS connection serves a device's requests while fresh (a new one per request would cost the
+    router a handshake each); RouterOS may drop, or answer stale on, one reused late: past KEEPALIVE
+    the driver opens a new one (aiohttp's default keeps it 15 s)."""
+    from agent.drivers import routeros as routeros_module
+    from tests.support.wait import until
+
+    monkeypatch.setattr(routeros_module, "KEEPALIVE", 0.3)
+    router.add("ppp/secret", name="alice", disabled="false")
+    d = RouterOsDriver(context)
+    try:
+        dev = pinned(router, cert)
+        await d.read(dev, "ppp/secret/alice")
+        await d.read(dev, "ppp/secret/alice")
+        assert len(router.peers) >= 2 and len(set(router.peers)) == 1  # one connection while fresh
+        connector = d._session.connector  # type: ignore[union-attr]
+        await until(lambda: not connector._conns, timeout=10, what="the idle connection closed by the driver")
+        await d.read(dev, "ppp/secret/alice")
+        assert len(set(router.peers)) == 2
+    finally:
+        await d.close()

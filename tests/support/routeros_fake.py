@@ -223,6 +223,7 @@ class RouterOsFake:
     def __init__(self, username: str, password: str) -> None:
         self.tables: dict[str, list[Row]] = {menu: [] for menu in MENUS}
         self.requests: list[tuple[str, str, Any]] = []
+        self.peers: list[tuple[str, int]] = []  # the client end of each request's connection
         self.inject: list[tuple[str, web.Response]] = []  # (method or "*", canned reply)
         self.delay = 0.0
         self.drop = 0  # the next `drop` requests get their connection closed without an answer
@@ -287,6 +288,7 @@ class RouterOsFake:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json() if request.can_read_body else None
         self.requests.append((request.method, request.path, body))
+        self.peers.append(request.transport.get_extra_info("peername") if request.transport else ("?", 0))
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.drop:  # the connection closes without an answer, as RouterOS may do to a reused one
