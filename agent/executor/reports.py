@@ -41,6 +41,7 @@ class Delivery:
     bounces: int = 0  # times it was parked: those deliveries were not attempts
     received: float = field(default_factory=time.monotonic)
     skew: float = 0.0  # the database's clock minus ours when it was read: not_after is judged by the database's
+    priority: object = None  # its `priority` header as sent (see agent/executor/priority.py)
 
     @property
     def attempt(self) -> int:
