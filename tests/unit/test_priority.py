@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import pytest
 
-from agent.executor import priority
+from agent.contract import Command
+from agent.executor import coalesce, priority
 from agent.executor.priority import HIGH, NORMAL
+from agent.executor.reports import Delivery
 from agent.queue.admission import header_problem
 
 
@@ -30,3 +34,69 @@ def test_a_priority_other_than_high_or_normal_is_refused_with_the_reason():
     assert header_problem(5, json.dumps({"priority": "urgent"})) == 'priority must be "high" or "normal"'
     assert header_problem(5, json.dumps({"priority": 1})) is not None
     assert header_problem(5, json.dumps({"priority": "normal"})) is None
+
+
+# -- the lane's next take -------------------------------------------------------------------------
+
+T0 = datetime(2026, 11, 30, 23, 59, tzinfo=timezone.utc)
+
+
+@dataclass
+class Cmd:
+    delivery: Delivery
+    command: Command
+
+    @property
+    def high(self) -> bool:
+        return self.command.action == "set" and priority.of(self.delivery.priority, self.command.state) == HIGH
+
+
+@dataclass
+class Other:
+    delivery: Delivery
+
+
+def item(msg_id: int, service: str, state: str = "off", *, prio: str | None = None, action: str = "set") -> Cmd:
+    body = {"device": "r1", "service": service, "action": action}
+    if action == "set":
+        body["state"] = state
+    return Cmd(Delivery(msg_id, 1, T0, "{}", None, msg_id, priority=prio), Command(**body))
+
+
+def pick(lane: list, bound: int = 100) -> list[int]:
+    return [it.delivery.msg_id for it in coalesce.pick(lane, bound, Cmd, lambda it: it.high)]
+
+
+def test_without_a_restore_waiting_the_take_is_the_head_of_the_lane():
+    lane = [item(1, "a"), item(2, "b"), item(3, "c", action="refresh"), item(4, "d")]
+    assert pick(lane) == [1, 2]
+
+
+def test_a_waiting_restore_is_taken_before_the_suspensions_ahead_of_it():
+    lane = [item(n, f"s{n}") for n in range(1, 6)] + [item(6, "x", "on")]
+    assert pick(lane) == [6]
+
+
+def test_a_restore_jumps_over_a_reconcile_message_and_a_refresh():
+    lane = [Other(Delivery(1, 1, T0, "{}", None, 1)), item(2, "a", action="refresh"), item(3, "b", "on")]
+    assert pick(lane) == [3]
+
+
+def test_the_other_commands_for_a_restores_service_come_along_so_newest_wins_judges_them_together():
+    older_off, other, restore, newer_off = item(1, "a"), item(2, "b"), item(3, "a", "on"), item(4, "a")
+    assert pick([older_off, other, restore, newer_off]) == [1, 3, 4]
+
+
+def test_the_priority_header_decides_over_the_state():
+    lane = [item(1, "a", "on", prio="normal"), item(2, "b", "off", prio="high")]
+    assert pick(lane) == [2]
+
+
+def test_restores_taken_together_are_bounded():
+    lane = [item(n, f"s{n}", "on") for n in range(1, 11)]
+    assert pick(lane, 4) == [1, 2, 3, 4]
+
+
+def test_commands_for_one_service_keep_their_order_within_the_bound():
+    assert pick([item(1, "a"), item(2, "a", "on"), item(3, "a")], 2) == [1, 2]
+    assert pick([item(1, "a"), item(2, "a", "on")], 1) == [1]
