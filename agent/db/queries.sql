@@ -37,6 +37,28 @@ FROM r, LATERAL (SELECT r.message::text, r.headers::text) AS t(body, head)
 WHERE $1::text IS NOT NULL
 ORDER BY r.msg_id;
 
+-- name: read_high
+-- `read`, of the high-priority messages only: while AGENT_PREFETCH messages are already held, a
+-- restore is still read at once (see Consumer.read_until_short), instead of after a take frees room.
+WITH hi AS (
+    SELECT msg_id FROM pgmq.{q}
+    WHERE {high} AND vt <= clock_timestamp()
+    ORDER BY msg_id LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), r AS (
+    UPDATE pgmq.{q} m
+    SET last_read_at = clock_timestamp(), vt = clock_timestamp() + make_interval(secs => $1::integer),
+        read_ct = m.read_ct + 1
+    FROM hi WHERE m.msg_id = hi.msg_id
+    RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message, m.headers
+)
+SELECT r.msg_id, r.read_ct, r.enqueued_at,
+       CASE WHEN octet_length(t.body) <= $3 THEN t.body END AS message, octet_length(t.body) AS size,
+       CASE WHEN octet_length(t.head) <= 8192 THEN t.head END AS headers, octet_length(t.head) AS headers_size,
+       (SELECT last_value FROM agent.msg_id_seq) AS last_id, clock_timestamp() AS db_now
+FROM r, LATERAL (SELECT r.message::text, r.headers::text) AS t(body, head)
+ORDER BY r.msg_id;
+
 -- name: read_device
 -- The next visible messages of one device ($2), as `read` returns them and with the same effect on
 -- the queue (vt, read_ct, last_read_at, as pgmq.read sets them), high-priority ones first: the
