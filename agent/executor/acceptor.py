@@ -33,16 +33,24 @@ class Acceptor:
         self._pool = pool
         self._q = queries
         self._pending: list[_Pending] = []
+        self._urgent: list[_Pending] = []
         self._wake = asyncio.Event()
         self.flushes = 0
 
-    def submit(self, command: Command, version: int, msg_id: int) -> asyncio.Future[tuple[int, int | None]]:
+    def submit(self, command: Command, version: int, msg_id: int,
+               urgent: bool = False) -> asyncio.Future[tuple[int, int | None]]:
         """A future of (version in force for the key, version owning the request_id or None).
 
         The caller may read the device meanwhile; it must not write before the future resolves.
+        `urgent` (a high-priority command): flushed in a statement of its own, ahead of the others
+        waiting, so a restore's acceptance does not wait for a burst's.
         """
         fut: asyncio.Future[tuple[int, int | None]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(command, version, msg_id, fut))
+        p = _Pending(command, version, msg_id, fut)
+        if urgent:
+            self._urgent.append(p)
+        else:
+            self._pending.append(p)
         self._wake.set()
         return fut
 
@@ -53,7 +61,11 @@ class Acceptor:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            batch, self._pending = self._pending, []
+            if self._urgent:
+                batch, self._urgent = self._urgent, []
+                self._wake.set()  # the others next
+            else:
+                batch, self._pending = self._pending, []
             if not batch:
                 continue
             self.flushes += 1

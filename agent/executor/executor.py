@@ -184,8 +184,9 @@ class Executor:
         else:
             outcomes = [await self._run_item(take[0])]
         settled = [it for it, o in zip(take, outcomes) if o is not None]
-        for o in outcomes:
+        for it, o in zip(take, outcomes):
             if o is not None:
+                o.urgent = _high(it)
                 self._reporter.submit(o)
         if len(settled) < len(take):
             log.debug("take yields to a high-priority command: %d command(s) wait", len(take) - len(settled),
@@ -259,7 +260,9 @@ class Executor:
 
     async def _converge_take(self, live: list[Work], urgent: Callable[[], bool] | None = None) -> list[Outcome | None]:
         device = live[0].device
-        accepted = {id(w): self._acceptor.submit(w.command, w.delivery.version, w.delivery.msg_id) for w in live}
+        first = any(w.high for w in live)  # the whole take in one flush: newest-wins judges it together
+        accepted = {id(w): self._acceptor.submit(w.command, w.delivery.version, w.delivery.msg_id, first)
+                    for w in live}
 
         async def verdicts() -> dict[int, tuple[Verdict, int, int | None] | TransientError]:
             out: dict[int, tuple[Verdict, int, int | None] | TransientError] = {}

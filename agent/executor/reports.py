@@ -97,6 +97,7 @@ class Outcome:
     extra_states: list[StateUpdate] = field(default_factory=list)  # a reconcile reports several services
     reconcile: bool = False            # the outcome of a reconcile message, not of a command
     move_to: str | None = None         # move: the queue the message belongs on (agent/queue/routing.py)
+    urgent: bool = False               # a high-priority command's: committed ahead of the others waiting
 
 
 def merge_states(updates: Sequence[StateUpdate]) -> list[StateUpdate]:
@@ -234,7 +235,13 @@ class Reporter:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
-                batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
+                if any(o.urgent for o in self._pending):  # restores first: a small statement of their own
+                    urgent = [o for o in self._pending if o.urgent]
+                    self._pending = [o for o in self._pending if not o.urgent]
+                    batch = urgent[: self._max_batch]
+                    self._pending[:0] = urgent[self._max_batch:]
+                else:
+                    batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
                 await self._commit(batch)
             if not self._deferred:
                 self._idle.set()

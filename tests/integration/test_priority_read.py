@@ -49,3 +49,13 @@ async def test_the_high_priority_read_uses_the_queues_partial_index(db: asyncpg.
         "EXPLAIN SELECT msg_id FROM pgmq.q_device_tasks WHERE " + Q.read.split("WHERE ", 1)[1].split(" AND vt", 1)[0]
         + " AND vt <= clock_timestamp() ORDER BY msg_id LIMIT 10"))
     assert "q_device_tasks_high_idx" in plan
+
+
+async def test_migration_16_builds_the_same_index_on_every_queue_the_sites_record(db: asyncpg.Connection):
+    from agent.db.schema import migrations
+
+    made_by_init = await db.fetchval("SELECT pg_get_indexdef('pgmq.q_device_tasks_high_idx'::regclass)")
+    await db.execute('DROP INDEX pgmq."q_device_tasks_high_idx"')
+    [sql] = [sql for version, _name, sql in migrations() if version == 16]
+    await db.execute(sql)
+    assert await db.fetchval("SELECT pg_get_indexdef('pgmq.q_device_tasks_high_idx'::regclass)") == made_by_init
