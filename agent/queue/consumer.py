@@ -153,9 +153,11 @@ class Consumer:
 
     async def _read_high(self) -> None:
         """While AGENT_PREFETCH messages are held: read the visible high-priority ones anyway, up to
-        AGENT_BATCH_SIZE beyond it (a month-end burst fills the prefetch; a restore then waited for a
-        take to end before it was even read, and only then could its lane serve it first)."""
-        room = min(self._s.batch_size, self._s.prefetch + self._s.batch_size - len(self.inflight))
+        AGENT_BATCH_SIZE beyond what the agent may hold otherwise (AGENT_PREFETCH, and the takes
+        filled by `top_up`). A month-end burst fills the prefetch; a restore then waited for a take
+        to end before it was even read, and only then could its lane serve it first."""
+        bound = self._s.prefetch + self._s.concurrency * self._s.coalesce + self._s.batch_size
+        room = min(self._s.batch_size, bound - len(self.inflight))
         if room <= 0 or self.stopping:
             return
         read_at = time.monotonic()
