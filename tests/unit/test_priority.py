@@ -100,3 +100,53 @@ def test_restores_taken_together_are_bounded():
 def test_commands_for_one_service_keep_their_order_within_the_bound():
     assert pick([item(1, "a"), item(2, "a", "on"), item(3, "a")], 2) == [1, 2]
     assert pick([item(1, "a"), item(2, "a", "on")], 1) == [1]
+
+
+# -- bookkeeping: restores ahead of a burst's -------------------------------------------------------
+
+async def test_the_reporter_commits_restores_outcomes_ahead_of_the_others_waiting():
+    import asyncio
+
+    from agent.executor.reports import Outcome, Reporter
+
+    batches: list[list[int]] = []
+    reporter = Reporter(None, None, "a1", lambda _o, _l: None, max_batch=3)  # type: ignore[arg-type]
+
+    async def commit(batch: list[Outcome]) -> None:
+        batches.append([o.delivery.msg_id for o in batch])
+
+    reporter._commit = commit  # type: ignore[method-assign]
+    for n in range(1, 6):
+        reporter.submit(Outcome(Delivery(n, 1, T0, "{}", None, n), "archive", urgent=n in (4, 5)))
+    task = asyncio.create_task(reporter.run())
+    await asyncio.wait_for(reporter.drained(), 5)
+    task.cancel()
+    assert batches == [[4, 5], [1, 2, 3]]
+
+
+async def test_the_acceptor_flushes_a_restores_take_in_a_statement_of_its_own_first():
+    import asyncio
+    from contextlib import asynccontextmanager
+
+    from agent.executor.acceptor import Acceptor
+
+    flushes: list[list[int]] = []
+
+    class Pool:
+        @asynccontextmanager
+        async def acquire(self):  # type: ignore[no-untyped-def]
+            yield None
+
+    acceptor = Acceptor(Pool(), None)  # type: ignore[arg-type]
+
+    async def write(_conn, batch):  # type: ignore[no-untyped-def]
+        flushes.append([p.msg_id for p in batch])
+        return [(p.version, None) for p in batch]
+
+    acceptor._write = write  # type: ignore[method-assign]
+    cmd = Command(device="r1", service="a", state="off")
+    futures = [acceptor.submit(cmd, n, n, urgent=n == 3) for n in (1, 2, 3)]
+    task = asyncio.create_task(acceptor.run())
+    await asyncio.wait_for(asyncio.gather(*futures), 5)
+    task.cancel()
+    assert flushes == [[3], [1, 2]]
