@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -14,8 +17,9 @@ from agent.contract import DEVICE_PATTERN
 from agent.db.queries import Queries
 from agent.drivers.base import Device, DriverContext
 from agent.drivers.registry import load_driver
-from agent.errors import AgentError, ConfigError, PermanentError
+from agent.errors import AgentError, ConfigError, NotFoundError, PermanentError
 from agent.inventory import validate_with
+from agent.text import clean
 
 _DEVICE_RE = re.compile(DEVICE_PATTERN)
 
@@ -112,8 +116,48 @@ async def resume_device(conn: asyncpg.Connection, q: Queries, device_id: str) ->
     return bool(await conn.fetchval(q.resume_device, device_id))
 
 
-async def remove_device(conn: asyncpg.Connection, device_id: str) -> bool:
-    return await conn.fetchval("DELETE FROM agent.devices WHERE id = $1 RETURNING true", device_id) or False
+def operator(tool: str = "agentctl") -> str:
+    """Who acts, as recorded after the login role in events: the tool, the OS user and the host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (a container's arbitrary uid)
+        user = f"uid {os.getuid()}"
+    return clean(f"{tool} {user}@{socket.gethostname()}", 200)
+
+
+async def remove_device(conn: asyncpg.Connection, q: Queries, device_id: str, by: str) -> tuple[bool, int]:
+    """Remove the device and forget its service keys (reconciliation no longer enforces them; an
+    event `forgotten` each). (whether the device was there, keys forgotten)."""
+    row = await conn.fetchrow(q.remove_device, device_id, by)
+    return bool(row["removed"]), int(row["forgotten"])
+
+
+async def forget_service(conn: asyncpg.Connection, q: Queries, device: str, service: str, by: str) -> None:
+    """Retire a service key through agent.forget (the producers' function): NotFoundError when it
+    was not known, ConfigError for an id or key that is not valid."""
+    try:
+        known = await conn.fetchval(q.forget_service, device, service, by)
+    except asyncpg.InvalidParameterValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not known:
+        raise NotFoundError(f"no service {service!r} recorded for device {device!r} (see agentctl state --device "
+                            f"{device})")
+
+
+async def forget_agent(conn: asyncpg.Connection, agent_id: str, stale_after: float) -> None:
+    """Remove an agent's row from agent.agents (and the fleet view), unless it is live: not stopped
+    and its heartbeat younger than `stale_after` seconds (ConfigError says how long to wait). An
+    agent that starts again under the id registers anew."""
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            "SELECT state, extract(epoch FROM now() - last_heartbeat)::float8 AS age FROM agent.agents "
+            "WHERE agent_id = $1 FOR UPDATE", agent_id)
+        if row is None:
+            raise NotFoundError(f"no agent {agent_id!r} in agent.agents (see agentctl status --fleet --all-sites)")
+        if row["state"] != "stopped" and row["age"] <= stale_after:
+            raise ConfigError(f"agent {agent_id!r} is live (state {row['state']}, heartbeat {row['age']:.0f} s ago): "
+                              f"stop it first, or wait until its heartbeat is older than {stale_after:.0f} s")
+        await conn.execute("DELETE FROM agent.agents WHERE agent_id = $1", agent_id)
 
 
 async def enqueue(conn: asyncpg.Connection, queue: str | None, device: str, service: str, state: str | None,
@@ -123,9 +167,10 @@ async def enqueue(conn: asyncpg.Connection, queue: str | None, device: str, serv
     action = "refresh" if state == "refresh" else "set"
     try:
         return await conn.fetchval(
-            "SELECT agent.enqueue($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9)",
+            "SELECT agent.enqueue($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11)",
             device, service, None if action == "refresh" else state, kw.get("request_id"), kw.get("not_after"),
-            json.dumps(kw["meta"]) if kw.get("meta") is not None else None, action, kw.get("delay", 0), queue)
+            json.dumps(kw["meta"]) if kw.get("meta") is not None else None, action, kw.get("delay", 0), queue,
+            kw.get("priority"), kw.get("batch"))
     except asyncpg.PostgresError as exc:
         refusal = enqueue_refusal(exc)
         if refusal is None:
@@ -133,14 +178,22 @@ async def enqueue(conn: asyncpg.Connection, queue: str | None, device: str, serv
         raise refusal from None
 
 
+async def batch_status(conn: asyncpg.Connection, name: str) -> dict[str, Any] | None:
+    """agent.batch_status(name): the batch's commands counted by outcome; None: no such batch (never
+    enqueued, or pruned by retention)."""
+    row = await conn.fetchrow("SELECT * FROM agent.batch_status($1)", name)
+    return dict(row) if row else None
+
+
 def enqueue_refusal(exc: asyncpg.PostgresError) -> AgentError | None:
     """What agent.enqueue's SQLSTATE says to do, as our error (pure): 22023 fix the command, P0002
-    drop it (unknown device), 55000 an operator's set-up is missing. None: not a refusal of enqueue's."""
+    drop it (unknown device: NotFoundError), 55000 an operator's set-up is missing. None: not a
+    refusal of enqueue's."""
     said = str(exc.args[0] if exc.args else exc).removeprefix("agent.enqueue: ")
     hint = getattr(exc, "hint", None)
-    if exc.sqlstate == "P0002":
-        return PermanentError(f"{said}: add it first (agentctl device add), or check the id "
-                              "(agentctl device list --all-sites)")
+    if exc.sqlstate == "P0002":  # agentctl exits 4 for it, as for everything named that does not exist
+        return NotFoundError(f"{said}: add it first (agentctl device add), or check the id "
+                             "(agentctl device list --all-sites)")
     if exc.sqlstate == "55000":
         return ConfigError(said + (f" ({hint})" if hint else ""))
     if exc.sqlstate == "22023":
@@ -164,6 +217,22 @@ def dead_letter_fields(headers: str | None) -> dict[str, Any]:
             "origin_msg_id": origin if isinstance(origin, int) and not isinstance(origin, bool) else None}
 
 
+_BATCH_NAME = re.compile(r"[A-Za-z0-9._:-]{1,100}")
+
+
+def enqueue_headers(headers: str | None) -> dict[str, str]:
+    """The headers agent.enqueue gave a command, `priority` and `batch`, as a dead letter still
+    carries them (pure): a replay keeps them. Values agent.enqueue would refuse are left out."""
+    doc: Any = json.loads(headers) if headers else None
+    doc = doc if isinstance(doc, dict) else {}
+    kept = {}
+    if doc.get("priority") in ("high", "normal"):
+        kept["priority"] = doc["priority"]
+    if isinstance(doc.get("batch"), str) and _BATCH_NAME.fullmatch(doc["batch"]):
+        kept["batch"] = doc["batch"]
+    return kept
+
+
 async def dlq_list(conn: asyncpg.Connection, q: Queries, limit: int = 100) -> list[dict[str, Any]]:
     rows = await conn.fetch(q.dlq_list, limit)
     out = []
@@ -175,8 +244,35 @@ async def dlq_list(conn: asyncpg.Connection, q: Queries, limit: int = 100) -> li
     return out
 
 
-async def dlq_replay(conn: asyncpg.Connection, q: Queries, ids: list[int] | None) -> list[tuple[int, int]]:
-    """Move DLQ entries back to the queue, keeping each command's original version.
+def command_fields(message: str | None) -> dict[str, Any]:
+    """device, service and request_id of a dead letter's body, which may be any JSON (pure): each only
+    when it is a string of a sane length, else None (a DLQ holds what could not be processed)."""
+    try:
+        doc: Any = json.loads(message) if message else None
+    except ValueError:
+        doc = None
+    doc = doc if isinstance(doc, dict) else {}
+    return {k: v if isinstance(v := doc.get(k), str) and 0 < len(v) <= 200 else None
+            for k in ("device", "service", "request_id")}
+
+
+async def _record(conn: asyncpg.Connection, kind: str, rows: list[dict[str, Any]]) -> None:
+    await conn.execute(
+        "INSERT INTO agent.events (device, service, kind, msg_id, version, request_id, error, meta) "
+        "SELECT x.device, x.service, $2, x.msg_id, x.version, x.request_id, x.error, x.meta "
+        "FROM jsonb_to_recordset($1::jsonb) AS x(device text, service text, msg_id bigint, version bigint, "
+        "request_id text, error text, meta jsonb)", json.dumps(rows), kind)
+
+
+async def _who(conn: asyncpg.Connection, by: str) -> str:
+    """Who acts, as events record it: the login role, then the tool's label."""
+    return str(await conn.fetchval("SELECT session_user || ' (' || $1 || ')'", by))
+
+
+async def dlq_replay(conn: asyncpg.Connection, q: Queries, ids: list[int] | None,
+                     by: str = "agentctl") -> list[tuple[int, int]]:
+    """Move DLQ entries back to the queue, keeping each command's original version, and record a
+    `replayed` event for each (who, the DLQ entry, the new message id).
 
     Returns (dlq_id, new msg_id) pairs. The DLQ entry is archived in the same transaction.
     """
@@ -184,17 +280,45 @@ async def dlq_replay(conn: asyncpg.Connection, q: Queries, ids: list[int] | None
         if ids is None:
             ids = [r[0] for r in await conn.fetch(q.dlq_ids)]
         rows = await conn.fetch(q.dlq_take, ids)
-        moved = []
+        who = await _who(conn, by)
+        moved, events = [], []
         for r in rows:
             fields = dead_letter_fields(r["headers"])
             keep = {"origin_msg_id": fields["origin_msg_id"], "replayed_from_dlq": r["msg_id"],
-                    "previous_reason": fields["reason"]}
+                    "previous_reason": fields["reason"], **enqueue_headers(r["headers"])}
             new_id = await conn.fetchval(q.send, q.queue, r["message"], json.dumps(keep))
             moved.append((r["msg_id"], new_id))
-        missing = set(ids) - {m[0] for m in moved}
-        if missing:
-            raise PermanentError(f"no DLQ entries with id {', '.join(map(str, sorted(missing)))}")
+            events.append({**command_fields(r["message"]), "msg_id": new_id, "version": fields["origin_msg_id"],
+                           "error": f"replayed by {who} from DLQ entry {r['msg_id']} as message {new_id}",
+                           "meta": {"by": who, "dlq_id": r["msg_id"], "previous_reason": fields["reason"]}})
+        _refuse_missing(ids, [m[0] for m in moved])
+        await _record(conn, "replayed", events)
     return moved
+
+
+async def dlq_drop(conn: asyncpg.Connection, q: Queries, ids: list[int], reason: str,
+                   by: str = "agentctl") -> list[int]:
+    """Drop dead letters an operator decided to let go: each is moved to the DLQ's archive (pruned
+    after AGENT_RETAIN_ARCHIVE_DAYS) and a `dropped` event records who and why. All or nothing:
+    NotFoundError when an id is not in the DLQ. Returns the ids dropped."""
+    if not reason.strip() or len(reason) > 500:
+        raise ConfigError("--reason must say why, in 1 to 500 characters")
+    async with conn.transaction():
+        rows = await conn.fetch(q.dlq_take, ids)
+        _refuse_missing(ids, [r["msg_id"] for r in rows])
+        who, why = await _who(conn, by), clean(reason, 500)
+        await _record(conn, "dropped", [
+            {**command_fields(r["message"]), "msg_id": None,
+             "version": dead_letter_fields(r["headers"])["origin_msg_id"],
+             "error": f"dropped by {who}: {why}", "meta": {"by": who, "dlq_id": r["msg_id"], "reason": why}}
+            for r in rows])
+    return [r["msg_id"] for r in rows]
+
+
+def _refuse_missing(asked: list[int], found: list[int]) -> None:
+    if missing := set(asked) - set(found):
+        raise NotFoundError(f"no DLQ entries with id {', '.join(map(str, sorted(missing)))} "
+                            "(see agentctl dlq list)")
 
 
 async def states(conn: asyncpg.Connection, device: str | None = None) -> list[dict[str, Any]]:

@@ -31,9 +31,10 @@ from agent.db.session import Session
 from agent.drivers.base import CredentialStore, Device, DriverContext
 from agent.drivers.registry import Drivers
 from agent.executor.acceptor import Acceptor
+from agent.executor.budgets import DeviceBudgets
 from agent.executor.claims import DeviceClaims
 from agent.executor.deadlines import Deadlines
-from agent.executor.executor import Executor
+from agent.executor.executor import Executor, call_timeout
 from agent.executor.parking import Parking
 from agent.executor.policy import RetryPolicy, Tuning
 from agent.executor.reports import Reporter
@@ -113,19 +114,23 @@ class Agent:
         self.claims = DeviceClaims(pool, self.queries, s.agent_id, host=self.host_id, instance=self.instance)
         self.parking = Parking(pool, self.queries)
         self.vpn = VpnGuard(s.require_vpn, s.wg_interface, s.vpn_stale_after, s.vpn_check_interval,
-                            lambda: list(self.inventory.devices.values()), pool, s.agent_id, self.wake_parked,
+                            lambda: list(self.inventory.devices.values()), pool, s.agent_id, self._reachable,
                             self._probe, s.vpn_probe_interval)
         self.tuning = Tuning(RetryPolicy(s.max_attempts, s.retry_base, s.retry_max), s.device_timeout)
         self.deadlines = Deadlines()
         tuning = self.tuning
+        # every device call is spaced by its device's max_rate and feeds its breaker (per agent)
+        self.budgets = DeviceBudgets(self.deadlines, lambda dev: call_timeout(dev, tuning.device_timeout),
+                                     lambda: self.inventory.devices, self.wake_parked)
+        self.drivers.wrap(self.budgets.wrap)
         sync = SyncWorker(
-            pool, self.queries, self.drivers, self.deadlines, self.vpn.gate,
+            pool, self.queries, self.drivers, self.deadlines, self.gate,
             lambda: (tuning.policy, tuning.device_timeout),
             ReconcileTuning(s.reconcile_confirm, s.reconcile_confirm_delay, s.reconcile_pace,
                             s.reconcile_unreachable_wait),
             may_operate=lambda dev: self.claims.fresh(dev.id, self.executor.op_bound(dev)))
         self.executor = Executor(self.acceptor, self.drivers, self.reporter, self.tuning, s.concurrency,
-                                 gate=self.vpn.gate, on_unreachable=self.vpn.device_failed, confirm=self.vpn.confirm,
+                                 gate=self.gate, on_unreachable=self.vpn.device_failed, confirm=self.vpn.confirm,
                                  claims=self.claims, deadlines=self.deadlines, handlers={SyncWork: sync.handle},
                                  coalesce=s.coalesce,
                                  top_up=lambda device, room: self.consumer.top_up(device, room))
@@ -146,6 +151,11 @@ class Agent:
         self.metrics = Metrics(s.site, s.queue, self.house.live)
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def gate(self, device: Device) -> str | None:
+        """May this device be worked on now? A reason to park its work: the VPN guard's (tunnel down,
+        device paused), else its breaker's (too many timeouts in a row); None when it may."""
+        return self.vpn.gate(device) or self.budgets.gate(device)
+
     def _read(self, deliveries) -> None:  # type: ignore[no-untyped-def]
         self.metrics.read(deliveries)
         self.parking.read(deliveries)
@@ -154,6 +164,12 @@ class Agent:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _reachable(self, devices: list[str]) -> None:
+        """The VPN guard sees these devices reachable again (or resumed): their breakers forget the
+        tunnel's timeouts, their parked work goes now."""
+        self.budgets.reachable(devices)
+        await self.wake_parked(devices)
 
     async def wake_parked(self, devices) -> None:  # type: ignore[no-untyped-def]
         """The devices are reachable again: their parked work becomes visible now."""
@@ -229,14 +245,15 @@ class Agent:
             await check_prepared_statements(s.database_url)
 
     async def _probe(self, device: Device) -> None:
-        async with asyncio.timeout(self.settings.device_timeout):
+        with self.deadlines.limit(self.settings.device_timeout):  # a probe without answer feeds the breaker
             await self.drivers.get(device.driver).probe(device)
 
     async def run_forever(self, stop: asyncio.Event, reload: asyncio.Event | None = None) -> None:
         services: dict[str, Coroutine[Any, Any, None]] = {
             "reporter": self.reporter.run(), "acceptor": self.acceptor.run(), "session": self.session.run(),
             "housekeeper": self.house.run(), "deadlines": self.deadlines.run(), "vpn": self.vpn.run(),
-            "claims": self.claims.run(), "leader": self.leadership.run(self.reconciler.lead)}
+            "claims": self.claims.run(), "budgets": self.budgets.run(),
+            "leader": self.leadership.run(self.reconciler.lead)}
         if self.settings.consume:
             services |= {"consumer": self.consumer.run(), "leases": self.consumer.keep_leases()}
         if self.notifier.watchdog_interval:

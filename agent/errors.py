@@ -40,3 +40,10 @@ class ConfigError(AgentError):
     """The agent is set up wrongly: refuse to start and say which setting."""
 
     kind = "config"
+
+
+class NotFoundError(PermanentError):
+    """What the caller named (a device, a DLQ entry, an agent, a run) does not exist: retrying cannot
+    help, and `agentctl` exits 4 for it, whatever the command (agent/cli/exits.py)."""
+
+    kind = "not_found"

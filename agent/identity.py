@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 
+from agent.db import schema as db_schema
 from agent.db.queries import Queries
 from agent.errors import ConfigError
 from agent.text import clean
@@ -97,7 +98,8 @@ async def register(conn: asyncpg.Connection, q: Queries, agent_id: str, instance
                    row: dict[str, Any], stale_after: float, attempts: int = 3) -> None:
     """Record this process as the agent id's holder, unless a live one holds it (ConfigError). The
     row is replaced only as it was read (compare and set on its xmin), so two processes starting
-    at once cannot both win; `row`: site, queue, host, pid, version of this agent."""
+    at once cannot both win; `row`: site, queue, host, pid, version of this agent (its schema version
+    is recorded with them)."""
     pid = row["pid"]
     for _ in range(attempts):
         seen = await conn.fetchrow(q.agent_holder, agent_id)
@@ -105,7 +107,8 @@ async def register(conn: asyncpg.Connection, q: Queries, agent_id: str, instance
         if problem := in_use(agent_id, holder, host_id, pid, stale_after):
             raise ConfigError(problem)
         won = await conn.fetchval(q.register_agent, agent_id, row["site"], row["queue"], row["host"], pid,
-                                  row["version"], instance, host_id, seen["token"] if seen is not None else None)
+                                  row["version"], instance, host_id, seen["token"] if seen is not None else None,
+                                  db_schema.SCHEMA_VERSION)
         if won:
             if holder is not None and holder.state != "stopped":
                 log.info("agent id %s taken over from a process that is gone (pid %s, heartbeat %.0f s ago)",

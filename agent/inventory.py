@@ -23,6 +23,7 @@ from agent.debounce import Debounced
 from agent.drivers.base import Device, Driver
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, ConfigError
+from agent.executor import budget
 from agent.queue.routing import Elsewhere
 
 log = logging.getLogger("agent.inventory")
@@ -35,17 +36,20 @@ def device_from_row(row: asyncpg.Record) -> Device:
                   paused=row["paused"] if "paused" in row.keys() else None)
 
 
-AGENT_OPTIONS = {"max_parallel"}  # device options the executor reads; drivers never see them validated
+# device options the executor reads (agent/executor/budget.py: the device budget); drivers never see them validated
+AGENT_OPTIONS = {"max_parallel", "max_rate", "trip_after", "trip_cooldown"}
 
 
 def check_agent_options(dev: Device) -> None:
     value = dev.options.get("max_parallel", 1)
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 64:
         raise ConfigError("max_parallel must be an integer from 1 to 64 (writes the device takes at once)")
+    if wrong := budget.check_options(dev.options):
+        raise ConfigError(wrong)
 
 
 def validate_with(driver: Driver, dev: Device) -> None:
-    """The device's options: the agent's own (max_parallel) checked here, the rest by its driver."""
+    """The device's options: the agent's own (max_parallel, the budget) checked here, the rest by its driver."""
     check_agent_options(dev)
     driver.validate_options(replace(dev, options={k: v for k, v in dev.options.items() if k not in AGENT_OPTIONS}))
 

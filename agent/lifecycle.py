@@ -38,6 +38,7 @@ class Parts(Protocol):
     session: Any
     parking: Any
     vpn: Any
+    budgets: Any
     leadership: Any
     reconciler: Any
     metrics: Any
@@ -103,7 +104,7 @@ class Housekeeper:
             dead_lettered=self._counts["dead_lettered"], queue_depth=self._queue.get("depth"),
             queue_oldest_s=self._queue.get("oldest"), dlq_depth=self._queue.get("dlq_depth"),
             recent_failures=list(self._failures), **self._vpn_figures(),
-            leader=self._a.leadership.leading,
+            leader=self._a.leadership.leading, budgets=self._a.budgets.figures(),
             next_reconcile=rfc3339(self._a.reconciler.next_run)
             if self._a.leadership.leading and self._a.reconciler.next_run else None)
 
@@ -148,7 +149,9 @@ class Housekeeper:
                     inflight=len(a.consumer.inflight), parked=a.parking.count, queues=queues,
                     reachable={d: r.reachable for d, r in a.vpn.reach.items()}, peers=peers,
                     leader=a.leadership.leading, last_heartbeat=self.last_beat, tables=a.reconciler.tables,
-                    pruned_at=a.reconciler.pruned_at)
+                    pruned_at=a.reconciler.pruned_at,
+                    breakers={d: (not b.closed, b.trips) for d, b in a.budgets.breakers.items()},
+                    rate_waits={d: (int(n), s) for d, (n, s) in a.budgets.waits.items()})
 
     async def sample_queue(self, max_age: float = _SAMPLE_TTL) -> None:
         """Refresh the queue figures unless a sample younger than `max_age` exists (one statement)."""

@@ -38,7 +38,8 @@ _WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 # commands_total counts each command once, by how it ended; command_attempts_total the deliveries
 # that did not end it (tried again later, parked for an unreachable device, moved to its site's queue).
 _OUTCOME_EVENTS = {"verified", "refreshed", "superseded", "duplicate", "expired", "dead_lettered"}
-_ATTEMPT_EVENTS = {"retried", "parked", "rerouted"}
+_ATTEMPT_EVENTS = {"retried", "rerouted"}  # events of attempts; parks are counted by finish (one event per reason)
+_ATTEMPTS = ("parked", "rerouted", "retried")
 _RECONCILE_RESULTS = ("in_sync", "drifted", "repaired", "unreadable", "failed", "parked")
 _WAKE_SOURCES = ("start", "notify", "poll", "connect", "unpark", "catchup")
 
@@ -59,6 +60,8 @@ class Live:
     last_heartbeat: float | None = None  # unix time of the last heartbeat row written
     pruned_at: float | None = None       # unix time of the leader's last successful retention pass
     tables: dict[str, tuple[int, float | None]] = field(default_factory=dict)  # table -> bytes, oldest row age
+    breakers: dict[str, tuple[bool, int]] = field(default_factory=dict)    # device -> (open, trips)
+    rate_waits: dict[str, tuple[int, float]] = field(default_factory=dict)  # device -> (waits, seconds waited)
 
 
 class _LiveCollector:
@@ -110,6 +113,27 @@ class _LiveCollector:
         yield reach
         yield from _peer_families(live)
         yield from _table_families(live)
+        yield from _budget_families(live)
+
+
+def _budget_families(live: Live) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """The device budget (agent/executor/budgets.py): breakers of devices that ever timed out, and
+    the pacing of devices with a max_rate."""
+    opened = GaugeMetricFamily(P + "device_breaker_open", "1 while the device's breaker is open (too many "
+                               "timeouts in a row: its work parks until a probe answers).", labels=["device"])
+    trips = CounterMetricFamily(P + "device_breaker_trips", "Times the device's breaker opened (trips and "
+                                "failed probes).", labels=["device"])
+    for device, (is_open, n) in sorted(live.breakers.items()):
+        opened.add_metric([device], 1.0 if is_open else 0.0)
+        trips.add_metric([device], n)
+    waits = CounterMetricFamily(P + "device_rate_limit_waits", "Device calls that waited for the device's "
+                                "max_rate.", labels=["device"])
+    waited = CounterMetricFamily(P + "device_rate_limit_wait_seconds", "Time device calls waited for the "
+                                 "device's max_rate.", labels=["device"])
+    for device, (n, seconds) in sorted(live.rate_waits.items()):
+        waits.add_metric([device], n)
+        waited.add_metric([device], seconds)
+    yield from (opened, trips, waits, waited)
 
 
 def _table_families(live: Live) -> Iterator[GaugeMetricFamily]:
@@ -177,7 +201,7 @@ class Metrics:
         for outcome in sorted(_OUTCOME_EVENTS):  # known in advance: 0 from the start, so increase() sees the first
             for driver in sorted({*available_drivers(), "none"}):
                 self.commands.labels(outcome, driver)
-        for outcome in sorted(_ATTEMPT_EVENTS):
+        for outcome in _ATTEMPTS:
             for driver in sorted({*available_drivers(), "none"}):
                 self.attempts.labels(outcome, driver)
         for result in _RECONCILE_RESULTS:
@@ -197,6 +221,8 @@ class Metrics:
             if o.reconcile:  # counted apart from commands
                 self._reconciled(o)
                 continue
+            if o.finish == "park" and not o.bounce:
+                attempts[("parked", driver)] += 1
             for ev in o.events:
                 if ev.kind in _OUTCOME_EVENTS:
                     counts[(ev.kind, driver)] += 1

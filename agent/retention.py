@@ -21,7 +21,9 @@ from agent.db.queries import Queries
 log = logging.getLogger("agent.retention")
 
 # Pruned tables, in the order of a pass. The live queue is never pruned: only what is settled.
-TABLES = ("archive", "dlq_archive", "dlq", "events", "requests", "sync_runs")
+# `agents`: rows of agents that stopped or went silent (agent.agents), by their last heartbeat.
+# Batches (agent.batch_commands) go with the events, at the events' retention.
+TABLES = ("archive", "dlq_archive", "dlq", "events", "batches", "requests", "sync_runs", "agents")
 MAX_BATCHES = 50
 PAUSE = 0.05  # seconds between statements: other work on the database goes first
 
@@ -42,16 +44,17 @@ class Retention:
     sync_runs_days: int = 7
     batch: int = 1000
     interval: float = 600.0
+    agents_days: int = 7
 
     @classmethod
     def from_settings(cls, s: Any) -> Retention:
         return cls(s.retain_archive_days, s.retain_dlq_days, s.retain_events_days, s.retain_requests_days,
-                   s.reconcile_retention_days, s.prune_batch, s.prune_interval)
+                   s.reconcile_retention_days, s.prune_batch, s.prune_interval, s.retain_agents_days)
 
     def days(self, table: str) -> int:
         return {"archive": self.archive_days, "dlq_archive": self.archive_days, "dlq": self.dlq_days,
-                "events": self.events_days, "requests": self.requests_days,
-                "sync_runs": self.sync_runs_days}[table]
+                "events": self.events_days, "batches": self.events_days, "requests": self.requests_days,
+                "sync_runs": self.sync_runs_days, "agents": self.agents_days}[table]
 
 
 def cutoffs(r: Retention, now: datetime) -> dict[str, datetime]:
@@ -74,7 +77,7 @@ def _deleted(status: Any) -> int:
 async def _batch(conn: Conn, q: Queries, table: str, cutoff: datetime, batch: int, site: str | None) -> int:
     sql = getattr(q, f"prune_{table}")
     args: tuple[Any, ...] = (cutoff, batch, site) if table == "sync_runs" else (cutoff, batch)
-    if table in ("events", "requests"):
+    if table in ("events", "batches", "requests", "agents"):
         return _deleted(await conn.fetchval(sql, *args))
     return _deleted(await conn.execute(sql, *args))
 

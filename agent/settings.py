@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,6 +24,13 @@ from agent.reconcile.schedule import Schedule, parse_schedule
 
 _SECRET_FIELDS = {"database_url", "session_database_url"}  # may carry a password: never echo it
 QUEUE_PATTERN = r"^[a-z_][a-z0-9_]{0,39}$"
+
+
+def default_agent_id(site: str, host: str | None = None) -> str:
+    """The agent id when none is set (pure with `host`): the host's name and the site, the same across
+    restarts, so the fleet view keeps one row per agent, and different for the agents of two sites on
+    one gateway. Two agents of one site on one host need their own AGENT_AGENT_ID."""
+    return f"{host or socket.gethostname()}-{site}"
 
 
 class Settings(BaseSettings):
@@ -43,9 +50,8 @@ class Settings(BaseSettings):
     queue: str = Field("device_tasks", pattern=QUEUE_PATTERN, description="PGMQ queue to consume.")
     site: str = Field("default", min_length=1, max_length=64, description="Site this agent serves.")
     agent_id: str = Field(
-        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
-        description="Name of this agent in events and heartbeats.",
-    )
+        "", max_length=200, description="Name of this agent in events and heartbeats (default, or empty: "
+        "<hostname>-<site>, the same across restarts).")
     http_listen: str = Field("127.0.0.1:9477", description="host:port of the HTTP endpoint; empty disables.")
     poll_interval: float = Field(30.0, gt=0, le=3600, description="Fallback poll, seconds.")
     concurrency: int = Field(32, ge=1, le=4096, description="Devices operated at once.")
@@ -88,10 +94,18 @@ class Settings(BaseSettings):
     retain_dlq_days: int = Field(90, ge=0, le=36500, description="Days dead letters are kept (0: ever).")
     retain_events_days: int = Field(180, ge=0, le=36500, description="Days audit events are kept (0: ever).")
     retain_requests_days: int = Field(30, ge=0, le=36500, description="Days request ids are remembered (0: ever).")
+    retain_agents_days: int = Field(7, ge=0, le=36500, description="Days the row of an agent that stopped or went "
+                                    "silent stays in agent.agents (and `status --fleet`) (0: ever).")
     prune_interval: float = Field(600.0, ge=1, le=86400, description="Seconds between the leader's prune passes.")
     prune_batch: int = Field(1000, ge=1, le=100000, description="Rows removed per statement when pruning.")
     leader_check_interval: float = Field(30.0, gt=0, le=300,
                                          description="Seconds between a standby's tries for leadership.")
+
+    @model_validator(mode="after")
+    def _default_agent_id(self) -> Settings:
+        if not self.agent_id:
+            self.agent_id = default_agent_id(self.site)
+        return self
 
     @field_validator("reconcile_schedule")
     @classmethod

@@ -34,6 +34,7 @@ class Figures:
     drifted: list[dict[str, Any]] = field(default_factory=list)
     unreachable: list[dict[str, Any]] = field(default_factory=list)
     peers: list[dict[str, Any]] = field(default_factory=list)
+    budgets: list[dict[str, Any]] = field(default_factory=list)  # devices with a max_rate or a breaker not closed
     leader: bool = False                 # leads its site's reconciliation
     next_reconcile: str | None = None
 
@@ -73,6 +74,8 @@ def status_line(f: Figures) -> str:
     parts += [f"{f.inflight} in flight", queue]
     if f.parked:
         parts.append(f"{f.parked} parked")
+    if opened := sum(1 for b in f.budgets if b.get("breaker") != "closed"):
+        parts.append(f"{opened} breaker{'s' if opened > 1 else ''} open")
     if f.dlq_depth:
         parts.append(f"DLQ {f.dlq_depth}")
     parts.append(f"{f.done} done, {f.retried} retried, {f.dead_lettered} dead-lettered")

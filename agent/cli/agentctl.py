@@ -16,6 +16,7 @@ import asyncpg
 
 from agent import __version__, admin, devicetest, retention
 from agent.cli import args as argtypes
+from agent.cli import exits
 from agent.cli import status as status_cli
 from agent.cli import sync as sync_cli
 from agent.contract import json_schema
@@ -25,7 +26,7 @@ from agent.db.queries import Queries, quote_ident
 from agent.db.schema import init_database, init_sql
 from agent.db.schema import status as schema_status
 from agent.drivers.base import Device
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, ConfigError, NotFoundError
 from agent.retention import Retention
 from agent.settings import CONFIG_ENV, DEFAULT_CONFIG, Settings, config_path, load_settings
 from agent.text import clean, dumps, local_time
@@ -99,7 +100,10 @@ async def db_status(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace
         print(f"this      pgmq-edge-agent {mine['version']} (schema {mine['schema']}): "
               + (mine["problem"] or "compatible"))
         agents: list[dict[str, Any]] = st["agents"]  # type: ignore[assignment]
-        print("agents    " + (", ".join(f"{r['agent_id']} {r['version']} ({r['state']})" for r in agents) or "none"))
+        print("agents    " + ("" if agents else "none"))
+        for r in agents:
+            built = f"schema {r['schema']}" if r["schema"] is not None else "schema unknown (before 12)"
+            print(f"  {clean(r['agent_id'])} (site {clean(r['site'])}): {clean(r['version'])}, {built}, {r['state']}")
     return 1 if st["pending"] or mine["problem"] else 0
 
 
@@ -124,7 +128,22 @@ async def device_add(conn: asyncpg.Connection, s: Settings, a: argparse.Namespac
     await admin.check_sites(conn, Queries(s.queue), {dev.site})
     await admin.upsert_devices(conn, [dev])
     print(f"device {dev.id} saved (driver {dev.driver}, site {dev.site})")
+    if s.require_vpn and dev.address:
+        await _warn_route(s, dev)
     return 0
+
+
+async def _warn_route(s: Settings, dev: Device) -> None:
+    """A device whose address is not routed through the tunnel (a typo, a missing AllowedIPs) is
+    parked by the agent (`route_not_via_tunnel`): say so now, as seen from where agentctl runs."""
+    from agent.doctor import tunnel_checks
+
+    found: list[Any] = []
+    await tunnel_checks(s, [dev], found.append)
+    for check in found:
+        if check.name == f"route to {dev.id}" and not check.ok:
+            print(f"agentctl: warning: {check.detail} (as seen from this host): the agent parks this device's work "
+                  f"until its route goes through the tunnel; {check.remedy or ''}".rstrip("; "), file=sys.stderr)
 
 
 async def device_list(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
@@ -133,27 +152,42 @@ async def device_list(conn: asyncpg.Connection, s: Settings, a: argparse.Namespa
     return 0
 
 
+def _no_device(device_id: str) -> NotFoundError:
+    return NotFoundError(f"no device {device_id!r} (see agentctl device list --all-sites)")
+
+
 async def device_remove(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
-    if await admin.remove_device(conn, a.id):
-        print(f"device {a.id} removed")
-        return 0
-    print(f"agentctl: no device {a.id!r}", file=sys.stderr)
-    return 1
+    removed, forgotten = await admin.remove_device(conn, Queries(s.queue), a.id, admin.operator())
+    if not removed and not forgotten:
+        raise _no_device(a.id)
+    keys = f"{forgotten} service key(s) forgotten (recorded as `forgotten` events)"
+    print(f"device {a.id} removed; {keys}" if removed else f"device {a.id} was removed before; {keys}")
+    return 0
+
+
+async def service_forget(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    await admin.forget_service(conn, Queries(s.queue), a.device, a.service, admin.operator())
+    print(f"{a.device}/{a.service} forgotten: reconciliation no longer enforces it (nothing sent to the device)")
+    return 0
 
 
 async def device_pause(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
     if not await admin.pause_device(conn, Queries(s.queue), a.id, a.reason):
-        print(f"agentctl: no device {a.id!r}", file=sys.stderr)
-        return 1
+        raise _no_device(a.id)
     print(f"device {a.id} paused ({a.reason}): its commands wait, parked, until `agentctl device resume {a.id}`")
     return 0
 
 
 async def device_resume(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
     if not await admin.resume_device(conn, Queries(s.queue), a.id):
-        print(f"agentctl: no device {a.id!r}", file=sys.stderr)
-        return 1
+        raise _no_device(a.id)
     print(f"device {a.id} resumed: its parked commands go now")
+    return 0
+
+
+async def agent_forget(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    await admin.forget_agent(conn, a.id, status_cli.STALE_FACTOR * s.heartbeat_interval)
+    print(f"agent {clean(a.id)} forgotten: it no longer shows in `agentctl status --fleet`")
     return 0
 
 
@@ -174,8 +208,27 @@ async def device_import(conn: asyncpg.Connection, s: Settings, a: argparse.Names
 
 async def enqueue(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
     msg_id = await admin.enqueue(conn, a.queue, a.device, a.service, a.state, request_id=a.request_id,
-                                 not_after=a.not_after, meta=a.meta, delay=a.delay)
+                                 not_after=a.not_after, meta=a.meta, delay=a.delay, priority=a.priority,
+                                 batch=a.batch)  # unknown device: exit 4
     print(msg_id)
+    return 0
+
+
+BATCH_FIELDS = ["batch", "total", "verified", "superseded", "failed", "held", "discarded", "duplicate", "expired",
+                "pending", "first_enqueued_at", "last_settled_at"]
+
+
+async def batch_show(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    st = await admin.batch_status(conn, a.name)
+    if st is None:
+        print(f"agentctl: no batch {clean(a.name, 200)!r} (never enqueued, or pruned by retention)", file=sys.stderr)
+        return 1
+    if a.json:
+        print(dumps(st))
+        return 0
+    width = max(map(len, BATCH_FIELDS))
+    for k in BATCH_FIELDS:
+        print(f"{k.replace('_', ' ')}:".ljust(width + 2) + _cell(st[k]))
     return 0
 
 
@@ -189,11 +242,17 @@ async def dlq_replay(conn: asyncpg.Connection, s: Settings, a: argparse.Namespac
     if not a.ids and not a.all:
         print("agentctl: name DLQ ids to replay, or --all", file=sys.stderr)
         return 2
-    moved = await admin.dlq_replay(conn, Queries(s.queue), None if a.all else a.ids)
+    moved = await admin.dlq_replay(conn, Queries(s.queue), None if a.all else a.ids, admin.operator())
     for dlq_id, new_id in moved:
         print(f"replayed DLQ entry {dlq_id} as message {new_id}")
     if not moved:
         print("(nothing to replay)")
+    return 0
+
+
+async def dlq_drop(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
+    for dlq_id in await admin.dlq_drop(conn, Queries(s.queue), a.ids, a.reason, admin.operator()):
+        print(f"dropped DLQ entry {dlq_id} (archived; a `dropped` event records who and why)")
     return 0
 
 
@@ -268,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.add_argument("--all-sites", action="store_true")
     ls.set_defaults(func=device_list)
-    rm = dev.add_parser("remove", help="remove a device")
+    rm = dev.add_parser("remove", help="remove a device and forget its service keys")
     rm.add_argument("id")
     rm.set_defaults(func=device_remove)
     pau = dev.add_parser("pause", help="maintenance: commands for the device wait (parked, no attempts used)")
@@ -288,6 +347,19 @@ def build_parser() -> argparse.ArgumentParser:
     tst.add_argument("--json", action="store_true")
     tst.set_defaults(func=devicetest.cli)
 
+    svc = sub.add_parser("service", help="service keys in agent.service_state").add_subparsers(dest="cmd",
+                                                                                               required=True)
+    sfg = svc.add_parser("forget", help="retire a service key (a churned customer): reconciliation stops "
+                         "enforcing it; nothing is sent to the device")
+    sfg.add_argument("device")
+    sfg.add_argument("service")
+    sfg.set_defaults(func=service_forget)
+
+    agt = sub.add_parser("agent", help="agents seen in agent.agents").add_subparsers(dest="cmd", required=True)
+    fgt = agt.add_parser("forget", help="remove a stopped or stale agent from the fleet view (a live one is refused)")
+    fgt.add_argument("id")
+    fgt.set_defaults(func=agent_forget)
+
     enq = sub.add_parser("enqueue", help="send one command (through agent.enqueue)")
     enq.add_argument("device")
     enq.add_argument("service")
@@ -298,7 +370,18 @@ def build_parser() -> argparse.ArgumentParser:
     enq.add_argument("--delay", type=int, default=0, help="seconds before it becomes visible")
     enq.add_argument("--queue", type=argtypes.queue_name,
                      help="send to this queue (default: the queue of the device's site, as for producers)")
+    enq.add_argument("--priority", choices=["high", "normal"],
+                     help="default: high for a restore (on), normal for the rest")
+    enq.add_argument("--batch", help="count it in this batch (agentctl batch show NAME)")
     enq.set_defaults(func=enqueue)
+
+    bat = sub.add_parser("batch", help="batches of commands (agent.enqueue(..., batch => NAME))").add_subparsers(
+        dest="cmd", required=True)
+    bsh = bat.add_parser("show", help="a batch's commands counted by outcome (pending 0: nothing left to happen "
+                         "but what an operator decides for held ones)")
+    bsh.add_argument("name")
+    bsh.add_argument("--json", action="store_true")
+    bsh.set_defaults(func=batch_show)
 
     dlq = sub.add_parser("dlq", help="dead-letter queue").add_subparsers(dest="cmd", required=True)
     dl = dlq.add_parser("list", help="dead-lettered messages with their reasons")
@@ -309,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("ids", nargs="*", type=int)
     rp.add_argument("--all", action="store_true")
     rp.set_defaults(func=dlq_replay)
+    dr = dlq.add_parser("drop", help="let dead letters go: archived, never applied, an event records who and why")
+    dr.add_argument("ids", nargs="+", type=int)
+    dr.add_argument("--reason", required=True, help="why (kept in the `dropped` event)")
+    dr.set_defaults(func=dlq_drop)
 
     ev = sub.add_parser("events", help="the audit trail: what happened to a request, a device (oldest first)")
     ev.add_argument("--request-id", help="only this request_id (e.g. an invoice's)")
@@ -392,6 +479,7 @@ class DatabaseUnreachable(Exception):
 
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what `head` leaves a C program with
+EXIT_NOT_FOUND = exits.NOT_FOUND  # what a command names does not exist, whatever the command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `agentctl ... | head`: the reader has gone, which is no error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except NotFoundError as exc:
+        print(f"agentctl: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND
     except AgentError as exc:
         print(f"agentctl: {exc}", file=sys.stderr)
         return 2

@@ -68,6 +68,9 @@ def render(s: dict[str, Any]) -> str:
         lines.append(f"  {when} msg {f['msg_id']} {f['device']}/{f['service']} {f['finish']}: {clean(f['error'])}")
     lines.append("unreachable devices:" + ("" if s["unreachable"] else " none"))
     lines += [f"  {u['device']}: {clean(u['reason'])}" for u in s["unreachable"]]
+    if s.get("budgets"):
+        lines.append("device budgets:")
+        lines += [f"  {budget_line(b)}" for b in s["budgets"]]
     lines.append("drifted (desired != observed):" + ("" if s["drifted"] else " none"))
     lines += [f"  {d['device']}/{d['service']}: desired {d['desired']}, observed {d['observed']}"
               + (" [last command failed: not reconciled until replayed or superseded]" if d.get("failed") else "")
@@ -75,9 +78,22 @@ def render(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def budget_line(b: dict[str, Any]) -> str:
+    """One device's budget: its rate limit and how often it waited, its breaker if not closed."""
+    parts = []
+    if b.get("max_rate"):
+        parts.append(f"max_rate {b['max_rate']:g}/s, {b['rate_waits']} waits ({b['rate_wait_s']:.1f}s)")
+    if b.get("breaker") and b["breaker"] != "closed":
+        parts.append(f"breaker {b['breaker'].replace('_', '-')}: {b['timeouts']} timeouts in a row, "
+                     f"retry after {b['retry_after']}")
+    elif b.get("trips"):
+        parts.append(f"breaker closed (opened {b['trips']} times)")
+    return f"{clean(b['device'])}: " + ("; ".join(parts) or "no limit")
+
+
 async def fleet(conn: asyncpg.Connection, settings: Settings, as_json: bool, all_sites: bool) -> int:
-    """Every site (or AGENT_SITE's) as the database sees it; exit 1 when an agent is not healthy or
-    none has reported."""
+    """Every site (or AGENT_SITE's) as the database sees it; exit 1 when an agent is not healthy, none
+    has reported, or a site holds devices and no live agent serves it."""
     rows = await conn.fetch(Queries(settings.queue).fleet, None if all_sites else settings.site)
     agents: list[dict[str, Any]] = []
     for r in rows:
@@ -87,12 +103,16 @@ async def fleet(conn: asyncpg.Connection, settings: Settings, as_json: bool, all
     bad = [a for a in agents if not _healthy(a) and a["state"] != "stopped"]
     q = Queries(settings.queue)
     sites = await site_views(conn, q, None if all_sites else settings.site, agents)
+    live = {a["site"] for a in agents if not a["stale"] and a["state"] != "stopped"}
+    unserved = [v["site"] for v in sites if v["devices"] and v["site"] not in live]
     tables = await table_stats(conn, q)
     if as_json:
         print(dumps({"sites": sites, "agents": agents, "tables": {t: {"bytes": b, "oldest_row_age_s": age}
                                                                   for t, (b, age) in tables.items()}}))
     else:
         print(f"{len(agents)} agent(s), {len(bad)} not healthy" if agents else "no agents have reported")
+        for name in unserved:
+            print(f"site {clean(name)} has devices and no live agent: its commands wait (start agentd for it)")
         for site in sites:
             print(render_site(site))
         print("agents:" + ("" if agents else " none"))
@@ -103,7 +123,7 @@ async def fleet(conn: asyncpg.Connection, settings: Settings, as_json: bool, all
         print("tables (size, oldest row):")
         for table, (nbytes, age) in tables.items():
             print(f"  {table:<12} {_size(nbytes):>9}  {_dur(age) if age is not None else 'empty'}")
-    return 1 if bad or not agents else 0
+    return 1 if bad or unserved or not agents else 0
 
 
 def _healthy(a: dict[str, Any]) -> bool:
@@ -134,6 +154,7 @@ async def site_views(conn: asyncpg.Connection, q: Queries, site: str | None,
             "dlq_depth": stats["dlq_depth"] if stats else None,
             "leader": _agent_of(r["leader_backend"]),
             "agents": [a["agent_id"] for a in mine], "healthy_agents": sum(_healthy(a) for a in mine),
+            "devices": r["devices"],
             "unreachable": json.loads(r["unreachable"])})
     return views
 

@@ -3,7 +3,8 @@
 The request goes through the database (agent.request_sync), so this works from any host that can
 reach it; the site's leading agent feeds it to the queue and the agents do the work.
 Exit status: 0 everything in sync or repaired; 1 drift left (a dry run), unreadable services or a
-failed repair; 2 bad request; 3 not finished in time (the run goes on: `agentctl sync --show ID`).
+failed repair; 2 bad request; 3 not finished in time (the run goes on: `agentctl sync --show ID`);
+4 no such device, site or run.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import asyncpg
 
+from agent.cli import exits
 from agent.reconcile.leader import current_leader
 from agent.settings import Settings
 from agent.text import clean, dumps
@@ -36,7 +38,7 @@ async def request(conn: asyncpg.Connection, s: Settings, device: str | None, ser
             asyncpg.ProgramLimitExceededError) as exc:  # agent.request_sync refused the request
         hint = getattr(exc, "hint", None)
         print(f"agentctl: {exc.args[0] if exc.args else exc}" + (f" ({hint})" if hint else ""), file=sys.stderr)
-        return 2
+        return exits.NOT_FOUND if exits.names_nothing(exc) else exits.BAD_REQUEST
     if not wait:
         print(run)
         return 0
@@ -51,7 +53,7 @@ async def show(conn: asyncpg.Connection, run_id: int, as_json: bool) -> int:
     run = await conn.fetchrow(RUN, run_id)
     if run is None:
         print(f"agentctl: no sync run {run_id}", file=sys.stderr)
-        return 2
+        return exits.NOT_FOUND
     items = [dict(r) for r in await conn.fetch(ITEMS, run_id)]
     r = dict(run)
     if as_json:

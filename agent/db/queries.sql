@@ -130,6 +130,30 @@ WHERE id = $1 RETURNING id;
 UPDATE agent.devices SET paused_at = NULL, paused_reason = NULL, updated_at = now()
 WHERE id = $1 RETURNING id;
 
+-- name: remove_device
+-- `agentctl device remove`: device $1, its service keys (each recorded as `forgotten`, by the login
+-- role with the label $2) and its reachability row, in one statement. Keys left by a device removed
+-- before (by an older agentctl) are forgotten too. removed: whether the device was there.
+WITH gone AS (
+    DELETE FROM agent.service_state WHERE device = $1
+    RETURNING device, service, desired, desired_version, observed, last_request_id
+), recorded AS (
+    INSERT INTO agent.events (device, service, kind, version, request_id, desired, observed, error, meta)
+    SELECT g.device, g.service, 'forgotten', g.desired_version, g.last_request_id, g.desired, g.observed,
+           'forgotten by ' || session_user || ' (' || $2 || '): device removed',
+           jsonb_build_object('by', session_user || ' (' || $2 || ')', 'reason', 'device removed')
+    FROM gone g
+    RETURNING 1
+), reach AS (
+    DELETE FROM agent.reachability WHERE device = $1 RETURNING 1
+), dev AS (
+    DELETE FROM agent.devices WHERE id = $1 RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM dev) AS removed, (SELECT count(*) FROM recorded) AS forgotten;
+
+-- name: forget_service
+SELECT agent.forget($1::text, $2::text, $3::text);
+
 -- name: events
 -- The audit trail for the support desk, newest $4 rows first (the caller shows them oldest first).
 SELECT id, at, device, service, kind, msg_id, version, request_id, desired, observed, attempt,
@@ -267,6 +291,12 @@ ON CONFLICT (agent_id) DO UPDATE SET
     instance = EXCLUDED.instance, host_id = EXCLUDED.host_id
 WHERE a.instance IS NULL OR a.instance = EXCLUDED.instance;
 
+-- name: agents_seen
+-- `agentctl db status`: the agents not stopped, with the release and the schema each was built for
+-- (recorded since schema 12: read so that it also answers against an older database).
+SELECT agent_id, site, version, (to_jsonb(a)->>'schema')::integer AS schema, state, last_heartbeat
+FROM agent.agents a WHERE state <> 'stopped' ORDER BY site, agent_id;
+
 -- name: unregister_agent
 -- This process ($2) is done (agentd --once, or a start that failed): its agent id is free at once.
 UPDATE agent.agents SET state = 'stopped', stopped_at = now()
@@ -281,14 +311,16 @@ FROM agent.agents WHERE agent_id = $1;
 
 -- name: register_agent
 -- Record this process ($7 instance, $8 host_id) under agent id $1, replacing the row only as
--- agent_holder read it ($9: its xmin; NULL: there was none). True when registered.
+-- agent_holder read it ($9: its xmin; NULL: there was none). $10: the schema version this agent was
+-- built for. True when registered.
 INSERT INTO agent.agents AS a (agent_id, site, queue, host, pid, version, started_at, last_heartbeat, state,
-                               instance, host_id)
-VALUES ($1, $2, $3, $4, $5, $6, now(), now(), 'starting', $7, $8)
+                               instance, host_id, schema)
+VALUES ($1, $2, $3, $4, $5, $6, now(), now(), 'starting', $7, $8, $10)
 ON CONFLICT (agent_id) DO UPDATE SET
     site = EXCLUDED.site, queue = EXCLUDED.queue, host = EXCLUDED.host, pid = EXCLUDED.pid,
     version = EXCLUDED.version, started_at = EXCLUDED.started_at, last_heartbeat = now(), state = 'starting',
-    status = NULL, stopped_at = NULL, instance = EXCLUDED.instance, host_id = EXCLUDED.host_id
+    status = NULL, stopped_at = NULL, instance = EXCLUDED.instance, host_id = EXCLUDED.host_id,
+    schema = EXCLUDED.schema
 WHERE a.xmin::text = $9::text
 RETURNING true;
 
@@ -315,8 +347,8 @@ FROM agent.agents WHERE $1::text IS NULL OR site = $1 ORDER BY site, agent_id;
 -- Every site ($1 NULL) or one: recorded (agent.sites), served by an agent, or holding devices. Its
 -- recorded queue; its leader: the backend holding the leadership advisory lock
 -- (agent/reconcile/leader.py: class $2, object the site's key), by its application_name; its
--- devices found unreachable (agent.reachability, written by the agents' VPN guard). pg_locks and
--- the reachability rows are read once for all sites.
+-- devices found unreachable (agent.reachability, written by the agents' VPN guard); how many devices
+-- it holds. pg_locks and the reachability rows are read once for all sites.
 WITH names AS (
     SELECT name FROM agent.sites
     UNION SELECT site FROM agent.agents
@@ -332,7 +364,8 @@ WITH names AS (
     WHERE NOT r.reachable GROUP BY d.site
 )
 SELECT n.name AS site, s.queue, l.application_name AS leader_backend,
-       coalesce(u.devices, '[]')::text AS unreachable
+       coalesce(u.devices, '[]')::text AS unreachable,
+       (SELECT count(*) FROM agent.devices d WHERE d.site = n.name) AS devices
 FROM names n
 LEFT JOIN agent.sites s ON s.name = n.name
 LEFT JOIN agent.site_keys k ON k.site = n.name
@@ -352,7 +385,8 @@ SELECT queue_name FROM pgmq.meta;
 -- $1 [{id, rc, h, dest}]: archive; h = DLQ headers to dead-letter it; with `dest`, move it to that queue
 --    (another site's) instead, h merged into its headers there
 -- $2 DLQ name
--- $3 [{id, rc, delay, park, bounces}]: make visible again later (bounces: the new count, from the agent)
+-- $3 [{id, rc, delay, park, bounces, reason}]: make visible again later (bounces: the new count, from the
+--    agent; reason: the park reason code to keep as parked_reason, '' to clear it (a retry), NULL to keep it)
 -- $4 states  $5 events  $6 agent id  $7 reconcile results
 -- $8 keep settled messages in PGMQ's archive (false: AGENT_ARCHIVE=false, they are deleted; the audit is in events)
 -- $9 this queue's name (moves go through agent.move_message: an agent may send to no other queue)
@@ -381,9 +415,13 @@ WITH done AS (
            headers = CASE WHEN l.park
                           THEN CASE WHEN jsonb_typeof(m.headers) = 'object' THEN m.headers ELSE '{}'::jsonb END
                                || jsonb_build_object('bounces', l.bounces)
+                               || CASE WHEN l.reason <> '' THEN jsonb_build_object('parked_reason', l.reason)
+                                       ELSE '{}'::jsonb END
+                          WHEN l.reason = '' AND jsonb_typeof(m.headers) = 'object' AND m.headers ? 'parked_reason'
+                          THEN m.headers - 'parked_reason'
                           ELSE m.headers END
     FROM jsonb_to_recordset($3::jsonb)
-         AS l(id bigint, rc integer, delay double precision, park boolean, bounces integer)
+         AS l(id bigint, rc integer, delay double precision, park boolean, bounces integer, reason text)
     WHERE m.msg_id = l.id AND m.read_ct = l.rc
     RETURNING m.msg_id
 ), states AS (
@@ -588,6 +626,12 @@ SELECT agent.prune_audit('events', $1, $2);
 -- name: due_events
 SELECT agent.prune_audit('events', $1, 0, true);
 
+-- name: prune_batches
+SELECT agent.prune_audit('batches', $1, $2);
+
+-- name: due_batches
+SELECT agent.prune_audit('batches', $1, 0, true);
+
 -- name: prune_requests
 SELECT agent.prune_audit('requests', $1, $2);
 
@@ -602,6 +646,13 @@ DELETE FROM agent.sync_runs WHERE id IN (
 
 -- name: due_sync_runs
 SELECT count(*) FROM agent.sync_runs WHERE finished_at < $1 AND ($2::text IS NULL OR site = $2);
+
+-- name: prune_agents
+-- Agents whose last heartbeat is older than the cutoff (stopped, or gone without a word).
+SELECT agent.prune_audit('agents', $1, $2);
+
+-- name: due_agents
+SELECT agent.prune_audit('agents', $1, 0, true);
 
 -- name: table_stats
 -- Size on disk (with indexes and TOAST) and the oldest row of each table that grows, found by index.

@@ -1,7 +1,7 @@
 -- Least privilege, applied by `agentctl db init` on every run (idempotent; new tables included).
--- agent_producer:      enqueue commands, follow them (agent.command_status) and ask for syncs through
---                      the SECURITY DEFINER API, read state and the audit log, LISTEN (needs no
---                      grant). No access to PGMQ at all.
+-- agent_producer:      enqueue commands, follow them and their batches (agent.command_status,
+--                      agent.batch_status) and ask for syncs through the SECURITY DEFINER API, read
+--                      state and the audit log, LISTEN (needs no grant). No access to PGMQ at all.
 -- agent_worker_<site>: what the agents of one site need (`db init --site S` creates it; its name is
 --                      worker_role() in agent/db/schema.py): its site's queue and DLQ, the state
 --                      and claims of its site's devices (row-level security), and, as a member of
@@ -19,9 +19,11 @@ REVOKE ALL ON SCHEMA pgmq FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA agent FROM PUBLIC;
 
 GRANT USAGE ON SCHEMA agent TO agent_producer;
-GRANT EXECUTE ON FUNCTION agent.enqueue(text, text, text, text, timestamptz, jsonb, text, integer, text),
+GRANT EXECUTE ON FUNCTION agent.enqueue(text, text, text, text, timestamptz, jsonb, text, integer, text, text, text),
                           agent.request_sync(text, text, text, boolean, text, text),
-                          agent.command_status(bigint), agent.final_kind(text) TO agent_producer;
+                          agent.command_status(bigint), agent.final_kind(text), agent.batch_status(text)
+    TO agent_producer;
+GRANT EXECUTE ON FUNCTION agent.forget(text, text, text) TO agent_producer;  -- retire a service key
 GRANT SELECT ON agent.service_state, agent.events, agent.devices TO agent_producer;
 GRANT SELECT ON agent.site_keys TO agent_producer;  -- which lock is whose site's leader
 

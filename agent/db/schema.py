@@ -244,13 +244,15 @@ _VERSION_TABLE = ("CREATE TABLE IF NOT EXISTS agent.schema_version ("
 
 
 async def _migrate(conn: asyncpg.Connection, upto: int | None = None) -> list[str]:
-    """Apply the migrations not applied yet (up to `upto`: tests pin an older schema with it)."""
+    """Apply the migrations not applied yet, in order (up to `upto`: tests pin an older schema with
+    it). Not applied means not recorded: a migration numbered below one applied already (written
+    beside it, merged after it) is applied too, as `db status` lists it pending."""
     await conn.execute("CREATE SCHEMA IF NOT EXISTS agent")
     await conn.execute(_VERSION_TABLE)
-    current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM agent.schema_version")
+    done = {r[0] for r in await conn.fetch("SELECT version FROM agent.schema_version")}
     applied = []
     for version, name, sql in migrations():
-        if version <= current or (upto is not None and version > upto):
+        if version in done or (upto is not None and version > upto):
             continue
         async with conn.transaction():
             await conn.execute(sql)
@@ -363,9 +365,8 @@ async def status(conn: asyncpg.Connection, q: Queries) -> dict[str, object]:
     row = await conn.fetchrow(q.schema_compat)
     applied = [dict(r) for r in await conn.fetch(q.applied_migrations)]
     done = {r["version"] for r in applied}
-    agents = [dict(r) for r in await conn.fetch(
-        "SELECT agent_id, site, version, state, last_heartbeat FROM agent.agents WHERE state <> 'stopped' "
-        "ORDER BY site, agent_id")] if await conn.fetchval("SELECT to_regclass('agent.agents') IS NOT NULL") else []
+    seen = await conn.fetchval("SELECT to_regclass('agent.agents') IS NOT NULL")
+    agents = [dict(r) for r in await conn.fetch(q.agents_seen)] if seen else []
     return {"version": row["version"], "applied": applied,
             "pending": [n for v, n, _s in migrations() if v not in done], "min_agent_schema": row["min_agent"],
             "this_release": {"version": __version__, "schema": SCHEMA_VERSION,

@@ -7,6 +7,8 @@ agent.errors: TransientError (retry), PermanentError (dead-letter), UnreachableE
 Optional: `async read_many(device, services) -> {service: state or AgentError}` reads many
 services in one request (coalesced commands and reconciliation use it), and
 `can_read_many(device) -> bool` says whether it does so for this device (absent: always).
+Optional: `async apply_many(device, {service: state}) -> {service: None or AgentError}` writes a
+take's services in one call (one statement for many: the RADIUS policy at month-end).
 """
 
 from __future__ import annotations

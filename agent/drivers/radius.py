@@ -11,7 +11,7 @@ secret; the option policy_credential names the credential that holds the store's
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 from agent.drivers import radius_das as das
@@ -80,6 +80,60 @@ class RadiusDriver:
         deadline = asyncio.get_running_loop().time() + opts.timeout
         await self._bounded(device, opts.timeout, lambda: self._apply(store, nas, opts, user, state, what, deadline))
 
+    async def apply_many(self, device: Device, wanted: Mapping[str, State]) -> dict[str, AgentError | None]:
+        """A take's writes (month-end: hundreds of suspensions on one NAS) as one policy change: one read of
+        every user's policy, one statement for all the suspended rows (and one for the restored), then
+        each user's sessions, `max_parallel` users at a time, each user's exchange within `timeout`.
+        Per service None (written) or the error that service alone met."""
+        out: dict[str, AgentError | None] = {}
+        users: dict[str, str] = {}
+        for service in wanted:
+            try:
+                users[service] = p.parse_service(service)
+            except PermanentError as exc:
+                out[service] = exc
+        if not users:
+            return out
+        opts = self._options(device)
+        nas = self._nas(device, opts)
+        store = await self._store(opts)
+        policies = await self._bounded(device, opts.timeout, lambda: store.read(
+            list(dict.fromkeys(users.values())), opts.nas_ip, opts.accounting, opts.timeout))
+        plans: dict[str, tuple[tuple[str, int] | None, tuple[int, p.Attributes] | None]] = {}
+        for service, user in users.items():
+            try:
+                plans[service] = self._plan(policies[user], wanted[service], opts, f"{device.id}: {service}")
+            except AgentError as exc:
+                out[service] = exc
+        suspend = {users[s]: row[1] for s, (row, _) in plans.items() if row is not None and row[0] == "suspend"}
+        restore = sorted({users[s] for s, (row, _) in plans.items() if row is not None and row[0] == "restore"})
+
+        async def rows() -> None:
+            if suspend:
+                await self._check_group(store, opts, f"{device.id}: {len(suspend)} suspension(s)")
+                await store.suspend_many(sorted(suspend.items()), opts.suspended_group, opts.timeout)
+            if restore:
+                await store.restore_many(restore, opts.suspended_group, opts.timeout)
+
+        try:
+            await self._bounded(device, opts.timeout, rows)
+        except AgentError as exc:  # the policy statement failed: no service of the take was written
+            return out | dict.fromkeys(plans, exc)
+        gate = asyncio.Semaphore(_max_parallel(device))
+
+        async def sessions(service: str, request: tuple[int, p.Attributes]) -> None:
+            async with gate:
+                what = f"{device.id}: {clean(service, 120)} {wanted[service]}"
+                deadline = asyncio.get_running_loop().time() + opts.timeout
+                try:
+                    await self._bounded(device, opts.timeout, lambda: self._sessions(
+                        store, nas, opts, policies[users[service]], request, what, deadline))
+                except AgentError as exc:
+                    out[service] = exc
+
+        await asyncio.gather(*(sessions(s, req) for s, (_, req) in plans.items() if req is not None))
+        return {service: out.get(service) for service in wanted}
+
     async def probe(self, device: Device) -> None:
         """Both halves: the store answers and the suspended group holds a policy; the NAS answers a
         Disconnect-Request, signed with the shared secret, for a user it has no session of (NAK 503)."""
@@ -112,27 +166,37 @@ class RadiusDriver:
 
     async def _apply(self, store: PolicyStore, nas: das.Target, opts: p.Options, user: str, state: State,
                      what: str, deadline: float) -> None:
-        group = opts.suspended_group
         policy = (await store.read([user], opts.nas_ip, opts.accounting, opts.timeout))[user]
+        row, request = self._plan(policy, state, opts, what)
+        if row is not None and row[0] == "suspend":
+            await self._check_group(store, opts, what)
+            await store.suspend(user, opts.suspended_group, row[1], opts.timeout)
+        elif row is not None:
+            await store.restore(user, opts.suspended_group, opts.timeout)
+        if request is not None:
+            await self._sessions(store, nas, opts, policy, request, what, deadline)
+
+    def _plan(self, policy: p.Policy, state: State, opts: p.Options,
+              what: str) -> tuple[tuple[str, int] | None, tuple[int, p.Attributes] | None]:
+        """What bringing the user to `state` takes: the policy row to write (("suspend", priority) or
+        ("restore", 0), or None) and the request for the user's sessions (None: leave them)."""
         if not policy.known:
             p.state_of(policy, opts, what)  # raises: no such subscriber
+        group = opts.suspended_group
         if state == "off":
-            if not p.suspended(policy, group):
-                if not await store.group_defined(group, opts.timeout):
-                    raise ConfigError(f"{what}: the group {group!r} has no radgroupcheck or radgroupreply row: "
-                                      f"a suspension into it would suspend nobody")
-                await store.suspend(user, group, p.suspend_priority(policy, group), opts.timeout)
-            code, extra = ((p.DISCONNECT_REQUEST, ()) if opts.suspend == "disconnect"
-                           else (p.COA_REQUEST, opts.coa_attributes))
-        else:
-            had_row = any(g == group for g, _ in policy.groups)
-            if had_row:
-                await store.restore(user, group, opts.timeout)
-            if opts.restore == "none" or not had_row:
-                return
-            code, extra = ((p.DISCONNECT_REQUEST, ()) if opts.restore == "disconnect"
-                           else (p.COA_REQUEST, opts.restore_coa_attributes))
-        await self._sessions(store, nas, opts, policy, (code, extra), what, deadline)
+            row = None if p.suspended(policy, group) else ("suspend", p.suspend_priority(policy, group))
+            return row, ((p.DISCONNECT_REQUEST, ()) if opts.suspend == "disconnect"
+                         else (p.COA_REQUEST, opts.coa_attributes))
+        if not any(g == group for g, _ in policy.groups):
+            return None, None  # not suspended here: nothing to restore, no session to end
+        request = (None if opts.restore == "none" else (p.DISCONNECT_REQUEST, ()) if opts.restore == "disconnect"
+                   else (p.COA_REQUEST, opts.restore_coa_attributes))
+        return ("restore", 0), request
+
+    async def _check_group(self, store: PolicyStore, opts: p.Options, what: str) -> None:
+        if not await store.group_defined(opts.suspended_group, opts.timeout):
+            raise ConfigError(f"{what}: the group {opts.suspended_group!r} has no radgroupcheck or radgroupreply "
+                              "row: a suspension into it would suspend nobody")
 
     async def _sessions(self, store: PolicyStore, nas: das.Target, opts: p.Options, policy: p.Policy,
                         request: tuple[int, p.Attributes], what: str, deadline: float) -> None:
@@ -200,3 +264,9 @@ class RadiusDriver:
         except TimeoutError:
             raise NoAnswerError(f"{device.id}: no answer from the policy store or the NAS within {seconds:g}s") \
                 from None
+
+
+def _max_parallel(device: Device) -> int:
+    """The NAS's `max_parallel` (the agent's device option: requests in flight at once), default 1."""
+    value = device.options.get("max_parallel", 1)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1

@@ -40,6 +40,13 @@ WITH gone AS (DELETE FROM radusergroup WHERE username = $1 AND groupname = $2)
 INSERT INTO radusergroup (username, groupname, priority) VALUES ($1, $2, $3)
 """
 RESTORE = "DELETE FROM radusergroup WHERE username = $1 AND groupname = $2"
+# A month-end take: every user's suspended row in one statement ($1 users, $3 their priorities).
+SUSPEND_MANY = """
+WITH w AS (SELECT * FROM unnest($1::text[], $3::integer[]) AS w(username, priority)),
+gone AS (DELETE FROM radusergroup g USING w WHERE g.username = w.username AND g.groupname = $2)
+INSERT INTO radusergroup (username, groupname, priority) SELECT w.username, $2, w.priority FROM w
+"""
+RESTORE_MANY = "DELETE FROM radusergroup WHERE username = ANY($1::text[]) AND groupname = $2"
 # A session the NAS says it does not have (Error-Cause 503): its Accounting-Stop was lost.
 CLOSE_STALE = """
 UPDATE radacct SET acctstoptime = now(), acctupdatetime = now(),
@@ -73,6 +80,15 @@ class PolicyStore:
     async def suspend(self, user: str, group: str, priority: int, timeout: float) -> None:
         async with self._connection(timeout) as conn, conn.transaction():
             await conn.execute(SUSPEND, user, group, priority, timeout=timeout)
+
+    async def suspend_many(self, users: Sequence[tuple[str, int]], group: str, timeout: float) -> None:
+        """(user, priority) pairs, all in one statement."""
+        async with self._connection(timeout) as conn, conn.transaction():
+            await conn.execute(SUSPEND_MANY, [u for u, _ in users], group, [n for _, n in users], timeout=timeout)
+
+    async def restore_many(self, users: Sequence[str], group: str, timeout: float) -> None:
+        async with self._connection(timeout) as conn:
+            await conn.execute(RESTORE_MANY, list(users), group, timeout=timeout)
 
     async def restore(self, user: str, group: str, timeout: float) -> None:
         async with self._connection(timeout) as conn:

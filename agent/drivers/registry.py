@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib.metadata import entry_points
 
 from agent.drivers.base import Driver, DriverContext
@@ -33,14 +34,27 @@ class Drivers:
     def __init__(self, context: DriverContext, preset: dict[str, Driver] | None = None) -> None:
         self._context = context
         self._drivers: dict[str, Driver] = dict(preset or {})
+        self._wrapped: dict[str, Driver] = {}
+        self._wrap: Callable[[Driver], Driver] | None = None
+
+    def wrap(self, around: Callable[[Driver], Driver]) -> None:
+        """Every driver handed out from now on is `around(driver)` (the daemon's device budget)."""
+        self._wrap = around
+        self._wrapped.clear()
 
     def get(self, name: str) -> Driver:
+        if (wrapped := self._wrapped.get(name)) is not None:
+            return wrapped
         driver = self._drivers.get(name)
         if driver is None:
             driver = self._drivers[name] = load_driver(name, self._context)
-        return driver
+        if self._wrap is None:
+            return driver
+        wrapped = self._wrapped[name] = self._wrap(driver)
+        return wrapped
 
     async def close(self) -> None:
         for driver in self._drivers.values():
             await driver.close()
         self._drivers.clear()
+        self._wrapped.clear()

@@ -146,6 +146,26 @@ async def apply_one(driver: Driver, device: Device, service: str, desired: State
     return _now()
 
 
+async def apply_many(driver: Driver, device: Device, want: dict[str, State], bound: float,
+                     deadlines: Deadlines) -> dict[str, float | AgentError]:
+    """A take's writes in one driver call, where the driver has `apply_many(device, {service: state})`
+    (one statement for many, e.g. the RADIUS policy of a month-end), within `bound` (what the writes
+    one by one would have had); per service when it was answered (unix time) or its error."""
+    step = _Step()
+    step.what = "apply"
+    try:
+        with deadlines.limit(bound):
+            found = await driver.apply_many(device, dict(want))  # type: ignore[attr-defined]
+    except Exception as exc:
+        return dict.fromkeys(want, _translate(exc, step, device, bound))
+    now = _now()
+    out: dict[str, float | AgentError] = {}
+    for service in want:
+        result = found.get(service, TransientError(f"apply on {device.id}: the driver left {service} unwritten"))
+        out[service] = result if isinstance(result, AgentError) else now
+    return out
+
+
 async def converge(driver: Driver, device: Device, service: str, desired: State, timeout: float,
                    deadlines: Deadlines, proceed: Callable[[], Awaitable[bool]] | None = None) -> Observation | None:
     """Read; write only if different; read back. Raises TransientError when the read-back differs.

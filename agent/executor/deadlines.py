@@ -36,6 +36,17 @@ class Deadlines:
         finally:
             self._running.pop(task, None)
 
+    def extend(self, seconds: float) -> None:
+        """The current task's deadline, if it runs under one, moves `seconds` later (a wait that is
+        not the device's time: the device budget's pacing)."""
+        task = asyncio.current_task()
+        if task in self._running:
+            self._running[task] += seconds  # type: ignore[index]
+
+    def expired(self) -> bool:
+        """The current task is being cancelled because its deadline passed (not for another reason)."""
+        return asyncio.current_task() in self._expired
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:

@@ -22,10 +22,10 @@ from agent.contract import Command
 from agent.drivers.base import Device
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, NoAnswerError, PermanentError, TransientError
-from agent.executor import coalesce, priority
+from agent.executor import budget, coalesce, parklog, priority
 from agent.executor.acceptor import Acceptor
 from agent.executor.claims import DeviceClaims
-from agent.executor.converge import Observation, VerifyError, apply_one, observe, observe_for_take
+from agent.executor.converge import Observation, VerifyError, apply_many, apply_one, observe, observe_for_take
 from agent.executor.deadlines import Deadlines
 from agent.executor.policy import KeyState, ParkPolicy, RetryPolicy, Tuning, Verdict, decide
 from agent.executor.reports import Delivery, EventRow, Outcome, Reporter, StateUpdate
@@ -76,6 +76,7 @@ class Executor:
         self._top_up = top_up  # reads more of a device's waiting commands when its lane is served
         self._handlers = dict(handlers or {})  # type of lane item -> what runs it (reconcile messages)
         self._parking = parking or ParkPolicy()
+        self._parked = parklog.ParkSummary()  # the summary line of parks, every few minutes at most
         self.deadlines = deadlines or Deadlines()
         self._drivers = drivers
         self._reporter = reporter
@@ -118,8 +119,9 @@ class Executor:
         self._reporter.submit(out)
 
     def op_bound(self, device: Device) -> float:
-        """The longest one work item may operate the device: three calls, each under its deadline."""
-        return 3 * call_timeout(device, self._timeout) + 2.0
+        """The longest one work item may operate the device: three calls, each under its deadline
+        after its turn in the device's max_rate."""
+        return 3 * (call_timeout(device, self._timeout) + budget.pace(device)) + 2.0
 
     def settle(self, outcome: Outcome) -> None:
         """An outcome decided without a device operation goes straight to the reporter."""
@@ -331,7 +333,8 @@ class Executor:
 
     async def _hold(self, device: Device, timeout: float) -> bool:
         """Before another device call of a take: the claim still covers it (renewed if it ran short)."""
-        return self.claims is None or await self.claims.claim(device.id, timeout + 2.0)
+        turn = budget.pace(device) * max_parallel(device)  # the wait for its turn in the device's max_rate
+        return self.claims is None or await self.claims.claim(device.id, timeout + turn + 2.0)
 
     async def _write_take(self, driver, device: Device, services: list[str],  # type: ignore[no-untyped-def]
                           want: Mapping[str, str | None], timeout: float,
@@ -342,6 +345,13 @@ class Executor:
         command waits, no further write starts (at least one is made, so a take always progresses):
         the services not written are left out of the answer."""
         out: dict[str, float | AgentError] = {}
+        parallel = max_parallel(device)
+        if len(services) > 1 and getattr(driver, "apply_many", None) is not None:  # one call for the take
+            bound = timeout * -(-len(services) // parallel)  # what the writes one by one would have had
+            if not await self._hold(device, bound):
+                return dict.fromkeys(services, TransientError(f"{device.id}: claim ran short before the write"))
+            return await apply_many(driver, device, {s: want[s] for s in services}, bound,  # type: ignore[misc]
+                                    self.deadlines)
         started = 0
 
         def go_on() -> bool:
@@ -356,7 +366,6 @@ class Executor:
             except AgentError as exc:
                 out[svc] = exc
 
-        parallel = max_parallel(device)
         if parallel == 1:
             for svc in services:
                 if not go_on():
@@ -437,11 +446,17 @@ class Executor:
         return self._skip(w, verdict, 0, None)
 
     def _park(self, w: Work, why: str) -> Outcome:
-        """The device is unreachable through the VPN: wait for it, without using up an attempt."""
-        delay = self._parking.delay(w.delivery.bounces)
-        log.info("parked for up to %.0fs: %s", delay, why, extra=_fields(w, "parked"))
+        """The device is unreachable through the VPN: wait for it, without using up an attempt. The
+        event and the INFO line only when the message was not parked for this kind of reason last."""
+        delay, code = self._parking.delay(w.delivery.bounces), parklog.reason_code(why)
+        first = parklog.record(parklog.last_parked(w.delivery.headers), why)
+        log.log(logging.INFO if first else logging.DEBUG, "parked for up to %.0fs: %s", delay, why,
+                extra=_fields(w, "parked"))
+        if line := self._parked.note(w.delivery.msg_id, w.command.device, code, time.monotonic()):
+            log.info(line, extra={"action": "parked_summary"})
         state = StateUpdate(w.command.device, w.command.service, error=f"parked: {why}", msg_id=w.delivery.msg_id)
-        return Outcome(w.delivery, "park", [self._event(w, "parked", error=why)], state, retry_delay=delay)
+        return Outcome(w.delivery, "park", [self._event(w, "parked", error=why)] if first else [], state,
+                       retry_delay=delay, parked_reason=code)
 
     def _skip(self, w: Work, verdict: Verdict, version: int, rid_version: int | None) -> Outcome:
         d, cmd = w.delivery, w.command

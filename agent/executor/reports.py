@@ -97,6 +97,7 @@ class Outcome:
     extra_states: list[StateUpdate] = field(default_factory=list)  # a reconcile reports several services
     reconcile: bool = False            # the outcome of a reconcile message, not of a command
     move_to: str | None = None         # move: the queue the message belongs on (agent/queue/routing.py)
+    parked_reason: str | None = None   # park: the reason code kept in its headers (agent/executor/parklog.py)
     urgent: bool = False               # a high-priority command's: committed ahead of the others waiting
 
 
@@ -147,7 +148,8 @@ def report_args(q: Queries, agent_id: str, batch: Sequence[Outcome]) -> tuple[An
                "h": dlq_headers(o, q.queue, agent_id) if o.finish == "dead_letter" else None}
               for o in batch if o.finish in _LEAVES]
     later = [{"id": o.delivery.msg_id, "rc": o.delivery.read_ct, "delay": _delay(o.retry_delay),
-              "park": o.finish == "park", "bounces": min(o.delivery.bounces + 1, MAX_BOUNCES)}
+              "park": o.finish == "park", "bounces": min(o.delivery.bounces + 1, MAX_BOUNCES),
+              "reason": o.parked_reason if o.finish == "park" else ""}  # a retry clears it; None keeps it
              for o in batch if o.finish in ("retry", "park")]
     states = merge_states([s for o in batch for s in ([o.state] if o.state else []) + o.extra_states])
     events = [e for o in batch for e in o.events]

@@ -42,6 +42,7 @@ from agent.db.queries import Queries
 from agent.drivers.base import Device, Driver
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, ConfigError, PermanentError, TransientError
+from agent.executor import parklog
 from agent.executor.converge import Observation, batch_reader, converge, observe, observe_many
 from agent.executor.deadlines import Deadlines
 from agent.executor.policy import ParkPolicy, RetryPolicy
@@ -148,8 +149,9 @@ class SyncWorker:
             left = self.tuning.unreachable_wait - waited(d, time.time())
             delay = min(self._parking.delay(d.bounces), max(0.5, left))
             log.debug("reconcile parked for up to %.0fs: %s", delay, p.why, extra=_fields(w, "parked"))
-            return Outcome(d, "park", [self._event(w, "parked", None, error=p.why)], retry_delay=delay,
-                           reconcile=True)
+            new = parklog.record(parklog.last_parked(d.headers), p.why)  # one event per reason, not per park
+            return Outcome(d, "park", [self._event(w, "parked", None, error=p.why)] if new else [],
+                           retry_delay=delay, reconcile=True, parked_reason=parklog.reason_code(p.why))
         except _Forged as exc:
             log.warning("dead-lettered: %s", exc, extra=_fields(w, "dead_lettered"))
             return Outcome(d, "dead_letter", [self._event(w, "dead_lettered", None, error=str(exc))],

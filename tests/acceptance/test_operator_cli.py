@@ -133,7 +133,7 @@ def test_pause_and_resume_from_the_command_line(dsn):
     out = agentctl(dsn, "device", "pause", "r1", "--reason", "firmware upgrade").stdout
     assert "paused" in out
     assert json.loads(agentctl(dsn, "device", "list", "--json").stdout)[0]["paused"] == "firmware upgrade"
-    assert agentctl(dsn, "device", "pause", "nope", check=False).returncode == 1
+    assert agentctl(dsn, "device", "pause", "nope", check=False).returncode == 4  # not found
     agentctl(dsn, "device", "resume", "r1")
     assert json.loads(agentctl(dsn, "device", "list", "--json").stdout)[0]["paused"] is None
 

@@ -201,7 +201,7 @@ async def test_manual_sync_dry_run_shows_drift_and_sync_repairs_it(db, dsn, tmp_
     assert read_device(tmp_path) == {"wifi": "on"}
 
     unknown = await asyncio.to_thread(agentctl, dsn, "sync", "--device", "nope", check=False)
-    assert unknown.returncode == 2 and "no device 'nope' in site 'default'" in unknown.stderr
+    assert unknown.returncode == 4 and "no device 'nope' in site 'default'" in unknown.stderr
 
 
 async def test_reconcile_never_overrides_a_newer_command(db, dsn, tmp_path):

@@ -218,3 +218,14 @@ def teardown_module() -> None:
     # every namespace a test here made is gone, also after a failure
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not [ln for ln in left.splitlines() if ln.startswith(("agA", "agB", "agO"))], left
+
+
+async def test_device_add_warns_when_the_address_is_not_routed_through_the_tunnel(dsn, site):
+    stray = agentctl(dsn, "device", "add", "stray", "--driver", "http", "--address", "http://192.0.2.9:8728",
+                     "--option", "read_path=/x/{service}", "--option", "state_pointer=/s", netns=site.a,
+                     require_vpn="true")
+    assert stray.returncode == 0  # saved all the same: the agent parks its work, the site goes on
+    assert "warning: no route to 192.0.2.9 (as seen from this host)" in stray.stderr
+    assert "the agent parks this device's work" in stray.stderr
+    good = agentctl(dsn, "device", "add", "r3", *ROUTER, netns=site.a, require_vpn="true")
+    assert "warning" not in good.stderr

@@ -203,7 +203,7 @@ async def test_dlq_replay_keeps_the_commands_place_in_order(db, dsn, device):
         await until(lambda: archived(db, newer))
         [(_, replayed)] = await admin.dlq_replay(db, Queries("device_tasks"), None)
         await until(lambda: archived(db, replayed))
-    assert await events(db, replayed) == ["superseded"]
+    assert await events(db, replayed) == ["replayed", "superseded"]  # who replayed it, then its outcome
     assert (await state(db, "r1", "wifi"))["desired"] == "off"
     assert await dlq(db) == []
 

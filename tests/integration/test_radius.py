@@ -64,6 +64,9 @@ class Radius:
         finally:
             await conn.close()
 
+    async def fetchval(self, query: str, *args: object) -> object:
+        return (await self.fetch(query, *args))[0][0]
+
 
 @pytest.fixture(scope="module")
 async def radius(pg_admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Radius]:
@@ -241,6 +244,27 @@ async def test_a_month_end_burst_suspends_every_subscriber_once(radius: Radius, 
     assert [await radius.access(u) for u in users[:5]] == ["reject"] * 5
 
 
+async def test_a_take_writes_every_suspension_in_one_statement_then_ends_the_sessions(
+        radius: Radius, drv: RadiusDriver) -> None:
+    users = [await radius.subscriber() for _ in range(120)]
+    for user in users[::3]:
+        await radius.fr.start_session(user, f"sess-{user}", "10.12.0.1")
+    device = radius.device(timeout=10.0, max_parallel=16)
+    wanted = {f"user/{u}": "off" for u in users} | {"user/nobody-such@isp": "off", "user/": "off"}
+    found = await drv.apply_many(device, wanted)  # type: ignore[arg-type]
+    assert {s for s, e in found.items() if e is None} == {f"user/{u}" for u in users}
+    assert "no such subscriber" in str(found["user/nobody-such@isp"]) and found["user/"] is not None
+    # one statement, one transaction: every suspended row carries the same xmin
+    assert await radius.fetchval("SELECT count(DISTINCT xmin::text) FROM radusergroup WHERE groupname = 'suspended' "
+                                 "AND username = ANY($1::text[])", users) == 1
+    assert all(len(radius.disconnects(u)) == 1 for u in users)
+    states = await drv.read_many(device, [f"user/{u}" for u in users])
+    assert set(states.values()) == {"off"}
+    restored = await drv.apply_many(device, {f"user/{u}": "on" for u in users[:30]})  # type: ignore[arg-type]
+    assert set(restored.values()) == {None}
+    assert [await radius.access(u) for u in (users[0], users[40])] == ["accept", "reject"]
+
+
 async def test_a_suspended_row_that_sorts_after_the_plan_suspends_nobody_until_moved_first(
         radius: Radius, drv: RadiusDriver) -> None:
     user = await radius.subscriber()
@@ -304,9 +328,7 @@ async def test_month_end_through_the_agent_every_suspension_applied_once_and_ver
         await radius.fr.start_session(user, f"sess-{user}", "10.11.0.1")
     device = radius.device(max_parallel=8, timeout=10.0)
     await admin.upsert_devices(db, [device])
-    # poll_interval: on a loaded machine a burst's last sends were seen to miss their wake-up (with any
-    # driver, before main's consumer changes of 2026-12-02); the poll brings them: this test is about the driver.
-    async with running_agent(dsn, RadiusDriver(radius.context), require_vpn=False, poll_interval=2.0):
+    async with running_agent(dsn, RadiusDriver(radius.context), require_vpn=False):
         ids = [await send(db, {"device": device.id, "service": f"user/{u}", "state": "off"}) for u in users]
         try:
             await until(lambda: all_archived(db, ids), timeout=60, what="every suspension archived")
@@ -317,6 +339,10 @@ async def test_month_end_through_the_agent_every_suspension_applied_once_and_ver
     assert {r["service"]: r["observed"] for r in rows} == {f"user/{u}": "off" for u in users}
     assert all(len(radius.disconnects(u)) == 1 for u in users)  # each applied once
     assert [await radius.access(u) for u in users[::15]] == ["reject"] * 4
+    # a take is one policy statement: far fewer transactions wrote the rows than there were suspensions
+    writes = await radius.fetchval("SELECT count(DISTINCT xmin::text) FROM radusergroup WHERE groupname = "
+                                   "'suspended' AND username = ANY($1::text[])", users)
+    assert writes < len(users) // 4, writes
 
 
 async def test_a_lost_accounting_stop_is_seen_by_the_read_back_and_the_retry_closes_it(

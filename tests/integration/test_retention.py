@@ -1,5 +1,5 @@
 """Retention: pruning removes what the settings no longer keep, in batches, and keeps everything
-else: new rows, the live queue, a dead letter someone holds, open sync runs."""
+else: new rows, the live queue, a dead letter someone holds, open sync runs, live agents."""
 
 from __future__ import annotations
 
@@ -34,27 +34,44 @@ async def old_and_new_rows(db: asyncpg.Connection) -> None:
                      "VALUES (now() - interval '400 days', now(), '{}')")
     await db.execute("INSERT INTO agent.events (at, kind) SELECT now() - make_interval(days => "
                      "CASE WHEN i <= 5 THEN 181 ELSE 179 END), 'verified' FROM generate_series(1, 6) i")
+    await db.execute("INSERT INTO agent.batches (name, first_enqueued_at, last_settled_at) VALUES "
+                     "('old', now() - interval '190 days', now() - interval '181 days'), "
+                     "('open', now() - interval '190 days', now() - interval '181 days')")
+    await db.execute("INSERT INTO agent.batch_commands (version, batch, enqueued_at, outcome, settled_at) "
+                     "SELECT 200000 + i, CASE WHEN i <= 5 THEN 'old' ELSE 'open' END, now() - make_interval(days => "
+                     "CASE WHEN i <= 5 THEN 185 ELSE 179 END), 'verified', now() - interval '181 days' "
+                     "FROM generate_series(1, 6) i")  # 'open' had a command enqueued within retention
     await db.execute("INSERT INTO agent.requests (request_id, version, device, service, seen_at) "
                      "SELECT 'r' || i, i, 'd', 's', now() - make_interval(days => CASE WHEN i <= 5 THEN 31 ELSE 29 END)"
                      " FROM generate_series(1, 6) i")
     await db.execute("INSERT INTO agent.sync_runs (site, kind, requested_at, finished_at) SELECT 'default', "
                      "'manual', now() - interval '30 days', CASE WHEN i <= 5 THEN now() - interval '8 days' "
                      "WHEN i = 6 THEN now() - interval '6 days' END FROM generate_series(1, 7) i")
+    # agents: stopped or gone silent 8 days ago (5), one stopped 6 days ago, one beating now
+    await db.execute("INSERT INTO agent.agents (agent_id, site, queue, host, version, started_at, last_heartbeat, "
+                     "state) SELECT 'gw' || i, 'default', 'device_tasks', 'h', '0', now() - interval '30 days', "
+                     "CASE WHEN i <= 5 THEN now() - interval '8 days' WHEN i = 6 THEN now() - interval '6 days' "
+                     "ELSE now() END, CASE WHEN i IN (1, 2, 6) THEN 'stopped' ELSE 'ready' END "
+                     "FROM generate_series(1, 7) i")
 
 
 async def counts(db: asyncpg.Connection) -> dict[str, int]:
     tables = {"archive": "pgmq.a_device_tasks", "dlq_archive": "pgmq.a_device_tasks_dlq",
               "dlq": "pgmq.q_device_tasks_dlq", "queue": "pgmq.q_device_tasks", "events": "agent.events",
-              "requests": "agent.requests", "sync_runs": "agent.sync_runs"}
+              "requests": "agent.requests", "sync_runs": "agent.sync_runs", "agents": "agent.agents",
+              "batches": "agent.batch_commands"}
     return {k: await db.fetchval(f"SELECT count(*) FROM {t}") for k, t in tables.items()}
 
 
 async def test_a_prune_removes_what_is_past_retention_and_keeps_the_rest(db):
     await old_and_new_rows(db)
     removed = await retention.prune(db, Q, KEEP, pause=0)
-    assert removed == {"archive": 5, "dlq_archive": 5, "dlq": 5, "events": 5, "requests": 5, "sync_runs": 5}
+    assert removed == {"archive": 5, "dlq_archive": 5, "dlq": 5, "events": 5, "batches": 5, "requests": 5,
+                       "sync_runs": 5, "agents": 5}
     assert await counts(db) == {"archive": 1, "dlq_archive": 1, "dlq": 2, "queue": 1, "events": 1, "requests": 1,
-                                "sync_runs": 2}
+                                "sync_runs": 2, "agents": 2, "batches": 1}
+    assert await db.fetchval("SELECT array_agg(agent_id ORDER BY agent_id) FROM agent.agents") == ["gw6", "gw7"]
+    assert await db.fetchval("SELECT array_agg(name) FROM agent.batches") == ["open"]  # 'old' went with its commands
     assert await db.fetchval("SELECT count(*) FROM pgmq.q_device_tasks_dlq WHERE message ? 'held'") == 1
 
 
@@ -69,13 +86,13 @@ async def test_a_dry_run_counts_and_removes_nothing(db):
     await old_and_new_rows(db)
     before = await counts(db)
     assert await retention.due(db, Q, KEEP) == {"archive": 5, "dlq_archive": 5, "dlq": 5, "events": 5,
-                                                "requests": 5, "sync_runs": 5}
+                                                "batches": 5, "requests": 5, "sync_runs": 5, "agents": 5}
     assert await counts(db) == before
 
 
 async def test_a_table_kept_forever_is_left_alone(db):
     await old_and_new_rows(db)
-    removed = await retention.prune(db, Q, Retention(0, 0, 0, 0, 7), pause=0)
+    removed = await retention.prune(db, Q, Retention(0, 0, 0, 0, 7, agents_days=0), pause=0)
     assert removed == {"sync_runs": 5}
     assert (await counts(db))["events"] == 6
 
@@ -105,6 +122,7 @@ async def test_the_leader_prunes_and_exports_table_figures(db, dsn):
         await until(lambda: agent.reconciler.tables, timeout=15, what="a prune pass and table figures")
         assert await db.fetchval("SELECT count(*) FROM agent.events WHERE at < now() - interval '180 days'") == 0
         assert await db.fetchval("SELECT count(*) FROM pgmq.a_device_tasks WHERE msg_id > 100000") == 1
+        assert not await db.fetchval("SELECT count(*) FROM agent.agents WHERE agent_id = 'gw1'")  # stopped 8 days ago
         live = agent.house.live()
         assert set(live.tables) == {"queue", "archive", "dlq", "dlq_archive", "events", "requests", "sync_runs"}
 

@@ -42,6 +42,21 @@ async def pinned_database(dsn: str, upto: int) -> None:
         await conn.close()
 
 
+async def test_a_migration_merged_after_a_higher_one_is_applied(db, monkeypatch):
+    """Migrations written side by side may land in either order: a database that got the higher one
+    first gets the lower one from the next db init (db status lists it pending meanwhile)."""
+    shipped = schema.migrations()
+    beside = [(998, "0998_beside.sql", "CREATE TABLE agent.x_beside (id integer)"),
+              (999, "0999_first.sql", "CREATE TABLE agent.x_first (id integer)")]
+    monkeypatch.setattr(schema, "migrations", lambda: [*shipped, *beside])
+    await db.execute(beside[1][2])
+    await db.execute("INSERT INTO agent.schema_version (version, name) VALUES (999, '0999_first.sql')")
+    assert (await schema.status(db, Q))["pending"] == ["0998_beside.sql"]
+    assert await schema._migrate(db) == ["0998_beside.sql"]
+    assert await db.fetchval("SELECT to_regclass('agent.x_beside') IS NOT NULL")
+    assert (await schema.status(db, Q))["pending"] == []
+
+
 async def test_an_agent_of_the_previous_schema_runs_against_the_new_one(db, dsn, monkeypatch, caplog):
     monkeypatch.setattr(schema, "SCHEMA_VERSION", PREVIOUS)  # an agent built from the previous migration set
     await add_device(db, "r1")

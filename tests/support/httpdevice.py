@@ -5,7 +5,9 @@
                                        "service", "profile", "comment", ...}]: ~150 bytes an entry)
     PATCH /rest/ppp/secret/<name>   {"disabled": "true" | "false"} -> the object
     POST  /_control                 {"fail": [503, 503], "delay": 0.5, "lie": true, "set": {"name": "true"}}
-    GET   /_control                 -> {"secrets": {...}, "requests": [...], "auth": [...]}
+    GET   /_control                 -> {"secrets": {...}, "requests": [...], "times": [...], "auth": [...]}
+
+`times` holds when each request arrived (time.monotonic() of the device's process), in order.
 
 Run it as a process too (e.g. inside a network namespace): python -m tests.support.httpdevice HOST PORT
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from typing import Any
 
 from aiohttp import web
@@ -23,6 +26,7 @@ class HttpDevice:
     def __init__(self) -> None:
         self.secrets: dict[str, str] = {}
         self.requests: list[tuple[str, str]] = []
+        self.times: list[float] = []  # when each request arrived (monotonic), as `requests`
         self.auth: list[str | None] = []
         self.fail: list[int] = []
         self.delay = 0.0
@@ -50,6 +54,7 @@ class HttpDevice:
 
     async def _common(self, request: web.Request) -> web.Response | None:
         self.requests.append((request.method, request.raw_path))
+        self.times.append(time.monotonic())
         self.auth.append(request.headers.get("Authorization"))
         if self.delay:
             await asyncio.sleep(self.delay)
@@ -96,7 +101,8 @@ class HttpDevice:
         return web.json_response({"ok": True})
 
     async def _report(self, _request: web.Request) -> web.Response:
-        return web.json_response({"secrets": self.secrets, "requests": self.requests, "auth": self.auth})
+        return web.json_response({"secrets": self.secrets, "requests": self.requests, "times": self.times,
+                                  "auth": self.auth})
 
 
 async def _main(host: str, port: int, names: list[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import generate_latest
 
@@ -57,18 +58,19 @@ def test_commands_total_counts_each_command_once_by_how_it_ended_and_attempts_ap
 
     m = Metrics("north", "device_tasks", Live)
 
-    def outcome(msg_id: int, *kinds: str) -> Outcome:
+    def outcome(msg_id: int, *kinds: str, finish: Any = "archive") -> Outcome:
         delivery = Delivery(msg_id, 1, datetime.now(timezone.utc), "{}", None, msg_id)
-        return Outcome(delivery, "archive", [EventRow(kind, "r1", "wifi", msg_id) for kind in kinds], driver="sim")
+        return Outcome(delivery, finish, [EventRow(kind, "r1", "wifi", msg_id) for kind in kinds], driver="sim")
 
-    m.committed([outcome(1, "failed", "retried"), outcome(1, "parked")], 0)   # two deliveries, no end yet
+    m.committed([outcome(1, "failed", "retried"), outcome(1, "parked", finish="park")], 0)  # two deliveries
+    m.committed([outcome(1, finish="park")], 0)  # parked again for the same reason: no event, an attempt all the same
     m.committed([outcome(1, "applied", "verified"), outcome(2, "dead_lettered")], 0)
     text = generate_latest(m.registry).decode()
     assert 'pgmq_edge_agent_commands_total{driver="sim",outcome="verified"} 1.0' in text
     assert 'pgmq_edge_agent_commands_total{driver="sim",outcome="dead_lettered"} 1.0' in text
     assert 'pgmq_edge_agent_commands_total{driver="sim",outcome="retried"}' not in text
     assert 'pgmq_edge_agent_command_attempts_total{driver="sim",outcome="retried"} 1.0' in text
-    assert 'pgmq_edge_agent_command_attempts_total{driver="sim",outcome="parked"} 1.0' in text
+    assert 'pgmq_edge_agent_command_attempts_total{driver="sim",outcome="parked"} 2.0' in text
 
 
 def test_the_leaders_last_retention_pass_is_exported_for_the_alert():

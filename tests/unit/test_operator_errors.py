@@ -185,7 +185,7 @@ def test_argparse_errors_are_usage_errors():
 
 
 @pytest.mark.parametrize(("error", "kind", "said"), [
-    (asyncpg.NoDataFoundError("agent.enqueue: unknown device 'r9'"), "permanent",
+    (asyncpg.NoDataFoundError("agent.enqueue: unknown device 'r9'"), "not_found",  # a permanent error: exit 4
      "unknown device 'r9': add it first (agentctl device add)"),
     (asyncpg.ObjectNotInPrerequisiteStateError("agent.enqueue: queue 'q_n' of the device's site does not exist"),
      "config", "queue 'q_n' of the device's site does not exist"),

@@ -62,3 +62,15 @@ def test_unknown_key_in_toml_is_refused(tmp_path):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_the_default_agent_id_is_the_host_and_the_site_the_same_across_restarts(monkeypatch):
+    monkeypatch.setattr("socket.gethostname", lambda: "gw7")
+    monkeypatch.setenv("AGENT_DATABASE_URL", DSN)
+    assert load_settings().agent_id == "gw7-default"
+    monkeypatch.setenv("AGENT_SITE", "north")
+    assert load_settings().agent_id == load_settings().agent_id == "gw7-north"  # no pid in it
+    monkeypatch.setenv("AGENT_AGENT_ID", "")
+    assert load_settings().agent_id == "gw7-north"
+    monkeypatch.setenv("AGENT_AGENT_ID", "edge-1")
+    assert load_settings().agent_id == "edge-1"
