@@ -4,10 +4,10 @@ devices' suspensions are done, and the latency histogram shows them.
 
 Scale: 10,000 suspensions over 10 sim devices at 20 ms per device call (every device equally busy:
 1,000 each, sent interleaved as a billing run sends them). On this shared 2-core test machine the
-burst lasts about 25-40 s. Nothing here is timed against the clock: each restore must be verified
-while suspensions for its own device still wait in the queue (today's agent, which serves a lane in
-enqueue order, verifies it only after all of them), and the restores' median latency must stay
-below a tenth of the burst's own duration, both measured in the same run.
+burst lasts about 20-30 s, a restore 0.1-0.3 s. Nothing here is timed against the clock: each
+restore must be verified while suspensions for its own device still wait in the queue (an agent
+that serves a lane in enqueue order verifies it only after all of them), and the restores' median
+latency must stay below a tenth of the burst's own duration, both measured in the same run.
 """
 
 from __future__ import annotations
