@@ -135,6 +135,7 @@ class Agent:
                                  claims=self.claims, deadlines=self.deadlines, handlers={SyncWork: sync.handle},
                                  coalesce=s.coalesce,
                                  top_up=lambda device, room: self.consumer.top_up(device, room))
+        sync.make_way = lambda dev: self.executor.make_way(dev.id)  # a reconcile lets waiting commands go first
         self.consumer = Consumer(pool, self.queries, s, self.executor, self.inventory,
                                  settling=self.reporter.settling, on_read=self._read)
         self.session = Session(

@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from agent import __version__
 from agent.drivers.registry import available as available_drivers
+from agent.executor import priority
 from agent.executor.reports import Delivery, Outcome
 
 disable_created_metrics()  # no `_created` series: they double the series count and no rule uses them
@@ -30,6 +31,7 @@ PREFIX = "pgmq_edge_agent_"  # not `agent_`, which Grafana Agent's own metrics u
 P = PREFIX
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600)
 _WAIT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
 # event kinds that end or move a delivery, as counted in pgmq_edge_agent_commands_total{outcome}
@@ -188,6 +190,12 @@ class Metrics:
                                   ["driver"], buckets=_DURATION_BUCKETS, registry=r)
         self.queue_wait = Histogram(P + "command_queue_wait_seconds", "Enqueue to first read by this agent.",
                                     buckets=_WAIT_BUCKETS, registry=r)
+        self.latency = Histogram(P + "command_latency_seconds", "Enqueue to verified, per verified command: what a "
+                                 "customer waits for (state: on/off/...; priority: high/normal).",
+                                 ["state", "priority"], buckets=_LATENCY_BUCKETS, registry=r)
+        for state in ("on", "off"):
+            for prio in priority.PRIORITIES:
+                self.latency.labels(state, prio)
         self.lease_lost = Counter(P + "lease_lost_total", "Messages another reader took before we settled them.",
                                   registry=r)
         self.report_failures = Counter(P + "report_failures_total", "Report transactions that failed.",
@@ -228,6 +236,8 @@ class Metrics:
                 if ev.kind in _OUTCOME_EVENTS:
                     counts[(ev.kind, driver)] += 1
                     verified = verified or ev.kind == "verified"
+                    if ev.kind == "verified":
+                        self._latency(o.delivery, ev.desired)
                 elif ev.kind in _ATTEMPT_EVENTS:
                     attempts[(ev.kind, driver)] += 1
                 if ev.duration_ms is not None and ev.kind in ("verified", "refreshed", "failed"):
@@ -240,6 +250,14 @@ class Metrics:
             self.last_success.set(time.time())
         if lost:
             self.lease_lost.inc(lost)
+
+    def _latency(self, d: Delivery, state: str | None) -> None:
+        """Enqueue (the database's clock) to now, for a command verified now. Known states only: a
+        label value never comes from a message unchecked."""
+        if state not in ("on", "off"):
+            return
+        waited = time.time() + d.skew - d.enqueued_at.timestamp()
+        self.latency.labels(state, priority.of(d.priority, state)).observe(max(0.0, waited))
 
     def _reconciled(self, o: Outcome) -> None:
         if missing := sum(ev.kind == "policy_missing" for ev in o.events):

@@ -6,6 +6,8 @@ import re
 from functools import cache
 from importlib.resources import files
 
+from agent.executor.priority import HIGH_SQL
+
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.M)
 
 
@@ -42,6 +44,8 @@ class Queries:
             "dq": quote_ident(f"q_{dlq}"),
             "da": quote_ident(f"a_{dlq}"),
             "qdev": quote_ident(f"q_{queue}_device_idx"),
+            "qhigh": quote_ident(f"q_{queue}_high_idx"),
+            "high": HIGH_SQL,  # not an identifier: the priority rule, the same text everywhere
         }
         self.queue = queue
         self.dlq = dlq

@@ -4,30 +4,81 @@
 -- functions have no read_ct fence, so the hot path touches its tables directly.
 
 -- name: read
+-- The next visible messages, as pgmq.read takes them (vt, read_ct, last_read_at) but high-priority
+-- ones first ({high}: agent/executor/priority.py; found through the queue's partial index
+-- `high_index`), then the rest in msg_id order; returned in msg_id order.
 -- Bodies over $4 bytes (headers over 8 KiB) are not fetched: their size comes instead, and they are
 -- dead-lettered without ever being held in the agent. last_id: the newest real msg_id (every agent
 -- queue takes its ids from agent.msg_id_seq; a row above it was forged by hand); db_now: the
--- database's clock, the one not_after is judged by.
+-- database's clock, the one not_after is judged by. $1: the queue's name (the statement is bound to
+-- its table already; kept so that callers of the pgmq.read form work unchanged).
+WITH hi AS (
+    SELECT msg_id FROM pgmq.{q}
+    WHERE {high} AND vt <= clock_timestamp()
+    ORDER BY msg_id LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), lo AS (
+    SELECT msg_id FROM pgmq.{q}
+    WHERE vt <= clock_timestamp() AND msg_id NOT IN (SELECT msg_id FROM hi)
+    ORDER BY msg_id LIMIT greatest(0, $3 - (SELECT count(*) FROM hi))
+    FOR UPDATE SKIP LOCKED
+), r AS (
+    UPDATE pgmq.{q} m
+    SET last_read_at = clock_timestamp(), vt = clock_timestamp() + make_interval(secs => $2::integer),
+        read_ct = m.read_ct + 1
+    FROM (SELECT msg_id FROM hi UNION ALL SELECT msg_id FROM lo) c WHERE m.msg_id = c.msg_id
+    RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message, m.headers
+)
 SELECT r.msg_id, r.read_ct, r.enqueued_at,
        CASE WHEN octet_length(t.body) <= $4 THEN t.body END AS message, octet_length(t.body) AS size,
        CASE WHEN octet_length(t.head) <= 8192 THEN t.head END AS headers, octet_length(t.head) AS headers_size,
        (SELECT last_value FROM agent.msg_id_seq) AS last_id, clock_timestamp() AS db_now
-FROM pgmq.read($1::text, $2::integer, $3::integer) r, LATERAL (SELECT r.message::text, r.headers::text) AS t(body, head);
+FROM r, LATERAL (SELECT r.message::text, r.headers::text) AS t(body, head)
+WHERE $1::text IS NOT NULL
+ORDER BY r.msg_id;
 
--- name: read_device
--- The next visible messages of one device ($2), as `read` returns them and with the same effect on
--- the queue (vt, read_ct, last_read_at, as pgmq.read sets them): the device's lane is about to be
--- served while a backlog waits, so its take is filled from the queue (device_index makes it cheap).
-WITH cte AS (
+-- name: read_high
+-- `read`, of the high-priority messages only: while AGENT_PREFETCH messages are already held, a
+-- restore is still read at once (see Consumer.read_until_short), instead of after a take frees room.
+WITH hi AS (
     SELECT msg_id FROM pgmq.{q}
-    WHERE (message->>'device') = $2 AND vt <= clock_timestamp()
-    ORDER BY msg_id LIMIT $3
+    WHERE {high} AND vt <= clock_timestamp()
+    ORDER BY msg_id LIMIT $2
     FOR UPDATE SKIP LOCKED
 ), r AS (
     UPDATE pgmq.{q} m
     SET last_read_at = clock_timestamp(), vt = clock_timestamp() + make_interval(secs => $1::integer),
         read_ct = m.read_ct + 1
-    FROM cte WHERE m.msg_id = cte.msg_id
+    FROM hi WHERE m.msg_id = hi.msg_id
+    RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message, m.headers
+)
+SELECT r.msg_id, r.read_ct, r.enqueued_at,
+       CASE WHEN octet_length(t.body) <= $3 THEN t.body END AS message, octet_length(t.body) AS size,
+       CASE WHEN octet_length(t.head) <= 8192 THEN t.head END AS headers, octet_length(t.head) AS headers_size,
+       (SELECT last_value FROM agent.msg_id_seq) AS last_id, clock_timestamp() AS db_now
+FROM r, LATERAL (SELECT r.message::text, r.headers::text) AS t(body, head)
+ORDER BY r.msg_id;
+
+-- name: read_device
+-- The next visible messages of one device ($2), as `read` returns them and with the same effect on
+-- the queue (vt, read_ct, last_read_at, as pgmq.read sets them), high-priority ones first: the
+-- device's lane is about to be served while a backlog waits, so its take is filled from the queue
+-- (device_index and high_index make it cheap).
+WITH hi AS (
+    SELECT msg_id FROM pgmq.{q}
+    WHERE {high} AND (message->>'device') = $2 AND vt <= clock_timestamp()
+    ORDER BY msg_id LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), lo AS (
+    SELECT msg_id FROM pgmq.{q}
+    WHERE (message->>'device') = $2 AND vt <= clock_timestamp() AND msg_id NOT IN (SELECT msg_id FROM hi)
+    ORDER BY msg_id LIMIT greatest(0, $3 - (SELECT count(*) FROM hi))
+    FOR UPDATE SKIP LOCKED
+), r AS (
+    UPDATE pgmq.{q} m
+    SET last_read_at = clock_timestamp(), vt = clock_timestamp() + make_interval(secs => $1::integer),
+        read_ct = m.read_ct + 1
+    FROM (SELECT msg_id FROM hi UNION ALL SELECT msg_id FROM lo) c WHERE m.msg_id = c.msg_id
     RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message, m.headers
 )
 SELECT r.msg_id, r.read_ct, r.enqueued_at,
@@ -40,6 +91,11 @@ ORDER BY r.msg_id;
 -- name: device_index
 -- For read_device: a queue's messages by device, in order (created by `db init`).
 CREATE INDEX IF NOT EXISTS {qdev} ON pgmq.{q} ((message->>'device'), msg_id);
+
+-- name: high_index
+-- For read and read_device: a queue's high-priority messages, in order (created by `db init`; by
+-- migration 0016 for the queues of agent.sites that existed before).
+CREATE INDEX IF NOT EXISTS {qhigh} ON pgmq.{q} (msg_id) WHERE {high};
 
 -- name: load_devices
 SELECT id, driver, address, site, options::text AS options, credential,

@@ -51,18 +51,26 @@ class Acceptor:
         self._q = queries
         self.guard = guard or GuardLimits("default", off_percent=100.0)  # live: SIGHUP may replace it
         self._pending: list[_Pending] = []
+        self._urgent: list[_Pending] = []
         self._wake = asyncio.Event()
         self.flushes = 0
 
-    def submit(self, command: Command, version: int, msg_id: int, released: bool = False) -> asyncio.Future[Accepted]:
+    def submit(self, command: Command, version: int, msg_id: int, released: bool = False,
+               urgent: bool = False) -> asyncio.Future[Accepted]:
         """A future of (version in force for the key, version owning the request_id or None, held).
         held: the guard against mass suspension holds this `off` (it was not accepted); `released`:
         an operator released it, the guard lets it pass.
 
         The caller may read the device meanwhile; it must not write before the future resolves.
+        `urgent` (a high-priority command): flushed in a statement of its own, ahead of the others
+        waiting, so a restore's acceptance does not wait for a burst's.
         """
         fut: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(command, version, msg_id, fut, released))
+        p = _Pending(command, version, msg_id, fut, released)
+        if urgent:
+            self._urgent.append(p)
+        else:
+            self._pending.append(p)
         self._wake.set()
         return fut
 
@@ -73,7 +81,11 @@ class Acceptor:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            batch, self._pending = self._pending, []
+            if self._urgent:
+                batch, self._urgent = self._urgent, []
+                self._wake.set()  # the others next
+            else:
+                batch, self._pending = self._pending, []
             if not batch:
                 continue
             self.flushes += 1

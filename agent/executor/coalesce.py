@@ -2,7 +2,8 @@
 are judged.
 
 A take is the run of `set` commands at the head of a lane, up to a bound; a refresh or a reconcile
-message ends it (they run on their own, in order). The same message delivered twice (a redelivery
+message ends it (they run on their own, in order). High-priority commands (restores) waiting in the
+lane go first, whatever waits before them (`pick`). The same message delivered twice (a redelivery
 while the first is still in the lane) is kept once, as its newest delivery. Every other command of
 the take is judged as if it ran alone, in version order: expired or not, then accepted or a
 duplicate of its request_id; only then is an older command superseded, and only by the newest
@@ -12,7 +13,7 @@ that turns out expired or a duplicate therefore supersedes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -45,6 +46,23 @@ def head(lane: Iterable[Item], bound: int, is_set: type) -> int:
             break
         n += 1
     return max(n, 1)
+
+
+def pick(lane: Sequence[Item], bound: int, is_set: type, high: Callable[[Item], bool]) -> list[Item]:
+    """The items of the lane that form its next take. While a high-priority `set` command waits
+    anywhere in the lane, the `set` commands for its service go first (for the services of up to
+    `bound` of them), in lane order and up to the bound: commands for one service still take effect
+    in enqueue order, and newest-wins judges them as it always did (an older `off` taken with the
+    newer `on` is superseded by it). Otherwise the head of the lane (see `head`)."""
+    first = [it for it in lane if _is_set(it, is_set) and high(it)][:bound]
+    if not first:
+        return list(lane)[:head(lane, bound, is_set)]
+    services = {it.command.service for it in first}  # type: ignore[attr-defined]
+    return [it for it in lane if _is_set(it, is_set) and it.command.service in services][:bound]  # type: ignore[attr-defined]
+
+
+def _is_set(item: Item, is_set: type) -> bool:
+    return isinstance(item, is_set) and item.command.action == "set"  # type: ignore[attr-defined]
 
 
 def plan(items: Sequence[C]) -> Plan[C]:

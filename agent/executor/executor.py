@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import partial
@@ -22,7 +22,7 @@ from agent.contract import Command
 from agent.drivers.base import Device
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, NoAnswerError, PermanentError, TransientError
-from agent.executor import budget, coalesce, parklog
+from agent.executor import budget, coalesce, parklog, priority
 from agent.executor.acceptor import Acceptor
 from agent.executor.claims import DeviceClaims
 from agent.executor.converge import Observation, VerifyError, apply_many, apply_one, observe, observe_for_take
@@ -40,6 +40,11 @@ class Work:
     delivery: Delivery
     command: Command
     device: Device
+
+    @property
+    def high(self) -> bool:
+        """A high-priority `set` command (a restore, unless its producer said otherwise)."""
+        return self.command.action == "set" and priority.of(self.delivery.priority, self.command.state) == priority.HIGH
 
 
 class LaneItem(Protocol):
@@ -78,6 +83,7 @@ class Executor:
         self._tuning = tuning
         self._slots = asyncio.Semaphore(concurrency)
         self._lanes: dict[str, deque[Item]] = {}
+        self._high: dict[str, int] = {}  # device -> high-priority commands in its lane (taken or waiting)
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -103,6 +109,8 @@ class Executor:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         lane.append(item)
+        if _high(item):
+            self._high[device_id] = self._high.get(device_id, 0) + 1
 
     def postpone(self, delivery: Delivery, device_id: str, why: str) -> None:
         """Back to the queue for a moment without using an attempt (nothing was tried)."""
@@ -152,25 +160,57 @@ class Executor:
                 async with self._slots:
                     if self._top_up is not None and len(lane) < self._coalesce and _is_set(lane[0]):
                         await self._top_up(device_id, self._coalesce - len(lane))  # a backlog: fill the take
-                    n = coalesce.head(lane, self._coalesce, Work)  # once a slot is ours: what came meanwhile joins
                     self.busy_devices.add(device_id)
-                    try:
-                        if _is_set(lane[0]):  # one command is a take of one: a single path for both
-                            outcomes = await self._run_take([lane[i] for i in range(n)])  # type: ignore[misc]
-                        else:
-                            outcomes = [await self._run_item(lane[0])]
+                    try:  # once a slot is ours: what came meanwhile joins
+                        await self._serve(device_id, lane, list(lane))
                     finally:
                         self.busy_devices.discard(device_id)
-                for outcome in outcomes:
-                    self._reporter.submit(outcome)
-                for _ in range(n):
-                    lane.popleft()
         finally:
             del self._lanes[device_id]
+            self._high.pop(device_id, None)
             if self.claims is not None:
                 self.claims.release(device_id)
             if not self._lanes:
                 self._idle.set()
+
+    async def _serve(self, device_id: str, lane: deque[Item], view: Sequence[Item]) -> list[Item]:
+        """Run the lane's next take, chosen among `view` (the lane, or its commands alone), report what
+        settled and take it out of the lane; a command the take yielded before writing stays in the
+        lane, in its place. A take with no high-priority command yields between two writes to a
+        high-priority command that arrived meanwhile (see `coalesce.pick`, which takes it next)."""
+        take: list[Item] = coalesce.pick(view, self._coalesce, Work, _high)  # type: ignore[assignment]
+        if _is_set(take[0]):  # one command is a take of one: a single path for both
+            works: list[Work] = take  # type: ignore[assignment]
+            urgent = None if any(w.high for w in works) else (lambda: self._high.get(device_id, 0) > 0)
+            outcomes = await self._run_take(works, urgent)
+        else:
+            outcomes = [await self._run_item(take[0])]
+        settled = [it for it, o in zip(take, outcomes) if o is not None]
+        for it, o in zip(take, outcomes):
+            if o is not None:
+                o.urgent = _high(it)
+                self._reporter.submit(o)
+        if len(settled) < len(take):
+            log.debug("take yields to a high-priority command: %d command(s) wait", len(take) - len(settled),
+                      extra={"action": "yielded", "device": device_id})
+        gone = {id(it) for it in settled}
+        keep = [it for it in lane if id(it) not in gone]
+        lane.clear()
+        lane.extend(keep)
+        if n := sum(_high(it) for it in settled):
+            self._high[device_id] = self._high.get(device_id, 0) - n
+        return settled
+
+    async def make_way(self, device_id: str) -> set[str]:
+        """Lane work that is not a command (a reconcile message, between two of its device calls)
+        steps aside: the commands waiting in its device's lane run now, under the same slot and
+        claim. Returns the services they were for (their state may have changed meanwhile)."""
+        lane = self._lanes.get(device_id)
+        services: set[str] = set()
+        while lane is not None and (view := [it for it in lane if isinstance(it, Work)]):
+            services.update(it.command.service for it in await self._serve(device_id, lane, view)
+                            if isinstance(it, Work))
+        return services
 
     async def _run_item(self, work: Item) -> Outcome:
         try:
@@ -183,17 +223,19 @@ class Executor:
         outcome.driver, outcome.device = work.device.driver, work.device.id
         return outcome
 
-    async def _run_take(self, works: list[Work]) -> list[Outcome]:
-        """Several commands for one device at once; a bug fails each of them the lane's last-resort way."""
+    async def _run_take(self, works: list[Work], urgent: Callable[[], bool] | None = None) -> list[Outcome | None]:
+        """Several commands for one device at once; a bug fails each of them the lane's last-resort way.
+        None for a command the take yielded (`urgent`) before writing it: it stays in the lane."""
         try:
-            outcomes = await self._process_take(works)
+            outcomes = await self._process_take(works, urgent)
         except Exception as exc:
             outcomes = [self._internal_error(w, exc) for w in works]
         for o, w in zip(outcomes, works):
-            o.driver, o.device = w.device.driver, w.device.id
+            if o is not None:
+                o.driver, o.device = w.device.driver, w.device.id
         return outcomes
 
-    async def _process_take(self, works: list[Work]) -> list[Outcome]:
+    async def _process_take(self, works: list[Work], urgent: Callable[[], bool] | None = None) -> list[Outcome | None]:
         """`set` commands for one device, one or many, judged in version order as if each ran alone:
         an expired one settles at once; the rest are accepted (in one flush) while the device is read
         once for all their services, so the acceptance round trip overlaps the read. The acceptance
@@ -202,7 +244,7 @@ class Executor:
         nothing is written before it answers. The services that differ are written (up to the
         device's max_parallel at once); one more read verifies them all. Per command the rules
         stay: newest wins, verified read-back, retries, parking, claims, the VPN guard's last word."""
-        outcomes: dict[int, Outcome] = {}
+        outcomes: dict[int, Outcome | None] = {}
         p = coalesce.plan(works)
         for w in p.stale:
             outcomes[id(w)] = Outcome(w.delivery, "archive")  # fenced out: the newer delivery reports
@@ -214,14 +256,15 @@ class Executor:
             else:
                 outcomes[id(w)] = self._skip(w, v, 0, None)
         if live:
-            for w, o in zip(live, await self._converge_take(live)):
+            for w, o in zip(live, await self._converge_take(live, urgent)):
                 outcomes[id(w)] = o
         return [outcomes[id(w)] for w in works]
 
-    async def _converge_take(self, live: list[Work]) -> list[Outcome]:
+    async def _converge_take(self, live: list[Work], urgent: Callable[[], bool] | None = None) -> list[Outcome | None]:
         device = live[0].device
+        first = any(w.high for w in live)  # the whole take in one flush: newest-wins judges it together
         accepted = {id(w): self._acceptor.submit(w.command, w.delivery.version, w.delivery.msg_id,
-                                                 released(w.delivery.headers)) for w in live}
+                                                 released(w.delivery.headers), first) for w in live}
 
         async def verdicts() -> dict[int, tuple[Verdict, int, int | None] | TransientError]:
             out: dict[int, tuple[Verdict, int, int | None] | TransientError] = {}
@@ -265,7 +308,8 @@ class Executor:
         differ = sorted(svc for svc, st in want.items()
                         if not isinstance(before[svc], Observation) or before[svc].observed != st)  # type: ignore[union-attr]
         differ = [svc for svc in differ if isinstance(before[svc], Observation)]
-        applied = await self._write_take(driver, device, differ, want, timeout)
+        applied = await self._write_take(driver, device, differ, want, timeout, urgent)
+        waiting = {svc for svc in differ if svc not in applied}  # yielded before it was written
         written = [svc for svc in differ if isinstance(applied.get(svc), float)]
         after: dict[str, Observation | AgentError] = {}
         if written:
@@ -276,7 +320,8 @@ class Executor:
         ms = _ms(started)
         tunnel = await self._take_last_resort([(w, e) for w in going if (e := _silence(w, before, applied, after))],
                                               began)
-        return [settle(w, said[id(w)], partial(self._take_outcome, w, before, applied, after, ms, tunnel.get(id(w))))
+        return [None if w.command.service in waiting and any(w is g for g in going) else
+                settle(w, said[id(w)], partial(self._take_outcome, w, before, applied, after, ms, tunnel.get(id(w))))
                 for w in live]
 
     async def _take_last_resort(self, failed: list[tuple[Work, AgentError]], began: float) -> dict[int, str]:
@@ -294,10 +339,13 @@ class Executor:
         return self.claims is None or await self.claims.claim(device.id, timeout + turn + 2.0)
 
     async def _write_take(self, driver, device: Device, services: list[str],  # type: ignore[no-untyped-def]
-                          want: Mapping[str, str | None], timeout: float) -> dict[str, float | AgentError]:
+                          want: Mapping[str, str | None], timeout: float,
+                          urgent: Callable[[], bool] | None = None) -> dict[str, float | AgentError]:
         """Write each service, up to the device's max_parallel at once; the answer time or the error.
         One at a time (the default) they are awaited in turn: no task and no semaphore hand-over per
-        write, which in a busy loop cost a few milliseconds each."""
+        write, which in a busy loop cost a few milliseconds each. Once `urgent` says a high-priority
+        command waits, no further write starts (at least one is made, so a take always progresses):
+        the services not written are left out of the answer."""
         out: dict[str, float | AgentError] = {}
         parallel = max_parallel(device)
         if len(services) > 1 and getattr(driver, "apply_many", None) is not None:  # one call for the take
@@ -306,6 +354,10 @@ class Executor:
                 return dict.fromkeys(services, TransientError(f"{device.id}: claim ran short before the write"))
             return await apply_many(driver, device, {s: want[s] for s in services}, bound,  # type: ignore[misc]
                                     self.deadlines)
+        started = 0
+
+        def go_on() -> bool:
+            return started == 0 or urgent is None or not urgent()
 
         async def one(svc: str) -> None:
             if not await self._hold(device, timeout):
@@ -318,12 +370,19 @@ class Executor:
 
         if parallel == 1:
             for svc in services:
+                if not go_on():
+                    break
+                started += 1
                 await one(svc)
             return out
         gate = asyncio.Semaphore(parallel)
 
         async def gated(svc: str) -> None:
+            nonlocal started
             async with gate:
+                if not go_on():
+                    return
+                started += 1
                 await one(svc)
 
         await asyncio.gather(*(gated(svc) for svc in services))
@@ -368,6 +427,7 @@ class Executor:
     def _bounce(self, lane: deque[Item]) -> None:
         """Back to the queue for a moment, not counted as an attempt; the claim is tried again then."""
         log.debug("device busy on another agent", extra=_fields(lane[0], "device_busy"))
+        self._high.pop(lane[0].device.id, None)
         while lane:
             w = lane.popleft()
             out = Outcome(w.delivery, "park", retry_delay=random.uniform(0.3, 1.0), bounce=True,
@@ -380,7 +440,7 @@ class Executor:
         now = datetime.now(timezone.utc) + timedelta(seconds=d.skew)  # the database's clock judges not_after
         verdict = decide(cmd, d.version, KeyState(), None, now)
         if verdict is Verdict.CONVERGE:
-            return (await self._process_take([w]))[0]
+            return (await self._process_take([w]))[0]  # type: ignore[return-value]  # never yields: no `urgent`
         if verdict is Verdict.REFRESH:
             if why := self.gate(w.device):
                 return self._park(w, why)
@@ -519,6 +579,10 @@ def _silence(w: Work, before: Mapping[str, Observation | AgentError], applied: M
         if isinstance(e, NoAnswerError):
             return e
     return None
+
+
+def _high(item: object) -> bool:
+    return isinstance(item, Work) and item.high
 
 
 def _is_set(item: Item) -> bool:

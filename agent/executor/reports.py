@@ -41,6 +41,7 @@ class Delivery:
     bounces: int = 0  # times it was parked: those deliveries were not attempts
     received: float = field(default_factory=time.monotonic)
     skew: float = 0.0  # the database's clock minus ours when it was read: not_after is judged by the database's
+    priority: object = None  # its `priority` header as sent (see agent/executor/priority.py)
 
     @property
     def attempt(self) -> int:
@@ -97,6 +98,7 @@ class Outcome:
     reconcile: bool = False            # the outcome of a reconcile message, not of a command
     move_to: str | None = None         # move: the queue the message belongs on (agent/queue/routing.py)
     parked_reason: str | None = None   # park: the reason code kept in its headers (agent/executor/parklog.py)
+    urgent: bool = False               # a high-priority command's: committed ahead of the others waiting
 
 
 def merge_states(updates: Sequence[StateUpdate]) -> list[StateUpdate]:
@@ -236,7 +238,13 @@ class Reporter:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
-                batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
+                if any(o.urgent for o in self._pending):  # restores first: a small statement of their own
+                    urgent = [o for o in self._pending if o.urgent]
+                    self._pending = [o for o in self._pending if not o.urgent]
+                    batch = urgent[: self._max_batch]
+                    self._pending[:0] = urgent[self._max_batch:]
+                else:
+                    batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
                 await self._commit(batch)
             if not self._deferred:
                 self._idle.set()

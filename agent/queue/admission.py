@@ -1,7 +1,7 @@
 """What a read row must be before anything else looks at it: pure checks on untrusted input.
 
 The body's size was measured in SQL (bodies over the limit are not even fetched); the agent's own
-headers (`origin_msg_id`, `bounces`, `rerouted_from`) are validated like a command; a msg_id above the
+headers (`origin_msg_id`, `bounces`, `rerouted_from`, `priority`) are validated like a command; a msg_id above the
 sequence every agent queue draws from (agent.msg_id_seq) was forged past its trigger (a real one never is) and
 would make every later command "superseded".
 """
@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from agent.errors import PermanentError
+from agent.executor import priority
 from agent.executor.policy import parse_headers
 from agent.executor.reports import Delivery
 from agent.queue.routing import MARK, mark_problem
@@ -28,7 +29,7 @@ def delivery(row: Any, local_now: float | None = None) -> Delivery:
     if db_now is not None:
         skew = db_now.timestamp() - (local_now if local_now is not None else time.time())
     return Delivery(row["msg_id"], row["read_ct"], row["enqueued_at"], row["message"], row["headers"],
-                    version, bounces, skew=skew)
+                    version, bounces, skew=skew, priority=priority.header(row["headers"]))
 
 
 def admit(row: Any, max_bytes: int) -> None:
@@ -63,6 +64,8 @@ def header_problem(msg_id: int, headers: str | None) -> str | None:
     bounces = doc.get("bounces")
     if bounces is not None and not (_is_int(bounces) and bounces >= 0):
         return "bounces must be a non-negative integer"
+    if problem := priority.problem(doc.get("priority")):
+        return problem
     if MARK in doc:
         return mark_problem(doc[MARK])
     return None

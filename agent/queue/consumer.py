@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
@@ -125,7 +125,9 @@ class Consumer:
             if room <= 0:
                 self.backlog = True
                 self._room.clear()
-                await self._room.wait()
+                await self._read_high()  # restores do not wait for room: they go first in their lanes
+                self._wake.clear()
+                await _first(self._room.wait(), self._wake.wait())  # room, or a new message (notify)
                 continue
             read_at = time.monotonic()
             try:
@@ -148,6 +150,26 @@ class Consumer:
             if len(rows) < room:
                 return taken
         return taken
+
+    async def _read_high(self) -> None:
+        """While AGENT_PREFETCH messages are held: read the visible high-priority ones anyway, up to
+        AGENT_BATCH_SIZE beyond what the agent may hold otherwise (AGENT_PREFETCH, and the takes
+        filled by `top_up`). A month-end burst fills the prefetch; a restore then waited for a take
+        to end before it was even read, and only then could its lane serve it first."""
+        bound = self._s.prefetch + self._s.concurrency * self._s.coalesce + self._s.batch_size
+        room = min(self._s.batch_size, bound - len(self.inflight))
+        if room <= 0 or self.stopping:
+            return
+        read_at = time.monotonic()
+        try:
+            async with self._pool.acquire() as conn:
+                rows = await conn.fetch(self._q.read_high, self._s.visibility_timeout, room, self._s.max_message_bytes)
+        except DB_ERRORS as exc:  # the reads in order bring them once there is room
+            log.debug("high-priority read failed: %s", exc, extra={"action": "read_failed"})
+            return
+        self.progressed()
+        if rows:
+            await self._dispatch(rows, read_at)
 
     async def top_up(self, device: str, room: int) -> None:
         """Device-fair reading: a device's lane is about to be served while a backlog waits in the
@@ -293,3 +315,13 @@ class Consumer:
         self._room.set()
         for timer in self._timers.values():
             timer.cancel()
+
+
+async def _first(*aws: Awaitable[object]) -> None:
+    """Wait until the first of these is done; cancel the others."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()

@@ -18,6 +18,12 @@ services in sync is a few dozen calls, not thousands paced apart while the comma
 reconcile wait in the lane. Only what
 that reading leaves open (drift to confirm or repair, a service it could not read) takes calls of
 its own.
+
+Commands go first: before each service it checks (and between its batch reads), the commands that
+arrived in the device's lane meanwhile run (Executor.make_way), under the same slot and claim, and
+the run goes on where it was. The services those commands were for are judged against their
+desired state as it is then (read again from agent.service_state), from a reading of their own; a
+service left without one is not checked. The run's counts stay those of one pass over the device.
 """
 
 from __future__ import annotations
@@ -104,6 +110,8 @@ class SyncWorker:
         self._parking = parking or ParkPolicy()
         self._may_operate = may_operate or (lambda _d: True)  # the device claim still has room for a call
         self._may_turn_off = may_turn_off or _always  # the guard against mass suspension admits this repair
+        # lets the commands waiting in the device's lane run now; the services they were for (the executor's)
+        self.make_way: Callable[[Device], Awaitable[set[str]]] = _no_way
 
     async def handle(self, w: SyncWork) -> Outcome:
         d, req, dev = w.delivery, w.request, w.device
@@ -118,12 +126,22 @@ class SyncWorker:
                                   "which no sync run holds (forged or pruned)")
             driver = self._drivers.get(dev.driver)
             pacer = _Pacer(self.tuning.pace)
-            first = await self._read_all(driver, dev, [r["service"] for r in rows], pacer)
+            touched: set[str] = set()
+            first = await self._read_all(driver, dev, [r["service"] for r in rows], pacer, touched)
             events: list[EventRow] = []
             states: list[StateUpdate] = []
             findings = []
+            expected = {r["service"]: r["desired"] for r in rows}
             for row in rows:
-                findings.append(await self._check(w, driver, row["service"], row["desired"], events, states,
+                touched |= await self.make_way(dev)  # commands waiting for the device go first
+                if touched:  # what they were for is judged by its desired state now, from a reading of its own
+                    expected = await self._expected(w, expected)
+                    for svc in touched:
+                        first.pop(svc, None)
+                    touched = set()
+                if (want := expected.get(row["service"])) is None:
+                    continue  # no desired state any more (its command was dead-lettered): not checked
+                findings.append(await self._check(w, driver, row["service"], want, events, states,
                                                   pacer, first.get(row["service"])))
         except _Parked as p:
             if skip := self._skip(w, p.why):
@@ -160,6 +178,14 @@ class SyncWorker:
         return Outcome(d, "archive", events, sync={"run": req.run, "device": dev.id, **result}, extra_states=states,
                        reconcile=True)
 
+    async def _expected(self, w: SyncWork, expected: dict[str, str]) -> dict[str, str]:
+        """The desired states of the run's services, read again after commands ran in the middle of it
+        (a service whose command was dead-lettered meanwhile has none: it is left out)."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(self._q.desired_for_sync, w.device.id, w.request.service, w.request.run)
+        now = {r["service"]: r["desired"] for r in rows}
+        return {svc: now[svc] for svc in expected if svc in now}
+
     async def _policy_problems(self, w: SyncWork, driver: Driver, services: list[str]) -> list[EventRow]:
         """A `policy_missing` event for each way the device's suspension policy blocks nobody (an
         address list no enabled firewall rule uses, ...), where the driver can tell. A check that
@@ -185,8 +211,8 @@ class SyncWorker:
             return why  # "paused: <the operator's reason>"; nothing to wait for until the operator resumes it
         return wait_over(w.delivery, why, self.tuning.unreachable_wait, time.time())
 
-    async def _read_all(self, driver: Driver, dev: Device, services: list[str],
-                        pacer: _Pacer) -> dict[str, Observation | AgentError]:
+    async def _read_all(self, driver: Driver, dev: Device, services: list[str], pacer: _Pacer,
+                        touched: set[str]) -> dict[str, Observation | AgentError]:
         """The first reading of every service, one request per READ_BATCH services (each under its
         own deadline), where the driver can; {} where it cannot (then each service is read on its
         own). A service the batch could not read is left out: it is read on its own, with the
@@ -204,6 +230,10 @@ class SyncWorker:
                 self._claimed(dev)
                 return await observe_many(driver, dev, chunk, timeout, self._deadlines)
 
+            if at and (now := await self.make_way(dev)):  # commands first; what they changed is read again
+                touched |= now
+                for svc in now:
+                    out.pop(svc, None)
             await pacer.next_call()
             try:
                 found = await self._retrying(dev, read)
@@ -211,7 +241,7 @@ class SyncWorker:
                 out.update(dict.fromkeys(chunk, exc))
                 continue
             out.update({svc: obs for svc, obs in found.items() if isinstance(obs, Observation)})
-        return out
+        return {svc: obs for svc, obs in out.items() if svc not in touched}
 
     async def _check(self, w: SyncWork, driver: Driver, service: str, expected: str,
                      events: list[EventRow], states: list[StateUpdate], pacer: _Pacer,
@@ -308,6 +338,8 @@ class SyncWorker:
 
 async def _always(_device: str, _service: str) -> bool:
     return True
+async def _no_way(_device: Device) -> set[str]:
+    return set()
 
 
 def waited(d: Delivery, now: float) -> float:

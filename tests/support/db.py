@@ -15,9 +15,12 @@ async def add_device(db: asyncpg.Connection, device_id: str, driver: str = "scri
 
 
 async def send(db: asyncpg.Connection, body: Any, *, raw: bool = False, delay: int = 0,
-               queue: str = "device_tasks") -> int:
+               queue: str = "device_tasks", headers: dict[str, Any] | None = None) -> int:
     """pgmq.send, as a producer with plain SQL would; `raw` sends a JSON text as it is."""
     text = body if raw else json.dumps(body)
+    if headers is not None:
+        return await db.fetchval("SELECT pgmq.send($1::text, $2::jsonb, $3::jsonb, $4::integer)", queue, text,
+                                 json.dumps(headers), delay)
     return await db.fetchval("SELECT pgmq.send($1::text, $2::jsonb, $3::integer)", queue, text, delay)
 
 

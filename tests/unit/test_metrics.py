@@ -111,3 +111,24 @@ def test_every_alert_links_its_runbook_section_and_is_tested():
 def test_the_guards_held_commands_are_a_gauge_by_site():
     assert "pgmq_edge_agent_guard_held_commands{" not in scrape()  # not sampled yet: no value
     assert 'pgmq_edge_agent_guard_held_commands{site="north"} 1300.0' in scrape(Live(held=1300))
+
+
+def test_command_latency_is_enqueue_to_verified_by_state_and_priority():
+    from datetime import datetime, timedelta, timezone
+
+    from agent.executor.reports import Delivery, EventRow, Outcome
+
+    m = Metrics("north", "device_tasks", Live)
+    ten_seconds_ago = datetime.now(timezone.utc) - timedelta(seconds=10)
+
+    def verified(msg_id: int, state: str, prio: str | None = None, kind: str = "verified") -> Outcome:
+        d = Delivery(msg_id, 1, ten_seconds_ago, "{}", None, msg_id, priority=prio)
+        return Outcome(d, "archive", [EventRow(kind, "r1", "wifi", msg_id, msg_id, desired=state)])
+
+    m.committed([verified(1, "on"), verified(2, "off"), verified(3, "off", "high"), verified(4, "on", kind="expired")],
+                0)
+    text = generate_latest(m.registry).decode()
+    for state, prio, n in (("on", "high", 1), ("off", "normal", 1), ("off", "high", 1), ("on", "normal", 0)):
+        assert f'pgmq_edge_agent_command_latency_seconds_count{{priority="{prio}",state="{state}"}} {n}.0' in text
+    assert 'pgmq_edge_agent_command_latency_seconds_bucket{le="5.0",priority="high",state="on"} 0.0' in text
+    assert 'pgmq_edge_agent_command_latency_seconds_bucket{le="30.0",priority="high",state="on"} 1.0' in text
