@@ -140,7 +140,12 @@ async def _warn_route(s: Settings, dev: Device) -> None:
     from agent.doctor import tunnel_checks
 
     found: list[Any] = []
-    await tunnel_checks(s, [dev], found.append)
+    try:
+        await tunnel_checks(s, [dev], found.append)
+    except Exception as exc:  # best effort: the device is saved whatever this look finds (or cannot do)
+        print(f"agentctl: note: could not check the route to {dev.id} from this host: {clean(str(exc), 200)}",
+              file=sys.stderr)
+        return
     for check in found:
         if check.name == f"route to {dev.id}" and not check.ok:
             print(f"agentctl: warning: {check.detail} (as seen from this host): the agent parks this device's work "
