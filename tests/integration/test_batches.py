@@ -17,7 +17,7 @@ from agent.db.queries import Queries
 from agent.db.schema import init_database
 from agent.errors import PermanentError
 from tests.support.agents import agentctl, running_agent
-from tests.support.cluster import as_user, login_role
+from tests.support.cluster import as_user, connected_as, listening, login_role
 from tests.support.db import add_device
 from tests.support.devices import ScriptedDriver
 from tests.support.wait import until
@@ -28,29 +28,15 @@ BATCH = "suspend-2026-12"
 @pytest.fixture
 async def producer(dsn: str, db: asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
     await add_device(db, "r1")
-    async with login_role(dsn, "agent_producer") as name:
-        conn = await asyncpg.connect(as_user(dsn, name))
+    async with connected_as(dsn, "agent_producer") as conn:
         yield conn
-        await conn.close()
-
-
-class Announced:
-    """What LISTEN agent_batch delivered, on a connection of its own."""
-
-    def __init__(self) -> None:
-        self.payloads: list[dict[str, Any]] = []
-
-    def __call__(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        self.payloads.append(json.loads(payload))
 
 
 @pytest.fixture
-async def announced(dsn: str, producer: asyncpg.Connection) -> AsyncIterator[Announced]:
-    got = Announced()
-    listener = await asyncpg.connect(as_user(dsn, await producer.fetchval("SELECT current_user")))
-    await listener.add_listener("agent_batch", got)
-    yield got
-    await listener.close()
+async def announced(dsn: str, producer: asyncpg.Connection) -> AsyncIterator[list[dict[str, Any]]]:
+    """What LISTEN agent_batch delivered (to the producer's role, on a connection of its own)."""
+    async with listening(dsn, producer, "agent_batch") as payloads:
+        yield payloads
 
 
 async def enqueue(conn: asyncpg.Connection, service: str, state: str | None = "on", **kw: Any) -> int:
@@ -124,13 +110,13 @@ async def test_a_batch_is_counted_through_every_outcome_and_announced_when_nothi
     await until(lambda: db.fetchval("SELECT clock_timestamp() > (message->>'not_after')::timestamptz "
                                     "FROM pgmq.q_device_tasks WHERE msg_id = $1", late), what="not_after passed")
     async with running_agent(dsn, device):
-        await until(lambda: [p for p in announced.payloads if p["batch"] == BATCH], what="the batch announced")
-        await until(lambda: len(announced.payloads) == 2, what="the other batch announced too")
+        await until(lambda: [p for p in announced if p["batch"] == BATCH], what="the batch announced")
+        await until(lambda: len(announced) == 2, what="the other batch announced too")
     settled = await batch_status(producer)
     assert counts(settled) == {"total": 6, "verified": 2, "superseded": 1, "failed": 1, "held": 0, "discarded": 0,
                                "duplicate": 1, "expired": 1, "pending": 0}
     assert settled["last_settled_at"] >= settled["first_enqueued_at"]
-    [payload] = [p for p in announced.payloads if p["batch"] == BATCH]
+    [payload] = [p for p in announced if p["batch"] == BATCH]
     assert {k: payload[k] for k in counts(settled)} == counts(settled)
     assert payload["first_enqueued_at"].endswith("Z") and payload["last_settled_at"].endswith("Z")
     kinds = dict(await db.fetch("SELECT version, outcome FROM agent.batch_commands WHERE batch = $1", BATCH))
@@ -143,18 +129,18 @@ async def test_a_replayed_dead_letter_counts_again_once_it_settles(producer, ann
     device.fail("r1", "wifi", PermanentError("the router said 403"))  # once: the replay goes through
     await enqueue(producer, "wifi", batch=BATCH)
     async with running_agent(dsn, device):
-        await until(lambda: announced.payloads, what="the batch announced")
+        await until(lambda: announced, what="the batch announced")
     assert counts(await batch_status(producer))["failed"] == 1
     [dlq_id] = [r["dlq_id"] for r in await admin.dlq_list(db, Queries("device_tasks"))]
     [(_, copy)] = await admin.dlq_replay(db, Queries("device_tasks"), [dlq_id])
     replayed = await headers(db, copy)
     assert (replayed["priority"], replayed["batch"]) == ("high", BATCH)  # a replayed restore still goes first
     async with running_agent(dsn, device):
-        await until(lambda: len(announced.payloads) == 2, what="the batch announced again")
+        await until(lambda: len(announced) == 2, what="the batch announced again")
     assert counts(await batch_status(producer)) == {"total": 1, "verified": 1, "superseded": 0, "failed": 0,
                                                     "held": 0, "discarded": 0, "duplicate": 0, "expired": 0,
                                                     "pending": 0}
-    assert [(p["failed"], p["verified"]) for p in announced.payloads] == [(1, 0), (0, 1)]
+    assert [(p["failed"], p["verified"]) for p in announced] == [(1, 0), (0, 1)]
 
 
 async def test_a_command_moved_to_its_sites_queue_still_counts_in_its_batch(producer, announced, dsn, db):
@@ -171,9 +157,9 @@ async def test_a_command_moved_to_its_sites_queue_still_counts_in_its_batch(prod
                                         "(headers->>'origin_msg_id')::bigint = $1", msg), what="moved to north's queue")
     moved = await db.fetchval("SELECT headers::text FROM pgmq.q_site_north")
     assert (json.loads(moved)["batch"], json.loads(moved)["priority"]) == (BATCH, "high")
-    assert counts(await batch_status(producer))["pending"] == 1 and announced.payloads == []
+    assert counts(await batch_status(producer))["pending"] == 1 and announced == []
     async with running_agent(dsn, ScriptedDriver(), queue="site_north", site="north"):
-        await until(lambda: announced.payloads, what="the batch announced")
+        await until(lambda: announced, what="the batch announced")
     assert counts(await batch_status(producer)) == {"total": 1, "verified": 1, "superseded": 0, "failed": 0,
                                                     "held": 0, "discarded": 0, "duplicate": 0, "expired": 0,
                                                     "pending": 0}
@@ -192,7 +178,7 @@ async def test_held_and_discarded_commands_count_and_a_held_one_pends_again_when
     await record(db, "held", held)
     await record(db, "held", discarded)
     assert (await batch_status(producer))["held"] == 2
-    await until(lambda: announced.payloads, what="announced: nothing pending, the held wait for an operator")
+    await until(lambda: announced, what="announced: nothing pending, the held wait for an operator")
     await record(db, "discarded", discarded)
     await record(db, "released", held)
     st = await batch_status(producer)
@@ -201,8 +187,8 @@ async def test_held_and_discarded_commands_count_and_a_held_one_pends_again_when
     assert counts(await batch_status(producer)) == {"total": 2, "verified": 1, "superseded": 0, "failed": 0,
                                                     "held": 0, "discarded": 1, "duplicate": 0, "expired": 0,
                                                     "pending": 0}
-    await until(lambda: len(announced.payloads) == 3, what="announced after the discard and the verification")
-    assert [(p["held"], p["discarded"], p["verified"]) for p in announced.payloads] == [(2, 0, 0), (1, 1, 0),
+    await until(lambda: len(announced) == 3, what="announced after the discard and the verification")
+    assert [(p["held"], p["discarded"], p["verified"]) for p in announced] == [(2, 0, 0), (1, 1, 0),
                                                                                         (0, 1, 1)]
 
 
@@ -211,11 +197,11 @@ async def test_of_two_agents_settling_the_last_two_commands_at_once_one_announce
     async with login_role(dsn, "agent_worker") as worker:  # what an agent may do is enough
         a, b = await asyncpg.connect(as_user(dsn, worker)), await asyncpg.connect(as_user(dsn, worker))
         await settle_at_once(a, b, first, second, db)
-    await until(lambda: announced.payloads, what="the batch announced")
+    await until(lambda: announced, what="the batch announced")
     assert await producer.fetchval("SELECT pending FROM agent.batch_status($1)", BATCH) == 0
     await producer.execute("SELECT pg_notify('agent_batch', '{\"batch\": \"marker\"}')")  # all before it arrived
-    await until(lambda: announced.payloads[-1]["batch"] == "marker", what="the marker")
-    assert [p["batch"] for p in announced.payloads] == [BATCH, "marker"]
+    await until(lambda: announced[-1]["batch"] == "marker", what="the marker")
+    assert [p["batch"] for p in announced] == [BATCH, "marker"]
 
 
 async def settle_at_once(a: asyncpg.Connection, b: asyncpg.Connection, first: int, second: int,

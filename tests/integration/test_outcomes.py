@@ -18,7 +18,7 @@ from agent.db.queries import Queries
 from agent.db.schema import init_database
 from agent.errors import PermanentError, TransientError
 from tests.support.agents import running_agent
-from tests.support.cluster import as_user, login_role
+from tests.support.cluster import connected_as, listening
 from tests.support.db import add_device
 from tests.support.devices import ScriptedDriver
 from tests.support.wait import until
@@ -27,32 +27,19 @@ from tests.support.wait import until
 @pytest.fixture
 async def producer(dsn: str, db: asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
     await add_device(db, "r1")
-    async with login_role(dsn, "agent_producer") as name:
-        conn = await asyncpg.connect(as_user(dsn, name))
+    async with connected_as(dsn, "agent_producer") as conn:
         yield conn
-        await conn.close()
-
-
-class Outcomes:
-    """What LISTEN agent_outcome delivered, on a connection of its own."""
-
-    def __init__(self) -> None:
-        self.payloads: list[dict[str, Any]] = []
-
-    def __call__(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        self.payloads.append(json.loads(payload))
-
-    def kinds(self) -> list[tuple[int, str]]:
-        return [(p["version"], p["kind"]) for p in self.payloads]
 
 
 @pytest.fixture
-async def outcomes(dsn: str, producer: asyncpg.Connection) -> AsyncIterator[Outcomes]:
-    got = Outcomes()
-    listener = await asyncpg.connect(as_user(dsn, await producer.fetchval("SELECT current_user")))
-    await listener.add_listener("agent_outcome", got)
-    yield got
-    await listener.close()
+async def outcomes(dsn: str, producer: asyncpg.Connection) -> AsyncIterator[list[dict[str, Any]]]:
+    """What LISTEN agent_outcome delivered (to the producer's role, on a connection of its own)."""
+    async with listening(dsn, producer, "agent_outcome") as payloads:
+        yield payloads
+
+
+def kinds(payloads: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    return [(p["version"], p["kind"]) for p in payloads]
 
 
 async def status(conn: asyncpg.Connection, msg_id: int) -> dict[str, Any]:
@@ -72,8 +59,8 @@ async def test_a_command_is_queued_then_settled_verified_and_announced_once(prod
         ("queued", msg, msg, "device_tasks")
     assert (queued["device"], queued["service"], queued["request_id"]) == ("r1", "wifi", "pay-1")
     async with running_agent(dsn, ScriptedDriver()):
-        await until(lambda: outcomes.payloads, what="the outcome announced")
-    [payload] = outcomes.payloads
+        await until(lambda: outcomes, what="the outcome announced")
+    [payload] = outcomes
     assert {k: payload[k] for k in ("version", "msg_id", "kind", "device", "service", "request_id", "error")} == \
         {"version": msg, "msg_id": msg, "kind": "verified", "device": "r1", "service": "wifi", "request_id": "pay-1",
          "error": None}
@@ -92,10 +79,10 @@ async def test_duplicate_expired_and_superseded_are_announced_and_final(producer
     await until(lambda: db.fetchval("SELECT clock_timestamp() > (message->>'not_after')::timestamptz "
                                     "FROM pgmq.q_device_tasks WHERE msg_id = $1", late), what="not_after passed")
     async with running_agent(dsn, ScriptedDriver()):
-        await until(lambda: len(outcomes.payloads) >= 5, what="five outcomes")
-    assert sorted(outcomes.kinds()) == sorted([(first, "verified"), (again, "duplicate"), (older, "superseded"),
+        await until(lambda: len(outcomes) >= 5, what="five outcomes")
+    assert sorted(kinds(outcomes)) == sorted([(first, "verified"), (again, "duplicate"), (older, "superseded"),
                                                (newer, "verified"), (late, "expired")])
-    for msg, kind in outcomes.kinds():
+    for msg, kind in kinds(outcomes):
         got = await status(producer, msg)
         assert (got["status"], got["kind"]) == ("settled", kind)
 
@@ -105,16 +92,16 @@ async def test_a_dead_letter_is_announced_and_its_replay_followed_by_the_same_id
     device.fail("r1", "wifi", PermanentError("the router said 403"))
     msg = await enqueue(producer, "wifi")
     async with running_agent(dsn, device):
-        await until(lambda: outcomes.payloads, what="the dead letter announced")
-        [payload] = outcomes.payloads
+        await until(lambda: outcomes, what="the dead letter announced")
+        [payload] = outcomes
         assert (payload["kind"], payload["version"]) == ("dead_lettered", msg)
         assert "403" in payload["error"]
         dead = await status(producer, msg)
         assert (dead["status"], dead["kind"], dead["queue"]) == ("settled", "dead_lettered", "device_tasks_dlq")
         assert "403" in dead["error"] and dead["dlq_id"] is not None
         [(_, copy)] = await admin.dlq_replay(db, Queries("device_tasks"), [dead["dlq_id"]])
-        await until(lambda: len(outcomes.payloads) == 2, what="the replay's outcome announced")
-    assert outcomes.payloads[1]["version"] == msg and outcomes.payloads[1]["msg_id"] == copy
+        await until(lambda: len(outcomes) == 2, what="the replay's outcome announced")
+    assert outcomes[1]["version"] == msg and outcomes[1]["msg_id"] == copy
     replayed = await status(producer, msg)
     assert (replayed["status"], replayed["kind"], replayed["version"], replayed["last_msg_id"]) == \
         ("settled", "verified", msg, copy)
@@ -179,9 +166,9 @@ async def test_only_final_events_are_announced_and_each_payload_fits_a_notify(pr
                      "('drift', 8, NULL, 'r1', 'wifi', NULL, 'x'), "
                      "('dead_lettered', 7, 7, $1, $1, $1, $1)", huge)
     await db.execute("INSERT INTO agent.events (kind, msg_id, version) VALUES ('verified', 9, 9)")
-    await until(lambda: (9, "verified") in outcomes.kinds(), what="a later transaction's outcome")
-    assert outcomes.kinds() == [(7, "dead_lettered"), (9, "verified")]  # in commit order, nothing else
-    payload = outcomes.payloads[0]
+    await until(lambda: (9, "verified") in kinds(outcomes), what="a later transaction's outcome")
+    assert kinds(outcomes) == [(7, "dead_lettered"), (9, "verified")]  # in commit order, nothing else
+    payload = outcomes[0]
     assert len(payload["error"]) == 500 and len(payload["request_id"]) == 200
     assert len(json.dumps(payload).encode()) < 8000
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from tests.support.cluster import as_user, login_role
+from tests.support.cluster import as_user, connected_as, login_role, not_denied
 from tests.support.db import add_device, dlq, queue_len
 
 PRODUCER_DENIED = [
@@ -50,33 +50,14 @@ async def r1(db: asyncpg.Connection) -> None:
 
 @pytest.fixture
 async def producer(dsn: str, r1: None) -> AsyncIterator[asyncpg.Connection]:
-    async with login_role(dsn, "agent_producer") as name:
-        conn = await asyncpg.connect(as_user(dsn, name))
+    async with connected_as(dsn, "agent_producer") as conn:
         yield conn
-        await conn.close()
 
 
 @pytest.fixture
 async def worker(dsn: str, r1: None) -> AsyncIterator[asyncpg.Connection]:
-    async with login_role(dsn, "agent_worker") as name:
-        conn = await asyncpg.connect(as_user(dsn, name))
+    async with connected_as(dsn, "agent_worker") as conn:
         yield conn
-        await conn.close()
-
-
-async def not_denied(conn: asyncpg.Connection, statements: list[str]) -> list[str]:
-    """The statements that did not fail with insufficient_privilege (with what happened instead)."""
-    allowed = []
-    for sql in statements:
-        try:
-            await conn.execute(sql)
-        except asyncpg.InsufficientPrivilegeError:
-            continue
-        except asyncpg.PostgresError as exc:
-            allowed.append(f"{sql}  -> {type(exc).__name__}: {exc}")
-        else:
-            allowed.append(f"{sql}  -> succeeded")
-    return allowed
 
 
 async def test_db_init_creates_the_nologin_group_roles(db):

@@ -21,7 +21,7 @@ from agent.executor.reports import EventRow, Outcome, StateUpdate, write_batch
 from agent.queue.admission import delivery
 from agent.queue.routing import Move, moved
 from tests.support.agents import agentctl, running_agent
-from tests.support.cluster import as_user, login_role
+from tests.support.cluster import as_user, login_role, not_denied
 from tests.support.db import add_device, archived, queue_len, send
 from tests.support.devices import ScriptedDriver
 from tests.support.wait import until
@@ -80,22 +80,6 @@ def refused(north_msg: int) -> list[str]:
     ]
 
 
-async def not_refused(conn: asyncpg.Connection, statements: list[str]) -> list[str]:
-    """The statements that did not fail with insufficient_privilege (a missing grant, or a row-level
-    security policy the new row violates), with what happened instead."""
-    allowed = []
-    for sql in statements:
-        try:
-            await conn.execute(sql)
-        except asyncpg.InsufficientPrivilegeError:
-            continue
-        except asyncpg.PostgresError as exc:
-            allowed.append(f"{sql}  -> {type(exc).__name__}: {exc}")
-        else:
-            allowed.append(f"{sql}  -> succeeded")
-    return allowed
-
-
 async def test_db_init_makes_a_nologin_role_for_the_site_that_shares_only_the_common_bits(db, north):
     rows = await db.fetch("SELECT r.rolname, r.rolcanlogin, array(SELECT g.rolname FROM pg_auth_members m "
                           "JOIN pg_roles g ON g.oid = m.roleid WHERE m.member = r.oid) AS member_of "
@@ -117,7 +101,7 @@ def test_a_site_role_name_is_a_plain_identifier_of_its_own():
 async def test_a_sites_worker_can_neither_read_nor_write_another_sites_queue_state_or_claims(
         db, north, default_worker):
     w = default_worker
-    assert await not_refused(w, refused(north)) == []
+    assert await not_denied(w, refused(north)) == []
     # rows of north's devices are not even seen: reading finds nothing, writing changes nothing
     assert await w.fetchval("SELECT count(*) FROM agent.service_state WHERE device = 'n1'") == 0
     assert await w.fetchval("SELECT count(*) FROM agent.device_claims WHERE device = 'n1'") == 0

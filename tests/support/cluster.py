@@ -7,6 +7,7 @@ Roles are cluster-wide, so `login_role` makes a uniquely named one and drops it 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -101,3 +103,42 @@ async def login_role(admin_dsn: str, *groups: str) -> AsyncIterator[str]:
             await admin.execute(f'DROP ROLE "{name}"')
         finally:
             await admin.close()
+
+
+@asynccontextmanager
+async def connected_as(admin_dsn: str, *groups: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of a fresh LOGIN role, member of `groups` (a producer, a worker, a site's role)."""
+    async with login_role(admin_dsn, *groups) as name:
+        conn = await asyncpg.connect(as_user(admin_dsn, name))
+        try:
+            yield conn
+        finally:
+            await conn.close()
+
+
+@asynccontextmanager
+async def listening(admin_dsn: str, conn: asyncpg.Connection, channel: str) -> AsyncIterator[list[dict[str, Any]]]:
+    """The JSON payloads NOTIFY delivers on `channel`, to the role of `conn`, on a connection of its own."""
+    payloads: list[dict[str, Any]] = []
+    listener = await asyncpg.connect(as_user(admin_dsn, await conn.fetchval("SELECT current_user")))
+    await listener.add_listener(channel, lambda _c, _p, _ch, payload: payloads.append(json.loads(payload)))
+    try:
+        yield payloads
+    finally:
+        await listener.close()
+
+
+async def not_denied(conn: asyncpg.Connection, statements: list[str]) -> list[str]:
+    """The statements that did not fail with insufficient_privilege (a missing grant, or a row-level
+    security policy the new row violates), with what happened instead."""
+    allowed = []
+    for sql in statements:
+        try:
+            await conn.execute(sql)
+        except asyncpg.InsufficientPrivilegeError:
+            continue
+        except asyncpg.PostgresError as exc:
+            allowed.append(f"{sql}  -> {type(exc).__name__}: {exc}")
+        else:
+            allowed.append(f"{sql}  -> succeeded")
+    return allowed
