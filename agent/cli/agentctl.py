@@ -28,6 +28,7 @@ from agent.db.schema import init_database, init_sql
 from agent.db.schema import status as schema_status
 from agent.drivers.base import Device
 from agent.errors import AgentError, ConfigError, NotFoundError
+from agent.identity import STALE_FACTOR
 from agent.retention import Retention
 from agent.settings import CONFIG_ENV, DEFAULT_CONFIG, Settings, config_path, load_settings
 from agent.text import clean, dumps, local_time
@@ -192,7 +193,7 @@ async def device_resume(conn: asyncpg.Connection, s: Settings, a: argparse.Names
 
 
 async def agent_forget(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
-    await admin.forget_agent(conn, a.id, status_cli.STALE_FACTOR * s.heartbeat_interval)
+    await admin.forget_agent(conn, a.id, STALE_FACTOR * s.heartbeat_interval)
     print(f"agent {clean(a.id)} forgotten: it no longer shows in `agentctl status --fleet`")
     return 0
 

@@ -10,12 +10,12 @@ import aiohttp
 import asyncpg
 
 from agent.db.queries import Queries
+from agent.identity import STALE_FACTOR  # one rule for live: heartbeat younger than 3 intervals
 from agent.reconcile.leader import LEADER_LOCK_CLASS
 from agent.retention import table_stats
 from agent.settings import Settings
 from agent.text import clean, dumps, local_time
 
-STALE_FACTOR = 3
 QUEUE_CAP = 100_000   # queue depths are counted up to this (as the agents' own status does)
 
 

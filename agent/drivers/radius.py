@@ -11,7 +11,7 @@ secret; the option policy_credential names the credential that holds the store's
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TypeVar
 
 from agent.drivers import radius_das as das
@@ -53,17 +53,11 @@ class RadiusDriver:
 
     async def read_many(self, device: Device, services: Sequence[str]) -> dict[str, State | AgentError]:
         """Every service's policy and sessions in one query; a bad key or an unknown user fails alone."""
-        out: dict[str, State | AgentError] = {}
-        users: dict[str, str] = {}
-        for service in services:
-            try:
-                users[service] = p.parse_service(service)
-            except PermanentError as exc:
-                out[service] = exc
+        users, bad = _users(services)
+        out: dict[str, State | AgentError] = dict(bad)
         opts = self._options(device)
         store = await self._store(opts)
-        policies = await self._bounded(device, opts.timeout, lambda: store.read(
-            list(dict.fromkeys(users.values())), opts.nas_ip, opts.accounting, opts.timeout))
+        policies = await self._policies(device, store, opts, users)
         for service, user in users.items():
             try:
                 out[service] = p.state_of(policies[user], opts, f"{device.id}: {service}")
@@ -85,20 +79,14 @@ class RadiusDriver:
         every user's policy, one statement for all the suspended rows (and one for the restored), then
         each user's sessions, `max_parallel` users at a time, each user's exchange within `timeout`.
         Per service None (written) or the error that service alone met."""
-        out: dict[str, AgentError | None] = {}
-        users: dict[str, str] = {}
-        for service in wanted:
-            try:
-                users[service] = p.parse_service(service)
-            except PermanentError as exc:
-                out[service] = exc
+        users, bad = _users(wanted)
+        out: dict[str, AgentError | None] = dict(bad)
         if not users:
             return out
         opts = self._options(device)
         nas = self._nas(device, opts)
         store = await self._store(opts)
-        policies = await self._bounded(device, opts.timeout, lambda: store.read(
-            list(dict.fromkeys(users.values())), opts.nas_ip, opts.accounting, opts.timeout))
+        policies = await self._policies(device, store, opts, users)
         plans: dict[str, tuple[tuple[str, int] | None, tuple[int, p.Attributes] | None]] = {}
         for service, user in users.items():
             try:
@@ -133,6 +121,12 @@ class RadiusDriver:
 
         await asyncio.gather(*(sessions(s, req) for s, (_, req) in plans.items() if req is not None))
         return {service: out.get(service) for service in wanted}
+
+    async def _policies(self, device: Device, store: PolicyStore, opts: p.Options,
+                        users: dict[str, str]) -> dict[str, p.Policy]:
+        """Every user's policy (and open sessions on this NAS) in one query."""
+        return await self._bounded(device, opts.timeout, lambda: store.read(
+            list(dict.fromkeys(users.values())), opts.nas_ip, opts.accounting, opts.timeout))
 
     async def probe(self, device: Device) -> None:
         """Both halves: the store answers and the suspended group holds a policy; the NAS answers a
@@ -270,3 +264,15 @@ def _max_parallel(device: Device) -> int:
     """The NAS's `max_parallel` (the agent's device option: requests in flight at once), default 1."""
     value = device.options.get("max_parallel", 1)
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
+
+
+def _users(services: Iterable[str]) -> tuple[dict[str, str], dict[str, PermanentError]]:
+    """service -> user for the valid keys, and the error of each key that is not one (pure)."""
+    users: dict[str, str] = {}
+    bad: dict[str, PermanentError] = {}
+    for service in services:
+        try:
+            users[service] = p.parse_service(service)
+        except PermanentError as exc:
+            bad[service] = exc
+    return users, bad
