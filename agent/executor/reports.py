@@ -218,6 +218,9 @@ class Reporter:
         self._pending: list[Outcome] = []
         self._waiting: dict[int, float] = {}  # id(outcome) -> when its report first found the database unavailable
         self._deferred = 0  # outcomes waiting to be submitted again
+        self._quieted = 0  # failure lines logged at debug since the first warning of this outage
+        self._outage = False  # a write failed and none has committed since: repeats are not warnings
+        self._expire_after = 0.0  # monotonic time before which a read-only refusal does not reconnect the pool again
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -302,10 +305,25 @@ class Reporter:
                 self._on_committed(expired, {o.delivery.msg_id for o in expired})
         if keep:
             pause = min(5.0, max(0.5, now - min(self._waiting[id(o)] for o in keep)))
-            log.warning("reports wait for the database", extra={
+            self._outage_line("reports wait for the database", {
                 "action": "report_waiting", "batch": len(keep), "retry_in": round(pause, 1), "error": clean(exc)})
             self._deferred += len(keep)
             asyncio.get_running_loop().call_later(pause, self._resubmit, keep)
+
+    def _outage_line(self, message: str, extra: dict[str, Any]) -> None:
+        """A failed or waiting write: a warning the first time in an outage, debug after that (every
+        batch retries on its own, and an operator needs to know the database is gone, not each retry)."""
+        if self._outage:
+            self._quieted += 1
+            log.debug(message, extra=extra)
+        else:
+            self._outage = True
+            log.warning(f"{message} (repeats are logged at debug until a report commits)", extra=extra)
+
+    def _outage_over(self) -> None:
+        if self._outage:
+            log.info("reports commit again", extra={"action": "report_resumed", "quieted": self._quieted})
+            self._outage, self._quieted = False, 0
 
     def _resubmit(self, batch: list[Outcome]) -> None:
         self._deferred -= len(batch)
@@ -333,11 +351,15 @@ class Reporter:
                 self._on_committed([dead], {d.msg_id})
 
     async def _write(self, batch: list[Outcome], forget: Sequence[Outcome] = ()) -> None:
-        """One batch, tried up to three times while the database is unavailable; once committed, its
+        """One batch, tried up to three times while the database is unavailable (once in an outage: see
+        _outage_line); once committed, its
         callback (under `settling`, taken for each try and not across the pauses). Raises _Rejected
         when Postgres (or the encoding before it) refuses the batch's data, _Unavailable otherwise."""
         delay = 0.2
-        for attempt in range(1, 4):
+        # in an outage one try, then the batch waits its growing pause: retrying each batch three
+        # times at once would be a connection storm against a database that is gone or read-only
+        tries = 1 if self._outage else 3
+        for attempt in range(1, tries + 1):
             async with self.settling:
                 try:
                     async with self._pool.acquire() as conn:
@@ -352,6 +374,7 @@ class Reporter:
                     for o in (*batch, *forget):
                         self._waiting.pop(id(o), None)
                     self._on_committed(batch, lost)
+                    self._outage_over()
             if failed is None:
                 return
             kind = report_failure(failed)
@@ -362,11 +385,14 @@ class Reporter:
                 self._on_failed("refused")
                 raise _Rejected(said) from failed
             self._on_failed(kind)
-            log.warning("report failed, will retry", extra={
+            self._outage_line("report failed, will retry", {
                 "action": "report_failed", "error": clean(said), "attempt": attempt, "batch": len(batch)})
-            if isinstance(failed, asyncpg.ReadOnlySQLTransactionError):
-                await self._pool.expire_connections()  # a demoted primary: connect anew (to the new one)
-            if attempt < 3:
+            if isinstance(failed, asyncpg.ReadOnlySQLTransactionError) and time.monotonic() >= self._expire_after:
+                # a demoted primary: connect anew (to the new one); once per few seconds, not per batch,
+                # or a failover becomes a storm of connections to a server that refuses writes anyway
+                self._expire_after = time.monotonic() + 5.0
+                await self._pool.expire_connections()
+            if attempt < tries:
                 await asyncio.sleep(delay)
                 delay *= 2
         raise _Unavailable(said, kind == "refused" or (isinstance(failed, asyncpg.PostgresError)

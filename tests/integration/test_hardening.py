@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any
 
@@ -151,6 +152,33 @@ async def test_a_report_refused_by_a_read_only_database_is_recorded_once_it_take
     settled, failures = await report(dsn, [verified(d, "s")], while_submitted=then_writable)
     assert await archived(db, msg) and await dlq(db) == []
     assert settled == [(settled[-1][0], set())] and "refused" not in failures
+
+
+async def test_an_outage_is_one_warning_and_one_line_when_reports_commit_again(db, dsn, pg_admin_dsn, caplog):
+    """Every batch retries on its own while the database refuses writes: the first failure is a
+    warning, the repeats are DEBUG (a failover must not flood the journal), and the first commit
+    after it says so once, with how many lines it quieted."""
+    caplog.set_level(logging.DEBUG, logger="agent.reporter")
+    msgs = [await send(db, {"device": "r1", "service": f"s{i}", "state": "on"}) for i in range(4)]
+    deliveries = await read(db)
+    name = await db.fetchval("SELECT current_database()")
+    admin = await asyncpg.connect(pg_admin_dsn)
+    await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+
+    async def then_writable(failures: list[str]) -> None:
+        try:
+            await until(lambda: failures.count("unavailable") >= 6, timeout=30, what="several refused writes")
+        finally:
+            await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+            await admin.close()
+
+    await report(dsn, [verified(d, f"s{i}") for i, d in enumerate(deliveries)], while_submitted=then_writable)
+    assert all([await archived(db, m) for m in msgs])
+    trouble = [r for r in caplog.records if getattr(r, "action", "") in ("report_failed", "report_waiting")]
+    assert len(trouble) >= 6
+    assert [r.levelno for r in trouble if r.levelno >= logging.WARNING] == [logging.WARNING]
+    [resumed] = [r for r in caplog.records if getattr(r, "action", "") == "report_resumed"]
+    assert resumed.levelno == logging.INFO and resumed.quieted == len(trouble) - 1
 
 
 async def test_an_outcome_refused_once_for_its_data_is_tried_again_alone_before_a_dead_letter(db, dsn):
