@@ -15,9 +15,8 @@ from typing import Any, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.errors import PermanentError
+from agent.model.names import DEVICE_PATTERN, SERVICE_PATTERN
 
-DEVICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
-SERVICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,199}$"
 REQUEST_ID_PATTERN = "^[^\x00-\x1f\x7f-\x9f]+$"  # any text but control characters
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_META_DEPTH = 32

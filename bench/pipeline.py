@@ -29,10 +29,11 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.daemon import Agent, connect_pool
 from agent.db.schema import init_database
-from agent.drivers.base import Device, DriverContext
+from agent.drivers.base import DriverContext
 from agent.drivers.registry import Drivers
+from agent.model.device import Device
+from agent.runtime.daemon import Agent, connect_pool
 from agent.settings import load_settings
 
 TARGETS = {"tasks_per_s": 10_000, "wake_p50_ms": 5.0, "wake_p99_ms": 20.0, "idle_per_min": 12}

@@ -4,7 +4,7 @@
         [--load-seconds 120] [--rate 5] [--pool-size 1] [--per-process 50] [--dsn URL]
 
 The agents run in-process, --per-process of them in one event loop in each worker process (this
-script again, with --worker), each an `agent.daemon.Agent` built from its own Settings, as agentd
+script again, with --worker), each an `agent.runtime.daemon.Agent` built from its own Settings, as agentd
 builds it. Each site logs in as its own role (member of agent_worker), so pg_stat_activity and the
 statement counts say which agent a backend or a statement belongs to. Phases:
   start   agents started, all registered (agent.agents) and every site led; then 15 s to settle.
@@ -52,9 +52,9 @@ from burst import git_rev, machine, rss_mb, xacts
 from common import StatementLog, has_pg_stat_statements, private_cluster, private_kb, statement_calls, with_user
 from pipeline import cpu_seconds, verdict
 
-from agent.daemon import Agent, connect_pool
+from agent.db.leadership import LEADER_LOCK_CLASS
 from agent.db.schema import init_database
-from agent.reconcile.leader import LEADER_LOCK_CLASS
+from agent.runtime.daemon import Agent, connect_pool
 from agent.settings import load_settings
 
 DB = "bench_sites"

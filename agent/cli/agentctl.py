@@ -14,22 +14,24 @@ from typing import Any
 
 import asyncpg
 
-from agent import __version__, admin, devicetest, retention
+from agent import __version__
 from agent.cli import args as argtypes
 from agent.cli import exits
 from agent.cli import guard as guard_cli
 from agent.cli import status as status_cli
 from agent.cli import sync as sync_cli
 from agent.contract import json_schema
+from agent.db import retention
 from agent.db.connect import classify as classify_connect_error
 from agent.db.connect import redact
+from agent.db.identity import STALE_FACTOR
 from agent.db.queries import Queries, quote_ident
+from agent.db.retention import Retention
 from agent.db.schema import init_database, init_sql
 from agent.db.schema import status as schema_status
-from agent.drivers.base import Device
 from agent.errors import AgentError, ConfigError, NotFoundError
-from agent.identity import STALE_FACTOR
-from agent.retention import Retention
+from agent.model.device import Device
+from agent.ops import admin, devicetest
 from agent.settings import CONFIG_ENV, DEFAULT_CONFIG, Settings, config_path, load_settings
 from agent.text import clean, dumps, local_time
 
@@ -138,7 +140,7 @@ async def device_add(conn: asyncpg.Connection, s: Settings, a: argparse.Namespac
 async def _warn_route(s: Settings, dev: Device) -> None:
     """A device whose address is not routed through the tunnel (a typo, a missing AllowedIPs) is
     parked by the agent (`route_not_via_tunnel`): say so now, as seen from where agentctl runs."""
-    from agent.doctor import tunnel_checks
+    from agent.ops.doctor import tunnel_checks
 
     found: list[Any] = []
     try:
@@ -287,7 +289,7 @@ async def guard(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) ->
 
 
 async def doctor(conn: asyncpg.Connection | None, s: Settings, a: argparse.Namespace) -> int:
-    from agent import doctor as checks
+    from agent.ops import doctor as checks
 
     report = await checks.run(s)
     print(report.as_json() if a.json else report.as_text())

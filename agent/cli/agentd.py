@@ -9,9 +9,9 @@ import sys
 
 from agent import __version__
 from agent import log as agent_log
-from agent.daemon import run
 from agent.db.connect import DB_ERRORS, redact
 from agent.errors import ConfigError
+from agent.runtime.daemon import run
 from agent.settings import CONFIG_ENV, DEFAULT_CONFIG, config_path, load_settings
 
 EXIT_CONFIG = 2

@@ -9,10 +9,10 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from agent.db.identity import STALE_FACTOR
+from agent.db.leadership import LEADER_LOCK_CLASS
 from agent.db.queries import Queries
-from agent.identity import STALE_FACTOR  # one rule for live: heartbeat younger than 3 intervals
-from agent.reconcile.leader import LEADER_LOCK_CLASS
-from agent.retention import table_stats
+from agent.db.retention import table_stats
 from agent.settings import Settings
 from agent.text import clean, dumps, local_time
 

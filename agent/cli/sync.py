@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 
 from agent.cli import exits
-from agent.reconcile.leader import current_leader
+from agent.db.leadership import current_leader
 from agent.settings import Settings
 from agent.text import clean, dumps
 

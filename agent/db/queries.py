@@ -6,7 +6,7 @@ import re
 from functools import cache
 from importlib.resources import files
 
-from agent.executor.priority import HIGH_SQL
+from agent.model.priority import HIGH_SQL
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.M)
 

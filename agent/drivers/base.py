@@ -16,27 +16,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from agent.errors import ConfigError
-
-State = Literal["on", "off"]
-
-
-@dataclass(frozen=True)
-class Device:
-    id: str
-    driver: str
-    address: str | None = None
-    site: str = "default"
-    options: dict[str, Any] = field(default_factory=dict)
-    credential: str | None = None  # the *name* of a credential on the agent host, never a secret
-    paused: str | None = None      # why the operator paused it (`agentctl device pause`); None: not paused
-
-    def __hash__(self) -> int:
-        return hash(self.id)
+from agent.model.device import Device, State
 
 
 class DriverContext:

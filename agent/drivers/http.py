@@ -32,10 +32,11 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 
-from agent.contract import SERVICE_PATTERN
-from agent.drivers.base import Device, DriverContext, State
+from agent.drivers.base import DriverContext
 from agent.drivers.body import read_body
 from agent.errors import AgentError, ConfigError, NoAnswerError, PermanentError, TransientError, UnreachableError
+from agent.model.device import Device, State
+from agent.model.names import SERVICE_PATTERN
 from agent.text import clean
 
 METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE"}

@@ -16,9 +16,10 @@ from typing import TypeVar
 
 from agent.drivers import radius_das as das
 from agent.drivers import radius_proto as p
-from agent.drivers.base import Device, DriverContext, State
+from agent.drivers.base import DriverContext
 from agent.drivers.radius_policy import PolicyStore
 from agent.errors import AgentError, ConfigError, NoAnswerError, PermanentError
+from agent.model.device import Device, State
 from agent.text import clean
 
 T = TypeVar("T")

@@ -13,8 +13,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from agent.drivers.base import State
 from agent.errors import ConfigError, PermanentError, TransientError
+from agent.model.device import State
 from agent.text import clean
 
 DEFAULT_PORT = 3799                  # RFC 5176; MikroTik `/radius incoming`; some deployments use 1700

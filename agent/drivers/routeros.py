@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from agent.drivers.base import Device, DriverContext, State
+from agent.drivers.base import DriverContext
 from agent.drivers.body import over_limit, read_body
 from agent.drivers.routeros_api import Connection, Fatal, ProtocolError, ReplyTooLong, Trap
 from agent.drivers.routeros_proto import (
@@ -52,6 +52,7 @@ from agent.drivers.routeros_proto import (
     unused_lists,
 )
 from agent.errors import AgentError, ConfigError, NoAnswerError, PermanentError, TransientError, UnreachableError
+from agent.model.device import Device, State
 from agent.text import clean
 
 OPTIONS = {"username", "tls_fingerprint", "ca_file", "tls_server_name", "timeout", "manage_foreign_entries",

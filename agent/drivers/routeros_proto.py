@@ -19,8 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.drivers.base import State
 from agent.errors import AgentError, ConfigError, PermanentError, TransientError
+from agent.model.device import State
 from agent.text import clean
 
 Row = dict[str, str]

@@ -25,9 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from agent.contract import SERVICE_PATTERN
-from agent.drivers.base import Device, DriverContext, State
+from agent.drivers.base import DriverContext
 from agent.errors import AgentError, ConfigError, PermanentError, TransientError
+from agent.model.device import Device, State
+from agent.model.names import SERVICE_PATTERN
 from agent.text import clean
 
 _KINDS = {"transient": TransientError, "permanent": PermanentError}

@@ -22,8 +22,9 @@ from pysnmp.hlapi.v3arch import asyncio as hl
 from pysnmp.proto import rfc1905
 
 from agent.drivers import snmp_proto as p
-from agent.drivers.base import Device, DriverContext, State
+from agent.drivers.base import DriverContext
 from agent.errors import AgentError, ConfigError, NoAnswerError, PermanentError, UnreachableError
+from agent.model.device import Device, State
 from agent.text import clean
 
 AUTH = {"md5": hl.usmHMACMD5AuthProtocol, "sha": hl.usmHMACSHAAuthProtocol,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from agent.drivers.base import State
 from agent.errors import ConfigError, PermanentError, TransientError
+from agent.model.device import State
 from agent.text import clean
 
 Oid = tuple[int, ...]

@@ -19,8 +19,9 @@ from typing import Any, TypeVar
 import asyncssh
 
 from agent.drivers import ssh_proto as p
-from agent.drivers.base import Device, DriverContext, State
+from agent.drivers.base import DriverContext
 from agent.errors import ConfigError, NoAnswerError, TransientError, UnreachableError
+from agent.model.device import Device, State
 from agent.text import clean
 
 T = TypeVar("T")

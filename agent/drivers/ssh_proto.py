@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from agent.drivers.base import State
 from agent.errors import ConfigError, PermanentError, TransientError
+from agent.model.device import State
 from agent.text import clean
 
 DEFAULT_SERVICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]*$"

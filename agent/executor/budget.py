@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agent.drivers.base import Device
+from agent.model.device import Device
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 TRIP_AFTER = 5          # consecutive timeouts that open the breaker (0: never)

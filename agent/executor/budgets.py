@@ -17,10 +17,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from agent.drivers.base import Device, Driver
+from agent.drivers.base import Driver
 from agent.errors import AgentError, NoAnswerError, TransientError, UnreachableError
 from agent.executor.budget import OPEN, Breaker, TokenBucket, breaker_options, max_rate
 from agent.executor.deadlines import Deadlines
+from agent.model.device import Device
 from agent.text import rfc3339
 
 log = logging.getLogger("agent.budget")

@@ -15,7 +15,7 @@ instead of waiting for a claim round trip. A device claimed elsewhere is not wai
 its work goes back to the queue for a moment (a bounce, not an attempt). A stopping agent releases
 its devices at once; a killed agent's devices are free once its leases expire, or at once for an
 agent on the same host whose process is gone (the usual restart by systemd or a container runtime).
-Leases are held by the process (its instance, agent/identity.py), not by the agent id: two processes
+Leases are held by the process (its instance, agent/db/identity.py), not by the agent id: two processes
 started with one AGENT_AGENT_ID never hold one device together.
 """
 
@@ -33,8 +33,8 @@ from typing import Any
 import asyncpg
 
 from agent.db.connect import DB_ERRORS
+from agent.db.identity import alive, host_identity, new_instance
 from agent.db.queries import Queries
-from agent.identity import alive, host_identity, new_instance
 
 log = logging.getLogger("agent.claims")
 

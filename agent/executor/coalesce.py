@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from agent.contract import Command
-from agent.executor.reports import Delivery
+from agent.model.outcome import Delivery
 
 
 class Item(Protocol):

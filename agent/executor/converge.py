@@ -12,9 +12,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.drivers.base import Device, Driver, State
+from agent.drivers.base import Driver
 from agent.errors import AgentError, NoAnswerError, PermanentError, TransientError
 from agent.executor.deadlines import Deadlines
+from agent.model.device import Device, State
 
 
 @dataclass(frozen=True)

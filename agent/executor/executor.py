@@ -19,16 +19,18 @@ from functools import partial
 from typing import Any, Protocol
 
 from agent.contract import Command
-from agent.drivers.base import Device
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, NoAnswerError, PermanentError, TransientError
-from agent.executor import budget, coalesce, parklog, priority
+from agent.executor import budget, coalesce, parklog
 from agent.executor.acceptor import Acceptor
 from agent.executor.claims import DeviceClaims
 from agent.executor.converge import Observation, VerifyError, apply_many, apply_one, observe, observe_for_take
 from agent.executor.deadlines import Deadlines
-from agent.executor.policy import KeyState, ParkPolicy, RetryPolicy, Tuning, Verdict, decide, released
-from agent.executor.reports import Delivery, EventRow, Outcome, Reporter, StateUpdate
+from agent.executor.policy import KeyState, ParkPolicy, RetryPolicy, Tuning, Verdict, decide
+from agent.model import priority
+from agent.model.device import Device
+from agent.model.headers import released
+from agent.model.outcome import Delivery, EventRow, Outcome, StateUpdate
 
 log = logging.getLogger("agent.executor")
 
@@ -55,12 +57,18 @@ class LaneItem(Protocol):
     device: Device
 
 
+class Outcomes(Protocol):
+    """Where the executor sends each outcome (the queue's Reporter, which commits them in batches)."""
+
+    def submit(self, outcome: Outcome) -> None: ...
+
+
 Item = Work | LaneItem
 Handler = Callable[[Any], Awaitable[Outcome]]
 
 
 class Executor:
-    def __init__(self, acceptor: Acceptor, drivers: Drivers, reporter: Reporter, tuning: Tuning,
+    def __init__(self, acceptor: Acceptor, drivers: Drivers, reporter: Outcomes, tuning: Tuning,
                  concurrency: int, *, gate: Callable[[Device], str | None] | None = None,
                  on_unreachable: Callable[[Device], None] | None = None,
                  confirm: Callable[[Device, float], Awaitable[str | None]] | None = None,

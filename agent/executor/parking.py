@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import asyncpg
 
 from agent.db.queries import Queries
-from agent.executor.reports import Delivery, Outcome
+from agent.model.outcome import Delivery, Outcome
 
 log = logging.getLogger("agent.parking")
 

@@ -13,9 +13,9 @@ import time
 from typing import Any
 
 from agent.errors import PermanentError
-from agent.executor import priority
-from agent.executor.policy import parse_headers
-from agent.executor.reports import Delivery
+from agent.model import priority
+from agent.model.headers import parse_headers
+from agent.model.outcome import Delivery
 from agent.queue.routing import MARK, mark_problem
 
 MAX_HEADER_BYTES = 8192

@@ -20,10 +20,11 @@ from agent.db.connect import DB_ERRORS
 from agent.db.queries import Queries
 from agent.errors import PermanentError
 from agent.executor.executor import Executor
-from agent.executor.reports import Delivery, Outcome
-from agent.inventory import Inventory
+from agent.inventory.cache import Inventory
+from agent.model.outcome import Delivery, Outcome
+from agent.model.sites import Elsewhere
 from agent.queue.admission import admit, delivery
-from agent.queue.routing import Elsewhere, moved, route
+from agent.queue.routing import moved, route
 from agent.reconcile.request import SyncRequest, is_sync, parse_sync
 from agent.reconcile.worker import SyncWork, unknown_device
 from agent.settings import Settings
@@ -52,7 +53,7 @@ class Consumer:
         self.stopping = False
         self.on_read = on_read
         self.db_error: str | None = None
-        self.last_progress = time.monotonic()  # the last read, dispatch or outcome: see agent.watchdog
+        self.last_progress = time.monotonic()  # the last read, dispatch or outcome: see agent.runtime.watchdog
         self._cycling = False  # a read cycle is under way
         self.last_cycle_wall: float | None = None
         self.last_cycle_ms: float | None = None

@@ -18,21 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.contract import Command
-from agent.executor.reports import Delivery, EventRow, Outcome
+from agent.model.outcome import Delivery, EventRow, Outcome
+from agent.model.sites import Elsewhere
 
 MARK = "rerouted_from"
 NOT_CARRIED = ("origin_msg_id", "bounces")  # replaced on the copy by agent.move_message (the version kept)
-
-
-@dataclass(frozen=True)
-class Elsewhere:
-    """A device of another site, the queue that site records (None: none), and whether that queue
-    and its DLQ exist."""
-
-    device: str
-    site: str
-    queue: str | None
-    ready: bool = True
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from agent.db.connect import DB_ERRORS
+from agent.db.leadership import LeaderConnection
 from agent.db.queries import Queries
-from agent.reconcile.leader import LeaderConnection
+from agent.db.retention import Retention, prune, table_stats
 from agent.reconcile.schedule import Schedule
-from agent.retention import Retention, prune, table_stats
 
 log = logging.getLogger("agent.reconcile")
 FEED_POLL = 5.0

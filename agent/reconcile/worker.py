@@ -39,14 +39,15 @@ import asyncpg
 
 from agent.db.connect import DB_ERRORS
 from agent.db.queries import Queries
-from agent.drivers.base import Device, Driver
+from agent.drivers.base import Driver
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, ConfigError, PermanentError, TransientError
 from agent.executor import parklog
 from agent.executor.converge import Observation, batch_reader, converge, observe, observe_many
 from agent.executor.deadlines import Deadlines
 from agent.executor.policy import ParkPolicy, RetryPolicy
-from agent.executor.reports import Delivery, EventRow, Outcome, StateUpdate
+from agent.model.device import Device
+from agent.model.outcome import Delivery, EventRow, Outcome, StateUpdate
 from agent.reconcile.judge import Finding, needs_repair, summary
 from agent.reconcile.request import SyncRequest
 from agent.text import clean

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import asyncpg
 
 from agent.db.connect import DB_ERRORS
-from agent.drivers.base import Device
 from agent.errors import AgentError
+from agent.model.device import Device
 from agent.vpn.health import GateVerdict, VpnSnapshot, gate, peer_for
 from agent.vpn.monitor import VpnMonitor
 from agent.vpn.resolve import HostResolver, address_host

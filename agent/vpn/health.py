@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from agent.drivers.base import Device
+from agent.model.device import Device
 from agent.vpn.wg import WgPeer
 
 CORRELATION_WINDOW = 15.0

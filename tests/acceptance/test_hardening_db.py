@@ -15,7 +15,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from agent.reconcile.leader import current_leader
+from agent.db.leadership import current_leader
 from tests.support.agents import agentctl, spawn_agentd
 from tests.support.cluster import CrashableCluster, as_user, login_role
 from tests.support.db import archived, dlq, events, state

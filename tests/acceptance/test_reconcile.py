@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from agent.reconcile.leader import current_leader
+from agent.db.leadership import current_leader
 from tests.support.agents import agentctl, spawn_agentd
 from tests.support.db import add_device, send
 from tests.support.wait import until

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from agent.drivers.base import Device
+from agent.model.device import Device
 from tests.drivers.target import Target
 from tests.support.wan import MTU_SEGMENT, TcpProxy, UdpRelay
 

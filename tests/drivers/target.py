@@ -32,7 +32,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from agent.drivers.base import Device, DriverContext
+from agent.drivers.base import DriverContext
+from agent.model.device import Device
 
 
 @dataclass

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from agent.drivers.base import CredentialStore, Device, DriverContext
+from agent.drivers.base import CredentialStore, DriverContext
+from agent.model.device import Device
 from tests.drivers.target import Target
 from tests.support.httpdevice import HttpDevice
 from tests.support.slowserver import SlowServer, refusing_port

@@ -15,7 +15,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from agent.drivers.base import CredentialStore, Device, DriverContext
+from agent.drivers.base import CredentialStore, DriverContext
+from agent.model.device import Device
 from tests.drivers.target import Target
 from tests.support.freeradius import NAS_IP, FreeRadius, add_user, add_users, create_store, freeradius_available
 from tests.support.pg import create_database, drop_database, start_cluster

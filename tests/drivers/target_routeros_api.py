@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from agent.drivers.base import CredentialStore, Device, DriverContext
+from agent.drivers.base import CredentialStore, DriverContext
+from agent.model.device import Device
 from tests.drivers.target import Target
 from tests.support.routeros_api_fake import RouterOsApiFake
 from tests.support.routeros_fake import RouterOsFake

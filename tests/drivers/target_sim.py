@@ -12,7 +12,8 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from agent.drivers.base import Device, DriverContext
+from agent.drivers.base import DriverContext
+from agent.model.device import Device
 from tests.drivers.target import Target
 
 NO_NETWORK = "sim does no I/O: it has no address, so it cannot be unreachable or slow to answer"

@@ -11,7 +11,8 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from agent.drivers.base import CredentialStore, Device, DriverContext
+from agent.drivers.base import CredentialStore, DriverContext
+from agent.model.device import Device
 from tests.drivers.target import Target
 from tests.support.snmpd import Snmpd, V3User, closed_udp_port, silent_udp, snmpd_available
 

@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from agent.drivers.base import CredentialStore, Device, DriverContext
+from agent.drivers.base import CredentialStore, DriverContext
+from agent.model.device import Device
 from tests.drivers.target import Target
 from tests.support.slowserver import SlowServer, refusing_port
 from tests.support.sshd import Sshd, keypair, public_line, sshd_available

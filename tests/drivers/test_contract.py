@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
-from agent.drivers.base import Device, Driver, DriverContext, State
+from agent.drivers.base import Driver, DriverContext
 from agent.drivers.registry import load_driver
 from agent.errors import ConfigError, NoAnswerError, PermanentError, TransientError, UnreachableError
+from agent.model.device import Device, State
 from tests.drivers.link import OFF_THE_LINK, proxy, reseed
 from tests.drivers.target import Target
 

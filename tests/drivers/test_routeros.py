@@ -12,9 +12,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from agent.drivers.base import CredentialStore, Device, DriverContext
+from agent.drivers.base import CredentialStore, DriverContext
 from agent.drivers.routeros import COMMENT, RouterOsDriver
 from agent.errors import ConfigError, PermanentError, TransientError
+from agent.model.device import Device
 from tests.support.routeros_fake import Cert, RouterOsFake, self_signed
 
 pytestmark = pytest.mark.fake_backed

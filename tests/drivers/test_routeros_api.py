@@ -15,9 +15,10 @@ from librouteros.exceptions import FatalError, TrapError
 from librouteros.login import async_plain, async_token
 from librouteros.query import Key
 
-from agent.drivers.base import CredentialStore, Device, DriverContext
+from agent.drivers.base import CredentialStore, DriverContext
 from agent.drivers.routeros import COMMENT, RouterOsDriver
 from agent.errors import ConfigError, PermanentError, TransientError
+from agent.model.device import Device
 from tests.support.routeros_api_fake import RouterOsApiFake
 from tests.support.routeros_fake import Cert, RouterOsFake, self_signed
 from tests.support.wait import until
@@ -265,7 +266,7 @@ def test_api_addresses_get_their_default_ports() -> None:
 
 
 async def test_device_test_says_which_protocol_and_version_it_found(context: DriverContext, cert: Cert) -> None:
-    from agent.devicetest import as_text, run
+    from agent.ops.devicetest import as_text, run
     router = await RouterOsFake(USER, PASSWORD).start(tls=cert)
     api = await RouterOsApiFake(router).start()
     try:
@@ -394,7 +395,7 @@ async def test_address_lists_no_enabled_firewall_rule_uses_are_reported(reached:
 
 async def test_device_test_fails_naming_a_list_no_rule_uses(reached: tuple[RouterOsFake, Device],
                                                            context: DriverContext) -> None:
-    from agent.devicetest import POLICY, as_text, run
+    from agent.ops.devicetest import POLICY, as_text, run
     router, d = reached
     known = ["ip/firewall/address-list/blocked/10.0.0.7"]
     result = await run(d, d.id, None, context, known)

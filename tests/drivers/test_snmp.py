@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.drivers.base import CredentialStore, Device, DriverContext, State
+from agent.drivers.base import CredentialStore, DriverContext
 from agent.drivers.snmp import SnmpDriver
 from agent.errors import ConfigError, NoAnswerError, PermanentError, UnreachableError
+from agent.model.device import Device, State
 from tests.support.snmpd import Snmpd, V3User, snmpd_available
 from tests.support.wait import until
 

@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 
 from agent.drivers import ssh_proto
-from agent.drivers.base import CredentialStore, Device, DriverContext
+from agent.drivers.base import CredentialStore, DriverContext
 from agent.drivers.ssh import SshDriver
 from agent.errors import ConfigError, NoAnswerError, PermanentError, TransientError, UnreachableError
+from agent.model.device import Device
 from tests.drivers.target_ssh import file_commands
 from tests.support.sshd import Sshd, keypair, public_line, sshd_available
 from tests.support.wait import until

@@ -12,10 +12,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from agent import admin
 from agent.db.queries import Queries
 from agent.db.schema import init_database
 from agent.errors import PermanentError
+from agent.ops import admin
 from tests.support.agents import agentctl, running_agent
 from tests.support.cluster import as_user, connected_as, listening, login_role
 from tests.support.db import add_device

@@ -12,8 +12,8 @@ from subprocess import CompletedProcess
 import asyncpg
 import pytest
 
-from agent import admin
-from agent.drivers.base import Device
+from agent.model.device import Device
+from agent.ops import admin
 from tests.drivers.target_http import OPTIONS, PASSWORD, USER, CheckedHttpDevice
 from tests.support.agents import agentctl
 from tests.support.slowserver import refusing_port

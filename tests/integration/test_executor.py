@@ -190,8 +190,8 @@ async def test_poison_messages_end_in_dlq_with_a_reason_while_good_ones_flow(db,
 
 
 async def test_dlq_replay_keeps_the_commands_place_in_order(db, dsn, device):
-    from agent import admin
     from agent.db.queries import Queries
+    from agent.ops import admin
 
     await add_device(db, "r1")
     device.fail("r1", "wifi", PermanentError("HTTP 400"))

@@ -12,8 +12,9 @@ from typing import Any
 import asyncpg
 
 from agent.db.queries import Queries
-from agent.executor.reports import Delivery, EventRow, Outcome, Reporter, StateUpdate, write_batch
+from agent.model.outcome import Delivery, EventRow, Outcome, StateUpdate
 from agent.queue.admission import delivery
+from agent.queue.reports import Reporter, write_batch
 from tests.support.agents import running_agent
 from tests.support.db import add_device, archived, dlq, send, state
 from tests.support.devices import ScriptedDriver

@@ -10,9 +10,9 @@ import asyncpg
 import pytest
 
 from agent import __version__
+from agent.db.identity import register
 from agent.db.queries import Queries
 from agent.errors import ConfigError
-from agent.identity import register
 
 Q = Queries("device_tasks")
 ROW = {"site": "default", "queue": "device_tasks", "host": "gw", "pid": os.getpid(), "version": __version__}

@@ -7,7 +7,7 @@ import time
 
 import asyncpg
 
-from agent.inventory import RELOAD_EVERY
+from agent.inventory.cache import RELOAD_EVERY
 from tests.support.agents import running_agent
 from tests.support.cluster import as_user, login_role
 from tests.support.db import add_device

@@ -13,10 +13,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from agent import admin
 from agent.db.queries import Queries
 from agent.db.schema import init_database
 from agent.errors import PermanentError, TransientError
+from agent.ops import admin
 from tests.support.agents import running_agent
 from tests.support.cluster import connected_as, listening
 from tests.support.db import add_device

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from agent import admin
 from agent.db.queries import Queries
+from agent.ops import admin
 from tests.support.agents import running_agent
 from tests.support.db import add_device, archived, events, state
 from tests.support.devices import ScriptedDriver

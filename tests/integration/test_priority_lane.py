@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from agent.drivers.base import Device
 from agent.executor.executor import Work
+from agent.model.device import Device
 from tests.support.agents import running_agent
 from tests.support.db import add_device, archived, events, send
 from tests.support.devices import BatchDriver

@@ -16,10 +16,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from agent import admin, devicetest
-from agent.drivers.base import CredentialStore, Device, DriverContext
+from agent.drivers.base import CredentialStore, DriverContext
 from agent.drivers.radius import RadiusDriver
 from agent.errors import ConfigError, NoAnswerError, PermanentError, UnreachableError
+from agent.model.device import Device
+from agent.ops import admin, devicetest
 from tests.support.agents import running_agent
 from tests.support.db import archived, send
 from tests.support.freeradius import NAS_IP, FreeRadius, add_user, create_store, free_udp_port, freeradius_available

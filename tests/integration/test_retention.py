@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from agent import retention
+from agent.db import retention
 from agent.db.queries import Queries
+from agent.db.retention import Retention
 from agent.db.schema import storage_options
-from agent.retention import Retention
 from tests.support.agents import running_agent
 from tests.support.cluster import as_user, login_role
 from tests.support.wait import until

@@ -9,8 +9,8 @@ import contextlib
 
 import pytest
 
+from agent.db.leadership import LEADER_LOCK_CLASS, TRY_LOCK, LeaderConnection, Leadership, current_leader
 from agent.db.session import Session, SessionLost
-from agent.reconcile.leader import LEADER_LOCK_CLASS, TRY_LOCK, LeaderConnection, Leadership, current_leader
 from tests.support.agents import running_agent
 from tests.support.db import add_device, archived, send
 from tests.support.devices import ScriptedDriver

@@ -17,8 +17,9 @@ from agent.contract import parse_command
 from agent.db.queries import Queries
 from agent.db.schema import init_database, worker_role
 from agent.errors import ConfigError
-from agent.executor.reports import EventRow, Outcome, StateUpdate, write_batch
+from agent.model.outcome import EventRow, Outcome, StateUpdate
 from agent.queue.admission import delivery
+from agent.queue.reports import write_batch
 from agent.queue.routing import Move, moved
 from tests.support.agents import agentctl, running_agent
 from tests.support.cluster import as_user, login_role, not_denied

@@ -16,8 +16,8 @@ from agent.contract import parse_command
 from agent.db.queries import Queries
 from agent.db.schema import init_database
 from agent.errors import ConfigError
-from agent.executor.reports import write_batch
 from agent.queue.admission import delivery
+from agent.queue.reports import write_batch
 from agent.queue.routing import Move, moved
 from tests.support.agents import agent_env, agentctl, running_agent
 from tests.support.cluster import as_user, login_role

@@ -13,7 +13,7 @@ SUFFIXES = ("_bucket", "_count", "_sum", "_total")
 
 
 def exported_metric_names() -> set[str]:
-    """Names in agent/metrics.py, written whole or as PREFIX + "name" (P is PREFIX)."""
+    """Names in agent/runtime/metrics.py, written whole or as PREFIX + "name" (P is PREFIX)."""
     source = (ROOT / "agent" / "metrics.py").read_text()
     prefix = re.search(r'^PREFIX = "([a-z_]+)"', source, re.M)
     names = set(re.findall(r'"((?:[a-z]+_)+[a-z]+)"', source))
@@ -30,7 +30,7 @@ def test_grafana_dashboard_uses_only_exported_metrics() -> None:
     unknown = {
         m for m in used if m not in exported and not any(m.endswith(s) and m[: -len(s)] in exported for s in SUFFIXES)
     }
-    assert not unknown, f"dashboard queries metrics agent/metrics.py does not export: {sorted(unknown)}"
+    assert not unknown, f"dashboard queries metrics agent/runtime/metrics.py does not export: {sorted(unknown)}"
 
 
 def test_grafana_dashboard_has_a_site_variable_that_narrows_the_agents() -> None:

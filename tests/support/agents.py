@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from agent.daemon import Agent, connect_pool
 from agent.drivers.base import DriverContext
 from agent.drivers.registry import Drivers
+from agent.runtime.daemon import Agent, connect_pool
 from agent.settings import load_settings
 
 

@@ -6,8 +6,9 @@ import asyncio
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
-from agent.drivers.base import Device, DriverContext, State
+from agent.drivers.base import DriverContext
 from agent.errors import AgentError, PermanentError, TransientError
+from agent.model.device import Device, State
 
 
 @dataclass

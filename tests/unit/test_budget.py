@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from agent.drivers.base import Device
 from agent.errors import NoAnswerError, PermanentError
 from agent.executor.budget import CLOSED, HALF_OPEN, HEADROOM, OPEN, Breaker, TokenBucket, check_options
 from agent.executor.budgets import BreakerOpen, DeviceBudgets
 from agent.executor.deadlines import Deadlines
+from agent.model.device import Device
 from tests.support.wait import until
 
 
@@ -233,7 +233,7 @@ async def test_timeouts_during_a_tunnel_outage_are_forgotten_when_the_tunnel_is_
 
 def test_status_shows_the_rate_limit_and_an_open_breaker():
     from agent.cli.status import budget_line
-    from agent.status import Figures, status_line
+    from agent.runtime.snapshot import Figures, status_line
 
     opened = {"device": "r1", "max_rate": 20.0, "rate_waits": 153, "rate_wait_s": 4.07, "breaker": "open",
               "timeouts": 5, "trips": 1, "retry_after": "2026-12-31T23:59:30.000Z"}

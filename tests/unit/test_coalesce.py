@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 from agent.contract import Command
 from agent.executor import coalesce
-from agent.executor.reports import Delivery
+from agent.model.outcome import Delivery
 
 T0 = datetime(2026, 11, 30, 23, 59, tzinfo=timezone.utc)
 

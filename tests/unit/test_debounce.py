@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from agent.debounce import Debounced
+from agent.inventory.debounce import Debounced
 from tests.support.wait import until
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from agent.devicetest import Result, Step, as_json, as_text, deadline, failed, fix_for, skip_rest, step_names
-from agent.drivers.base import Device
 from agent.errors import ConfigError, NoAnswerError, PermanentError, TransientError, UnreachableError
+from agent.model.device import Device
+from agent.ops.devicetest import Result, Step, as_json, as_text, deadline, failed, fix_for, skip_rest, step_names
 
 DEV = Device("router-1", "http", "10.88.0.1", options={"timeout": 3})
 

@@ -6,8 +6,8 @@ import json
 import tomllib
 from pathlib import Path
 
-from agent.admin import read_device_file, validate_device
 from agent.contract import json_schema
+from agent.ops.admin import read_device_file, validate_device
 from agent.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,8 @@ from agent.contract import parse_command
 from agent.db.queries import Queries
 from agent.drivers import http, routeros_proto, snmp_proto, ssh_proto
 from agent.errors import AgentError
-from agent.executor.reports import Delivery, EventRow, Outcome, StateUpdate, report_args
+from agent.model.outcome import Delivery, EventRow, Outcome, StateUpdate
+from agent.queue.reports import report_args
 
 RAW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

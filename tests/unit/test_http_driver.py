@@ -7,11 +7,12 @@ import socket
 
 import pytest
 
-from agent.drivers.base import CredentialStore, Device, DriverContext
+from agent.drivers.base import CredentialStore, DriverContext
 from agent.drivers.http import HttpDriver, classify_status, render_body, render_path, resolve_pointer, to_state
 from agent.errors import ConfigError, PermanentError, TransientError, UnreachableError
 from agent.executor.converge import observe_for_take, observe_many
 from agent.executor.deadlines import Deadlines
+from agent.model.device import Device
 from tests.support.httpdevice import HttpDevice
 
 ROUTEROS = {"read_path": "/rest/ppp/secret/{service}", "set_method": "PATCH", "state_pointer": "/disabled",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.identity import Holder, host_identity, in_use
+from agent.db.identity import Holder, host_identity, in_use
 
 HERE = "gw/boot:b1/pidns:4026531836"
 

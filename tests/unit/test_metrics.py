@@ -9,7 +9,7 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
-from agent.metrics import Live, Metrics
+from agent.runtime.metrics import Live, Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,7 +54,7 @@ def test_outcomes_known_in_advance_start_at_zero():
 def test_commands_total_counts_each_command_once_by_how_it_ended_and_attempts_apart():
     from datetime import datetime, timezone
 
-    from agent.executor.reports import Delivery, EventRow, Outcome
+    from agent.model.outcome import Delivery, EventRow, Outcome
 
     m = Metrics("north", "device_tasks", Live)
 
@@ -116,7 +116,7 @@ def test_the_guards_held_commands_are_a_gauge_by_site():
 def test_command_latency_is_enqueue_to_verified_by_state_and_priority():
     from datetime import datetime, timedelta, timezone
 
-    from agent.executor.reports import Delivery, EventRow, Outcome
+    from agent.model.outcome import Delivery, EventRow, Outcome
 
     m = Metrics("north", "device_tasks", Live)
     ten_seconds_ago = datetime.now(timezone.utc) - timedelta(seconds=10)

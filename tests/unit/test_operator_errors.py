@@ -9,11 +9,11 @@ from datetime import datetime, timedelta, timezone
 import asyncpg
 import pytest
 
-from agent import daemon
 from agent.cli import args as argtypes
 from agent.cli.agentctl import build_parser
 from agent.db.connect import classify, reason, redact
-from agent.drivers.base import Device
+from agent.model.device import Device
+from agent.runtime import daemon
 from agent.settings import DEFAULT_CONFIG, config_path, load_settings
 from agent.text import json_default, rfc3339
 from agent.vpn.guard import VpnGuard
@@ -193,13 +193,13 @@ def test_argparse_errors_are_usage_errors():
      "state must be 'on' or 'off', got 'x'"),
 ])
 def test_enqueue_refusals_are_sorted_by_what_to_do(error, kind, said):
-    from agent.admin import enqueue_refusal
+    from agent.ops.admin import enqueue_refusal
 
     refusal = enqueue_refusal(error)
     assert refusal is not None and refusal.kind == kind and str(refusal).startswith(said)
 
 
 def test_other_database_errors_are_not_enqueue_refusals():
-    from agent.admin import enqueue_refusal
+    from agent.ops.admin import enqueue_refusal
 
     assert enqueue_refusal(asyncpg.SerializationError("could not serialize")) is None

@@ -8,8 +8,10 @@ import asyncpg
 import pytest
 
 from agent.contract import Command
-from agent.executor.policy import KeyState, RetryPolicy, Verdict, command_version, decide
-from agent.executor.reports import StateUpdate, merge_states, report_failure
+from agent.executor.policy import KeyState, RetryPolicy, Verdict, decide
+from agent.model.headers import command_version
+from agent.model.outcome import StateUpdate
+from agent.queue.reports import merge_states, report_failure
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 
@@ -112,7 +114,7 @@ def test_an_off_the_guard_holds_is_held_unless_a_newer_command_supersedes_it():
 
 
 def test_only_a_command_an_operator_released_passes_the_guard():
-    from agent.executor.policy import released
+    from agent.model.headers import released
 
     assert released('{"guard": "released", "bounces": 1}')
     assert not released('{"guard": "held"}') and not released(None) and not released('["guard"]')

@@ -9,9 +9,10 @@ from datetime import datetime, timezone
 import pytest
 
 from agent.contract import Command
-from agent.executor import coalesce, priority
-from agent.executor.priority import HIGH, NORMAL
-from agent.executor.reports import Delivery
+from agent.executor import coalesce
+from agent.model import priority
+from agent.model.outcome import Delivery
+from agent.model.priority import HIGH, NORMAL
 from agent.queue.admission import header_problem
 
 
@@ -107,7 +108,8 @@ def test_commands_for_one_service_keep_their_order_within_the_bound():
 async def test_the_reporter_commits_restores_outcomes_ahead_of_the_others_waiting():
     import asyncio
 
-    from agent.executor.reports import Outcome, Reporter
+    from agent.model.outcome import Outcome
+    from agent.queue.reports import Reporter
 
     batches: list[list[int]] = []
     reporter = Reporter(None, None, "a1", lambda _o, _l: None, max_batch=3)  # type: ignore[arg-type]

@@ -42,7 +42,7 @@ def test_summary_counts_drift_repairs_and_unreadable_apart():
 
 
 def test_a_reconcile_waits_for_an_unreachable_device_until_the_bound_by_the_databases_clock():
-    from agent.executor.reports import Delivery
+    from agent.model.outcome import Delivery
     from agent.reconcile.worker import wait_over
 
     fed = Delivery(1, 3, T0, "{}", None, 1, bounces=2, skew=-30.0)  # our clock is 30 s ahead of the database's
@@ -57,9 +57,9 @@ def _gated(reason: str, waited_s: float, paused: str | None = None):  # type: ig
     import asyncio
     from datetime import timedelta
 
-    from agent.drivers.base import Device
     from agent.executor.policy import RetryPolicy
-    from agent.executor.reports import Delivery
+    from agent.model.device import Device
+    from agent.model.outcome import Delivery
     from agent.reconcile.request import SyncRequest
     from agent.reconcile.worker import ReconcileTuning, SyncWork, SyncWorker
 

@@ -12,10 +12,11 @@ import json
 import pytest
 from aiohttp import web
 
-from agent.drivers.base import Device, DriverContext
+from agent.drivers.base import DriverContext
 from agent.drivers.body import read_capped
 from agent.drivers.http import HttpDriver
 from agent.errors import PermanentError, TransientError
+from agent.model.device import Device
 from tests.support.httpdevice import HttpDevice
 from tests.support.wan import TcpProxy
 

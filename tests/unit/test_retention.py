@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from agent.retention import TABLES, Retention, cutoffs, go_on
+from agent.db.retention import TABLES, Retention, cutoffs, go_on
 from agent.settings import load_settings
 
 NOW = datetime(2026, 3, 1, tzinfo=timezone.utc)

@@ -10,7 +10,6 @@ import json
 import aiohttp
 import pytest
 
-from agent.drivers.base import Device
 from agent.drivers.routeros import parse_base, parse_fingerprint, settings, transport_error
 from agent.drivers.routeros_proto import (
     LIST6_MENU,
@@ -28,6 +27,7 @@ from agent.drivers.routeros_proto import (
     state_of,
 )
 from agent.errors import ConfigError, NoAnswerError, PermanentError, TransientError
+from agent.model.device import Device
 
 COMMENT = "managed by pgmq-edge-agent"
 

@@ -9,9 +9,10 @@ from datetime import datetime, timezone
 import pytest
 
 from agent.db.schema import site_name_problem, site_problem
-from agent.executor.reports import Delivery
+from agent.model.outcome import Delivery
+from agent.model.sites import Elsewhere
 from agent.queue.admission import header_problem
-from agent.queue.routing import Elsewhere, Move, moved_from, route
+from agent.queue.routing import Move, moved_from, route
 
 HERE = "device_tasks"
 

@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from agent.admin import parse_option, read_device_file
-from agent.drivers.base import CredentialStore, Device
+from agent.drivers.base import CredentialStore
 from agent.drivers.sim import SimDriver
 from agent.errors import ConfigError, PermanentError, TransientError
+from agent.model.device import Device
+from agent.ops.admin import parse_option, read_device_file
 
 
 async def test_sim_remembers_state_per_device_and_service():
@@ -92,8 +93,9 @@ def test_an_unreadable_credentials_directory_is_a_configuration_error_not_a_pass
 
 
 def test_doctor_checks_each_devices_credential_without_showing_it(tmp_path):
-    from agent.doctor import credential_checks
-    from agent.drivers.base import CredentialStore, Device
+    from agent.drivers.base import CredentialStore
+    from agent.model.device import Device
+    from agent.ops.doctor import credential_checks
 
     (tmp_path / "r1-admin").write_text("s3cret-value\n")
     unreadable = tmp_path / "r3-admin"
@@ -108,9 +110,9 @@ def test_doctor_checks_each_devices_credential_without_showing_it(tmp_path):
 
 
 def test_max_parallel_is_the_agents_option_not_the_drivers():
-    from agent.admin import validate_device
-    from agent.drivers.base import Device
     from agent.errors import ConfigError
+    from agent.model.device import Device
+    from agent.ops.admin import validate_device
 
     validate_device(Device("r1", "sim", options={"max_parallel": 4}))  # sim refuses unknown options
     with pytest.raises(ConfigError, match="max_parallel must be an integer from 1 to 64"):

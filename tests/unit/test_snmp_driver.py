@@ -8,9 +8,9 @@ import pytest
 from pysnmp.proto import rfc1902, rfc1905
 
 from agent.drivers import snmp_proto as p
-from agent.drivers.base import Device
 from agent.drivers.snmp import SnmpDriver, plain
 from agent.errors import ConfigError, PermanentError, TransientError
+from agent.model.device import Device
 
 
 @pytest.mark.parametrize(("key", "parsed"), [

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 from agent.drivers import ssh_proto as p
-from agent.drivers.base import CredentialStore, Device, DriverContext
+from agent.drivers.base import CredentialStore, DriverContext
 from agent.drivers.ssh import SshDriver
 from agent.errors import ConfigError, PermanentError, TransientError
+from agent.model.device import Device
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILHWHw7XJri0IJa1gcxDxRJcI/ArgTfKIk4gXaNBsmSi cpe-7"
 FILES = {"on_command": "touch /s/{service}", "off_command": "rm -f /s/{service}",

@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from agent.drivers.base import Device
+from agent.model.device import Device
 from agent.vpn.guard import VpnGuard, start_problem
 from agent.vpn.health import VpnSnapshot, gate, judge_peer, peer_for
 from agent.vpn.monitor import device_host

@@ -6,8 +6,8 @@ import asyncio
 import time
 from types import SimpleNamespace
 
-from agent.lifecycle import Housekeeper
-from agent.watchdog import stalled
+from agent.runtime.housekeeper import Housekeeper
+from agent.runtime.watchdog import stalled
 from tests.support.wait import until
 
 STALL = 60.0

@@ -20,10 +20,11 @@ from typing import Any
 
 import asyncpg
 
-from agent.drivers.base import CredentialStore, Device, Driver, DriverContext
+from agent.drivers.base import CredentialStore, Driver, DriverContext
 from agent.drivers.registry import load_driver
 from agent.errors import AgentError, ConfigError, NoAnswerError, PermanentError, TransientError
-from agent.inventory import device_from_row, validate_with
+from agent.inventory.cache import device_from_row, validate_with
+from agent.model.device import Device
 from agent.settings import Settings
 from agent.text import clean
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from agent.db.queries import Queries
 
-log = logging.getLogger("agent.retention")
+log = logging.getLogger("agent.db.retention")
 
 # Pruned tables, in the order of a pass. The live queue is never pruned: only what is settled.
 # `agents`: rows of agents that stopped or went silent (agent.agents), by their last heartbeat.

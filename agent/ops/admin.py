@@ -15,10 +15,11 @@ import asyncpg
 
 from agent.contract import DEVICE_PATTERN
 from agent.db.queries import Queries
-from agent.drivers.base import Device, DriverContext
+from agent.drivers.base import DriverContext
 from agent.drivers.registry import load_driver
 from agent.errors import AgentError, ConfigError, NotFoundError, PermanentError
-from agent.inventory import validate_with
+from agent.inventory.cache import validate_with
+from agent.model.device import Device
 from agent.text import clean
 
 _DEVICE_RE = re.compile(DEVICE_PATTERN)

@@ -12,7 +12,7 @@ import os
 import socket
 import time
 
-log = logging.getLogger("agent.systemd")
+log = logging.getLogger("agent.runtime.systemd")
 
 try:  # pragma: no cover - depends on the host
     from systemd import daemon as _sd_daemon

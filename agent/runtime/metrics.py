@@ -23,8 +23,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from agent import __version__
 from agent.drivers.registry import available as available_drivers
-from agent.executor import priority
-from agent.executor.reports import Delivery, Outcome
+from agent.model import priority
+from agent.model.outcome import Delivery, Outcome
 
 disable_created_metrics()  # no `_created` series: they double the series count and no rule uses them
 PREFIX = "pgmq_edge_agent_"  # not `agent_`, which Grafana Agent's own metrics use

@@ -19,14 +19,15 @@ import asyncpg
 
 from agent.db.connect import DB_ERRORS, reason
 from agent.db.queries import Queries
-from agent.debounce import Debounced
-from agent.drivers.base import Device, Driver
+from agent.drivers.base import Driver
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, ConfigError
 from agent.executor import budget
-from agent.queue.routing import Elsewhere
+from agent.inventory.debounce import Debounced
+from agent.model.device import Device
+from agent.model.sites import Elsewhere
 
-log = logging.getLogger("agent.inventory")
+log = logging.getLogger("agent.inventory.cache")
 RELOAD_EVERY = 1.0  # seconds: a full reload of a site of thousands of devices costs tens of ms
 
 

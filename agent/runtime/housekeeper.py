@@ -1,6 +1,6 @@
 """The housekeeper: readiness, systemd STATUS and watchdog, the heartbeat row, the status snapshot.
 
-The watchdog is fed unless the agent is stalled (agent.watchdog): an outage or a long backlog
+The watchdog is fed unless the agent is stalled (agent.runtime.watchdog): an outage or a long backlog
 changes STATUS and readiness but never gets the agent killed; work that nothing moves does. The
 pings have a loop of their own that waits on nothing else, so a slow database cannot delay them.
 """
@@ -19,15 +19,15 @@ from typing import Any, Protocol
 
 from agent import __version__
 from agent.db.connect import DB_ERRORS
-from agent.executor.reports import Outcome
-from agent.metrics import Live
-from agent.status import Figures, healthy, snapshot, state, status_line
+from agent.model.outcome import Outcome
+from agent.runtime.metrics import Live
+from agent.runtime.snapshot import Figures, healthy, snapshot, state, status_line
+from agent.runtime.watchdog import stalled
 from agent.text import rfc3339
-from agent.watchdog import stalled
 
 
 class Parts(Protocol):
-    """What the housekeeper reads of the daemon (agent.daemon.Agent is one): its parts, not the
+    """What the housekeeper reads of the daemon (agent.runtime.daemon.Agent is one): its parts, not the
     daemon itself, so this module does not import the composition root."""
 
     settings: Any
@@ -42,10 +42,10 @@ class Parts(Protocol):
     leadership: Any
     reconciler: Any
     metrics: Any
-    instance: str  # this process, under settings.agent_id (agent/identity.py)
+    instance: str  # this process, under settings.agent_id (agent/db/identity.py)
     host_id: str
 
-log = logging.getLogger("agent.lifecycle")
+log = logging.getLogger("agent.runtime.housekeeper")
 _SAMPLE_TTL = 10.0
 _QUEUE_CAP = 100_000
 

@@ -25,7 +25,7 @@ from agent.db.queries import Queries
 from agent.errors import ConfigError
 from agent.text import clean
 
-log = logging.getLogger("agent.identity")
+log = logging.getLogger("agent.db.identity")
 
 STALE_FACTOR = 3  # heartbeat intervals after which an agent that did not say it stopped counts as gone
 

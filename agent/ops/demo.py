@@ -1,6 +1,6 @@
 """The embedded demo: a throwaway Postgres (pgserver), three simulated devices, the real agentd.
 
-    python -m agent.demo
+    python -m agent.ops.demo
 
 Starts Postgres, runs `db init`, adds devices, starts `agentd` as a subprocess, sends sample
 commands the way a webhook would (SQL only), waits until the queue is empty, prints the
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import asyncpg
 
-from agent import admin
 from agent.db.queries import Queries
 from agent.db.schema import init_database
-from agent.drivers.base import Device
+from agent.model.device import Device
+from agent.ops import admin
 
 QUEUE = "device_tasks"
 DEVICES = [

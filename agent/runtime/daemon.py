@@ -21,14 +21,18 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from agent import __version__, http
+from agent import __version__
 from agent.db.connect import DB_ERRORS, reason
 from agent.db.connect import classify as classify_connect_error
+from agent.db.identity import STALE_FACTOR, host_identity, new_instance, register
+from agent.db.leadership import CHANNEL as LEADER_CHANNEL
+from agent.db.leadership import Leadership
 from agent.db.pooler import check_prepared_statements, check_session
 from agent.db.queries import Queries
+from agent.db.retention import Retention
 from agent.db.schema import check_ready, ensure_notify
 from agent.db.session import Session
-from agent.drivers.base import CredentialStore, Device, DriverContext
+from agent.drivers.base import CredentialStore, DriverContext
 from agent.drivers.registry import Drivers
 from agent.executor.acceptor import Acceptor, GuardLimits
 from agent.executor.budgets import DeviceBudgets
@@ -37,22 +41,20 @@ from agent.executor.deadlines import Deadlines
 from agent.executor.executor import Executor, call_timeout
 from agent.executor.parking import Parking
 from agent.executor.policy import RetryPolicy, Tuning
-from agent.executor.reports import Reporter
-from agent.identity import STALE_FACTOR, host_identity, new_instance, register
-from agent.inventory import Inventory
-from agent.lifecycle import Housekeeper
-from agent.metrics import Metrics
+from agent.inventory.cache import Inventory
+from agent.model.device import Device
 from agent.queue.consumer import Consumer
-from agent.reconcile.leader import CHANNEL as LEADER_CHANNEL
-from agent.reconcile.leader import Leadership
+from agent.queue.reports import Reporter
 from agent.reconcile.reconciler import Reconciler
 from agent.reconcile.worker import ReconcileTuning, SyncWork, SyncWorker
-from agent.retention import Retention
+from agent.runtime import endpoint as http
+from agent.runtime.housekeeper import Housekeeper
+from agent.runtime.metrics import Metrics
+from agent.runtime.systemd import Notifier
 from agent.settings import Settings, load_settings
-from agent.systemd import Notifier
 from agent.vpn.guard import VpnGuard
 
-log = logging.getLogger("agent.daemon")
+log = logging.getLogger("agent.runtime.daemon")
 T = TypeVar("T")
 
 
@@ -102,7 +104,7 @@ class Agent:
         self.pool = pool
         self.notifier = notifier or Notifier()
         self.queries = Queries(s.queue)
-        self.instance = new_instance()  # this process: what holds device claims (agent/identity.py)
+        self.instance = new_instance()  # this process: what holds device claims (agent/db/identity.py)
         self.host_id = host_identity()
         # the drivers read the device timeout live, from the tuning SIGHUP replaces
         self.drivers = drivers or Drivers(DriverContext(lambda: self.tuning.device_timeout,

@@ -1,4 +1,4 @@
-"""systemd's watchdog: whether the agent is stalled, decided apart from the pings (agent.lifecycle).
+"""systemd's watchdog: whether the agent is stalled, decided apart from the pings (agent.runtime.housekeeper).
 
 WATCHDOG=1 stops only when the agent is stalled: work waits (messages in flight, a backlog, a read
 under way) and nothing has progressed for AGENT_WATCHDOG_STALL seconds. Progress is counted where it

@@ -18,10 +18,11 @@ import asyncpg
 from agent.db.connect import DB_ERRORS
 from agent.db.queries import Queries
 from agent.db.schema import SCHEMA_VERSION
-from agent.drivers.base import CredentialStore, Device, DriverContext
+from agent.drivers.base import CredentialStore, DriverContext
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, ConfigError
-from agent.inventory import device_from_row, validate_with
+from agent.inventory.cache import device_from_row, validate_with
+from agent.model.device import Device
 from agent.settings import Settings
 from agent.vpn.guard import REMEDY as VPN_REMEDY
 from agent.vpn.health import VpnSnapshot, judge_peer, peer_for
