@@ -47,7 +47,7 @@ from agent.queue.consumer import Consumer
 from agent.queue.reports import Reporter
 from agent.reconcile.reconciler import Reconciler
 from agent.reconcile.worker import ReconcileTuning, SyncWork, SyncWorker
-from agent.runtime import endpoint as http
+from agent.runtime.endpoint import Endpoint
 from agent.runtime.housekeeper import Housekeeper
 from agent.runtime.metrics import Metrics
 from agent.runtime.systemd import Notifier
@@ -96,7 +96,7 @@ class Agent:
 
     def __init__(self, settings: Settings, pool: asyncpg.Pool, drivers: Drivers | None = None,
                  notifier: Notifier | None = None, force_stop: asyncio.Event | None = None,
-                 settings_path: Path | None = None, endpoint: http.Endpoint | None = None) -> None:
+                 settings_path: Path | None = None, endpoint: Endpoint | None = None) -> None:
         s = self.settings = settings
         self.endpoint = endpoint  # the HTTP endpoint run() serves from the first second, if any
         self.settings_path = settings_path  # what SIGHUP re-reads
@@ -301,7 +301,7 @@ class Agent:
             return None
         endpoint, runner = self.endpoint, None
         if endpoint is None:
-            endpoint = http.Endpoint(lambda: "starting")
+            endpoint = Endpoint(lambda: "starting")
             runner = await endpoint.start(*hp)
         endpoint.serve(ready=self.house.ready, status=self.house.snapshot,
                        registry=self.metrics.registry, before_scrape=self.house.sample_queue)
@@ -416,7 +416,7 @@ async def run(settings: Settings, *, once: bool = False, drivers: Drivers | None
     notifier.status("starting: connecting to the database")
     endpoint = runner = None
     if not once and (hp := settings.http_host_port) is not None:  # /readyz and /status from the first second
-        endpoint = http.Endpoint(lambda: notifier.last_status)
+        endpoint = Endpoint(lambda: notifier.last_status)
         runner = await endpoint.start(*hp)
     try:
         connecting = await _until_stopped(connect_pool(settings, attempts=3 if once else None, notifier=notifier),
