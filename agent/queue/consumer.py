@@ -27,7 +27,7 @@ from agent.queue.admission import admit, delivery
 from agent.queue.routing import moved, route
 from agent.reconcile.request import SyncRequest, is_sync, parse_sync
 from agent.reconcile.worker import SyncWork, unknown_device
-from agent.settings import Settings
+from agent.settings import LiveSettings, Settings
 
 log = logging.getLogger("agent.consumer")
 MIN_REREAD = 0.05  # seconds: the soonest a look at the queue is repeated for a visible message
@@ -36,11 +36,14 @@ MIN_REREAD = 0.05  # seconds: the soonest a look at the queue is repeated for a 
 class Consumer:
     def __init__(self, pool: asyncpg.Pool, queries: Queries, settings: Settings,
                  executor: Executor, inventory: Inventory, settling: asyncio.Lock | None = None,
-                 on_read: Callable[[list[Delivery]], None] | None = None) -> None:
+                 on_read: Callable[[list[Delivery]], None] | None = None,
+                 live: Callable[[], LiveSettings] | None = None) -> None:
         self._pool = pool
         self._settling = settling or asyncio.Lock()  # held by the reporter while it commits
         self._q = queries
-        self._s = settings
+        self._s = settings  # as started; the poll interval is live, read through `live` at each use
+        started = LiveSettings.of(settings)
+        self._live = live or (lambda: started)
         self._executor = executor
         self._inventory = inventory
         self.inflight: dict[int, Delivery] = {}
@@ -88,7 +91,7 @@ class Consumer:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        next_poll = loop.time() + self._s.poll_interval
+        next_poll = loop.time() + self._live().poll_interval
         while not self.stopping:
             try:
                 await asyncio.wait_for(self._wake.wait(), max(0.0, next_poll - loop.time()))
@@ -97,7 +100,7 @@ class Consumer:
             self._wake.clear()
             if self.stopping:
                 break
-            next_poll = loop.time() + self._s.poll_interval
+            next_poll = loop.time() + self._live().poll_interval
             self.wakeups[self._source] += 1
             started = time.monotonic()
             self._cycling = True
@@ -140,7 +143,7 @@ class Consumer:
                 if self.db_error is None:
                     log.warning("read failed: %s", exc, extra={"action": "read_failed"})
                 self.db_error = str(exc) or type(exc).__name__
-                self.wake_later(min(5.0, self._s.poll_interval), "retry")
+                self.wake_later(min(5.0, self._live().poll_interval), "retry")
                 return taken
             self.progressed()
             self.db_error = None
@@ -201,7 +204,7 @@ class Consumer:
                 wait = await conn.fetchval(self._q.next_visible, list(self.inflight))
         except DB_ERRORS:
             return
-        if wait is not None and wait.total_seconds() < self._s.poll_interval:
+        if wait is not None and wait.total_seconds() < self._live().poll_interval:
             # one already visible is read at once; the floor keeps a message another reader holds
             # locked (pgmq.read skips it) from making a busy loop
             self.wake_later(max(MIN_REREAD, wait.total_seconds() + 0.01), "delayed")

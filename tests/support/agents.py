@@ -23,7 +23,9 @@ async def running_agent(dsn: str, driver: Any = None, **overrides: Any) -> Async
                 "visibility_timeout": 5, "reconcile_schedule": "off"}
     settings = load_settings(None, database_url=dsn, **{**defaults, **overrides})
     pool = await connect_pool(settings, attempts=1)
-    drivers = Drivers(DriverContext(settings.device_timeout), {driver.name: driver} if driver else None)
+    # as the daemon's own: the drivers read the device timeout from the agent's live settings
+    drivers = Drivers(DriverContext(lambda: agent.live.current().device_timeout),
+                      {driver.name: driver} if driver else None)
     agent = Agent(settings, pool, drivers)
     stop = asyncio.Event()
     task = None
