@@ -183,12 +183,11 @@ class Housekeeper:
     # -- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        next_beat = 0.0
+        beaten: float | None = None
         while True:
-            now = time.monotonic()
-            if now >= next_beat:
-                every = self._live().heartbeat_interval
-                next_beat = now + every
+            now, every = time.monotonic(), self._live().heartbeat_interval  # live: a reload counts at once
+            if beaten is None or now >= beaten + every:
+                beaten = now
                 await self.sample_queue(max_age=every * 2)
                 await self.beat(None)
             self._a.notifier.status(self.status_line())
