@@ -91,16 +91,14 @@ class Consumer:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        next_poll = loop.time() + self._live().poll_interval
+        woke = loop.time()
         while not self.stopping:
-            try:
-                await asyncio.wait_for(self._wake.wait(), max(0.0, next_poll - loop.time()))
-            except TimeoutError:
+            if not await self._woken(woke):
                 self._source = "poll"
             self._wake.clear()
             if self.stopping:
                 break
-            next_poll = loop.time() + self._live().poll_interval
+            woke = loop.time()
             self.wakeups[self._source] += 1
             started = time.monotonic()
             self._cycling = True
@@ -111,6 +109,18 @@ class Consumer:
             finally:
                 self._cycling = False
             self.last_cycle_wall, self.last_cycle_ms = time.time(), round((time.monotonic() - started) * 1000, 2)
+
+    async def _woken(self, since: float) -> bool:
+        """Wait for a wake-up; False when AGENT_POLL_INTERVAL since `since` ran out first. The interval
+        is a live setting: it is looked at again every second, so a reload shortens a wait under way."""
+        loop = asyncio.get_running_loop()
+        while (left := since + self._live().poll_interval - loop.time()) > 0:
+            try:
+                await asyncio.wait_for(self._wake.wait(), min(left, 1.0))
+                return True
+            except TimeoutError:
+                continue
+        return self._wake.is_set()
 
     def progressed(self) -> None:
         """Something moved: a read (also a failed one), a dispatch, an outcome committed or tried."""
