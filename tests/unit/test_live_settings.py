@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+from pathlib import Path
 
 import pytest
 
-from agent.settings import LiveBox, LiveSettings, load_settings, reloaded
+from agent.settings import LIVE, LiveBox, LiveSettings, load_settings, reloaded
 
 DSN = "postgresql://agent@db/agent"
 
@@ -54,3 +56,24 @@ def test_whoever_holds_the_accessor_reads_the_snapshot_swapped_in():
     second = dataclasses.replace(first, device_timeout=42)
     assert box.swap(second) is first
     assert current() is second and current().device_timeout == 42
+
+
+
+def test_the_daemon_reads_live_settings_through_the_box_never_off_the_settings_it_started_with():
+    """A live setting read off `Settings` is a copy that goes stale after SIGHUP. Only the one-shot
+    tools (agent/ops, agent/cli) may, and settings.py, which builds the snapshot."""
+    root = Path(__file__).resolve().parents[2] / "agent"
+    stale = []
+    for path in sorted(root.rglob("*.py")):
+        if path.parent.name in ("ops", "cli") or path.name == "settings.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in LIVE and _names_settings(node.value):
+                stale.append(f"{path.relative_to(root.parent)}:{node.lineno} {ast.unparse(node)}")
+    assert stale == []
+
+
+def _names_settings(node: ast.expr) -> bool:
+    """`settings`, `s`, `self.settings`, `self._s`: an expression for the settings object."""
+    name = node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
+    return name in ("settings", "s", "_s", "_settings")
