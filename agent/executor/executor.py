@@ -68,7 +68,7 @@ Handler = Callable[[Any], Awaitable[Outcome]]
 
 
 class Executor:
-    def __init__(self, acceptor: Acceptor, drivers: Drivers, reporter: Outcomes, tuning: Tuning,
+    def __init__(self, acceptor: Acceptor, drivers: Drivers, reporter: Outcomes, tuning: Callable[[], Tuning],
                  concurrency: int, *, gate: Callable[[Device], str | None] | None = None,
                  on_unreachable: Callable[[Device], None] | None = None,
                  confirm: Callable[[Device, float], Awaitable[str | None]] | None = None,
@@ -88,7 +88,7 @@ class Executor:
         self.deadlines = deadlines or Deadlines()
         self._drivers = drivers
         self._reporter = reporter
-        self._tuning = tuning
+        self._tuning = tuning  # live: asked at each use
         self._slots = asyncio.Semaphore(concurrency)
         self._lanes: dict[str, deque[Item]] = {}
         self._high: dict[str, int] = {}  # device -> high-priority commands in its lane (taken or waiting)
@@ -147,11 +147,11 @@ class Executor:
 
     @property
     def _policy(self) -> RetryPolicy:
-        return self._tuning.policy
+        return self._tuning().policy
 
     @property
     def _timeout(self) -> float:
-        return self._tuning.device_timeout
+        return self._tuning().device_timeout
 
     async def idle(self) -> None:
         await self._idle.wait()

@@ -27,7 +27,7 @@ from agent.queue.admission import admit, delivery
 from agent.queue.routing import moved, route
 from agent.reconcile.request import SyncRequest, is_sync, parse_sync
 from agent.reconcile.worker import SyncWork, unknown_device
-from agent.settings import Settings
+from agent.settings import LiveSettings, Settings
 
 log = logging.getLogger("agent.consumer")
 MIN_REREAD = 0.05  # seconds: the soonest a look at the queue is repeated for a visible message
@@ -36,11 +36,14 @@ MIN_REREAD = 0.05  # seconds: the soonest a look at the queue is repeated for a 
 class Consumer:
     def __init__(self, pool: asyncpg.Pool, queries: Queries, settings: Settings,
                  executor: Executor, inventory: Inventory, settling: asyncio.Lock | None = None,
-                 on_read: Callable[[list[Delivery]], None] | None = None) -> None:
+                 on_read: Callable[[list[Delivery]], None] | None = None,
+                 live: Callable[[], LiveSettings] | None = None) -> None:
         self._pool = pool
         self._settling = settling or asyncio.Lock()  # held by the reporter while it commits
         self._q = queries
-        self._s = settings
+        self._s = settings  # as started; the poll interval is live, read through `live` at each use
+        started = LiveSettings.of(settings)
+        self._live = live or (lambda: started)
         self._executor = executor
         self._inventory = inventory
         self.inflight: dict[int, Delivery] = {}
@@ -88,16 +91,14 @@ class Consumer:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        next_poll = loop.time() + self._s.poll_interval
+        woke = loop.time()
         while not self.stopping:
-            try:
-                await asyncio.wait_for(self._wake.wait(), max(0.0, next_poll - loop.time()))
-            except TimeoutError:
+            if not await self._woken(woke):
                 self._source = "poll"
             self._wake.clear()
             if self.stopping:
                 break
-            next_poll = loop.time() + self._s.poll_interval
+            woke = loop.time()
             self.wakeups[self._source] += 1
             started = time.monotonic()
             self._cycling = True
@@ -108,6 +109,18 @@ class Consumer:
             finally:
                 self._cycling = False
             self.last_cycle_wall, self.last_cycle_ms = time.time(), round((time.monotonic() - started) * 1000, 2)
+
+    async def _woken(self, since: float) -> bool:
+        """Wait for a wake-up; False when AGENT_POLL_INTERVAL since `since` ran out first. The interval
+        is a live setting: it is looked at again every second, so a reload shortens a wait under way."""
+        loop = asyncio.get_running_loop()
+        while (left := since + self._live().poll_interval - loop.time()) > 0:
+            try:
+                await asyncio.wait_for(self._wake.wait(), min(left, 1.0))
+                return True
+            except TimeoutError:
+                continue
+        return self._wake.is_set()
 
     def progressed(self) -> None:
         """Something moved: a read (also a failed one), a dispatch, an outcome committed or tried."""
@@ -140,7 +153,7 @@ class Consumer:
                 if self.db_error is None:
                     log.warning("read failed: %s", exc, extra={"action": "read_failed"})
                 self.db_error = str(exc) or type(exc).__name__
-                self.wake_later(min(5.0, self._s.poll_interval), "retry")
+                self.wake_later(min(5.0, self._live().poll_interval), "retry")
                 return taken
             self.progressed()
             self.db_error = None
@@ -201,7 +214,7 @@ class Consumer:
                 wait = await conn.fetchval(self._q.next_visible, list(self.inflight))
         except DB_ERRORS:
             return
-        if wait is not None and wait.total_seconds() < self._s.poll_interval:
+        if wait is not None and wait.total_seconds() < self._live().poll_interval:
             # one already visible is read at once; the floor keeps a message another reader holds
             # locked (pgmq.read skips it) from making a busy loop
             self.wake_later(max(MIN_REREAD, wait.total_seconds() + 0.01), "delayed")

@@ -15,6 +15,7 @@ import os
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from agent import __version__
@@ -23,6 +24,7 @@ from agent.model.outcome import Outcome
 from agent.runtime.metrics import Live
 from agent.runtime.snapshot import Figures, healthy, snapshot, state, status_line
 from agent.runtime.watchdog import stalled
+from agent.settings import LiveSettings
 from agent.text import rfc3339
 
 
@@ -51,8 +53,9 @@ _QUEUE_CAP = 100_000
 
 
 class Housekeeper:
-    def __init__(self, agent: Parts) -> None:
+    def __init__(self, agent: Parts, live: Callable[[], LiveSettings]) -> None:
         self._a = agent
+        self._live = live  # the heartbeat interval and the watchdog's stall are live settings
         self._started_mono = time.monotonic()
         self._started_at = time.time()
         self.last_beat: float | None = None  # unix time of the last heartbeat row written
@@ -180,12 +183,12 @@ class Housekeeper:
     # -- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        next_beat = 0.0
+        beaten: float | None = None
         while True:
-            now = time.monotonic()
-            if now >= next_beat:
-                next_beat = now + self._a.settings.heartbeat_interval
-                await self.sample_queue(max_age=self._a.settings.heartbeat_interval * 2)
+            now, every = time.monotonic(), self._live().heartbeat_interval  # live: a reload counts at once
+            if beaten is None or now >= beaten + every:
+                beaten = now
+                await self.sample_queue(max_age=every * 2)
                 await self.beat(None)
             self._a.notifier.status(self.status_line())
             await asyncio.sleep(1.0)
@@ -195,7 +198,7 @@ class Housekeeper:
         every = self._a.notifier.watchdog_interval or 1.0
         while True:
             consumer = self._a.consumer
-            stall = self._a.settings.watchdog_stall
+            stall = self._live().watchdog_stall
             if not stalled(time.monotonic(), consumer.last_progress, consumer.work_waits, stall):
                 self._a.notifier.watchdog()
             else:

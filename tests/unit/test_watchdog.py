@@ -35,8 +35,9 @@ async def test_the_pings_stop_while_stalled_and_resume_once_work_moves(caplog):
     pings: list[float] = []
     consumer = SimpleNamespace(last_progress=time.monotonic() - 2 * STALL, work_waits=True, inflight={1: None})
     parts = SimpleNamespace(notifier=SimpleNamespace(watchdog_interval=0.01, watchdog=lambda: pings.append(1.0)),
-                            consumer=consumer, settings=SimpleNamespace(watchdog_stall=STALL))
-    task = asyncio.create_task(Housekeeper(parts).watch())  # type: ignore[arg-type]
+                            consumer=consumer)
+    live = SimpleNamespace(watchdog_stall=STALL)
+    task = asyncio.create_task(Housekeeper(parts, lambda: live).watch())  # type: ignore[arg-type,return-value]
     try:
         await until(lambda: "watchdog not fed" in caplog.text, timeout=5, what="the stall logged")
         assert pings == []
