@@ -49,11 +49,11 @@ async def test_insert_inside_the_throttle_window_is_caught_up(db, dsn):
             before = await db.fetchval(last_notified)
             first = await send(db, {"device": "r1", "service": f"a{round_}", "state": "on"})
             window = await db.fetchval(last_notified)  # changed: the first was notified and opened a window
-            await until(lambda: archived(db, first), timeout=15)
+            await until(lambda m=first: archived(db, m), timeout=15)
             second = await send(db, {"device": "r1", "service": f"b{round_}", "state": "on"})
             if window != before and await db.fetchval(last_notified) == window:  # no NOTIFY for the second
                 break
-            await until(lambda: archived(db, second), timeout=15)
+            await until(lambda m=second: archived(db, m), timeout=15)
         else:
             raise AssertionError("four rounds in a row, no insert fell inside the window another one opened")
         await until(lambda: archived(db, second), timeout=15, what="caught up within the window's end")
