@@ -18,7 +18,7 @@ import pytest
 
 from agent.drivers.base import CredentialStore, DriverContext
 from agent.drivers.radius import RadiusDriver
-from agent.errors import ConfigError, NoAnswerError, PermanentError, UnreachableError
+from agent.errors import ConfigError, PermanentError, UnreachableError
 from agent.model.device import Device
 from agent.ops import admin, devicetest
 from tests.support.agents import running_agent
@@ -145,16 +145,18 @@ async def test_without_a_known_session_the_nas_is_asked_by_user_name(radius: Rad
     assert "Acct-Session-Id" not in sent and sent["User-Name"] == user
 
 
-async def test_a_wrong_shared_secret_is_an_error_naming_the_credential(radius: Radius, drv: RadiusDriver) -> None:
+async def test_a_wrong_shared_secret_is_dropped_by_freeradius_and_ends_in_a_config_error_naming_the_credential(
+        radius: Radius, drv: RadiusDriver) -> None:
     user = await radius.subscriber()
     before = len(radius.fr.das_requests())
     device = radius.device(credential="wrong-secret", timeout=1.0)
-    with pytest.raises(NoAnswerError) as caught:
+    with pytest.raises(ConfigError) as caught:
         await drv.apply(device, f"user/{user}", "off")
-    assert "wrong-secret" in str(caught.value) and "shared secret" in str(caught.value)
-    assert "not-the-das-secret" not in str(caught.value)
+    assert "'wrong-secret'" in str(caught.value) and "shared secret" in str(caught.value)
+    assert "not-the-das-secret" not in str(caught.value) and radius.fr.das_secret not in str(caught.value)
     assert len(radius.fr.das_requests()) == before  # FreeRADIUS dropped it: nothing was acted on
-    with pytest.raises(NoAnswerError):
+    assert "Shared secret is incorrect" in radius.fr.log() and "Dropping packet without response" in radius.fr.log()
+    with pytest.raises(ConfigError, match="'wrong-secret'"):
         await drv.probe(device)
 
 
@@ -319,7 +321,8 @@ async def test_device_test_checks_both_halves_and_says_which_failed(radius: Radi
     assert not probe.ok and probe.kind == "config" and "suspends nobody" in probe.detail
     wrong = await devicetest.run(radius.device(credential="wrong-secret", timeout=1.0), "nas-1", None, radius.context)
     probe = next(s for s in wrong.steps if s.name == "probe")
-    assert not probe.ok and "wrong-secret" in probe.detail and "not-the-das-secret" not in devicetest.as_text(wrong)
+    assert not probe.ok and probe.kind == "config" and "'wrong-secret'" in probe.detail and "dropped" in probe.detail
+    assert "not-the-das-secret" not in devicetest.as_text(wrong)
 
 
 async def test_month_end_through_the_agent_every_suspension_applied_once_and_verified(

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -59,6 +60,53 @@ def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def tcp_black_hole(port: int) -> Iterator[None]:
+    """Loopback TCP `port` made silent: a listener with a full accept queue, so a SYN to it is dropped
+    (no SYN-ACK, no RST), as from a host that does not answer at all."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", port))
+    listener.listen(0)
+    fillers = []
+    try:
+        for _ in range(3):  # backlog 0 holds one; the others wait in SYN-SENT
+            sock = socket.socket()
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.connect(("127.0.0.1", port))
+            fillers.append(sock)
+        yield
+    finally:
+        for sock in fillers:
+            sock.close()
+        listener.close()
+
+
+@contextlib.contextmanager
+def tcp_listener(port: int) -> Iterator[Callable[[], int]]:
+    """A loopback TCP listener on `port`; yields a count of the connections it got so far."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", port))
+    listener.listen(8)
+    listener.setblocking(False)
+    got = 0
+
+    def accepted() -> int:
+        nonlocal got
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                return got
+            conn.close()
+            got += 1
+
+    try:
+        yield accepted
+    finally:
+        listener.close()
 
 
 def conninfo(dsn: str) -> str:
