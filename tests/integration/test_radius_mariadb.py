@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ class Store:
     fr: FreeRadius
     dsn: str
     context: DriverContext
+    creds: Path
 
     def device(self, credential: str = "nas-secret", **options: object) -> Device:
         opts = {"policy_credential": "radius-db", "timeout": 3.0, "retries": 1, "settle": 3.0, **options}
@@ -68,7 +70,8 @@ async def store(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Store
         (creds / "down").write_text(f"mysql://{user}:pw@127.0.0.1:{free_tcp_port()}/{name}")
         (creds / "garbled").write_text(f"mysql://{user}:pw@127.0.0.1:99999/{name}")
         try:
-            yield Store(db, fr, dsn, DriverContext(device_timeout=5.0, credentials=CredentialStore(Path(creds))))
+            context = DriverContext(device_timeout=5.0, credentials=CredentialStore(Path(creds)))
+            yield Store(db, fr, dsn, context, Path(creds))
         finally:
             await asyncio.to_thread(fr.close)
     finally:
@@ -160,3 +163,39 @@ async def test_device_test_checks_the_mariadb_store_and_the_nas(store: Store) ->
     empty = await devicetest.run(store.device(suspended_group="nobody-defined-this"), "nas-m", None, store.context)
     probe = next(s for s in empty.steps if s.name == "probe")
     assert not probe.ok and probe.kind == "config" and "suspends nobody" in probe.detail
+
+
+def documented_mysql_grants(user: str, database: str) -> list[str]:
+    """The CREATE USER and GRANT statements docs/drivers.md gives for MySQL/MariaDB, for `user` on `database`."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "drivers.md").read_text()
+    block = text[text.index("The same in MySQL/MariaDB"):]
+    block = block[block.index("```sql") + 6:]
+    block = block[:block.index("```")].replace("\n  ", " ")
+    lines = [line.rstrip(";") for line in block.splitlines() if re.match(r"(CREATE USER|GRANT) ", line)]
+    assert lines, "docs/drivers.md lost the MySQL grants"
+    return [line.replace("'radius_agent'@'agent-host'", f"'{user}'@'127.0.0.1'").replace("radius.", f"`{database}`.")
+            .replace("'…'", "'pw-agent-1'") for line in lines]
+
+
+async def test_the_mysql_grants_the_docs_give_are_enough(store: Store, drv: RadiusDriver) -> None:
+    database = store.dsn.rsplit("/", 1)[1]
+    user = f"agent_{next(_ids)}"
+    conn = store.db.root()
+    try:
+        with conn.cursor() as cur:
+            for statement in documented_mysql_grants(user, database):
+                cur.execute(statement)
+    finally:
+        conn.close()
+    (store.creds / "agent-db").write_text(f"mysql://{user}:pw-agent-1@127.0.0.1:{store.db.port}/{database}")
+    device = store.device(policy_credential="agent-db")
+    live, stale = await store.subscriber(), await store.subscriber()
+    await store.fr.start_session(live, f"sess-{live}", "10.21.0.1")
+    await store.fr.start_session(stale, f"sess-{stale}", "10.21.0.2")
+    await store.fr.store_execute("DELETE FROM nas_sessions WHERE username = {}", stale)
+    await drv.probe(device)
+    for u in (live, stale):
+        await drv.apply(device, f"user/{u}", "off")
+        assert await drv.read(device, f"user/{u}") == "off"
+        await drv.apply(device, f"user/{u}", "on")
+        assert await drv.read(device, f"user/{u}") == "on"
