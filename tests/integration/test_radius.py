@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import re
 import secrets
 import time
@@ -22,7 +23,7 @@ from agent.errors import ConfigError, PermanentError, UnreachableError
 from agent.model.device import Device
 from agent.ops import admin, devicetest
 from tests.support.agents import running_agent
-from tests.support.db import archived, send
+from tests.support.db import archived, dlq, send
 from tests.support.freeradius import NAS_IP, FreeRadius, add_user, create_store, free_udp_port, freeradius_available
 from tests.support.pg import create_database, drop_database
 from tests.support.wait import until
@@ -385,3 +386,25 @@ async def test_through_a_lossy_link_every_suspension_is_acted_on_once(radius: Ra
     states = await drv.read_many(radius.device(), [f"user/{u}" for u in users])
     assert set(states.values()) == {"off"}
     assert [u for u in users if len(radius.disconnects(u)) != 1] == []
+
+
+async def test_through_the_agent_a_wrong_secret_dead_letters_the_command_as_a_config_error_naming_the_credential(
+        radius: Radius, db: asyncpg.Connection, dsn: str) -> None:
+    """What the executor does with the ConfigError today: no retry (retrying cannot fix a secret), the command
+    kept in the DLQ with the reason, replayable once the credential is fixed; the policy is left unchanged."""
+    user = await radius.subscriber()
+    device = Device("nas-wrong-secret", "radius", radius.fr.das_address, credential="wrong-secret",
+                    options={"policy_credential": "radius-db", "timeout": 1.0, "retries": 1, "restore": "none"})
+    await admin.upsert_devices(db, [device])
+    async with running_agent(dsn, RadiusDriver(radius.context), require_vpn=False):
+        msg_id = await send(db, {"device": device.id, "service": f"user/{user}", "state": "off"})
+
+        async def dead() -> bool:
+            return any(e["id"] == msg_id for e in await dlq(db))
+
+        await until(dead, timeout=30, what="the command dead-lettered")
+    [entry] = [e for e in await dlq(db) if e["id"] == msg_id]
+    text = json.dumps(entry)
+    assert "'wrong-secret'" in text and "not-the-das-secret" not in text and radius.fr.das_secret not in text
+    row = await db.fetchrow("SELECT last_error FROM agent.service_state WHERE device = $1", device.id)
+    assert row["last_error"].startswith("config:")
