@@ -23,7 +23,7 @@ from agent.errors import ConfigError, PermanentError, UnreachableError
 from agent.model.device import Device
 from agent.ops import admin, devicetest
 from tests.support.agents import running_agent
-from tests.support.db import archived, dlq, send
+from tests.support.db import archived, dlq, events, send
 from tests.support.freeradius import NAS_IP, FreeRadius, add_user, create_store, free_udp_port, freeradius_available
 from tests.support.pg import create_database, drop_database
 from tests.support.wait import until
@@ -388,23 +388,33 @@ async def test_through_a_lossy_link_every_suspension_is_acted_on_once(radius: Ra
     assert [u for u in users if len(radius.disconnects(u)) != 1] == []
 
 
-async def test_through_the_agent_a_wrong_secret_dead_letters_the_command_as_a_config_error_naming_the_credential(
+async def test_through_the_agent_a_wrong_secret_parks_the_command_until_the_credential_is_fixed(
         radius: Radius, db: asyncpg.Connection, dsn: str) -> None:
-    """What the executor does with the ConfigError today: no retry (retrying cannot fix a secret), the command
-    kept in the DLQ with the reason, replayable once the credential is fixed; the policy is left unchanged."""
+    """A config error naming the credential (never the secret): no retry can fix it, so the command is parked,
+    not dead-lettered; once the operator puts the right secret in the credential it goes through."""
     user = await radius.subscriber()
-    device = Device("nas-wrong-secret", "radius", radius.fr.das_address, credential="wrong-secret",
-                    options={"policy_credential": "radius-db", "timeout": 1.0, "retries": 1, "restore": "none"})
+    await radius.fr.start_session(user, f"sess-{user}", "10.9.0.21")
+    (radius.creds / "fixable-secret").write_text("not-the-das-secret")
+    device = Device("nas-fixable", "radius", radius.fr.das_address, credential="fixable-secret",
+                    options={"policy_credential": "radius-db", "timeout": 1.0, "retries": 1})
     await admin.upsert_devices(db, [device])
     async with running_agent(dsn, RadiusDriver(radius.context), require_vpn=False):
         msg_id = await send(db, {"device": device.id, "service": f"user/{user}", "state": "off"})
 
-        async def dead() -> bool:
-            return any(e["id"] == msg_id for e in await dlq(db))
+        async def parked() -> bool:
+            row = await db.fetchrow("SELECT last_error FROM agent.service_state WHERE device = $1", device.id)
+            return row is not None and (row["last_error"] or "").startswith("parked: device_misconfigured:")
 
-        await until(dead, timeout=30, what="the command dead-lettered")
-    [entry] = [e for e in await dlq(db) if e["id"] == msg_id]
-    text = json.dumps(entry)
-    assert "'wrong-secret'" in text and "not-the-das-secret" not in text and radius.fr.das_secret not in text
-    row = await db.fetchrow("SELECT last_error FROM agent.service_state WHERE device = $1", device.id)
-    assert row["last_error"].startswith("config:")
+        await until(parked, timeout=30, what="the command parked as misconfigured")
+        row = await db.fetchrow("SELECT last_error FROM agent.service_state WHERE device = $1", device.id)
+        assert "'fixable-secret'" in row["last_error"] and "not-the-das-secret" not in row["last_error"]
+        assert "parked" in await events(db, msg_id) and "dead_lettered" not in await events(db, msg_id)
+        assert not [e for e in await dlq(db) if e["id"] == msg_id]
+        assert await radius.access(user) == "reject"  # the policy is written before the NAS is asked: the session waits
+        assert radius.disconnects(user) == []
+        (radius.creds / "fixable-secret").write_text(radius.fr.das_secret)  # the operator fixes it
+        await until(lambda: archived(db, msg_id), timeout=60, what="the command through once the secret is right")
+    assert len(radius.disconnects(user)) == 1  # the live session ended, once
+    assert await radius.access(user) == "reject"
+    assert "not-the-das-secret" not in json.dumps([dict(r) for r in await db.fetch(
+        "SELECT kind, error FROM agent.events WHERE msg_id = $1", msg_id)], default=str)
