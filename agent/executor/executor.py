@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from agent.contract import Command
 from agent.drivers.registry import Drivers
-from agent.errors import AgentError, NoAnswerError, PermanentError, TransientError
+from agent.errors import AgentError, ConfigError, NoAnswerError, PermanentError, TransientError
 from agent.executor import budget, coalesce, parklog
 from agent.executor.acceptor import Acceptor
 from agent.executor.claims import DeviceClaims
@@ -539,6 +539,8 @@ class Executor:
             state.applied_at = exc.applied_at
         if isinstance(exc, NoAnswerError):
             self._on_unreachable(w.device)  # no answer at all: one of the VPN guard's signals
+        if isinstance(exc, ConfigError):
+            return self._misconfigured(w, exc, events)
         if isinstance(exc, TransientError) and (why := self.gate(w.device) or unproven):
             parked = self._park(w, f"{why} ({exc})")
             parked.events[:0] = events
@@ -553,6 +555,20 @@ class Executor:
         state.failed = desire  # reconciliation must not apply it later
         log.error("dead-lettered: %s", reason, extra=_fields(w, "dead_lettered", attempt=attempt))
         return Outcome(d, "dead_letter", events, state, reason=reason, error_kind=exc.kind)
+
+    def _misconfigured(self, w: Work, exc: ConfigError, events: list[EventRow]) -> Outcome:
+        """The device's setup is wrong (a credential it refuses, an option it cannot use): retrying cannot fix
+        it and only the operator can, so the command waits for that, parked without using up an attempt
+        (tried again, backing off to once a minute: it goes through once the setting is fixed), never dead-lettered.
+        The failure, its event and the `device_misconfigured` line only when first parked for it."""
+        why = f"device_misconfigured: {exc}"
+        first = parklog.record(parklog.last_parked(w.delivery.headers), why)
+        if first:
+            log.error("%s", why, extra=_fields(w, "device_misconfigured"))
+        parked = self._park(w, why)
+        if first:
+            parked.events[:0] = events
+        return parked
 
     def _event(self, w: Work, kind: str, **kw) -> EventRow:  # type: ignore[no-untyped-def]
         d, cmd = w.delivery, w.command
