@@ -17,7 +17,6 @@ from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Protocol, cast
 
-from agent.contract import Command
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, NoAnswerError, PermanentError, TransientError
 from agent.executor import budget, coalesce, parklog
@@ -39,7 +38,6 @@ class Outcomes(Protocol):
     """Where the executor sends each outcome (the queue's Reporter, which commits them in batches)."""
 
     def submit(self, outcome: Outcome) -> None: ...
-
 
 
 class Executor:
@@ -107,9 +105,9 @@ class Executor:
         """An outcome decided without a device operation goes straight to the reporter."""
         self._reporter.submit(outcome)
 
-    def reject(self, delivery: Delivery, reason: str, command: Command | None = None) -> None:
-        """Dead-letter a message that cannot be worked on (a bad body, a refused move), with the reason."""
-        self._reporter.submit(refused(delivery, reason, command))
+    def reject(self, delivery: Delivery, reason: str) -> None:
+        """Dead-letter a message that cannot be worked on (refused before it is parsed), with the reason."""
+        self._reporter.submit(refused(delivery, reason))
 
     @property
     def _policy(self) -> RetryPolicy:
