@@ -8,13 +8,10 @@ another site, whose own runs check it) is not moved: it is reported not checked,
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
-from agent.executor.policy import RetryPolicy
 from agent.model.device import Device
 from agent.model.outcome import Delivery, Outcome
 from agent.reconcile.request import SyncRequest, is_sync, parse_sync
-from agent.reconcile.worker import SyncWork, unknown_device
+from agent.reconcile.worker import SyncWork, SyncWorker, unknown_device
 
 
 class ReconcileMessages:
@@ -25,9 +22,8 @@ class ReconcileMessages:
     overtakes = False  # long work: it makes way for the commands behind it (Executor.make_way)
     reroutes = False
 
-    def __init__(self, run: Callable[[SyncWork], Awaitable[Outcome]], policy: Callable[[], RetryPolicy]) -> None:
-        self._run = run
-        self._policy = policy  # the retry policy, read fresh: a live setting
+    def __init__(self, worker: SyncWorker) -> None:
+        self._worker = worker
 
     def recognises(self, raw: str | None) -> bool:
         return is_sync(raw)
@@ -42,8 +38,9 @@ class ReconcileMessages:
         return unknown_device(delivery, body, why)
 
     async def run(self, item: SyncWork) -> Outcome:
-        return await self._run(item)
+        return await self._worker.handle(item)
 
     def internal_error(self, item: SyncWork, exc: Exception) -> Outcome:
         """Retried plainly, with the retry policy's backoff."""
-        return Outcome(item.delivery, "retry", retry_delay=self._policy().delay(item.delivery.attempt), reconcile=True)
+        return Outcome(item.delivery, "retry", retry_delay=self._worker.retry_delay(item.delivery.attempt),
+                       reconcile=True)

@@ -128,6 +128,10 @@ class SyncWorker:
         # lets the commands waiting in the device's lane run now; the services they were for (the executor's)
         self.make_way: Callable[[Device], Awaitable[set[str]]] = _no_way
 
+    def retry_delay(self, attempt: int) -> float:
+        """The retry policy's backoff after this attempt (a live setting, read now)."""
+        return self._policy()[0].delay(attempt)
+
     async def handle(self, w: SyncWork) -> Outcome:
         d, req, dev = w.delivery, w.request, w.device
         try:

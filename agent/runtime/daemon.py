@@ -140,8 +140,7 @@ class Agent:
                                  top_up=lambda device, room: self.consumer.top_up(device, room))
         sync.make_way = lambda dev: self.executor.make_way(dev.id)  # a reconcile lets waiting commands go first
         # the kinds of lane work, asked in this order: commands last, they take every message no other kind claims
-        self.lane_work = LaneWorks(ReconcileMessages(sync.handle, lambda: tuning.policy),
-                                   self.executor.commands(s.max_message_bytes))
+        self.lane_work = LaneWorks(ReconcileMessages(sync), self.executor.commands(s.max_message_bytes))
         self.consumer = Consumer(pool, self.queries, s, self.executor, self.inventory, self.lane_work,
                                  settling=self.reporter.settling, on_read=self._read)
         self.session = Session(

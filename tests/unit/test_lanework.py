@@ -25,7 +25,7 @@ from agent.model.outcome import Delivery, Outcome
 from agent.model.sites import Elsewhere
 from agent.queue.consumer import Consumer
 from agent.reconcile.messages import ReconcileMessages
-from agent.reconcile.worker import SyncWork
+from agent.reconcile.worker import ReconcileTuning, SyncWork, SyncWorker
 from agent.settings import load_settings
 from tests.support.wait import until
 
@@ -42,7 +42,9 @@ def commands() -> Commands:
 
 
 def reconciles() -> ReconcileMessages:
-    return ReconcileMessages(_never, lambda: POLICY)
+    worker = SyncWorker(None, None, None, None, lambda _dev: None,  # type: ignore[arg-type]
+                        lambda: (POLICY, 10.0), ReconcileTuning())
+    return ReconcileMessages(worker)
 
 
 def registry(*more: LaneWork) -> LaneWorks:

@@ -68,8 +68,7 @@ def _gated(reason: str, waited_s: float, paused: str | None = None):  # type: ig
     d = Delivery(7, 10, now - timedelta(seconds=waited_s), "{}", None, 7, bounces=9)
     worker = SyncWorker(None, None, None, None, lambda _dev: reason,  # type: ignore[arg-type]
                         lambda: (RetryPolicy(3, 1, 5), 10.0), ReconcileTuning(unreachable_wait=120))
-    work = ReconcileMessages(worker.handle, lambda: RetryPolicy(3, 1, 5)).item(d, SyncRequest(run=1, device="r1"),
-                                                                               Device("r1", "sim", paused=paused))
+    work = ReconcileMessages(worker).item(d, SyncRequest(run=1, device="r1"), Device("r1", "sim", paused=paused))
     return asyncio.run(worker.handle(work))
 
 
