@@ -39,14 +39,16 @@ from agent.executor.budgets import DeviceBudgets
 from agent.executor.claims import DeviceClaims
 from agent.executor.deadlines import Deadlines
 from agent.executor.executor import Executor, call_timeout
+from agent.executor.lanework import LaneWorks
 from agent.executor.parking import Parking
 from agent.executor.policy import RetryPolicy, Tuning
 from agent.inventory.cache import Inventory
 from agent.model.device import Device
 from agent.queue.consumer import Consumer
 from agent.queue.reports import Reporter
+from agent.reconcile.messages import ReconcileMessages
 from agent.reconcile.reconciler import Reconciler
-from agent.reconcile.worker import ReconcileTuning, SyncWork, SyncWorker
+from agent.reconcile.worker import ReconcileTuning, SyncWorker
 from agent.runtime.endpoint import Endpoint
 from agent.runtime.housekeeper import Housekeeper
 from agent.runtime.metrics import Metrics
@@ -133,11 +135,12 @@ class Agent:
             may_turn_off=self._may_turn_off)
         self.executor = Executor(self.acceptor, self.drivers, self.reporter, self.tuning, s.concurrency,
                                  gate=self.gate, on_unreachable=self.vpn.device_failed, confirm=self.vpn.confirm,
-                                 claims=self.claims, deadlines=self.deadlines, handlers={SyncWork: sync.handle},
-                                 coalesce=s.coalesce,
+                                 claims=self.claims, deadlines=self.deadlines, coalesce=s.coalesce,
                                  top_up=lambda device, room: self.consumer.top_up(device, room))
         sync.make_way = lambda dev: self.executor.make_way(dev.id)  # a reconcile lets waiting commands go first
-        self.consumer = Consumer(pool, self.queries, s, self.executor, self.inventory,
+        # the kinds of lane work, asked in this order: commands last, they take every message no other kind claims
+        self.lane_work = LaneWorks(ReconcileMessages(sync), self.executor.commands(s.max_message_bytes))
+        self.consumer = Consumer(pool, self.queries, s, self.executor, self.inventory, self.lane_work,
                                  settling=self.reporter.settling, on_read=self._read, live=self.live.current)
         self.session = Session(
             s.session_dsn,
