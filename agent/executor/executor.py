@@ -309,9 +309,8 @@ class Executor:
             tunnel = await self._take_last_resort([(w, err) for w in live], began)
             return [settle(w, said[id(w)], partial(self._failed, w, err, _ms(started), tunnel.get(id(w))))
                     for w in live]
-        going: list[Work] = []
-
         said = {}
+        going: list[Work] = []  # the commands their acceptance lets converge
 
         async def accepted_states() -> dict[str, State]:  # nothing is written before the acceptance answers
             said.update(await verdicts())
