@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Mapping
 
 import pytest
 
+from agent.drivers.base import DriverContext
+from agent.drivers.registry import Drivers
 from agent.errors import AgentError, NoAnswerError, PermanentError, TransientError
 from agent.executor.converge import (
     Calls,
@@ -20,7 +22,9 @@ from agent.executor.converge import (
     converge_one,
 )
 from agent.executor.deadlines import Deadlines
+from agent.executor.policy import RetryPolicy
 from agent.model.device import Device, State
+from agent.reconcile.worker import ReconcileTuning, SyncWorker, _Parked
 from tests.support.devices import BatchDriver, ScriptedDriver
 
 R1 = Device("r1", "scripted")
@@ -183,3 +187,13 @@ async def test_a_driver_that_writes_many_at_once_gets_one_call_bounded_like_the_
     assert str(done["b"].proof()) == "r1: user/b locked" and done["b"].after is None
     assert isinstance(done["a"].proof(), Observation) and isinstance(done["c"].proof(), Observation)
     assert ops(driver)[4:] == [("read", "a"), ("read", "c")]  # what was written is read back
+
+
+async def test_a_reconcile_repair_whose_claim_runs_short_after_its_reading_parks_and_writes_nothing(deadlines):
+    driver, answers = ScriptedDriver(), iter([True])  # the claim covers the reading, then no more
+    worker = SyncWorker(None, None, Drivers(DriverContext(), {"scripted": driver}), deadlines,  # type: ignore[arg-type]
+                        lambda _d: None, lambda: (RetryPolicy(3, 0.01, 0.01), 1.0), ReconcileTuning(),
+                        may_operate=lambda _d: next(answers, False))
+    with pytest.raises(_Parked, match="claim on the device ran short"):
+        await worker._converge(driver, R1, "wifi", "on")
+    assert ops(driver) == [("read", "wifi")]
