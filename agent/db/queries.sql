@@ -11,7 +11,9 @@
 -- dead-lettered without ever being held in the agent. last_id: the newest real msg_id (every agent
 -- queue takes its ids from agent.msg_id_seq; a row above it was forged by hand); db_now: the
 -- database's clock, the one not_after is judged by. $1: the queue's name (the statement is bound to
--- its table already; kept so that callers of the pgmq.read form work unchanged).
+-- its table already; kept so that callers of the pgmq.read form work unchanged). The rows taken are
+-- updated through the primary key (`= ANY (ARRAY(...))`): joined to the CTEs, the planner hashed the
+-- whole queue table for every read, a cost that grew with the backlog.
 WITH hi AS (
     SELECT msg_id FROM pgmq.{q}
     WHERE {high} AND vt <= clock_timestamp()
@@ -26,7 +28,7 @@ WITH hi AS (
     UPDATE pgmq.{q} m
     SET last_read_at = clock_timestamp(), vt = clock_timestamp() + make_interval(secs => $2::integer),
         read_ct = m.read_ct + 1
-    FROM (SELECT msg_id FROM hi UNION ALL SELECT msg_id FROM lo) c WHERE m.msg_id = c.msg_id
+    WHERE m.msg_id = ANY (ARRAY(SELECT msg_id FROM hi UNION ALL SELECT msg_id FROM lo))
     RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message, m.headers
 )
 SELECT r.msg_id, r.read_ct, r.enqueued_at,
@@ -49,7 +51,7 @@ WITH hi AS (
     UPDATE pgmq.{q} m
     SET last_read_at = clock_timestamp(), vt = clock_timestamp() + make_interval(secs => $1::integer),
         read_ct = m.read_ct + 1
-    FROM hi WHERE m.msg_id = hi.msg_id
+    WHERE m.msg_id = ANY (ARRAY(SELECT msg_id FROM hi))
     RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message, m.headers
 )
 SELECT r.msg_id, r.read_ct, r.enqueued_at,
@@ -78,7 +80,7 @@ WITH hi AS (
     UPDATE pgmq.{q} m
     SET last_read_at = clock_timestamp(), vt = clock_timestamp() + make_interval(secs => $1::integer),
         read_ct = m.read_ct + 1
-    FROM (SELECT msg_id FROM hi UNION ALL SELECT msg_id FROM lo) c WHERE m.msg_id = c.msg_id
+    WHERE m.msg_id = ANY (ARRAY(SELECT msg_id FROM hi UNION ALL SELECT msg_id FROM lo))
     RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message, m.headers
 )
 SELECT r.msg_id, r.read_ct, r.enqueued_at,

@@ -186,10 +186,14 @@ def _json_rows(rows: Sequence[Any]) -> str:
     came from a message or a device is bounded and escaped on its way."""
     out = []
     for r in rows:
-        doc = dict(vars(r))
+        # a field left out is NULL to jsonb_to_recordset, as null is: most of them are None, and a
+        # third of the report's encoding went to writing them out
+        doc = {k: v for k, v in vars(r).items() if v is not None}
         for key in _TEXT_FIELDS:
-            if isinstance(doc.get(key), str):
-                doc[key] = clean(doc[key], 2000)
+            value = doc.get(key)
+            # printable text within the bound is what clean() would return unchanged; the rest goes through it
+            if isinstance(value, str) and not (len(value) <= 2000 and value.isprintable()):
+                doc[key] = clean(value, 2000)
         out.append(doc)
     return _dumps(out)
 
