@@ -43,8 +43,20 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import burst
-from burst import (checkpoint, cpu_seconds, git_rev, machine, per_command, postgres_pids, stats_delta, summary,
-                   table_stats, wal_position, wal_since, xacts)
+from burst import (
+    checkpoint,
+    cpu_seconds,
+    git_rev,
+    machine,
+    per_command,
+    postgres_pids,
+    stats_delta,
+    summary,
+    table_stats,
+    wal_position,
+    wal_since,
+    xacts,
+)
 from pipeline import idle_statements, summarize, verdict, wait_for_key, wake_latency
 
 PGQ_APP = "pgq-bench-worker"

@@ -394,9 +394,13 @@ SELECT queue_name FROM pgmq.meta;
 -- $2 DLQ name
 -- $3 [{id, rc, delay, park, bounces, reason}]: make visible again later (bounces: the new count, from the
 --    agent; reason: the park reason code to keep as parked_reason, '' to clear it (a retry), NULL to keep it)
--- $4 states  $5 events  $6 agent id  $7 reconcile results
--- $8 keep settled messages in PGMQ's archive (false: AGENT_ARCHIVE=false, they are deleted; the audit is in events)
--- $9 this queue's name (moves go through agent.move_message: an agent may send to no other queue)
+-- $4..$16 states, one array per column (device, service, desired, version, observed, observed_at,
+--    applied_at, verified_at, error, msg_id, request_id, meta, failed; times as unix seconds)
+-- $17..$28 events, one array per column (device, service, kind, msg_id, version, request_id, desired,
+--    observed, attempt, duration_ms, error, meta)
+-- $29 agent id  $30 reconcile results
+-- $31 keep settled messages in PGMQ's archive (false: AGENT_ARCHIVE=false, they are deleted; the audit is in events)
+-- $32 this queue's name (moves go through agent.move_message: an agent may send to no other queue)
 WITH done AS (
     DELETE FROM pgmq.{q} m
     USING jsonb_to_recordset($1::jsonb) AS f(id bigint, rc integer, h jsonb, dest text)
@@ -404,7 +408,7 @@ WITH done AS (
     RETURNING m.msg_id, m.vt, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers, f.h
 ), archived AS (
     INSERT INTO pgmq.{a} (msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers)
-    SELECT msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers FROM done WHERE $8::boolean
+    SELECT msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers FROM done WHERE $31::boolean
     RETURNING msg_id
 ), dead AS (
     -- headers that are not an object (a plain pgmq.send may put any JSON there) are kept whole under
@@ -416,7 +420,7 @@ WITH done AS (
     FROM done d WHERE d.h IS NOT NULL
 ), moved AS (   -- its version there is its new msg_id: this queue's origin_msg_id and bounces stay behind
     SELECT f.id AS msg_id FROM jsonb_to_recordset($1::jsonb) AS f(id bigint, rc integer, dest text)
-    WHERE f.dest IS NOT NULL AND agent.move_message($9::text, f.id, f.rc, f.dest, $8::boolean) IS NOT NULL
+    WHERE f.dest IS NOT NULL AND agent.move_message($32::text, f.id, f.rc, f.dest, $31::boolean) IS NOT NULL
 ), later AS (   -- held (the guard): invisible for a century, until `agentctl guard` releases or discards it
     UPDATE pgmq.{q} m SET vt = clock_timestamp() + CASE WHEN l.hold THEN interval '100 years'
                                                         ELSE make_interval(secs => l.delay) END,
@@ -444,10 +448,11 @@ WITH done AS (
            to_timestamp(x.verified_at),
            x.error, CASE WHEN x.error IS NOT NULL THEN now() END, x.msg_id, x.request_id, x.meta, now(),
            coalesce(x.failed, false)
-    FROM jsonb_to_recordset($4::jsonb)
-         AS x(device text, service text, desired text, version bigint, observed text, observed_at double precision,
-              applied_at double precision, verified_at double precision, error text, msg_id bigint, request_id text,
-              meta jsonb, failed boolean)
+    FROM unnest($4::text[], $5::text[], $6::text[], $7::bigint[], $8::text[], $9::double precision[],
+                $10::double precision[], $11::double precision[], $12::text[], $13::bigint[], $14::text[],
+                $15::jsonb[], $16::boolean[])
+         AS x(device, service, desired, version, observed, observed_at, applied_at, verified_at, error, msg_id,
+              request_id, meta, failed)
     -- State moves only forward: an observation older than the one recorded, or the error of a
     -- command older than the newest accepted one (a late report), changes nothing.
     ON CONFLICT (device, service) DO UPDATE SET
@@ -487,13 +492,14 @@ WITH done AS (
     INSERT INTO agent.events (device, service, kind, msg_id, version, request_id, desired, observed,
                               attempt, duration_ms, error, agent_id, meta)
     SELECT x.device, x.service, x.kind, x.msg_id, x.version, x.request_id, x.desired, x.observed,
-           x.attempt, x.duration_ms, x.error, $6, x.meta
-    FROM jsonb_to_recordset($5::jsonb)
-         AS x(device text, service text, kind text, msg_id bigint, version bigint, request_id text, desired text,
-              observed text, attempt integer, duration_ms double precision, error text, meta jsonb)
+           x.attempt, x.duration_ms, x.error, $29, x.meta
+    FROM unnest($17::text[], $18::text[], $19::text[], $20::bigint[], $21::bigint[], $22::text[], $23::text[],
+                $24::text[], $25::integer[], $26::double precision[], $27::text[], $28::jsonb[])
+         AS x(device, service, kind, msg_id, version, request_id, desired, observed, attempt, duration_ms, error,
+              meta)
     RETURNING 1
-), synced AS (   -- $7: reconcile messages finished here, with what they found (only those archived now)
-    SELECT x.* FROM jsonb_to_recordset($7::jsonb)
+), synced AS (   -- $30: reconcile messages finished here, with what they found (only those archived now)
+    SELECT x.* FROM jsonb_to_recordset($30::jsonb)
          AS x(msg_id bigint, run bigint, device text, items jsonb, in_sync integer, checked integer,
               drifted integer, repaired integer, unreadable integer, failed integer, skipped text)
     JOIN done ON done.msg_id = x.msg_id
