@@ -688,16 +688,17 @@ FROM (VALUES
 -- recorded with the command that first carried it (the lowest version); commands whose request_id
 -- belongs to another command go no further; of the rest, the newest version per key wins, also
 -- when a coalesced take brings several versions of one key at once. An `off` that would turn one
--- service too many of site $2 off is held by the guard (agent.guard_admit; $3 AGENT_GUARD_OFF_MIN,
--- NULL when the guard is off, $4 AGENT_GUARD_OFF_PERCENT, $5 AGENT_GUARD_WINDOW): it is not
+-- service too many of site $8 off is held by the guard (agent.guard_admit; $9 AGENT_GUARD_OFF_MIN,
+-- NULL when the guard is off, $10 AGENT_GUARD_OFF_PERCENT, $11 AGENT_GUARD_WINDOW): it is not
 -- accepted; a held command that a newer accepted command supersedes is made visible, to be read and
 -- recorded as superseded. Returns ('r', request_id, owner version), ('d', device, service, version
 -- in force: the newest accepted, ours or a newer one) and ('h', device, service, version in force,
 -- the held version).
+-- $1..$7: the commands, one array per column (device, service, desired, version, msg_id, request_id,
+-- released).
 WITH input AS (
-    SELECT * FROM jsonb_to_recordset($1::jsonb)
-        AS x(device text, service text, desired text, version bigint, msg_id bigint, request_id text,
-             released boolean)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::boolean[])
+        AS x(device, service, desired, version, msg_id, request_id, released)
 ), req AS (
     INSERT INTO agent.requests AS r (request_id, version, device, service)
     SELECT DISTINCT ON (request_id) request_id, version, device, service FROM input
@@ -709,10 +710,10 @@ WITH input AS (
     WHERE i.request_id IS NULL OR req.version = i.version
     ORDER BY i.device, i.service, i.version DESC, i.msg_id DESC
 ), held AS (
-    SELECT g.device, g.service, g.version, g.in_force FROM agent.guard_admit($2::text, CASE WHEN $3::integer IS NOT NULL
+    SELECT g.device, g.service, g.version, g.in_force FROM agent.guard_admit($8::text, CASE WHEN $9::integer IS NOT NULL
         THEN (SELECT jsonb_agg(jsonb_build_object('device', f.device, 'service', f.service, 'version', f.version,
                                                   'released', f.released))
-              FROM fresh f WHERE f.desired = 'off') END, $3::integer, $4::double precision, $5::double precision) g
+              FROM fresh f WHERE f.desired = 'off') END, $9::integer, $10::double precision, $11::double precision) g
 ), acc AS (
     INSERT INTO agent.service_state AS s (device, service, desired, desired_version, desired_at, last_msg_id,
                                           last_request_id, updated_at)
