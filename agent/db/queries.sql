@@ -394,13 +394,14 @@ SELECT queue_name FROM pgmq.meta;
 -- $2 DLQ name
 -- $3 [{id, rc, delay, park, bounces, reason}]: make visible again later (bounces: the new count, from the
 --    agent; reason: the park reason code to keep as parked_reason, '' to clear it (a retry), NULL to keep it)
--- $4..$16 states, one array per column (device, service, desired, version, observed, observed_at,
---    applied_at, verified_at, error, msg_id, request_id, meta, failed; times as unix seconds)
--- $17..$28 events, one array per column (device, service, kind, msg_id, version, request_id, desired,
---    observed, attempt, duration_ms, error, meta)
--- $29 agent id  $30 reconcile results
--- $31 keep settled messages in PGMQ's archive (false: AGENT_ARCHIVE=false, they are deleted; the audit is in events)
--- $32 this queue's name (moves go through agent.move_message: an agent may send to no other queue)
+-- $4 states, a JSON array of columns: [[device...], [service...], [desired...], [version...], [observed...],
+--    [observed_at...], [applied_at...], [verified_at...], [error...], [msg_id...], [request_id...], [meta...],
+--    [failed...]] (times as unix seconds)
+-- $5 events, a JSON array of columns: [[device...], [service...], [kind...], [msg_id...], [version...],
+--    [request_id...], [desired...], [observed...], [attempt...], [duration_ms...], [error...], [meta...]]
+-- $6 agent id  $7 reconcile results
+-- $8 keep settled messages in PGMQ's archive (false: AGENT_ARCHIVE=false, they are deleted; the audit is in events)
+-- $9 this queue's name (moves go through agent.move_message: an agent may send to no other queue)
 WITH done AS (
     DELETE FROM pgmq.{q} m
     USING jsonb_to_recordset($1::jsonb) AS f(id bigint, rc integer, h jsonb, dest text)
@@ -408,7 +409,7 @@ WITH done AS (
     RETURNING m.msg_id, m.vt, m.read_ct, m.enqueued_at, m.last_read_at, m.message, m.headers, f.h
 ), archived AS (
     INSERT INTO pgmq.{a} (msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers)
-    SELECT msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers FROM done WHERE $31::boolean
+    SELECT msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers FROM done WHERE $8::boolean
     RETURNING msg_id
 ), dead AS (
     -- headers that are not an object (a plain pgmq.send may put any JSON there) are kept whole under
@@ -420,7 +421,7 @@ WITH done AS (
     FROM done d WHERE d.h IS NOT NULL
 ), moved AS (   -- its version there is its new msg_id: this queue's origin_msg_id and bounces stay behind
     SELECT f.id AS msg_id FROM jsonb_to_recordset($1::jsonb) AS f(id bigint, rc integer, dest text)
-    WHERE f.dest IS NOT NULL AND agent.move_message($32::text, f.id, f.rc, f.dest, $31::boolean) IS NOT NULL
+    WHERE f.dest IS NOT NULL AND agent.move_message($9::text, f.id, f.rc, f.dest, $8::boolean) IS NOT NULL
 ), later AS (   -- held (the guard): invisible for a century, until `agentctl guard` releases or discards it
     UPDATE pgmq.{q} m SET vt = clock_timestamp() + CASE WHEN l.hold THEN interval '100 years'
                                                         ELSE make_interval(secs => l.delay) END,
@@ -448,11 +449,19 @@ WITH done AS (
            to_timestamp(x.verified_at),
            x.error, CASE WHEN x.error IS NOT NULL THEN now() END, x.msg_id, x.request_id, x.meta, now(),
            coalesce(x.failed, false)
-    FROM unnest($4::text[], $5::text[], $6::text[], $7::bigint[], $8::text[], $9::double precision[],
-                $10::double precision[], $11::double precision[], $12::text[], $13::bigint[], $14::text[],
-                $15::jsonb[], $16::boolean[])
-         AS x(device, service, desired, version, observed, observed_at, applied_at, verified_at, error, msg_id,
-              request_id, meta, failed)
+    FROM (SELECT c.device, c.service, c.desired, c.version::bigint AS version, c.observed,
+                 c.observed_at::double precision AS observed_at, c.applied_at::double precision AS applied_at,
+                 c.verified_at::double precision AS verified_at, c.error, c.msg_id::bigint AS msg_id, c.request_id,
+                 nullif(c.meta, 'null'::jsonb) AS meta, c.failed::boolean AS failed
+          FROM ROWS FROM (jsonb_array_elements_text($4::jsonb->0), jsonb_array_elements_text($4::jsonb->1),
+                          jsonb_array_elements_text($4::jsonb->2), jsonb_array_elements_text($4::jsonb->3),
+                          jsonb_array_elements_text($4::jsonb->4), jsonb_array_elements_text($4::jsonb->5),
+                          jsonb_array_elements_text($4::jsonb->6), jsonb_array_elements_text($4::jsonb->7),
+                          jsonb_array_elements_text($4::jsonb->8), jsonb_array_elements_text($4::jsonb->9),
+                          jsonb_array_elements_text($4::jsonb->10), jsonb_array_elements($4::jsonb->11),
+                          jsonb_array_elements_text($4::jsonb->12))
+               AS c(device, service, desired, version, observed, observed_at, applied_at, verified_at, error, msg_id,
+                    request_id, meta, failed)) x
     -- State moves only forward: an observation older than the one recorded, or the error of a
     -- command older than the newest accepted one (a late report), changes nothing.
     ON CONFLICT (device, service) DO UPDATE SET
@@ -491,15 +500,19 @@ WITH done AS (
 ), events AS (
     INSERT INTO agent.events (device, service, kind, msg_id, version, request_id, desired, observed,
                               attempt, duration_ms, error, agent_id, meta)
-    SELECT x.device, x.service, x.kind, x.msg_id, x.version, x.request_id, x.desired, x.observed,
-           x.attempt, x.duration_ms, x.error, $29, x.meta
-    FROM unnest($17::text[], $18::text[], $19::text[], $20::bigint[], $21::bigint[], $22::text[], $23::text[],
-                $24::text[], $25::integer[], $26::double precision[], $27::text[], $28::jsonb[])
+    SELECT x.device, x.service, x.kind, x.msg_id::bigint, x.version::bigint, x.request_id, x.desired, x.observed,
+           x.attempt::integer, x.duration_ms::double precision, x.error, $6, nullif(x.meta, 'null'::jsonb)
+    FROM ROWS FROM (jsonb_array_elements_text($5::jsonb->0), jsonb_array_elements_text($5::jsonb->1),
+                    jsonb_array_elements_text($5::jsonb->2), jsonb_array_elements_text($5::jsonb->3),
+                    jsonb_array_elements_text($5::jsonb->4), jsonb_array_elements_text($5::jsonb->5),
+                    jsonb_array_elements_text($5::jsonb->6), jsonb_array_elements_text($5::jsonb->7),
+                    jsonb_array_elements_text($5::jsonb->8), jsonb_array_elements_text($5::jsonb->9),
+                    jsonb_array_elements_text($5::jsonb->10), jsonb_array_elements($5::jsonb->11))
          AS x(device, service, kind, msg_id, version, request_id, desired, observed, attempt, duration_ms, error,
               meta)
     RETURNING 1
-), synced AS (   -- $30: reconcile messages finished here, with what they found (only those archived now)
-    SELECT x.* FROM jsonb_to_recordset($30::jsonb)
+), synced AS (   -- $7: reconcile messages finished here, with what they found (only those archived now)
+    SELECT x.* FROM jsonb_to_recordset($7::jsonb)
          AS x(msg_id bigint, run bigint, device text, items jsonb, in_sync integer, checked integer,
               drifted integer, repaired integer, unreadable integer, failed integer, skipped text)
     JOIN done ON done.msg_id = x.msg_id
@@ -688,16 +701,21 @@ FROM (VALUES
 -- recorded with the command that first carried it (the lowest version); commands whose request_id
 -- belongs to another command go no further; of the rest, the newest version per key wins, also
 -- when a coalesced take brings several versions of one key at once. An `off` that would turn one
--- service too many of site $8 off is held by the guard (agent.guard_admit; $9 AGENT_GUARD_OFF_MIN,
--- NULL when the guard is off, $10 AGENT_GUARD_OFF_PERCENT, $11 AGENT_GUARD_WINDOW): it is not
+-- service too many of site $2 off is held by the guard (agent.guard_admit; $3 AGENT_GUARD_OFF_MIN,
+-- NULL when the guard is off, $4 AGENT_GUARD_OFF_PERCENT, $5 AGENT_GUARD_WINDOW): it is not
 -- accepted; a held command that a newer accepted command supersedes is made visible, to be read and
 -- recorded as superseded. Returns ('r', request_id, owner version), ('d', device, service, version
 -- in force: the newest accepted, ours or a newer one) and ('h', device, service, version in force,
 -- the held version).
--- $1..$7: the commands, one array per column (device, service, desired, version, msg_id, request_id,
--- released).
+-- $1: the commands, a JSON array of columns: [[device...], [service...], [desired...], [version...],
+-- [msg_id...], [request_id...], [released...]] (see reports.py, _columns).
 WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::boolean[])
+    SELECT x.device, x.service, x.desired, x.version::bigint AS version, x.msg_id::bigint AS msg_id, x.request_id,
+           x.released::boolean AS released
+    FROM ROWS FROM (jsonb_array_elements_text($1::jsonb->0), jsonb_array_elements_text($1::jsonb->1),
+                    jsonb_array_elements_text($1::jsonb->2), jsonb_array_elements_text($1::jsonb->3),
+                    jsonb_array_elements_text($1::jsonb->4), jsonb_array_elements_text($1::jsonb->5),
+                    jsonb_array_elements_text($1::jsonb->6))
         AS x(device, service, desired, version, msg_id, request_id, released)
 ), req AS (
     INSERT INTO agent.requests AS r (request_id, version, device, service)
@@ -710,10 +728,10 @@ WITH input AS (
     WHERE i.request_id IS NULL OR req.version = i.version
     ORDER BY i.device, i.service, i.version DESC, i.msg_id DESC
 ), held AS (
-    SELECT g.device, g.service, g.version, g.in_force FROM agent.guard_admit($8::text, CASE WHEN $9::integer IS NOT NULL
+    SELECT g.device, g.service, g.version, g.in_force FROM agent.guard_admit($2::text, CASE WHEN $3::integer IS NOT NULL
         THEN (SELECT jsonb_agg(jsonb_build_object('device', f.device, 'service', f.service, 'version', f.version,
                                                   'released', f.released))
-              FROM fresh f WHERE f.desired = 'off') END, $9::integer, $10::double precision, $11::double precision) g
+              FROM fresh f WHERE f.desired = 'off') END, $3::integer, $4::double precision, $5::double precision) g
 ), acc AS (
     INSERT INTO agent.service_state AS s (device, service, desired, desired_version, desired_at, last_msg_id,
                                           last_request_id, updated_at)

@@ -5,7 +5,6 @@ either answers or raises one of our error kinds, with text that carries no raw c
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
 
@@ -79,15 +78,6 @@ def test_the_report_encoder_never_produces_what_postgres_refuses(error, meta, ob
         if isinstance(arg, str) and arg.startswith(("[", "{")):
             doc = json.loads(arg, parse_constant=lambda c: (_ for _ in ()).throw(AssertionError(c)))
             assert not any("\x00" in t for t in strings(doc))  # jsonb refuses \u0000
-        for value in arg if isinstance(arg, list) else []:  # the states' and events' columns go as arrays
-            assert not (isinstance(value, str) and "\x00" in value)  # text refuses NUL
-            assert not (isinstance(value, float) and not math.isfinite(value))  # no NaN time or duration
-            if isinstance(value, str) and value.startswith("{"):  # meta (jsonb): strict JSON, no \u0000
-                try:
-                    doc = json.loads(value, parse_constant=lambda c: (_ for _ in ()).throw(AssertionError(c)))
-                except json.JSONDecodeError:
-                    continue  # an error or observed text that starts with a brace
-                assert not any("\x00" in t for t in strings(doc))
 
 
 @FUZZ
