@@ -2,6 +2,7 @@
 
     .venv/bin/pip install -r bench/requirements.txt     # pgqueuer==1.6.0, a benchmark peer only
     .venv/bin/python bench/peers.py [--runs 2] [--wake-samples 200] [--no-statements] [--idle-seconds 60]
+                                    [--wal-stats]
 
 One throwaway Postgres (pgserver, Unix socket), a fresh database for each side of each run:
   drain  agentd (subprocess, default settings) drains 20,000 distinct commands (200 zero-latency sim
@@ -13,8 +14,17 @@ One throwaway Postgres (pgserver, Unix socket), a fresh database for each side o
          first. Target: agent jobs/s >= pgqueuer jobs/s (median ratio of the runs).
   rows   rows inserted/updated/deleted per command by table (pg_stat_user_tables deltas, the
          producer's own rows subtracted) and transactions per command, for both.
-  stmts  statements per command from the server log (log_statement=all) in one more drain of each
-         (slower than the timed runs; counted by application_name).
+  WAL    WAL bytes per command: a CHECKPOINT before each side's drain (each then logs the same share
+         of full-page images), counted from the WAL position just before the send's commit to the
+         drain's end (pg_current_wal_insert_lsn; cluster-wide, the bench's polling writes none);
+         --wal-stats adds pg_waldump --stats=record over that range, by record type.
+  stmts  statements per command, and the server's time executing them, from the server log
+         (log_min_duration_statement = 0; pg_stat_statements is not in pgserver's build) in one more
+         drain of each side, pgqueuer at batch 10 and at batch 100 (slower than the timed runs;
+         counted by application_name). The durations are wall time inside Postgres: while agentd
+         and the backends share two cores they include waiting for a core.
+  table  the last run's drains/s, rows, transactions, WAL bytes and statements per verified command
+         (agentd) and per job (pgqueuer) side by side.
   wake   isolated messages 0.3 s apart: pgmq.send -> first device call (in-process agent, recording
          driver, bench/pipeline.py) and enqueue -> job start (in-process pgqueuer), after one
          uncounted warm-up message each; p50 and p99 by nearest rank (of 200, the 198th).
@@ -377,7 +387,7 @@ async def main() -> None:
                 t = await pgq_drain(admin, payloads, log_file, batch_size=args.pgq_batch) if args.pgq_batch else None
             finally:
                 await log_all(admin, False)
-            print(f"statement-count drains (log_statement=all, slower): agentd {a['seconds']:.2f} s, "
+            print(f"statement-count drains (log_min_duration_statement = 0, slower): agentd {a['seconds']:.2f} s, "
                   f"pgqueuer {p['seconds']:.2f} s" + (f", pgqueuer batch {args.pgq_batch} {t['seconds']:.2f} s"
                                                       if t else ""))
             for label, res in (("agentd", a), ("pgqueuer", p), *([("tuned", t)] if t else [])):
