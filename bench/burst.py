@@ -117,14 +117,32 @@ async def xacts(conn: asyncpg.Connection) -> int:
                                "WHERE datname = current_database()")
 
 
-async def send_all(conn: asyncpg.Connection, bodies: list[str]) -> tuple[datetime, dict]:
-    """All messages in one transaction; returns the database clock right after the commit and the
-    rows the producer itself wrote (to subtract from the consumer's counts)."""
+async def send_all(conn: asyncpg.Connection, bodies: list[str]) -> tuple[datetime, dict, str]:
+    """All messages in one transaction; returns the database clock right after the commit, the
+    rows the producer itself wrote (to subtract from the consumer's counts) and the WAL position
+    just before the commit (the consumer's WAL is counted from there)."""
     async with conn.transaction():
         for start in range(0, len(bodies), 5000):
             await conn.execute("SELECT pgmq.send_batch('device_tasks', $1::jsonb[])", bodies[start:start + 5000])
         mine = await table_stats(conn, "pg_stat_xact_user_tables")
-    return await conn.fetchval("SELECT clock_timestamp()"), mine
+        lsn = await wal_position(conn)
+    return await conn.fetchval("SELECT clock_timestamp()"), mine, lsn
+
+
+async def checkpoint(conn: asyncpg.Connection) -> None:
+    """A checkpoint before each side's drain: each then writes the same share of full-page images
+    (the first change of a page after a checkpoint logs the whole page), not whatever share the
+    timing of the last automatic checkpoint gave it."""
+    await conn.execute("CHECKPOINT")
+
+
+async def wal_position(conn: asyncpg.Connection) -> str:
+    return str(await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text"))
+
+
+async def wal_since(conn: asyncpg.Connection, lsn: str) -> int:
+    """WAL bytes written cluster-wide since `lsn` (the bench's own polling writes none)."""
+    return int(await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::text::pg_lsn)", lsn))
 
 
 def per_command(delta: dict[str, tuple[int, int, int]], n: int) -> str:
@@ -149,9 +167,10 @@ async def drain(admin_dsn: str, db: str, devices: list[tuple[str, dict]], bodies
         await wait_ready(conn, proc)
         before, x0 = await table_stats(conn), await xacts(conn)
         log_start = log_file.stat().st_size if log_file else 0
+        await checkpoint(conn)
         cpu0 = (cpu_seconds([proc.pid]), cpu_seconds(postgres_pids()))
         wall0 = time.monotonic()
-        t0, mine = await send_all(conn, bodies)
+        t0, mine, lsn0 = await send_all(conn, bodies)
         deadline = time.monotonic() + timeout
         last_conn_sample = 0.0
         while True:
@@ -162,6 +181,7 @@ async def drain(admin_dsn: str, db: str, devices: list[tuple[str, dict]], bodies
                     "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'agentd%'"))
                 n = await conn.fetchval('SELECT count(*) FROM pgmq."a_device_tasks"')
                 if n >= total:
+                    wal, lsn1 = await wal_since(conn, lsn0), await wal_position(conn)
                     break
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"drain did not finish ({n} of {total} archived)")
@@ -183,7 +203,7 @@ async def drain(admin_dsn: str, db: str, devices: list[tuple[str, dict]], bodies
     await conn.close()
     return {"seconds": (last - t0).total_seconds(), "wall": wall, "first_to_last": (last - first).total_seconds(),
             "log_start": log_start, "tuples": stats_delta(before, after, mine), "xacts": x1 - x0, "left": left,
-            "dlq": dlq, "wrong": wrong,
+            "dlq": dlq, "wrong": wrong, "wal_bytes": wal, "wal_range": (lsn0, lsn1),
             "events": kinds, "rss_max": rss_max, "conns_max": conns_max,
             "agent_cpu": cpu1[0] - cpu0[0], "postgres_cpu": cpu1[1] - cpu0[1]}
 

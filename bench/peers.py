@@ -2,6 +2,7 @@
 
     .venv/bin/pip install -r bench/requirements.txt     # pgqueuer==1.6.0, a benchmark peer only
     .venv/bin/python bench/peers.py [--runs 2] [--wake-samples 200] [--no-statements] [--idle-seconds 60]
+                                    [--wal-stats]
 
 One throwaway Postgres (pgserver, Unix socket), a fresh database for each side of each run:
   drain  agentd (subprocess, default settings) drains 20,000 distinct commands (200 zero-latency sim
@@ -13,8 +14,17 @@ One throwaway Postgres (pgserver, Unix socket), a fresh database for each side o
          first. Target: agent jobs/s >= pgqueuer jobs/s (median ratio of the runs).
   rows   rows inserted/updated/deleted per command by table (pg_stat_user_tables deltas, the
          producer's own rows subtracted) and transactions per command, for both.
-  stmts  statements per command from the server log (log_statement=all) in one more drain of each
-         (slower than the timed runs; counted by application_name).
+  WAL    WAL bytes per command: a CHECKPOINT before each side's drain (each then logs the same share
+         of full-page images), counted from the WAL position just before the send's commit to the
+         drain's end (pg_current_wal_insert_lsn; cluster-wide, the bench's polling writes none);
+         --wal-stats adds pg_waldump --stats=record over that range, by record type.
+  stmts  statements per command, and the server's time executing them, from the server log
+         (log_min_duration_statement = 0; pg_stat_statements is not in pgserver's build) in one more
+         drain of each side, pgqueuer at batch 10 and at batch 100 (slower than the timed runs;
+         counted by application_name). The durations are wall time inside Postgres: while agentd
+         and the backends share two cores they include waiting for a core.
+  table  the last run's drains/s, rows, transactions, WAL bytes and statements per verified command
+         (agentd) and per job (pgqueuer) side by side.
   wake   isolated messages 0.3 s apart: pgmq.send -> first device call (in-process agent, recording
          driver, bench/pipeline.py) and enqueue -> job start (in-process pgqueuer), after one
          uncounted warm-up message each; p50 and p99 by nearest rank (of 200, the 198th).
@@ -43,7 +53,20 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import burst
-from burst import cpu_seconds, git_rev, machine, per_command, postgres_pids, stats_delta, summary, table_stats, xacts
+from burst import (
+    checkpoint,
+    cpu_seconds,
+    git_rev,
+    machine,
+    per_command,
+    postgres_pids,
+    stats_delta,
+    summary,
+    table_stats,
+    wal_position,
+    wal_since,
+    xacts,
+)
 from pipeline import idle_statements, summarize, verdict, wait_for_key, wake_latency
 
 PGQ_APP = "pgq-bench-worker"
@@ -113,17 +136,20 @@ async def pgq_drain(admin_dsn: str, payloads: list[str], log_file: Path | None =
         await asyncio.sleep(1.5)  # as for agentd: started, listening, idle
         log_start = log_file.stat().st_size if log_file else 0
         before, x0 = await table_stats(conn), await xacts(conn)
+        await checkpoint(conn)
         cpu0 = (cpu_seconds([proc.pid]), cpu_seconds(postgres_pids()))
         q = Queries.from_asyncpg_connection(conn)
         async with conn.transaction():
             await q.enqueue(["noop"] * n, [p.encode() for p in payloads], [0] * n)
             mine = await table_stats(conn, "pg_stat_xact_user_tables")
+            lsn0 = await wal_position(conn)
         t0 = await conn.fetchval("SELECT clock_timestamp()")
         deadline = time.monotonic() + 300
         while await conn.fetchval("SELECT count(*) FROM pgqueuer_log WHERE status = 'successful'") < n:
             if time.monotonic() > deadline:
                 raise RuntimeError("pgqueuer drain did not finish")
             await asyncio.sleep(0.05)
+        wal, lsn1 = await wal_since(conn, lsn0), await wal_position(conn)
         cpu1 = (cpu_seconds([proc.pid]), cpu_seconds(postgres_pids()))
         proc.wait(30)
     finally:
@@ -138,10 +164,10 @@ async def pgq_drain(admin_dsn: str, payloads: list[str], log_file: Path | None =
     after, x1 = await table_stats(conn), await xacts(conn)
     await conn.close()
     out = {"seconds": (last - t0).total_seconds(), "first_to_last": (last - first).total_seconds(), "left": left,
-           "tuples": stats_delta(before, after, mine), "xacts": x1 - x0,
+           "tuples": stats_delta(before, after, mine), "xacts": x1 - x0, "wal_bytes": wal, "wal_range": (lsn0, lsn1),
            "agent_cpu": cpu1[0] - cpu0[0], "postgres_cpu": cpu1[1] - cpu0[1]}
     if log_file:
-        out["statements"] = count_statements(log_file, log_start, PGQ_APP)
+        out["statements"] = statement_times(log_file, log_start, PGQ_APP)
     return out
 
 
@@ -181,27 +207,30 @@ async def pgq_wake(admin_dsn: str, samples: int) -> dict[str, float]:
 
 # -- statement counting ----------------------------------------------------------------------------
 
-def count_statements(log_file: Path, start: int, app_prefix: str) -> dict[str, int]:
+def statement_times(log_file: Path, start: int, app_prefix: str) -> dict[str, tuple[int, float]]:
+    """Statements by their first 70 characters: how many, and the server's time on them in ms (the
+    execute phase, from log_min_duration_statement = 0; 0 where only log_statement logged them)."""
     with log_file.open() as f:
         f.seek(start)
         window = f.read()
-    found = re.findall(r"app=([^\n]*?) LOG:  (?:statement|execute [^:]*): (.*?)(?=\n\d{4}-\d\d-\d\d |\Z)",
-                       window, re.S)
-    kinds: dict[str, int] = {}
-    for app, text in found:
+    found = re.findall(r"app=([^\n]*?) LOG:  (?:duration: ([\d.]+) ms  )?(?:statement|execute [^:]*): "
+                       r"(.*?)(?=\n\d{4}-\d\d-\d\d |\Z)", window, re.S)
+    kinds: dict[str, tuple[int, float]] = {}
+    for app, ms, text in found:
         if app.startswith(app_prefix):
             key = " ".join(text.split())[:70]
-            kinds[key] = kinds.get(key, 0) + 1
+            k, t = kinds.get(key, (0, 0.0))
+            kinds[key] = (k + 1, t + float(ms or 0))
     return kinds
 
 
 async def log_all(admin_dsn: str, on: bool) -> None:
     admin = await asyncpg.connect(admin_dsn)
-    if on:
-        await admin.execute("ALTER SYSTEM SET log_statement = 'all'")
+    if on:  # every statement with its duration (log_statement = 'all' would log each a second time)
+        await admin.execute("ALTER SYSTEM SET log_min_duration_statement = 0")
         await admin.execute("ALTER SYSTEM SET log_line_prefix = '%m [%p] app=%a '")
     else:
-        await admin.execute("ALTER SYSTEM RESET log_statement")
+        await admin.execute("ALTER SYSTEM RESET log_min_duration_statement")
         await admin.execute("ALTER SYSTEM RESET log_line_prefix")
     await admin.execute("SELECT pg_reload_conf()")
     await admin.close()
@@ -212,15 +241,43 @@ async def agent_drain(admin_dsn: str, payloads: list[str], devices: int, log_fil
     r = await burst.drain(admin_dsn, "bench_peer_agent", [(f"d{i:03}", {}) for i in range(devices)], payloads,
                           log_file=log_file)
     if log_file:  # from the send on: start-up statements are not counted
-        r["statements"] = count_statements(log_file, r["log_start"], "agentd")
+        r["statements"] = statement_times(log_file, r["log_start"], "agentd")
     return r
 
 
-def print_statements(label: str, kinds: dict[str, int], n: int) -> None:
-    total = sum(kinds.values())
-    print(f"statements {label}: {total} for {n} = {total / n:.3f} per command (log_statement=all)")
-    for text, k in sorted(kinds.items(), key=lambda kv: -kv[1])[:12]:
-        print(f"  {k:6} x {text}")
+def wal_stats(lsns: tuple[str, str], n: int, top: int = 12) -> str:
+    """What the drain's WAL holds, by record type (pg_waldump --stats=record over its LSN range)."""
+    assert burst.PG_DATA is not None
+    waldump = Path(shutil.which("pg_waldump") or "")
+    import pgserver
+
+    for cand in Path(pgserver.__file__).parent.glob("pginstall/bin/pg_waldump"):
+        waldump = cand
+    out = subprocess.run([str(waldump), "-p", str(burst.PG_DATA / "pg_wal"), "--stats=record",
+                          "-s", lsns[0], "-e", lsns[1]], capture_output=True, text=True)
+    rows = []
+    for line in out.stdout.splitlines():
+        # Type  N (%)  Record size (%)  FPI size (%)  Combined size (%)
+        nums = re.findall(r"(\d+) \(\s*[\d.]+\)", line)
+        if len(nums) == 4 and "/" in line.split()[0]:
+            rows.append((line.split()[0], *map(int, nums)))
+    if not rows:
+        return f"pg_waldump gave nothing ({out.stderr.strip()[:200]})"
+    total = sum(r[4] for r in rows)
+    lines = [f"{sum(r[1] for r in rows) / n:.2f} records, {sum(r[2] for r in rows) / n:,.0f} record bytes, "
+             f"{sum(r[3] for r in rows) / n:,.0f} full-page-image bytes per command (total {total / n:,.0f}):"]
+    for name, k, rec, fpi, _ in sorted(rows, key=lambda r: -r[4])[:top]:
+        lines.append(f"  {name:32} {k / n:6.2f} records {rec / n:7,.0f} B  FPI {fpi / n:7,.0f} B  per command")
+    return "\n".join(lines)
+
+
+def print_statements(label: str, kinds: dict[str, tuple[int, float]], n: int) -> None:
+    total = sum(k for k, _ in kinds.values())
+    ms = sum(t for _, t in kinds.values())
+    print(f"statements {label}: {total} for {n} = {total / n:.3f} per command; server time executing them "
+          f"{ms:,.0f} ms = {ms * 1000 / n:.0f} µs per command (log_min_duration_statement = 0)")
+    for text, (k, t) in sorted(kinds.items(), key=lambda kv: -kv[1][1])[:12]:
+        print(f"  {k:6} x {t:8,.0f} ms  {text}")
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -234,6 +291,7 @@ async def main() -> None:
     ap.add_argument("--wake-rounds", type=int, default=2)
     ap.add_argument("--idle-seconds", type=float, default=60, help="0 skips the idle measurement")
     ap.add_argument("--no-statements", action="store_true")
+    ap.add_argument("--wal-stats", action="store_true", help="pg_waldump --stats of each side's drain (last run)")
     ap.add_argument("--pgq-batch", type=int, default=100,
                     help="also drain with pgqueuer run(batch_size=N), matched to AGENT_BATCH_SIZE (0: skip)")
     ap.add_argument("--pgq-worker", nargs="+", metavar="DSN JOBS [BATCH]", help=argparse.SUPPRESS)
@@ -265,7 +323,7 @@ async def main() -> None:
         payloads = bodies(args.devices, args.services)
         n = len(payloads)
         ratios, arates, prates, a_res, p_res = [], [], [], [], []
-        trates, tratios = [], []
+        trates, tratios, t_res = [], [], []
         for run in range(1, args.runs + 1):
             sides = ["agent", "pgq"] if run % 2 else ["pgq", "agent"]
             if args.pgq_batch:
@@ -278,6 +336,8 @@ async def main() -> None:
                     got[side] = await pgq_drain(admin, payloads)
                 else:
                     got[side] = await pgq_drain(admin, payloads, batch_size=args.pgq_batch)
+                if args.wal_stats:  # now: the next side's checkpoint may recycle this drain's WAL
+                    got[side]["wal_stats"] = wal_stats(got[side]["wal_range"], n)
             a, p = got["agent"], got["pgq"]
             ar, pr = n / a["seconds"], n / p["seconds"]
             arates.append(ar)
@@ -296,6 +356,7 @@ async def main() -> None:
                 tr = n / t["seconds"]
                 trates.append(tr)
                 tratios.append(ar / tr)
+                t_res.append(t)
                 print(f"drain run {run}: pgqueuer run(batch_size={args.pgq_batch}) {n} no-op jobs in "
                       f"{t['seconds']:.2f} s = {tr:,.0f}/s (first to last completion {t['first_to_last']:.2f} s); "
                       f"{t['left']} left; CPU worker {t['agent_cpu']:.1f} s, postgres {t['postgres_cpu']:.1f} s; "
@@ -309,20 +370,38 @@ async def main() -> None:
             print(f"drain vs pgqueuer run(batch_size={args.pgq_batch}): pgqueuer median "
                   f"{statistics.median(trates):,.0f}/s; ratio median {tratio:.2f} "
                   f"({', '.join(f'{x:.2f}' for x in tratios)}) [target >= 1.0: {verdict(tratio >= 1.0)}]")
-        for label, res in (("agentd", a_res[-1]), ("pgqueuer", p_res[-1])):
+        last = {"agentd": a_res[-1], "pgqueuer": p_res[-1], **({"tuned": t_res[-1]} if t_res else {})}
+        for label, res in last.items():
             print(f"rows {label}: {per_command(res['tuples'], n)}; {res['xacts'] / n:.3f} transactions per "
-                  f"command (database-wide, the bench's polling included)")
+                  f"command (database-wide, the bench's polling included); WAL {res['wal_bytes'] / n:,.0f} bytes "
+                  f"per command ({res['wal_bytes'] / 1e6:.1f} MB, cluster-wide, from the send's commit to the "
+                  f"drain's end; a checkpoint before each drain)")
+            if "wal_stats" in res:
+                print(f"wal stats {label}: {res['wal_stats']}")
+        stmts: dict[str, float] = {}
         if not args.no_statements:
             await log_all(admin, True)
             try:
                 a = await agent_drain(admin, payloads, args.devices, log_file)
                 p = await pgq_drain(admin, payloads, log_file)
+                t = await pgq_drain(admin, payloads, log_file, batch_size=args.pgq_batch) if args.pgq_batch else None
             finally:
                 await log_all(admin, False)
-            print(f"statement-count drains (log_statement=all, slower): agentd {a['seconds']:.2f} s, "
-                  f"pgqueuer {p['seconds']:.2f} s")
-            print_statements("agentd", a["statements"], n)
-            print_statements("pgqueuer", p["statements"], n)
+            print(f"statement-count drains (log_min_duration_statement = 0, slower): agentd {a['seconds']:.2f} s, "
+                  f"pgqueuer {p['seconds']:.2f} s" + (f", pgqueuer batch {args.pgq_batch} {t['seconds']:.2f} s"
+                                                      if t else ""))
+            for label, res in (("agentd", a), ("pgqueuer", p), *([("tuned", t)] if t else [])):
+                print_statements(label, res["statements"], n)
+                stmts[label] = sum(k for k, _ in res["statements"].values()) / n
+        print(f"per verified command (agentd) / per job (pgqueuer), drain run {args.runs}:")
+        print(f"  {'':28} {'drains/s':>9} {'rows':>6} {'xacts':>7} {'WAL bytes':>10} {'statements':>10}")
+        names = {"agentd": "agentd (defaults)", "pgqueuer": "pgqueuer batch_size 10",
+                 "tuned": f"pgqueuer batch_size {args.pgq_batch}"}
+        for label, res in last.items():
+            rows = sum(sum(v) for v in res["tuples"].values()) / n
+            st = f"{stmts[label]:.3f}" if label in stmts else "-"
+            print(f"  {names[label]:28} {n / res['seconds']:>9,.0f} {rows:>6.2f} {res['xacts'] / n:>7.3f} "
+                  f"{res['wal_bytes'] / n:>10,.0f} {st:>10}")
         ap50, ap99, pp50, pp99 = [], [], [], []
         for rnd in range(1, args.wake_rounds + 1):
             aw = await wake_latency(admin, args.wake_samples)

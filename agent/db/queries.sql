@@ -11,7 +11,9 @@
 -- dead-lettered without ever being held in the agent. last_id: the newest real msg_id (every agent
 -- queue takes its ids from agent.msg_id_seq; a row above it was forged by hand); db_now: the
 -- database's clock, the one not_after is judged by. $1: the queue's name (the statement is bound to
--- its table already; kept so that callers of the pgmq.read form work unchanged).
+-- its table already; kept so that callers of the pgmq.read form work unchanged). The rows taken are
+-- updated through the primary key (`= ANY (ARRAY(...))`): joined to the CTEs, the planner hashed the
+-- whole queue table for every read, a cost that grew with the backlog.
 WITH hi AS (
     SELECT msg_id FROM pgmq.{q}
     WHERE {high} AND vt <= clock_timestamp()
@@ -26,7 +28,7 @@ WITH hi AS (
     UPDATE pgmq.{q} m
     SET last_read_at = clock_timestamp(), vt = clock_timestamp() + make_interval(secs => $2::integer),
         read_ct = m.read_ct + 1
-    FROM (SELECT msg_id FROM hi UNION ALL SELECT msg_id FROM lo) c WHERE m.msg_id = c.msg_id
+    WHERE m.msg_id = ANY (ARRAY(SELECT msg_id FROM hi UNION ALL SELECT msg_id FROM lo))
     RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message, m.headers
 )
 SELECT r.msg_id, r.read_ct, r.enqueued_at,
@@ -49,7 +51,7 @@ WITH hi AS (
     UPDATE pgmq.{q} m
     SET last_read_at = clock_timestamp(), vt = clock_timestamp() + make_interval(secs => $1::integer),
         read_ct = m.read_ct + 1
-    FROM hi WHERE m.msg_id = hi.msg_id
+    WHERE m.msg_id = ANY (ARRAY(SELECT msg_id FROM hi))
     RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message, m.headers
 )
 SELECT r.msg_id, r.read_ct, r.enqueued_at,
@@ -78,7 +80,7 @@ WITH hi AS (
     UPDATE pgmq.{q} m
     SET last_read_at = clock_timestamp(), vt = clock_timestamp() + make_interval(secs => $1::integer),
         read_ct = m.read_ct + 1
-    FROM (SELECT msg_id FROM hi UNION ALL SELECT msg_id FROM lo) c WHERE m.msg_id = c.msg_id
+    WHERE m.msg_id = ANY (ARRAY(SELECT msg_id FROM hi UNION ALL SELECT msg_id FROM lo))
     RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.message, m.headers
 )
 SELECT r.msg_id, r.read_ct, r.enqueued_at,
@@ -392,7 +394,12 @@ SELECT queue_name FROM pgmq.meta;
 -- $2 DLQ name
 -- $3 [{id, rc, delay, park, bounces, reason}]: make visible again later (bounces: the new count, from the
 --    agent; reason: the park reason code to keep as parked_reason, '' to clear it (a retry), NULL to keep it)
--- $4 states  $5 events  $6 agent id  $7 reconcile results
+-- $4 states, a JSON array of columns: [[device...], [service...], [desired...], [version...], [observed...],
+--    [observed_at...], [applied_at...], [verified_at...], [error...], [msg_id...], [request_id...], [meta...],
+--    [failed...]] (times as unix seconds)
+-- $5 events, a JSON array of columns: [[device...], [service...], [kind...], [msg_id...], [version...],
+--    [request_id...], [desired...], [observed...], [attempt...], [duration_ms...], [error...], [meta...]]
+-- $6 agent id  $7 reconcile results
 -- $8 keep settled messages in PGMQ's archive (false: AGENT_ARCHIVE=false, they are deleted; the audit is in events)
 -- $9 this queue's name (moves go through agent.move_message: an agent may send to no other queue)
 WITH done AS (
@@ -442,10 +449,19 @@ WITH done AS (
            to_timestamp(x.verified_at),
            x.error, CASE WHEN x.error IS NOT NULL THEN now() END, x.msg_id, x.request_id, x.meta, now(),
            coalesce(x.failed, false)
-    FROM jsonb_to_recordset($4::jsonb)
-         AS x(device text, service text, desired text, version bigint, observed text, observed_at double precision,
-              applied_at double precision, verified_at double precision, error text, msg_id bigint, request_id text,
-              meta jsonb, failed boolean)
+    FROM (SELECT c.device, c.service, c.desired, c.version::bigint AS version, c.observed,
+                 c.observed_at::double precision AS observed_at, c.applied_at::double precision AS applied_at,
+                 c.verified_at::double precision AS verified_at, c.error, c.msg_id::bigint AS msg_id, c.request_id,
+                 nullif(c.meta, 'null'::jsonb) AS meta, c.failed::boolean AS failed
+          FROM ROWS FROM (jsonb_array_elements_text($4::jsonb->0), jsonb_array_elements_text($4::jsonb->1),
+                          jsonb_array_elements_text($4::jsonb->2), jsonb_array_elements_text($4::jsonb->3),
+                          jsonb_array_elements_text($4::jsonb->4), jsonb_array_elements_text($4::jsonb->5),
+                          jsonb_array_elements_text($4::jsonb->6), jsonb_array_elements_text($4::jsonb->7),
+                          jsonb_array_elements_text($4::jsonb->8), jsonb_array_elements_text($4::jsonb->9),
+                          jsonb_array_elements_text($4::jsonb->10), jsonb_array_elements($4::jsonb->11),
+                          jsonb_array_elements_text($4::jsonb->12))
+               AS c(device, service, desired, version, observed, observed_at, applied_at, verified_at, error, msg_id,
+                    request_id, meta, failed)) x
     -- State moves only forward: an observation older than the one recorded, or the error of a
     -- command older than the newest accepted one (a late report), changes nothing.
     ON CONFLICT (device, service) DO UPDATE SET
@@ -484,11 +500,16 @@ WITH done AS (
 ), events AS (
     INSERT INTO agent.events (device, service, kind, msg_id, version, request_id, desired, observed,
                               attempt, duration_ms, error, agent_id, meta)
-    SELECT x.device, x.service, x.kind, x.msg_id, x.version, x.request_id, x.desired, x.observed,
-           x.attempt, x.duration_ms, x.error, $6, x.meta
-    FROM jsonb_to_recordset($5::jsonb)
-         AS x(device text, service text, kind text, msg_id bigint, version bigint, request_id text, desired text,
-              observed text, attempt integer, duration_ms double precision, error text, meta jsonb)
+    SELECT x.device, x.service, x.kind, x.msg_id::bigint, x.version::bigint, x.request_id, x.desired, x.observed,
+           x.attempt::integer, x.duration_ms::double precision, x.error, $6, nullif(x.meta, 'null'::jsonb)
+    FROM ROWS FROM (jsonb_array_elements_text($5::jsonb->0), jsonb_array_elements_text($5::jsonb->1),
+                    jsonb_array_elements_text($5::jsonb->2), jsonb_array_elements_text($5::jsonb->3),
+                    jsonb_array_elements_text($5::jsonb->4), jsonb_array_elements_text($5::jsonb->5),
+                    jsonb_array_elements_text($5::jsonb->6), jsonb_array_elements_text($5::jsonb->7),
+                    jsonb_array_elements_text($5::jsonb->8), jsonb_array_elements_text($5::jsonb->9),
+                    jsonb_array_elements_text($5::jsonb->10), jsonb_array_elements($5::jsonb->11))
+         AS x(device, service, kind, msg_id, version, request_id, desired, observed, attempt, duration_ms, error,
+              meta)
     RETURNING 1
 ), synced AS (   -- $7: reconcile messages finished here, with what they found (only those archived now)
     SELECT x.* FROM jsonb_to_recordset($7::jsonb)
@@ -686,10 +707,16 @@ FROM (VALUES
 -- recorded as superseded. Returns ('r', request_id, owner version), ('d', device, service, version
 -- in force: the newest accepted, ours or a newer one) and ('h', device, service, version in force,
 -- the held version).
+-- $1: the commands, a JSON array of columns: [[device...], [service...], [desired...], [version...],
+-- [msg_id...], [request_id...], [released...]] (see reports.py, _columns).
 WITH input AS (
-    SELECT * FROM jsonb_to_recordset($1::jsonb)
-        AS x(device text, service text, desired text, version bigint, msg_id bigint, request_id text,
-             released boolean)
+    SELECT x.device, x.service, x.desired, x.version::bigint AS version, x.msg_id::bigint AS msg_id, x.request_id,
+           x.released::boolean AS released
+    FROM ROWS FROM (jsonb_array_elements_text($1::jsonb->0), jsonb_array_elements_text($1::jsonb->1),
+                    jsonb_array_elements_text($1::jsonb->2), jsonb_array_elements_text($1::jsonb->3),
+                    jsonb_array_elements_text($1::jsonb->4), jsonb_array_elements_text($1::jsonb->5),
+                    jsonb_array_elements_text($1::jsonb->6))
+        AS x(device, service, desired, version, msg_id, request_id, released)
 ), req AS (
     INSERT INTO agent.requests AS r (request_id, version, device, service)
     SELECT DISTINCT ON (request_id) request_id, version, device, service FROM input

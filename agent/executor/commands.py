@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from agent.contract import MAX_MESSAGE_BYTES, Command, parse_command
@@ -31,7 +32,7 @@ class Work:
     device: Device
     kind: LaneWork
 
-    @property
+    @cached_property  # asked several times per command on the hot path; neither part of it changes
     def high(self) -> bool:
         """A high-priority `set` command (a restore, unless its producer said otherwise)."""
         return self.command.action == "set" and priority.of(self.delivery.priority, self.command.state) == priority.HIGH

@@ -220,6 +220,26 @@ async def test_a_late_report_never_moves_state_backwards(db):
     assert row["verified_at"].timestamp() == round(now, 6) or abs(row["verified_at"].timestamp() - now) < 1e-3
 
 
+async def test_a_report_keeps_absent_values_null_and_text_as_it_was_escaped(db):
+    """The report sends its rows as JSON columns: a value left out (meta, a request_id) stays NULL (not
+    JSON null), a time or duration that is not finite is NULL, and text is stored as clean() made it."""
+    await send(db, {"device": "r1", "service": "s1", "state": "on"})
+    [d] = await read(db)
+    ev = EventRow("verified", "r1", "s1", d.msg_id, d.version, None, "on", observed="on", attempt=d.attempt,
+                  duration_ms=float("nan"), error='{"not": json}\x00\n')
+    upd = StateUpdate("r1", "s1", "on", d.version, "on", float("inf"), None, time.time(), msg_id=d.msg_id,
+                      meta={"order": 7, "note": "ü"})
+    assert await write_batch(db, Q, "a", [Outcome(d, "archive", [ev], upd)]) == set()
+    row = await db.fetchrow("SELECT meta, duration_ms, error, request_id, version, attempt FROM agent.events "
+                            "WHERE msg_id = $1", d.msg_id)
+    assert row["meta"] is None and row["duration_ms"] is None and row["request_id"] is None
+    assert (row["version"], row["attempt"]) == (d.version, d.attempt)
+    assert row["error"] == '{"not": json}\\x00\\n'
+    st = await state(db, "r1", "s1")
+    assert st["observed_at"] is None and st["verified_at"] is not None and st["desired_version"] == d.version
+    assert json.loads(st["meta"]) == {"order": 7, "note": "ü"} and st["desired_failed"] is False
+
+
 async def test_a_lane_survives_thousands_of_parks_and_leaves_nothing_leased(db, dsn):
     await add_device(db, "r1")
     device = ScriptedDriver()
