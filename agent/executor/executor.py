@@ -63,6 +63,13 @@ class Outcomes(Protocol):
     def submit(self, outcome: Outcome) -> None: ...
 
 
+class MoreWork(Protocol):
+    """Where a lane asks for more of its device's waiting commands before a take (the queue's consumer,
+    which hands the executor its work: the one loop between them, set with `Executor.ask_for_more`)."""
+
+    async def top_up(self, device: str, room: int) -> None: ...
+
+
 Item = Work | LaneItem
 Handler = Callable[[Any], Awaitable[Outcome]]
 
@@ -74,14 +81,14 @@ class Executor:
                  confirm: Callable[[Device, float], Awaitable[str | None]] | None = None,
                  parking: ParkPolicy | None = None, claims: DeviceClaims | None = None,
                  deadlines: Deadlines | None = None, handlers: Mapping[type, Handler] | None = None,
-                 coalesce: int = 100, top_up: Callable[[str, int], Awaitable[None]] | None = None) -> None:
+                 coalesce: int = 100) -> None:
         self._acceptor = acceptor
         self.gate: Callable[[Device], str | None] = gate or (lambda _d: None)
         self._on_unreachable = on_unreachable or (lambda _d: None)
         self.confirm: Callable[[Device, float], Awaitable[str | None]] = confirm or _proven
         self.claims = claims
         self._coalesce = coalesce  # commands of one device taken together at most
-        self._top_up = top_up  # reads more of a device's waiting commands when its lane is served
+        self._more: MoreWork | None = None  # reads more of a device's waiting commands when its lane is served
         self._handlers = dict(handlers or {})  # type of lane item -> what runs it (reconcile messages)
         self._parking = parking or ParkPolicy()
         self._parked = parklog.ParkSummary()  # the summary line of parks, every few minutes at most
@@ -120,6 +127,10 @@ class Executor:
         if _high(item):
             self._high[device_id] = self._high.get(device_id, 0) + 1
 
+    def ask_for_more(self, source: MoreWork) -> None:
+        """Fill each take from `source` while a backlog waits (device-fair reading: the consumer)."""
+        self._more = source
+
     def postpone(self, delivery: Delivery, device_id: str, why: str) -> None:
         """Back to the queue for a moment without using an attempt (nothing was tried)."""
         log.info("postponed: %s", why, extra={"action": "postponed", "msg_id": delivery.msg_id, "device": device_id})
@@ -127,9 +138,7 @@ class Executor:
         self._reporter.submit(out)
 
     def op_bound(self, device: Device) -> float:
-        """The longest one work item may operate the device: three calls, each under its deadline
-        after its turn in the device's max_rate."""
-        return 3 * (call_timeout(device, self._timeout) + budget.pace(device)) + 2.0
+        return op_bound(device, self._timeout)
 
     def settle(self, outcome: Outcome) -> None:
         """An outcome decided without a device operation goes straight to the reporter."""
@@ -166,8 +175,8 @@ class Executor:
                     self._bounce(lane)  # another agent is operating this device right now
                     break
                 async with self._slots:
-                    if self._top_up is not None and len(lane) < self._coalesce and _is_set(lane[0]):
-                        await self._top_up(device_id, self._coalesce - len(lane))  # a backlog: fill the take
+                    if self._more is not None and len(lane) < self._coalesce and _is_set(lane[0]):
+                        await self._more.top_up(device_id, self._coalesce - len(lane))  # a backlog: fill the take
                     self.busy_devices.add(device_id)
                     try:  # once a slot is ours: what came meanwhile joins
                         await self._serve(device_id, lane, list(lane))
@@ -568,6 +577,12 @@ def max_parallel(device: Device) -> int:
     """How many writes the device takes at once (its `max_parallel` option, default 1)."""
     value = device.options.get("max_parallel", 1)
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
+
+
+def op_bound(device: Device, timeout: float) -> float:
+    """The longest one work item may operate the device: three calls, each under its deadline
+    (AGENT_DEVICE_TIMEOUT: `timeout`) after its turn in the device's max_rate."""
+    return 3 * (call_timeout(device, timeout) + budget.pace(device)) + 2.0
 
 
 def call_timeout(device: Device, default: float) -> float:
