@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -169,6 +170,56 @@ class Settings(BaseSettings):
         if cls.toml_path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.toml_path))
         return tuple(sources)
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    """The settings SIGHUP changes at once (*live* in docs/configuration.md), as one frozen snapshot.
+    Every part that uses one reads it through the box's accessor (`LiveBox.current`) at each use, so
+    a reload reaches all of them together; the others keep the values the agent started with."""
+
+    log_level: str
+    poll_interval: float
+    max_attempts: int
+    retry_base: float
+    retry_max: float
+    device_timeout: float
+    heartbeat_interval: float
+    watchdog_stall: float
+    guard_window: float
+    guard_off_min: int
+    guard_off_percent: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> LiveSettings:
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+
+
+LIVE = frozenset(f.name for f in fields(LiveSettings))
+
+
+class LiveBox:
+    """The one place the live settings are kept: a frozen snapshot, read through `current()` and
+    replaced whole by `swap()` (a reload is applied all at once or not at all)."""
+
+    def __init__(self, first: LiveSettings) -> None:
+        self._now = first
+
+    def current(self) -> LiveSettings:
+        return self._now
+
+    def swap(self, new: LiveSettings) -> LiveSettings:
+        """Make `new` the snapshot every reader sees from now on; returns the one it replaces."""
+        old, self._now = self._now, new
+        return old
+
+
+def reloaded(started: Settings, new: Settings) -> tuple[LiveSettings, list[str]]:
+    """What a reload to `new` does (pure): the live snapshot to swap in, and the AGENT_* names of the
+    settings that changed since the start but need a restart (they keep their values until then)."""
+    restart = sorted(k for k in Settings.model_fields
+                     if k not in LIVE and k != "agent_id" and getattr(started, k) != getattr(new, k))
+    return LiveSettings.of(new), [f"AGENT_{k.upper()}" for k in restart]
 
 
 DEFAULT_CONFIG = Path("/etc/pgmq-edge-agent/agent.toml")

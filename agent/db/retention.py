@@ -14,9 +14,12 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.db.queries import Queries
+
+if TYPE_CHECKING:
+    from agent.settings import Settings
 
 log = logging.getLogger("agent.db.retention")
 
@@ -47,9 +50,10 @@ class Retention:
     agents_days: int = 7
 
     @classmethod
-    def from_settings(cls, s: Any) -> Retention:
-        return cls(s.retain_archive_days, s.retain_dlq_days, s.retain_events_days, s.retain_requests_days,
-                   s.reconcile_retention_days, s.prune_batch, s.prune_interval, s.retain_agents_days)
+    def from_settings(cls, s: Settings) -> Retention:
+        return cls(archive_days=s.retain_archive_days, dlq_days=s.retain_dlq_days, events_days=s.retain_events_days,
+                   requests_days=s.retain_requests_days, sync_runs_days=s.reconcile_retention_days,
+                   batch=s.prune_batch, interval=s.prune_interval, agents_days=s.retain_agents_days)
 
     def days(self, table: str) -> int:
         return {"archive": self.archive_days, "dlq_archive": self.archive_days, "dlq": self.dlq_days,

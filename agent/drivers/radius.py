@@ -5,7 +5,8 @@ session is ended so it comes back under the normal policy (or changed back, or l
 
 The device is the NAS: address host[:port] of its DAS (UDP 3799 by default), credential = its shared
 secret; the option policy_credential names the credential that holds the store's DSN. Service key
-`user/<username>`. Options and meanings: radius_proto; the store: radius_policy; the UDP: radius_das.
+`user/<username>`. Options and meanings: radius_proto; the store: radius_policy (PostgreSQL) and radius_mysql
+(MySQL/MariaDB), their SQL in radius_sql; the UDP: radius_das.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TypeVar
 from agent.drivers import radius_das as das
 from agent.drivers import radius_proto as p
 from agent.drivers.base import DriverContext
-from agent.drivers.radius_policy import PolicyStore
+from agent.drivers.radius_policy import Store, open_store
 from agent.errors import AgentError, ConfigError, NoAnswerError, PermanentError
 from agent.model.device import Device, State
 from agent.text import clean
@@ -32,7 +33,7 @@ class RadiusDriver:
 
     def __init__(self, context: DriverContext | None = None) -> None:
         self._context = context or DriverContext()
-        self._stores: dict[str, PolicyStore] = {}
+        self._stores: dict[str, Store] = {}
 
     def validate_options(self, device: Device) -> None:
         opts = self._options(device)
@@ -123,7 +124,7 @@ class RadiusDriver:
         await asyncio.gather(*(sessions(s, req) for s, (_, req) in plans.items() if req is not None))
         return {service: out.get(service) for service in wanted}
 
-    async def _policies(self, device: Device, store: PolicyStore, opts: p.Options,
+    async def _policies(self, device: Device, store: Store, opts: p.Options,
                         users: dict[str, str]) -> dict[str, p.Policy]:
         """Every user's policy (and open sessions on this NAS) in one query."""
         return await self._bounded(device, opts.timeout, lambda: store.read(
@@ -159,7 +160,7 @@ class RadiusDriver:
 
     # -- operations ----------------------------------------------------------------------
 
-    async def _apply(self, store: PolicyStore, nas: das.Target, opts: p.Options, user: str, state: State,
+    async def _apply(self, store: Store, nas: das.Target, opts: p.Options, user: str, state: State,
                      what: str, deadline: float) -> None:
         policy = (await store.read([user], opts.nas_ip, opts.accounting, opts.timeout))[user]
         row, request = self._plan(policy, state, opts, what)
@@ -188,12 +189,12 @@ class RadiusDriver:
                    else (p.COA_REQUEST, opts.restore_coa_attributes))
         return ("restore", 0), request
 
-    async def _check_group(self, store: PolicyStore, opts: p.Options, what: str) -> None:
+    async def _check_group(self, store: Store, opts: p.Options, what: str) -> None:
         if not await store.group_defined(opts.suspended_group, opts.timeout):
             raise ConfigError(f"{what}: the group {opts.suspended_group!r} has no radgroupcheck or radgroupreply "
                               "row: a suspension into it would suspend nobody")
 
-    async def _sessions(self, store: PolicyStore, nas: das.Target, opts: p.Options, policy: p.Policy,
+    async def _sessions(self, store: Store, nas: das.Target, opts: p.Options, policy: p.Policy,
                         request: tuple[int, p.Attributes], what: str, deadline: float) -> None:
         """End (or change) each open session; without accounting, or none known, the user's by User-Name."""
         code, extra = request
@@ -214,7 +215,7 @@ class RadiusDriver:
         if ended and opts.settle:
             await self._settle(store, opts, ended, deadline)
 
-    async def _settle(self, store: PolicyStore, opts: p.Options, radacct_ids: list[int], deadline: float) -> None:
+    async def _settle(self, store: Store, opts: p.Options, radacct_ids: list[int], deadline: float) -> None:
         """Wait (at most `settle` seconds, and within the operation's timeout) for the NAS's Accounting-Stop
         of the sessions it ended, so that the read-back sees them closed; past that the read-back says so
         and the command is retried (the NAS then answers 503 and the driver closes the stale rows)."""
@@ -235,7 +236,7 @@ class RadiusDriver:
         secret = p.shared_secret(self._context.credentials.get(device.credential), device.credential)
         return das.Target(host, port, secret, device.credential, opts.timeout, opts.retries)
 
-    async def _store(self, opts: p.Options) -> PolicyStore:
+    async def _store(self, opts: p.Options) -> Store:
         """One store per policy credential, made again when the DSN in it changes."""
         if self._context.credentials is None:
             raise ConfigError("radius needs a credential store (for policy_credential)")
@@ -247,7 +248,7 @@ class RadiusDriver:
             return store
         if store is not None:
             await store.close()
-        store = self._stores[opts.policy_credential] = PolicyStore(dsn, opts.policy_credential)
+        store = self._stores[opts.policy_credential] = open_store(dsn, opts.policy_credential)
         return store
 
     async def _bounded(self, device: Device, seconds: float, op: Callable[[], Awaitable[T]]) -> T:

@@ -6,11 +6,22 @@ reports ICMP port-unreachable as ECONNREFUSED). The same packet, same Identifier
 sent again on each retry, so a NAS that acts on a retransmission acts once (RFC 5080 section 2.2.2).
 A datagram whose Identifier does not match, that does not decode, or whose Response Authenticator does
 not verify is ignored; the first verified reply ends the exchange, so later duplicates are never read.
+
+How an exchange with no reply ends. A NAS drops a request signed with another shared secret without a
+word (RFC 5176 section 3: a bad authenticator is silently discarded), exactly as it drops one from a host
+it does not take Dynamic Authorization from; a NAS that is down, or a path that loses everything, is silent
+too. They are told apart by asking the host something that needs no secret: when the last try starts
+unanswered, a TCP connection to the DAS's port number. If the host accepts or refuses it (RST) within
+that try's time, the host is up and reached, so its DAS received the requests and dropped them: a
+configuration error naming the credential (or the NAS's list of DA clients). If the host is silent to
+that too, nothing is known: NoAnswerError, as for any silent device. An ICMP port-unreachable for the
+UDP itself is an UnreachableError (the DAS is not enabled there).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import struct
@@ -120,10 +131,13 @@ async def exchange(target: Target, code: int, attributes: p.Attributes, what: st
     end = deadline if deadline is not None else loop.time() + target.timeout
     tries = target.retries + 1
     unverified = 0
+    alive: asyncio.Task[str | None] | None = None  # the host's answer to a TCP connection, asked on the last try
     try:
         for n in range(tries):
             transport.sendto(raw)
             try_end = loop.time() + max(0.0, end - loop.time()) / (tries - n)
+            if n == tries - 1 and not unverified:
+                alive = asyncio.ensure_future(host_answers(target.host, target.port, try_end - loop.time()))
             while (left := try_end - loop.time()) > 0:
                 try:
                     item = await asyncio.wait_for(receiver.queue.get(), left)
@@ -143,8 +157,31 @@ async def exchange(target: Target, code: int, attributes: p.Attributes, what: st
                 unverified += 1
     finally:
         transport.close()
+        answered = alive.result() if alive is not None and alive.done() and not alive.cancelled() else None
+        if alive is not None and not alive.done():
+            alive.cancel()  # not awaited: a cancellation of this exchange must not be swallowed here
+    cred = f"credential {target.credential!r}" if target.credential else "the credential"
     if unverified:
-        cred = f"credential {target.credential!r}" if target.credential else "the credential"
         raise ConfigError(f"{where}: the NAS answered, but no reply verifies with the shared secret in {cred}: "
                           f"the secrets differ")
+    if answered is not None:
+        raise ConfigError(p.dropped(where, tries, answered, target.credential))
     raise NoAnswerError(p.no_answer(where, tries, target.credential))
+
+
+async def host_answers(host: str, port: int, seconds: float) -> str | None:
+    """Whether the NAS's host is up and reached, asked without the secret: a TCP connection to the DAS's
+    port number, "accepted" or "refused" (RST) within `seconds`; None when it is silent or not routed."""
+    if seconds <= 0:
+        return None
+    try:
+        async with asyncio.timeout(seconds):
+            _, writer = await asyncio.open_connection(host, port)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    except ConnectionRefusedError:
+        return "refused"
+    except (OSError, TimeoutError):
+        return None
+    return "accepted"

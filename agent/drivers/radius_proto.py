@@ -253,3 +253,13 @@ def no_answer(what: str, tries: int, credential: str | None) -> str:
             f"requests (a NAS drops a request signed with another shared secret without a word: check {cred}, "
             f"and that the NAS accepts Dynamic Authorization from this host, e.g. MikroTik "
             f"`/radius incoming set accept=yes`)")
+
+
+def dropped(what: str, tries: int, answer: str, credential: str | None) -> str:
+    """The NAS's host answers (its TCP `answer`: accepted or refused) but its DAS dropped every try."""
+    cred = f"credential {credential!r}" if credential else "the credential"
+    return (f"{what}: no answer to {tries} {'try' if tries == 1 else 'tries'}, yet the NAS's host answers (a TCP "
+            f"connection to that port was {answer} at once): the NAS received the requests and dropped them, as it "
+            f"does one signed with another shared secret: check the secret in {cred} against the NAS's; or the NAS "
+            f"does not take Dynamic Authorization from this host (its DAS client list, e.g. MikroTik `/radius` "
+            f"entries with `incoming` accepted, or a firewall dropping UDP to that port)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -36,6 +37,9 @@ class GuardLimits:
         return self.site, (self.off_min if self.off_percent < 100 else None), self.off_percent, self.window
 
 
+_NO_GUARD = GuardLimits("default", off_percent=100.0)
+
+
 @dataclass
 class _Pending:
     command: Command
@@ -46,10 +50,10 @@ class _Pending:
 
 
 class Acceptor:
-    def __init__(self, pool: asyncpg.Pool, queries: Queries, guard: GuardLimits | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, queries: Queries, guard: Callable[[], GuardLimits] | None = None) -> None:
         self._pool = pool
         self._q = queries
-        self.guard = guard or GuardLimits("default", off_percent=100.0)  # live: SIGHUP may replace it
+        self.guard = guard or (lambda: _NO_GUARD)  # live settings: asked at each flush
         self._pending: list[_Pending] = []
         self._urgent: list[_Pending] = []
         self._wake = asyncio.Event()
@@ -109,7 +113,7 @@ class Acceptor:
         owners: dict[str, int] = {}
         versions: dict[tuple[str, str], int] = {}
         held: dict[tuple[str, str], int] = {}
-        for r in await conn.fetch(self._q.accept, rows, *self.guard.args()):
+        for r in await conn.fetch(self._q.accept, rows, *self.guard().args()):
             if r["kind"] == "r":
                 owners[r["a"]] = r["version"]
             else:

@@ -13,7 +13,7 @@ that turns out expired or a duplicate therefore supersedes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -24,12 +24,21 @@ from agent.model.outcome import Delivery
 class Item(Protocol):
     delivery: Delivery
 
+    @property
+    def joins_take(self) -> bool:
+        """A `set` command: it may be taken with the others (see agent/executor/lanework.py)."""
+
+    @property
+    def high(self) -> bool:
+        """A high-priority command: it goes first."""
+
 
 class CommandItem(Item, Protocol):
     command: Command
 
 
 C = TypeVar("C", bound=CommandItem)
+L = TypeVar("L", bound=Item)
 
 
 @dataclass(frozen=True)
@@ -38,31 +47,27 @@ class Plan(Generic[C]):
     stale: list[C]      # older deliveries of a message delivered again: fenced out, nothing to report
 
 
-def head(lane: Iterable[Item], bound: int, is_set: type) -> int:
+def head(lane: Iterable[Item], bound: int) -> int:
     """How many items at the head of the lane form one take (at least one)."""
     n = 0
     for item in lane:
-        if n >= bound or not isinstance(item, is_set) or item.command.action != "set":  # type: ignore[attr-defined]
+        if n >= bound or not item.joins_take:
             break
         n += 1
     return max(n, 1)
 
 
-def pick(lane: Sequence[Item], bound: int, is_set: type, high: Callable[[Item], bool]) -> list[Item]:
+def pick(lane: Sequence[L], bound: int) -> list[L]:
     """The items of the lane that form its next take. While a high-priority `set` command waits
     anywhere in the lane, the `set` commands for its service go first (for the services of up to
     `bound` of them), in lane order and up to the bound: commands for one service still take effect
     in enqueue order, and newest-wins judges them as it always did (an older `off` taken with the
     newer `on` is superseded by it). Otherwise the head of the lane (see `head`)."""
-    first = [it for it in lane if _is_set(it, is_set) and high(it)][:bound]
+    first = [it for it in lane if it.joins_take and it.high][:bound]
     if not first:
-        return list(lane)[:head(lane, bound, is_set)]
-    services = {it.command.service for it in first}  # type: ignore[attr-defined]
-    return [it for it in lane if _is_set(it, is_set) and it.command.service in services][:bound]  # type: ignore[attr-defined]
-
-
-def _is_set(item: Item, is_set: type) -> bool:
-    return isinstance(item, is_set) and item.command.action == "set"  # type: ignore[attr-defined]
+        return list(lane)[:head(lane, bound)]
+    services = {it.command.service for it in first}  # type: ignore[attr-defined]  # only commands join a take
+    return [it for it in lane if it.joins_take and it.command.service in services][:bound]  # type: ignore[attr-defined]
 
 
 def plan(items: Sequence[C]) -> Plan[C]:

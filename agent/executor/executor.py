@@ -13,48 +13,25 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import partial
-from typing import Any, Protocol
+from typing import Protocol, cast
 
-from agent.contract import Command
 from agent.drivers.registry import Drivers
-from agent.errors import AgentError, NoAnswerError, PermanentError, TransientError
+from agent.errors import AgentError, ConfigError, NoAnswerError, PermanentError, TransientError
 from agent.executor import budget, coalesce, parklog
 from agent.executor.acceptor import Acceptor
 from agent.executor.claims import DeviceClaims
+from agent.executor.commands import Commands, Work, refused
 from agent.executor.converge import Observation, VerifyError, apply_many, apply_one, observe, observe_for_take
 from agent.executor.deadlines import Deadlines
+from agent.executor.lanework import LaneItem
 from agent.executor.policy import KeyState, ParkPolicy, RetryPolicy, Tuning, Verdict, decide
-from agent.model import priority
 from agent.model.device import Device
 from agent.model.headers import released
 from agent.model.outcome import Delivery, EventRow, Outcome, StateUpdate
 
 log = logging.getLogger("agent.executor")
-
-
-@dataclass
-class Work:
-    """A command in its device's lane."""
-
-    delivery: Delivery
-    command: Command
-    device: Device
-
-    @property
-    def high(self) -> bool:
-        """A high-priority `set` command (a restore, unless its producer said otherwise)."""
-        return self.command.action == "set" and priority.of(self.delivery.priority, self.command.state) == priority.HIGH
-
-
-class LaneItem(Protocol):
-    """Any other work a lane runs in order with the commands (a reconcile message): the executor
-    knows only its delivery and device, and runs it with the handler registered for its type."""
-
-    delivery: Delivery
-    device: Device
 
 
 class Outcomes(Protocol):
@@ -70,17 +47,13 @@ class MoreWork(Protocol):
     async def top_up(self, device: str, room: int) -> None: ...
 
 
-Item = Work | LaneItem
-Handler = Callable[[Any], Awaitable[Outcome]]
-
-
 class Executor:
-    def __init__(self, acceptor: Acceptor, drivers: Drivers, reporter: Outcomes, tuning: Tuning,
+    def __init__(self, acceptor: Acceptor, drivers: Drivers, reporter: Outcomes, tuning: Callable[[], Tuning],
                  concurrency: int, *, gate: Callable[[Device], str | None] | None = None,
                  on_unreachable: Callable[[Device], None] | None = None,
                  confirm: Callable[[Device, float], Awaitable[str | None]] | None = None,
                  parking: ParkPolicy | None = None, claims: DeviceClaims | None = None,
-                 deadlines: Deadlines | None = None, handlers: Mapping[type, Handler] | None = None,
+                 deadlines: Deadlines | None = None,
                  coalesce: int = 100) -> None:
         self._acceptor = acceptor
         self.gate: Callable[[Device], str | None] = gate or (lambda _d: None)
@@ -89,15 +62,14 @@ class Executor:
         self.claims = claims
         self._coalesce = coalesce  # commands of one device taken together at most
         self._more: MoreWork | None = None  # reads more of a device's waiting commands when its lane is served
-        self._handlers = dict(handlers or {})  # type of lane item -> what runs it (reconcile messages)
         self._parking = parking or ParkPolicy()
         self._parked = parklog.ParkSummary()  # the summary line of parks, every few minutes at most
         self.deadlines = deadlines or Deadlines()
         self._drivers = drivers
         self._reporter = reporter
-        self._tuning = tuning
+        self._tuning = tuning  # live: asked at each use
         self._slots = asyncio.Semaphore(concurrency)
-        self._lanes: dict[str, deque[Item]] = {}
+        self._lanes: dict[str, deque[LaneItem]] = {}
         self._high: dict[str, int] = {}  # device -> high-priority commands in its lane (taken or waiting)
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -106,16 +78,14 @@ class Executor:
 
     # -- intake ---------------------------------------------------------------------------
 
-    def submit(self, delivery: Delivery, command: Command, device: Device) -> None:
-        self._enqueue(device.id, Work(delivery, command, device))
+    def commands(self, max_bytes: int) -> Commands:
+        """Commands as a kind of lane work (agent/executor/lanework.py), run here: the composition root
+        registers it with the other kinds."""
+        return Commands(self._process, self._broken, max_bytes)
 
-    def submit_item(self, item: LaneItem) -> None:
-        """Other work (a reconcile message) joins its device's lane, after the commands already there."""
-        if type(item) not in self._handlers:
-            raise TypeError(f"no handler registered for {type(item).__name__}")
-        self._enqueue(item.device.id, item)
-
-    def _enqueue(self, device_id: str, item: Item) -> None:
+    def submit(self, item: LaneItem) -> None:
+        """A message joins its device's lane, after the work already there; its kind runs it there."""
+        device_id = item.device.id
         lane = self._lanes.get(device_id)
         if lane is None:
             lane = self._lanes[device_id] = deque()
@@ -124,7 +94,7 @@ class Executor:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         lane.append(item)
-        if _high(item):
+        if item.high:
             self._high[device_id] = self._high.get(device_id, 0) + 1
 
     def ask_for_more(self, source: MoreWork) -> None:
@@ -144,30 +114,24 @@ class Executor:
         """An outcome decided without a device operation goes straight to the reporter."""
         self._reporter.submit(outcome)
 
-    def reject(self, delivery: Delivery, reason: str, command: Command | None = None) -> None:
-        """Dead-letter a message that cannot be a command (bad body, unknown device)."""
-        ev = EventRow("dead_lettered", error=reason, msg_id=delivery.msg_id, version=delivery.version,
-                      attempt=delivery.attempt)
-        if command is not None:
-            ev.device, ev.service, ev.request_id = command.device, command.service, command.request_id
-        log.warning("dead-lettered: %s", reason, extra={"action": "dead_lettered", "msg_id": delivery.msg_id,
-                                                        "device": ev.device, "service": ev.service})
-        self._reporter.submit(Outcome(delivery, "dead_letter", [ev], reason=reason, error_kind="permanent"))
+    def reject(self, delivery: Delivery, reason: str) -> None:
+        """Dead-letter a message that cannot be worked on (refused before it is parsed), with the reason."""
+        self._reporter.submit(refused(delivery, reason))
 
     @property
     def _policy(self) -> RetryPolicy:
-        return self._tuning.policy
+        return self._tuning().policy
 
     @property
     def _timeout(self) -> float:
-        return self._tuning.device_timeout
+        return self._tuning().device_timeout
 
     async def idle(self) -> None:
         await self._idle.wait()
 
     # -- per device -----------------------------------------------------------------------
 
-    async def _drain(self, device_id: str, lane: deque[Item]) -> None:
+    async def _drain(self, device_id: str, lane: deque[LaneItem]) -> None:
         try:
             while lane:
                 work = lane[0]
@@ -175,7 +139,7 @@ class Executor:
                     self._bounce(lane)  # another agent is operating this device right now
                     break
                 async with self._slots:
-                    if self._more is not None and len(lane) < self._coalesce and _is_set(lane[0]):
+                    if self._more is not None and len(lane) < self._coalesce and lane[0].joins_take:
                         await self._more.top_up(device_id, self._coalesce - len(lane))  # a backlog: fill the take
                     self.busy_devices.add(device_id)
                     try:  # once a slot is ours: what came meanwhile joins
@@ -190,14 +154,14 @@ class Executor:
             if not self._lanes:
                 self._idle.set()
 
-    async def _serve(self, device_id: str, lane: deque[Item], view: Sequence[Item]) -> list[Item]:
+    async def _serve(self, device_id: str, lane: deque[LaneItem], view: Sequence[LaneItem]) -> list[LaneItem]:
         """Run the lane's next take, chosen among `view` (the lane, or its commands alone), report what
         settled and take it out of the lane; a command the take yielded before writing stays in the
         lane, in its place. A take with no high-priority command yields between two writes to a
         high-priority command that arrived meanwhile (see `coalesce.pick`, which takes it next)."""
-        take: list[Item] = coalesce.pick(view, self._coalesce, Work, _high)  # type: ignore[assignment]
-        if _is_set(take[0]):  # one command is a take of one: a single path for both
-            works: list[Work] = take  # type: ignore[assignment]
+        take = coalesce.pick(view, self._coalesce)
+        if take[0].joins_take:  # one command is a take of one: a single path for both
+            works = cast(list[Work], take)  # only commands join a take
             urgent = None if any(w.high for w in works) else (lambda: self._high.get(device_id, 0) > 0)
             outcomes = await self._run_take(works, urgent)
         else:
@@ -205,7 +169,7 @@ class Executor:
         settled = [it for it, o in zip(take, outcomes) if o is not None]
         for it, o in zip(take, outcomes):
             if o is not None:
-                o.urgent = _high(it)
+                o.urgent = it.high
                 self._reporter.submit(o)
         if len(settled) < len(take):
             log.debug("take yields to a high-priority command: %d command(s) wait", len(take) - len(settled),
@@ -214,27 +178,23 @@ class Executor:
         keep = [it for it in lane if id(it) not in gone]
         lane.clear()
         lane.extend(keep)
-        if n := sum(_high(it) for it in settled):
+        if n := sum(it.high for it in settled):
             self._high[device_id] = self._high.get(device_id, 0) - n
         return settled
 
     async def make_way(self, device_id: str) -> set[str]:
-        """Lane work that is not a command (a reconcile message, between two of its device calls)
-        steps aside: the commands waiting in its device's lane run now, under the same slot and
-        claim. Returns the services they were for (their state may have changed meanwhile)."""
+        """Long lane work (a reconcile message, between two of its device calls) steps aside: the work
+        waiting in its device's lane whose kind overtakes (commands) runs now, under the same slot and
+        claim. Returns the services it was for (their state may have changed meanwhile)."""
         lane = self._lanes.get(device_id)
         services: set[str] = set()
-        while lane is not None and (view := [it for it in lane if isinstance(it, Work)]):
-            services.update(it.command.service for it in await self._serve(device_id, lane, view)
-                            if isinstance(it, Work))
+        while lane is not None and (view := [it for it in lane if it.kind.overtakes]):
+            services.update(svc for it in await self._serve(device_id, lane, view) if (svc := it.service))
         return services
 
-    async def _run_item(self, work: Item) -> Outcome:
+    async def _run_item(self, work: LaneItem) -> Outcome:
         try:
-            if isinstance(work, Work):
-                outcome = await self._process(work)
-            else:
-                outcome = await self._handlers[type(work)](work)
+            outcome = await work.kind.run(work)
         except Exception as exc:  # a bug must not strand the message: retry it, loudly
             outcome = self._internal_error(work, exc)
         outcome.driver, outcome.device = work.device.driver, work.device.id
@@ -430,25 +390,26 @@ class Executor:
                 applied_at=wrote, observed=back.observed), ms)
         return self._converge(w, Observation(back.observed, back.observed_at, wrote, back.observed_at), ms)
 
-    def _internal_error(self, work: Item, exc: Exception) -> Outcome:
+    def _internal_error(self, work: LaneItem, exc: Exception) -> Outcome:
         """The lane's last resort: it cannot raise, so no message is ever left leased without an outcome."""
         try:
             log.exception("internal error", extra=_fields(work, "internal_error"))
-            if not isinstance(work, Work):
-                delay = self._policy.delay(work.delivery.attempt)
-                return Outcome(work.delivery, "retry", retry_delay=delay, reconcile=True)
-            return self._failed(work, TransientError(f"internal error: {exc!r}"), 0.0)
+            return work.kind.internal_error(work, exc)
         except Exception:  # even building the failure failed: retry the message plainly, later
-            return Outcome(work.delivery, "retry", retry_delay=60.0, reconcile=not isinstance(work, Work))
+            return Outcome(work.delivery, "retry", retry_delay=60.0, reconcile=work.kind.reconcile)
 
-    def _bounce(self, lane: deque[Item]) -> None:
+    def _broken(self, w: Work, exc: Exception) -> Outcome:
+        """A command whose run hit a bug: failed like a transient error (retried, then dead-lettered)."""
+        return self._failed(w, TransientError(f"internal error: {exc!r}"), 0.0)
+
+    def _bounce(self, lane: deque[LaneItem]) -> None:
         """Back to the queue for a moment, not counted as an attempt; the claim is tried again then."""
         log.debug("device busy on another agent", extra=_fields(lane[0], "device_busy"))
         self._high.pop(lane[0].device.id, None)
         while lane:
             w = lane.popleft()
             out = Outcome(w.delivery, "park", retry_delay=random.uniform(0.3, 1.0), bounce=True,
-                          reconcile=not isinstance(w, Work))
+                          reconcile=w.kind.reconcile)
             out.driver, out.device = w.device.driver, w.device.id
             self._reporter.submit(out)
 
@@ -548,6 +509,8 @@ class Executor:
             state.applied_at = exc.applied_at
         if isinstance(exc, NoAnswerError):
             self._on_unreachable(w.device)  # no answer at all: one of the VPN guard's signals
+        if isinstance(exc, ConfigError):
+            return self._misconfigured(w, exc, events)
         if isinstance(exc, TransientError) and (why := self.gate(w.device) or unproven):
             parked = self._park(w, f"{why} ({exc})")
             parked.events[:0] = events
@@ -562,6 +525,20 @@ class Executor:
         state.failed = desire  # reconciliation must not apply it later
         log.error("dead-lettered: %s", reason, extra=_fields(w, "dead_lettered", attempt=attempt))
         return Outcome(d, "dead_letter", events, state, reason=reason, error_kind=exc.kind)
+
+    def _misconfigured(self, w: Work, exc: ConfigError, events: list[EventRow]) -> Outcome:
+        """The device's setup is wrong (a credential it refuses, an option it cannot use): retrying cannot fix
+        it and only the operator can, so the command waits for that, parked without using up an attempt
+        (tried again, backing off to once a minute: it goes through once the setting is fixed), never dead-lettered.
+        The failure, its event and the `device_misconfigured` line only when first parked for it."""
+        why = f"device_misconfigured: {exc}"
+        first = parklog.record(parklog.last_parked(w.delivery.headers), why)
+        if first:
+            log.error("%s", why, extra=_fields(w, "device_misconfigured"))
+        parked = self._park(w, why)
+        if first:
+            parked.events[:0] = events
+        return parked
 
     def _event(self, w: Work, kind: str, **kw) -> EventRow:  # type: ignore[no-untyped-def]
         d, cmd = w.delivery, w.command
@@ -604,20 +581,9 @@ def _silence(w: Work, before: Mapping[str, Observation | AgentError], applied: M
     return None
 
 
-def _high(item: object) -> bool:
-    return isinstance(item, Work) and item.high
-
-
-def _is_set(item: Item) -> bool:
-    return isinstance(item, Work) and item.command.action == "set"
-
-
 def _ms(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 3)
 
 
-def _fields(w: Item, action: str, **extra) -> dict:  # type: ignore[no-untyped-def]
-    if not isinstance(w, Work):
-        return {"action": action, "device": w.device.id, "msg_id": w.delivery.msg_id, **extra}
-    return {"action": action, "device": w.command.device, "service": w.command.service,
-            "msg_id": w.delivery.msg_id, "request_id": w.command.request_id, **extra}
+def _fields(w: LaneItem, action: str, **extra) -> dict:  # type: ignore[no-untyped-def]
+    return {"action": action, **w.identities, **extra}

@@ -62,10 +62,10 @@ class RetryPolicy:
         return attempt >= self.max_attempts
 
 
-@dataclass
+@dataclass(frozen=True)
 class Tuning:
-    """The live retry policy and device timeout, shared by commands and reconcile work; SIGHUP
-    changes them in place."""
+    """The retry policy and device timeout in force, shared by commands and reconcile work: live
+    settings, so the executor asks for them at each use (a reload gives a new one)."""
 
     policy: RetryPolicy
     device_timeout: float

@@ -13,22 +13,21 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
-from agent.contract import Command, parse_command
 from agent.db.connect import DB_ERRORS
 from agent.db.queries import Queries
 from agent.errors import PermanentError
 from agent.executor.executor import Executor
+from agent.executor.lanework import LaneWork, LaneWorks
 from agent.inventory.cache import Inventory
 from agent.model.outcome import Delivery, Outcome
 from agent.model.sites import Elsewhere
 from agent.queue.admission import admit, delivery
 from agent.queue.routing import moved, route
-from agent.reconcile.request import SyncRequest, is_sync, parse_sync
-from agent.reconcile.worker import SyncWork, unknown_device
-from agent.settings import Settings
+from agent.settings import LiveSettings, Settings
 
 log = logging.getLogger("agent.consumer")
 MIN_REREAD = 0.05  # seconds: the soonest a look at the queue is repeated for a visible message
@@ -49,12 +48,16 @@ class ConsumerFigures:
 
 class Consumer:
     def __init__(self, pool: asyncpg.Pool, queries: Queries, settings: Settings,
-                 executor: Executor, inventory: Inventory, settling: asyncio.Lock | None = None,
-                 on_read: Callable[[list[Delivery]], None] | None = None) -> None:
+                 executor: Executor, inventory: Inventory, work: LaneWorks, settling: asyncio.Lock | None = None,
+                 on_read: Callable[[list[Delivery]], None] | None = None,
+                 live: Callable[[], LiveSettings] | None = None) -> None:
         self._pool = pool
+        self._work = work  # the kinds of lane work: which one a message is
         self._settling = settling or asyncio.Lock()  # held by the reporter while it commits
         self._q = queries
-        self._s = settings
+        self._s = settings  # as started; the poll interval is live, read through `live` at each use
+        started = LiveSettings.of(settings)
+        self._live = live or (lambda: started)
         self._executor = executor
         self._inventory = inventory
         self.inflight: dict[int, Delivery] = {}
@@ -102,16 +105,14 @@ class Consumer:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        next_poll = loop.time() + self._s.poll_interval
+        woke = loop.time()
         while not self.stopping:
-            try:
-                await asyncio.wait_for(self._wake.wait(), max(0.0, next_poll - loop.time()))
-            except TimeoutError:
+            if not await self._woken(woke):
                 self._source = "poll"
             self._wake.clear()
             if self.stopping:
                 break
-            next_poll = loop.time() + self._s.poll_interval
+            woke = loop.time()
             self.wakeups[self._source] += 1
             started = time.monotonic()
             self._cycling = True
@@ -122,6 +123,18 @@ class Consumer:
             finally:
                 self._cycling = False
             self.last_cycle_wall, self.last_cycle_ms = time.time(), round((time.monotonic() - started) * 1000, 2)
+
+    async def _woken(self, since: float) -> bool:
+        """Wait for a wake-up; False when AGENT_POLL_INTERVAL since `since` ran out first. The interval
+        is a live setting: it is looked at again every second, so a reload shortens a wait under way."""
+        loop = asyncio.get_running_loop()
+        while (left := since + self._live().poll_interval - loop.time()) > 0:
+            try:
+                await asyncio.wait_for(self._wake.wait(), min(left, 1.0))
+                return True
+            except TimeoutError:
+                continue
+        return self._wake.is_set()
 
     def progressed(self) -> None:
         """Something moved: a read (also a failed one), a dispatch, an outcome committed or tried."""
@@ -154,7 +167,7 @@ class Consumer:
                 if self.db_error is None:
                     log.warning("read failed: %s", exc, extra={"action": "read_failed"})
                 self.db_error = str(exc) or type(exc).__name__
-                self.wake_later(min(5.0, self._s.poll_interval), "retry")
+                self.wake_later(min(5.0, self._live().poll_interval), "retry")
                 return taken
             self.progressed()
             self.db_error = None
@@ -215,68 +228,60 @@ class Consumer:
                 wait = await conn.fetchval(self._q.next_visible, list(self.inflight))
         except DB_ERRORS:
             return
-        if wait is not None and wait.total_seconds() < self._s.poll_interval:
+        if wait is not None and wait.total_seconds() < self._live().poll_interval:
             # one already visible is read at once; the floor keeps a message another reader holds
             # locked (pgmq.read skips it) from making a busy loop
             self.wake_later(max(MIN_REREAD, wait.total_seconds() + 0.01), "delayed")
 
     async def _dispatch(self, rows: list[asyncpg.Record], read_at: float) -> None:
-        parsed = []
         deliveries = [delivery(r, time.time()) for r in rows]
         if self.on_read is not None:
             self.on_read(deliveries)
-        syncs: list[tuple[Delivery, SyncRequest]] = []
+        parsed: list[tuple[Delivery, LaneWork, Any]] = []  # (delivery, its kind, its body)
         for d, r in zip(deliveries, rows):
             self.inflight[d.msg_id] = d  # a redelivery replaces an older delivery still in a lane
             try:
                 admit(r, self._s.max_message_bytes)
-                if is_sync(d.raw):
-                    syncs.append((d, parse_sync(d.raw)))
-                else:
-                    parsed.append((d, parse_command(d.raw, self._s.max_message_bytes)))
+                kind = self._work.recognise(d.raw)
+                parsed.append((d, kind, kind.parse(d, d.raw)))
             except PermanentError as exc:
                 self._executor.reject(d, str(exc))
-        wanted = {c.device for _, c in parsed} | {r.device for _, r in syncs}
+        parsed.sort(key=lambda p: not p[1].overtakes)  # commands join their lanes first: they overtake the rest
         elsewhere: dict[str, Elsewhere] = {}
-        if unknown := sorted(dev for dev in wanted if self._inventory.get(dev) is None
-                             and dev not in self._inventory.broken):
+        if unknown := sorted({body.device for _, _, body in parsed if self._inventory.get(body.device) is None
+                              and body.device not in self._inventory.broken}):
             try:
                 elsewhere = await self._inventory.look_up(unknown)
             except DB_ERRORS as exc:  # cannot tell unknown from new: try these again shortly
                 log.warning("inventory look-up failed: %s", exc, extra={"action": "inventory_failed"})
-                for d, dev in [(d, c.device) for d, c in parsed] + [(d, r.device) for d, r in syncs]:
-                    if dev in unknown:
-                        self._executor.postpone(d, dev, "inventory look-up failed")
-                parsed = [(d, c) for d, c in parsed if c.device not in unknown]
-                syncs = [(d, r) for d, r in syncs if r.device not in unknown]
-        for d, c in parsed:
-            device = self._inventory.get(c.device)
+                for d, _, body in parsed:
+                    if body.device in unknown:
+                        self._executor.postpone(d, body.device, "inventory look-up failed")
+                parsed = [(d, kind, body) for d, kind, body in parsed if body.device not in unknown]
+        for d, kind, body in parsed:
+            device = self._inventory.get(body.device)
+            where = elsewhere.get(body.device)
             if device is not None:
-                self._executor.submit(d, c, device)
-            elif (where := elsewhere.get(c.device)) is not None:
-                self._reroute(d, c, where)
-            else:
-                self._executor.reject(d, self._inventory.why_unknown(c.device), c)
-        for d, r in syncs:
-            device = self._inventory.get(r.device)
-            if device is None:  # a run of this site does not check another site's device: its own runs do
-                why = (f"device {r.device!r} belongs to site {elsewhere[r.device].site!r} now"
-                       if r.device in elsewhere else self._inventory.why_unknown(r.device))
-                self._executor.settle(unknown_device(d, r, why))
-            else:
-                self._executor.submit_item(SyncWork(d, r, device))
+                self._executor.submit(kind.item(d, body, device))
+            elif where is not None and kind.reroutes:
+                self._reroute(d, kind, body, where)
+            else:  # a reconcile run of this site does not check another site's device: its own runs do
+                why = (f"device {body.device!r} belongs to site {where.site!r} now" if where is not None
+                       else self._inventory.why_unknown(body.device))
+                self._executor.settle(kind.unknown_device(d, body, why))
         self.progressed()
 
-    def _reroute(self, d: Delivery, c: Command, where: Elsewhere) -> None:
-        """A command for another site's device: moved to that site's queue once, else dead-lettered."""
+    def _reroute(self, d: Delivery, kind: LaneWork, body: Any, where: Elsewhere) -> None:
+        """A message for another site's device: moved to that site's queue once, else what its kind
+        does with a device it cannot work on (a command is dead-lettered with the reason)."""
         decision = route(d, self._q.queue, self._s.site, where)
         if isinstance(decision, str):
-            self._executor.reject(d, decision, c)
+            self._executor.settle(kind.unknown_device(d, body, decision))
             return
-        log.info("moved to queue %s: device %s belongs to site %s", decision.to, c.device, where.site,
-                 extra={"action": "rerouted", "msg_id": d.msg_id, "device": c.device, "service": c.service,
+        log.info("moved to queue %s: device %s belongs to site %s", decision.to, body.device, where.site,
+                 extra={"action": "rerouted", "msg_id": d.msg_id, "device": body.device, "service": body.service,
                         "site": where.site, "queue": decision.to})
-        self._executor.settle(moved(d, c, decision, self._q.queue, where.site))
+        self._executor.settle(moved(d, body, decision, self._q.queue, where.site))
 
     # -- bookkeeping ----------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import asyncpg
 
@@ -45,6 +45,7 @@ from agent.errors import AgentError, ConfigError, PermanentError, TransientError
 from agent.executor import parklog
 from agent.executor.converge import Observation, batch_reader, converge, observe, observe_many
 from agent.executor.deadlines import Deadlines
+from agent.executor.lanework import LaneWork
 from agent.executor.policy import ParkPolicy, RetryPolicy
 from agent.model.device import Device
 from agent.model.outcome import Delivery, EventRow, Outcome, StateUpdate
@@ -60,9 +61,22 @@ T = TypeVar("T")
 
 @dataclass
 class SyncWork:
+    """A reconcile message in its device's lane: it runs on its own, and lets commands overtake it."""
+
     delivery: Delivery
     request: SyncRequest
     device: Device
+    kind: LaneWork
+    joins_take: ClassVar[bool] = False
+    high: ClassVar[bool] = False
+
+    @property
+    def service(self) -> str | None:
+        return self.request.service
+
+    @property
+    def identities(self) -> dict[str, Any]:
+        return {"device": self.device.id, "msg_id": self.delivery.msg_id}
 
 
 @dataclass(frozen=True)
@@ -113,6 +127,10 @@ class SyncWorker:
         self._may_turn_off = may_turn_off or _always  # the guard against mass suspension admits this repair
         # lets the commands waiting in the device's lane run now; the services they were for (the executor's)
         self.make_way: Callable[[Device], Awaitable[set[str]]] = _no_way
+
+    def retry_delay(self, attempt: int) -> float:
+        """The retry policy's backoff after this attempt (a live setting, read now)."""
+        return self._policy()[0].delay(attempt)
 
     async def handle(self, w: SyncWork) -> Outcome:
         d, req, dev = w.delivery, w.request, w.device

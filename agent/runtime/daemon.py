@@ -38,19 +38,21 @@ from agent.executor.budgets import DeviceBudgets
 from agent.executor.claims import DeviceClaims
 from agent.executor.deadlines import Deadlines
 from agent.executor.executor import Executor, call_timeout, op_bound
+from agent.executor.lanework import LaneWorks
 from agent.executor.parking import Parking
 from agent.executor.policy import RetryPolicy, Tuning
 from agent.inventory.cache import Inventory
 from agent.model.device import Device
 from agent.queue.consumer import Consumer
 from agent.queue.reports import Reporter
+from agent.reconcile.messages import ReconcileMessages
 from agent.reconcile.reconciler import Reconciler
-from agent.reconcile.worker import ReconcileTuning, SyncWork, SyncWorker
+from agent.reconcile.worker import ReconcileTuning, SyncWorker
 from agent.runtime.endpoint import Endpoint
 from agent.runtime.housekeeper import Housekeeper, Identity, Sources
 from agent.runtime.metrics import Metrics
 from agent.runtime.systemd import Notifier
-from agent.settings import Settings, load_settings
+from agent.settings import LiveBox, LiveSettings, Settings, load_settings, reloaded
 from agent.vpn.guard import VpnGuard
 
 log = logging.getLogger("agent.runtime.daemon")
@@ -96,7 +98,7 @@ class Agent:
     def __init__(self, settings: Settings, pool: asyncpg.Pool, drivers: Drivers | None = None,
                  notifier: Notifier | None = None, force_stop: asyncio.Event | None = None,
                  settings_path: Path | None = None, endpoint: Endpoint | None = None) -> None:
-        s = self.settings = settings
+        s = self.settings = settings  # as started: the live ones are read through self.live (below)
         self.endpoint = endpoint  # the HTTP endpoint run() serves from the first second, if any
         self.settings_path = settings_path  # what SIGHUP re-reads
         self.force_stop = force_stop or asyncio.Event()  # a second SIGTERM/SIGINT: skip the drain
@@ -105,14 +107,14 @@ class Agent:
         self.queries = Queries(s.queue)
         self.instance = new_instance()  # this process: what holds device claims (agent/db/identity.py)
         self.host_id = host_identity()
-        tuning = self.tuning = Tuning(RetryPolicy(s.max_attempts, s.retry_base, s.retry_max), s.device_timeout)
-        # the drivers read the device timeout live, from the tuning SIGHUP replaces
-        self.drivers = drivers or Drivers(DriverContext(lambda: tuning.device_timeout,
+        # the live settings: one frozen snapshot that SIGHUP swaps whole; every part reads it at each use
+        self.live = LiveBox(LiveSettings.of(s))
+        self.drivers = drivers or Drivers(DriverContext(lambda: self.live.current().device_timeout,
                                                         CredentialStore(s.credentials_dir)))
         self.inventory = Inventory(pool, self.queries, s.site, self.drivers)
         self.reporter = Reporter(pool, self.queries, s.agent_id, self._committed,
                                  on_failed=self._report_failed, archive=s.archive)
-        self.acceptor = Acceptor(pool, self.queries, guard_limits(s))
+        self.acceptor = Acceptor(pool, self.queries, lambda: guard_limits(s.site, self.live.current()))
         self.claims = DeviceClaims(pool, self.queries, s.agent_id, host=self.host_id, instance=self.instance)
         self.parking = Parking(pool, self.queries)
         self.vpn = VpnGuard(s.require_vpn, s.wg_interface, s.vpn_stale_after, s.vpn_check_interval,
@@ -120,23 +122,24 @@ class Agent:
                             self._probe, s.vpn_probe_interval)
         self.deadlines = Deadlines()
         # every device call is spaced by its device's max_rate and feeds its breaker (per agent)
-        self.budgets = DeviceBudgets(self.deadlines, lambda dev: call_timeout(dev, tuning.device_timeout),
+        self.budgets = DeviceBudgets(self.deadlines, lambda dev: call_timeout(dev, self.live.current().device_timeout),
                                      lambda: self.inventory.devices, self.wake_parked)
         self.drivers.wrap(self.budgets.wrap)
         sync = SyncWorker(
             pool, self.queries, self.drivers, self.deadlines, self.gate,
-            lambda: (tuning.policy, tuning.device_timeout),
+            lambda: ((t := self.tuning()).policy, t.device_timeout),
             ReconcileTuning(s.reconcile_confirm, s.reconcile_confirm_delay, s.reconcile_pace,
                             s.reconcile_unreachable_wait),
-            may_operate=lambda dev: self.claims.fresh(dev.id, op_bound(dev, tuning.device_timeout)),
+            may_operate=lambda dev: self.claims.fresh(dev.id, op_bound(dev, self.live.current().device_timeout)),
             may_turn_off=self._may_turn_off)
         self.executor = Executor(self.acceptor, self.drivers, self.reporter, self.tuning, s.concurrency,
                                  gate=self.gate, on_unreachable=self.vpn.device_failed, confirm=self.vpn.confirm,
-                                 claims=self.claims, deadlines=self.deadlines, handlers={SyncWork: sync.handle},
-                                 coalesce=s.coalesce)
+                                 claims=self.claims, deadlines=self.deadlines, coalesce=s.coalesce)
         sync.make_way = lambda dev: self.executor.make_way(dev.id)  # a reconcile lets waiting commands go first
-        self.consumer = Consumer(pool, self.queries, s, self.executor, self.inventory,
-                                 settling=self.reporter.settling, on_read=self._read)
+        # the kinds of lane work, asked in this order: commands last, they take every message no other kind claims
+        self.lane_work = LaneWorks(ReconcileMessages(sync), self.executor.commands(s.max_message_bytes))
+        self.consumer = Consumer(pool, self.queries, s, self.executor, self.inventory, self.lane_work,
+                                 settling=self.reporter.settling, on_read=self._read, live=self.live.current)
         self.executor.ask_for_more(self.consumer)  # the one loop: a lane's take is filled from the queue
         self.session = Session(
             s.session_dsn,
@@ -152,9 +155,14 @@ class Agent:
             Sources(consumer=self.consumer.figures, session=self.session.figures, vpn=self.vpn.figures,
                     budgets=self.budgets.figures, reconciler=self.reconciler.figures,
                     leading=lambda: self.leadership.leading, parked=lambda: self.parking.count),
-            self.notifier, pool, self.queries, cadence=lambda: self.settings)
+            self.notifier, pool, self.queries, self.live.current)
         self.metrics = Metrics(s.site, s.queue, self.house.live)
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def tuning(self) -> Tuning:
+        """The retry policy and device timeout in force (live settings), for commands and reconcile work."""
+        live = self.live.current()
+        return Tuning(RetryPolicy(live.max_attempts, live.retry_base, live.retry_max), live.device_timeout)
 
     def gate(self, device: Device) -> str | None:
         """May this device be worked on now? A reason to park its work: the VPN guard's (tunnel down,
@@ -234,7 +242,7 @@ class Agent:
         async with self.pool.acquire() as conn:
             await register(conn, self.queries, s.agent_id, self.instance, self.host_id,
                            {"site": s.site, "queue": s.queue, "host": socket.gethostname(), "pid": os.getpid(),
-                            "version": __version__}, STALE_FACTOR * s.heartbeat_interval)
+                            "version": __version__}, STALE_FACTOR * self.live.current().heartbeat_interval)
 
     async def _check_poolers(self, session: bool) -> None:
         """A pooler in between set up wrongly (PgBouncer in transaction mode for the session connection,
@@ -250,7 +258,7 @@ class Agent:
             await check_prepared_statements(s.database_url)
 
     async def _probe(self, device: Device) -> None:
-        with self.deadlines.limit(self.settings.device_timeout):  # a probe without answer feeds the breaker
+        with self.deadlines.limit(self.live.current().device_timeout):  # a probe without answer feeds the breaker
             await self.drivers.get(device.driver).probe(device)
 
     async def run_forever(self, stop: asyncio.Event, reload: asyncio.Event | None = None) -> None:
@@ -325,26 +333,20 @@ class Agent:
 
     async def _may_turn_off(self, device: str, service: str) -> bool:
         """Whether the guard against mass suspension lets reconciliation turn this service off."""
-        site, off_min, percent, window = self.acceptor.guard.args()
+        site, off_min, percent, window = self.acceptor.guard().args()
         if off_min is None:  # no guard
             return True
         async with self.pool.acquire() as conn:
             return bool(await conn.fetchval(self.queries.guard_repair, site, device, service, off_min, percent, window))
 
     def _apply(self, new: Settings) -> None:
-        live = {"log_level", "poll_interval", "max_attempts", "retry_base", "retry_max", "device_timeout",
-                "heartbeat_interval", "watchdog_stall", "guard_window", "guard_off_min", "guard_off_percent"}
-        old = self.settings
-        changed = {k for k in Settings.model_fields if getattr(old, k) != getattr(new, k)} - {"agent_id"}
-        if restart := sorted(changed - live):
-            log.warning("settings changed that need a restart: %s", ", ".join(f"AGENT_{k.upper()}" for k in restart),
+        """Swap the live snapshot whole; the settings that need a restart keep their start values."""
+        live, restart = reloaded(self.settings, new)
+        if restart:
+            log.warning("settings changed that need a restart: %s", ", ".join(restart),
                         extra={"action": "reload_partial"})
-        for key in changed & live:
-            setattr(old, key, getattr(new, key))
-        logging.getLogger().setLevel(old.log_level)
-        self.tuning.policy = RetryPolicy(old.max_attempts, old.retry_base, old.retry_max)
-        self.tuning.device_timeout = old.device_timeout
-        self.acceptor.guard = guard_limits(old)
+        self.live.swap(live)
+        logging.getLogger().setLevel(live.log_level)
 
     async def shutdown(self, tasks: dict[asyncio.Task[None], str], died: list[asyncio.Task[None]]) -> None:
         self.house.stopping()
@@ -467,5 +469,5 @@ async def _until_stopped(coro: Coroutine[Any, Any, T], stop: asyncio.Event) -> a
     return None
 
 
-def guard_limits(s: Settings) -> GuardLimits:
-    return GuardLimits(s.site, s.guard_off_min, s.guard_off_percent, s.guard_window)
+def guard_limits(site: str, live: LiveSettings) -> GuardLimits:
+    return GuardLimits(site, live.guard_off_min, live.guard_off_percent, live.guard_window)

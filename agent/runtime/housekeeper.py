@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import asyncpg
 
@@ -37,6 +37,7 @@ from agent.runtime.metrics import Live
 from agent.runtime.snapshot import Figures, healthy, snapshot, state, status_line
 from agent.runtime.systemd import Notifier
 from agent.runtime.watchdog import stalled
+from agent.settings import LiveSettings
 from agent.text import rfc3339
 from agent.vpn.guard import VpnFigures
 
@@ -65,16 +66,6 @@ class Sources:
     parked: Callable[[], int]     # messages parked for an unreachable device
 
 
-class Cadence(Protocol):
-    """The live settings the housekeeper reads at each use (a reload may change them)."""
-
-    @property
-    def heartbeat_interval(self) -> float: ...
-
-    @property
-    def watchdog_stall(self) -> float: ...
-
-
 log = logging.getLogger("agent.runtime.housekeeper")
 _SAMPLE_TTL = 10.0
 _QUEUE_CAP = 100_000
@@ -82,13 +73,13 @@ _QUEUE_CAP = 100_000
 
 class Housekeeper:
     def __init__(self, me: Identity, parts: Sources, notifier: Notifier, pool: asyncpg.Pool, queries: Queries,
-                 cadence: Callable[[], Cadence]) -> None:
+                 live: Callable[[], LiveSettings]) -> None:
         self._me = me
         self._parts = parts
         self._notifier = notifier
         self._pool = pool
         self._q = queries
-        self._cadence = cadence
+        self._live = live  # the heartbeat interval and the watchdog's stall are live settings
         self._started_mono = time.monotonic()
         self._started_at = time.time()
         self.last_beat: float | None = None  # unix time of the last heartbeat row written
@@ -196,12 +187,11 @@ class Housekeeper:
     # -- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        next_beat = 0.0
+        beaten: float | None = None
         while True:
-            now = time.monotonic()
-            if now >= next_beat:
-                every = self._cadence().heartbeat_interval
-                next_beat = now + every
+            now, every = time.monotonic(), self._live().heartbeat_interval  # live: a reload counts at once
+            if beaten is None or now >= beaten + every:
+                beaten = now
                 await self.sample_queue(max_age=every * 2)
                 await self.beat(None)
             self._notifier.status(self.status_line())
@@ -212,7 +202,7 @@ class Housekeeper:
         every = self._notifier.watchdog_interval or 1.0
         while True:
             consumer = self._parts.consumer()
-            stall = self._cadence().watchdog_stall
+            stall = self._live().watchdog_stall
             if not stalled(time.monotonic(), consumer.last_progress, consumer.work_waits, stall):
                 self._notifier.watchdog()
             else:

@@ -6,6 +6,9 @@ import asyncio
 import json
 import signal
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -21,25 +24,53 @@ def finish(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[int, str]:
     return proc.returncode, out
 
 
+class Daemon:
+    """An agentd the test runs: after its block, `code` and `out` are its exit status and output."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.code: int | None = None
+        self.out = ""
+
+    def crash(self) -> None:
+        """SIGKILL: the process dies where it is, with no report and no release."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+
+@contextmanager
+def daemon(dsn: str, **settings: Any) -> Iterator[Daemon]:
+    """agentd running for the block, stopped with SIGTERM at its end (unless the block crashed it)."""
+    d = Daemon(spawn_agentd(dsn, **settings))
+    try:
+        yield d
+    finally:
+        if d.proc.poll() is None:
+            d.proc.send_signal(signal.SIGTERM)
+        d.code, d.out = finish(d.proc)
+
+
+async def once(dsn: str, timeout: float = 30, **settings: Any) -> tuple[int, str]:
+    """`agentd --once` to its end (off the event loop: a device the test serves answers meanwhile)."""
+    return await asyncio.to_thread(finish, spawn_agentd(dsn, "--once", **settings), timeout)
+
+
 async def test_daemon_applies_commands_and_stops_cleanly_on_sigterm(db, dsn):
     agentctl(dsn, "device", "add", "r1", "--driver", "sim", "--option", "latency=0.01")
-    proc = spawn_agentd(dsn, poll_interval=60)
-    try:
+    with daemon(dsn, poll_interval=60) as agentd:
         msg = int(agentctl(dsn, "enqueue", "r1", "wifi", "on", "--request-id", "pay-1").stdout)
         await until(lambda: archived(db, msg), timeout=15, what="command applied")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code, out = finish(proc)
-    assert code == 0, out
+    assert agentd.code == 0, agentd.out
     row = await state(db, "r1", "wifi")
     assert (row["desired"], row["observed"], row["last_request_id"]) == ("on", "on", "pay-1")
-    assert "stopped" in out
+    assert "stopped" in agentd.out
 
 
 async def test_once_drains_the_queue_and_exits_zero(db, dsn):
     agentctl(dsn, "device", "add", "r1", "--driver", "sim")
     ids = [int(agentctl(dsn, "enqueue", "r1", f"s{i}", "on").stdout) for i in range(5)]
-    code, out = finish(spawn_agentd(dsn, "--once"))
+    code, out = await once(dsn)
     assert code == 0, out
     assert all([await archived(db, i) for i in ids])
     assert "5 done, 0 retry later, 0 dead-lettered" in out
@@ -51,7 +82,7 @@ async def test_once_exits_non_zero_when_something_failed(db, dsn):
              "--option", "failure_kind=permanent")
     agentctl(dsn, "enqueue", "r1", "wifi", "on")
     agentctl(dsn, "enqueue", "broken", "wifi", "on")
-    code, out = finish(spawn_agentd(dsn, "--once"))
+    code, out = await once(dsn)
     assert code == 1, out
     [entry] = await dlq(db)
     assert "injected permanent failure" in entry["headers"]["reason"]
@@ -63,7 +94,7 @@ async def test_bad_setting_fails_at_start_naming_it(dsn):
 
 
 async def test_uninitialised_database_is_refused_with_the_fix(empty_dsn):
-    code, out = finish(spawn_agentd(empty_dsn, "--once"))
+    code, out = await once(empty_dsn)
     assert code == 2 and "agentctl db init" in out
 
 
@@ -72,23 +103,18 @@ async def test_crash_between_device_write_and_report_loses_nothing(db, dsn, tmp_
     device_file = tmp_path / "r1.json"
     agentctl(dsn, "device", "add", "r1", "--driver", "sim", "--option", "latency=0.6",
              "--option", f"state_file={device_file}")
-    proc = spawn_agentd(dsn, visibility_timeout=2)
-    try:
+    with daemon(dsn, visibility_timeout=2) as agentd:
         msg = int(agentctl(dsn, "enqueue", "r1", "wifi", "on").stdout)
         # read (0.6 s), apply (0.6 s): the write lands, then the read-back is under way
         await until(lambda: device_file.exists() and json.loads(device_file.read_text()) == {"wifi": "on"},
                     timeout=10, what="device written")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        proc.kill()
-        proc.communicate()
+        agentd.crash()
     assert not await archived(db, msg)
     accepted = await state(db, "r1", "wifi")  # the intent was recorded before the device was touched
     assert (accepted["desired"], accepted["observed"], accepted["verified_at"]) == ("on", "unknown", None)
     await until(lambda: db.fetchval('SELECT vt <= clock_timestamp() FROM pgmq."q_device_tasks" WHERE msg_id = $1',
                                     msg), timeout=10, what="lease of the dead daemon ran out")
-    code, out = finish(spawn_agentd(dsn, "--once"), timeout=60)
+    code, out = await once(dsn, timeout=60)
     assert code == 0, out
     assert await archived(db, msg)
     row = await state(db, "r1", "wifi")
@@ -125,14 +151,14 @@ async def test_agentctl_inventory_round_trip(db, dsn, tmp_path):
 async def test_agentctl_dlq_list_and_replay(db, dsn):
     agentctl(dsn, "enqueue", "r1", "wifi", "on", check=False)  # unknown device: refused at enqueue
     await send(db, {"device": "r9", "service": "wifi", "state": "on"})
-    code, _ = finish(spawn_agentd(dsn, "--once"))
+    code, _ = await once(dsn)
     assert code == 1
     [entry] = json.loads(agentctl(dsn, "dlq", "list", "--json").stdout)
     assert "unknown device 'r9'" in entry["reason"]
     agentctl(dsn, "device", "add", "r9", "--driver", "sim")
     out = agentctl(dsn, "dlq", "replay", str(entry["dlq_id"])).stdout
     assert f"replayed DLQ entry {entry['dlq_id']}" in out
-    code, out = finish(spawn_agentd(dsn, "--once"))
+    code, out = await once(dsn)
     assert code == 0, out
     assert (await state(db, "r9", "wifi"))["observed"] == "on"
     assert json.loads(agentctl(dsn, "dlq", "list", "--json").stdout) == []
@@ -145,7 +171,7 @@ async def test_a_dead_letter_whose_headers_are_not_an_object_is_listed_and_repla
     odd = await db.fetchval("SELECT pgmq.send('device_tasks', $1::jsonb, $2::jsonb)",
                             json.dumps({"device": "r1", "service": "a", "state": "on"}), '["trace-1"]')
     await send(db, {"device": "r1", "service": "b", "state": "ON"})  # an ordinary bad message
-    assert (await finish_once(dsn))[0] == 1
+    assert (await once(dsn))[0] == 1
     first, _second = await dlq(db)
     assert first["headers"]["original_headers"] == ["trace-1"]
     assert first["headers"]["origin_msg_id"] == odd and "invalid headers" in first["headers"]["reason"]
@@ -175,32 +201,23 @@ async def test_older_command_replayed_after_a_crash_never_overrides_the_newer_on
     Its intent was committed first, so the older command, replayed meanwhile, is superseded."""
     older = await db.fetchval("SELECT pgmq.send('device_tasks', '{\"device\": \"r1\", \"service\": \"wifi\", "
                               "\"state\": \"off\"}')")  # r1 is not in the inventory yet: dead-lettered
-    assert (await finish_once(dsn))[0] == 1
+    assert (await once(dsn))[0] == 1
     device_file = tmp_path / "r1.json"
     agentctl(dsn, "device", "add", "r1", "--driver", "sim", "--option", "latency=0.5",
              "--option", f"state_file={device_file}")
-    proc = spawn_agentd(dsn, visibility_timeout=5)
-    try:
+    with daemon(dsn, visibility_timeout=5) as agentd:
         newer = int(agentctl(dsn, "enqueue", "r1", "wifi", "on").stdout)
         await until(lambda: device_file.exists() and json.loads(device_file.read_text()) == {"wifi": "on"},
                     timeout=10, what="device written")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        proc.kill()
-        proc.communicate()
+        agentd.crash()
     agentctl(dsn, "dlq", "replay", "--all")
-    code, out = await finish_once(dsn)  # the newer message is still leased by the dead daemon
+    code, out = await once(dsn)  # the newer message is still leased by the dead daemon
     assert code == 0, out
     replayed = await db.fetchval("SELECT max(msg_id) FROM pgmq.\"a_device_tasks\"")
     assert replayed > newer and await events(db, replayed) == ["replayed", "superseded"]
     assert json.loads(device_file.read_text()) == {"wifi": "on"}
     assert (await state(db, "r1", "wifi"))["desired"] == "on"
     assert older < newer
-
-
-async def finish_once(dsn: str) -> tuple[int, str]:
-    return finish(spawn_agentd(dsn, "--once"))
 
 
 async def test_health_endpoints_on_the_loopback_listener(dsn):
@@ -211,8 +228,7 @@ async def test_health_endpoints_on_the_loopback_listener(dsn):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = spawn_agentd(dsn, http_listen=f"127.0.0.1:{port}")
-    try:
+    with daemon(dsn, http_listen=f"127.0.0.1:{port}") as agentd:
         async with aiohttp.ClientSession() as http:
             async def status(path: str) -> int | None:
                 try:
@@ -224,10 +240,7 @@ async def test_health_endpoints_on_the_loopback_listener(dsn):
             await until(lambda: status("/readyz"), timeout=15, what="HTTP up")
             await until(lambda: _is(status("/readyz"), 200), timeout=10, what="ready")
             assert await status("/healthz") == 200
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code, out = finish(proc)
-    assert code == 0, out
+    assert agentd.code == 0, agentd.out
 
 
 async def _is(coro, expected) -> bool:
@@ -247,7 +260,7 @@ async def test_http_device_end_to_end(db, dsn):
         agentctl(dsn, "enqueue", "router-1", "alice", "on")
         agentctl(dsn, "enqueue", "router-1", "bob", "off")
         agentctl(dsn, "enqueue", "router-1", "carol", "on")  # the router has no such secret: HTTP 404
-        code, out = await asyncio.to_thread(finish, spawn_agentd(dsn, "--once"))  # the device answers meanwhile
+        code, out = await once(dsn)  # the device answers meanwhile
     finally:
         await box.stop()
     assert code == 1, out  # carol was dead-lettered
@@ -266,8 +279,7 @@ async def registered(db, agent_id: str, pid: int) -> bool:  # type: ignore[no-un
 async def test_a_second_agentd_with_a_live_agent_id_exits_2_and_a_restart_of_a_dead_one_starts(db, dsn, tmp_path):
     device_file = tmp_path / "r1.json"
     agentctl(dsn, "device", "add", "r1", "--driver", "sim", "--option", f"state_file={device_file}")
-    first = spawn_agentd(dsn, agent_id="gw1", poll_interval=60)
-    try:
+    with daemon(dsn, agent_id="gw1", poll_interval=60) as first:
         await until(lambda: registered(db, "gw1", first.pid), timeout=20, what="gw1 running")
         code, out = finish(spawn_agentd(dsn, agent_id="gw1"))  # a copy of gw1's config, started again
         assert code == 2, out
@@ -275,21 +287,16 @@ async def test_a_second_agentd_with_a_live_agent_id_exits_2_and_a_restart_of_a_d
         assert "Traceback" not in out
         msg = int(agentctl(dsn, "enqueue", "r1", "wifi", "on").stdout)
         await until(lambda: archived(db, msg), timeout=15, what="gw1 still at work")
-        first.send_signal(signal.SIGKILL)  # crashed: its heartbeat is fresh, its process is gone
-        first.wait(10)
-        restarted = spawn_agentd(dsn, agent_id="gw1", poll_interval=60)
+        first.crash()  # its heartbeat is fresh, its process is gone
+    with daemon(dsn, agent_id="gw1", poll_interval=60) as restarted:
         await until(lambda: registered(db, "gw1", restarted.pid), timeout=20, what="gw1 restarted")
         msg = int(agentctl(dsn, "enqueue", "r1", "wifi", "off").stdout)
         await until(lambda: archived(db, msg), timeout=15, what="the restarted gw1 at work")
-        restarted.send_signal(signal.SIGKILL)
-        restarted.wait(10)
-    finally:
-        first.kill()
-        first.communicate()
+        restarted.crash()
     # gone from a host this one cannot look into: it may start once the heartbeat is stale
     await db.execute("UPDATE agent.agents SET host_id = 'gw-old/boot:x/pidns:1', last_heartbeat = now() - "
                      "interval '1 hour' WHERE agent_id = 'gw1'")
-    code, out = finish(spawn_agentd(dsn, "--once", agent_id="gw1"))
+    code, out = await once(dsn, agent_id="gw1")
     assert code == 0, out
     assert json.loads(device_file.read_text()) == {"wifi": "off"}
     assert await db.fetchval("SELECT state FROM agent.agents WHERE agent_id = 'gw1'") == "stopped"  # id free again

@@ -79,10 +79,7 @@ async def test_a_device_timeout_raised_by_sighup_reaches_the_drivers(db, dsn, tm
     config = tmp_path / "agent.toml"
     config.write_text("device_timeout = 0.5\n")
     try:
-        agentctl(dsn, "device", "add", "router-1", "--driver", "http", "--address", f"127.0.0.1:{box.port}",
-                 "--option", "read_path=/rest/ppp/secret/{service}", "--option", "set_method=PATCH",
-                 "--option", "state_pointer=/disabled", "--option", 'on_value="false"',
-                 "--option", 'off_value="true"', "--option", 'set_body={"disabled": "{value}"}')
+        _add_router(dsn, box.port)
         proc = spawn_agentd(dsn, "--config", str(config), max_attempts=1000, retry_base=0.2, retry_max=0.5)
         agentctl(dsn, "enqueue", "router-1", "alice", "on", "--request-id", "slow-1")
         await until(lambda: _kinds(db, "slow-1", "retried"), timeout=30, what="a try given up at the 0.5 s timeout")
@@ -97,3 +94,35 @@ async def test_a_device_timeout_raised_by_sighup_reaches_the_drivers(db, dsn, tm
 async def _kinds(db, request_id: str, kind: str) -> bool:
     return await db.fetchval("SELECT count(*) > 0 FROM agent.events WHERE request_id = $1 AND kind = $2",
                              request_id, kind)
+
+
+async def test_max_attempts_lowered_by_sighup_dead_letters_the_next_failure(db, dsn, tmp_path):
+    """AGENT_MAX_ATTEMPTS is live: after SIGHUP the executor's retry policy is the new one."""
+    import signal
+
+    from tests.support.agents import agentctl
+    from tests.support.httpdevice import HttpDevice
+
+    box = await HttpDevice().start()
+    box.secrets, box.fail = {"alice": "true"}, [503] * 10_000  # the device is busy, for ever
+    config = tmp_path / "agent.toml"
+    config.write_text("max_attempts = 1000\n")
+    try:
+        _add_router(dsn, box.port)
+        proc = spawn_agentd(dsn, "--config", str(config), retry_base=0.2, retry_max=0.5)
+        agentctl(dsn, "enqueue", "router-1", "alice", "on", "--request-id", "busy-1")
+        await until(lambda: _kinds(db, "busy-1", "retried"), timeout=30, what="retried under max_attempts=1000")
+        config.write_text("max_attempts = 1\n")
+        proc.send_signal(signal.SIGHUP)
+        await until(lambda: _kinds(db, "busy-1", "dead_lettered"), timeout=30, what="dead-lettered after SIGHUP")
+    finally:
+        await box.stop()
+
+
+def _add_router(dsn: str, port: int) -> None:
+    from tests.support.agents import agentctl
+
+    agentctl(dsn, "device", "add", "router-1", "--driver", "http", "--address", f"127.0.0.1:{port}",
+             "--option", "read_path=/rest/ppp/secret/{service}", "--option", "set_method=PATCH",
+             "--option", "state_pointer=/disabled", "--option", 'on_value="false"',
+             "--option", 'off_value="true"', "--option", 'set_body={"disabled": "{value}"}')

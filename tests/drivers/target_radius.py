@@ -5,7 +5,8 @@ observes a subscriber's real state by asking FreeRADIUS itself: an Access-Reques
 A read goes to the policy store only (the NAS has nothing to read), so the unreachable and slow devices are
 unreachable and slow on both halves: the store's DSN names a refusing port or a server that never answers,
 and so does the NAS address. Likewise the wrong-credential device's policy credential names a role the
-store refuses, besides a wrong shared secret (which the NAS drops without a word; test_radius.py covers it).
+store refuses, besides a wrong shared secret (which the NAS drops without a word: a read does not reach the NAS, so
+test_radius.py covers that half, against FreeRADIUS's DAS).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from tests.support.snmpd import closed_udp_port, silent_udp
 
 WRONG = "wrong-Secret-5c2e"
 BULK = 300  # subscribers of one NAS read at once, a third of them suspended
-UDP_NOTE = ("RADIUS Dynamic Authorization runs over UDP: a NAS that is down and one that drops requests signed "
-            "with another secret look the same (no answer); a closed port (ICMP) is an UnreachableError")
+UDP_NOTE = ("RADIUS Dynamic Authorization runs over UDP: a NAS that is down is silent (NoAnswerError); one whose "
+            "host answers a TCP connection but whose DAS drops the requests (another secret) is a ConfigError; a "
+            "closed port (ICMP) is an UnreachableError")
 
 
 @contextlib.asynccontextmanager

@@ -26,7 +26,7 @@ async def test_agents_deciding_at_once_admit_exactly_the_limit(db, dsn):
     limits = GuardLimits("default", off_min=30, off_percent=10.0, window=3600.0)
     async with login_role(dsn, "agent_worker_default") as name:
         pools = [await asyncpg.create_pool(as_user(dsn, name), min_size=1, max_size=1) for _ in range(8)]
-        acceptors = [Acceptor(p, Queries("device_tasks"), limits) for p in pools]
+        acceptors = [Acceptor(p, Queries("device_tasks"), lambda: limits) for p in pools]
         flushing = [asyncio.create_task(a.run()) for a in acceptors]
         try:
             futures = [a.submit(Command(device="r1", service=f"s{i * 50 + j + 1}", state="off"), 1000 + i * 50 + j,
@@ -45,7 +45,7 @@ async def test_agents_deciding_at_once_admit_exactly_the_limit(db, dsn):
 async def test_a_restore_or_an_off_already_in_force_is_never_held(db, dsn):
     await _on(db, 200)
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
-    acceptor = Acceptor(pool, Queries("device_tasks"), GuardLimits("default", off_min=0, off_percent=0.0))
+    acceptor = Acceptor(pool, Queries("device_tasks"), lambda: GuardLimits("default", off_min=0, off_percent=0.0))
     flushing = asyncio.create_task(acceptor.run())
     try:
         await db.execute("UPDATE agent.service_state SET desired = 'off', desired_version = 5 WHERE service = 's1'")
@@ -66,7 +66,7 @@ async def test_a_released_command_and_a_lifted_limit_pass(db, dsn):
     await _on(db, 10)
     await db.execute("INSERT INTO agent.guard_sites (site, lifted_until) VALUES ('default', now() + interval '1 hour')")
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
-    acceptor = Acceptor(pool, Queries("device_tasks"), GuardLimits("default", off_min=0, off_percent=0.0))
+    acceptor = Acceptor(pool, Queries("device_tasks"), lambda: GuardLimits("default", off_min=0, off_percent=0.0))
     flushing = asyncio.create_task(acceptor.run())
     try:
         lifted = await acceptor.accept(Command(device="r1", service="s1", state="off"), 10, 10)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import re
 import secrets
 import time
@@ -18,11 +19,11 @@ import pytest
 
 from agent.drivers.base import CredentialStore, DriverContext
 from agent.drivers.radius import RadiusDriver
-from agent.errors import ConfigError, NoAnswerError, PermanentError, UnreachableError
+from agent.errors import ConfigError, PermanentError, UnreachableError
 from agent.model.device import Device
 from agent.ops import admin, devicetest
 from tests.support.agents import running_agent
-from tests.support.db import archived, send
+from tests.support.db import archived, dlq, events, send
 from tests.support.freeradius import NAS_IP, FreeRadius, add_user, create_store, free_udp_port, freeradius_available
 from tests.support.pg import create_database, drop_database
 from tests.support.wait import until
@@ -145,16 +146,18 @@ async def test_without_a_known_session_the_nas_is_asked_by_user_name(radius: Rad
     assert "Acct-Session-Id" not in sent and sent["User-Name"] == user
 
 
-async def test_a_wrong_shared_secret_is_an_error_naming_the_credential(radius: Radius, drv: RadiusDriver) -> None:
+async def test_a_wrong_shared_secret_is_dropped_by_freeradius_and_ends_in_a_config_error_naming_the_credential(
+        radius: Radius, drv: RadiusDriver) -> None:
     user = await radius.subscriber()
     before = len(radius.fr.das_requests())
     device = radius.device(credential="wrong-secret", timeout=1.0)
-    with pytest.raises(NoAnswerError) as caught:
+    with pytest.raises(ConfigError) as caught:
         await drv.apply(device, f"user/{user}", "off")
-    assert "wrong-secret" in str(caught.value) and "shared secret" in str(caught.value)
-    assert "not-the-das-secret" not in str(caught.value)
+    assert "'wrong-secret'" in str(caught.value) and "shared secret" in str(caught.value)
+    assert "not-the-das-secret" not in str(caught.value) and radius.fr.das_secret not in str(caught.value)
     assert len(radius.fr.das_requests()) == before  # FreeRADIUS dropped it: nothing was acted on
-    with pytest.raises(NoAnswerError):
+    assert "Shared secret is incorrect" in radius.fr.log() and "Dropping packet without response" in radius.fr.log()
+    with pytest.raises(ConfigError, match="'wrong-secret'"):
         await drv.probe(device)
 
 
@@ -281,7 +284,7 @@ async def test_a_suspended_row_that_sorts_after_the_plan_suspends_nobody_until_m
 def documented_grants(role: str) -> list[str]:
     """The CREATE ROLE and GRANT statements docs/drivers.md gives the operator, for `role`."""
     text = (Path(__file__).resolve().parents[2] / "docs" / "drivers.md").read_text()
-    section = text[text.index("## Built-in: `radius`"):text.index("## Built-in: `http`")]
+    section = text[text.index("## Built-in: `radius`"):text.index("The same in MySQL/MariaDB")]
     lines = [line for line in section.splitlines() if re.match(r"(CREATE ROLE|GRANT) ", line)]
     assert lines, "docs/drivers.md lost the radius grants"
     return [line.replace("radius_agent", role).replace("PASSWORD '…'", "") for line in lines]
@@ -319,7 +322,8 @@ async def test_device_test_checks_both_halves_and_says_which_failed(radius: Radi
     assert not probe.ok and probe.kind == "config" and "suspends nobody" in probe.detail
     wrong = await devicetest.run(radius.device(credential="wrong-secret", timeout=1.0), "nas-1", None, radius.context)
     probe = next(s for s in wrong.steps if s.name == "probe")
-    assert not probe.ok and "wrong-secret" in probe.detail and "not-the-das-secret" not in devicetest.as_text(wrong)
+    assert not probe.ok and probe.kind == "config" and "'wrong-secret'" in probe.detail and "dropped" in probe.detail
+    assert "not-the-das-secret" not in devicetest.as_text(wrong)
 
 
 async def test_month_end_through_the_agent_every_suspension_applied_once_and_verified(
@@ -382,3 +386,35 @@ async def test_through_a_lossy_link_every_suspension_is_acted_on_once(radius: Ra
     states = await drv.read_many(radius.device(), [f"user/{u}" for u in users])
     assert set(states.values()) == {"off"}
     assert [u for u in users if len(radius.disconnects(u)) != 1] == []
+
+
+async def test_through_the_agent_a_wrong_secret_parks_the_command_until_the_credential_is_fixed(
+        radius: Radius, db: asyncpg.Connection, dsn: str) -> None:
+    """A config error naming the credential (never the secret): no retry can fix it, so the command is parked,
+    not dead-lettered; once the operator puts the right secret in the credential it goes through."""
+    user = await radius.subscriber()
+    await radius.fr.start_session(user, f"sess-{user}", "10.9.0.21")
+    (radius.creds / "fixable-secret").write_text("not-the-das-secret")
+    device = Device("nas-fixable", "radius", radius.fr.das_address, credential="fixable-secret",
+                    options={"policy_credential": "radius-db", "timeout": 1.0, "retries": 1})
+    await admin.upsert_devices(db, [device])
+    async with running_agent(dsn, RadiusDriver(radius.context), require_vpn=False):
+        msg_id = await send(db, {"device": device.id, "service": f"user/{user}", "state": "off"})
+
+        async def parked() -> bool:
+            row = await db.fetchrow("SELECT last_error FROM agent.service_state WHERE device = $1", device.id)
+            return row is not None and (row["last_error"] or "").startswith("parked: device_misconfigured:")
+
+        await until(parked, timeout=30, what="the command parked as misconfigured")
+        row = await db.fetchrow("SELECT last_error FROM agent.service_state WHERE device = $1", device.id)
+        assert "'fixable-secret'" in row["last_error"] and "not-the-das-secret" not in row["last_error"]
+        assert "parked" in await events(db, msg_id) and "dead_lettered" not in await events(db, msg_id)
+        assert not [e for e in await dlq(db) if e["id"] == msg_id]
+        assert await radius.access(user) == "reject"  # the policy is written before the NAS is asked: the session waits
+        assert radius.disconnects(user) == []
+        (radius.creds / "fixable-secret").write_text(radius.fr.das_secret)  # the operator fixes it
+        await until(lambda: archived(db, msg_id), timeout=60, what="the command through once the secret is right")
+    assert len(radius.disconnects(user)) == 1  # the live session ended, once
+    assert await radius.access(user) == "reject"
+    assert "not-the-das-secret" not in json.dumps([dict(r) for r in await db.fetch(
+        "SELECT kind, error FROM agent.events WHERE msg_id = $1", msg_id)], default=str)

@@ -98,7 +98,7 @@ async def test_a_reconcile_run_records_each_suspension_policy_that_blocks_nobody
         device.states[("r1", s)] = "off"
     async with running_agent(dsn, device) as agent:
         found = await reconcile(db, agent, "r1")
-        counted = agent.runtime.metrics.policy_missing._value.get()  # type: ignore[attr-defined]
+        counted = agent.metrics.policy_missing._value.get()  # type: ignore[attr-defined]
     assert found["in_sync"] == 3
     assert device.asked == [["blocked:late", "blocked:unpaid", "wifi"]]
     rows = await db.fetch("SELECT device, service, error FROM agent.events WHERE kind = 'policy_missing' ORDER BY id")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from agent.drivers.base import DriverContext
@@ -17,14 +18,18 @@ from agent.settings import load_settings
 
 
 @asynccontextmanager
-async def running_agent(dsn: str, driver: Any = None, **overrides: Any) -> AsyncIterator[Agent]:
-    """A wired Agent running its services; `driver` is preset under its own name."""
+async def running_agent(dsn: str, driver: Any = None, config: Path | None = None,
+                        **overrides: Any) -> AsyncIterator[Agent]:
+    """A wired Agent running its services; `driver` is preset under its own name; `config`: the file
+    its reload (what SIGHUP runs) reads."""
     defaults = {"http_listen": "", "poll_interval": 60.0, "retry_base": 0.05, "retry_max": 0.2,
                 "visibility_timeout": 5, "reconcile_schedule": "off"}
     settings = load_settings(None, database_url=dsn, **{**defaults, **overrides})
     pool = await connect_pool(settings, attempts=1)
-    drivers = Drivers(DriverContext(settings.device_timeout), {driver.name: driver} if driver else None)
-    agent = Agent(settings, pool, drivers)
+    # as the daemon's own: the drivers read the device timeout from the agent's live settings
+    drivers = Drivers(DriverContext(lambda: agent.live.current().device_timeout),
+                      {driver.name: driver} if driver else None)
+    agent = Agent(settings, pool, drivers, settings_path=config)
     stop = asyncio.Event()
     task = None
     try:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -59,6 +61,53 @@ def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def tcp_black_hole(port: int) -> Iterator[None]:
+    """Loopback TCP `port` made silent: a listener with a full accept queue, so a SYN to it is dropped
+    (no SYN-ACK, no RST), as from a host that does not answer at all."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", port))
+    listener.listen(0)
+    fillers = []
+    try:
+        for _ in range(3):  # backlog 0 holds one; the others wait in SYN-SENT
+            sock = socket.socket()
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.connect(("127.0.0.1", port))
+            fillers.append(sock)
+        yield
+    finally:
+        for sock in fillers:
+            sock.close()
+        listener.close()
+
+
+@contextlib.contextmanager
+def tcp_listener(port: int) -> Iterator[Callable[[], int]]:
+    """A loopback TCP listener on `port`; yields a count of the connections it got so far."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", port))
+    listener.listen(8)
+    listener.setblocking(False)
+    got = 0
+
+    def accepted() -> int:
+        nonlocal got
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                return got
+            conn.close()
+            got += 1
+
+    try:
+        yield accepted
+    finally:
+        listener.close()
 
 
 def conninfo(dsn: str) -> str:
@@ -120,8 +169,51 @@ def parse_pairs(text: str) -> dict[str, str]:
     return out
 
 
+PG_CONNECTION = """\
+		driver = "rlm_sql_postgresql"
+		dialect = "postgresql"
+		postgresql {
+			send_application_name = yes
+		}
+		radius_db = "@CONNINFO@"
+"""
+MYSQL_CONNECTION = """\
+		driver = "rlm_sql_mysql"
+		dialect = "mysql"
+		server = "@HOST@"
+		port = @PORT@
+		login = "@USER@"
+		password = "@PASSWORD@"
+		radius_db = "@DATABASE@"
+		mysql {
+			warnings = auto
+		}
+"""
+# The NAS side's tables in MariaDB (STORE's, with MySQL's types).
+MYSQL_STORE = [
+    "CREATE TABLE nas_sessions (username varchar(64) NOT NULL, acctsessionid varchar(64) NOT NULL)",
+    "CREATE TABLE nas_lost_stop (username varchar(64) NOT NULL)",
+    "INSERT INTO radgroupcheck (groupname, attribute, op, value) VALUES ('suspended', 'Auth-Type', ':=', 'Reject')",
+    "INSERT INTO radgroupreply (groupname, attribute, op, value) VALUES ('plan', 'Framed-Pool', ':=', 'main')",
+]
+
+
+def sql_connection(dsn: str) -> tuple[str, str]:
+    """rlm_sql's connection settings for the store at `dsn`, and its dialect (the queries.conf it reads)."""
+    if not dsn.startswith("mysql://"):
+        return PG_CONNECTION.replace("@CONNINFO@", conninfo(dsn)), "postgresql"
+    parts = urlsplit(dsn)
+    fields = {"HOST": parts.hostname or "", "PORT": str(parts.port or 3306), "USER": unquote(parts.username or ""),
+              "PASSWORD": unquote(parts.password or ""), "DATABASE": unquote(parts.path.lstrip("/"))}
+    text = MYSQL_CONNECTION
+    for key, value in fields.items():
+        text = text.replace(f"@{key}@", value)
+    return text, "mysql"
+
+
 class FreeRadius:
-    """`freeradius -X` with the throwaway configuration; `close()` stops it and removes its directory."""
+    """`freeradius -X` with the throwaway configuration; `close()` stops it and removes its directory. The
+    store is PostgreSQL, or MariaDB (rlm_sql_mysql) for a mysql:// DSN."""
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
@@ -132,10 +224,11 @@ class FreeRadius:
         self.dir = Path(tempfile.mkdtemp(prefix="agent-freeradius-"))
         for sub in ("log", "run"):
             (self.dir / sub).mkdir()
-        text = TEMPLATE.read_text()
+        connection, dialect = sql_connection(dsn)
+        text = TEMPLATE.read_text().replace("@SQL_CONNECTION@", connection).replace("@SQL_DIALECT@", dialect)
         for key, value in {"DIR": str(self.dir), "AAA_SECRET": self.aaa_secret, "DAS_SECRET": self.das_secret,
                            "AUTH_PORT": str(self.auth_port), "ACCT_PORT": str(self.acct_port),
-                           "DAS_PORT": str(self.das_port), "CONNINFO": conninfo(dsn)}.items():
+                           "DAS_PORT": str(self.das_port)}.items():
             text = text.replace(f"@{key}@", value)
         (self.dir / "radiusd.conf").write_text(text)
         os.chmod(self.dir / "radiusd.conf", 0o600)
@@ -176,19 +269,33 @@ class FreeRadius:
     async def start_session(self, user: str, session_id: str, framed_ip: str) -> None:
         """A live session on the NAS (nas_sessions) and its Accounting-Start, as the NAS would send it;
         returns when rlm_sql has made the radacct row."""
+        await self.store_execute("INSERT INTO nas_sessions VALUES ({}, {})", user, session_id)
+        packet = AcctPacket(code=AccountingRequest, secret=self.aaa_secret.encode(), dict=dictionary())
+        for name, value in (("User-Name", user), ("Acct-Session-Id", session_id), ("Acct-Status-Type", "Start"),
+                            ("NAS-IP-Address", NAS_IP), ("Framed-IP-Address", framed_ip),
+                            ("NAS-Port-Type", "Ethernet"), ("Acct-Authentic", "RADIUS")):
+            packet[name] = value
+        await asyncio.to_thread(self._send, packet, self.acct_port)
+
+        async def made() -> bool:
+            rows = await self.store_fetch("SELECT count(*) FROM radacct WHERE acctsessionid = {}", session_id)
+            return bool(rows[0][0])
+
+        await until(made, what=f"radacct row of session {session_id}")
+
+    async def store_fetch(self, query: str, *args: object) -> list[tuple[object, ...]]:
+        """Rows of `query` in the store, its parameters written `{}` (made $n or %s for the database)."""
+        if self.dsn.startswith("mysql://"):
+            return await asyncio.to_thread(_mysql_fetch, self.dsn, query.replace("{}", "%s"), args)
+        n = iter(range(1, len(args) + 1))
         conn = await asyncpg.connect(self.dsn)
         try:
-            await conn.execute("INSERT INTO nas_sessions VALUES ($1, $2)", user, session_id)
-            packet = AcctPacket(code=AccountingRequest, secret=self.aaa_secret.encode(), dict=dictionary())
-            for name, value in (("User-Name", user), ("Acct-Session-Id", session_id), ("Acct-Status-Type", "Start"),
-                                ("NAS-IP-Address", NAS_IP), ("Framed-IP-Address", framed_ip),
-                                ("NAS-Port-Type", "Ethernet"), ("Acct-Authentic", "RADIUS")):
-                packet[name] = value
-            await asyncio.to_thread(self._send, packet, self.acct_port)
-            await until(lambda: conn.fetchval("SELECT count(*) FROM radacct WHERE acctsessionid = $1", session_id),
-                        what=f"radacct row of session {session_id}")
+            return [tuple(r) for r in await conn.fetch(re.sub(r"\{\}", lambda _: f"${next(n)}", query), *args)]
         finally:
             await conn.close()
+
+    async def store_execute(self, query: str, *args: object) -> None:
+        await self.store_fetch(query, *args)
 
     def _send(self, packet: AuthPacket | AcctPacket, port: int) -> int:
         raw = packet.RequestPacket()
@@ -214,3 +321,18 @@ class FreeRadius:
                 self._proc.wait(5)
         self._out.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _mysql_fetch(dsn: str, query: str, args: tuple[object, ...]) -> list[tuple[object, ...]]:
+    import pymysql
+
+    parts = urlsplit(dsn)
+    conn = pymysql.connect(host=parts.hostname, port=parts.port or 3306, user=unquote(parts.username or ""),
+                           password=unquote(parts.password or ""), database=unquote(parts.path.lstrip("/")),
+                           autocommit=True, charset="utf8mb4")
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query, args)
+            return [tuple(r) for r in cur.fetchall()]
+    finally:
+        conn.close()

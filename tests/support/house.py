@@ -14,6 +14,7 @@ from agent.queue.consumer import ConsumerFigures
 from agent.reconcile.reconciler import ReconcilerFigures
 from agent.runtime.housekeeper import Housekeeper, Identity, Sources
 from agent.runtime.systemd import Notifier
+from agent.settings import LiveSettings
 from agent.vpn.guard import VpnFigures
 
 ME = Identity("a1", "north", "device_tasks", instance="i-1", host_id="gw1")
@@ -62,10 +63,11 @@ class Told(Notifier):
         return sum(1 for f in self.sent if f == ("WATCHDOG=1",))
 
 
-@dataclass(frozen=True)
-class Every:
-    heartbeat_interval: float = 30.0
-    watchdog_stall: float = 60.0
+def live(heartbeat_interval: float = 30.0, watchdog_stall: float = 60.0) -> LiveSettings:
+    """The live settings the housekeeper reads: its heartbeat interval and the watchdog's stall."""
+    return LiveSettings(log_level="INFO", poll_interval=60.0, max_attempts=5, retry_base=1.0, retry_max=60.0,
+                        device_timeout=10.0, heartbeat_interval=heartbeat_interval, watchdog_stall=watchdog_stall,
+                        guard_window=3600.0, guard_off_min=0, guard_off_percent=100.0)
 
 
 class NoDatabase:
@@ -75,6 +77,7 @@ class NoDatabase:
         raise ConnectionRefusedError("connection refused")
 
 
-def housekeeper(parts: Parts, told: Told | None = None, every: Every = Every()) -> Housekeeper:
+def housekeeper(parts: Parts, told: Told | None = None, settings: LiveSettings | None = None) -> Housekeeper:
+    now = settings or live()
     return Housekeeper(ME, parts.sources(), told or Told(), NoDatabase(),  # type: ignore[arg-type]
-                       Queries(ME.queue), cadence=lambda: every)
+                       Queries(ME.queue), lambda: now)

@@ -20,6 +20,11 @@ T0 = datetime(2026, 11, 30, 23, 59, tzinfo=timezone.utc)
 class Cmd:
     delivery: Delivery
     command: Command
+    high = False
+
+    @property
+    def joins_take(self) -> bool:
+        return self.command.action == "set"
 
 
 @dataclass
@@ -27,6 +32,8 @@ class Other:
     """Lane work that is not a command (a reconcile message)."""
 
     delivery: Delivery
+    joins_take = False
+    high = False
 
 
 def item(msg_id: int, service: str = "wifi", state: str = "on", *, read_ct: int = 1, version: int | None = None,
@@ -43,21 +50,21 @@ def ids(items: list) -> list[tuple[int, int]]:
 
 def test_a_take_is_the_run_of_set_commands_at_the_head_of_the_lane():
     lane = [item(1), item(2, "voip"), item(3, action="refresh"), item(4)]
-    assert coalesce.head(lane, 100, Cmd) == 2
+    assert coalesce.head(lane, 100) == 2
 
 
 def test_a_take_stops_at_lane_work_that_is_not_a_command():
     lane = [item(1), Other(Delivery(2, 1, T0, "{}", None, 2)), item(3)]
-    assert coalesce.head(lane, 100, Cmd) == 1
+    assert coalesce.head(lane, 100) == 1
 
 
 def test_a_take_holds_at_most_the_bound():
-    assert coalesce.head([item(n) for n in range(1, 11)], 4, Cmd) == 4
+    assert coalesce.head([item(n) for n in range(1, 11)], 4) == 4
 
 
 def test_work_that_cannot_be_taken_together_is_a_take_of_one():
-    assert coalesce.head([item(1, action="refresh"), item(2)], 100, Cmd) == 1
-    assert coalesce.head([Other(Delivery(1, 1, T0, "{}", None, 1))], 100, Cmd) == 1
+    assert coalesce.head([item(1, action="refresh"), item(2)], 100) == 1
+    assert coalesce.head([Other(Delivery(1, 1, T0, "{}", None, 1))], 100) == 1
 
 
 def test_every_command_of_a_take_is_judged_even_older_ones_for_the_same_service():

@@ -58,3 +58,14 @@ def test_every_event_kind_is_documented_in_the_contract():
     text = (ROOT / "docs" / "contract.md").read_text()
     table = text[text.index("`kind` is one of:"):]
     assert kinds and [k for k in kinds if f"`{k}`" not in table] == []
+
+
+def test_the_settings_marked_live_are_the_ones_a_reload_swaps_in():
+    import re
+
+    from agent.settings import LIVE
+
+    rows = [line for line in (ROOT / "docs" / "configuration.md").read_text().splitlines()
+            if line.startswith("| `AGENT_")]
+    marked = {re.match(r"\| `AGENT_(\w+)`", row).group(1).lower() for row in rows if "*live*" in row}  # type: ignore[union-attr]
+    assert marked == LIVE

@@ -16,7 +16,7 @@ from agent.reconcile.reconciler import ReconcilerFigures
 from agent.runtime.metrics import Metrics
 from agent.vpn.guard import Reach, VpnFigures
 from agent.vpn.health import PeerVerdict
-from tests.support.house import Every, Parts, Told, housekeeper
+from tests.support.house import Parts, Told, housekeeper, live
 from tests.support.wait import until
 
 READY = "ready: 0 in flight; queue ?; 0 done, 0 retried, 0 dead-lettered"
@@ -47,8 +47,8 @@ def test_a_failed_read_degrades_it_and_says_why():
     assert not house.ready()
     assert house.status_line() == ("degraded: database unreachable, reconnecting (connection refused); 3 in flight; "
                                    "queue ?; 0 done, 0 retried, 0 dead-lettered")
-    live = house.live()
-    assert not live.database_up and not live.ready and live.inflight == 3
+    scraped = house.live()
+    assert not scraped.database_up and not scraped.ready and scraped.inflight == 3
 
 
 async def test_a_failed_statement_of_its_own_degrades_it_too():
@@ -131,7 +131,7 @@ def test_the_metrics_read_the_parts_figures_and_readiness_at_scrape_time():
 async def test_the_watchdog_is_fed_while_idle_withheld_while_work_stalls_and_fed_again_once_it_moves(caplog):
     told = Told(watchdog_interval=0.01)
     parts = Parts()
-    house = housekeeper(parts, told, Every(watchdog_stall=60.0))
+    house = housekeeper(parts, told, live(watchdog_stall=60.0))
     task = asyncio.create_task(house.watch())
     try:
         await until(lambda: told.pings >= 2, timeout=5, what="pings while idle")

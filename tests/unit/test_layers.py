@@ -32,6 +32,7 @@ def test_every_layering_contract_is_kept():
     ("agent/drivers/body.py", "agent.settings", "drivers import only the vocabulary"),
     ("agent/model/sites.py", "agent.text", "the vocabulary (agent.model) imports nothing else of ours"),
     ("agent/queue/routing.py", "agent.runtime.metrics", "only the entry points and operator tools"),
+    ("agent/queue/consumer.py", "agent.reconcile.request", "the queue imports no reconciliation"),
 ])
 def test_a_forbidden_import_breaks_its_contract(tmp_path, module, forbidden, contract):
     shutil.copytree(ROOT / "agent", tmp_path / "agent", ignore=shutil.ignore_patterns("__pycache__"))

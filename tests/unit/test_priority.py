@@ -51,10 +51,16 @@ class Cmd:
     def high(self) -> bool:
         return self.command.action == "set" and priority.of(self.delivery.priority, self.command.state) == HIGH
 
+    @property
+    def joins_take(self) -> bool:
+        return self.command.action == "set"
+
 
 @dataclass
 class Other:
     delivery: Delivery
+    joins_take = False
+    high = False
 
 
 def item(msg_id: int, service: str, state: str = "off", *, prio: str | None = None, action: str = "set") -> Cmd:
@@ -65,7 +71,7 @@ def item(msg_id: int, service: str, state: str = "off", *, prio: str | None = No
 
 
 def pick(lane: list, bound: int = 100) -> list[int]:
-    return [it.delivery.msg_id for it in coalesce.pick(lane, bound, Cmd, lambda it: it.high)]
+    return [it.delivery.msg_id for it in coalesce.pick(lane, bound)]
 
 
 def test_without_a_restore_waiting_the_take_is_the_head_of_the_lane():

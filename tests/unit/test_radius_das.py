@@ -16,6 +16,7 @@ from pyrad.packet import CoAPacket
 from agent.drivers import radius_das as das
 from agent.drivers import radius_proto as p
 from agent.errors import ConfigError, NoAnswerError, UnreachableError
+from tests.support.freeradius import tcp_black_hole, tcp_listener
 from tests.support.snmpd import closed_udp_port
 
 SECRET = b"das-secret-1f3a"
@@ -105,12 +106,33 @@ async def test_only_unverifiable_replies_mean_another_shared_secret(nas: Any) ->
         await das.exchange(target, p.DISCONNECT_REQUEST, ATTRS, "t")
 
 
-async def test_silence_is_no_answer_naming_the_credential(nas: Any) -> None:
+async def test_silence_from_a_host_that_answers_is_a_dropped_request_naming_the_credential(nas: Any) -> None:
+    """The host refuses a TCP connection to the DAS's port at once (it is up and reached), yet the DAS never
+    answered: it dropped the requests, as a NAS does one signed with another secret."""
     server, target = await nas(lambda req, raw: [])
-    with pytest.raises(NoAnswerError, match="'nas-secret'") as caught:
+    with pytest.raises(ConfigError, match="'nas-secret'") as caught:
         await das.exchange(target, p.COA_REQUEST, ATTRS, "t")
-    assert not isinstance(caught.value, UnreachableError)
+    assert "dropped" in str(caught.value) and "refused at once" in str(caught.value)
+    assert SECRET.decode() not in str(caught.value)
     assert len(server.received) == 3  # the first try and two retries
+
+
+async def test_silence_from_a_host_silent_to_tcp_too_is_no_answer_naming_the_credential(nas: Any) -> None:
+    server, target = await nas(lambda req, raw: [])
+    with tcp_black_hole(target.port):  # SYNs to that port go unanswered: nothing is known of the host
+        with pytest.raises(NoAnswerError, match="'nas-secret'") as caught:
+            await das.exchange(target, p.COA_REQUEST, ATTRS, "t")
+    assert not isinstance(caught.value, UnreachableError)
+    assert len(server.received) == 3
+
+
+async def test_the_host_is_asked_only_when_the_tries_before_the_last_went_unanswered(nas: Any) -> None:
+    """A NAS that answers the first try is never sent a TCP connection: nothing extra at month-end."""
+    _, target = await nas(lambda req, raw: [reply(req, p.DISCONNECT_ACK)])
+    with tcp_listener(target.port) as accepted:
+        await das.exchange(target, p.DISCONNECT_REQUEST, ATTRS, "t")
+        assert await das.host_answers("127.0.0.1", target.port, 1.0) == "accepted"
+        assert accepted() == 1  # the look above, and none from the exchange
 
 
 async def test_a_closed_port_is_unreachable_with_the_hint_to_enable_it() -> None:

@@ -60,14 +60,15 @@ def _gated(reason: str, waited_s: float, paused: str | None = None):  # type: ig
     from agent.executor.policy import RetryPolicy
     from agent.model.device import Device
     from agent.model.outcome import Delivery
+    from agent.reconcile.messages import ReconcileMessages
     from agent.reconcile.request import SyncRequest
-    from agent.reconcile.worker import ReconcileTuning, SyncWork, SyncWorker
+    from agent.reconcile.worker import ReconcileTuning, SyncWorker
 
     now = datetime.now(timezone.utc)
     d = Delivery(7, 10, now - timedelta(seconds=waited_s), "{}", None, 7, bounces=9)
     worker = SyncWorker(None, None, None, None, lambda _dev: reason,  # type: ignore[arg-type]
                         lambda: (RetryPolicy(3, 1, 5), 10.0), ReconcileTuning(unreachable_wait=120))
-    work = SyncWork(d, SyncRequest(run=1, device="r1"), Device("r1", "sim", paused=paused))
+    work = ReconcileMessages(worker).item(d, SyncRequest(run=1, device="r1"), Device("r1", "sim", paused=paused))
     return asyncio.run(worker.handle(work))
 
 

@@ -35,3 +35,12 @@ def test_defaults_suit_a_year_of_operation(monkeypatch):
     assert (r.archive_days, r.dlq_days, r.events_days, r.requests_days, r.sync_runs_days) == (14, 90, 180, 30, 7)
     assert r.agents_days == 7  # a stale agent leaves the fleet view within a week
     assert r.batch == 1000 and r.interval == 600 and TABLES[0] == "archive"
+
+
+def test_each_retention_setting_reaches_its_own_field():
+    r = Retention.from_settings(load_settings(None, database_url="postgresql://agent@db/agent", retain_archive_days=1,
+                                              retain_dlq_days=2, retain_events_days=3, retain_requests_days=4,
+                                              reconcile_retention_days=5, prune_batch=6, prune_interval=7,
+                                              retain_agents_days=8))
+    assert r == Retention(archive_days=1, dlq_days=2, events_days=3, requests_days=4, sync_runs_days=5, batch=6,
+                          interval=7, agents_days=8)

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 from agent.runtime.watchdog import stalled
-from tests.support.house import Every, Parts, Told, housekeeper
+from tests.support.house import Parts, Told, housekeeper, live
 from tests.support.wait import until
 
 STALL = 60.0
@@ -34,7 +34,7 @@ async def test_the_pings_stop_while_stalled_and_resume_once_work_moves(caplog):
     told = Told(watchdog_interval=0.01)
     parts = Parts()
     parts.consumer_now(last_progress=time.monotonic() - 2 * STALL, work_waits=True, inflight=1)
-    task = asyncio.create_task(housekeeper(parts, told, Every(watchdog_stall=STALL)).watch())
+    task = asyncio.create_task(housekeeper(parts, told, live(watchdog_stall=STALL)).watch())
     try:
         await until(lambda: "watchdog not fed" in caplog.text, timeout=5, what="the stall logged")
         assert told.pings == 0
