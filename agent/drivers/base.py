@@ -4,22 +4,23 @@ A driver is a class registered in the entry-point group `agent.drivers`. The dae
 instance per driver name and passes the device on every call. Drivers raise only the errors in
 agent.errors: TransientError (retry), PermanentError (dead-letter), UnreachableError (park).
 
-Optional: `async read_many(device, services) -> {service: state or AgentError}` reads many
-services in one request (coalesced commands and reconciliation use it), and
-`can_read_many(device) -> bool` says whether it does so for this device (absent: always).
-Optional: `async apply_many(device, {service: state}) -> {service: None or AgentError}` writes a
-take's services in one call (one statement for many: the RADIUS policy at month-end).
+Optional capabilities, each a declared protocol that a driver has by having its method (the agent
+asks with `isinstance`, never by looking for a name): `ReadsMany` reads many services in one
+request (coalesced commands and reconciliation use it), and `CanReadMany` says whether it does so
+for this device (absent: always; `reads_many` asks both); `AppliesMany` writes a take's services in
+one call (one statement for many: the RADIUS policy at month-end); `ChecksPolicy` tells whether the
+device's suspension policy blocks anyone (routeros).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from agent.errors import ConfigError
+from agent.errors import AgentError, ConfigError
 from agent.model.device import Device, State
 
 
@@ -57,6 +58,36 @@ class Driver(Protocol):
         what answered (e.g. "RouterOS 7.16 over REST (https)"), which `agentctl device test` shows."""
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class ReadsMany(Protocol):
+    async def read_many(self, device: Device, services: list[str]) -> Mapping[str, State | AgentError]:
+        """The state of each of `services` in one request; a service it cannot read is its own error."""
+
+
+@runtime_checkable
+class CanReadMany(Protocol):
+    def can_read_many(self, device: Device) -> bool:
+        """Whether `read_many` reads many services of this device in one request (http: with a list_path)."""
+
+
+@runtime_checkable
+class AppliesMany(Protocol):
+    async def apply_many(self, device: Device, wanted: Mapping[str, State]) -> Mapping[str, AgentError | None]:
+        """Put each service into its state in one call; per service None (answered) or its error."""
+
+
+@runtime_checkable
+class ChecksPolicy(Protocol):
+    async def check_policy(self, device: Device, services: Iterable[str]) -> list[str]:
+        """Problems with the device's suspension policy, one sentence each; [] when all is well."""
+
+
+def reads_many(driver: object, device: Device) -> bool:
+    """The driver reads many services of this device in one request: it has `read_many` and, where
+    it can say per device (`can_read_many`), says so for this one."""
+    return isinstance(driver, ReadsMany) and (not isinstance(driver, CanReadMany) or driver.can_read_many(device))
 
 
 class CredentialStore:

@@ -14,11 +14,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.drivers.base import Driver
+from agent.drivers.base import AppliesMany, CanReadMany, ChecksPolicy, Driver, ReadsMany
 from agent.errors import AgentError, NoAnswerError, TransientError, UnreachableError
 from agent.executor.budget import OPEN, Breaker, TokenBucket, breaker_options, max_rate
 from agent.executor.deadlines import Deadlines
@@ -61,7 +61,7 @@ class DeviceBudgets:
 
     def wrap(self, driver: Driver) -> Driver:
         self._drivers[driver.name] = driver
-        return Budgeted(driver, self)  # type: ignore[return-value]
+        return budgeted(driver, self)  # type: ignore[return-value]
 
     # -- the executor's gate --------------------------------------------------------------
 
@@ -218,12 +218,17 @@ class DeviceBudgets:
 
 
 class Budgeted:
-    """A driver whose device calls go through the device budget; everything else is the driver's."""
+    """A driver whose device calls go through the device budget. It has exactly the optional
+    capabilities of the driver it wraps (`budgeted` picks them), no more: a driver without
+    `read_many` is not read as if it had one."""
 
     def __init__(self, inner: Driver, budgets: DeviceBudgets) -> None:
         self.inner = inner
         self.name = inner.name
         self._budgets = budgets
+
+    def validate_options(self, device: Device) -> None:
+        self.inner.validate_options(device)
 
     async def read(self, device: Device, service: str) -> Any:
         return await self._budgets.call(device, self.inner.read, device, service)
@@ -234,11 +239,46 @@ class Budgeted:
     async def probe(self, device: Device) -> str | None:
         return await self._budgets.call(device, self.inner.probe, device)  # type: ignore[no-any-return]
 
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.inner, name)  # AttributeError where the driver has none (read_many, apply_many)
-        if name not in ("read_many", "apply_many"):
-            return attr
+    async def close(self) -> None:
+        await self.inner.close()
 
-        async def many(device: Device, services: Any) -> Any:  # one call for many services: one operation
-            return await self._budgets.call(device, attr, device, services)
-        return many
+
+class _ReadsMany(Budgeted):
+    inner: Any
+
+    async def read_many(self, device: Device, services: list[str]) -> Any:  # one call for many: one operation
+        return await self._budgets.call(device, self.inner.read_many, device, services)
+
+
+class _CanReadMany(Budgeted):
+    inner: Any
+
+    def can_read_many(self, device: Device) -> bool:
+        return bool(self.inner.can_read_many(device))
+
+
+class _AppliesMany(Budgeted):
+    inner: Any
+
+    async def apply_many(self, device: Device, wanted: Mapping[str, Any]) -> Any:  # one call for many: one operation
+        return await self._budgets.call(device, self.inner.apply_many, device, wanted)
+
+
+class _ChecksPolicy(Budgeted):
+    inner: Any
+
+    async def check_policy(self, device: Device, services: Iterable[str]) -> list[str]:  # its own bounds, unpaced
+        return await self.inner.check_policy(device, services)  # type: ignore[no-any-return]
+
+
+_CAPABILITIES: tuple[tuple[type, type[Budgeted]], ...] = (
+    (ReadsMany, _ReadsMany), (CanReadMany, _CanReadMany), (AppliesMany, _AppliesMany), (ChecksPolicy, _ChecksPolicy))
+_KINDS: dict[tuple[type[Budgeted], ...], type[Budgeted]] = {}
+
+
+def budgeted(driver: Driver, budgets: DeviceBudgets) -> Budgeted:
+    """`driver` through the device budget, with the optional capabilities it has and no others."""
+    has = tuple(kind for protocol, kind in _CAPABILITIES if isinstance(driver, protocol))
+    if (cls := _KINDS.get(has)) is None:
+        cls = _KINDS[has] = type("Budgeted", (*has, Budgeted), {}) if has else Budgeted
+    return cls(driver, budgets)

@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Protocol, cast
@@ -23,11 +23,11 @@ from agent.executor import budget, coalesce, parklog
 from agent.executor.acceptor import Acceptor
 from agent.executor.claims import DeviceClaims
 from agent.executor.commands import Commands, Work, refused
-from agent.executor.converge import Observation, VerifyError, apply_many, apply_one, observe, observe_for_take
+from agent.executor.converge import Calls, Converged, Observation, VerifyError, call_timeout, converge, observe
 from agent.executor.deadlines import Deadlines
 from agent.executor.lanework import LaneItem
 from agent.executor.policy import KeyState, ParkPolicy, RetryPolicy, Tuning, Verdict, decide
-from agent.model.device import Device
+from agent.model.device import Device, State
 from agent.model.headers import released
 from agent.model.outcome import Delivery, EventRow, Outcome, StateUpdate
 
@@ -45,6 +45,9 @@ class MoreWork(Protocol):
     which hands the executor its work: the one loop between them, set with `Executor.ask_for_more`)."""
 
     async def top_up(self, device: str, room: int) -> None: ...
+
+
+Said = tuple[Verdict, int, int | None] | TransientError  # what a command's acceptance said (verdict, version, ...)
 
 
 class Executor:
@@ -243,8 +246,8 @@ class Executor:
         accepted = {id(w): self._acceptor.submit(w.command, w.delivery.version, w.delivery.msg_id,
                                                  released(w.delivery.headers), first) for w in live}
 
-        async def verdicts() -> dict[int, tuple[Verdict, int, int | None] | TransientError]:
-            out: dict[int, tuple[Verdict, int, int | None] | TransientError] = {}
+        async def verdicts() -> dict[int, Said]:
+            out: dict[int, Said] = {}
             for w in live:
                 try:
                     version, rid, held = await accepted[id(w)]
@@ -256,49 +259,42 @@ class Executor:
                                      held), version, rid)
             return out
 
-        def settle(w: Work, said: tuple[Verdict, int, int | None] | TransientError,
-                   go: Callable[[], Outcome]) -> Outcome:
+        def settle(w: Work, said: Said, go: Callable[[], Outcome]) -> Outcome:
             if isinstance(said, TransientError):  # not judged: it may be a duplicate, or superseded
                 return self._failed(w, said, 0.0, judged=False)
             if said[0] is Verdict.HELD:
                 return self._held(w)
             return go() if said[0] is Verdict.CONVERGE else self._skip(w, *said)
 
+        said: dict[int, Said]
         if why := self.gate(device):
             said = await verdicts()
             return [settle(w, said[id(w)], lambda w=w: self._park(w, why)) for w in live]  # type: ignore[misc]
-        timeout = call_timeout(device, self._timeout)
         services = sorted({w.command.service for w in live})
         started, began = time.monotonic(), time.time()
         try:
             driver = self._drivers.get(device.driver)  # a driver that fails to load fails these commands
-            before = await observe_for_take(driver, device, services, timeout, self.deadlines)
         except AgentError as exc:
             err = exc
             said = await verdicts()
             tunnel = await self._take_last_resort([(w, err) for w in live], began)
             return [settle(w, said[id(w)], partial(self._failed, w, err, _ms(started), tunnel.get(id(w))))
                     for w in live]
-        said = await verdicts()
-        going = [w for w in live if not isinstance(said[id(w)], TransientError) and said[id(w)][0] is Verdict.CONVERGE]  # type: ignore[index]
-        want = {w.command.service: w.command.state for w in going}
-        differ = sorted(svc for svc, st in want.items()
-                        if not isinstance(before[svc], Observation) or before[svc].observed != st)  # type: ignore[union-attr]
-        differ = [svc for svc in differ if isinstance(before[svc], Observation)]
-        applied = await self._write_take(driver, device, differ, want, timeout, urgent)
-        waiting = {svc for svc in differ if svc not in applied}  # yielded before it was written
-        written = [svc for svc in differ if isinstance(applied.get(svc), float)]
-        after: dict[str, Observation | AgentError] = {}
-        if written:
-            if not await self._hold(device, timeout):
-                after = {svc: TransientError(f"{device.id}: claim ran short before the read-back") for svc in written}
-            else:
-                after = await observe_for_take(driver, device, written, timeout, self.deadlines)
+        said = {}
+        going: list[Work] = []  # the commands their acceptance lets converge
+
+        async def accepted_states() -> dict[str, State]:  # nothing is written before the acceptance answers
+            said.update(await verdicts())
+            going.extend(w for w in live if _converges(said[id(w)]))
+            return {w.command.service: w.command.state for w in going}  # type: ignore[misc]
+
+        done = await converge(driver, device, services, self._calls(device), accepted_states, urgent=urgent)
         ms = _ms(started)
-        tunnel = await self._take_last_resort([(w, e) for w in going if (e := _silence(w, before, applied, after))],
-                                              began)
-        return [None if w.command.service in waiting and any(w is g for g in going) else
-                settle(w, said[id(w)], partial(self._take_outcome, w, before, applied, after, ms, tunnel.get(id(w))))
+        tunnel = await self._take_last_resort(
+            [(w, e) for w in going if (e := done[w.command.service].silence())], began)
+        return [None if any(w is g for g in going) and done[w.command.service].left else
+                settle(w, said[id(w)], lambda w=w: self._take_outcome(w, done[w.command.service], ms,  # type: ignore[misc]
+                                                                      tunnel.get(id(w))))
                 for w in live]
 
     async def _take_last_resort(self, failed: list[tuple[Work, AgentError]], began: float) -> dict[int, str]:
@@ -310,85 +306,26 @@ class Executor:
         why = await self._last_resort(last[0], last[1], began) if last else None
         return {id(w): why for w, _e in silent} if why else {}
 
-    async def _hold(self, device: Device, timeout: float) -> bool:
-        """Before another device call of a take: the claim still covers it (renewed if it ran short)."""
-        turn = budget.pace(device) * max_parallel(device)  # the wait for its turn in the device's max_rate
-        return self.claims is None or await self.claims.claim(device.id, timeout + turn + 2.0)
+    def _calls(self, device: Device) -> Calls:
+        """The rules of a take's device calls: its deadline, max_parallel, and the device claim asked
+        (and renewed if it ran short) before each write and the read-back."""
+        claims = self.claims
+        if claims is None:
+            return Calls.of(device, self._timeout, self.deadlines)
+        return Calls.of(device, self._timeout, self.deadlines, lambda need: claims.claim(device.id, need))
 
-    async def _write_take(self, driver, device: Device, services: list[str],  # type: ignore[no-untyped-def]
-                          want: Mapping[str, str | None], timeout: float,
-                          urgent: Callable[[], bool] | None = None) -> dict[str, float | AgentError]:
-        """Write each service, up to the device's max_parallel at once; the answer time or the error.
-        One at a time (the default) they are awaited in turn: no task and no semaphore hand-over per
-        write, which in a busy loop cost a few milliseconds each. Once `urgent` says a high-priority
-        command waits, no further write starts (at least one is made, so a take always progresses):
-        the services not written are left out of the answer."""
-        out: dict[str, float | AgentError] = {}
-        parallel = max_parallel(device)
-        if len(services) > 1 and getattr(driver, "apply_many", None) is not None:  # one call for the take
-            bound = timeout * -(-len(services) // parallel)  # what the writes one by one would have had
-            if not await self._hold(device, bound):
-                return dict.fromkeys(services, TransientError(f"{device.id}: claim ran short before the write"))
-            return await apply_many(driver, device, {s: want[s] for s in services}, bound,  # type: ignore[misc]
-                                    self.deadlines)
-        started = 0
-
-        def go_on() -> bool:
-            return started == 0 or urgent is None or not urgent()
-
-        async def one(svc: str) -> None:
-            if not await self._hold(device, timeout):
-                out[svc] = TransientError(f"{device.id}: claim ran short before the write")
-                return
-            try:
-                out[svc] = await apply_one(driver, device, svc, want[svc], timeout, self.deadlines)  # type: ignore[arg-type]
-            except AgentError as exc:
-                out[svc] = exc
-
-        if parallel == 1:
-            for svc in services:
-                if not go_on():
-                    break
-                started += 1
-                await one(svc)
-            return out
-        gate = asyncio.Semaphore(parallel)
-
-        async def gated(svc: str) -> None:
-            nonlocal started
-            async with gate:
-                if not go_on():
-                    return
-                started += 1
-                await one(svc)
-
-        await asyncio.gather(*(gated(svc) for svc in services))
-        return out
-
-    def _take_outcome(self, w: Work, before: dict[str, Observation | AgentError],
-                      applied: dict[str, float | AgentError], after: dict[str, Observation | AgentError],
-                      ms: float, unproven: str | None = None) -> Outcome:
-        svc, desired = w.command.service, w.command.state
-        first = before[svc]
-        if isinstance(first, AgentError):
-            return self._failed(w, first, ms, unproven)
-        if first.observed == desired:
-            return self._converge(w, Observation(first.observed, first.observed_at, None, first.observed_at), ms)
-        wrote = applied.get(svc)
-        if isinstance(wrote, AgentError) or wrote is None:
-            return self._failed(w, wrote or TransientError(f"{w.device.id}: {svc} was not written"), ms, unproven)
-        back = after.get(svc)
-        if isinstance(back, AgentError) or back is None:
-            failed = self._failed(w, back or TransientError(f"{w.device.id}: {svc} was not read back"), ms, unproven)
+    def _take_outcome(self, w: Work, done: Converged, ms: float, unproven: str | None = None) -> Outcome:
+        proof = done.proof()
+        if isinstance(proof, Observation):
+            return self._converge(w, proof, ms)
+        if isinstance(proof, VerifyError):
+            return self._failed(w, proof, ms)
+        failed = self._failed(w, proof, ms, unproven)
+        if isinstance(done.applied, float):  # written, but not read back
             failed.events.insert(0, self._event(w, "applied"))
             if failed.state is not None:
-                failed.state.applied_at = wrote
-            return failed
-        if back.observed != desired:
-            return self._failed(w, VerifyError(
-                f"verification failed: wrote {desired!r} to {svc} on {w.device.id}, read back {back.observed!r}",
-                applied_at=wrote, observed=back.observed), ms)
-        return self._converge(w, Observation(back.observed, back.observed_at, wrote, back.observed_at), ms)
+                failed.state.applied_at = done.applied
+        return failed
 
     def _internal_error(self, work: LaneItem, exc: Exception) -> Outcome:
         """The lane's last resort: it cannot raise, so no message is ever left leased without an outcome."""
@@ -550,35 +487,14 @@ async def _proven(_device: Device, _since: float) -> str | None:
     return None
 
 
-def max_parallel(device: Device) -> int:
-    """How many writes the device takes at once (its `max_parallel` option, default 1)."""
-    value = device.options.get("max_parallel", 1)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
-
-
 def op_bound(device: Device, timeout: float) -> float:
     """The longest one work item may operate the device: three calls, each under its deadline
     (AGENT_DEVICE_TIMEOUT: `timeout`) after its turn in the device's max_rate."""
     return 3 * (call_timeout(device, timeout) + budget.pace(device)) + 2.0
 
 
-def call_timeout(device: Device, default: float) -> float:
-    """The deadline of one device call: AGENT_DEVICE_TIMEOUT, or longer if the driver's own
-    `timeout` option is longer (the driver then times out first, with its own message)."""
-    try:
-        own = float(device.options.get("timeout", 0))
-    except (TypeError, ValueError):
-        own = 0.0
-    return max(default, own + 1.0) if own else default
-
-
-def _silence(w: Work, before: Mapping[str, Observation | AgentError], applied: Mapping[str, float | AgentError],
-             after: Mapping[str, Observation | AgentError]) -> NoAnswerError | None:
-    """The no-answer its first read, write or read-back got, if one did."""
-    for e in (before.get(w.command.service), applied.get(w.command.service), after.get(w.command.service)):
-        if isinstance(e, NoAnswerError):
-            return e
-    return None
+def _converges(said: Said) -> bool:
+    return not isinstance(said, TransientError) and said[0] is Verdict.CONVERGE
 
 
 def _ms(started: float) -> float:

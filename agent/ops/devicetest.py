@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 
-from agent.drivers.base import CredentialStore, Driver, DriverContext
+from agent.drivers.base import ChecksPolicy, CredentialStore, Driver, DriverContext
 from agent.drivers.registry import load_driver
 from agent.errors import AgentError, ConfigError, NoAnswerError, PermanentError, TransientError
 from agent.inventory.cache import device_from_row, validate_with
@@ -170,9 +170,8 @@ async def _drive(driver: Driver, device: Device, service: str | None, context: D
              ("probe", lambda: _probe(driver, device, context))]
     if service:
         steps.append((read_step(service), lambda: _read(driver, device, service, context, result)))
-    check = getattr(driver, "check_policy", None)
-    if check is not None:
-        steps.append((POLICY, lambda: _policy(check, device, known, context)))
+    if isinstance(driver, ChecksPolicy):
+        steps.append((POLICY, lambda: _policy(driver, device, known, context)))
     for name, step in steps:
         try:
             detail = await step()
@@ -215,9 +214,9 @@ class PolicyError(ConfigError):
     """The device can be driven, but a suspension through it would block nobody."""
 
 
-async def _policy(check: Any, device: Device, known: list[str], context: DriverContext) -> str:
+async def _policy(driver: ChecksPolicy, device: Device, known: list[str], context: DriverContext) -> str:
     async with asyncio.timeout(4 * deadline(device, context.device_timeout)):  # a print per rule table
-        problems = await check(device, known)
+        problems = await driver.check_policy(device, known)
     if problems:
         raise PolicyError("; ".join(clean(p, 400) for p in problems))
     return "every address list in use is used by an enabled firewall rule"

@@ -18,7 +18,7 @@ import asyncpg
 from agent.db.connect import DB_ERRORS
 from agent.db.queries import Queries
 from agent.db.schema import SCHEMA_VERSION
-from agent.drivers.base import CredentialStore, DriverContext
+from agent.drivers.base import ChecksPolicy, CredentialStore, DriverContext
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, ConfigError
 from agent.inventory.cache import device_from_row, validate_with
@@ -260,13 +260,13 @@ async def _probe_checks(s: Settings, devices: list[Device] | None, vpn: TunnelFa
 async def policy_check(s: Settings, dev: Device, drivers: Drivers, known: list[str]) -> Check | None:
     """A driver that can tell (routeros): does a suspension through the device's address lists block
     anyone, i.e. does an enabled firewall rule use each of them? None for drivers that cannot tell."""
-    check = getattr(drivers.get(dev.driver), "check_policy", None)
-    if check is None:
+    driver = drivers.get(dev.driver)
+    if not isinstance(driver, ChecksPolicy):
         return None
     name = f"suspension policy {dev.id}"
     try:
         async with asyncio.timeout(4 * (s.device_timeout + 1)):
-            problems = await check(dev, known)
+            problems = await driver.check_policy(dev, known)
     except (AgentError, TimeoutError) as exc:
         return Check(name, False, str(exc) or "no answer", "check the device with `agentctl device test`")
     if problems:

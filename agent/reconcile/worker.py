@@ -39,15 +39,15 @@ import asyncpg
 
 from agent.db.connect import DB_ERRORS
 from agent.db.queries import Queries
-from agent.drivers.base import Driver
+from agent.drivers.base import ChecksPolicy, Driver
 from agent.drivers.registry import Drivers
 from agent.errors import AgentError, ConfigError, PermanentError, TransientError
 from agent.executor import parklog
-from agent.executor.converge import Observation, batch_reader, converge, observe, observe_many
+from agent.executor.converge import Calls, ClaimShort, Observation, batch_reader, converge_one, observe, observe_many
 from agent.executor.deadlines import Deadlines
 from agent.executor.lanework import LaneWork
 from agent.executor.policy import ParkPolicy, RetryPolicy
-from agent.model.device import Device
+from agent.model.device import Device, State
 from agent.model.outcome import Delivery, EventRow, Outcome, StateUpdate
 from agent.reconcile.judge import Finding, needs_repair, summary
 from agent.reconcile.request import SyncRequest
@@ -209,13 +209,12 @@ class SyncWorker:
         """A `policy_missing` event for each way the device's suspension policy blocks nobody (an
         address list no enabled firewall rule uses, ...), where the driver can tell. A check that
         fails is logged and left for the next run: it never fails the reconcile."""
-        check = getattr(driver, "check_policy", None)
-        if check is None or w.request.service is not None or not self._may_operate(w.device):
+        if not isinstance(driver, ChecksPolicy) or w.request.service is not None or not self._may_operate(w.device):
             return []  # (a run for one service checks that service only)
         _, timeout = self._policy()
         try:
             async with asyncio.timeout(timeout):
-                problems: list[str] = await check(w.device, services)
+                problems = await driver.check_policy(w.device, services)
         except (AgentError, TimeoutError) as exc:
             log.warning("suspension policy of %s not checked: %s", w.device.id, exc,
                         extra=_fields(w, "policy_unchecked"))
@@ -240,7 +239,7 @@ class SyncWorker:
         without a failing call per service)."""
         if len(services) < 2 or batch_reader(driver, dev) is None:
             return {}
-        _, timeout = self._policy()
+        timeout = self._calls(dev).timeout
         out: dict[str, Observation | AgentError] = {}
         for at in range(0, len(services), READ_BATCH):  # each request under its own deadline
             chunk = services[at:at + READ_BATCH]
@@ -304,7 +303,7 @@ class SyncWorker:
         started = time.monotonic()
         try:
             await pacer.next_call()
-            fixed = await self._retrying(dev, lambda: self._converge(driver, dev, service, expected))
+            fixed = await self._retrying(dev, lambda: self._converge(driver, dev, service, expected))  # type: ignore[arg-type]
         except AgentError as exc:
             events.append(self._event(w, "failed", service, desired=expected, observed=found, error=str(exc)))
             states.append(StateUpdate(dev.id, service, error=f"repair failed: {exc}"))
@@ -318,20 +317,28 @@ class SyncWorker:
         return Finding(service, expected, found, "repaired")  # what it found; expected is what it is now
 
     async def _read(self, driver: Driver, dev: Device, service: str) -> Observation:
-        _, timeout = self._policy()
         self._claimed(dev)
-        return await observe(driver, dev, service, timeout, self._deadlines)
+        return await observe(driver, dev, service, self._calls(dev).timeout, self._deadlines)
 
     def _claimed(self, dev: Device) -> None:
         if not self._may_operate(dev):
             raise _Parked("the claim on the device ran short (database unreachable?)")
 
-    async def _converge(self, driver: Driver, dev: Device, service: str, desired: str) -> Observation:
-        _, timeout = self._policy()
+    async def _converge(self, driver: Driver, dev: Device, service: str, desired: State) -> Observation:
+        """The repair: the converge commands use, under the same rules (`Calls`): the claim is asked
+        before the first reading here, and before the write and the read-back by the operation."""
         self._claimed(dev)
-        obs = await converge(driver, dev, service, desired, timeout, self._deadlines)  # type: ignore[arg-type]
-        assert obs is not None
-        return obs
+        try:
+            return await converge_one(driver, dev, service, desired, self._calls(dev))
+        except ClaimShort:
+            raise _Parked("the claim on the device ran short (database unreachable?)") from None
+
+    def _calls(self, dev: Device) -> Calls:
+        _, timeout = self._policy()
+
+        async def claim(_seconds: float) -> bool:  # may_operate covers a whole operation, so any call of it
+            return self._may_operate(dev)
+        return Calls.of(dev, timeout, self._deadlines, claim)
 
     async def _retrying(self, dev: Device, op: Callable[[], Awaitable[T]]) -> T:
         """Transient failures are retried here with backoff; the gate turning red parks the message."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from agent.drivers.base import Driver, DriverContext
+from agent.drivers.base import Driver, DriverContext, ReadsMany, reads_many
 from agent.drivers.registry import load_driver
 from agent.errors import ConfigError, NoAnswerError, PermanentError, TransientError, UnreachableError
 from agent.model.device import Device, State
@@ -124,10 +124,9 @@ async def test_many_services_read_at_once_agree_with_the_device(target: Target, 
     if not target.bulk:
         pytest.skip(f"target for {target.driver} lists no bulk services (Target.bulk)")
     dev = target.device
-    many = getattr(driver, "read_many", None)
     async with asyncio.timeout(guard(target, dev) + 0.05 * len(target.bulk)):
-        if many is not None and getattr(driver, "can_read_many", lambda _d: True)(dev):
-            got = await many(dev, list(target.bulk))
+        if isinstance(driver, ReadsMany) and reads_many(driver, dev):
+            got = dict(await driver.read_many(dev, list(target.bulk)))
         else:
             got = {service: await driver.read(dev, service) for service in target.bulk}
     if target.observe_many is not None:
@@ -157,8 +156,8 @@ async def test_a_connection_reset_mid_reply_is_a_transient_failure(target: Targe
         got: dict[str, Any] = {}
         try:
             async with asyncio.timeout(limit):
-                if (many := getattr(driver, "read_many", None)) is not None:
-                    got = await many(dev, services)
+                if isinstance(driver, ReadsMany):
+                    got = dict(await driver.read_many(dev, services))
                 else:
                     got = {services[0]: await driver.read(dev, services[0])}
         except TimeoutError:

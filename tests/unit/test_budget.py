@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from agent.drivers.base import AppliesMany, CanReadMany, ChecksPolicy, ReadsMany, reads_many
 from agent.errors import NoAnswerError, PermanentError
 from agent.executor.budget import CLOSED, HALF_OPEN, HEADROOM, OPEN, Breaker, TokenBucket, check_options
 from agent.executor.budgets import BreakerOpen, DeviceBudgets
@@ -184,6 +185,40 @@ def test_the_budgeted_driver_reads_many_only_where_the_driver_does():
     budgets = DeviceBudgets(Deadlines(), lambda _d: 1.0, dict, lambda _ids: asyncio.sleep(0))
     assert not hasattr(budgets.wrap(Router()), "read_many")  # type: ignore[arg-type]
     assert not hasattr(budgets.wrap(Router()), "apply_many")  # type: ignore[arg-type]
+
+
+class Listing(Router):
+    """A router that reads many services at once, but only of a device with a list to read."""
+
+    async def read_many(self, device: Device, services: list[str]) -> dict[str, str]:
+        return dict.fromkeys(services, "on")
+
+    def can_read_many(self, device: Device) -> bool:
+        return "list_path" in device.options
+
+
+class Policed(Router):
+    async def check_policy(self, device: Device, services: object) -> list[str]:
+        return ["list blocked is used by no enabled firewall rule"]
+
+
+def test_a_budgeted_driver_has_exactly_the_capabilities_of_the_driver_it_wraps():
+    budgets = DeviceBudgets(Deadlines(), lambda _d: 1.0, dict, lambda _ids: asyncio.sleep(0))
+    plain, listing, policed = (budgets.wrap(d) for d in (Router(), Listing(), Policed()))  # type: ignore[arg-type]
+    listed, bare = Device("r1", "fake", options={"list_path": "/l"}), Device("r2", "fake")
+    assert not isinstance(plain, ReadsMany | CanReadMany | AppliesMany | ChecksPolicy)
+    assert not reads_many(plain, listed)
+    assert isinstance(listing, ReadsMany) and not isinstance(listing, AppliesMany | ChecksPolicy)
+    assert reads_many(listing, listed) and not reads_many(listing, bare)  # it asks the driver per device
+    assert isinstance(policed, ChecksPolicy) and not isinstance(policed, ReadsMany)
+
+
+async def test_a_budgeted_read_of_many_services_is_the_drivers_read_of_many():
+    dev = Device("r1", "fake", options={"list_path": "/l"})
+    budgets = DeviceBudgets(Deadlines(), lambda _d: 1.0, lambda: {"r1": dev}, lambda _ids: asyncio.sleep(0))
+    driver = budgets.wrap(Listing())  # type: ignore[arg-type]
+    assert isinstance(driver, ReadsMany)
+    assert await driver.read_many(dev, ["a", "b"]) == {"a": "on", "b": "on"}
 
 
 async def test_a_write_of_many_services_in_one_call_is_one_paced_operation():
