@@ -85,6 +85,7 @@ class Leadership:
         self._asked = asyncio.Event()
         self.leading = False
         self.elections = 0
+        session.subscribe(CHANNEL, self.stepped_down)  # a leader stepping down: ask at once
 
     def stepped_down(self, site: str) -> None:
         """An `agent_leader` notification: the leader of `site` let go; ask at once if it is ours."""

@@ -22,6 +22,7 @@ import random
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -35,6 +36,15 @@ SLACK = 1.0  # the liveness check waits this long past the interval, so a caller
 
 class SessionLost(ConnectionError):
     """The connection a caller bound itself to is gone (or there is none right now)."""
+
+
+@dataclass(frozen=True)
+class SessionFigures:
+    """What the session connection tells the housekeeper and the metrics."""
+
+    connected: bool
+    error: str | None   # why it is down, while it reconnects
+    reconnects: int     # lost or failed to connect, each time
 
 
 class Session:
@@ -54,6 +64,13 @@ class Session:
         self.connected = asyncio.Event()
         self.reconnects = 0
         self.error: str | None = None  # why the connection is down, while it is
+
+    def subscribe(self, channel: str, callback: Callable[[str], None]) -> None:
+        """LISTEN on `channel` on every connection from the next one on (one made before `run`: all of them)."""
+        self._channels[channel] = callback
+
+    def figures(self) -> SessionFigures:
+        return SessionFigures(self.connected.is_set(), self.error, self.reconnects)
 
     # -- statements ---------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from agent.drivers.base import AppliesMany, CanReadMany, ChecksPolicy, Driver, ReadsMany
@@ -31,6 +32,15 @@ class BreakerOpen(TransientError):
     """The device's breaker is open: the call was not made (the gate parks the work)."""
 
     kind = "breaker_open"
+
+
+@dataclass(frozen=True)
+class BudgetFigures:
+    """What the device budgets tell the housekeeper (/status) and the metrics."""
+
+    devices: tuple[dict[str, Any], ...]           # per device with a max_rate or a breaker not closed
+    breakers: Mapping[str, tuple[bool, int]]      # device -> (open, trips), every device that ever timed out
+    rate_waits: Mapping[str, tuple[int, float]]   # device -> (waits, seconds waited) for its max_rate
 
 
 class DeviceBudgets:
@@ -185,7 +195,12 @@ class DeviceBudgets:
 
     # -- figures --------------------------------------------------------------------------
 
-    def figures(self) -> list[dict[str, Any]]:
+    def figures(self) -> BudgetFigures:
+        return BudgetFigures(tuple(self._devices_shown()),
+                             {d: (not b.closed, b.trips) for d, b in self.breakers.items()},
+                             {d: (int(n), seconds) for d, (n, seconds) in self.waits.items()})
+
+    def _devices_shown(self) -> list[dict[str, Any]]:
         """Per device with a rate limit or a breaker that is not closed: what /status shows."""
         out = []
         devices = self._devices()

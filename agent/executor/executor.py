@@ -40,6 +40,13 @@ class Outcomes(Protocol):
     def submit(self, outcome: Outcome) -> None: ...
 
 
+class MoreWork(Protocol):
+    """Where a lane asks for more of its device's waiting commands before a take (the queue's consumer,
+    which hands the executor its work: the one loop between them, set with `Executor.ask_for_more`)."""
+
+    async def top_up(self, device: str, room: int) -> None: ...
+
+
 Said = tuple[Verdict, int, int | None] | TransientError  # what a command's acceptance said (verdict, version, ...)
 
 
@@ -50,14 +57,14 @@ class Executor:
                  confirm: Callable[[Device, float], Awaitable[str | None]] | None = None,
                  parking: ParkPolicy | None = None, claims: DeviceClaims | None = None,
                  deadlines: Deadlines | None = None,
-                 coalesce: int = 100, top_up: Callable[[str, int], Awaitable[None]] | None = None) -> None:
+                 coalesce: int = 100) -> None:
         self._acceptor = acceptor
         self.gate: Callable[[Device], str | None] = gate or (lambda _d: None)
         self._on_unreachable = on_unreachable or (lambda _d: None)
         self.confirm: Callable[[Device, float], Awaitable[str | None]] = confirm or _proven
         self.claims = claims
         self._coalesce = coalesce  # commands of one device taken together at most
-        self._top_up = top_up  # reads more of a device's waiting commands when its lane is served
+        self._more: MoreWork | None = None  # reads more of a device's waiting commands when its lane is served
         self._parking = parking or ParkPolicy()
         self._parked = parklog.ParkSummary()  # the summary line of parks, every few minutes at most
         self.deadlines = deadlines or Deadlines()
@@ -93,6 +100,10 @@ class Executor:
         if item.high:
             self._high[device_id] = self._high.get(device_id, 0) + 1
 
+    def ask_for_more(self, source: MoreWork) -> None:
+        """Fill each take from `source` while a backlog waits (device-fair reading: the consumer)."""
+        self._more = source
+
     def postpone(self, delivery: Delivery, device_id: str, why: str) -> None:
         """Back to the queue for a moment without using an attempt (nothing was tried)."""
         log.info("postponed: %s", why, extra={"action": "postponed", "msg_id": delivery.msg_id, "device": device_id})
@@ -100,9 +111,7 @@ class Executor:
         self._reporter.submit(out)
 
     def op_bound(self, device: Device) -> float:
-        """The longest one work item may operate the device: three calls, each under its deadline
-        after its turn in the device's max_rate."""
-        return 3 * (call_timeout(device, self._timeout) + budget.pace(device)) + 2.0
+        return op_bound(device, self._timeout)
 
     def settle(self, outcome: Outcome) -> None:
         """An outcome decided without a device operation goes straight to the reporter."""
@@ -133,8 +142,8 @@ class Executor:
                     self._bounce(lane)  # another agent is operating this device right now
                     break
                 async with self._slots:
-                    if self._top_up is not None and len(lane) < self._coalesce and lane[0].joins_take:
-                        await self._top_up(device_id, self._coalesce - len(lane))  # a backlog: fill the take
+                    if self._more is not None and len(lane) < self._coalesce and lane[0].joins_take:
+                        await self._more.top_up(device_id, self._coalesce - len(lane))  # a backlog: fill the take
                     self.busy_devices.add(device_id)
                     try:  # once a slot is ours: what came meanwhile joins
                         await self._serve(device_id, lane, list(lane))
@@ -477,6 +486,12 @@ class Executor:
 
 async def _proven(_device: Device, _since: float) -> str | None:
     return None
+
+
+def op_bound(device: Device, timeout: float) -> float:
+    """The longest one work item may operate the device: three calls, each under its deadline
+    (AGENT_DEVICE_TIMEOUT: `timeout`) after its turn in the device's max_rate."""
+    return 3 * (call_timeout(device, timeout) + budget.pace(device)) + 2.0
 
 
 def _converges(said: Said) -> bool:

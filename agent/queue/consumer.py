@@ -11,7 +11,8 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -30,6 +31,19 @@ from agent.settings import LiveSettings, Settings
 
 log = logging.getLogger("agent.consumer")
 MIN_REREAD = 0.05  # seconds: the soonest a look at the queue is repeated for a visible message
+
+
+@dataclass(frozen=True)
+class ConsumerFigures:
+    """What the consumer tells the housekeeper and the metrics: a copy, taken at once."""
+
+    inflight: int                   # messages read and not yet settled
+    wakeups: Mapping[str, int]      # wake-ups by source
+    read_error: str | None          # why the last read failed, while it does
+    last_progress: float            # monotonic: the last read, dispatch or outcome (agent.runtime.watchdog)
+    work_waits: bool                # messages in flight, a backlog, or a read under way
+    last_cycle_wall: float | None   # unix time the last read cycle ended
+    last_cycle_ms: float | None     # how long it took
 
 
 class Consumer:
@@ -270,6 +284,10 @@ class Consumer:
         self._executor.settle(moved(d, body, decision, self._q.queue, where.site))
 
     # -- bookkeeping ----------------------------------------------------------------------
+
+    def figures(self) -> ConsumerFigures:
+        return ConsumerFigures(len(self.inflight), dict(self.wakeups), self.db_error, self.last_progress,
+                               self.work_waits, self.last_cycle_wall, self.last_cycle_ms)
 
     def committed(self, outcomes: list[Outcome], lost: set[int]) -> None:
         """Reporter callback: these messages are settled (or given up: `lost`); free their room.

@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -25,6 +27,15 @@ from agent.reconcile.schedule import Schedule
 log = logging.getLogger("agent.reconcile")
 FEED_POLL = 5.0
 IDLE_POLL = 300.0
+
+
+@dataclass(frozen=True)
+class ReconcilerFigures:
+    """What the leader's reconciler tells the housekeeper and the metrics (nothing while not leading)."""
+
+    next_run: datetime | None                         # the next scheduled run
+    tables: Mapping[str, tuple[int, float | None]]    # table -> (bytes, oldest row age), after a prune pass
+    pruned_at: float | None                           # unix time of the last prune pass that completed
 
 
 class Reconciler:
@@ -40,6 +51,9 @@ class Reconciler:
         self.tables: dict[str, tuple[int, float | None]] = {}  # table -> (bytes, oldest row age), after a pass
         self.pruned_at: float | None = None  # unix time of the last pass that completed, while leading
         self.next_run: datetime | None = None
+
+    def figures(self) -> ReconcilerFigures:
+        return ReconcilerFigures(self.next_run, dict(self.tables), self.pruned_at)
 
     async def lead(self, conn: LeaderConnection) -> None:
         kick = asyncio.Event()

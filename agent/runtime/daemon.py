@@ -25,7 +25,6 @@ from agent import __version__
 from agent.db.connect import DB_ERRORS, reason
 from agent.db.connect import classify as classify_connect_error
 from agent.db.identity import STALE_FACTOR, host_identity, new_instance, register
-from agent.db.leadership import CHANNEL as LEADER_CHANNEL
 from agent.db.leadership import Leadership
 from agent.db.pooler import check_prepared_statements, check_session
 from agent.db.queries import Queries
@@ -38,7 +37,7 @@ from agent.executor.acceptor import Acceptor, GuardLimits
 from agent.executor.budgets import DeviceBudgets
 from agent.executor.claims import DeviceClaims
 from agent.executor.deadlines import Deadlines
-from agent.executor.executor import Executor, call_timeout
+from agent.executor.executor import Executor, call_timeout, op_bound
 from agent.executor.lanework import LaneWorks
 from agent.executor.parking import Parking
 from agent.executor.policy import RetryPolicy, Tuning
@@ -50,7 +49,7 @@ from agent.reconcile.messages import ReconcileMessages
 from agent.reconcile.reconciler import Reconciler
 from agent.reconcile.worker import ReconcileTuning, SyncWorker
 from agent.runtime.endpoint import Endpoint
-from agent.runtime.housekeeper import Housekeeper
+from agent.runtime.housekeeper import Housekeeper, Identity, Sources
 from agent.runtime.metrics import Metrics
 from agent.runtime.systemd import Notifier
 from agent.settings import LiveBox, LiveSettings, Settings, load_settings, reloaded
@@ -131,28 +130,32 @@ class Agent:
             lambda: ((t := self.tuning()).policy, t.device_timeout),
             ReconcileTuning(s.reconcile_confirm, s.reconcile_confirm_delay, s.reconcile_pace,
                             s.reconcile_unreachable_wait),
-            may_operate=lambda dev: self.claims.fresh(dev.id, self.executor.op_bound(dev)),
+            may_operate=lambda dev: self.claims.fresh(dev.id, op_bound(dev, self.live.current().device_timeout)),
             may_turn_off=self._may_turn_off)
         self.executor = Executor(self.acceptor, self.drivers, self.reporter, self.tuning, s.concurrency,
                                  gate=self.gate, on_unreachable=self.vpn.device_failed, confirm=self.vpn.confirm,
-                                 claims=self.claims, deadlines=self.deadlines, coalesce=s.coalesce,
-                                 top_up=lambda device, room: self.consumer.top_up(device, room))
+                                 claims=self.claims, deadlines=self.deadlines, coalesce=s.coalesce)
         sync.make_way = lambda dev: self.executor.make_way(dev.id)  # a reconcile lets waiting commands go first
         # the kinds of lane work, asked in this order: commands last, they take every message no other kind claims
         self.lane_work = LaneWorks(ReconcileMessages(sync), self.executor.commands(s.max_message_bytes))
         self.consumer = Consumer(pool, self.queries, s, self.executor, self.inventory, self.lane_work,
                                  settling=self.reporter.settling, on_read=self._read, live=self.live.current)
+        self.executor.ask_for_more(self.consumer)  # the one loop: a lane's take is filled from the queue
         self.session = Session(
             s.session_dsn,
             {self.queries.channel: lambda _payload: self.consumer.wake("notify"),
-             "agent_inventory": lambda site: self.inventory.changed() if site in ("", s.site) else None,
-             LEADER_CHANNEL: lambda site: self.leadership.stepped_down(site)},
+             "agent_inventory": lambda site: self.inventory.changed() if site in ("", s.site) else None},
             on_connect=self._listening, name=f"agentd session {s.agent_id}",
             check_interval=s.listener_check_interval)
-        self.leadership = Leadership(self.session, s.site, s.leader_check_interval)
+        self.leadership = Leadership(self.session, s.site, s.leader_check_interval)  # listens for step-downs
         self.reconciler = Reconciler(self.queries, s.site, s.agent_id, s.schedule, s.reconcile_batch,
                                      Retention.from_settings(s))
-        self.house = Housekeeper(self, self.live.current)
+        self.house = Housekeeper(
+            Identity(s.agent_id, s.site, s.queue, self.instance, self.host_id),
+            Sources(consumer=self.consumer.figures, session=self.session.figures, vpn=self.vpn.figures,
+                    budgets=self.budgets.figures, reconciler=self.reconciler.figures,
+                    leading=lambda: self.leadership.leading, parked=lambda: self.parking.count),
+            self.notifier, pool, self.queries, self.live.current)
         self.metrics = Metrics(s.site, s.queue, self.house.live)
         self._tasks: set[asyncio.Task[None]] = set()
 

@@ -1,5 +1,9 @@
 """The housekeeper: readiness, systemd STATUS and watchdog, the heartbeat row, the status snapshot.
 
+It reads each part's own small figures (`Sources`: the consumer's, the session connection's, the VPN
+guard's, the device budgets', the reconciler's, leadership, parked work) and nothing else of them; the
+metrics read the housekeeper's `live()` in turn, never the other way round.
+
 The watchdog is fed unless the agent is stalled (agent.runtime.watchdog): an outage or a long backlog
 changes STATUS and readiness but never gets the agent killed; work that nothing moves does. The
 pings have a loop of their own that waits on nothing else, so a slow database cannot delay them.
@@ -16,36 +20,51 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
 
 from agent import __version__
 from agent.db.connect import DB_ERRORS
+from agent.db.queries import Queries
+from agent.db.session import SessionFigures
+from agent.executor.budgets import BudgetFigures
 from agent.model.outcome import Outcome
+from agent.queue.consumer import ConsumerFigures
+from agent.reconcile.reconciler import ReconcilerFigures
 from agent.runtime.metrics import Live
 from agent.runtime.snapshot import Figures, healthy, snapshot, state, status_line
+from agent.runtime.systemd import Notifier
 from agent.runtime.watchdog import stalled
 from agent.settings import LiveSettings
 from agent.text import rfc3339
+from agent.vpn.guard import VpnFigures
 
 
-class Parts(Protocol):
-    """What the housekeeper reads of the daemon (agent.runtime.daemon.Agent is one): its parts, not the
-    daemon itself, so this module does not import the composition root."""
+@dataclass(frozen=True)
+class Identity:
+    """Who this agent is, as the status and the heartbeat row say."""
 
-    settings: Any
-    notifier: Any
-    pool: Any
-    queries: Any
-    consumer: Any
-    session: Any
-    parking: Any
-    vpn: Any
-    budgets: Any
-    leadership: Any
-    reconciler: Any
-    metrics: Any
-    instance: str  # this process, under settings.agent_id (agent/db/identity.py)
+    agent_id: str
+    site: str
+    queue: str
+    instance: str  # this process, under agent_id (agent/db/identity.py)
     host_id: str
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where the housekeeper reads the parts: each gives its own figures, taken at each use."""
+
+    consumer: Callable[[], ConsumerFigures]
+    session: Callable[[], SessionFigures]
+    vpn: Callable[[], VpnFigures]
+    budgets: Callable[[], BudgetFigures]
+    reconciler: Callable[[], ReconcilerFigures]
+    leading: Callable[[], bool]   # leads its site's reconciliation
+    parked: Callable[[], int]     # messages parked for an unreachable device
+
 
 log = logging.getLogger("agent.runtime.housekeeper")
 _SAMPLE_TTL = 10.0
@@ -53,8 +72,13 @@ _QUEUE_CAP = 100_000
 
 
 class Housekeeper:
-    def __init__(self, agent: Parts, live: Callable[[], LiveSettings]) -> None:
-        self._a = agent
+    def __init__(self, me: Identity, parts: Sources, notifier: Notifier, pool: asyncpg.Pool, queries: Queries,
+                 live: Callable[[], LiveSettings]) -> None:
+        self._me = me
+        self._parts = parts
+        self._notifier = notifier
+        self._pool = pool
+        self._q = queries
         self._live = live  # the heartbeat interval and the watchdog's stall are live settings
         self._started_mono = time.monotonic()
         self._started_at = time.time()
@@ -71,11 +95,11 @@ class Housekeeper:
 
     def started(self) -> None:
         self._started = True
-        self._a.notifier.ready(self.status_line())
+        self._notifier.ready(self.status_line())
 
     def stopping(self) -> None:
         self._stopping = True
-        self._a.notifier.stopping(self.status_line())
+        self._notifier.stopping(self.status_line())
 
     def committed(self, outcomes: list[Outcome]) -> None:
         for o in outcomes:
@@ -96,42 +120,25 @@ class Housekeeper:
     # -- what we tell -------------------------------------------------------------------
 
     def figures(self) -> Figures:
-        a = self._a
+        me, p = self._me, self._parts
+        consumer, session, vpn, leading = p.consumer(), p.session(), p.vpn(), p.leading()
+        next_run = p.reconciler().next_run
         return Figures(
-            agent_id=a.settings.agent_id, site=a.settings.site, queue=a.settings.queue, version=__version__,
+            agent_id=me.agent_id, site=me.site, queue=me.queue, version=__version__,
             started=self._started, stopping=self._stopping, uptime_s=round(time.monotonic() - self._started_mono, 1),
-            database_error=self._database_error(), listener_up=a.session.connected.is_set(),
-            session_error=a.session.error,
-            inflight=len(a.consumer.inflight), parked=a.parking.count, done=self._counts["done"],
+            database_error=self._database_error(consumer), listener_up=session.connected,
+            session_error=session.error,
+            inflight=consumer.inflight, parked=p.parked(), done=self._counts["done"],
             retried=self._counts["retried"],
             dead_lettered=self._counts["dead_lettered"], queue_depth=self._queue.get("depth"),
             queue_oldest_s=self._queue.get("oldest"), dlq_depth=self._queue.get("dlq_depth"),
-            recent_failures=list(self._failures), **self._vpn_figures(),
-            leader=self._a.leadership.leading, budgets=self._a.budgets.figures(),
-            next_reconcile=rfc3339(self._a.reconciler.next_run)
-            if self._a.leadership.leading and self._a.reconciler.next_run else None)
+            recent_failures=list(self._failures), **_vpn_figures(vpn),
+            leader=leading, budgets=list(p.budgets().devices),
+            next_reconcile=rfc3339(next_run) if leading and next_run else None)
 
-    def _database_error(self) -> str | None:
+    def _database_error(self, consumer: ConsumerFigures) -> str | None:
         """Why the last read or the last pooled statement of the housekeeper failed, if it did."""
-        return getattr(self._a.consumer, "db_error", None) or self._db_error
-
-    def _vpn_figures(self) -> dict[str, Any]:
-        vpn = self._a.vpn
-        snap = vpn.monitor.last
-        needed = bool(vpn.hosts())
-        error = None
-        if needed and vpn.required and snap.interface is None:
-            error = snap.problem or "no WireGuard interface"
-        elif needed and snap.interface is not None and not snap.interface_up:
-            error = f"{snap.interface} is down"
-        peers = [{"peer": v.peer, "state": "up" if v.up else "down", "reason": v.reason,
-                  "handshake_age_s": None if v.handshake_age is None else round(v.handshake_age, 1),
-                  "endpoint": v.endpoint, "rx_bytes": v.rx_bytes, "tx_bytes": v.tx_bytes}
-                 for v in snap.verdicts.values()]
-        unreachable = [{"device": d, "reason": r.reason, "since": r.since}
-                       for d, r in sorted(vpn.reach.items()) if not r.reachable]
-        return {"vpn_required": vpn.required and needed, "vpn_error": error, "peers": peers,
-                "unreachable": unreachable}
+        return consumer.read_error or self._db_error
 
     def status_line(self) -> str:
         return status_line(self.figures())
@@ -140,29 +147,27 @@ class Housekeeper:
         return healthy(self.figures())
 
     def live(self) -> Live:
-        a = self._a
-        q = self._queue
+        p, q = self._parts, self._queue
+        consumer, session, vpn, budgets, reconciler = p.consumer(), p.session(), p.vpn(), p.budgets(), p.reconciler()
         queues = {}
         if "depth" in q:
-            queues = {a.settings.queue: (q["depth"], q["oldest"]), a.queries.dlq: (q["dlq_depth"], q["dlq_oldest"])}
-        snap = a.vpn.monitor.last
-        peers = {v.peer: (v.handshake_age, v.rx_bytes, v.tx_bytes, v.up) for v in snap.verdicts.values()}
-        return Live(wakeups=dict(a.consumer.wakeups), reconnects=a.session.reconnects,
-                    database_up=a.session.connected.is_set() and not self._database_error(),
-                    inflight=len(a.consumer.inflight), parked=a.parking.count, queues=queues,
-                    reachable={d: r.reachable for d, r in a.vpn.reach.items()}, peers=peers,
-                    leader=a.leadership.leading, last_heartbeat=self.last_beat, tables=a.reconciler.tables,
-                    pruned_at=a.reconciler.pruned_at, held=q.get("held"),
-                    breakers={d: (not b.closed, b.trips) for d, b in a.budgets.breakers.items()},
-                    rate_waits={d: (int(n), s) for d, (n, s) in a.budgets.waits.items()})
+            queues = {self._me.queue: (q["depth"], q["oldest"]), self._q.dlq: (q["dlq_depth"], q["dlq_oldest"])}
+        peers = {v.peer: (v.handshake_age, v.rx_bytes, v.tx_bytes, v.up) for v in vpn.peers}
+        return Live(wakeups=dict(consumer.wakeups), reconnects=session.reconnects,
+                    database_up=session.connected and not self._database_error(consumer),
+                    inflight=consumer.inflight, parked=p.parked(), queues=queues,
+                    reachable={d: r.reachable for d, r in vpn.reach.items()}, peers=peers,
+                    leader=p.leading(), last_heartbeat=self.last_beat, tables=dict(reconciler.tables),
+                    pruned_at=reconciler.pruned_at, held=q.get("held"),
+                    breakers=dict(budgets.breakers), rate_waits=dict(budgets.rate_waits), ready=self.ready())
 
     async def sample_queue(self, max_age: float = _SAMPLE_TTL) -> None:
         """Refresh the queue figures unless a sample younger than `max_age` exists (one statement)."""
         if time.monotonic() - self._sampled < max_age:
             return
         try:
-            async with self._a.pool.acquire() as conn:
-                row = await conn.fetchrow(self._a.queries.queue_stats, _QUEUE_CAP)
+            async with self._pool.acquire() as conn:
+                row = await conn.fetchrow(self._q.queue_stats, _QUEUE_CAP)
         except DB_ERRORS as exc:  # not tried again before max_age: scrapes during an outage stay quick
             self._db_error = str(exc) or type(exc).__name__
             self._sampled = time.monotonic()
@@ -170,14 +175,13 @@ class Housekeeper:
         self._db_error = None
         self._sampled = time.monotonic()
         self._queue = {k: (float(v) if k.endswith("oldest") and v is not None else v) for k, v in dict(row).items()}
-        self._a.metrics.ready.set(1 if self.ready() else 0)
 
     async def snapshot(self) -> dict[str, Any]:
         await self.sample_queue()
         f = self.figures()
         with contextlib.suppress(*DB_ERRORS):
-            async with self._a.pool.acquire() as conn:
-                f.drifted = [dict(r) for r in await conn.fetch(self._a.queries.drifted, 20, self._a.settings.site)]
+            async with self._pool.acquire() as conn:
+                f.drifted = [dict(r) for r in await conn.fetch(self._q.drifted, 20, self._me.site)]
         return snapshot(f)
 
     # -- the loop ------------------------------------------------------------------------
@@ -190,34 +194,34 @@ class Housekeeper:
                 beaten = now
                 await self.sample_queue(max_age=every * 2)
                 await self.beat(None)
-            self._a.notifier.status(self.status_line())
+            self._notifier.status(self.status_line())
             await asyncio.sleep(1.0)
 
     async def watch(self) -> None:
         """WATCHDOG=1 at half of WATCHDOG_USEC (the notifier's interval) unless the agent is stalled."""
-        every = self._a.notifier.watchdog_interval or 1.0
+        every = self._notifier.watchdog_interval or 1.0
         while True:
-            consumer = self._a.consumer
+            consumer = self._parts.consumer()
             stall = self._live().watchdog_stall
             if not stalled(time.monotonic(), consumer.last_progress, consumer.work_waits, stall):
-                self._a.notifier.watchdog()
+                self._notifier.watchdog()
             else:
                 log.error("stalled: work waits and nothing progressed for %.0f s: watchdog not fed", stall,
-                          extra={"action": "stalled", "inflight": len(consumer.inflight)})
+                          extra={"action": "stalled", "inflight": consumer.inflight})
             await asyncio.sleep(every)
 
     async def beat(self, override: str | None) -> None:
-        a, f = self._a, self.figures()
+        me, f, consumer = self._me, self.figures(), self._parts.consumer()
         st = override or state(f)
         figures = {"inflight": f.inflight, "done": f.done, "retried": f.retried, "dead_lettered": f.dead_lettered,
                    "queue_depth": f.queue_depth, "listener_up": f.listener_up}
         try:
-            async with a.pool.acquire() as conn:
-                done = await conn.execute(a.queries.heartbeat, a.settings.agent_id, a.settings.site, a.settings.queue,
+            async with self._pool.acquire() as conn:
+                done = await conn.execute(self._q.heartbeat, me.agent_id, me.site, me.queue,
                                           socket.gethostname(), os.getpid(), __version__,
                                           _ts(self._started_at), st, status_line(f),
-                                          _ts(a.consumer.last_cycle_wall), a.consumer.last_cycle_ms,
-                                          json.dumps(figures), a.instance, a.host_id)
+                                          _ts(consumer.last_cycle_wall), consumer.last_cycle_ms,
+                                          json.dumps(figures), me.instance, me.host_id)
         except DB_ERRORS as exc:
             self._db_error = str(exc) or type(exc).__name__
             log.warning("heartbeat failed: %s", exc, extra={"action": "heartbeat_failed"})
@@ -226,8 +230,19 @@ class Housekeeper:
             self.last_beat = time.time()
             if done == "INSERT 0 0":  # another process registered under this agent id meanwhile
                 log.error("another process has registered as agent %s (this one's heartbeat was stale): its row "
-                          "in agent.agents is left to it; stop this one", a.settings.agent_id,
+                          "in agent.agents is left to it; stop this one", me.agent_id,
                           extra={"action": "agent_id_taken"})
+
+
+def _vpn_figures(vpn: VpnFigures) -> dict[str, Any]:
+    """The guard's figures as /status shows them."""
+    peers = [{"peer": v.peer, "state": "up" if v.up else "down", "reason": v.reason,
+              "handshake_age_s": None if v.handshake_age is None else round(v.handshake_age, 1),
+              "endpoint": v.endpoint, "rx_bytes": v.rx_bytes, "tx_bytes": v.tx_bytes}
+             for v in vpn.peers]
+    unreachable = [{"device": d, "reason": r.reason, "since": r.since}
+                   for d, r in sorted(vpn.reach.items()) if not r.reachable]
+    return {"vpn_required": vpn.required, "vpn_error": vpn.error, "peers": peers, "unreachable": unreachable}
 
 
 def _ts(epoch: float | None):  # type: ignore[no-untyped-def]

@@ -47,7 +47,8 @@ _WAKE_SOURCES = ("start", "notify", "poll", "connect", "unpark", "catchup")
 
 @dataclass
 class Live:
-    """Figures read from the components at scrape time (they keep plain counters, not metrics)."""
+    """Figures read from the components at scrape time (they keep plain counters, not metrics): the
+    housekeeper's `live()` gathers them from each part's own figures."""
 
     wakeups: dict[str, int] = field(default_factory=dict)
     reconnects: int = 0
@@ -64,6 +65,7 @@ class Live:
     breakers: dict[str, tuple[bool, int]] = field(default_factory=dict)    # device -> (open, trips)
     rate_waits: dict[str, tuple[int, float]] = field(default_factory=dict)  # device -> (waits, seconds waited)
     held: int | None = None              # commands of the site's queue held by the guard (sampled)
+    ready: bool = False                  # ready to work (agent.runtime.snapshot.healthy), at scrape time
 
 
 class _LiveCollector:
@@ -81,6 +83,7 @@ class _LiveCollector:
                                   "or failed to connect, each time.", value=live.reconnects)
         yield GaugeMetricFamily(P + "database_up", "1 while the session connection is up and the last pooled "
                                 "statement worked; 0 while the agent is reconnecting.", value=int(live.database_up))
+        yield GaugeMetricFamily(P + "ready", "1 when the agent is ready to work.", value=int(live.ready))
         leader = GaugeMetricFamily(P + "reconcile_leader",
                                    "1 while this agent leads its site's reconciliation.", labels=["site"])
         leader.add_metric([self._site], int(live.leader))
@@ -215,7 +218,6 @@ class Metrics:
                 self.attempts.labels(outcome, driver)
         for result in _RECONCILE_RESULTS:
             self.reconcile.labels(result)
-        self.ready = Gauge(P + "ready", "1 when the agent is ready to work.", registry=r)
         self.up_since = Gauge(P + "start_time_seconds", "When this agent started (unix time).", registry=r)
         self.up_since.set(time.time())
         self.last_success = Gauge(P + "last_success_timestamp_seconds", "Last verified command (unix time).",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import asyncpg
@@ -19,7 +19,7 @@ import asyncpg
 from agent.db.connect import DB_ERRORS
 from agent.errors import AgentError
 from agent.model.device import Device
-from agent.vpn.health import GateVerdict, VpnSnapshot, gate, peer_for
+from agent.vpn.health import GateVerdict, PeerVerdict, VpnSnapshot, gate, peer_for
 from agent.vpn.monitor import VpnMonitor
 from agent.vpn.resolve import HostResolver, address_host
 
@@ -34,12 +34,22 @@ UNPROVEN_WAIT = 25.0
 NOT_ANSWERING = "device_not_answering"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Reach:
     reachable: bool
     reason: str
     peer: str | None
     since: float
+
+
+@dataclass(frozen=True)
+class VpnFigures:
+    """What the guard tells the housekeeper and the metrics: the tunnel as last sampled."""
+
+    required: bool                  # AGENT_REQUIRE_VPN, and a device has a network address
+    error: str | None               # why the tunnel cannot carry the devices' traffic, if it cannot
+    peers: tuple[PeerVerdict, ...]
+    reach: Mapping[str, Reach]      # device -> reachable or not, why, since when
 
 
 def start_problem(snap: VpnSnapshot, hosts: dict[str, str]) -> str | None:
@@ -99,6 +109,16 @@ class VpnGuard:
             return None if r.reachable or r.reason.startswith(NOT_ANSWERING) else r.reason
         v = self.verdict(device)
         return None if v.reachable else v.reason
+
+    def figures(self) -> VpnFigures:
+        snap = self.monitor.last
+        needed = bool(self.hosts())
+        error = None
+        if needed and self.required and snap.interface is None:
+            error = snap.problem or "no WireGuard interface"
+        elif needed and snap.interface is not None and not snap.interface_up:
+            error = f"{snap.interface} is down"
+        return VpnFigures(self.required and needed, error, tuple(snap.verdicts.values()), dict(self.reach))
 
     def device_failed(self, device: Device) -> None:
         self.monitor.device_failed(device.id, self.hosts().get(device.id))

@@ -93,7 +93,7 @@ async def test_a_standby_asks_at_its_interval_and_at_once_when_the_leader_steps_
 
         ta = asyncio.create_task(a.run(lambda c: lead("a", c)))
         await until(lambda: a.leading, what="a leads")
-        # b's channel callback is what agentd wires to the `agent_leader` notification
+        # b subscribed to `agent_leader`, which its session listens on from its next connection: this one is up
         listening = await asyncio.wait_for(two.connection(), 10)
         await two.listen("agent_leader", b.stepped_down, listening)
         tb = asyncio.create_task(b.run(lambda c: lead("b", c)))

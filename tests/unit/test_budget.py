@@ -177,7 +177,8 @@ async def test_a_rate_limit_wait_does_not_count_against_the_call_deadline():
     finally:
         sweeper.cancel()
     assert budgets.waits["r1"][0] == 2
-    assert [f["rate_waits"] for f in budgets.figures()] == [2]
+    assert [f["rate_waits"] for f in budgets.figures().devices] == [2]
+    assert budgets.figures().rate_waits["r1"][0] == 2
 
 
 def test_the_budgeted_driver_reads_many_only_where_the_driver_does():

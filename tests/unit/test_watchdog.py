@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from types import SimpleNamespace
 
-from agent.runtime.housekeeper import Housekeeper
 from agent.runtime.watchdog import stalled
+from tests.support.house import Parts, Told, housekeeper, live
 from tests.support.wait import until
 
 STALL = 60.0
@@ -32,16 +31,14 @@ def test_work_that_moved_just_within_the_stall_time_is_not_stalled():
 
 
 async def test_the_pings_stop_while_stalled_and_resume_once_work_moves(caplog):
-    pings: list[float] = []
-    consumer = SimpleNamespace(last_progress=time.monotonic() - 2 * STALL, work_waits=True, inflight={1: None})
-    parts = SimpleNamespace(notifier=SimpleNamespace(watchdog_interval=0.01, watchdog=lambda: pings.append(1.0)),
-                            consumer=consumer)
-    live = SimpleNamespace(watchdog_stall=STALL)
-    task = asyncio.create_task(Housekeeper(parts, lambda: live).watch())  # type: ignore[arg-type,return-value]
+    told = Told(watchdog_interval=0.01)
+    parts = Parts()
+    parts.consumer_now(last_progress=time.monotonic() - 2 * STALL, work_waits=True, inflight=1)
+    task = asyncio.create_task(housekeeper(parts, told, live(watchdog_stall=STALL)).watch())
     try:
         await until(lambda: "watchdog not fed" in caplog.text, timeout=5, what="the stall logged")
-        assert pings == []
-        consumer.last_progress = time.monotonic()  # an outcome was committed
-        await until(lambda: pings, timeout=5, what="pings again")
+        assert told.pings == 0
+        parts.consumer_now(last_progress=time.monotonic())  # an outcome was committed
+        await until(lambda: told.pings, timeout=5, what="pings again")
     finally:
         task.cancel()
