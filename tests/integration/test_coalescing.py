@@ -199,7 +199,8 @@ async def test_a_take_for_an_unreachable_device_is_parked_whole_and_woken_at_onc
 async def test_a_burst_spread_over_many_devices_is_taken_whole_per_device(db, dsn):
     """Reading in queue order alone would spread AGENT_PREFETCH over every device of the burst (here
     one command per device per read of 10): when a device's lane is served while a backlog waits, its
-    waiting commands are read too, so each device is read twice in all, not twice per command."""
+    waiting commands are read too, so each device is read twice in all, not twice per command (on a
+    loaded machine a lane may start before its top-up lands: then twice more, for a second take)."""
     devices = [f"r{n}" for n in range(10)]
     for dev in devices:
         await add_device(db, dev)
@@ -210,7 +211,8 @@ async def test_a_burst_spread_over_many_devices_is_taken_whole_per_device(db, ds
     device = BatchDriver()
     async with running_agent(dsn, device, concurrency=1, batch_size=10, prefetch=10, coalesce=100):
         await until(lambda: all_archived(db, ids), timeout=30, what="all settled")
-    assert {dev: device.batch_reads(dev) for dev in devices} == dict.fromkeys(devices, 2)
+    reads = {dev: device.batch_reads(dev) for dev in devices}
+    assert all(n in (2, 4) for n in reads.values()), reads  # one take (or two), never one per command (40)
     assert all(device.writes(dev, f"cust{n}") == ["on"] for dev in devices for n in range(20))
 
 
