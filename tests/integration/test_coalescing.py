@@ -186,7 +186,9 @@ async def test_a_take_for_an_unreachable_device_is_parked_whole_and_woken_at_onc
     async with running_agent(dsn, device, max_attempts=1) as agent:
         agent.executor.gate = lambda dev: "peer site-a down" if tunnel["down"] else None
         await until(lambda: agent.parking.count == 2, what="the take parked")
-        assert await events(db, older) == ["superseded"]  # settled at once, without the device
+        # settled at once, without the device (its report may still be on its way)
+        await until(lambda: events(db, older), timeout=5, what="the superseded command's events recorded")
+        assert await events(db, older) == ["superseded"]
         await until(lambda: db.fetchval('SELECT min(read_ct) >= 2 FROM pgmq."q_device_tasks"'), timeout=20,
                     what="re-parked past max_attempts")
         assert await dlq(db) == [] and device.calls == []
