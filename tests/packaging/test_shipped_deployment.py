@@ -14,7 +14,7 @@ SUFFIXES = ("_bucket", "_count", "_sum", "_total")
 
 def exported_metric_names() -> set[str]:
     """Names in agent/runtime/metrics.py, written whole or as PREFIX + "name" (P is PREFIX)."""
-    source = (ROOT / "agent" / "metrics.py").read_text()
+    source = (ROOT / "agent" / "runtime" / "metrics.py").read_text()
     prefix = re.search(r'^PREFIX = "([a-z_]+)"', source, re.M)
     names = set(re.findall(r'"((?:[a-z]+_)+[a-z]+)"', source))
     if prefix:
