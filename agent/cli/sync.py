@@ -10,6 +10,7 @@ failed repair; 2 bad request; 3 not finished in time (the run goes on: `agentctl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import sys
 import time
@@ -102,8 +103,7 @@ async def _wait(conn: asyncpg.Connection, run: int, timeout: float) -> bool:
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        try:
-            await asyncio.wait_for(kick.wait(), min(left, 2.0))
-        except TimeoutError:
-            pass
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(left, 2.0)):
+                await kick.wait()
         kick.clear()

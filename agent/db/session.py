@@ -191,8 +191,9 @@ class Session:
         while not lost.is_set():
             wait = self._last_ok + self.check_interval + SLACK - time.monotonic()
             if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(lost.wait(), wait)
+                with contextlib.suppress(TimeoutError):  # asyncio.timeout: see agent/reconcile/reconciler.py
+                    async with asyncio.timeout(wait):
+                        await lost.wait()
                 continue
             await self.fetchval("SELECT 1", timeout=min(10.0, self.check_interval))
         raise ConnectionError("server closed the connection")

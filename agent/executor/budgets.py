@@ -161,8 +161,9 @@ class DeviceBudgets:
                         self._spawn(self._probe(device_id, b))
                 ends = [b.until for b in self.breakers.values() if b.state == OPEN]
                 self._kick.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._kick.wait(), max(0.0, min(ends) - now) + 0.01 if ends else None)
+                with contextlib.suppress(TimeoutError):  # asyncio.timeout: see agent/reconcile/reconciler.py
+                    async with asyncio.timeout(max(0.0, min(ends) - now) + 0.01 if ends else None):
+                        await self._kick.wait()
         finally:
             for task in list(self._probes):
                 task.cancel()

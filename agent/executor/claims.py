@@ -102,8 +102,9 @@ class DeviceClaims:
                     await self._renew()
                     continue
                 wake = min([renew_at, *self._lingering.values()]) - now
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), max(0.0, wake))
+                with contextlib.suppress(TimeoutError):  # asyncio.timeout: see agent/reconcile/reconciler.py
+                    async with asyncio.timeout(max(0.0, wake)):
+                        await self._wake.wait()
                 self._wake.clear()
                 self._let_go(time.monotonic())
                 claims, self._claims = self._claims, []

@@ -129,8 +129,9 @@ class Consumer:
         is a live setting: it is looked at again every second, so a reload shortens a wait under way."""
         loop = asyncio.get_running_loop()
         while (left := since + self._live().poll_interval - loop.time()) > 0:
-            try:
-                await asyncio.wait_for(self._wake.wait(), min(left, 1.0))
+            try:  # asyncio.timeout, not wait_for: see agent/reconcile/reconciler.py
+                async with asyncio.timeout(min(left, 1.0)):
+                    await self._wake.wait()
                 return True
             except TimeoutError:
                 continue

@@ -98,8 +98,12 @@ class Reconciler:
             wait = FEED_POLL if still_open else IDLE_POLL
             if self.next_run is not None:
                 wait = min(wait, max(0.0, (self.next_run - _now()).total_seconds()))
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally when it is
+            # cancelled just as the event is set (an `agent_sync` notification at shutdown), and the
+            # cancellation is lost: the feed went on and the agent never stopped.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(kick.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await kick.wait()
             kick.clear()
 
     async def _summarise(self, conn: LeaderConnection, since: datetime) -> datetime:

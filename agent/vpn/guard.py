@@ -9,6 +9,7 @@ attached. Devices without an address (the `sim` driver) never need the tunnel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -248,10 +249,9 @@ class VpnGuard:
                 self.reach.clear()
             if resumed := self.resumed():
                 await self._on_reachable(resumed)
-            try:
-                await asyncio.wait_for(self._kick.wait(), self._interval)
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout, not wait_for: see agent/reconcile/reconciler.py
+                async with asyncio.timeout(self._interval):
+                    await self._kick.wait()
             self._kick.clear()
 
     async def wait_for_tunnel(self, grace: float, say: Callable[[str], None]) -> None:
