@@ -36,8 +36,9 @@ from agent.drivers.registry import Drivers
 from agent.executor.acceptor import Acceptor, GuardLimits
 from agent.executor.budgets import DeviceBudgets
 from agent.executor.claims import DeviceClaims
+from agent.executor.converge import call_timeout
 from agent.executor.deadlines import Deadlines
-from agent.executor.executor import Executor, call_timeout, op_bound
+from agent.executor.executor import Executor, op_bound
 from agent.executor.lanework import LaneWorks
 from agent.executor.parking import Parking
 from agent.executor.policy import RetryPolicy, Tuning
