@@ -29,7 +29,8 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.executor.reports import EventRow, Outcome, StateUpdate, report_args
+from agent.model.outcome import EventRow, Outcome, StateUpdate
+from agent.queue.reports import report_args
 from pipeline import fresh_db
 
 from agent.contract import parse_command
@@ -74,7 +75,7 @@ async def measure(admin_dsn: str, n: int, batch: int, what: str | None) -> None:
         await conn.execute("SELECT pgmq.send_batch('device_tasks', $1::jsonb[])", bodies[start:start + 5000])
     await conn.execute("CHECKPOINT")
     lsn0 = await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text")
-    acceptor = Acceptor(None, q, GuardLimits("default", off_percent=100.0))  # type: ignore[arg-type]
+    acceptor = Acceptor(None, q, lambda: GuardLimits("default", off_percent=100.0))  # type: ignore[arg-type]
     t_read = t_accept = t_report = t_args = 0.0
     done = 0
     while done < n:
@@ -99,7 +100,7 @@ async def measure(admin_dsn: str, n: int, batch: int, what: str | None) -> None:
         if half and what == "accept":
             cols = json.dumps([[c.device for c in cmds], [c.service for c in cmds], [c.state for c in cmds],
                                [d.version for d in ds], [d.msg_id for d in ds], [None] * len(ds), [False] * len(ds)])
-            await _try(explain(conn, q.accept, cols, *acceptor.guard.args()))
+            await _try(explain(conn, q.accept, cols, *acceptor.guard().args()))
         t = time.perf_counter()
         await acceptor._write(conn, pending)
         t_accept += time.perf_counter() - t

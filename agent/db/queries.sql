@@ -398,7 +398,8 @@ SELECT queue_name FROM pgmq.meta;
 --    [observed_at...], [applied_at...], [verified_at...], [error...], [msg_id...], [request_id...], [meta...],
 --    [failed...]] (times as unix seconds)
 -- $5 events, a JSON array of columns: [[device...], [service...], [kind...], [msg_id...], [version...],
---    [request_id...], [desired...], [observed...], [attempt...], [duration_ms...], [error...], [meta...]]
+--    [request_id...], [desired...], [observed...], [attempt...], [duration_ms...], [error...], [meta...],
+--    [applied_at...]] (applied_at as unix seconds: the write this attempt made, on the event that ends it)
 -- $6 agent id  $7 reconcile results
 -- $8 keep settled messages in PGMQ's archive (false: AGENT_ARCHIVE=false, they are deleted; the audit is in events)
 -- $9 this queue's name (moves go through agent.move_message: an agent may send to no other queue)
@@ -499,17 +500,19 @@ WITH done AS (
     RETURNING 1
 ), events AS (
     INSERT INTO agent.events (device, service, kind, msg_id, version, request_id, desired, observed,
-                              attempt, duration_ms, error, agent_id, meta)
+                              attempt, duration_ms, error, agent_id, meta, applied_at)
     SELECT x.device, x.service, x.kind, x.msg_id::bigint, x.version::bigint, x.request_id, x.desired, x.observed,
-           x.attempt::integer, x.duration_ms::double precision, x.error, $6, nullif(x.meta, 'null'::jsonb)
+           x.attempt::integer, x.duration_ms::double precision, x.error, $6, nullif(x.meta, 'null'::jsonb),
+           to_timestamp(x.applied_at::double precision)
     FROM ROWS FROM (jsonb_array_elements_text($5::jsonb->0), jsonb_array_elements_text($5::jsonb->1),
                     jsonb_array_elements_text($5::jsonb->2), jsonb_array_elements_text($5::jsonb->3),
                     jsonb_array_elements_text($5::jsonb->4), jsonb_array_elements_text($5::jsonb->5),
                     jsonb_array_elements_text($5::jsonb->6), jsonb_array_elements_text($5::jsonb->7),
                     jsonb_array_elements_text($5::jsonb->8), jsonb_array_elements_text($5::jsonb->9),
-                    jsonb_array_elements_text($5::jsonb->10), jsonb_array_elements($5::jsonb->11))
+                    jsonb_array_elements_text($5::jsonb->10), jsonb_array_elements($5::jsonb->11),
+                    jsonb_array_elements_text($5::jsonb->12))
          AS x(device, service, kind, msg_id, version, request_id, desired, observed, attempt, duration_ms, error,
-              meta)
+              meta, applied_at)
     RETURNING 1
 ), synced AS (   -- $7: reconcile messages finished here, with what they found (only those archived now)
     SELECT x.* FROM jsonb_to_recordset($7::jsonb)

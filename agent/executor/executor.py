@@ -321,8 +321,10 @@ class Executor:
         if isinstance(proof, VerifyError):
             return self._failed(w, proof, ms)
         failed = self._failed(w, proof, ms, unproven)
-        if isinstance(done.applied, float):  # written, but not read back
-            failed.events.insert(0, self._event(w, "applied"))
+        if isinstance(done.applied, float):  # written, but not read back: the failed event says so
+            for ev in failed.events:
+                if ev.kind == "failed":
+                    ev.applied_at = done.applied
             if failed.state is not None:
                 failed.state.applied_at = done.applied
         return failed
@@ -411,10 +413,8 @@ class Executor:
 
     def _converge(self, w: Work, obs: Observation, ms: float) -> Outcome:
         d, cmd = w.delivery, w.command
-        events = []
-        if obs.applied_at is not None:
-            events.append(self._event(w, "applied", observed=None))
-        events.append(self._event(w, "verified", observed=obs.observed, duration_ms=ms))
+        # one row: the write (if one was needed) is the verified event's applied_at (schema 17)
+        events = [self._event(w, "verified", observed=obs.observed, duration_ms=ms, applied_at=obs.applied_at)]
         if log.isEnabledFor(logging.INFO):  # the line's fields cost more than the rest of this at month-end
             log.info("verified", extra=_fields(w, "verified", changed=obs.applied_at is not None, duration_ms=ms))
         state = StateUpdate(cmd.device, cmd.service, cmd.state, d.version, obs.observed, obs.observed_at,
@@ -435,10 +435,8 @@ class Executor:
         duplicate or superseded, and its desire must not stand as the newest."""
         d, cmd = w.delivery, w.command
         attempt = d.attempt
-        events = []
-        if isinstance(exc, VerifyError):
-            events.append(self._event(w, "applied"))
-        events.append(self._event(w, "failed", error=str(exc), duration_ms=ms, observed=getattr(exc, "observed", None)))
+        events = [self._event(w, "failed", error=str(exc), duration_ms=ms, observed=getattr(exc, "observed", None),
+                              applied_at=exc.applied_at if isinstance(exc, VerifyError) else None)]
         desire = cmd.action == "set" and judged
         state = StateUpdate(cmd.device, cmd.service, cmd.state if desire else None, d.version if desire else None,
                             error=f"{exc.kind}: {exc}", msg_id=d.msg_id, request_id=cmd.request_id, meta=cmd.meta)

@@ -62,6 +62,7 @@ class EventRow:
     duration_ms: float | None = None
     error: str | None = None
     meta: dict[str, Any] | None = None
+    applied_at: float | None = None  # when the device acknowledged this attempt's write (unix seconds)
 
 
 @dataclass

@@ -115,7 +115,7 @@ def _dumps(value: Any) -> str:
 _STATE_COLUMNS = ("device", "service", "desired", "version", "observed", "observed_at", "applied_at", "verified_at",
                   "error", "msg_id", "request_id", "meta", "failed")
 _EVENT_COLUMNS = ("device", "service", "kind", "msg_id", "version", "request_id", "desired", "observed", "attempt",
-                  "duration_ms", "error", "meta")
+                  "duration_ms", "error", "meta", "applied_at")
 
 
 def _columns(rows: Sequence[Any], names: Sequence[str]) -> str:

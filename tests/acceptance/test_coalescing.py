@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.agents import spawn_agentd
-from tests.support.db import add_device, archived, events, send, state
+from tests.support.db import add_device, archived, events, send, state, writes
 from tests.support.wait import until
 
 pytestmark = pytest.mark.acceptance
@@ -47,7 +47,7 @@ async def test_a_crash_between_the_batch_write_and_the_report_loses_nothing(db, 
     assert code.returncode == 0, out
     for msg, s in zip(ids, services):
         assert await archived(db, msg)
-        assert await events(db, msg) == ["verified"]  # found done: no "applied", not written a second time
+        assert await events(db, msg) == ["verified"] and await writes(db, msg) == []  # found done: not written again
         assert (await state(db, "r1", s))["observed"] == "on"
 
 
@@ -79,7 +79,7 @@ async def test_a_resent_old_suspend_in_a_take_does_not_undo_the_payment_after_it
     paid = await send(db, _set("on", "paid-42"))
     resent = await send(db, _set("off", "suspend-42"))
     await _once(dsn)
-    assert await events(db, paid) == ["applied", "verified"]
+    assert await events(db, paid) == ["verified"]
     assert await events(db, resent) == ["duplicate"]
     assert _file(sim) == {"pppoe:alice": "on"}
     row = await state(db, "s1", "pppoe:alice")
@@ -96,7 +96,7 @@ async def test_a_resent_payment_after_a_refund_in_one_take_does_not_bring_the_se
     retry = await send(db, _set("on", "pay-1"))
     await _once(dsn)
     assert await events(db, pay) == ["superseded"]
-    assert await events(db, refund) == ["applied", "verified"]
+    assert await events(db, refund) == ["verified"]
     assert await events(db, retry) == ["duplicate"]
     assert _file(sim) == {"pppoe:alice": "off"}
     row = await state(db, "s1", "pppoe:alice")
@@ -111,7 +111,7 @@ async def test_an_expired_newest_command_in_a_take_leaves_the_one_before_it_in_f
     paid = await send(db, _set("on", "paid-42"))
     late = await send(db, _set("off", "grace-42", not_after="2020-01-01T00:00:00Z"))
     await _once(dsn)
-    assert await events(db, paid) == ["applied", "verified"]
+    assert await events(db, paid) == ["verified"]
     assert await events(db, late) == ["expired"]
     assert _file(sim) == {"pppoe:alice": "on"}
     row = await state(db, "s1", "pppoe:alice")

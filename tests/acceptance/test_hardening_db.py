@@ -224,6 +224,6 @@ async def test_a_command_whose_state_row_is_locked_past_lock_timeout_is_verified
             code, out = stop(proc)
     assert code == 0, out
     assert await dlq(db) == [], out
-    assert await events(db, msg) == ["applied", "verified"], out
+    assert await events(db, msg) == ["verified"], out
     row = await state(db, "s1", "wifi")
     assert (row["observed"], row["desired_failed"]) == ("on", False)

@@ -19,7 +19,7 @@ async def test_settled_messages_leave_no_archive_row_and_keep_their_audit(db, ds
         bad = await send(db, {"device": "r1", "service": "voip", "state": "on"})
         await until(lambda: _settled(db), what="both settled")
     assert await db.fetchval('SELECT count(*) FROM pgmq."a_device_tasks"') == 0
-    assert await events(db, ok) == ["applied", "verified"]
+    assert await events(db, ok) == ["verified"]
     assert (await state(db, "r1", "wifi"))["observed"] == "on"
     assert [d["message"]["service"] for d in await dlq(db)] == ["voip"]
     assert "dead_lettered" in await events(db, bad)

@@ -30,7 +30,7 @@ async def test_a_take_reads_once_writes_what_differs_and_verifies_once(db, dsn):
     assert [c.op for c in device.calls] == ["read_many", "apply", "read_many"]  # wifi is already off
     assert device.writes("r1", "voip") == ["on"] and device.writes("r1", "wifi") == []
     assert await events(db, wifi_on) == ["superseded"]  # older, in the same take: never sent
-    assert await events(db, voip) == ["applied", "verified"]
+    assert await events(db, voip) == ["verified"]
     assert await events(db, wifi_off) == ["verified"] and await events(db, tv) == ["verified"]
     row = await state(db, "r1", "wifi")
     assert (row["desired"], row["desired_version"], row["observed"]) == ("off", wifi_off, "off")
@@ -43,9 +43,9 @@ async def test_a_service_that_fails_in_a_take_is_retried_alone(db, dsn):
     ids = [await send(db, {"device": "r1", "service": s, "state": "on"}) for s in ("wifi", "voip", "tv")]
     async with running_agent(dsn, device):
         await until(lambda: all_archived(db, ids), what="all settled")
-    assert await events(db, ids[0]) == ["applied", "verified"]
-    assert await events(db, ids[1]) == ["failed", "retried", "applied", "verified"]
-    assert await events(db, ids[2]) == ["applied", "verified"]
+    assert await events(db, ids[0]) == ["verified"]
+    assert await events(db, ids[1]) == ["failed", "retried", "verified"]
+    assert await events(db, ids[2]) == ["verified"]
     assert device.writes("r1", "wifi") == ["on"] and device.writes("r1", "tv") == ["on"]  # not again
 
 
@@ -59,7 +59,7 @@ async def test_a_failed_batch_read_is_no_commands_failure_each_service_is_read_o
     async with running_agent(dsn, device, max_attempts=1):
         await until(lambda: all_archived(db, ids), what="all settled")
     for msg in ids:
-        assert await events(db, msg) == ["applied", "verified"]
+        assert await events(db, msg) == ["verified"]
     assert await dlq(db) == []
     assert [(c.op, c.service) for c in device.calls[:4]] == [("read_many", "a,b,c"), ("read", "a"), ("read", "b"),
                                                                ("read", "c")]
@@ -75,7 +75,7 @@ async def test_after_a_failed_batch_read_only_a_command_whose_own_read_fails_fai
         await until(lambda: all_archived(db, ids), what="all settled")
     [entry] = await dlq(db)
     assert entry["message"]["service"] == "gone" and "no such secret" in entry["headers"]["reason"]
-    assert await events(db, ids[0]) == ["applied", "verified"] and await events(db, ids[2]) == ["applied", "verified"]
+    assert await events(db, ids[0]) == ["verified"] and await events(db, ids[2]) == ["verified"]
 
 
 async def test_a_failed_batch_read_back_is_no_commands_failure_either(db, dsn):
@@ -95,7 +95,7 @@ async def test_a_failed_batch_read_back_is_no_commands_failure_either(db, dsn):
     async with running_agent(dsn, device, max_attempts=1):
         await until(lambda: all_archived(db, ids), what="all settled")
     for msg in ids:
-        assert await events(db, msg) == ["applied", "verified"]
+        assert await events(db, msg) == ["verified"]
     assert [c.op for c in device.calls] == ["read_many", "apply", "apply", "read_many", "read", "read"]
 
 
@@ -140,8 +140,8 @@ async def test_one_service_that_hangs_does_not_keep_the_others_of_the_take_from_
         await until(lambda: all_archived(db, ids), what="all settled")
     assert [(c.op, c.service) for c in device.calls[:5]] == [("read_many", "a,b,c"), ("read", "a"), ("probe", ""),
                                                                ("read", "b"), ("read", "c")]
-    assert await events(db, ids[0]) == ["failed", "retried", "applied", "verified"]
-    assert await events(db, ids[1]) == ["applied", "verified"] and await events(db, ids[2]) == ["applied", "verified"]
+    assert await events(db, ids[0]) == ["failed", "retried", "verified"]
+    assert await events(db, ids[1]) == ["verified"] and await events(db, ids[2]) == ["verified"]
 
 
 async def test_a_permanent_error_in_a_take_dead_letters_only_that_command(db, dsn):
@@ -153,7 +153,7 @@ async def test_a_permanent_error_in_a_take_dead_letters_only_that_command(db, ds
         await until(lambda: all_archived(db, ids), what="all settled")
     [entry] = await dlq(db)
     assert entry["message"]["service"] == "gone" and "no such secret" in entry["headers"]["reason"]
-    assert await events(db, ids[0]) == ["applied", "verified"] and await events(db, ids[2]) == ["applied", "verified"]
+    assert await events(db, ids[0]) == ["verified"] and await events(db, ids[2]) == ["verified"]
 
 
 async def test_max_parallel_writes_overlap_but_never_a_read(db, dsn):
@@ -230,7 +230,7 @@ async def test_a_replay_in_the_same_take_as_its_original_is_accepted_once_and_wr
     async with running_agent(dsn, device, max_attempts=1):
         await until(lambda: all_archived(db, [original, replay]), what="both settled")
     assert await dlq(db) == []
-    assert await events(db, original) == await events(db, replay) == ["applied", "verified"]
+    assert await events(db, original) == await events(db, replay) == ["verified"]
     assert device.writes("r1", "wifi") == ["on"]
     row = await state(db, "r1", "wifi")
     assert (row["desired"], row["desired_version"]) == ("on", original)
@@ -262,7 +262,7 @@ async def test_a_take_whose_acceptance_failed_records_no_desire_of_a_command_not
             resent = await send(db, {"device": "r1", "service": "wifi", "state": "off", "request_id": "suspend-42"})
         await until(lambda: all_archived(db, [paid, resent]), what="both settled")
         assert agent.acceptor.flushes >= 3
-    assert await events(db, paid) == ["failed", "retried", "applied", "verified"]
+    assert await events(db, paid) == ["failed", "retried", "verified"]
     assert await events(db, resent) == ["failed", "retried", "duplicate"]
     assert device.states[("r1", "wifi")] == "on"
     row = await state(db, "r1", "wifi")

@@ -10,7 +10,7 @@ import pytest
 
 from agent.errors import NoAnswerError, PermanentError, TransientError
 from tests.support.agents import running_agent
-from tests.support.db import add_device, archived, dlq, events, queue_len, send, state
+from tests.support.db import add_device, archived, dlq, events, queue_len, send, state, writes
 from tests.support.devices import ScriptedDriver
 from tests.support.wait import until
 
@@ -33,7 +33,9 @@ async def test_command_is_applied_verified_reported_and_archived(db, dsn, device
     assert (row["desired"], row["observed"], row["desired_version"]) == ("on", "on", msg)
     assert row["applied_at"] is not None and row["verified_at"] >= row["applied_at"]
     assert row["last_request_id"] == "pay-1" and row["last_error"] is None
-    assert await events(db, msg) == ["applied", "verified"]
+    assert await events(db, msg) == ["verified"]  # one row: the write is on it
+    assert await writes(db, msg) == ["verified"]
+    assert await db.fetchval("SELECT applied_at FROM agent.events WHERE msg_id = $1", msg) == row["applied_at"]
     assert device.states[("r1", "wifi")] == "on"
     await until(lambda: notes, what="agent_state notification")
     assert '"observed" : "on"' in notes[-1] or '"observed": "on"' in notes[-1]
@@ -49,7 +51,18 @@ async def test_write_that_answers_ok_but_does_not_stick_is_not_success(db, dsn, 
     row = await state(db, "r1", "wifi")
     assert row["observed"] == "off" and row["verified_at"] is None and row["applied_at"] is not None
     assert "verification failed" in row["last_error"]
-    assert await events(db, msg) == ["applied", "failed", "dead_lettered"]
+    assert await events(db, msg) == ["failed", "dead_lettered"]
+    assert await writes(db, msg) == ["failed"]  # written, and the read-back said otherwise
+
+
+async def test_a_command_already_in_effect_is_verified_without_a_write(db, dsn, device):
+    await add_device(db, "r1")
+    device.states[("r1", "wifi")] = "on"
+    async with running_agent(dsn, device):
+        msg = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
+        await until(lambda: archived(db, msg), what="archive")
+    assert await events(db, msg) == ["verified"] and await writes(db, msg) == []
+    assert (await state(db, "r1", "wifi"))["applied_at"] is None
 
 
 async def test_older_command_failing_transiently_never_overrides_newer(db, dsn, device):
@@ -213,7 +226,7 @@ async def test_device_added_while_running_is_seen_within_seconds(db, dsn, device
         await add_device(db, "late")
         msg = await send(db, {"device": "late", "service": "wifi", "state": "on"})
         await until(lambda: archived(db, msg), timeout=5)
-    assert await events(db, msg) == ["applied", "verified"]
+    assert await events(db, msg) == ["verified"]
 
 
 async def test_long_operation_keeps_its_lease(db, dsn, device):
@@ -227,7 +240,7 @@ async def test_long_operation_keeps_its_lease(db, dsn, device):
             stolen += await db.fetch("SELECT msg_id FROM pgmq.read('device_tasks', 30, 10)")
             await asyncio.sleep(0.2)
     assert stolen == []
-    assert await events(db, msg) == ["applied", "verified"]
+    assert await events(db, msg) == ["verified"]
 
 
 async def all_archived(db, ids) -> bool:
@@ -251,7 +264,7 @@ async def test_a_driver_bug_is_retried_not_stranded(db, dsn, device):
     async with running_agent(dsn, buggy):
         msg = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
         await until(lambda: archived(db, msg))
-    assert await events(db, msg) == ["failed", "retried", "applied", "verified"]
+    assert await events(db, msg) == ["failed", "retried", "verified"]
 
 
 async def test_unreachable_device_is_parked_without_using_attempts_and_woken_at_once(db, dsn, device):

@@ -35,6 +35,14 @@ async def events(db: asyncpg.Connection, msg_id: int | None = None) -> list[str]
     return [r["kind"] for r in rows]
 
 
+async def writes(db: asyncpg.Connection, msg_id: int) -> list[str]:
+    """The command's events that record a write its device acknowledged: `applied_at` is set on the
+    event that ended the attempt (schema 17); agents before it wrote an `applied` row of its own."""
+    rows = await db.fetch("SELECT kind FROM agent.events WHERE msg_id = $1 AND (applied_at IS NOT NULL "
+                          "OR kind = 'applied') ORDER BY id", msg_id)
+    return [r["kind"] for r in rows]
+
+
 async def queue_len(db: asyncpg.Connection, queue: str = "device_tasks") -> int:
     return await db.fetchval(f'SELECT count(*) FROM pgmq."q_{queue}"')
 

@@ -64,7 +64,7 @@ def test_commands_total_counts_each_command_once_by_how_it_ended_and_attempts_ap
 
     m.committed([outcome(1, "failed", "retried"), outcome(1, "parked", finish="park")], 0)  # two deliveries
     m.committed([outcome(1, finish="park")], 0)  # parked again for the same reason: no event, an attempt all the same
-    m.committed([outcome(1, "applied", "verified"), outcome(2, "dead_lettered")], 0)
+    m.committed([outcome(1, "verified"), outcome(2, "dead_lettered")], 0)
     text = generate_latest(m.registry).decode()
     assert 'pgmq_edge_agent_commands_total{driver="sim",outcome="verified"} 1.0' in text
     assert 'pgmq_edge_agent_commands_total{driver="sim",outcome="dead_lettered"} 1.0' in text

@@ -1,0 +1,11 @@
+-- 0017: one event row for the end of an attempt. A command that wrote to its device and read the
+-- change back was recorded as two rows, `applied` then `verified`; each row of agent.events costs a
+-- heap tuple and an entry in each of its indexes, the larger half of the WAL a verified command
+-- writes. Agents of this schema record the write on the event that ends the attempt instead:
+-- `applied_at`, when the device acknowledged this command's write, on its `verified` (or `failed`)
+-- event; NULL when nothing was written (the device already was in the desired state, or the write
+-- was never answered). No information is lost: the `applied` row's time and its attempt are the
+-- verified row's `applied_at` and `attempt`.
+-- Expand only: a new NULL column, no rewrite; agents of schema 5 to 16 keep writing `applied` rows
+-- (min_agent_schema stays 5), and readers see both forms (docs/contract.md).
+ALTER TABLE agent.events ADD COLUMN IF NOT EXISTS applied_at timestamptz;
