@@ -73,7 +73,15 @@ class Session:
         self.device = device
 
     async def get(self, oids: list[p.Oid]) -> list[p.Value]:
-        reply = await self._call(hl.get_cmd, [self._vb(o) for o in oids], f"GET {p.dotted(oids[0])}")
+        """The values of `oids`, in order. A tooBig answer (an old agent may take only RFC 1157's 484-byte
+        messages) splits the request in halves, down to one OID, instead of asking the same again."""
+        try:
+            reply = await self._call(hl.get_cmd, [self._vb(o) for o in oids], f"GET {p.dotted(oids[0])}")
+        except p.TooBig:
+            if len(oids) == 1:
+                raise
+            half = len(oids) // 2
+            return [*await self.get(oids[:half]), *await self.get(oids[half:])]
         return [plain(vb[1]) for vb in reply]
 
     async def set(self, oid: p.Oid, value: int, label: str) -> None:

@@ -23,7 +23,7 @@ ADMIN_VALUES: dict[State, int] = {"on": 1, "off": 2}
 MAX_INDEX = 2**31 - 1
 MAX_ROWS = 10_000         # a walk stops with an error past this many rows
 MAX_NAME = 255            # DisplayString limit
-PER_REQUEST = 32          # varbinds per GET: well under any agent's PDU size for these OIDs
+PER_REQUEST = 32          # varbinds per GET (~650 bytes): an agent that answers tooBig gets halves
 
 AUTH_PROTOCOLS = ("md5", "sha", "sha224", "sha256", "sha384", "sha512")
 # aes192/aes256 are the Blumenthal key extension (net-snmp's AES-192/AES-256); the -c forms are the
