@@ -85,8 +85,13 @@ class Session:
         return [plain(vb[1]) for vb in reply]
 
     async def set(self, oid: p.Oid, value: int, label: str) -> None:
-        await self._call(hl.set_cmd, [hl.ObjectType(hl.ObjectIdentity(p.dotted(oid)), hl.Integer(value))],
-                         f"{label}: SET {p.dotted(oid)}={value}")
+        what = f"{label}: SET {p.dotted(oid)}={value}"
+        try:
+            await self._call(hl.set_cmd, [hl.ObjectType(hl.ObjectIdentity(p.dotted(oid)), hl.Integer(value))], what)
+        except p.MissingInterface:
+            if self.opts.version != "1":
+                raise
+            raise p.v1_set_refused(f"{self.device.id}: {what}", self.device.credential) from None
 
     async def column(self, base: p.Oid) -> dict[int, str]:
         """Walk one table column with GETBULK (GETNEXT in SNMPv1, which has no GETBULK); ifIndex -> text.

@@ -275,6 +275,15 @@ def raise_for(indication: str | None, status: str | None, what: str, credential:
     raise PermanentError(f"{what}: the device refused the request ({clean(status, 40)})")
 
 
+def v1_set_refused(what: str, credential: str | None) -> ConfigError:
+    """noSuchName to an SNMPv1 SET: v1 has no noAccess or notWritable, and agents answer those (RFC 2576,
+    section 4.3) and an unknown object alike with noSuchName; a read-only community is the usual cause."""
+    cred = f"credential {credential!r}" if credential else "the credential"
+    return ConfigError(f"{what}: noSuchName: SNMPv1 answers noSuchName to a SET it refuses: the community in "
+                       f"{cred} may only read (give it write access to ifAdminStatus), this device does not let "
+                       f"ifAdminStatus of this interface be written, or the interface is gone")
+
+
 class TooBig(TransientError):
     """The reply would be larger than the agent can send: ask for less."""
 
