@@ -35,7 +35,9 @@ from agent.drivers.routeros_proto import (
     api_words,
     classify,
     cuts_off,
+    error_text,
     ip_or_none,
+    is_absent,
     is_missing,
     lifeline_reads,
     loads,
@@ -388,6 +390,8 @@ class RouterOsDriver:
                               f"RouterOS 7.1 or later and the www-ssl (or www) service on port {port}")
         if status == 404 and req.missing_ok:
             return None
+        if req.absent_ok and 400 <= status < 500 and is_absent(error_text(body)):
+            return []
         if error := classify(status, body, what, f"user {s.username!r} (password file {s.credential!r})", location):
             raise error
         if not body.strip():
@@ -414,6 +418,8 @@ class RouterOsDriver:
             except Trap as trap:
                 if req.missing_ok and is_missing(trap.message):
                     return None
+                if req.absent_ok and is_absent(trap.message):
+                    return []
                 failure = trap_error(trap.message, trap.category, what)
             except API_FAILURES as exc:
                 if again and is_read and not fresh and isinstance(exc, asyncio.IncompleteReadError | ConnectionError):

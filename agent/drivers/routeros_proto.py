@@ -67,6 +67,7 @@ class Request:
     path: str
     body: Any = None
     missing_ok: bool = False  # a 404 means it is gone already (a session that ended by itself)
+    absent_ok: bool = False   # a print of a menu this release lacks (v6: no /ipv6/firewall/nat) reads as no items
 
 
 def parse_service(key: str) -> Service:
@@ -150,8 +151,9 @@ def any_pair(pairs: Sequence[tuple[str, str]]) -> list[str]:
     return words + (["#" + "|" * (len(pairs) - 1)] if len(pairs) > 1 else [])
 
 
-def print_request(menu: str, proplist: Sequence[str], query: Sequence[str]) -> Request:
-    return Request("POST", f"/rest/{menu}/print", {".proplist": list(proplist), ".query": list(query)})
+def print_request(menu: str, proplist: Sequence[str], query: Sequence[str], absent_ok: bool = False) -> Request:
+    return Request("POST", f"/rest/{menu}/print", {".proplist": list(proplist), ".query": list(query)},
+                   absent_ok=absent_ok)
 
 
 def reads_for(services: Iterable[Service]) -> dict[str, Request]:
@@ -318,7 +320,8 @@ def plan_entry(service: Service, found: list[Row], state: State, comment: str, m
 # -- does a suspension through an address list block anyone? ----------------------------------
 
 RULES = {LIST_MENU: ("ip/firewall/filter", "ip/firewall/nat", "ip/firewall/mangle", "ip/firewall/raw"),
-         LIST6_MENU: ("ipv6/firewall/filter", "ipv6/firewall/mangle", "ipv6/firewall/raw")}
+         LIST6_MENU: ("ipv6/firewall/filter", "ipv6/firewall/nat", "ipv6/firewall/mangle", "ipv6/firewall/raw")}
+SINCE_V7 = {"ipv6/firewall/nat"}  # RouterOS v6 has no IPv6 NAT: its print is "no such command prefix"
 
 
 def policy_lists(services: Iterable[str], option_lists: Iterable[str]) -> list[tuple[str, str]]:
@@ -341,7 +344,7 @@ def policy_lists(services: Iterable[str], option_lists: Iterable[str]) -> list[t
 def policy_reads(lists: Iterable[tuple[str, str]]) -> dict[str, Request]:
     """The prints of every firewall rule table that could use the lists (IPv4 and/or IPv6)."""
     menus = {menu for menu, _ in lists}
-    return {table: print_request(table, ["src-address-list", "dst-address-list", "disabled"], [])
+    return {table: print_request(table, ["src-address-list", "dst-address-list", "disabled"], [], table in SINCE_V7)
             for menu in (LIST_MENU, LIST6_MENU) if menu in menus for table in RULES[menu]}
 
 
@@ -450,6 +453,11 @@ REFUSED_LOGIN = ("check the password in that credential file, the user name, and
 def is_missing(message: str) -> bool:
     """An API `!trap` that says the item is gone (an `.id` that no longer exists)."""
     return "no such item" in message
+
+
+def is_absent(message: str) -> bool:
+    """An API `!trap` or a REST error detail that says the router has no such menu or command."""
+    return "no such command" in message
 
 
 def login_error(message: str, what: str, login: str) -> AgentError:

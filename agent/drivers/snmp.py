@@ -73,12 +73,25 @@ class Session:
         self.device = device
 
     async def get(self, oids: list[p.Oid]) -> list[p.Value]:
-        reply = await self._call(hl.get_cmd, [self._vb(o) for o in oids], f"GET {p.dotted(oids[0])}")
+        """The values of `oids`, in order. A tooBig answer (an old agent may take only RFC 1157's 484-byte
+        messages) splits the request in halves, down to one OID, instead of asking the same again."""
+        try:
+            reply = await self._call(hl.get_cmd, [self._vb(o) for o in oids], f"GET {p.dotted(oids[0])}")
+        except p.TooBig:
+            if len(oids) == 1:
+                raise
+            half = len(oids) // 2
+            return [*await self.get(oids[:half]), *await self.get(oids[half:])]
         return [plain(vb[1]) for vb in reply]
 
     async def set(self, oid: p.Oid, value: int, label: str) -> None:
-        await self._call(hl.set_cmd, [hl.ObjectType(hl.ObjectIdentity(p.dotted(oid)), hl.Integer(value))],
-                         f"{label}: SET {p.dotted(oid)}={value}")
+        what = f"{label}: SET {p.dotted(oid)}={value}"
+        try:
+            await self._call(hl.set_cmd, [hl.ObjectType(hl.ObjectIdentity(p.dotted(oid)), hl.Integer(value))], what)
+        except p.MissingInterface:
+            if self.opts.version != "1":
+                raise
+            raise p.v1_set_refused(f"{self.device.id}: {what}", self.device.credential) from None
 
     async def column(self, base: p.Oid) -> dict[int, str]:
         """Walk one table column with GETBULK (GETNEXT in SNMPv1, which has no GETBULK); ifIndex -> text.

@@ -23,7 +23,7 @@ ADMIN_VALUES: dict[State, int] = {"on": 1, "off": 2}
 MAX_INDEX = 2**31 - 1
 MAX_ROWS = 10_000         # a walk stops with an error past this many rows
 MAX_NAME = 255            # DisplayString limit
-PER_REQUEST = 32          # varbinds per GET: well under any agent's PDU size for these OIDs
+PER_REQUEST = 32          # varbinds per GET (~650 bytes): an agent that answers tooBig gets halves
 
 AUTH_PROTOCOLS = ("md5", "sha", "sha224", "sha256", "sha384", "sha512")
 # aes192/aes256 are the Blumenthal key extension (net-snmp's AES-192/AES-256); the -c forms are the
@@ -273,6 +273,15 @@ def raise_for(indication: str | None, status: str | None, what: str, credential:
     if status in TRANSIENT_STATUSES:
         raise TransientError(f"{what}: the device answered {status}")
     raise PermanentError(f"{what}: the device refused the request ({clean(status, 40)})")
+
+
+def v1_set_refused(what: str, credential: str | None) -> ConfigError:
+    """noSuchName to an SNMPv1 SET: v1 has no noAccess or notWritable, and agents answer those (RFC 2576,
+    section 4.3) and an unknown object alike with noSuchName; a read-only community is the usual cause."""
+    cred = f"credential {credential!r}" if credential else "the credential"
+    return ConfigError(f"{what}: noSuchName: SNMPv1 answers noSuchName to a SET it refuses: the community in "
+                       f"{cred} may only read (give it write access to ifAdminStatus), this device does not let "
+                       f"ifAdminStatus of this interface be written, or the interface is gone")
 
 
 class TooBig(TransientError):

@@ -274,6 +274,7 @@ async def test_rest_reuses_a_fresh_connection_but_not_one_idle_past_the_keepaliv
     from agent.drivers import routeros as routeros_module
     from tests.support.wait import until
 
+    assert routeros_module.KEEPALIVE <= 5, "a short time: aiohttp's default of 15 s is what RouterOS answers stale on"
     monkeypatch.setattr(routeros_module, "KEEPALIVE", 0.3)
     router.add("ppp/secret", name="alice", disabled="false")
     d = RouterOsDriver(context)

@@ -421,3 +421,33 @@ async def test_a_service_that_closes_at_once_points_at_its_allowed_addresses(dri
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize("protocol", ["rest", "api"])
+async def test_an_ipv6_list_used_only_by_an_ipv6_nat_rule_is_in_use(driver: RouterOsDriver, protocol: str) -> None:
+    """RouterOS 7.1 and later have /ipv6/firewall/nat (a walled garden redirects with dst-nat)."""
+    router = await RouterOsFake(USER, PASSWORD).start()
+    api = await RouterOsApiFake(router).start()
+    try:
+        d = Device("r", "routeros", router.url if protocol == "rest" else api.address, credential="router-1",
+                   options={"username": USER, "timeout": 2.0})
+        known = ["ipv6/firewall/address-list/portal6/2001:db8::7"]
+        router.add("ipv6/firewall/nat", chain="dstnat", action="redirect", src_address_list="portal6")
+        assert await driver.check_policy(d, known) == []
+        router.find("ipv6/firewall/nat", chain="dstnat")[0]["disabled"] = "true"
+        [problem] = await driver.check_policy(d, known)
+        assert "'portal6'" in problem and "/ipv6/firewall rule (filter, nat, mangle or raw" in problem
+    finally:
+        await api.stop()
+        await router.stop()
+
+
+async def test_a_v6_router_without_ipv6_nat_is_checked_over_its_other_tables(api: RouterOsApiFake,
+                                                                              driver: RouterOsDriver) -> None:
+    api.router.version = "6.49.10 (long-term)"  # no /ipv6/firewall/nat: "no such command prefix"
+    known = ["ipv6/firewall/address-list/blocked6/2001:db8::7"]
+    [problem] = await driver.check_policy(dev(api), known)
+    assert "'blocked6'" in problem
+    api.router.add("ipv6/firewall/filter", chain="forward", action="drop", src_address_list="blocked6")
+    assert await driver.check_policy(dev(api), known) == []
+    assert ["/ipv6/firewall/nat/print", "=.proplist=src-address-list,dst-address-list,disabled"] in api.commands

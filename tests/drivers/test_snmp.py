@@ -121,6 +121,18 @@ async def test_read_only_community_is_config_error_naming_the_credential(driver:
     assert snmpd.is_up("swp1")
 
 
+async def test_v1_read_only_community_is_config_error_not_a_missing_interface(driver: SnmpDriver,
+                                                                              snmpd: Snmpd) -> None:
+    """An SNMPv1 agent answers a SET it refuses with noSuchName (RFC 2576 maps noAccess and notWritable
+    to it): the interface is there, the community may only read."""
+    dev = v2c(snmpd, "sw-ro", version="1")
+    assert await driver.read(dev, "if:swp1") == "on"
+    with pytest.raises(ConfigError, match="SNMPv1 answers noSuchName to a SET it refuses") as err:
+        await driver.apply(dev, "if:swp1", "off")
+    assert "'sw-ro'" in str(err.value) and snmpd.read_community not in str(err.value)
+    assert snmpd.is_up("swp1")
+
+
 async def test_read_only_v3_user_is_config_error(driver: SnmpDriver, snmpd: Snmpd) -> None:
     with pytest.raises(ConfigError, match="sw-viewer"):
         await driver.apply(v3(snmpd, "viewer", "sw-viewer"), "if:swp1", "off")

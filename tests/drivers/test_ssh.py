@@ -231,6 +231,16 @@ async def test_refused_credential_is_config_error_naming_it(box: Box, credential
     secret = (box.creds / credential).read_text().strip()
     lines = secret.splitlines()
     assert secret not in text and lines[len(lines) // 2] not in text
+    assert "ssh-keys" not in text  # the RouterOS public-key hint is for a RouterOS console only
+
+
+async def test_a_refused_routeros_console_password_names_an_imported_public_key_as_a_cause(box: Box) -> None:
+    # RouterOS takes only the key of a user who has one imported, and refuses the right password
+    with pytest.raises(ConfigError, match=r"credential 'password'.*imported \(`/user ssh-keys print`\)"):
+        await box.driver.read(box.device("password", quote="routeros"), "alice")
+    with pytest.raises(ConfigError) as caught:
+        await box.driver.read(box.device("other-key", quote="routeros"), "alice")
+    assert "ssh-keys" not in str(caught.value)  # a refused key: the hint would mislead
 
 
 # -- timeouts and connections ------------------------------------------------------------

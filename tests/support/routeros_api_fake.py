@@ -209,7 +209,7 @@ class RouterOsApiFake:
             row = {"name": "MikroTik"} if menu.endswith("identity") else {
                 "version": self.router.version, "uptime": f"{self.router.boots}m", "board-name": "CHR"}
             return [["!re", *(f"={k}={v}" for k, v in row.items())], ["!done"]]
-        if menu not in MENUS:
+        if not self.router.has_menu(menu):
             return trap("no such command prefix", "0")
         if verb == "print":
             proplist = attrs[".proplist"].split(",") if ".proplist" in attrs else None

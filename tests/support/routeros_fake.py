@@ -21,6 +21,8 @@ What it follows from the documentation:
   - address lists (/ip and /ipv6 firewall address-list) keep addresses in canonical form (IPv4 without
     `/32`, IPv6 compressed, lower-case, `/128` on a bare address) and refuse a second entry for the
     same list and address, even beside a disabled one: "failure: already have such entry".
+  - /ipv6/firewall/nat exists from RouterOS 7.1 (`has_menu`; the API fake answers a v6 `version`
+    "no such command prefix" for it).
 Guesses, not documented: the exact detail texts; whether an unknown directory is 400 or 406.
 
 Test knobs (plain Python, not REST): add(), connect(), find(), reboot(), `inject` (canned replies,
@@ -36,6 +38,7 @@ import datetime
 import hashlib
 import ipaddress
 import json
+import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,10 +80,11 @@ MENUS: dict[str, tuple[set[str], Row]] = {
                                                   "comment": ""}),
 }
 for _table in ("ip/firewall/filter", "ip/firewall/nat", "ip/firewall/mangle", "ip/firewall/raw",
-               "ipv6/firewall/filter", "ipv6/firewall/mangle", "ipv6/firewall/raw"):
+               "ipv6/firewall/filter", "ipv6/firewall/nat", "ipv6/firewall/mangle", "ipv6/firewall/raw"):
     MENUS[_table] = ({"add", "set", "remove"}, {"chain": "forward", "action": "accept", "src-address-list": "",
                                                 "dst-address-list": "", "disabled": "false", "comment": ""})
 ADDRESS_LISTS = ("ip/firewall/address-list", "ipv6/firewall/address-list")
+SINCE_V7 = {"ipv6/firewall/nat"}  # menus RouterOS v6 does not have (IPv6 NAT came with 7.1)
 
 
 def stored_address(menu: str, text: str) -> str:
@@ -262,6 +266,11 @@ class RouterOsFake:
         """A customer's live session (it stays up when the secret is disabled, as on RouterOS)."""
         return self.add(menu, **({"user": name} if menu == "ip/hotspot/active" else {"name": name}),
                         address=f"10.64.0.{len(self.tables[menu]) + 2}")
+
+    def has_menu(self, menu: str) -> bool:
+        """Whether this router's release has the menu (v6 lacks those in SINCE_V7; only the API reaches v6)."""
+        major = re.match(r"\d+", self.version)
+        return menu in MENUS and (menu not in SINCE_V7 or major is None or int(major.group()) >= 7)
 
     def find(self, menu: str, **fields: str) -> list[Row]:
         want = {k.replace("_", "-"): v for k, v in fields.items()}

@@ -22,9 +22,11 @@ from agent.drivers.routeros_proto import (
     parse_rows,
     parse_service,
     plan,
+    policy_reads,
     print_request,
     reads_for,
     state_of,
+    unused_lists,
 )
 from agent.errors import ConfigError, NoAnswerError, PermanentError, TransientError
 from agent.model.device import Device
@@ -233,6 +235,32 @@ def test_an_entry_printed_in_another_spelling_is_still_found() -> None:
     svc = parse_service("ip/firewall/address-list/blocked/2001:db8::7")
     row = {".id": "*1", "list": "blocked", "address": "2001:DB8:0::7", "disabled": "false"}
     assert state_of(svc, replies(ipv6__firewall__address_list=[row])) == "off"
+
+
+# -- the suspension-policy check -------------------------------------------------------------
+
+def test_an_ipv6_list_is_looked_for_in_every_ipv6_rule_table_nat_only_where_the_release_has_it() -> None:
+    reads = policy_reads([(LIST6_MENU, "portal6")])
+    assert sorted(reads) == ["ipv6/firewall/filter", "ipv6/firewall/mangle", "ipv6/firewall/nat", "ipv6/firewall/raw"]
+    assert [t for t, r in reads.items() if r.absent_ok] == ["ipv6/firewall/nat"]  # v6 has no IPv6 NAT
+    assert not any(r.absent_ok for r in policy_reads([(LIST_MENU, "blocked")]).values())
+    nat = {"ipv6/firewall/nat": [{"src-address-list": "portal6", "disabled": "false"}]}
+    assert unused_lists([(LIST6_MENU, "portal6")], nat) == []
+    [problem] = unused_lists([(LIST6_MENU, "portal6")], {"ipv6/firewall/nat": [{"src-address-list": "portal6",
+                                                                                "disabled": "true"}]})
+    assert "'portal6'" in problem
+
+
+def test_a_menu_the_release_lacks_reads_as_no_rules_only_where_that_is_allowed() -> None:
+    from agent.drivers.routeros import RouterOsDriver
+    s = settings(Device("r", "routeros", "https://10.0.0.1", options={"username": "a"}, credential="c"), 3.0)
+    lacking = b'{"error":400,"message":"Bad Request","detail":"no such command or directory (nat)"}'
+    optional = policy_reads([(LIST6_MENU, "portal6")])["ipv6/firewall/nat"]
+    assert RouterOsDriver()._reply(optional, 400, None, lacking, "w", s) == []
+    with pytest.raises(PermanentError, match="no such command"):
+        RouterOsDriver()._reply(policy_reads([(LIST6_MENU, "p")])["ipv6/firewall/filter"], 400, None, lacking, "w", s)
+    with pytest.raises(ConfigError):
+        RouterOsDriver()._reply(optional, 401, None, b'{"error":401,"message":"Unauthorized"}', "w", s)
 
 
 # -- errors ---------------------------------------------------------------------------------

@@ -216,3 +216,50 @@ async def test_replies_to_another_tag_are_skipped() -> None:
     conn, _ = connection([[["!re", "=name=stale", ".tag=99"], ["!re", "=name=mine"], ["!done"]]])
     reply = await conn.call(["/ppp/secret/print"])
     assert reply.rows == [{"name": "mine"}]
+
+
+# -- librouteros stays a test tool --------------------------------------------------------------
+
+def runtime_closure() -> set[str]:
+    """The distributions the agent's packages ship: pyproject's dependencies and its `systemd` extra (what
+    scripts/build-wheels builds), and, as installed here, everything they require in turn."""
+    import importlib.metadata
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    todo = [Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["systemd"]]]
+    seen: set[str] = set()
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in seen or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
+            continue
+        seen.add(name)
+        try:
+            todo += [Requirement(r) for r in importlib.metadata.requires(req.name) or []]
+        except importlib.metadata.PackageNotFoundError:
+            pass  # not installed here (systemd-python without libsystemd): its name is still counted
+    return seen
+
+
+def test_librouteros_is_only_a_test_tool() -> None:
+    """librouteros is GPL-2.0-or-later: it may check our codec and stand-in, never ship with the agent."""
+    import ast
+    from pathlib import Path
+
+    shipped = runtime_closure()
+    assert {"aiohttp", "asyncssh", "multidict"} <= shipped  # the walk follows dependencies of dependencies
+    assert "librouteros" not in shipped
+    agent = Path(__file__).resolve().parents[2] / "agent"
+    importers = []
+    for path in agent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n.split(".")[0] == "librouteros" for n in names):
+                importers.append(str(path.relative_to(agent.parent)))
+    assert importers == []

@@ -160,6 +160,34 @@ async def test_too_big_halves_the_rows_asked_for_instead_of_asking_again() -> No
     assert asked == ["x25", "x12", "x6"]
 
 
+async def test_a_get_answered_too_big_is_split_in_halves_instead_of_asked_again() -> None:
+    """Old SNMPv1 CPEs may take messages of only 484 bytes (RFC 1157's minimum): 32 ifAdminStatus varbinds
+    do not fit in one reply there."""
+    from pyasn1.type import univ
+
+    from agent.drivers.snmp import Session
+    sizes: list[int] = []
+
+    async def call(command: Any, varbinds: list[Any], what: str) -> list[Any]:
+        sizes.append(len(varbinds))
+        if len(varbinds) > 8:
+            raise p.TooBig("sw: tooBig")
+        return [(oid, univ.Integer(oid[-1] % 3)) for oid in varbinds]
+
+    s = Session(None, None, None, Device("sw", "snmp", "10.0.0.2"), p.parse_options({"version": "1"}, 5.0))
+    s._call = call  # type: ignore[method-assign]
+    s._vb = lambda oid: oid  # type: ignore[method-assign]
+    assert await s.get([p.admin_oid(i) for i in range(1, 21)]) == [i % 3 for i in range(1, 21)]
+    assert sizes == [20, 10, 5, 5, 10, 5, 5]
+
+    async def always_too_big(command: Any, varbinds: list[Any], what: str) -> list[Any]:
+        raise p.TooBig("sw: tooBig")
+
+    s._call = always_too_big  # type: ignore[method-assign]
+    with pytest.raises(p.TooBig):
+        await s.get([p.admin_oid(1)])
+
+
 def test_snmpv1_for_old_cpes() -> None:
     assert p.parse_options({"version": "1"}, 5.0).version == "1"
     assert "SNMPv1 agent also stays silent" in p.timed_out("sw", 2, "1")
