@@ -60,7 +60,11 @@ def agentd(dsn: str, **env: str) -> subprocess.Popen[bytes]:
     # bursts of suspensions are what the benches drain: the guard against mass suspension is off
     full.update({"AGENT_DATABASE_URL": dsn, "AGENT_HTTP_LISTEN": "", "AGENT_LOG_LEVEL": "WARNING",
                  "AGENT_GUARD_OFF_PERCENT": "100", **env})
-    return subprocess.Popen([sys.executable, "-m", "agent"], env=full)
+    proc = subprocess.Popen([sys.executable, "-m", "agent"], env=full)
+    if spy := os.environ.get("BENCH_PYSPY"):  # a py-spy binary: agentd's profile, raw, to BENCH_PYSPY_OUT
+        subprocess.Popen([spy, "record", "-r", "250", "-f", "raw", "-o", os.environ["BENCH_PYSPY_OUT"],
+                          "--pid", str(proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

@@ -5,7 +5,7 @@ competing for the cores: the agent's own `read`, `accept` and `report` statement
     .venv/bin/python bench/statement_costs.py [--commands 20000] [--batch 1000] [--explain read|device|accept|report]
 
 Reads of 100 (AGENT_BATCH_SIZE) until a batch of --batch (the Reporter's largest) is held; that batch
-is accepted in one statement and reported (applied and verified, archived) in one. Prints the time
+is accepted in one statement and reported (verified after a write, archived) in one. Prints the time
 of each statement per command (wall time on one connection over a Unix socket, so: server time plus
 a round trip), the Python time to build the report's parameters, and the WAL written per command.
 --explain prints EXPLAIN (ANALYZE, BUFFERS) of one statement halfway through, in a transaction rolled
@@ -29,14 +29,14 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.model.outcome import EventRow, Outcome, StateUpdate
-from agent.queue.reports import report_args
 from pipeline import fresh_db
 
 from agent.contract import parse_command
 from agent.db.queries import Queries
 from agent.executor.acceptor import Acceptor, GuardLimits, _Pending
+from agent.model.outcome import EventRow, Outcome, StateUpdate
 from agent.queue.admission import delivery
+from agent.queue.reports import report_args
 
 
 def outcome(d, c, now: float) -> Outcome:  # type: ignore[no-untyped-def]
@@ -47,8 +47,7 @@ def outcome(d, c, now: float) -> Outcome:  # type: ignore[no-untyped-def]
 
     state = StateUpdate(c.device, c.service, c.state, d.version, c.state, now, now, now, None, d.msg_id,
                         c.request_id, c.meta)
-    return Outcome(d, "archive", [event("applied", observed=None), event("verified", observed=c.state,
-                                                                          duration_ms=1.0)], state)
+    return Outcome(d, "archive", [event("verified", observed=c.state, duration_ms=1.0, applied_at=now)], state)
 
 
 async def explain(conn: asyncpg.Connection, sql: str, *args: object) -> None:

@@ -7,6 +7,7 @@ import collections
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -178,6 +179,7 @@ def _peer_families(live: Live) -> Iterator[GaugeMetricFamily | CounterMetricFami
 class Metrics:
     def __init__(self, site: str, queue: str, live: Callable[[], Live]) -> None:
         r = self.registry = CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r.register(_LiveCollector(live, site))  # type: ignore[arg-type]
         for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):  # CPU, memory, fds, GC
             r.register(standard)
@@ -223,6 +225,15 @@ class Metrics:
         self.last_success = Gauge(P + "last_success_timestamp_seconds", "Last verified command (unix time).",
                                   registry=r)
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """metric.labels(*labels), remembered: a month-end drain observes two histograms per command, and
+        prometheus_client validates and locks on every labels() call (label values are known words)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def committed(self, outcomes: Iterable[Outcome], lost: int) -> None:
         counts: collections.Counter[tuple[str, str]] = collections.Counter()
         attempts: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -243,7 +254,7 @@ class Metrics:
                 elif ev.kind in _ATTEMPT_EVENTS:
                     attempts[(ev.kind, driver)] += 1
                 if ev.duration_ms is not None and ev.kind in ("verified", "refreshed", "failed"):
-                    self.duration.labels(driver).observe(ev.duration_ms / 1000)
+                    self._child(self.duration, driver).observe(ev.duration_ms / 1000)
         for (kind, driver), n in counts.items():
             self.commands.labels(kind, driver).inc(n)
         for (kind, driver), n in attempts.items():
@@ -259,7 +270,7 @@ class Metrics:
         if state not in ("on", "off"):
             return
         waited = time.time() + d.skew - d.enqueued_at.timestamp()
-        self.latency.labels(state, priority.of(d.priority, state)).observe(max(0.0, waited))
+        self._child(self.latency, state, priority.of(d.priority, state)).observe(max(0.0, waited))
 
     def _reconciled(self, o: Outcome) -> None:
         if missing := sum(ev.kind == "policy_missing" for ev in o.events):
