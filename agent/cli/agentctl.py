@@ -203,7 +203,8 @@ async def agent_forget(conn: asyncpg.Connection, s: Settings, a: argparse.Namesp
 async def events(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
     rows = await conn.fetch(Queries(s.queue).events, a.request_id, a.device, a.since, a.limit)
     _print([dict(r) for r in reversed(rows)], a.json,
-           ["at", "kind", "device", "service", "request_id", "msg_id", "attempt", "desired", "observed", "error"])
+           ["at", "kind", "device", "service", "request_id", "msg_id", "attempt", "desired", "observed", "applied_at",
+            "error"])
     return 0
 
 

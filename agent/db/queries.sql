@@ -159,7 +159,7 @@ SELECT agent.forget($1::text, $2::text, $3::text);
 -- name: events
 -- The audit trail for the support desk, newest $4 rows first (the caller shows them oldest first).
 SELECT id, at, device, service, kind, msg_id, version, request_id, desired, observed, attempt,
-       duration_ms, error, agent_id
+       duration_ms, error, agent_id, applied_at
 FROM agent.events
 WHERE ($1::text IS NULL OR request_id = $1) AND ($2::text IS NULL OR device = $2)
   AND ($3::timestamptz IS NULL OR at >= $3)

@@ -120,6 +120,7 @@ def test_events_tell_what_happened_to_a_request(dsn):
     assert code == 0, out
     rows = json.loads(agentctl(dsn, "events", "--request-id", "invoice-42", "--json").stdout)
     assert {r["request_id"] for r in rows} == {"invoice-42"} and "verified" in [r["kind"] for r in rows]
+    assert [r["applied_at"].endswith("Z") for r in rows if r["kind"] == "verified"] == [True]  # it wrote: when
     assert all(r["at"].endswith("Z") and "T" in r["at"] for r in rows)  # RFC 3339 UTC
     assert [r["id"] for r in rows] == sorted(r["id"] for r in rows)  # oldest first
     assert json.loads(agentctl(dsn, "events", "--device", "r2", "--json").stdout) == []
