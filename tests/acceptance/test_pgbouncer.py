@@ -6,10 +6,12 @@ keeps no prepared statements. Set up otherwise, agentd refuses to start and name
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from tests.support import pgbouncer
@@ -135,3 +137,26 @@ async def test_a_session_through_pgbouncer_in_session_mode_is_a_real_session_and
         out, _ = agent.communicate(timeout=30)
     assert agent.returncode == 0, out
     assert "leading reconciliation" in out, out
+
+
+async def test_pgbouncer_runs_as_the_test_clusters_user_whatever_postgres_ps_lists_first(pg_admin_dsn, dsn, tmp_path,
+                                                                                         monkeypatch):
+    """On a machine where another Postgres runs as another OS user, `ps` may list that one first: a
+    PgBouncer run as that user gets "Permission denied" on the test cluster's socket, and every test
+    through it fails with "database unreachable ()". Its user is taken from the test cluster itself."""
+    if os.geteuid() != 0:
+        pytest.skip("PgBouncer runs as the invoking user when not root: no user to choose")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "ps").write_text("#!/bin/sh\necho daemon\nexec /bin/ps \"$@\"\n")  # another cluster's user, listed first
+    (fake / "ps").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    b = pgbouncer.PgBouncer(pg_admin_dsn).start()
+    try:
+        conn = await asyncpg.connect(b.dsn(dsn), statement_cache_size=0, timeout=15)
+        try:
+            assert await conn.fetchval("SELECT 1") == 1
+        finally:
+            await conn.close()
+    finally:
+        b.stop()

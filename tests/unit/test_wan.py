@@ -184,3 +184,22 @@ def test_a_relay_in_a_thread_of_its_own_serves_a_test_that_blocks() -> None:
 def test_the_udp_relay_refuses_rates_that_are_not_probabilities() -> None:
     with pytest.raises(ValueError, match="probabilities"):
         UdpRelay(("127.0.0.1", 1), drop=1.5)
+
+
+async def test_stopping_the_proxy_with_a_connection_open_is_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    """A test ends (and stops its link) while a client still holds a connection: the proxy closes it
+    without asyncio logging "Exception in callback" for its cancelled connection handler."""
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # the device says nothing until the client goes
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    proxy = await TcpProxy(server.sockets[0].getsockname()[:2]).start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        await until(lambda: proxy.connections == 1 and len(proxy._writers) == 2, what="the proxy connected upstream")
+        await proxy.stop()
+        assert await reader.read() == b""  # closed on the client
+    finally:
+        writer.close()
+        server.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
