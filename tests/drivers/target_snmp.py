@@ -32,7 +32,9 @@ async def target(tmp_path: Path) -> AsyncIterator[Target]:
     creds.mkdir()
     (creds / "sw-v3").write_text(json.dumps({"auth_key": AUTH, "priv_key": PRIV}))
     (creds / "sw-wrong").write_text(json.dumps({"auth_key": WRONG, "priv_key": PRIV}))
-    snmpd = await asyncio.to_thread(Snmpd, ports=["swp1", "swp2"], users=[V3User("ops", AUTH, PRIV)])
+    # a 48-port access switch: reading every port is many datagrams' worth through the WAN link's relay
+    ports = [f"swp{i}" for i in range(1, 49)]
+    snmpd = await asyncio.to_thread(Snmpd, ports=ports, users=[V3User("ops", AUTH, PRIV)])
 
     async def observe(service: str) -> str:
         return "on" if snmpd.is_up(service.removeprefix("if:")) else "off"
@@ -56,7 +58,7 @@ async def target(tmp_path: Path) -> AsyncIterator[Target]:
                 bad_credential=device(snmpd.address, "sw-wrong"),
                 notes={"unreachable": UDP_NOTE},
                 transport="udp",
-                bulk=["if:swp1", "if:swp2"],
+                bulk=[f"if:{p}" for p in ports],
             )
     finally:
         await asyncio.to_thread(snmpd.close)
