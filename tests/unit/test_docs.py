@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 
@@ -69,3 +70,15 @@ def test_the_settings_marked_live_are_the_ones_a_reload_swaps_in():
             if line.startswith("| `AGENT_")]
     marked = {re.match(r"\| `AGENT_(\w+)`", row).group(1).lower() for row in rows if "*live*" in row}  # type: ignore[union-attr]
     assert marked == LIVE
+
+
+def test_every_pip_install_the_install_docs_show_runs_in_a_virtual_environment():
+    """Debian 12's system Python refuses `pip install` outside a venv (externally-managed-environment):
+    each shell block of the install docs that installs with pip makes and activates a venv before."""
+    for doc in ("README.md", "docs/operations.md", "docs/deployment.md"):
+        text = (ROOT / doc).read_text()
+        for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+            if not re.search(r"(^|&& )pip3? install", block, re.M):
+                continue
+            before = block[: re.search(r"(^|&& )pip3? install", block, re.M).start()]
+            assert re.search(r"python3 -m venv (\S+) && \. \1/bin/activate", before), f"{doc}: {block[:80]!r}"
