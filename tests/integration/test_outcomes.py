@@ -180,6 +180,10 @@ async def test_the_final_kinds_are_the_ones_the_contract_lists(producer):
     documented = {kind: final == "yes" for kind, final in rows}
     assert len(documented) > 10
     assert {k: await producer.fetchval("SELECT agent.final_kind($1)", k) for k in documented} == documented
+    listed = text[text.index("### Final kinds"):]
+    listed = listed[: listed.index(" Only")]  # the list in the prose says the same as the table
+    assert set(re.findall(r"`(\w+)`", listed.split("\n", 1)[1])) == \
+        {k for k, final in documented.items() if final}
 
 
 async def _having(row: Any, wanted: str, **fields: Any) -> dict[str, Any] | None:
