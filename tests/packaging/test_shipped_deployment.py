@@ -80,6 +80,24 @@ def test_compose_file_names_shipped_files_and_pins_images() -> None:
         assert (ROOT / host).exists(), host
 
 
+def test_compose_is_an_operators_stack_and_prometheus_keeps_the_agents_labels() -> None:
+    """The agent logs in as its worker login, the URLs and the secrets' places are overridable with
+    defaults that start (no device secret the stack insists on), the agent starts once the tunnel's
+    interface is up (not once the far side answered), and the scrape keeps the agent's `site` label
+    (not `exported_site` beside the target's). The container tests run the stack itself."""
+    text = (ROOT / "compose.yml").read_text()
+    assert "AGENT_DATABASE_URL: ${AGENT_DATABASE_URL:-postgresql://agentd@postgres:5432/agent}" in text
+    assert "AGENT_DATABASE_URL: ${AGENT_OWNER_DATABASE_URL:-" in text  # migrate, as the owner
+    files = re.findall(r"^\s+file: (\S+)$", text, re.M)
+    assert files and all(f.startswith("${SECRETS_DIR:-./secrets}/") for f in files), files
+    assert "router-1-admin" not in text.split("\nsecrets:", 1)[1]
+    assert "${CREDENTIALS_DIR:-./secrets/devices}:/run/credentials:ro" in text
+    health = re.search(r"wireguard:.*?healthcheck:\s+.*?test: (.*?)\n", text, re.S)
+    assert health and "ip link show wg0" in health.group(1) and "handshake" not in health.group(1)
+    scrape = (ROOT / "packaging" / "docker" / "prometheus.yml").read_text()
+    assert re.search(r"^\s+honor_labels: true$", scrape, re.M)
+
+
 def test_containerfile_is_the_dockerfile() -> None:
     link = ROOT / "packaging" / "docker" / "Containerfile"
     assert link.is_symlink() and link.resolve() == (ROOT / "packaging" / "docker" / "Dockerfile")
