@@ -82,3 +82,16 @@ def test_every_pip_install_the_install_docs_show_runs_in_a_virtual_environment()
                 continue
             before = block[: re.search(r"(^|&& )pip3? install", block, re.M).start()]
             assert re.search(r"python3 -m venv (\S+) && \. \1/bin/activate", before), f"{doc}: {block[:80]!r}"
+
+
+def test_the_runbook_says_exit_2_is_not_restarted_and_a_missing_tunnel_is_waited_for():
+    """Exit 2 is for what a restart cannot heal, and the packaged unit does not restart it
+    (RestartPreventExitStatus=2): no row of the runbook promises a restart after one. A missing
+    WireGuard interface is no exit at all: the agent waits for it, not ready."""
+    rows = [ln for ln in (ROOT / "docs" / "operations.md").read_text().splitlines() if ln.startswith("| ")]
+    exits_2 = [r for r in rows if re.search(r"exits? 2", r.split(" | ")[0])]
+    assert len(exits_2) > 5
+    assert not [r for r in exits_2 if re.search(r"supervisor restarts|is restarted|restarts agentd", r)]
+    vpn = [r for r in rows if "not in the VPN's network namespace" in r]
+    assert vpn and not [r for r in vpn if "exit" in r.split(" | ")[0]]
+    assert "starts by itself once the interface is there" in vpn[0]
