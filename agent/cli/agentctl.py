@@ -231,8 +231,7 @@ BATCH_FIELDS = ["batch", "total", "verified", "superseded", "failed", "held", "d
 async def batch_show(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
     st = await admin.batch_status(conn, a.name)
     if st is None:
-        print(f"agentctl: no batch {clean(a.name, 200)!r} (never enqueued, or pruned by retention)", file=sys.stderr)
-        return 1
+        raise NotFoundError(f"no batch {clean(a.name, 200)!r} (never enqueued, or pruned by retention)")
     if a.json:
         print(dumps(st))
         return 0

@@ -2,7 +2,7 @@
 
 0 done; 1 the check failed or something is not healthy (also: the database cannot be reached);
 2 bad request or configuration; 3 `sync` not finished in time; 4 what the command names does not
-exist (a device, a DLQ entry, an agent, a sync run, a service key).
+exist (a device, a DLQ entry, an agent, a sync run, a service key, a batch, a site without a queue).
 """
 
 from __future__ import annotations

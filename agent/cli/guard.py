@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from agent.cli import exits
 from agent.db.queries import Queries
 from agent.settings import Settings
 from agent.text import clean, dumps, local_time
@@ -85,9 +86,9 @@ async def run(conn: asyncpg.Connection, s: Settings, action: str, site: str | No
         if action == "status":
             return await status(conn, s, site or s.site, as_json)
         return await (release if action == "release" else discard)(conn, s, site or s.site)
-    except LookupError as exc:
+    except LookupError as exc:  # a site no queue is recorded for: what the command names does not exist
         print(f"agentctl: {exc}", file=sys.stderr)
-        return 2
+        return exits.NOT_FOUND
 
 
 def _when(stamp: str | None) -> str:

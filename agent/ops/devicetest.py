@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 
+from agent.cli.exits import NOT_FOUND
 from agent.drivers.base import ChecksPolicy, CredentialStore, Driver, DriverContext
 from agent.drivers.registry import load_driver
 from agent.errors import AgentError, ConfigError, NoAnswerError, PermanentError, TransientError
@@ -223,10 +224,11 @@ async def _policy(driver: ChecksPolicy, device: Device, known: list[str], contex
 
 
 async def cli(conn: asyncpg.Connection, s: Settings, a: argparse.Namespace) -> int:
-    """agentctl handler: load the device as agentd does, test it, print; exit 1 when a step failed."""
+    """agentctl handler: load the device as agentd does, test it, print; exit 1 when a step failed, 4
+    when there is no such device (agentctl's exit status for what a command names that does not exist)."""
     row = await conn.fetchrow(DEVICE, a.id)
     context = DriverContext(s.device_timeout, CredentialStore(s.credentials_dir))
     known = [r["service"] for r in await conn.fetch(KNOWN, a.id)] if row else []
     result = await run(device_from_row(row) if row else None, a.id, a.service, context, known)
     print(as_json(result) if a.json else as_text(result))
-    return 0 if result.ok else 1
+    return 0 if result.ok else 1 if row else NOT_FOUND

@@ -51,7 +51,7 @@ from agent.reconcile.reconciler import Reconciler
 from agent.reconcile.worker import ReconcileTuning, SyncWorker
 from agent.runtime.endpoint import Endpoint
 from agent.runtime.housekeeper import Housekeeper, Identity, Sources
-from agent.runtime.metrics import Metrics
+from agent.runtime.metrics import Metrics, starting_registry
 from agent.runtime.systemd import Notifier
 from agent.settings import LiveBox, LiveSettings, Settings, load_settings, reloaded
 from agent.vpn.guard import VpnGuard
@@ -421,7 +421,7 @@ async def run(settings: Settings, *, once: bool = False, drivers: Drivers | None
     notifier.status("starting: connecting to the database")
     endpoint = runner = None
     if not once and (hp := settings.http_host_port) is not None:  # /readyz and /status from the first second
-        endpoint = Endpoint(lambda: notifier.last_status)
+        endpoint = Endpoint(lambda: notifier.last_status, starting_registry(settings.site, settings.queue))
         runner = await endpoint.start(*hp)
     try:
         connecting = await _until_stopped(connect_pool(settings, attempts=3 if once else None, notifier=notifier),

@@ -4,8 +4,8 @@
 /metrics  Prometheus text format               /status  the snapshot behind `agentctl status`
 
 It is served from the first second: while the agent starts (waiting for the database or the tunnel)
-/readyz answers 503 and /status says what start-up waits for; the running agent then publishes its
-own figures (`Endpoint.serve`).
+/readyz answers 503, /metrics says not ready and /status says what start-up waits for; the running
+agent then publishes its own figures (`Endpoint.serve`).
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ async def _nothing() -> None:
 class Endpoint:
     """What the HTTP endpoint answers, swapped whole when the agent starts running."""
 
-    def __init__(self, starting: Callable[[], str]) -> None:
+    def __init__(self, starting: Callable[[], str], registry: CollectorRegistry | None = None) -> None:
+        """`starting`: the line /status shows until the agent runs; `registry`: what /metrics shows
+        meanwhile (metrics.starting_registry: not ready)."""
         self._ready: Callable[[], bool] = lambda: False
         self._status: Callable[[], Awaitable[dict[str, Any]]] = self._starting
-        self._registry = CollectorRegistry()  # nothing to report before the agent runs
+        self._registry = registry or CollectorRegistry()
         self._before_scrape: Callable[[], Awaitable[None]] = _nothing
         self._starting_line = starting
 

@@ -288,3 +288,17 @@ class Metrics:
         for d in deliveries:
             if d.read_ct == 1:
                 self.queue_wait.observe(max(0.0, now - d.enqueued_at.timestamp()))
+
+
+def starting_registry(site: str, queue: str) -> CollectorRegistry:
+    """What /metrics shows while the agent starts (waiting for the database or the tunnel): not ready,
+    which agent this is, and its process. Prometheus then sees the agent *not ready*
+    (PgmqEdgeAgentNotReady; /status says why) instead of a scrape without any series, which no alert
+    would notice however long the start waits."""
+    r = CollectorRegistry()
+    Gauge(P + "ready", "1 when the agent is ready to work.", registry=r).set(0)
+    Info(P + "build", "Version of the running agent.", registry=r).info(
+        {"version": __version__, "site": site, "queue": queue})
+    for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        r.register(standard)
+    return r

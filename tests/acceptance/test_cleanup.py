@@ -8,6 +8,7 @@ import signal
 
 import pytest
 
+from agent import __version__
 from agent.db.schema import SCHEMA_VERSION
 from tests.support.agents import agentctl, spawn_agentd
 from tests.support.db import send
@@ -36,8 +37,9 @@ async def test_a_killed_agent_is_stale_until_forgotten_and_a_site_without_a_live
         refused = agentctl(dsn, "agent", "forget", me, check=False, **FAST)
         assert refused.returncode == 2 and "is live" in refused.stderr
         status = json.loads(agentctl(dsn, "db", "status", "--json").stdout)
-        assert [(a["agent_id"], a["schema"]) for a in status["agents"]] == [(me, SCHEMA_VERSION)]
-        assert f"schema {SCHEMA_VERSION}, ready" in agentctl(dsn, "db", "status").stdout
+        assert [(a["agent_id"], a["version"], a["schema"]) for a in status["agents"]] == \
+            [(me, __version__, SCHEMA_VERSION)]
+        assert f"{__version__}, schema {SCHEMA_VERSION}, ready" in agentctl(dsn, "db", "status").stdout
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=10)
@@ -66,6 +68,8 @@ async def test_an_agent_keeps_its_default_id_across_restarts(dsn, db):
     ("dlq", "replay", "999"),
     ("sync", "--device", "ghost", "--no-wait"), ("sync", "--show", "999"),
     ("agent", "forget", "ghost"),
+    ("dlq", "drop", "999", "--reason", "junk"), ("service", "forget", "ghost", "wifi"),
+    ("batch", "show", "ghost"), ("guard", "status", "--site", "ghost"),  # device test: test_device_test_cli
 ])
 def test_naming_something_that_does_not_exist_exits_4(dsn, argv):
     proc = agentctl(dsn, *argv, check=False)

@@ -34,7 +34,8 @@ def refusals(dsn: str) -> dict[str, str]:
             "unknown database": with_url(dsn, database="no_such_db", password="hunter2"),
             "bad port": "postgresql://agent:hunter2@127.0.0.1:abc/agent",
             "port out of range": "postgresql://agent:hunter2@127.0.0.1:99999/agent",
-            "bad sslmode": with_query(with_url(dsn, password="hunter2"), "sslmode=sometimes")}
+            "bad sslmode": with_query(with_url(dsn, password="hunter2"), "sslmode=sometimes"),
+            "unknown parameter": with_query(with_url(dsn, password="hunter2"), "sslmod=require")}  # a typo
 
 
 def with_query(dsn: str, extra: str) -> str:
@@ -43,7 +44,7 @@ def with_query(dsn: str, extra: str) -> str:
 
 
 @pytest.mark.parametrize("case", ["unknown role", "unknown database", "bad port", "port out of range",
-                                  "bad sslmode"])
+                                  "bad sslmode", "unknown parameter"])
 def test_agentd_refuses_a_wrong_database_url_at_once_with_exit_2(dsn, case):
     started = time.monotonic()
     code, out = finish(spawn_agentd(refusals(dsn)[case]))
@@ -53,12 +54,16 @@ def test_agentd_refuses_a_wrong_database_url_at_once_with_exit_2(dsn, case):
     assert "retrying" not in out
 
 
-@pytest.mark.parametrize("case", ["unknown role", "unknown database", "bad port", "bad sslmode"])
+@pytest.mark.parametrize("case", ["unknown role", "unknown database", "bad port", "bad sslmode",
+                                  "unknown parameter"])
 def test_agentctl_names_the_setting_for_a_wrong_database_url(dsn, case):
     proc = agentctl(refusals(dsn)[case], "state", check=False)
     assert proc.returncode == 2
     assert "AGENT_DATABASE_URL" in proc.stderr and "hunter2" not in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
+    if case == "unknown parameter":  # not "cannot reach the database"
+        assert "the server does not know a parameter (a mistyped query parameter?)" in proc.stderr
+        assert 'unrecognized configuration parameter "sslmod"' in proc.stderr
 
 
 @pytest.mark.parametrize("argv", [

@@ -44,9 +44,17 @@ async def test_status_is_served_while_the_database_is_unreachable_and_says_why(t
     assert status["state"] == "starting" and "Connect call failed" in status["status"]
     assert await asyncio.to_thread(get, f"{base}/readyz") == (503, {"ready": False})
     assert await asyncio.to_thread(get, f"{base}/healthz") == (200, {"status": "alive"})
+    metrics = await asyncio.to_thread(scrape, f"{base}/metrics")  # not ready: PgmqEdgeAgentNotReady, not silence
+    assert "\npgmq_edge_agent_ready 0.0\n" in metrics
+    assert 'pgmq_edge_agent_build_info{queue="device_tasks",site="default",version="' in metrics
     proc.terminate()
     out, _ = await asyncio.to_thread(proc.communicate, timeout=30)
     assert proc.returncode == 0, out
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
 
 
 async def _status_saying(base: str, text: str) -> dict | None:

@@ -241,7 +241,7 @@ async def test_agentctl_enqueues_into_a_batch_and_shows_it(producer, dsn, db):
         {"batch": BATCH, "total": 2, "pending": 2, "verified": 0, "last_settled_at": None}
     assert shown["first_enqueued_at"].endswith("Z") or shown["first_enqueued_at"].endswith("+00:00")
     unknown = agentctl(dsn, "batch", "show", "never-sent", check=False)
-    assert unknown.returncode == 1 and "no batch 'never-sent'" in unknown.stderr
+    assert unknown.returncode == 4 and "no batch 'never-sent'" in unknown.stderr  # not found, as for any command
     refused = agentctl(dsn, "enqueue", "r1", "wifi", "on", "--batch", "month end", check=False)
     assert refused.returncode != 0 and "not a valid batch name" in refused.stderr
 

@@ -180,6 +180,10 @@ async def test_the_final_kinds_are_the_ones_the_contract_lists(producer):
     documented = {kind: final == "yes" for kind, final in rows}
     assert len(documented) > 10
     assert {k: await producer.fetchval("SELECT agent.final_kind($1)", k) for k in documented} == documented
+    listed = text[text.index("### Final kinds"):]
+    listed = listed[: listed.index(" Only")]  # the list in the prose says the same as the table
+    assert set(re.findall(r"`(\w+)`", listed.split("\n", 1)[1])) == \
+        {k for k, final in documented.items() if final}
 
 
 async def _having(row: Any, wanted: str, **fields: Any) -> dict[str, Any] | None:
@@ -201,3 +205,19 @@ async def test_enqueue_says_fix_drop_or_retry_by_sqlstate(producer, db):
         await producer.fetchval("SELECT agent.enqueue('s1', 'wifi', 'on')")
     assert missing.value.sqlstate == "55000" and "agentctl db init --site south" in missing.value.hint
     assert await db.fetchval("SELECT count(*) FROM pgmq.q_device_tasks") == 0
+
+
+async def test_every_statement_the_contract_gives_a_producer_runs_as_the_producer(producer, db):
+    """contract.md's SQL, block by block, as a member of agent_producer (no PGMQ rights): a statement
+    the producer is denied (the DLQ read through pgmq it once showed) fails here. The first block is
+    the DBA's CREATE ROLE; the transaction example updates a table of the producer's own."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "contract.md").read_text()
+    blocks = re.findall(r"```sql\n(.*?)```", text, re.S)
+    assert blocks[0].startswith("CREATE ROLE") and len(blocks) > 6
+    await add_device(db, "router-1")
+    await db.execute("CREATE TABLE invoices (id integer PRIMARY KEY, paid_at timestamptz); INSERT INTO invoices "
+                     "VALUES (42, NULL)")
+    await db.execute("GRANT SELECT, UPDATE ON invoices TO agent_producer")
+    for block in blocks[1:]:
+        await producer.execute(block)  # fails on a permission denied, a wrong name or a wrong column
+    assert await db.fetchval("SELECT paid_at IS NOT NULL FROM invoices WHERE id = 42")

@@ -83,6 +83,25 @@ async def test_a_reconcile_waiting_for_its_device_records_one_parked_event(db, d
     assert await db.fetchval("SELECT count(*) FROM agent.events WHERE kind = 'parked' AND device = 'r1'") == 1
 
 
+async def test_the_agent_logs_a_summary_of_its_parked_messages(db, dsn, caplog):
+    """The executor counts every park, also those it records nothing for, in the summary line."""
+    await add_device(db, "r1")
+    caplog.set_level(logging.INFO, logger="agent.executor")
+    async with running_agent(dsn, ScriptedDriver(), coalesce=1, poll_interval=0.2) as agent:
+        agent.executor.gate = lambda dev: "peer_down: site-a: no handshake for 200 s"
+        agent.executor._parked = parklog.ParkSummary(every=0.5)  # a summary due every half second, not 5 minutes
+        msg = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
+        await until(lambda: bounces(db, msg), what="parked")
+
+        async def summary() -> list[str]:
+            await parked_again(db, msg)
+            return [r.getMessage() for r in caplog.records if getattr(r, "action", "") == "parked_summary"]
+
+        lines = await until(summary, timeout=20, what="a parked_summary line")
+    assert lines[0].startswith("1 message(s) parked for 1 device(s) in the last ") and lines[0].endswith("peer_down 1")
+    assert await events(db, msg) == ["parked"]
+
+
 def test_one_record_per_kind_of_reason():
     assert parklog.reason_code("peer_down: gw-north: handshake 200 s ago") == "peer_down"
     assert parklog.record(None, "peer_down: gw-north: handshake 200 s ago")

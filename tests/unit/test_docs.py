@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 
@@ -69,3 +70,28 @@ def test_the_settings_marked_live_are_the_ones_a_reload_swaps_in():
             if line.startswith("| `AGENT_")]
     marked = {re.match(r"\| `AGENT_(\w+)`", row).group(1).lower() for row in rows if "*live*" in row}  # type: ignore[union-attr]
     assert marked == LIVE
+
+
+def test_every_pip_install_the_install_docs_show_runs_in_a_virtual_environment():
+    """Debian 12's system Python refuses `pip install` outside a venv (externally-managed-environment):
+    each shell block of the install docs that installs with pip makes and activates a venv before."""
+    for doc in ("README.md", "docs/operations.md", "docs/deployment.md"):
+        text = (ROOT / doc).read_text()
+        for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+            if not re.search(r"(^|&& )pip3? install", block, re.M):
+                continue
+            before = block[: re.search(r"(^|&& )pip3? install", block, re.M).start()]
+            assert re.search(r"python3 -m venv (\S+) && \. \1/bin/activate", before), f"{doc}: {block[:80]!r}"
+
+
+def test_the_runbook_says_exit_2_is_not_restarted_and_a_missing_tunnel_is_waited_for():
+    """Exit 2 is for what a restart cannot heal, and the packaged unit does not restart it
+    (RestartPreventExitStatus=2): no row of the runbook promises a restart after one. A missing
+    WireGuard interface is no exit at all: the agent waits for it, not ready."""
+    rows = [ln for ln in (ROOT / "docs" / "operations.md").read_text().splitlines() if ln.startswith("| ")]
+    exits_2 = [r for r in rows if re.search(r"exits? 2", r.split(" | ")[0])]
+    assert len(exits_2) > 5
+    assert not [r for r in exits_2 if re.search(r"supervisor restarts|is restarted|restarts agentd", r)]
+    vpn = [r for r in rows if "not in the VPN's network namespace" in r]
+    assert vpn and not [r for r in vpn if "exit" in r.split(" | ")[0]]
+    assert "starts by itself once the interface is there" in vpn[0]
