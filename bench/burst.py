@@ -196,6 +196,10 @@ async def drain(admin_dsn: str, db: str, devices: list[tuple[str, dict]], bodies
     wrong = await conn.fetchval("SELECT count(*) FROM agent.service_state WHERE observed IS DISTINCT FROM 'on'")
     kinds = dict(await conn.fetch("SELECT kind, count(*) FROM agent.events GROUP BY kind"))
     first = await conn.fetchval('SELECT min(archived_at) FROM pgmq."a_device_tasks"')
+    if os.environ.get("BENCH_TIMELINE"):  # where the drain's time went: messages archived per 100 ms after the send
+        rows = await conn.fetch('SELECT floor(extract(epoch FROM archived_at - $1) * 10)::int AS slot, count(*) AS n '
+                                'FROM pgmq."a_device_tasks" GROUP BY 1 ORDER BY 1', t0)
+        print("archived per 100 ms after the send:", " ".join(f"{r['slot']}:{r['n']}" for r in rows), flush=True)
     await conn.close()
     await asyncio.sleep(1.0)
     conn = await asyncpg.connect(dsn)  # the bench's own connection has flushed its statistics on close

@@ -26,6 +26,7 @@ from agent.inventory.cache import Inventory
 from agent.model.outcome import Delivery, Outcome
 from agent.model.sites import Elsewhere
 from agent.queue.admission import admit, delivery
+from agent.queue.reports import Settling
 from agent.queue.routing import moved, route
 from agent.settings import LiveSettings, Settings
 
@@ -48,12 +49,12 @@ class ConsumerFigures:
 
 class Consumer:
     def __init__(self, pool: asyncpg.Pool, queries: Queries, settings: Settings,
-                 executor: Executor, inventory: Inventory, work: LaneWorks, settling: asyncio.Lock | None = None,
+                 executor: Executor, inventory: Inventory, work: LaneWorks, settling: Settling | None = None,
                  on_read: Callable[[list[Delivery]], None] | None = None,
                  live: Callable[[], LiveSettings] | None = None) -> None:
         self._pool = pool
         self._work = work  # the kinds of lane work: which one a message is
-        self._settling = settling or asyncio.Lock()  # held by the reporter while it commits
+        self._settling = settling or Settling()  # held (shared) by the reporter's writes while they commit
         self._q = queries
         self._s = settings  # as started; the poll interval is live, read through `live` at each use
         started = LiveSettings.of(settings)
@@ -316,7 +317,7 @@ class Consumer:
             if not self.inflight:
                 continue
             try:  # never between a commit and its callback: a settled retry delay would be overwritten
-                async with self._settling, self._pool.acquire() as conn:
+                async with self._settling.alone(), self._pool.acquire() as conn:
                     held = list(self.inflight.values())
                     await conn.execute(self._q.extend_leases, [d.msg_id for d in held], [d.read_ct for d in held],
                                        self._s.visibility_timeout)

@@ -8,11 +8,12 @@ move thousands of commands a second without giving up that atomicity.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import fields
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -131,8 +132,48 @@ def _columns(rows: Sequence[Any], names: Sequence[str]) -> str:
     return _dumps(cols)
 
 
+class Settling:
+    """Between a report's commit and its callback the consumer must not extend leases (a settled
+    retry's delay would be overwritten): report writes hold this shared, any number at once; a lease
+    extension holds it alone, and once it waits, new writes wait behind it (it is never starved)."""
+
+    def __init__(self) -> None:
+        self._writes = 0
+        self._alone = False
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._alone)
+            self._writes += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._writes -= 1
+                self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def alone(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._alone)
+            self._alone = True
+            await self._changed.wait_for(lambda: self._writes == 0)
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._alone = False
+                self._changed.notify_all()
+
+
 class Reporter:
-    """Collects outcomes and commits them in batches on its own connection.
+    """Collects outcomes and commits them in batches, up to `writers` batches at once (each on a
+    connection of its own: while Postgres executes one batch, the next is encoded and sent, and a
+    month-end backlog of outcomes does not wait on one statement at a time). Two batches never hold
+    the same outcome; what they share (a key's state row) is settled by the report statement's rules,
+    as between two agents of one site.
 
     A write the database cannot take right now (down, failing over, a row locked past lock_timeout:
     `report_failure`) is retried, then its outcomes wait and are submitted again, for up to
@@ -143,8 +184,10 @@ class Reporter:
     def __init__(self, pool: asyncpg.Pool, queries: Queries, agent_id: str,
                  on_committed: Callable[[list[Outcome], set[int]], None],
                  max_batch: int = 1000, on_failed: Callable[[str], None] | None = None,
-                 archive: bool = True, give_up_after: float = 60.0) -> None:
+                 archive: bool = True, give_up_after: float = 60.0, writers: int = 2) -> None:
         self._pool = pool
+        self._writers = max(1, writers)
+        self._writing = 0  # batches being committed now
         self._archive = archive  # AGENT_ARCHIVE
         self._q = queries
         self._agent_id = agent_id
@@ -162,7 +205,7 @@ class Reporter:
         self._idle = asyncio.Event()
         self._idle.set()
         self.flushes = 0
-        self.settling = asyncio.Lock()  # held from a batch's write to its callback (lease extension waits)
+        self.settling = Settling()  # held (shared) from a batch's write to its callback (lease extension waits)
 
     def submit(self, outcome: Outcome) -> None:
         self._pending.append(outcome)
@@ -174,20 +217,35 @@ class Reporter:
         await self._idle.wait()
 
     async def run(self) -> None:
+        async with asyncio.TaskGroup() as writers:
+            for _ in range(self._writers):
+                writers.create_task(self._writer())
+
+    async def _writer(self) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                if any(o.urgent for o in self._pending):  # restores first: a small statement of their own
-                    urgent = [o for o in self._pending if o.urgent]
-                    self._pending = [o for o in self._pending if not o.urgent]
-                    batch = urgent[: self._max_batch]
-                    self._pending[:0] = urgent[self._max_batch:]
-                else:
-                    batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
+            while not self._pending:
+                if not self._writing and not self._deferred:
+                    self._idle.set()
+                await self._wake.wait()
+                self._wake.clear()
+            batch = self._next_batch()
+            self._writing += 1
+            try:
                 await self._commit(batch)
-            if not self._deferred:
-                self._idle.set()
+            finally:
+                self._writing -= 1
+            if self._pending:
+                self._wake.set()  # a writer waiting takes the next batch
+
+    def _next_batch(self) -> list[Outcome]:
+        if any(o.urgent for o in self._pending):  # restores first: a small statement of their own
+            urgent = [o for o in self._pending if o.urgent]
+            self._pending = [o for o in self._pending if not o.urgent]
+            batch = urgent[: self._max_batch]
+            self._pending[:0] = urgent[self._max_batch:]
+            return batch
+        batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
+        return batch
 
     async def _commit(self, batch: list[Outcome]) -> None:
         """Commit a batch. Unavailable: split it when one row of it may be the cause (a lock, a
@@ -238,7 +296,7 @@ class Reporter:
                 del self._waiting[id(o)]
             log.error("reports given up: their messages will be redelivered after the visibility timeout",
                       extra={"action": "report_given_up", "batch": len(expired), "error": clean(exc)})
-            async with self.settling:
+            async with self.settling.shared():
                 self._on_committed(expired, {o.delivery.msg_id for o in expired})
         if keep:
             pause = min(5.0, max(0.5, now - min(self._waiting[id(o)] for o in keep)))
@@ -284,7 +342,7 @@ class Reporter:
             log.error("dead letter refused too: the message stays queued for a later attempt",
                       extra={"action": "report_given_up", "msg_id": d.msg_id, "error": clean(exc)})
             self._waiting.pop(id(outcome), None)
-            async with self.settling:
+            async with self.settling.shared():
                 self._on_committed([dead], {d.msg_id})
 
     async def _write(self, batch: list[Outcome], forget: Sequence[Outcome] = ()) -> None:
@@ -297,7 +355,7 @@ class Reporter:
         # times at once would be a connection storm against a database that is gone or read-only
         tries = 1 if self._outage else 3
         for attempt in range(1, tries + 1):
-            async with self.settling:
+            async with self.settling.shared():
                 try:
                     async with self._pool.acquire() as conn:
                         lost = await write_batch(conn, self._q, self._agent_id, batch, self._archive)

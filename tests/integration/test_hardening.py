@@ -265,3 +265,34 @@ async def test_a_lease_is_extended_only_for_the_delivery_that_holds_it(db):
     await db.execute(Q.extend_leases, [msg], [first.read_ct], 3600)  # the first holder's late extension
     wait = await db.fetchval("SELECT vt - clock_timestamp() FROM pgmq.q_device_tasks WHERE msg_id = $1", msg)
     assert wait.total_seconds() <= 30 and second.read_ct == first.read_ct + 1
+
+
+async def test_a_report_waiting_on_a_locked_row_holds_up_no_report_after_it(db, dsn):
+    """Two report writes at once: while one waits on a state row an operator's transaction holds
+    (within lock_timeout), the next batch commits meanwhile instead of queueing behind it."""
+    for i in range(2):
+        await send(db, {"device": "r1", "service": f"s{i}", "state": "on"})
+    first, second = await read(db)
+    await db.execute("INSERT INTO agent.service_state (device, service, desired) VALUES ('r1', 's0', 'on')")
+    holder = await asyncpg.connect(dsn)
+    lock = holder.transaction()
+    await lock.start()
+    await holder.execute("SELECT 1 FROM agent.service_state WHERE device = 'r1' AND service = 's0' FOR UPDATE")
+    settled: list[int] = []
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=3)
+    try:
+        reporter = Reporter(pool, Q, "test-agent", lambda o, _lost: settled.extend(x.delivery.msg_id for x in o))
+        task = asyncio.create_task(reporter.run())
+        reporter.submit(verified(first, "s0"))
+        await until(lambda: db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                        "AND query LIKE '%WITH done AS%'"), what="the first report waiting on the lock")
+        reporter.submit(verified(second, "s1"))
+        await until(lambda: second.msg_id in settled, timeout=10, what="the second report committed meanwhile")
+        assert first.msg_id not in settled and await archived(db, second.msg_id)
+        await lock.rollback()
+        await asyncio.wait_for(reporter.drained(), 30)
+        task.cancel()
+    finally:
+        await holder.close()
+        await pool.close()
+    assert settled == [second.msg_id, first.msg_id] and await archived(db, first.msg_id)
