@@ -526,6 +526,12 @@ def main(argv: list[str] | None = None) -> int:
     except DatabaseUnreachable as exc:
         print(f"agentctl: {exc}", file=sys.stderr)
         return 1
+    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError, asyncpg.UndefinedFunctionError) as exc:
+        # a database never initialised for the agent, or one whose schema is older than this agentctl
+        print(f"agentctl: {exc}: this database has no agent schema, or an older one than agentctl "
+              f"{__version__} needs: run `agentctl db init` as the database's owner (`agentctl db status` "
+              "says which version it has)", file=sys.stderr)
+        return 2
     except asyncpg.PostgresError as exc:
         print(f"agentctl: {exc}", file=sys.stderr)
         return 1

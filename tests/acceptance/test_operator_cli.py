@@ -173,3 +173,10 @@ async def test_a_file_that_cannot_be_read_is_named_not_blamed_on_the_database(ds
     assert missing.returncode == 2
     assert f"cannot read {tmp_path / 'nosuch.toml'}: No such file or directory" in missing.stderr
     assert "database" not in missing.stderr
+
+
+@pytest.mark.parametrize("command", [["state"], ["device", "list"], ["events"], ["dlq", "list"]])
+def test_agentctl_on_a_database_never_initialised_says_to_run_db_init(empty_dsn, command):
+    proc = agentctl(empty_dsn, *command, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "run `agentctl db init` as the database's owner" in proc.stderr and "Traceback" not in proc.stderr
