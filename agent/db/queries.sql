@@ -531,18 +531,15 @@ WITH done AS (
     UPDATE agent.sync_devices d SET state = 'done', done_at = now(), skipped = left(s.skipped, 500)
     FROM synced s WHERE d.run = s.run AND d.device = s.device AND d.state <> 'done'
     RETURNING d.run, d.device
-), runs AS (
+), runs AS (   -- whether a run is finished is decided after this statement (finish_runs)
     UPDATE agent.sync_runs r SET
         checked = r.checked + t.checked, in_sync = r.in_sync + t.in_sync, drifted = r.drifted + t.drifted,
-        repaired = r.repaired + t.repaired, unreadable = r.unreadable + t.unreadable, failed = r.failed + t.failed,
-        finished_at = CASE WHEN NOT EXISTS (
-                SELECT 1 FROM agent.sync_devices o WHERE o.run = r.id AND o.state <> 'done'
-                  AND (o.run, o.device) NOT IN (SELECT run, device FROM devs)) THEN now() END
+        repaired = r.repaired + t.repaired, unreadable = r.unreadable + t.unreadable, failed = r.failed + t.failed
     FROM (SELECT s.run, sum(s.checked) AS checked, sum(s.in_sync) AS in_sync, sum(s.drifted) AS drifted,
                  sum(s.repaired) AS repaired, sum(s.unreadable) AS unreadable, sum(s.failed) AS failed
           FROM synced s JOIN devs USING (run, device) GROUP BY s.run) t
     WHERE r.id = t.run
-    RETURNING r.id, r.finished_at
+    RETURNING r.id
 )
 SELECT array(SELECT msg_id FROM done UNION ALL SELECT msg_id FROM moved) AS left_queue,
        (SELECT count(*) FROM archived) AS archived,
@@ -550,8 +547,19 @@ SELECT array(SELECT msg_id FROM done UNION ALL SELECT msg_id FROM moved) AS left
        (SELECT count(*) FROM moved) AS moved,
        (SELECT count(*) FROM later) AS later, (SELECT count(*) FROM states) AS states,
        (SELECT count(*) FROM events) AS events, (SELECT count(*) FROM items) AS items,
-       (SELECT count(pg_notify('agent_sync', CASE WHEN finished_at IS NOT NULL THEN id::text ELSE 'progress' END))
-        FROM runs) AS runs;
+       (SELECT count(pg_notify('agent_sync', 'progress')) FROM runs) AS progressed, array(SELECT id FROM runs) AS runs;
+
+-- name: finish_runs
+-- After `report`, in its transaction: the runs $1 it counted devices of finish when every device of
+-- theirs is done. A statement of its own, for what it sees: `report` updated the runs' rows, so a
+-- second report of the same run waited for this transaction to commit, and this statement's
+-- snapshot holds the devices of every report committed before it. Decided inside `report`, two
+-- reports settling a run's last two devices at once each saw the other's still open (one snapshot
+-- per statement), and the run never finished.
+UPDATE agent.sync_runs r SET finished_at = now()
+WHERE r.id = ANY ($1::bigint[]) AND r.finished_at IS NULL
+  AND NOT EXISTS (SELECT 1 FROM agent.sync_devices o WHERE o.run = r.id AND o.state <> 'done')
+RETURNING r.id, pg_notify('agent_sync', r.id::text);
 
 -- name: desired_for_sync
 -- What a reconcile of one device checks: its services that have a desired state (within scope).

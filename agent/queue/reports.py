@@ -64,7 +64,14 @@ async def write_batch(conn: asyncpg.Connection, q: Queries, agent_id: str, batch
                       archive: bool = True) -> set[int]:
     """Commit one batch in one statement; return the msg_ids whose lease was lost. `archive`: keep
     settled messages in PGMQ's archive (else they are deleted, the audit being agent.events)."""
-    row = await conn.fetchrow(q.report, *report_args(q, agent_id, batch), archive, q.queue)
+    args = report_args(q, agent_id, batch)
+    if not any(o.sync is not None for o in batch):  # commands only: one statement
+        row = await conn.fetchrow(q.report, *args, archive, q.queue)
+    else:  # a reconcile run's devices: whether the run is finished is a statement of its own
+        async with conn.transaction():
+            row = await conn.fetchrow(q.report, *args, archive, q.queue)
+            if row["runs"]:
+                await conn.execute(q.finish_runs, row["runs"])
     return {o.delivery.msg_id for o in batch if o.finish in LEAVES} - set(row["left_queue"])
 
 

@@ -106,7 +106,9 @@ async def test_a_dead_letter_is_dropped_with_a_reason_and_a_replay_is_recorded(d
     await send(db, {"device": "r9", "service": "wifi", "state": "on", "request_id": "pay-77"})
     proc = spawn_agentd(dsn, "--once")
     proc.communicate(timeout=60)
-    garbage, unknown = (e["dlq_id"] for e in json.loads(agentctl(dsn, "dlq", "list", "--json").stdout))
+    entries = json.loads(agentctl(dsn, "dlq", "list", "--json").stdout)  # in the order their reports committed
+    [garbage] = [e["dlq_id"] for e in entries if e["message"] == "just a string"]
+    [unknown] = [e["dlq_id"] for e in entries if isinstance(e["message"], dict)]
 
     assert agentctl(dsn, "dlq", "drop", str(garbage), "--reason", "x", "999", check=False).returncode == 2  # usage
     assert agentctl(dsn, "dlq", "drop", str(garbage), "999", "--reason", "junk", check=False).returncode == NOT_FOUND

@@ -14,14 +14,16 @@ from tests.support.wait import until
 
 pytestmark = pytest.mark.acceptance
 
-DEVICES = [f"r{n}" for n in range(1, 9)]  # more devices than one agent reads at once: both take part
+# more devices than one agent can hold at once (prefetch 10), each slow enough that the burst outlasts
+# one agent's first reads: the other finds devices nobody claimed yet and takes part
+DEVICES = [f"r{n}" for n in range(1, 17)]
 SERVICES = ["wifi", "voip", "tv"]
 
 
 async def test_two_agents_share_a_queue_without_operating_one_device_twice(db, dsn, tmp_path):
     files = {d: tmp_path / f"{d}.json" for d in DEVICES}
     for d in DEVICES:
-        await add_device(db, d, "sim", {"latency": 0.01, "state_file": str(files[d]), "failure_rate": 0.2,
+        await add_device(db, d, "sim", {"latency": 0.05, "state_file": str(files[d]), "failure_rate": 0.2,
                                         "seed": 7})
     common = {"retry_base": 0.05, "retry_max": 0.3, "batch_size": 5, "prefetch": 10, "poll_interval": 1}
     for n in (1, 2):
