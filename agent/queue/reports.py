@@ -28,7 +28,9 @@ log = logging.getLogger("agent.reporter")
 
 
 def merge_states(updates: Sequence[StateUpdate]) -> list[StateUpdate]:
-    """One row per (device, service), later updates winning field by field; desired by version."""
+    """One row per (device, service), later updates winning field by field; desired by version. In
+    key order: two reports at once (two writers, two agents) and the acceptance lock the state rows
+    they share in the same order, so they wait for each other instead of deadlocking."""
     merged: dict[tuple[str, str], StateUpdate] = {}
     for upd in updates:
         key = (upd.device, upd.service)
@@ -44,7 +46,7 @@ def merge_states(updates: Sequence[StateUpdate]) -> list[StateUpdate]:
             prev.desired, prev.version = upd.desired, upd.version
         if upd.verified_at is not None and upd.error is None:
             prev.error = None
-    return list(merged.values())
+    return [merged[key] for key in sorted(merged)]
 
 
 def dlq_headers(o: Outcome, queue: str, agent_id: str) -> dict[str, Any]:

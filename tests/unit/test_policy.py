@@ -76,7 +76,13 @@ def test_merged_state_keeps_the_newest_desired_and_the_latest_observation():
     by_key = {(m.device, m.service): m for m in merged}
     wifi = by_key[("r1", "wifi")]
     assert (wifi.desired, wifi.version, wifi.observed, wifi.observed_at, wifi.error) == ("on", 5, "off", t2, "x")
-    assert len(merged) == 2
+    assert [(m.device, m.service) for m in merged] == [("r1", "lan"), ("r1", "wifi")]  # in key order: lock order
+
+
+def test_merged_states_come_in_key_order_whatever_order_the_outcomes_came_in():
+    keys = [("r2", "a"), ("r1", "b"), ("r10", "a"), ("r1", "a")]
+    merged = merge_states([StateUpdate(d, s, "on", 1) for d, s in keys])
+    assert [(m.device, m.service) for m in merged] == sorted(keys)
 
 
 @pytest.mark.parametrize(("error", "meaning"), [
