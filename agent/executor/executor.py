@@ -322,9 +322,11 @@ class Executor:
             return self._failed(w, proof, ms)
         failed = self._failed(w, proof, ms, unproven)
         if isinstance(done.applied, float):  # written, but not read back: the failed event says so
-            for ev in failed.events:
-                if ev.kind == "failed":
-                    ev.applied_at = done.applied
+            ended = [ev for ev in failed.events if ev.kind == "failed"]
+            for ev in ended:
+                ev.applied_at = done.applied
+            if not ended:  # a repeated park records no failure: the write gets a row of its own
+                failed.events.insert(0, self._event(w, "applied", applied_at=done.applied))
             if failed.state is not None:
                 failed.state.applied_at = done.applied
         return failed

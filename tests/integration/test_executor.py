@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 import asyncpg
 import pytest
 
-from agent.errors import NoAnswerError, PermanentError, TransientError
+from agent.errors import ConfigError, NoAnswerError, PermanentError, TransientError
 from tests.support.agents import running_agent
 from tests.support.db import add_device, archived, dlq, events, queue_len, send, state, writes
 from tests.support.devices import ScriptedDriver
@@ -316,3 +316,40 @@ async def test_a_device_that_hangs_is_cut_off_at_the_deadline_and_retried(db, ds
         await until(lambda: archived(db, msg), timeout=5)
     [entry] = await dlq(db)
     assert "read on r1 timed out (0.2s per call)" in entry["headers"]["reason"]
+
+
+class _ForgetsItsCredentialAfterAWrite(ScriptedDriver):
+    """Takes every write, then refuses the read-back as a wrong credential and loses the write (so the
+    next attempt writes again)."""
+
+    wrote = False
+
+    async def apply(self, device, service, state):  # type: ignore[no-untyped-def]
+        await super().apply(device, service, state)
+        self.wrote = True
+
+    async def read(self, device, service):  # type: ignore[no-untyped-def]
+        if self.wrote:
+            self.wrote = False
+            self.states.pop((device.id, service), None)
+            raise ConfigError("the router refused the login: wrong credential")
+        return await super().read(device, service)
+
+
+async def test_a_write_whose_attempt_ends_in_a_repeated_park_still_has_its_row(db, dsn):
+    """The first misconfigured park records the failure, its write as its applied_at; a repeat of the
+    same park records no failure, so the write it made gets an `applied` row of its own."""
+    driver = _ForgetsItsCredentialAfterAWrite()
+    await add_device(db, "r1")
+    async with running_agent(dsn, driver):
+        msg = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
+        await until(lambda: driver.writes("r1", "wifi") == ["on", "on"] and writes(db, msg), timeout=15,
+                    what="two attempts, each with a write")
+        await until(lambda: _two_writes_recorded(db, msg), timeout=10, what="the second write recorded")
+    rows = await db.fetch("SELECT kind, applied_at FROM agent.events WHERE msg_id = $1 ORDER BY id", msg)
+    assert [r["kind"] for r in rows] == ["failed", "parked", "applied"]
+    assert rows[0]["applied_at"] is not None and rows[2]["applied_at"] > rows[0]["applied_at"]
+
+
+async def _two_writes_recorded(db: asyncpg.Connection, msg: int) -> bool:
+    return len(await writes(db, msg)) == 2
