@@ -556,8 +556,8 @@ SELECT array(SELECT msg_id FROM done UNION ALL SELECT msg_id FROM moved) AS left
 -- snapshot holds the devices of every report committed before it. Decided inside `report`, two
 -- reports settling a run's last two devices at once each saw the other's still open (one snapshot
 -- per statement), and the run never finished.
-UPDATE agent.sync_runs r SET finished_at = now()
-WHERE r.id = ANY ($1::bigint[]) AND r.finished_at IS NULL
+UPDATE agent.sync_runs r SET finished_at = clock_timestamp()  -- as near its commit as it gets: the leader's
+WHERE r.id = ANY ($1::bigint[]) AND r.finished_at IS NULL     -- summaries follow finished_at
   AND NOT EXISTS (SELECT 1 FROM agent.sync_devices o WHERE o.run = r.id AND o.state <> 'done')
 RETURNING r.id, pg_notify('agent_sync', r.id::text);
 

@@ -143,8 +143,10 @@ def _columns(rows: Sequence[Any], names: Sequence[str]) -> str:
 
 class Settling:
     """Between a report's commit and its callback the consumer must not extend leases (a settled
-    retry's delay would be overwritten): report writes hold this shared, any number at once; a lease
-    extension holds it alone, and once it waits, new writes wait behind it (it is never starved)."""
+    retry's delay would be overwritten): report writes that leave messages in the queue (retry, park,
+    hold) hold this shared, any number at once; a lease extension holds it alone, and once it waits,
+    new such writes wait behind it (it is never starved). A write that only takes messages out of the
+    queue (archived, dead-lettered, moved) needs no fence: an extension finds no row of theirs."""
 
     def __init__(self) -> None:
         self._writes = 0
@@ -168,7 +170,12 @@ class Settling:
         async with self._changed:
             await self._changed.wait_for(lambda: not self._alone)
             self._alone = True
-            await self._changed.wait_for(lambda: self._writes == 0)
+            try:
+                await self._changed.wait_for(lambda: self._writes == 0)
+            except BaseException:  # cancelled while waiting: the writes must not stay shut out
+                self._alone = False
+                self._changed.notify_all()
+                raise
         try:
             yield
         finally:
@@ -226,9 +233,12 @@ class Reporter:
         await self._idle.wait()
 
     async def run(self) -> None:
-        async with asyncio.TaskGroup() as writers:
-            for _ in range(self._writers):
-                writers.create_task(self._writer())
+        try:
+            async with asyncio.TaskGroup() as writers:
+                for _ in range(self._writers):
+                    writers.create_task(self._writer())
+        except ExceptionGroup as group:  # a writer's bug: raised as itself, for the log to name it
+            raise group.exceptions[0] from None
 
     async def _writer(self) -> None:
         while True:
@@ -363,8 +373,9 @@ class Reporter:
         # in an outage one try, then the batch waits its growing pause: retrying each batch three
         # times at once would be a connection storm against a database that is gone or read-only
         tries = 1 if self._outage else 3
+        fenced = any(o.finish not in LEAVES for o in batch)  # a retry's or a park's vt must not be extended
         for attempt in range(1, tries + 1):
-            async with self.settling.shared():
+            async with self.settling.shared() if fenced else contextlib.nullcontext():
                 try:
                     async with self._pool.acquire() as conn:
                         lost = await write_batch(conn, self._q, self._agent_id, batch, self._archive)

@@ -309,7 +309,9 @@ async def _assert_each_command_ended_once(conn: asyncpg.Connection, commands: Co
 
 async def _assert_written_in_order(conn: asyncpg.Connection) -> None:
     """Per key, the device was written by commands in the order they were sent (msg_id order)."""
-    applied = await conn.fetch("SELECT device, service, msg_id FROM agent.events WHERE kind = 'applied' ORDER BY id")
+    applied = await conn.fetch("SELECT device, service, msg_id, coalesce(applied_at, at) AS written FROM agent.events "
+                               "WHERE applied_at IS NOT NULL OR kind = 'applied' ORDER BY written, id")
+    assert applied, "no write recorded"
     versions: dict[tuple[str, str], list[int]] = {}
     for r in applied:
         versions.setdefault((r["device"], r["service"]), []).append(r["msg_id"])

@@ -180,3 +180,9 @@ def test_agentctl_on_a_database_never_initialised_says_to_run_db_init(empty_dsn,
     proc = agentctl(empty_dsn, *command, check=False)
     assert proc.returncode == 2, proc.stderr
     assert "run `agentctl db init` as the database's owner" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_agentctl_naming_a_queue_the_database_lacks_says_so_not_db_init(dsn):
+    proc = agentctl(dsn, "dlq", "list", check=False, queue="no_such_queue")
+    assert proc.returncode == 2, proc.stderr
+    assert "no such queue in this database: check AGENT_QUEUE" in proc.stderr and "db init` as" not in proc.stderr

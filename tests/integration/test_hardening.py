@@ -16,7 +16,7 @@ from agent.model.outcome import Delivery, EventRow, Outcome, StateUpdate
 from agent.queue.admission import delivery
 from agent.queue.reports import Reporter, write_batch
 from tests.support.agents import running_agent
-from tests.support.db import add_device, archived, dlq, send, state
+from tests.support.db import add_device, archived, dlq, reports_waiting_on_a_lock, send, state
 from tests.support.devices import ScriptedDriver
 from tests.support.wait import until
 
@@ -284,8 +284,7 @@ async def test_a_report_waiting_on_a_locked_row_holds_up_no_report_after_it(db, 
         reporter = Reporter(pool, Q, "test-agent", lambda o, _lost: settled.extend(x.delivery.msg_id for x in o))
         task = asyncio.create_task(reporter.run())
         reporter.submit(verified(first, "s0"))
-        await until(lambda: db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                        "AND query LIKE '%WITH done AS%'"), what="the first report waiting on the lock")
+        await until(lambda: reports_waiting_on_a_lock(db), what="the first report waiting on the lock")
         reporter.submit(verified(second, "s1"))
         await until(lambda: second.msg_id in settled, timeout=10, what="the second report committed meanwhile")
         assert first.msg_id not in settled and await archived(db, second.msg_id)
@@ -296,3 +295,22 @@ async def test_a_report_waiting_on_a_locked_row_holds_up_no_report_after_it(db, 
         await holder.close()
         await pool.close()
     assert settled == [second.msg_id, first.msg_id] and await archived(db, first.msg_id)
+
+
+async def test_a_report_that_only_archives_does_not_wait_for_a_lease_extension(db, dsn):
+    """Only a report that leaves messages in the queue (a retry's or a park's new visibility) is fenced
+    off from the consumer's lease extension: archiving needs no fence, so a month-end drain's reports
+    go on while an extension waits for a fenced write."""
+    msg = await send(db, {"device": "r1", "service": "s0", "state": "on"})
+    [d] = await read(db)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        reporter = Reporter(pool, Q, "test-agent", lambda _o, _lost: None)
+        task = asyncio.create_task(reporter.run())
+        async with reporter.settling.alone():  # a lease extension under way
+            reporter.submit(verified(d, "s0"))
+            await until(lambda: archived(db, msg), timeout=10, what="archived meanwhile")
+        await asyncio.wait_for(reporter.drained(), 10)
+        task.cancel()
+    finally:
+        await pool.close()

@@ -11,7 +11,7 @@ from agent.db.queries import Queries
 from agent.model.outcome import Outcome
 from agent.queue.admission import delivery
 from agent.queue.reports import write_batch
-from tests.support.db import add_device
+from tests.support.db import add_device, reports_waiting_on_a_lock
 from tests.support.wait import until
 
 Q = Queries("device_tasks")
@@ -37,8 +37,7 @@ async def test_a_run_whose_last_two_devices_are_reported_at_once_finishes(db, ds
         await commit_a.start()
         await write_batch(a, Q, "writer-a", [device_done(first, run, "r1")])  # not committed yet
         reporting_b = asyncio.create_task(write_batch(b, Q, "writer-b", [device_done(second, run, "r2")]))
-        await until(lambda: db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                        "AND query LIKE '%WITH done AS%'"), what="the second report waiting")
+        await until(lambda: reports_waiting_on_a_lock(db), what="the second report waiting")
         await commit_a.commit()
         await asyncio.wait_for(reporting_b, 10)
     finally:

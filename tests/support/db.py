@@ -43,6 +43,12 @@ async def writes(db: asyncpg.Connection, msg_id: int) -> list[str]:
     return [r["kind"] for r in rows]
 
 
+async def reports_waiting_on_a_lock(db: asyncpg.Connection) -> int:
+    """Report statements of this database waiting for a row lock now."""
+    return await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                             "AND datname = current_database() AND query LIKE '%WITH done AS%'")
+
+
 async def queue_len(db: asyncpg.Connection, queue: str = "device_tasks") -> int:
     return await db.fetchval(f'SELECT count(*) FROM pgmq."q_{queue}"')
 

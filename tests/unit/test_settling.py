@@ -37,3 +37,26 @@ async def test_writes_share_it_and_an_extension_waits_for_all_of_them_then_goes_
     await asyncio.wait_for(asyncio.gather(a, b, ext, late), 5)
     assert log[:2] == ["a in", "b in"] and set(log[2:4]) == {"a out", "b out"}
     assert log[4:] == ["extend", "c in", "c out"]
+
+
+async def test_an_extension_cancelled_while_it_waits_lets_the_writes_through_again():
+    fence = Settling()
+    release = asyncio.Event()
+
+    async def write() -> None:
+        async with fence.shared():
+            await release.wait()
+
+    async def extend() -> None:
+        async with fence.alone():
+            pass
+
+    held = asyncio.create_task(write())
+    await asyncio.sleep(0)
+    waiting = asyncio.create_task(extend())
+    await asyncio.sleep(0)
+    waiting.cancel()  # e.g. shutdown, while a write holds the fence
+    await asyncio.gather(waiting, return_exceptions=True)
+    later = asyncio.create_task(write())
+    release.set()
+    await asyncio.wait_for(asyncio.gather(held, later), 5)  # the later write was not shut out
