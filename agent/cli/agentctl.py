@@ -483,12 +483,16 @@ async def _run(args: argparse.Namespace) -> int:
     conn = await _connect(settings)
     try:
         return await args.func(conn, settings, args)
-    except asyncpg.UndefinedTableError as exc:
+    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError, asyncpg.UndefinedFunctionError,
+            asyncpg.UndefinedColumnError) as exc:
         initialised = await conn.fetchval("SELECT to_regclass('agent.schema_version') IS NOT NULL")
         if 'relation "pgmq.' in str(exc) and initialised:
             raise ConfigError(f"{exc}: no such queue in this database: check AGENT_QUEUE (or --queue); a new site's "
                               "queue is made by `agentctl db init --site S --queue Q`") from None
-        raise  # no agent schema at all: see main
+        # a database never initialised for the agent, or one whose schema is older than this agentctl
+        raise ConfigError(f"{exc}: this database has no agent schema, or an older one than agentctl {__version__} "
+                          "needs: run `agentctl db init` as the database's owner (`agentctl db status` says which "
+                          "version it has)") from None
     finally:
         await conn.close()
 
@@ -532,13 +536,6 @@ def main(argv: list[str] | None = None) -> int:
     except DatabaseUnreachable as exc:
         print(f"agentctl: {exc}", file=sys.stderr)
         return 1
-    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError, asyncpg.UndefinedFunctionError,
-            asyncpg.UndefinedColumnError) as exc:
-        # a database never initialised for the agent, or one whose schema is older than this agentctl
-        print(f"agentctl: {exc}: this database has no agent schema, or an older one than agentctl "
-              f"{__version__} needs: run `agentctl db init` as the database's owner (`agentctl db status` "
-              "says which version it has)", file=sys.stderr)
-        return 2
     except asyncpg.PostgresError as exc:
         print(f"agentctl: {exc}", file=sys.stderr)
         return 1

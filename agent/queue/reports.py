@@ -170,13 +170,9 @@ class Settling:
         async with self._changed:
             await self._changed.wait_for(lambda: not self._alone)
             self._alone = True
-            try:
+        try:  # from here on, however it ends (cancelled while waiting too), the writes are let in again
+            async with self._changed:
                 await self._changed.wait_for(lambda: self._writes == 0)
-            except BaseException:  # cancelled while waiting: the writes must not stay shut out
-                self._alone = False
-                self._changed.notify_all()
-                raise
-        try:
             yield
         finally:
             async with self._changed:

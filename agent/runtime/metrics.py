@@ -181,10 +181,7 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r.register(_LiveCollector(live, site))  # type: ignore[arg-type]
-        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):  # CPU, memory, fds, GC
-            r.register(standard)
-        Info(P + "build", "Version of the running agent.", registry=r).info(
-            {"version": __version__, "site": site, "queue": queue})
+        _identify(r, site, queue)
         self.commands = Counter(P + "commands_total", "Commands by how they ended (each command once) and driver.",
                                 ["outcome", "driver"], registry=r)
         self.attempts = Counter(P + "command_attempts_total", "Deliveries that did not end their command: "
@@ -297,8 +294,13 @@ def starting_registry(site: str, queue: str) -> CollectorRegistry:
     would notice however long the start waits."""
     r = CollectorRegistry()
     Gauge(P + "ready", "1 when the agent is ready to work.", registry=r).set(0)
+    _identify(r, site, queue)
+    return r
+
+
+def _identify(r: CollectorRegistry, site: str, queue: str) -> None:
+    """Which agent this is (build info) and its process (CPU, memory, fds, GC), in every registry it serves."""
     Info(P + "build", "Version of the running agent.", registry=r).info(
         {"version": __version__, "site": site, "queue": queue})
     for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
         r.register(standard)
-    return r
