@@ -137,8 +137,11 @@ def _in_use(path: str | None) -> Iterator[None]:
         os.unlink(marker)
 
 
+_SERVICE = re.compile(SERVICE_PATTERN)
+
+
 def _check(service: str) -> None:
-    if not isinstance(service, str) or not re.fullmatch(SERVICE_PATTERN, service):
+    if not isinstance(service, str) or not _SERVICE.fullmatch(service):
         raise PermanentError(f"sim: service key {clean(service, 100)!r} is not a valid service key")
 
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.contract import MAX_MESSAGE_BYTES, Command, parse_command
@@ -32,10 +31,11 @@ class Work:
     device: Device
     kind: LaneWork
 
-    @cached_property  # asked several times per command on the hot path; neither part of it changes
-    def high(self) -> bool:
-        """A high-priority `set` command (a restore, unless its producer said otherwise)."""
-        return self.command.action == "set" and priority.of(self.delivery.priority, self.command.state) == priority.HIGH
+    high: bool = field(init=False)  # a high-priority `set` command (a restore, unless its producer said otherwise)
+
+    def __post_init__(self) -> None:  # asked several times per command on the hot path; neither part of it changes
+        self.high = self.command.action == "set" and \
+            priority.of(self.delivery.priority, self.command.state) == priority.HIGH
 
     @property
     def joins_take(self) -> bool:

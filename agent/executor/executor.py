@@ -292,7 +292,8 @@ class Executor:
         ms = _ms(started)
         tunnel = await self._take_last_resort(
             [(w, e) for w in going if (e := done[w.command.service].silence())], began)
-        return [None if any(w is g for g in going) and done[w.command.service].left else
+        went = {id(w) for w in going}  # a take of a hundred: asked per command, a scan of `going` was quadratic
+        return [None if id(w) in went and done[w.command.service].left else
                 settle(w, said[id(w)], lambda w=w: self._take_outcome(w, done[w.command.service], ms,  # type: ignore[misc]
                                                                       tunnel.get(id(w))))
                 for w in live]
