@@ -132,3 +132,31 @@ def test_command_latency_is_enqueue_to_verified_by_state_and_priority():
         assert f'pgmq_edge_agent_command_latency_seconds_count{{priority="{prio}",state="{state}"}} {n}.0' in text
     assert 'pgmq_edge_agent_command_latency_seconds_bucket{le="5.0",priority="high",state="on"} 0.0' in text
     assert 'pgmq_edge_agent_command_latency_seconds_bucket{le="30.0",priority="high",state="on"} 1.0' in text
+
+
+def test_a_histogram_fed_at_once_is_exposed_as_prometheus_clients_own_would_be():
+    import random
+
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from agent.runtime.metrics import Histograms
+
+    buckets = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)
+    ours_r, theirs_r = CollectorRegistry(), CollectorRegistry()
+    ours = Histograms("x_seconds", "X.", ("state",), buckets, ours_r)
+    theirs = Histogram("x_seconds", "X.", ["state"], buckets=buckets, registry=theirs_r)
+    rng = random.Random(7)
+    values = [rng.choice((0.0, 0.05, 0.1, 10.0, 11.0)) for _ in range(50)] + [rng.uniform(0, 12) for _ in range(500)]
+    ours.observe(values[:300], "on")  # two batches, one series; another series created empty
+    ours.observe(values[300:], "on")
+    ours.series("off")
+    for v in values:
+        theirs.labels("on").observe(v)
+    theirs.labels("off")
+
+    def lines(r: CollectorRegistry) -> list[str]:  # the sums' last digits may differ by the order of addition
+        return [line if "_sum{" not in line else line[:30] for line in generate_latest(r).decode().splitlines()]
+
+    assert lines(ours_r) == lines(theirs_r)
+    assert 'x_seconds_bucket{le="0.05",state="on"}' in generate_latest(ours_r).decode()
+    assert f'x_seconds_count{{state="on"}} {len(values)}.0' in generate_latest(ours_r).decode()
