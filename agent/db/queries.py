@@ -45,6 +45,8 @@ class Queries:
             "da": quote_ident(f"a_{dlq}"),
             "qdev": quote_ident(f"q_{queue}_device_idx"),
             "qhigh": quote_ident(f"q_{queue}_high_idx"),
+            "qheld": quote_ident(f"q_{queue}_held_idx"),
+            "qvt": quote_ident(f"q_{queue}_vt_idx"),
             "high": HIGH_SQL,  # not an identifier: the priority rule, the same text everywhere
         }
         self.queue = queue

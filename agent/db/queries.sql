@@ -99,6 +99,18 @@ CREATE INDEX IF NOT EXISTS {qdev} ON pgmq.{q} ((message->>'device'), msg_id);
 -- migration 0016 for the queues of agent.sites that existed before).
 CREATE INDEX IF NOT EXISTS {qhigh} ON pgmq.{q} (msg_id) WHERE {high};
 
+-- name: held_index
+-- For the guard's statements: a queue's held messages (created by `db init`; by migration 0018 for
+-- the queues of agent.sites). What PGMQ's index on vt found for them (see drop_vt_index).
+CREATE INDEX IF NOT EXISTS {qheld} ON pgmq.{q} (msg_id) WHERE headers->>'guard' = 'held';
+
+-- name: drop_vt_index
+-- PGMQ's index on vt, which no statement of the agent needs (reads take messages in msg_id order,
+-- through the primary key or high_index): with it, every read (vt, read_ct, last_read_at) wrote a
+-- new entry into each of the queue's indexes; without it, a read updates the row in place (HOT),
+-- on the room fillfactor 70 leaves. Dropped by `db init` after pgmq.create (which makes it).
+DROP INDEX IF EXISTS pgmq.{qvt};
+
 -- name: load_devices
 SELECT id, driver, address, site, options::text AS options, credential,
        CASE WHEN paused_at IS NOT NULL THEN coalesce(paused_reason, 'maintenance') END AS paused
@@ -328,13 +340,13 @@ RETURNING true;
 
 -- name: queue_stats
 -- Cheap sample for metrics and status: counts are capped, the oldest message is found by msg_id.
--- Commands held by the guard (invisible for a century: found by PGMQ's vt index) are counted apart
+-- Commands held by the guard (invisible for a century: found by held_index) are counted apart
 -- and are not the oldest message: they wait for an operator, whom their own alert calls.
 SELECT (SELECT count(*) FROM (SELECT 1 FROM pgmq.{q} LIMIT $1) s) AS depth,
        (SELECT extract(epoch FROM clock_timestamp() - enqueued_at) FROM pgmq.{q}
         WHERE vt < clock_timestamp() + interval '50 years' ORDER BY msg_id LIMIT 1) AS oldest,
-       (SELECT count(*) FROM (SELECT 1 FROM pgmq.{q} WHERE vt > clock_timestamp() + interval '50 years' LIMIT $1) s)
-           AS held,
+       (SELECT count(*) FROM (SELECT 1 FROM pgmq.{q} WHERE headers->>'guard' = 'held'
+                                AND vt > clock_timestamp() + interval '50 years' LIMIT $1) s) AS held,
        (SELECT count(*) FROM (SELECT 1 FROM pgmq.{dq} LIMIT $1) s) AS dlq_depth,
        (SELECT extract(epoch FROM clock_timestamp() - enqueued_at) FROM pgmq.{dq} ORDER BY msg_id LIMIT 1) AS dlq_oldest;
 
@@ -764,7 +776,8 @@ WITH input AS (
 ), unheld AS (   -- a held command a newer accepted one supersedes goes now, to end as superseded
     UPDATE pgmq.{q} m SET vt = clock_timestamp(), headers = m.headers || '{"guard": "superseded"}'::jsonb
     FROM acc
-    WHERE EXISTS (SELECT 1 FROM pgmq.{q} h WHERE h.vt > clock_timestamp() + interval '50 years')
+    WHERE EXISTS (SELECT 1 FROM pgmq.{q} h WHERE h.headers->>'guard' = 'held'
+                  AND h.vt > clock_timestamp() + interval '50 years')
       AND m.vt > clock_timestamp() + interval '50 years' AND m.headers->>'guard' = 'held'
       AND (m.message->>'device') = acc.device AND m.message->>'service' = acc.service
       AND acc.desired_version > CASE WHEN m.headers->>'origin_msg_id' ~ '^[0-9]{1,18}$'

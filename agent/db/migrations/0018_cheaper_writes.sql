@@ -10,7 +10,16 @@
 --   events are appended in time order, so a block range's summary finds them as well, and an append
 --   into a range not summarised yet costs nothing (a B-tree entry per event did). Retention's
 --   `ORDER BY id` reads the oldest first through the primary key.
--- Expand only: agents of schema 5 to 17 keep working against it (min_agent_schema stays 5).
+-- * PGMQ's index on vt is dropped from the queues of agent.sites, and a partial index on their held
+--   messages (`q_<queue>_held_idx`, headers->>'guard' = 'held') takes over the one thing it found for
+--   the agent: the guard's held commands. Every read sets vt: with vt indexed, each read wrote a new
+--   row version and an entry into each of the queue's four indexes; now it updates the row in place
+--   (HOT). The agent's reads take messages in msg_id order (primary key, high_index), as PGMQ's own
+--   read does; the look for the next message to become visible (min(vt), after a read came back
+--   short) reads the queue whole instead. `agentctl db init` does the same for the queue it
+--   initialises (after pgmq.create, which makes the vt index).
+-- Expand only: agents of schema 5 to 17 keep working against it (min_agent_schema stays 5); those of
+-- schema 14 to 17 look for held commands by vt, a read of the queue whole at each acceptance.
 DROP TRIGGER IF EXISTS service_state_notify ON agent.service_state;
 
 CREATE OR REPLACE FUNCTION agent.notify_states() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -34,3 +43,14 @@ DROP FUNCTION IF EXISTS agent.notify_state();
 
 DROP INDEX IF EXISTS agent.events_at_idx;
 CREATE INDEX events_at_idx ON agent.events USING brin (at);
+
+DO $$
+DECLARE
+    q text;
+BEGIN
+    FOR q IN SELECT s.queue FROM agent.sites s JOIN pgmq.meta m ON m.queue_name = s.queue ORDER BY s.queue LOOP
+        EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON pgmq.%I (msg_id) WHERE headers->>''guard'' = ''held''',
+                       'q_' || q || '_held_idx', 'q_' || q);
+        EXECUTE format('DROP INDEX IF EXISTS pgmq.%I', 'q_' || q || '_vt_idx');
+    END LOOP;
+END $$;
