@@ -60,9 +60,12 @@ def agentd(dsn: str, **env: str) -> subprocess.Popen[bytes]:
     # bursts of suspensions are what the benches drain: the guard against mass suspension is off
     full.update({"AGENT_DATABASE_URL": dsn, "AGENT_HTTP_LISTEN": "", "AGENT_LOG_LEVEL": "WARNING",
                  "AGENT_GUARD_OFF_PERCENT": "100", **env})
-    proc = subprocess.Popen([sys.executable, "-m", "agent"], env=full)
+    # BENCH_CPROFILE=<file>: agentd under cProfile (its own overhead distorts times; counts are exact)
+    prof = ["-m", "cProfile", "-o", os.environ["BENCH_CPROFILE"]] if os.environ.get("BENCH_CPROFILE") else []
+    proc = subprocess.Popen([sys.executable, *prof, "-m", "agent"], env=full)
     if spy := os.environ.get("BENCH_PYSPY"):  # a py-spy binary: agentd's profile, raw, to BENCH_PYSPY_OUT
-        subprocess.Popen([spy, "record", "-r", "250", "-f", "raw", "-o", os.environ["BENCH_PYSPY_OUT"],
+        # (BENCH_PYSPY_RATE samples a second, 250 by default)
+        subprocess.Popen([spy, "record", "-r", os.environ.get("BENCH_PYSPY_RATE", "250"), "-f", "raw", "-o", os.environ["BENCH_PYSPY_OUT"],
                           "--pid", str(proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc
 

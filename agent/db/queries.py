@@ -47,6 +47,7 @@ class Queries:
             "qhigh": quote_ident(f"q_{queue}_high_idx"),
             "qheld": quote_ident(f"q_{queue}_held_idx"),
             "qvt": quote_ident(f"q_{queue}_vt_idx"),
+            "aat": quote_ident(f"archived_at_idx_{queue}"),  # PGMQ's name for it
             "high": HIGH_SQL,  # not an identifier: the priority rule, the same text everywhere
         }
         self.queue = queue

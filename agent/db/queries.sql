@@ -104,6 +104,19 @@ CREATE INDEX IF NOT EXISTS {qhigh} ON pgmq.{q} (msg_id) WHERE {high};
 -- the queues of agent.sites). What PGMQ's index on vt found for them (see drop_vt_index).
 CREATE INDEX IF NOT EXISTS {qheld} ON pgmq.{q} (msg_id) WHERE headers->>'guard' = 'held';
 
+-- name: archive_index
+-- The archive's index on archived_at (retention by age) as a BRIN index under PGMQ's name for it
+-- (pgmq.create then finds it there and makes no B-tree): archived rows are appended in time order,
+-- and an append into a block range not summarised yet writes no index entry (a B-tree entry per
+-- archived command did). Built once; `db init` again leaves it as it is.
+DO $$ BEGIN
+    IF EXISTS (SELECT 1 FROM pg_class c JOIN pg_am am ON am.oid = c.relam
+               WHERE c.oid = to_regclass('pgmq.{aat}') AND am.amname <> 'brin') THEN
+        DROP INDEX pgmq.{aat};
+    END IF;
+END $$;
+CREATE INDEX IF NOT EXISTS {aat} ON pgmq.{a} USING brin (archived_at);
+
 -- name: drop_vt_index
 -- PGMQ's index on vt, which no statement of the agent needs (reads take messages in msg_id order,
 -- through the primary key or high_index): with it, every read (vt, read_ct, last_read_at) wrote a

@@ -71,7 +71,7 @@ async def init_database(conn: asyncpg.Connection, queue: str, throttle_ms: int =
             for name in (q.queue, q.dlq):
                 await conn.execute("SELECT pgmq.create($1)", name)
             await conn.execute(q.share_msg_ids, q.queue)
-            for index in (q.device_index, q.high_index, q.held_index, q.drop_vt_index):
+            for index in (q.device_index, q.high_index, q.held_index, q.drop_vt_index, q.archive_index):
                 await conn.execute(index)
             for table, options in storage_options(q).items():
                 await conn.execute(f"ALTER TABLE {table} SET ({options})")
@@ -337,7 +337,7 @@ def init_sql(q: Queries, throttle_ms: int = 250, after: int = 0, site: str = "de
               f"SELECT agent.record_site({_literal(site)}, {lit});",
               f"SELECT pgmq.create({lit});", f"SELECT pgmq.create('{q.dlq}');",
               f"SELECT agent.share_msg_ids({lit});",
-              q.device_index + ";", q.high_index + ";", q.held_index + ";", q.drop_vt_index + ";",
+              q.device_index + ";", q.high_index + ";", q.held_index + ";", q.drop_vt_index + ";", q.archive_index + ";",
               *(f"ALTER TABLE {t} SET ({o});" for t, o in storage_options(q).items()),
               f"SELECT pgmq.enable_notify_insert({lit}, {int(throttle_ms)});",
               f"INSERT INTO agent.config (key, value) VALUES ('default_queue', {lit}) ON CONFLICT DO NOTHING;",

@@ -27,6 +27,12 @@ async def test_db_init_leaves_the_queue_without_pgmqs_vt_index_and_with_one_for_
     await init_database(db, "device_tasks")  # again, as an upgrade does: pgmq.create makes the vt index anew
     assert "q_device_tasks_vt_idx" not in await indexes(db)
     assert "q_device_tasks_dlq_vt_idx" in await indexes(db, "q_device_tasks_dlq")  # the DLQ is PGMQ's as made
+    assert await index_kind(db, "archived_at_idx_device_tasks") == "brin"  # kept under PGMQ's name, as a BRIN
+
+
+async def index_kind(db: asyncpg.Connection, name: str) -> str | None:
+    return await db.fetchval("SELECT am.amname FROM pg_class c JOIN pg_am am ON am.oid = c.relam "
+                             "WHERE c.oid = to_regclass('pgmq.' || quote_ident($1))", name)
 
 
 async def test_a_read_updates_its_messages_in_place(db):
@@ -64,9 +70,11 @@ async def test_the_migration_moves_the_queues_of_every_site_to_the_held_index(em
         await conn.execute("INSERT INTO agent.sites (name, queue) VALUES ('default', 'device_tasks'), "
                            "('north', 'site_north')")
         assert "q_site_north_vt_idx" in await indexes(conn, "q_site_north")
+        assert await index_kind(conn, "archived_at_idx_site_north") == "btree"
         await schema._migrate(conn)
         for queue in ("device_tasks", "site_north"):
             found = await indexes(conn, f"q_{queue}")
             assert f"q_{queue}_vt_idx" not in found and f"q_{queue}_held_idx" in found, found
+            assert await index_kind(conn, f"archived_at_idx_{queue}") == "brin"
     finally:
         await conn.close()

@@ -6,10 +6,12 @@
 --   notification per changed row, the same payload text, in the same transaction, and, as before,
 --   nothing for rows written by another trigger (pg_trigger_depth() = 0). Within one statement the
 --   updated rows' notifications now come before the inserted rows' (no two are of the same row).
--- * agent.events' index on `at` (retention by age, `agentctl events --since`) becomes a BRIN index:
---   events are appended in time order, so a block range's summary finds them as well, and an append
---   into a range not summarised yet costs nothing (a B-tree entry per event did). Retention's
---   `ORDER BY id` reads the oldest first through the primary key.
+-- * agent.events' index on `at` (retention by age, `agentctl events --since`) and the index on
+--   archived_at of each queue's archive (PGMQ's `archived_at_idx_<queue>`, kept under its name so
+--   that pgmq.create finds it) become BRIN indexes: rows are appended in time order, so a block
+--   range's summary finds them as well, and an append into a range not summarised yet costs
+--   nothing (a B-tree entry per event, and per archived message, did). Retention's `ORDER BY id`
+--   (msg_id) reads the oldest first through the primary key.
 -- * PGMQ's index on vt is dropped from the queues of agent.sites, and a partial index on their held
 --   messages (`q_<queue>_held_idx`, headers->>'guard' = 'held') takes over the one thing it found for
 --   the agent: the guard's held commands. Every read sets vt: with vt indexed, each read wrote a new
@@ -52,5 +54,10 @@ BEGIN
         EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON pgmq.%I (msg_id) WHERE headers->>''guard'' = ''held''',
                        'q_' || q || '_held_idx', 'q_' || q);
         EXECUTE format('DROP INDEX IF EXISTS pgmq.%I', 'q_' || q || '_vt_idx');
+        IF EXISTS (SELECT 1 FROM pg_class c JOIN pg_am am ON am.oid = c.relam
+                   WHERE c.oid = to_regclass(format('pgmq.%I', 'archived_at_idx_' || q)) AND am.amname <> 'brin') THEN
+            EXECUTE format('DROP INDEX pgmq.%I', 'archived_at_idx_' || q);
+            EXECUTE format('CREATE INDEX %I ON pgmq.%I USING brin (archived_at)', 'archived_at_idx_' || q, 'a_' || q);
+        END IF;
     END LOOP;
 END $$;
