@@ -65,7 +65,8 @@ def agentd(dsn: str, **env: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([sys.executable, *prof, "-m", "agent"], env=full)
     if spy := os.environ.get("BENCH_PYSPY"):  # a py-spy binary: agentd's profile, raw, to BENCH_PYSPY_OUT
         # (BENCH_PYSPY_RATE samples a second, 250 by default)
-        subprocess.Popen([spy, "record", "-r", os.environ.get("BENCH_PYSPY_RATE", "250"), "-f", "raw", "-o", os.environ["BENCH_PYSPY_OUT"],
+        rate = os.environ.get("BENCH_PYSPY_RATE", "250")
+        subprocess.Popen([spy, "record", "-r", rate, "-f", "raw", "-o", os.environ["BENCH_PYSPY_OUT"],
                           "--pid", str(proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc
 
