@@ -62,3 +62,41 @@ async def test_a_statement_that_changes_no_row_announces_nothing(db, dsn):
     finally:
         await listener.close()
     assert [json.loads(h)["service"] for h in heard] == ["mark"]  # nothing came before it
+
+
+HOSTILE = ['plain', 'quo"te', 'back\\slash', 'tab\there', 'nl\nx', 'bell\x07', 'ünï©ødé ✓', '\u2028sep', "it's",
+           '{"json": [1]}', 'x' * 300]
+
+
+async def test_payloads_are_the_text_json_build_object_makes_also_for_hostile_text(db, dsn):
+    """What producers parsed before schema 18 (json_build_object's text), character for character:
+    escaping, nulls, bounds and the time format, for agent_state and agent_outcome."""
+    await add_device(db, "r1", "sim")
+    states: list[str] = []
+    outcomes: list[str] = []
+    listener = await asyncpg.connect(dsn)
+    try:
+        await listener.add_listener("agent_state", lambda *a: states.append(a[3]))
+        await listener.add_listener("agent_outcome", lambda *a: outcomes.append(a[3]))
+        for i, text in enumerate(HOSTILE):
+            await db.execute("INSERT INTO agent.service_state (device, service, desired, desired_version, "
+                             "last_request_id, last_error) VALUES ('r1', $1, $2, $3, $4, $5)",
+                             f"s{i}", None if i % 3 == 0 else "on", i, text if i % 2 else None, text)
+        await db.execute("INSERT INTO agent.events (device, service, kind, msg_id, version, request_id, error, "
+                         "agent_id) SELECT 'r1', 's' || i, 'dead_lettered', 1000 + i, 1000 + i, r, r, 'a' "
+                         "FROM unnest($1::text[]) WITH ORDINALITY AS u(r, i)", HOSTILE)
+        await until(lambda: len(states) == len(HOSTILE) and len(outcomes) == len(HOSTILE), what="every payload")
+    finally:
+        await listener.close()
+    made = await db.fetch(
+        "SELECT json_build_object('device', device, 'service', service, 'desired', desired, 'observed', observed, "
+        "'version', desired_version, 'request_id', last_request_id, 'error', left(last_error, 200))::text AS p "
+        "FROM agent.service_state ORDER BY desired_version")
+    assert states == [r["p"] for r in made]
+    made = await db.fetch(
+        "SELECT json_build_object('version', version, 'msg_id', msg_id, 'kind', kind, 'device', left(device, 128), "
+        "'service', left(service, 200), 'request_id', left(request_id, 200), 'error', left(error, 500), "
+        "'at', to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))::text AS p "
+        "FROM agent.events ORDER BY id")
+    assert outcomes == [r["p"] for r in made]
+    assert all(json.loads(p) for p in states + outcomes)

@@ -20,16 +20,24 @@
 --   read does; the look for the next message to become visible (min(vt), after a read came back
 --   short) reads the queue whole instead. `agentctl db init` does the same for the queue it
 --   initialises (after pgmq.create, which makes the vt index).
+-- * Both notifications' payloads are built without json_build_object (see notify_states): the same text.
 -- Expand only: agents of schema 5 to 17 keep working against it (min_agent_schema stays 5); those of
 -- schema 14 to 17 look for held commands by vt, a read of the queue whole at each acceptance.
 DROP TRIGGER IF EXISTS service_state_notify ON agent.service_state;
 
+-- The payloads are the text json_build_object made, character for character, put together from
+-- each value's JSON (to_json: the same escaping) at less than half its cost per row (it looks up
+-- each argument's type on every call).
 CREATE OR REPLACE FUNCTION agent.notify_states() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('agent_state', json_build_object(
-        'device', n.device, 'service', n.service, 'desired', n.desired,
-        'observed', n.observed, 'version', n.desired_version,
-        'request_id', n.last_request_id, 'error', left(n.last_error, 200))::text)
+    PERFORM pg_notify('agent_state',
+        '{"device" : ' || coalesce(to_json(n.device)::text, 'null')
+        || ', "service" : ' || coalesce(to_json(n.service)::text, 'null')
+        || ', "desired" : ' || coalesce(to_json(n.desired)::text, 'null')
+        || ', "observed" : ' || coalesce(to_json(n.observed)::text, 'null')
+        || ', "version" : ' || coalesce(n.desired_version::text, 'null')
+        || ', "request_id" : ' || coalesce(to_json(n.last_request_id)::text, 'null')
+        || ', "error" : ' || coalesce(to_json(left(n.last_error, 200))::text, 'null') || '}')
     FROM changed_rows n;
     RETURN NULL;
 END $$;
@@ -42,6 +50,24 @@ CREATE TRIGGER service_state_notify_update AFTER UPDATE ON agent.service_state
     WHEN (pg_trigger_depth() = 0)
     EXECUTE FUNCTION agent.notify_states();
 DROP FUNCTION IF EXISTS agent.notify_state();
+
+-- LISTEN agent_outcome's payloads, as 0011 made them (the same text), put together the same way.
+CREATE OR REPLACE FUNCTION agent.notify_outcome() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM pg_notify('agent_outcome',
+        '{"version" : ' || e.version::text
+        || ', "msg_id" : ' || coalesce(e.msg_id::text, 'null')
+        || ', "kind" : ' || coalesce(to_json(e.kind)::text, 'null')
+        || ', "device" : ' || coalesce(to_json(left(e.device, 128))::text, 'null')
+        || ', "service" : ' || coalesce(to_json(left(e.service, 200))::text, 'null')
+        || ', "request_id" : ' || coalesce(to_json(left(e.request_id, 200))::text, 'null')
+        || ', "error" : ' || coalesce(to_json(left(e.error, 500))::text, 'null')
+        || ', "at" : ' || coalesce('"' || to_char(e.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') || '"', 'null')
+        || '}')
+    FROM (SELECT * FROM new_rows n WHERE n.version IS NOT NULL AND agent.final_kind(n.kind) ORDER BY n.id) e;
+    RETURN NULL;
+END $$;
 
 DROP INDEX IF EXISTS agent.events_at_idx;
 CREATE INDEX events_at_idx ON agent.events USING brin (at);
