@@ -41,7 +41,9 @@ FINAL = {"verified", "superseded", "duplicate", "refreshed", "expired", "dead_le
 RECONNECT_ACTIONS = {"listener_lost", "listener_retry", "db_pool_failing", "read_failed"}
 RECONNECT_LINES = 20     # session connection and pool: lost, each retry (debug), pool failing, read failed
 FAILURE_LINES = 40       # every other warning or error not about one command (reports, claims, heartbeat)
-CONNECTIONS = 40         # connections the agent made to the standby (each rejected: it is read-only)
+CONNECTIONS = 80         # connections the agent made to the standby (each rejected: it is read-only); each
+                         # user of the pool (two report writers, the acceptance, reads, heartbeat) backs off on
+                         # its own: 44 were seen on a loaded machine, spinning makes hundreds
 METRIC = "pgmq_edge_agent_"
 SETTINGS = {"log_format": "json", "log_level": "DEBUG", "poll_interval": 30, "visibility_timeout": 4,
             "retry_base": 0.05, "retry_max": 0.5, "heartbeat_interval": 5}
