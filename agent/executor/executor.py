@@ -243,19 +243,19 @@ class Executor:
     async def _converge_take(self, live: list[Work], urgent: Callable[[], bool] | None = None) -> list[Outcome | None]:
         device = live[0].device
         first = any(w.high for w in live)  # the whole take in one flush: newest-wins judges it together
-        accepted = {id(w): self._acceptor.submit(w.command, w.delivery.version, w.delivery.msg_id,
-                                                 released(w.delivery.headers), first) for w in live}
+        accepted = self._acceptor.submit_take([(w.command, w.delivery.version, w.delivery.msg_id,
+                                                released(w.delivery.headers)) for w in live], first)
 
         async def verdicts() -> dict[int, Said]:
+            try:
+                answers = await accepted
+            except TransientError as exc:
+                return {id(w): exc for w in live}
             out: dict[int, Said] = {}
-            for w in live:
-                try:
-                    version, rid, held = await accepted[id(w)]
-                except TransientError as exc:
-                    out[id(w)] = exc
-                    continue
-                now = datetime.now(timezone.utc) + timedelta(seconds=w.delivery.skew)
-                out[id(w)] = (decide(w.command, w.delivery.version, KeyState(version, w.command.state), rid, now,
+            now = datetime.now(timezone.utc)
+            for w, (version, rid, held) in zip(live, answers):
+                at = now + timedelta(seconds=w.delivery.skew) if w.delivery.skew else now
+                out[id(w)] = (decide(w.command, w.delivery.version, KeyState(version, w.command.state), rid, at,
                                      held), version, rid)
             return out
 

@@ -12,7 +12,7 @@ import pytest
 from agent.contract import Command
 from agent.db.queries import Queries
 from agent.db.schema import SCHEMA_VERSION, check_ready, init_database, migrations
-from agent.errors import ConfigError
+from agent.errors import ConfigError, TransientError
 from agent.executor.acceptor import Acceptor
 from tests.support.db import add_device
 
@@ -104,6 +104,39 @@ async def test_acceptance_of_several_versions_of_one_key_keeps_the_first_owner_a
     assert results == [(12, 11, False), (12, 12, False), (12, 11, False)]  # (in force, request_id owner, held)
     row = await db.fetchrow("SELECT desired, desired_version, last_request_id FROM agent.service_state")
     assert tuple(row) == ("off", 12, "refund-1")
+
+
+async def test_takes_submitted_whole_are_answered_in_their_order_in_one_flush_with_single_commands(db, dsn):
+    def cmd(service: str, state: str, rid: str | None = None) -> Command:
+        return Command(device="r1", service=service, state=state, request_id=rid)
+
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    acceptor = Acceptor(pool, Queries("device_tasks"))
+    first = acceptor.submit_take([(cmd("wifi", "on", "pay-1"), 11, 11, False), (cmd("tv", "on"), 12, 12, False)])
+    single = acceptor.submit(cmd("wifi", "off"), 13, 13)
+    second = acceptor.submit_take([(cmd("voip", "off"), 14, 14, False), (cmd("tv", "off", "pay-1"), 15, 15, False)])
+    flushing = asyncio.create_task(acceptor.run())
+    try:
+        answers = await asyncio.gather(first, single, second)
+    finally:
+        flushing.cancel()
+        await pool.close()
+    assert acceptor.flushes == 1
+    # wifi: 13 is newer than 11; tv: 15 reuses pay-1 (owned by 11), a duplicate, so 12 stays in force
+    assert answers == [[(13, 11, False), (12, None, False)], (13, None, False), [(14, None, False), (12, 11, False)]]
+
+
+async def test_a_take_whose_acceptance_cannot_be_written_learns_it_for_each_command(dsn):
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    acceptor = Acceptor(pool, Queries("missing_queue"))  # its statement fails: the queue's table is not there
+    take = acceptor.submit_take([(Command(device="r1", service="wifi", state="on"), 11, 11, False)])
+    flushing = asyncio.create_task(acceptor.run())
+    try:
+        with pytest.raises(TransientError, match="database unavailable"):
+            await asyncio.wait_for(take, 10)
+    finally:
+        flushing.cancel()
+        await pool.close()
 
 
 async def test_a_migration_adds_event_kinds_keeping_every_kind_allowed_before(db):
