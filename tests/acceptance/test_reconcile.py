@@ -63,7 +63,7 @@ async def test_one_leader_per_site_and_a_killed_leader_is_replaced_by_the_next_t
     first = spawn_agentd(dsn, agent_id="a1", reconcile_schedule="off", leader_check_interval=1)
     await until(lambda: leader_of(db), timeout=15, what="a leader elected")
     second = spawn_agentd(dsn, agent_id="a2", reconcile_schedule="off", leader_check_interval=1)
-    await until(lambda: db.fetchval("SELECT count(*) = 2 FROM agent.agents WHERE state = 'ready'"), timeout=15,
+    await until(lambda: db.fetchval("SELECT count(*) = 2 FROM agent.agents WHERE state = 'ready'"), timeout=30,
                 what="both agents ready")
     assert await leader_of(db) == "a1"
     # a2 is a standby on its one session connection: no second connection waits in Postgres
@@ -83,7 +83,7 @@ async def test_a_leader_that_stops_hands_over_at_once_not_at_the_next_try(db, ds
     first = spawn_agentd(dsn, agent_id="a1", reconcile_schedule="off")
     await until(lambda: _is(leader_of(db), "a1"), timeout=15, what="a1 leads")
     spawn_agentd(dsn, agent_id="a2", reconcile_schedule="off", leader_check_interval=300)
-    await until(lambda: db.fetchval("SELECT count(*) = 2 FROM agent.agents WHERE state = 'ready'"), timeout=15,
+    await until(lambda: db.fetchval("SELECT count(*) = 2 FROM agent.agents WHERE state = 'ready'"), timeout=30,
                 what="both agents ready")
     first.send_signal(signal.SIGTERM)
     await until(lambda: _is(leader_of(db), "a2"), timeout=TAKEOVER_BOUND, what="a2 takes over at once")
@@ -94,7 +94,7 @@ async def test_a_leader_whose_connection_is_cut_stops_leading_and_another_takes_
     spawn_agentd(dsn, agent_id="a1", reconcile_schedule="off", leader_check_interval=1)
     await until(lambda: _is(leader_of(db), "a1"), timeout=15, what="a1 leads")
     spawn_agentd(dsn, agent_id="a2", reconcile_schedule="off", leader_check_interval=1)
-    await until(lambda: db.fetchval("SELECT count(*) = 2 FROM agent.agents WHERE state = 'ready'"), timeout=15,
+    await until(lambda: db.fetchval("SELECT count(*) = 2 FROM agent.agents WHERE state = 'ready'"), timeout=30,
                 what="both agents ready")
     cut = await db.fetchval("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                             "WHERE application_name = 'agentd session a1'")
