@@ -13,11 +13,14 @@
 -- database's clock, the one not_after is judged by. $1: the queue's name (the statement is bound to
 -- its table already; kept so that callers of the pgmq.read form work unchanged). The rows taken are
 -- updated through the primary key (`= ANY (ARRAY(...))`): joined to the CTEs, the planner hashed the
--- whole queue table for every read, a cost that grew with the backlog.
+-- whole queue table for every read, a cost that grew with the backlog. The limits are subqueries,
+-- `(SELECT $3::integer)`: a limit the planner sees (a parameter's value in a custom plan) made every
+-- generic plan look dearer, so each of a drain's hundreds of reads was planned anew; the plan is
+-- the same either way (the index that gives msg_id order), and now it is made once per connection.
 WITH hi AS (
     SELECT msg_id FROM pgmq.{q}
     WHERE {high} AND vt <= clock_timestamp()
-    ORDER BY msg_id LIMIT $3
+    ORDER BY msg_id LIMIT (SELECT $3::integer)
     FOR UPDATE SKIP LOCKED
 ), lo AS (
     SELECT msg_id FROM pgmq.{q}
@@ -45,7 +48,7 @@ ORDER BY r.msg_id;
 WITH hi AS (
     SELECT msg_id FROM pgmq.{q}
     WHERE {high} AND vt <= clock_timestamp()
-    ORDER BY msg_id LIMIT $2
+    ORDER BY msg_id LIMIT (SELECT $2::integer)
     FOR UPDATE SKIP LOCKED
 ), r AS (
     UPDATE pgmq.{q} m
@@ -69,7 +72,7 @@ ORDER BY r.msg_id;
 WITH hi AS (
     SELECT msg_id FROM pgmq.{q}
     WHERE {high} AND (message->>'device') = $2 AND vt <= clock_timestamp()
-    ORDER BY msg_id LIMIT $3
+    ORDER BY msg_id LIMIT (SELECT $3::integer)
     FOR UPDATE SKIP LOCKED
 ), lo AS (
     SELECT msg_id FROM pgmq.{q}

@@ -78,3 +78,18 @@ async def test_the_migration_moves_the_queues_of_every_site_to_the_held_index(em
             assert await index_kind(conn, f"archived_at_idx_{queue}") == "brin"
     finally:
         await conn.close()
+
+
+async def test_reads_are_planned_once_per_connection_not_at_every_read(db):
+    """A drain reads hundreds of times: after PostgreSQL's five trial plans the reads run on one
+    generic plan (their limits are not visible to the planner, so no custom plan looks cheaper)."""
+    await add_device(db, "r1", "sim")
+    await db.execute("SELECT pgmq.send_batch('device_tasks', $1::jsonb[])",
+                     [json.dumps({"device": "r1", "service": f"s{i}", "state": "off"}) for i in range(40)])
+    for room in (1, 2, 3, 1, 2, 3, 1, 2):
+        await db.fetch(Q.read_device, 30, "r1", room, 65536)
+        await db.fetch(Q.read, Q.queue, 30, room, 65536)
+    plans = {r["statement"]: (r["generic_plans"], r["custom_plans"]) for r in await db.fetch(
+        "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements "
+        "WHERE statement LIKE '%FOR UPDATE SKIP LOCKED%' AND statement NOT LIKE '%pg_prepared_statements%'")}
+    assert len(plans) == 2 and all(generic >= 3 and custom <= 5 for generic, custom in plans.values()), plans
