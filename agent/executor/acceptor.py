@@ -121,8 +121,24 @@ class Acceptor:
                     takes.setdefault(id(p.done), []).append(result)
                 elif not p.done.done():
                     p.done.set_result(result)
-            for p in batch:
-                if p.at == 0 and not p.done.done():
+            await self._answer([p for p in batch if p.at == 0], takes)
+
+    @staticmethod
+    async def _answer(firsts: list[_Pending], takes: dict[int, list[Accepted]]) -> None:
+        """The takes of one flush are answered one after another, with a pass of the event loop
+        between two: a take whose device answers at once runs to its end when answered, so answered
+        together the takes of a month-end flush (thirty of a hundred commands) all ran before the first
+        outcome could be reported, and Postgres sat idle for that long. Every take is answered, also
+        when this is cancelled."""
+        try:
+            for i, p in enumerate(firsts):
+                if i:
+                    await asyncio.sleep(0)
+                if not p.done.done():
+                    p.done.set_result(takes[id(p.done)])
+        finally:
+            for p in firsts:
+                if not p.done.done():
                     p.done.set_result(takes[id(p.done)])
 
     async def _write(self, conn: asyncpg.Connection, batch: list[_Pending]) -> list[Accepted]:

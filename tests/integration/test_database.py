@@ -126,6 +126,26 @@ async def test_takes_submitted_whole_are_answered_in_their_order_in_one_flush_wi
     assert answers == [[(13, 11, False), (12, None, False)], (13, None, False), [(14, None, False), (12, 11, False)]]
 
 
+async def test_the_takes_of_one_flush_are_answered_one_after_another(dsn):
+    """A take whose device answers at once runs to its end when answered: the next take is answered
+    only after the event loop's next pass, so the report writer gets a turn between two takes."""
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    acceptor = Acceptor(pool, Queries("device_tasks"))
+    takes = [acceptor.submit_take([(Command(device="r1", service=f"s{t}{i}", state="on"), 10 * t + i, 10 * t + i,
+                                    False) for i in range(3)]) for t in range(1, 4)]
+    seen: list[list[bool]] = []
+    for take in takes:
+        take.add_done_callback(lambda _f: seen.append([t.done() for t in takes]))
+    flushing = asyncio.create_task(acceptor.run())
+    try:
+        await asyncio.wait_for(asyncio.gather(*takes), 10)
+    finally:
+        flushing.cancel()
+        await pool.close()
+    assert acceptor.flushes == 1
+    assert seen == [[True, False, False], [True, True, False], [True, True, True]]
+
+
 async def test_a_take_whose_acceptance_cannot_be_written_learns_it_for_each_command(dsn):
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
     acceptor = Acceptor(pool, Queries("missing_queue"))  # its statement fails: the queue's table is not there
