@@ -72,12 +72,7 @@ class Acceptor:
         waiting, so a restore's acceptance does not wait for a burst's.
         """
         fut: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
-        p = _Pending(command, version, msg_id, fut, released)
-        if urgent:
-            self._urgent.append(p)
-        else:
-            self._pending.append(p)
-        self._wake.set()
+        self._enqueue([_Pending(command, version, msg_id, fut, released)], urgent)
         return fut
 
     def submit_take(self, commands: Sequence[tuple[Command, int, int, bool]],
@@ -86,11 +81,13 @@ class Acceptor:
         future of their answers in the same order (a month-end take is a hundred commands: a future
         each, and an await each, was a share of the agent's CPU)."""
         fut: asyncio.Future[list[Accepted]] = asyncio.get_running_loop().create_future()
-        into = self._urgent if urgent else self._pending
-        into.extend(_Pending(c, version, msg_id, fut, released, i)
-                    for i, (c, version, msg_id, released) in enumerate(commands))
-        self._wake.set()
+        self._enqueue([_Pending(c, version, msg_id, fut, released, i)
+                       for i, (c, version, msg_id, released) in enumerate(commands)], urgent)
         return fut
+
+    def _enqueue(self, items: list[_Pending], urgent: bool) -> None:
+        (self._urgent if urgent else self._pending).extend(items)
+        self._wake.set()
 
     async def accept(self, command: Command, version: int, msg_id: int, released: bool = False) -> Accepted:
         return await self.submit(command, version, msg_id, released)
