@@ -242,6 +242,8 @@ async def agent_drain(admin_dsn: str, payloads: list[str], devices: int, log_fil
                           log_file=log_file)
     if log_file:  # from the send on: start-up statements are not counted
         r["statements"] = statement_times(log_file, r["log_start"], "agentd")
+        if keep := os.environ.get("BENCH_KEEP_LOG"):  # the drain's statement log, to read its timeline
+            shutil.copy(log_file, keep)
     return r
 
 

@@ -60,6 +60,8 @@ def agentd(dsn: str, **env: str) -> subprocess.Popen[bytes]:
     # bursts of suspensions are what the benches drain: the guard against mass suspension is off
     full.update({"AGENT_DATABASE_URL": dsn, "AGENT_HTTP_LISTEN": "", "AGENT_LOG_LEVEL": "WARNING",
                  "AGENT_GUARD_OFF_PERCENT": "100", **env})
+    # BENCH_AGENT_ENV="AGENT_X=1 AGENT_Y=2": settings over the bench's own (to compare a setting's effect)
+    full.update(item.split("=", 1) for item in os.environ.get("BENCH_AGENT_ENV", "").split() if "=" in item)
     # BENCH_CPROFILE=<file>: agentd under cProfile (its own overhead distorts times; counts are exact)
     prof = ["-m", "cProfile", "-o", os.environ["BENCH_CPROFILE"]] if os.environ.get("BENCH_CPROFILE") else []
     proc = subprocess.Popen([sys.executable, *prof, "-m", "agent"], env=full)
