@@ -108,9 +108,12 @@ async def pgq_worker(dsn: str, jobs: int, batch_size: int | None = None) -> None
     await conn.close()
 
 
+PGQ_UVLOOP = False  # --pgq-uvloop: the worker on uvloop, as pgqueuer's own CLI (`pgq run`) runs it
+
+
 def pgq_process(dsn: str, jobs: int, batch_size: int | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, __file__, "--pgq-worker", dsn, str(jobs),
-                             *([str(batch_size)] if batch_size else [])])
+    return subprocess.Popen([sys.executable, __file__, *(["--pgq-uvloop"] if PGQ_UVLOOP else []), "--pgq-worker", dsn,
+                             str(jobs), *([str(batch_size)] if batch_size else [])])
 
 
 def bodies(devices: int, services: int) -> list[str]:
@@ -296,8 +299,12 @@ async def main() -> None:
     ap.add_argument("--wal-stats", action="store_true", help="pg_waldump --stats of each side's drain (last run)")
     ap.add_argument("--pgq-batch", type=int, default=100,
                     help="also drain with pgqueuer run(batch_size=N), matched to AGENT_BATCH_SIZE (0: skip)")
+    ap.add_argument("--pgq-uvloop", action="store_true",
+                    help="run the pgqueuer worker on uvloop, as its own CLI does (agentd runs on asyncio's loop)")
     ap.add_argument("--pgq-worker", nargs="+", metavar="DSN JOBS [BATCH]", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global PGQ_UVLOOP
+    PGQ_UVLOOP = args.pgq_uvloop
     if args.pgq_worker:
         await pgq_worker(args.pgq_worker[0], int(args.pgq_worker[1]),
                          int(args.pgq_worker[2]) if len(args.pgq_worker) > 2 else None)
@@ -321,7 +328,7 @@ async def main() -> None:
         print(f"machine: {machine(pg_version)}")
         print("agentd: default settings (AGENT_CONCURRENCY 32, AGENT_COALESCE 100, AGENT_BATCH_SIZE 100, "
               "AGENT_PREFETCH 1000), log level WARNING; pgqueuer: QueueManager.run() defaults (batch_size 10), "
-              "durable schema")
+              "durable schema, event loop " + ("uvloop (as `pgq run`)" if PGQ_UVLOOP else "asyncio's (as agentd)"))
         payloads = bodies(args.devices, args.services)
         n = len(payloads)
         ratios, arates, prates, a_res, p_res = [], [], [], [], []
@@ -434,4 +441,9 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if "--pgq-worker" in sys.argv and "--pgq-uvloop" in sys.argv:
+        import uvloop  # installed with pgqueuer (a dependency of it)
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
