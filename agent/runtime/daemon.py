@@ -49,6 +49,7 @@ from agent.queue.reports import Reporter
 from agent.reconcile.messages import ReconcileMessages
 from agent.reconcile.reconciler import Reconciler
 from agent.reconcile.worker import ReconcileTuning, SyncWorker
+from agent.runtime import collector
 from agent.runtime.endpoint import Endpoint
 from agent.runtime.housekeeper import Housekeeper, Identity, Sources
 from agent.runtime.metrics import Metrics, starting_registry
@@ -435,6 +436,7 @@ async def run(settings: Settings, *, once: bool = False, drivers: Drivers | None
             if (starting := await _until_stopped(agent.start(session=not once), stop)) is None:
                 return 0
             starting.result()
+            collector.settle()
             if once:
                 return await agent.drain_once(stop)
             await agent.run_forever(stop, reload)
