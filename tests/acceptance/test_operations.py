@@ -210,14 +210,8 @@ async def test_a_month_end_drain_walks_the_young_objects_a_handful_of_times_not_
                             return sample.value
                 return None
 
-            async def ready() -> bool:
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
-                        return resp.status == 200
-                except aiohttp.ClientConnectionError:
-                    return False
-
-            await until(ready, timeout=20, what="/readyz")  # started: the collector is set
+            await until(lambda: db.fetchval("SELECT count(*) = 1 FROM agent.agents WHERE state = 'ready'"),
+                        timeout=30, what="agentd ready")  # started: the collector is set
             before = await young_walks()
             await db.execute("SELECT agent.enqueue('r' || (i % 30), 'svc' || i, 'on') FROM generate_series(1, $1) i",
                              commands)
