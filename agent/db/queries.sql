@@ -196,12 +196,12 @@ ORDER BY id DESC LIMIT $4;
 -- name: extend_leases
 -- Fenced by read_ct: a message another reader took since is not ours to extend.
 UPDATE pgmq.{q} m SET vt = clock_timestamp() + make_interval(secs => $3::integer)
-FROM unnest($1::bigint[], $2::integer[]) AS x(id, rc)
+FROM unnest($1::text[]::bigint[], $2::text[]::integer[]) AS x(id, rc)
 WHERE m.msg_id = x.id AND m.read_ct = x.rc;
 
 -- name: release
 UPDATE pgmq.{q} m SET vt = clock_timestamp()
-FROM unnest($1::bigint[], $2::integer[]) AS x(id, rc)
+FROM unnest($1::text[]::bigint[], $2::text[]::integer[]) AS x(id, rc)
 WHERE m.msg_id = x.id AND m.read_ct = x.rc;
 
 -- name: queue_lock
@@ -222,7 +222,7 @@ WITH released AS (
 ), claimed AS (
     INSERT INTO agent.device_claims AS c (device, agent_id, instance, host, pid, claimed_at, expires_at)
     SELECT x.d, $1, $8, $5, $6, clock_timestamp(), clock_timestamp() + make_interval(secs => x.ttl)
-    FROM unnest($2::text[], $3::double precision[]) AS x(d, ttl)
+    FROM unnest($2::text[], $3::text[]::double precision[]) AS x(d, ttl)
     ON CONFLICT (device) DO UPDATE SET agent_id = EXCLUDED.agent_id, instance = EXCLUDED.instance,
         host = EXCLUDED.host, pid = EXCLUDED.pid, claimed_at = EXCLUDED.claimed_at, expires_at = EXCLUDED.expires_at
     WHERE c.instance = EXCLUDED.instance OR c.expires_at < clock_timestamp() OR c.instance = ANY($7::text[])
@@ -234,7 +234,7 @@ SELECT array(SELECT device FROM claimed) AS claimed, (SELECT count(*) FROM relea
 -- name: renew_claims
 -- $1 agent id, $4 this process's instance: only its own leases are renewed.
 UPDATE agent.device_claims c SET expires_at = clock_timestamp() + make_interval(secs => x.ttl)
-FROM unnest($2::text[], $3::double precision[]) AS x(d, ttl)
+FROM unnest($2::text[], $3::text[]::double precision[]) AS x(d, ttl)
 WHERE c.agent_id = $1 AND c.instance = $4 AND c.device = x.d RETURNING c.device;
 
 -- name: release_all_claims
@@ -304,7 +304,7 @@ SELECT msg_id FROM pgmq.{dq} ORDER BY msg_id;
 -- name: next_visible
 -- How long until the next message not in flight ($1) is visible; zero or less when one already is
 -- (a retry that became visible after the last read and before this look: nothing notifies it).
-SELECT min(vt) - clock_timestamp() AS wait FROM pgmq.{q} WHERE NOT (msg_id = ANY($1::bigint[]));
+SELECT min(vt) - clock_timestamp() AS wait FROM pgmq.{q} WHERE NOT (msg_id = ANY($1::text[]::bigint[]));
 
 -- name: heartbeat
 -- $13 instance, $14 host_id: the row is this process's (agent_holder/register_agent); one another
@@ -569,13 +569,14 @@ WITH done AS (
     WHERE r.id = t.run
     RETURNING r.id
 )
-SELECT array(SELECT msg_id FROM done UNION ALL SELECT msg_id FROM moved) AS left_queue,
+SELECT array_to_string(array(SELECT msg_id FROM done UNION ALL SELECT msg_id FROM moved), ',') AS left_queue,
        (SELECT count(*) FROM archived) AS archived,
        (SELECT count(*) FROM dead) AS dead,
        (SELECT count(*) FROM moved) AS moved,
        (SELECT count(*) FROM later) AS later, (SELECT count(*) FROM states) AS states,
        (SELECT count(*) FROM events) AS events, (SELECT count(*) FROM items) AS items,
-       (SELECT count(pg_notify('agent_sync', 'progress')) FROM runs) AS progressed, array(SELECT id FROM runs) AS runs;
+       (SELECT count(pg_notify('agent_sync', 'progress')) FROM runs) AS progressed,
+       array_to_string(array(SELECT id FROM runs), ',') AS runs;
 
 -- name: finish_runs
 -- After `report`, in its transaction: the runs $1 it counted devices of finish when every device of
@@ -585,7 +586,7 @@ SELECT array(SELECT msg_id FROM done UNION ALL SELECT msg_id FROM moved) AS left
 -- reports settling a run's last two devices at once each saw the other's still open (one snapshot
 -- per statement), and the run never finished.
 UPDATE agent.sync_runs r SET finished_at = clock_timestamp()  -- as near its commit as it gets: the leader's
-WHERE r.id = ANY ($1::bigint[]) AND r.finished_at IS NULL     -- summaries follow finished_at
+WHERE r.id = ANY ($1::text[]::bigint[]) AND r.finished_at IS NULL     -- summaries follow finished_at
   AND NOT EXISTS (SELECT 1 FROM agent.sync_devices o WHERE o.run = r.id AND o.state <> 'done')
 RETURNING r.id, pg_notify('agent_sync', r.id::text);
 

@@ -34,7 +34,7 @@ import asyncpg
 
 from agent.db.connect import DB_ERRORS
 from agent.db.identity import alive, host_identity, new_instance
-from agent.db.queries import Queries
+from agent.db.queries import Queries, as_text
 
 log = logging.getLogger("agent.claims")
 
@@ -126,7 +126,7 @@ class DeviceClaims:
         try:
             async with self._pool.acquire() as conn:
                 row = await conn.fetchrow(self._q.claim_devices, self._agent_id, list(wanted),
-                                          list(wanted.values()), releases, self._host, self._pid,
+                                          as_text(wanted.values()), releases, self._host, self._pid,
                                           sorted(self._dead), self._instance, timeout=10)
         except DB_ERRORS as exc:
             log.warning("device claims failed (%s): work will be tried again shortly", exc,
@@ -173,7 +173,7 @@ class DeviceClaims:
         try:
             async with self._pool.acquire() as conn:
                 rows = await conn.fetch(self._q.renew_claims, self._agent_id, devices,
-                                        [self._ttl[d] for d in devices], self._instance, timeout=RENEW)
+                                        as_text(self._ttl[d] for d in devices), self._instance, timeout=RENEW)
             kept = {r["device"] for r in rows}
         except DB_ERRORS as exc:  # the leases run on; work stops starting once they run short
             log.warning("device claims could not be renewed: %s", exc, extra={"action": "claims_failed"})
@@ -197,4 +197,3 @@ class DeviceClaims:
                 await conn.execute(self._q.release_all_claims, self._agent_id, self._instance, timeout=5)
         except (*DB_ERRORS, asyncio.CancelledError):  # they expire by themselves
             pass
-

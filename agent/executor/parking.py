@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import asyncpg
 
-from agent.db.queries import Queries
+from agent.db.queries import Queries, as_text
 from agent.model.outcome import Delivery, Outcome
 
 log = logging.getLogger("agent.parking")
@@ -56,6 +56,6 @@ class Parking:
         if not ids:
             return 0
         async with self._pool.acquire() as conn:
-            await conn.execute(self._q.release, ids, rcs)
+            await conn.execute(self._q.release, as_text(ids), as_text(rcs))
         log.info("woke %d parked message(s)", len(ids), extra={"action": "unparked"})
         return len(ids)

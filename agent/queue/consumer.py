@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 
 from agent.db.connect import DB_ERRORS
-from agent.db.queries import Queries
+from agent.db.queries import Queries, as_text
 from agent.errors import PermanentError
 from agent.executor.executor import Executor
 from agent.executor.lanework import LaneWork, LaneWorks
@@ -227,7 +227,7 @@ class Consumer:
         due, or at once for one that became visible since the last read."""
         try:
             async with self._pool.acquire() as conn:
-                wait = await conn.fetchval(self._q.next_visible, list(self.inflight))
+                wait = await conn.fetchval(self._q.next_visible, as_text(self.inflight))
         except DB_ERRORS:
             return
         if wait is not None and wait.total_seconds() < self._live().poll_interval:
@@ -319,8 +319,8 @@ class Consumer:
             try:  # never between a commit and its callback: a settled retry delay would be overwritten
                 async with self._settling.alone(), self._pool.acquire() as conn:
                     held = list(self.inflight.values())
-                    await conn.execute(self._q.extend_leases, [d.msg_id for d in held], [d.read_ct for d in held],
-                                       self._s.visibility_timeout)
+                    await conn.execute(self._q.extend_leases, as_text(d.msg_id for d in held),
+                                       as_text(d.read_ct for d in held), self._s.visibility_timeout)
             except DB_ERRORS as exc:
                 log.warning("lease extension failed: %s", exc, extra={"action": "lease_failed"})
 
@@ -330,7 +330,7 @@ class Consumer:
         if not pending:
             return 0
         async with self._pool.acquire() as conn:
-            await conn.execute(self._q.release, [d.msg_id for d in pending], [d.read_ct for d in pending])
+            await conn.execute(self._q.release, as_text(d.msg_id for d in pending), as_text(d.read_ct for d in pending))
         log.info("released %d unfinished messages", len(pending), extra={"action": "released"})
         self.inflight.clear()
         return len(pending)

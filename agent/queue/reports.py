@@ -73,8 +73,15 @@ async def write_batch(conn: asyncpg.Connection, q: Queries, agent_id: str, batch
         async with conn.transaction():
             row = await conn.fetchrow(q.report, *args, archive, q.queue)
             if row["runs"]:
-                await conn.execute(q.finish_runs, row["runs"])
-    return {o.delivery.msg_id for o in batch if o.finish in LEAVES} - set(row["left_queue"])
+                await conn.execute(q.finish_runs, row["runs"].split(","))
+    return {o.delivery.msg_id for o in batch if o.finish in LEAVES} - _ids(row["left_queue"])
+
+
+def _ids(listed: str) -> set[int]:
+    """The msg_ids a report statement lists ("1,2,3"). Lists of bigint arrive as text: asyncpg
+    knows an int8[] only after asking the server about it, three round trips and a catalog query
+    on every new pooled connection, in the middle of the burst that opened it."""
+    return {int(x) for x in listed.split(",")} if listed else set()
 
 
 def report_args(q: Queries, agent_id: str, batch: Sequence[Outcome]) -> tuple[Any, ...]:

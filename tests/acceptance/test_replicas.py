@@ -28,7 +28,8 @@ async def test_two_agents_share_a_queue_without_operating_one_device_twice(db, d
     common = {"retry_base": 0.05, "retry_max": 0.3, "batch_size": 5, "prefetch": 10, "poll_interval": 1}
     for n in (1, 2):
         spawn_agentd(dsn, agent_id=f"replica-{n}", **common)
-    # two daemons starting at once on a machine a test suite keeps busy: 20 s once ran out (alone the whole test takes 8 s)
+    # two daemons starting at once on a machine a test suite keeps busy: 20 s once ran out
+    # (alone the whole test takes 8 s)
     await until(lambda: db.fetchval("SELECT count(*) = 2 FROM agent.agents WHERE state = 'ready'"), timeout=60,
                 what="both agents ready")
     rng = random.Random(42)

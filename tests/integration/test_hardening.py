@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from agent.db.queries import Queries
+from agent.db.queries import Queries, as_text
 from agent.model.outcome import Delivery, EventRow, Outcome, StateUpdate
 from agent.queue.admission import delivery
 from agent.queue.reports import Reporter, write_batch
@@ -262,7 +262,8 @@ async def test_a_lease_is_extended_only_for_the_delivery_that_holds_it(db):
     [first] = await read(db)
     await db.execute("UPDATE pgmq.q_device_tasks SET vt = clock_timestamp() WHERE msg_id = $1", msg)
     [second] = await read(db)  # the lease ran out and another reader took the message
-    await db.execute(Q.extend_leases, [msg], [first.read_ct], 3600)  # the first holder's late extension
+    # the first holder's late extension
+    await db.execute(Q.extend_leases, as_text([msg]), as_text([first.read_ct]), 3600)
     wait = await db.fetchval("SELECT vt - clock_timestamp() FROM pgmq.q_device_tasks WHERE msg_id = $1", msg)
     assert wait.total_seconds() <= 30 and second.read_ct == first.read_ct + 1
 

@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from agent.contract import parse_command
-from agent.db.queries import Queries
+from agent.db.queries import Queries, as_text
 from agent.db.schema import init_database, worker_role
 from agent.errors import ConfigError
 from agent.model.outcome import EventRow, Outcome, StateUpdate
@@ -122,7 +122,7 @@ async def test_a_sites_worker_does_its_own_work(db, north, default_worker):
     mine = await send(db, {"device": "r1", "service": "wifi", "state": "on"})
     stray = await send(db, {"device": "n1", "service": "lan", "state": "on"})
     d_mine, d_stray = [delivery(r, time.time()) for r in await w.fetch(HERE.read, HERE.queue, 30, 10, 65536)]
-    claimed = await w.fetchrow(HERE.claim_devices, "gw-default", ["r1"], [60.0], [], "host", 1, [],
+    claimed = await w.fetchrow(HERE.claim_devices, "gw-default", ["r1"], as_text([60.0]), [], "host", 1, [],
                                "gw-default-instance-1")
     assert claimed["claimed"] == ["r1"]
     now = time.time()
