@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -169,6 +170,10 @@ async def drain(admin_dsn: str, db: str, devices: list[tuple[str, dict]], bodies
         log_start = log_file.stat().st_size if log_file else 0
         await checkpoint(conn)
         cpu0 = (cpu_seconds([proc.pid]), cpu_seconds(postgres_pids()))
+        # BENCH_PERF=<file>: `perf record -a -g` of the machine from the send to the drain's end
+        # (BENCH_PERF_ARGS: perf's sampling options, "-g" by default; "--call-graph dwarf" for Postgres' stacks)
+        perf = (subprocess.Popen(["perf", "record", "-a", *os.environ.get("BENCH_PERF_ARGS", "-g").split(), "-q",
+                                  "-o", os.environ["BENCH_PERF"]]) if os.environ.get("BENCH_PERF") else None)
         wall0 = time.monotonic()
         t0, mine, lsn0 = await send_all(conn, bodies)
         deadline = time.monotonic() + timeout
@@ -188,6 +193,9 @@ async def drain(admin_dsn: str, db: str, devices: list[tuple[str, dict]], bodies
             await asyncio.sleep(0.1)
         wall = time.monotonic() - wall0
         cpu1 = (cpu_seconds([proc.pid]), cpu_seconds(postgres_pids()))
+        if perf:
+            perf.send_signal(signal.SIGINT)
+            perf.wait()
     finally:
         stop(proc)
     last = await conn.fetchval('SELECT max(archived_at) FROM pgmq."a_device_tasks"')

@@ -61,13 +61,15 @@ class _RollBack(Exception):
     pass
 
 
-async def measure(admin_dsn: str, n: int, batch: int, what: str | None) -> None:
+async def measure(admin_dsn: str, n: int, batch: int, what: str | None, setup: list[str]) -> None:
     dsn = await fresh_db(admin_dsn, "bench_statements")
     conn = await asyncpg.connect(dsn)
     await conn.execute("SET jit = off")  # as agentd's pool sets it
     q = Queries("device_tasks")
     await conn.executemany("INSERT INTO agent.devices (id, driver) VALUES ($1, 'sim')",
                            [(f"d{i:03}",) for i in range(200)])
+    for sql in setup:  # --setup: a statement to try before the commands are sent
+        await conn.execute(sql)
     bodies = [json.dumps({"device": f"d{i % 200:03}", "service": f"svc{i // 200:03}", "state": "on"})
               for i in range(n)]
     for start in range(0, n, 5000):
@@ -116,10 +118,16 @@ async def measure(admin_dsn: str, n: int, batch: int, what: str | None) -> None:
         done += len(rows)
     wal = await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::text::pg_lsn)", lsn0)
     await conn.close()
+    await asyncio.sleep(1.0)  # the statistics of a closed connection are flushed
+    conn = await asyncpg.connect(dsn)
+    hot = await conn.fetch("SELECT relname, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables "
+                           "WHERE n_tup_upd > 0 ORDER BY relname")
+    await conn.close()
     us = 1e6 / done
     print(f"{done} commands, batches of {batch}: read {t_read * us:.0f} µs, accept {t_accept * us:.0f} µs, "
           f"report {t_report * us:.0f} µs a command (statements: {(t_read + t_accept + t_report) * us:.0f} µs); "
-          f"building the report's parameters {t_args * us:.1f} µs; WAL {wal / done:,.0f} bytes a command")
+          f"building the report's parameters {t_args * us:.1f} µs; WAL {wal / done:,.0f} bytes a command; "
+          "updates (HOT) " + ", ".join(f"{r['relname']} {r['n_tup_upd']} ({r['n_tup_hot_upd']})" for r in hot))
 
 
 async def _try(coro) -> None:  # type: ignore[no-untyped-def]
@@ -134,6 +142,8 @@ async def main() -> None:
     ap.add_argument("--commands", type=int, default=20_000)
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--explain", choices=["read", "device", "accept", "report"])
+    ap.add_argument("--setup", action="append", default=[], metavar="SQL",
+                    help="a statement run before the commands are sent (to try a table setting)")
     args = ap.parse_args()
     import pgserver
 
@@ -141,7 +151,7 @@ async def main() -> None:
     os.chmod(root, 0o755)
     server = pgserver.get_server(root / "pg", cleanup_mode="delete")
     try:
-        await measure(server.get_uri(), args.commands, args.batch, args.explain)
+        await measure(server.get_uri(), args.commands, args.batch, args.explain, args.setup)
     finally:
         server.cleanup()
         shutil.rmtree(root, ignore_errors=True)
