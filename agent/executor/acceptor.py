@@ -9,7 +9,6 @@ per flush.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from agent.contract import Command
 from agent.db.connect import DB_ERRORS
 from agent.db.queries import Queries
 from agent.errors import TransientError
+from agent.text import strict_json
 
 Accepted = tuple[int, int | None, bool]  # (version in force, version owning the request_id, held by the guard)
 
@@ -139,9 +139,9 @@ class Acceptor:
                     p.done.set_result(takes[id(p.done)])
 
     async def _write(self, conn: asyncpg.Connection, batch: list[_Pending]) -> list[Accepted]:
-        # one JSON array of columns: plain lists are what json.dumps encodes fastest (see reports.py, _columns)
+        # one JSON array of columns: plain lists are what JSON encodes fastest (see reports.py, _columns)
         commands = [p.command for p in batch]
-        columns = json.dumps([[c.device for c in commands], [c.service for c in commands],
+        columns = strict_json([[c.device for c in commands], [c.service for c in commands],
                               [c.state for c in commands], [p.version for p in batch], [p.msg_id for p in batch],
                               [c.request_id for c in commands], [p.released for p in batch]])
         owners: dict[str, int] = {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import time
@@ -22,7 +21,7 @@ import asyncpg
 
 from agent.db.queries import Queries
 from agent.model.outcome import LEAVES, EventRow, Outcome, StateUpdate
-from agent.text import clean, clean_opt, safe_json
+from agent.text import clean, clean_opt, safe_json, strict_json
 
 log = logging.getLogger("agent.reporter")
 
@@ -97,8 +96,8 @@ def report_args(q: Queries, agent_id: str, batch: Sequence[Outcome]) -> tuple[An
     states = merge_states([s for o in batch for s in ([o.state] if o.state else []) + o.extra_states])
     events = [e for o in batch for e in o.events]
     synced = [{"msg_id": o.delivery.msg_id, **o.sync} for o in batch if o.sync is not None and o.finish == "archive"]
-    return (_dumps(finish), q.dlq, _dumps(later), _columns(states, _STATE_COLUMNS), _columns(events, _EVENT_COLUMNS),
-            agent_id, _dumps(synced))
+    return (strict_json(finish), q.dlq, strict_json(later), _columns(states, _STATE_COLUMNS),
+            _columns(events, _EVENT_COLUMNS), agent_id, strict_json(synced))
 
 
 MAX_BOUNCES = 1_000_000
@@ -110,23 +109,9 @@ def _delay(seconds: float) -> float:
     return min(max(seconds, 0.0), 86400.0) if math.isfinite(seconds) else 60.0
 
 
-def _dumps(value: Any) -> str:
-    """Strict JSON (no NaN or Infinity, which jsonb refuses), strings safe for Postgres. Most batches
-    hold neither, and json.dumps says so (ValueError, or a NUL escaped as \\u0000 in its output) at a
-    tenth of the cost of walking every value first: only a batch that does is walked (safe_json).
-    Nesting needs no check here: meta's depth is bounded where a message is parsed."""
-    try:
-        text = json.dumps(value, allow_nan=False)
-    except (ValueError, TypeError):
-        return json.dumps(safe_json(value), allow_nan=False)
-    if "\\u0000" in text:
-        return json.dumps(safe_json(value), allow_nan=False)
-    return text
-
-
 # The columns of the states and events, in the order the report statement reads them: each table
 # goes as one JSON array of columns, [[device, ...], [service, ...], ...]. Lists of plain values
-# are what json.dumps encodes fastest, and Postgres reads each column with one set-returning
+# are what a JSON encoder encodes fastest, and Postgres reads each column with one set-returning
 # function; the same rows as JSON objects (their keys repeated in every row) cost three times as
 # much to encode, and as arrays of each type (asyncpg checks every element) more still.
 _STATE_COLUMNS = ("device", "service", "desired", "version", "observed", "observed_at", "applied_at", "verified_at",
@@ -137,7 +122,7 @@ _EVENT_COLUMNS = ("device", "service", "kind", "msg_id", "version", "request_id"
 
 def _columns(rows: Sequence[Any], names: Sequence[str]) -> str:
     """Dataclass rows as one JSON array of columns (times as unix seconds); text that came from a
-    message or a device is bounded and escaped on its way (strict JSON: see _dumps)."""
+    message or a device is bounded and escaped on its way (strict JSON: see strict_json)."""
     cols = [[getattr(r, name) for r in rows] for name in names]
     for name, col in zip(names, cols):
         if name in _TEXT_FIELDS:
@@ -145,7 +130,7 @@ def _columns(rows: Sequence[Any], names: Sequence[str]) -> str:
                 # printable text within the bound is what clean() would return unchanged
                 if isinstance(value, str) and not (len(value) <= 2000 and value.isprintable()):
                     col[i] = clean(value, 2000)
-    return _dumps(cols)
+    return strict_json(cols)
 
 
 class Settling:

@@ -15,7 +15,7 @@ from agent.errors import PermanentError
 from agent.executor.policy import ParkPolicy, RetryPolicy
 from agent.log import PlainFormatter
 from agent.queue.admission import admit, header_problem
-from agent.text import clean, safe_json
+from agent.text import clean, safe_json, strict_json
 from agent.vpn.resolve import HostResolver, address_host
 
 
@@ -28,6 +28,16 @@ def test_clean_escapes_every_control_character_and_bounds_the_length():
 def test_safe_json_has_no_non_finite_numbers_and_no_nul():
     doc = safe_json({"a": math.inf, "b": [math.nan, "x\x00y"], "c": {"d": -math.inf}})
     assert json.dumps(doc, allow_nan=False) == '{"a": null, "b": [null, "x\\\\u0000y"], "c": {"d": null}}'
+
+
+def test_strict_json_is_json_that_jsonb_takes_whatever_the_value():
+    assert json.loads(strict_json({"a": math.inf, "b": [math.nan, "x\x00y"], "c": {"d": -math.inf}})) == {
+        "a": None, "b": [None, "x\\u0000y"], "c": {"d": None}}  # as safe_json: null, and NUL as text
+    # what the fast encoder cannot take goes the slow way, still whole
+    assert json.loads(strict_json({"n": 2**70, 1: "key"})) == {"n": 2**70, "1": "key"}
+    assert "\\udcff" in strict_json(["\udcff"])  # a lone surrogate: as json.dumps escapes it
+    doc = [["r1", "pppoe:müller"], [1.5, 1764756000.123456, None, True], [{"plan": "home 50"}]]
+    assert json.loads(strict_json(doc)) == doc
 
 
 @pytest.mark.parametrize("meta", ['{"x": 1%s.5}' % ("0" * 400), '{"x": [NaN]}', '{"x": -Infinity}'])
