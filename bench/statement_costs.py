@@ -97,7 +97,7 @@ async def measure(admin_dsn: str, n: int, batch: int, what: str | None, setup: l
         if half and what == "read":
             await _try(explain(conn, q.read, q.queue, 30, 100, 65536))
         if half and what == "device":
-            await _try(explain(conn, q.read_device, 30, "d007", 100, 65536))
+            await _try(explain(conn, q.read_devices, 30, ["d007"], ["100"], 65536))
         if half and what == "accept":
             cols = json.dumps([[c.device for c in cmds], [c.service for c in cmds], [c.state for c in cmds],
                                [d.version for d in ds], [d.msg_id for d in ds], [None] * len(ds), [False] * len(ds)])

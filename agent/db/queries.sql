@@ -64,21 +64,27 @@ SELECT r.msg_id, r.read_ct, r.enqueued_at,
 FROM r, LATERAL (SELECT r.message::text, r.headers::text) AS t(body, head)
 ORDER BY r.msg_id;
 
--- name: read_device
--- The next visible messages of one device ($2), as `read` returns them and with the same effect on
--- the queue (vt, read_ct, last_read_at, as pgmq.read sets them), high-priority ones first: the
--- device's lane is about to be served while a backlog waits, so its take is filled from the queue
--- (device_index and high_index make it cheap).
-WITH hi AS (
-    SELECT msg_id FROM pgmq.{q}
-    WHERE {high} AND (message->>'device') = $2 AND vt <= clock_timestamp()
-    ORDER BY msg_id LIMIT (SELECT $3::integer)
-    FOR UPDATE SKIP LOCKED
+-- name: read_devices
+-- The next visible messages of some devices ($2; $3 the room of each, as text), as `read` returns them
+-- and with the same effect on the queue: the lanes about to be served while a backlog waits are
+-- topped up in one statement (Consumer.top_up), each device's high-priority messages first, then
+-- the rest in msg_id order, at most its room (device_index makes it cheap). The arrays are
+-- subqueries, as `read`'s limits are: a planner that sees how many devices there are finds every
+-- generic plan dearer, and plans each top-up anew.
+WITH want AS (
+    SELECT w.device, w.room FROM unnest((SELECT $2::text[]), (SELECT $3::text[]::integer[])) AS w(device, room)
+), hi AS (
+    SELECT w.device, m.msg_id FROM want w CROSS JOIN LATERAL (
+        SELECT msg_id FROM pgmq.{q}
+        WHERE {high} AND (message->>'device') = w.device AND vt <= clock_timestamp()
+        ORDER BY msg_id LIMIT w.room
+        FOR UPDATE SKIP LOCKED) m
 ), lo AS (
-    SELECT msg_id FROM pgmq.{q}
-    WHERE (message->>'device') = $2 AND vt <= clock_timestamp() AND msg_id NOT IN (SELECT msg_id FROM hi)
-    ORDER BY msg_id LIMIT greatest(0, $3 - (SELECT count(*) FROM hi))
-    FOR UPDATE SKIP LOCKED
+    SELECT m.msg_id FROM want w CROSS JOIN LATERAL (
+        SELECT msg_id FROM pgmq.{q}
+        WHERE (message->>'device') = w.device AND vt <= clock_timestamp() AND msg_id NOT IN (SELECT msg_id FROM hi)
+        ORDER BY msg_id LIMIT greatest(0, w.room - (SELECT count(*) FROM hi WHERE hi.device = w.device))
+        FOR UPDATE SKIP LOCKED) m
 ), r AS (
     UPDATE pgmq.{q} m
     SET last_read_at = clock_timestamp(), vt = clock_timestamp() + make_interval(secs => $1::integer),
@@ -94,11 +100,11 @@ FROM r, LATERAL (SELECT r.message::text, r.headers::text) AS t(body, head)
 ORDER BY r.msg_id;
 
 -- name: device_index
--- For read_device: a queue's messages by device, in order (created by `db init`).
+-- For read_devices: a queue's messages by device, in order (created by `db init`).
 CREATE INDEX IF NOT EXISTS {qdev} ON pgmq.{q} ((message->>'device'), msg_id);
 
 -- name: high_index
--- For read and read_device: a queue's high-priority messages, in order (created by `db init`; by
+-- For read and read_devices: a queue's high-priority messages, in order (created by `db init`; by
 -- migration 0016 for the queues of agent.sites that existed before).
 CREATE INDEX IF NOT EXISTS {qhigh} ON pgmq.{q} (msg_id) WHERE {high};
 

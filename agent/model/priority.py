@@ -2,7 +2,7 @@
 
 A message's priority is its `priority` header, "high" or "normal" (agent.enqueue sets it). A message
 without one (a plain pgmq.send, an older producer) is high when it sets a service `on` (a restore)
-and normal otherwise. The queue reads (queries.sql `read`, `read_device`) and the queue's partial
+and normal otherwise. The queue reads (queries.sql `read`, `read_devices`) and the queue's partial
 index (`high_index`, migration 0016) decide by the same rule, written once as HIGH_SQL.
 """
 

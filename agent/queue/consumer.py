@@ -76,6 +76,9 @@ class Consumer:
         self.last_cycle_wall: float | None = None
         self.last_cycle_ms: float | None = None
         self.backlog = False  # the last read was full (or prefetch held reading back): more is waiting
+        self._wanted: dict[str, int] = {}  # device -> room: lanes waiting for the next top-up read
+        self._topped: asyncio.Future[None] | None = None  # resolved once that read is dispatched
+        self._topping: asyncio.Task[None] | None = None  # the top-up reads, one after another
 
     # -- wake-ups -------------------------------------------------------------------------
 
@@ -207,16 +210,44 @@ class Consumer:
         queue order alone spreads AGENT_PREFETCH over every device of a burst, and each take would be
         a few commands (each take costs two device reads). Nothing is read while no backlog waits, so
         an isolated command pays nothing. At most AGENT_CONCURRENCY x AGENT_COALESCE messages are
-        held beyond AGENT_PREFETCH this way."""
+        held beyond AGENT_PREFETCH this way. The lanes that ask while a top-up read is under way are
+        topped up together by the next one (`read_devices`): a month-end burst's two hundred lanes
+        asked one statement each, most of its statements, each a round trip and a commit."""
         if not self.backlog or self.stopping or room <= 0:
             return
+        self._wanted[device] = max(room, self._wanted.get(device, 0))
+        if self._topped is None:
+            self._topped = asyncio.get_running_loop().create_future()
+        topped = self._topped
+        if self._topping is None or self._topping.done():
+            self._topping = asyncio.create_task(self._top_up_all(), name="top-up")
+        await asyncio.shield(topped)  # a lane cancelled meanwhile does not cancel the others' read
+
+    async def _top_up_all(self) -> None:
+        """One read for every lane waiting, then the next, until none waits. A failed read (or a bug)
+        leaves the lanes to serve what they hold: the reads in queue order bring the rest later."""
+        while self._wanted:
+            wanted, topped = self._wanted, self._topped
+            self._wanted, self._topped = {}, None
+            try:
+                await self._read_devices(wanted)
+            except Exception:
+                log.exception("device top-up failed", extra={"action": "read_failed"})
+            finally:
+                if topped is not None and not topped.done():
+                    topped.set_result(None)
+
+    async def _read_devices(self, wanted: dict[str, int]) -> None:
+        if self.stopping:
+            return
+        devices = sorted(wanted)
         read_at = time.monotonic()
         try:
             async with self._pool.acquire() as conn:
-                rows = await conn.fetch(self._q.read_device, self._s.visibility_timeout, device, room,
-                                        self._s.max_message_bytes)
+                rows = await conn.fetch(self._q.read_devices, self._s.visibility_timeout, devices,
+                                        as_text(wanted[d] for d in devices), self._s.max_message_bytes)
         except DB_ERRORS as exc:  # the reads in queue order bring them later
-            log.debug("device read failed: %s", exc, extra={"action": "read_failed", "device": device})
+            log.debug("device read failed: %s", exc, extra={"action": "read_failed", "devices": len(devices)})
             return
         self.progressed()
         if rows:

@@ -218,6 +218,33 @@ async def test_a_burst_spread_over_many_devices_is_taken_whole_per_device(db, ds
     assert all(device.writes(dev, f"cust{n}") == ["on"] for dev in devices for n in range(20))
 
 
+async def test_the_lanes_served_at_once_are_topped_up_by_one_read(db, dsn):
+    """A burst over many devices: the lanes that ask to be topped up while a top-up read is under way
+    are topped up together by the next read, one statement for all of them, not one each (a
+    month-end burst's two hundred lanes were most of its statements)."""
+    devices = [f"r{n}" for n in range(10)]
+    for dev in devices:
+        await add_device(db, dev)
+    device = BatchDriver()
+    async with running_agent(dsn, device, concurrency=10, batch_size=10, prefetch=10, coalesce=100) as agent:
+        reads: list[list[str]] = []
+        read_devices = agent.consumer._read_devices
+
+        async def counted(wanted: dict[str, int]) -> None:
+            reads.append(sorted(wanted))
+            await read_devices(wanted)
+
+        agent.consumer._read_devices = counted  # type: ignore[method-assign]
+        bodies = [json.dumps({"device": dev, "service": f"cust{n}", "state": "on"})
+                  for n in range(20) for dev in devices]  # router-mixed, visible at once
+        ids = list(await db.fetchval("SELECT array_agg(m) FROM pgmq.send_batch('device_tasks', $1::jsonb[]) m",
+                                     bodies))
+        await until(lambda: all_archived(db, ids), timeout=30, what="all settled")
+    asked = [dev for read in reads for dev in read]
+    assert asked and len(reads) < len(asked) and max(len(read) for read in reads) > 1, reads
+    assert all(device.writes(dev, f"cust{n}") == ["on"] for dev in devices for n in range(20))
+
+
 async def test_a_replay_in_the_same_take_as_its_original_is_accepted_once_and_written_once(db, dsn):
     """A DLQ replay keeps its original's version: with the original still waiting they are one
     command twice, accepted as one (not two rows for one key in one statement) and written once."""

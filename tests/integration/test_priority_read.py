@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from agent.db.queries import Queries
+from agent.db.queries import Queries, as_text
 from tests.support.db import send
 
 Q = Queries("device_tasks")
@@ -29,8 +29,19 @@ async def test_a_device_read_takes_its_high_priority_messages_first(db: asyncpg.
     offs = [await send(db, {"device": "r1", "service": f"s{i}", "state": "off"}) for i in range(4)]
     await send(db, {"device": "r2", "service": "x", "state": "on"})
     restore = await send(db, {"device": "r1", "service": "s9", "state": "on"})
-    rows = await db.fetch(Q.read_device, 30, "r1", 2, 65536)
+    rows = await db.fetch(Q.read_devices, 30, ["r1"], as_text([2]), 65536)
     assert [r["msg_id"] for r in rows] == [offs[0], restore]
+
+
+async def test_one_read_tops_up_several_devices_each_within_its_room_restores_first(db: asyncpg.Connection):
+    r1 = [await send(db, {"device": "r1", "service": f"s{i}", "state": "off"}) for i in range(4)]
+    r2 = [await send(db, {"device": "r2", "service": f"s{i}", "state": "off"}) for i in range(4)]
+    restore = await send(db, {"device": "r2", "service": "s9", "state": "on"})
+    other = await send(db, {"device": "r3", "service": "x", "state": "off"})
+    rows = await db.fetch(Q.read_devices, 30, ["r1", "r2"], as_text([3, 2]), 65536)
+    assert [r["msg_id"] for r in rows] == sorted([*r1[:3], r2[0], restore])  # returned in msg_id order
+    rest = await db.fetch(Q.read, Q.queue, 30, 10, 65536)  # what was taken is leased: the rest is left
+    assert [r["msg_id"] for r in rest] == [r1[3], *r2[1:], other]
 
 
 async def test_headers_that_are_not_an_object_read_as_normal(db: asyncpg.Connection):

@@ -9,7 +9,7 @@ import json
 import asyncpg
 
 from agent.db import schema
-from agent.db.queries import Queries
+from agent.db.queries import Queries, as_text
 from agent.db.schema import init_database, install_pgmq
 from tests.support.db import add_device
 
@@ -88,7 +88,7 @@ async def test_reads_are_planned_once_per_connection_not_at_every_read(db):
                      [json.dumps({"device": "r1", "service": f"s{i}", "state": "on"}) for i in range(20000)])
     await db.execute("ANALYZE pgmq.q_device_tasks")  # a month-end backlog: a visible limit looks far cheaper
     for room in (100, 90, 100, 80, 100, 90, 100, 80):
-        await db.fetch(Q.read_device, 30, "r1", room, 65536)
+        await db.fetch(Q.read_devices, 30, ["r1"], as_text([room]), 65536)
         await db.fetch(Q.read, Q.queue, 30, room, 65536)
     plans = {r["statement"]: (r["generic_plans"], r["custom_plans"]) for r in await db.fetch(
         "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements "
