@@ -96,6 +96,10 @@ async def pgq_worker(dsn: str, jobs: int, batch_size: int | None = None) -> None
     conn = await asyncpg.connect(dsn, server_settings={"application_name": PGQ_APP})
     qm = QueueManager(Queries.from_asyncpg_connection(conn))
     done = 0
+    if PGQ_GC:  # agentd's collector setting, given to the peer's worker once it is set up
+        from agent.runtime.collector import settle
+
+        settle()
 
     @qm.entrypoint("noop")
     async def noop(job: object) -> None:
@@ -109,10 +113,12 @@ async def pgq_worker(dsn: str, jobs: int, batch_size: int | None = None) -> None
 
 
 PGQ_UVLOOP = False  # --pgq-uvloop: the worker on uvloop, as pgqueuer's own CLI (`pgq run`) runs it
+PGQ_GC = False  # --pgq-gc: the worker's garbage collector set as agentd sets its own (agent/runtime/collector.py)
 
 
 def pgq_process(dsn: str, jobs: int, batch_size: int | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, __file__, *(["--pgq-uvloop"] if PGQ_UVLOOP else []), "--pgq-worker", dsn,
+    return subprocess.Popen([sys.executable, __file__, *(["--pgq-uvloop"] if PGQ_UVLOOP else []),
+                             *(["--pgq-gc"] if PGQ_GC else []), "--pgq-worker", dsn,
                              str(jobs), *([str(batch_size)] if batch_size else [])])
 
 
@@ -301,10 +307,12 @@ async def main() -> None:
                     help="also drain with pgqueuer run(batch_size=N), matched to AGENT_BATCH_SIZE (0: skip)")
     ap.add_argument("--pgq-uvloop", action="store_true",
                     help="run the pgqueuer worker on uvloop, as its own CLI does (agentd runs on asyncio's loop)")
+    ap.add_argument("--pgq-gc", action="store_true",
+                    help="set the pgqueuer worker's garbage collector as agentd sets its own (pgqueuer does not)")
     ap.add_argument("--pgq-worker", nargs="+", metavar="DSN JOBS [BATCH]", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    global PGQ_UVLOOP
-    PGQ_UVLOOP = args.pgq_uvloop
+    global PGQ_UVLOOP, PGQ_GC
+    PGQ_UVLOOP, PGQ_GC = args.pgq_uvloop, args.pgq_gc
     if args.pgq_worker:
         await pgq_worker(args.pgq_worker[0], int(args.pgq_worker[1]),
                          int(args.pgq_worker[2]) if len(args.pgq_worker) > 2 else None)
@@ -328,7 +336,8 @@ async def main() -> None:
         print(f"machine: {machine(pg_version)}")
         print("agentd: default settings (AGENT_CONCURRENCY 32, AGENT_COALESCE 100, AGENT_BATCH_SIZE 100, "
               "AGENT_PREFETCH 1000), log level WARNING; pgqueuer: QueueManager.run() defaults (batch_size 10), "
-              "durable schema, event loop " + ("uvloop (as `pgq run`)" if PGQ_UVLOOP else "asyncio's (as agentd)"))
+              "durable schema, event loop " + ("uvloop (as `pgq run`)" if PGQ_UVLOOP else "asyncio's (as agentd)")
+              + ("; its garbage collector set as agentd's" if PGQ_GC else ""))
         payloads = bodies(args.devices, args.services)
         n = len(payloads)
         ratios, arates, prates, a_res, p_res = [], [], [], [], []
