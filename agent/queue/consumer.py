@@ -226,16 +226,21 @@ class Consumer:
     async def _top_up_all(self) -> None:
         """One read for every lane waiting, then the next, until none waits. A failed read (or a bug)
         leaves the lanes to serve what they hold: the reads in queue order bring the rest later."""
-        while self._wanted:
-            wanted, topped = self._wanted, self._topped
+        try:
+            while self._wanted:
+                wanted, topped = self._wanted, self._topped
+                self._wanted, self._topped = {}, None
+                try:
+                    await self._read_devices(wanted)
+                except Exception:
+                    log.exception("device top-up failed", extra={"action": "read_failed"})
+                finally:
+                    if topped is not None and not topped.done():
+                        topped.set_result(None)
+        finally:  # cancelled (the agent stopping): no lane waits for a read that will not come
+            if self._topped is not None and not self._topped.done():
+                self._topped.set_result(None)
             self._wanted, self._topped = {}, None
-            try:
-                await self._read_devices(wanted)
-            except Exception:
-                log.exception("device top-up failed", extra={"action": "read_failed"})
-            finally:
-                if topped is not None and not topped.done():
-                    topped.set_result(None)
 
     async def _read_devices(self, wanted: dict[str, int]) -> None:
         if self.stopping:
