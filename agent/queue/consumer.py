@@ -252,7 +252,7 @@ class Consumer:
                 rows = await conn.fetch(self._q.read_devices, self._s.visibility_timeout, devices,
                                         as_text(wanted[d] for d in devices), self._s.max_message_bytes)
         except DB_ERRORS as exc:  # the reads in queue order bring them later
-            log.debug("device read failed: %s", exc, extra={"action": "read_failed", "devices": len(devices)})
+            log.debug("top-up read of %d device(s) failed: %s", len(devices), exc, extra={"action": "read_failed"})
             return
         self.progressed()
         if rows:
