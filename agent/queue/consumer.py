@@ -8,6 +8,7 @@ throttle window closed: PGMQ sends no trailing notification), `retry` (a delay w
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import Counter
@@ -32,6 +33,9 @@ from agent.settings import LiveSettings, Settings
 
 log = logging.getLogger("agent.consumer")
 MIN_REREAD = 0.05  # seconds: the soonest a look at the queue is repeated for a visible message
+# Lanes topped up by one read at most: a burst's first lanes start while the next are read (all 32 of
+# AGENT_CONCURRENCY in one read held every lane until it was done; docs/performance.md).
+TOP_UP_DEVICES = 8
 
 
 @dataclass(frozen=True)
@@ -76,8 +80,8 @@ class Consumer:
         self.last_cycle_wall: float | None = None
         self.last_cycle_ms: float | None = None
         self.backlog = False  # the last read was full (or prefetch held reading back): more is waiting
-        self._wanted: dict[str, int] = {}  # device -> room: lanes waiting for the next top-up read
-        self._topped: asyncio.Future[None] | None = None  # resolved once that read is dispatched
+        # device -> (room, resolved once its top-up read is dispatched): lanes waiting for a top-up
+        self._wanted: dict[str, tuple[int, asyncio.Future[None]]] = {}
         self._topping: asyncio.Task[None] | None = None  # the top-up reads, one after another
 
     # -- wake-ups -------------------------------------------------------------------------
@@ -211,36 +215,40 @@ class Consumer:
         a few commands (each take costs two device reads). Nothing is read while no backlog waits, so
         an isolated command pays nothing. At most AGENT_CONCURRENCY x AGENT_COALESCE messages are
         held beyond AGENT_PREFETCH this way. The lanes that ask while a top-up read is under way are
-        topped up together by the next one (`read_devices`): a month-end burst's two hundred lanes
-        asked one statement each, most of its statements, each a round trip and a commit."""
+        topped up together by the next one (`read_devices`, up to TOP_UP_DEVICES of them): a
+        month-end burst's two hundred lanes asked one statement each, most of its statements."""
         if not self.backlog or self.stopping or room <= 0:
             return
-        self._wanted[device] = max(room, self._wanted.get(device, 0))
-        if self._topped is None:
-            self._topped = asyncio.get_running_loop().create_future()
-        topped = self._topped
+        asked = self._wanted.get(device)
+        if asked is None:
+            asked = self._wanted[device] = (room, asyncio.get_running_loop().create_future())
+        elif room > asked[0]:
+            asked = self._wanted[device] = (room, asked[1])
         if self._topping is None or self._topping.done():
             self._topping = asyncio.create_task(self._top_up_all(), name="top-up")
-        await asyncio.shield(topped)  # a lane cancelled meanwhile does not cancel the others' read
+        await asyncio.shield(asked[1])  # a lane cancelled meanwhile does not cancel the others' read
 
     async def _top_up_all(self) -> None:
-        """One read for every lane waiting, then the next, until none waits. A failed read (or a bug)
-        leaves the lanes to serve what they hold: the reads in queue order bring the rest later."""
+        """Reads for the lanes waiting, the longest waiting first, TOP_UP_DEVICES at most in each
+        (the first lanes of a burst start while the next are read), until none waits. A failed read
+        (or a bug) leaves its lanes to serve what they hold: the reads in queue order bring the rest later."""
         try:
             while self._wanted:
-                wanted, topped = self._wanted, self._topped
-                self._wanted, self._topped = {}, None
+                devices = list(itertools.islice(self._wanted, TOP_UP_DEVICES))  # in the order they asked
+                asked = {d: self._wanted.pop(d) for d in devices}
                 try:
-                    await self._read_devices(wanted)
+                    await self._read_devices({d: room for d, (room, _) in asked.items()})
                 except Exception:
                     log.exception("device top-up failed", extra={"action": "read_failed"})
                 finally:
-                    if topped is not None and not topped.done():
-                        topped.set_result(None)
+                    for _, done in asked.values():
+                        if not done.done():
+                            done.set_result(None)
         finally:  # cancelled (the agent stopping): no lane waits for a read that will not come
-            if self._topped is not None and not self._topped.done():
-                self._topped.set_result(None)
-            self._wanted, self._topped = {}, None
+            for _, done in self._wanted.values():
+                if not done.done():
+                    done.set_result(None)
+            self._wanted.clear()
 
     async def _read_devices(self, wanted: dict[str, int]) -> None:
         if self.stopping:

@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from agent.db.queries import Queries
-from agent.queue.consumer import Consumer
+from agent.queue.consumer import TOP_UP_DEVICES, Consumer
 from agent.settings import load_settings
 
 
@@ -54,6 +54,20 @@ async def test_lanes_that_ask_during_a_read_are_read_together_by_the_next_one():
     reads.go.set()
     await asyncio.wait_for(asyncio.gather(first, *others), 5)
     assert reads.asked == [{"r1": 5}, {"r2": 3, "r3": 4}]
+
+
+async def test_a_read_tops_up_a_few_lanes_the_longest_waiting_first_so_the_first_start_soon():
+    reads = Reads()
+    c = consumer(reads)
+    first = asyncio.create_task(c.top_up("r0", 5))
+    await settle()
+    waiting = [asyncio.create_task(c.top_up(f"r{n}", n)) for n in range(1, TOP_UP_DEVICES + 3)]
+    await settle()
+    reads.go.set()
+    await asyncio.wait_for(asyncio.gather(first, *waiting), 5)
+    assert [list(r) for r in reads.asked] == [
+        ["r0"], [f"r{n}" for n in range(1, TOP_UP_DEVICES + 1)], [f"r{n}" for n in range(TOP_UP_DEVICES + 1,
+                                                                                        TOP_UP_DEVICES + 3)]]
 
 
 async def test_nothing_is_read_without_a_backlog():
