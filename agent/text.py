@@ -61,11 +61,12 @@ def strict_json(value: Any) -> str:
     writes NaN and infinities as null, as safe_json does; a value it cannot encode (a key that is
     not a string, an integer beyond 64 bits) and a NUL (which it escapes as \\u0000, and jsonb
     refuses) take the walk through safe_json instead."""
+    text: str | None
     try:
         text = orjson.dumps(value).decode()
-    except TypeError:  # orjson.JSONEncodeError is one
-        return json.dumps(safe_json(value), allow_nan=False)
-    if "\\u0000" in text:
+    except TypeError:  # orjson.JSONEncodeError is one (also for nesting beyond its 255 levels)
+        text = None
+    if text is None or "\\u0000" in text:
         return json.dumps(safe_json(value), allow_nan=False)
     return text
 

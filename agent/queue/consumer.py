@@ -235,13 +235,13 @@ class Consumer:
         try:
             while self._wanted:
                 devices = list(itertools.islice(self._wanted, TOP_UP_DEVICES))  # in the order they asked
-                asked = {d: self._wanted.pop(d) for d in devices}
+                taking = {d: self._wanted.pop(d) for d in devices}
                 try:
-                    await self._read_devices({d: room for d, (room, _) in asked.items()})
+                    await self._read_devices({d: room for d, (room, _) in taking.items()})
                 except Exception:
                     log.exception("device top-up failed", extra={"action": "read_failed"})
                 finally:
-                    for _, done in asked.values():
+                    for _, done in taking.values():
                         if not done.done():
                             done.set_result(None)
         finally:  # cancelled (the agent stopping): no lane waits for a read that will not come
@@ -253,7 +253,7 @@ class Consumer:
     async def _read_devices(self, wanted: dict[str, int]) -> None:
         if self.stopping:
             return
-        devices = sorted(wanted)
+        devices = sorted(wanted)  # two agents topping up the same devices lock their rows in one order
         read_at = time.monotonic()
         try:
             async with self._pool.acquire() as conn:
